@@ -1,0 +1,98 @@
+/* The epd configuration model: JSON -> validated structs (parsing and validation in
+ * epd_config.c, driven by one table of settings; documentation in config/README.md). */
+#ifndef EPD_CONFIG_H
+#define EPD_CONFIG_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define EPD_CFG_MAX_PEERS 256
+#define EPD_CFG_MAX_GPUS 16
+#define EPD_CFG_MAX_EXPERT_MAP 4096
+
+typedef enum epd_log_level {
+    EPD_LOG_ERROR = 3, /* syslog priorities, so journald's <N> prefix is the level itself */
+    EPD_LOG_WARN = 4,
+    EPD_LOG_INFO = 6,
+    EPD_LOG_DEBUG = 7,
+} epd_log_level_t;
+
+typedef enum epd_backend { EPD_BACKEND_CPU = 0, EPD_BACKEND_CUDA = 1 } epd_backend_t;
+typedef enum epd_transport {
+    EPD_TRANSPORT_TCP = 0,
+    EPD_TRANSPORT_NVLINK = 1,
+    EPD_TRANSPORT_RDMA = 2,
+} epd_transport_t;
+typedef enum epd_placement { EPD_PLACEMENT_CONTIGUOUS = 0, EPD_PLACEMENT_EXPLICIT = 1 } epd_placement_t;
+
+typedef struct epd_addr {
+    char host[256];
+    int port;
+} epd_addr_t;
+
+typedef struct epd_peer {
+    int node_id;
+    epd_addr_t addr; /* control-plane address */
+} epd_peer_t;
+
+typedef struct epd_config {
+    /* node */
+    int node_id;       /* node.id, 0..65535, unique in the cluster */
+    char name[64];     /* node.name, defaults to the host name */
+    /* cluster */
+    char cluster_name[64];       /* cluster.name */
+    epd_addr_t listen;           /* cluster.listen: control-plane address */
+    epd_peer_t peers[EPD_CFG_MAX_PEERS]; /* cluster.peers: seed peers (other nodes) */
+    int num_peers;
+    char secret_file[4096];      /* cluster.secret_file, "" = none (single node only) */
+    /* http */
+    epd_addr_t http;             /* http.listen, loopback by default */
+    size_t http_max_header_bytes;
+    size_t http_max_body_bytes;
+    int http_idle_timeout_ms;
+    int http_max_connections;
+    /* compute */
+    epd_backend_t backend;       /* compute.backend: "cpu" | "cuda" */
+    epd_transport_t transport;   /* compute.transport: "tcp" | "nvlink" | "rdma" */
+    int gpus[EPD_CFG_MAX_GPUS];  /* compute.gpus: device ordinals (cuda) */
+    int num_gpus;
+    int num_sms;                 /* compute.num_sms: SMs for communication kernels */
+    int ranks_per_node;          /* cpu backend: ranks this node runs (cuda: one per GPU) */
+    /* model */
+    char model_path[4096];       /* model.path: checkpoint directory, "" = none */
+    epd_placement_t placement;   /* model.placement: "contiguous" | "explicit" */
+    int expert_map[EPD_CFG_MAX_EXPERT_MAP]; /* model.expert_map[e] = rank (explicit) */
+    int num_expert_map;
+    int max_batch_tokens;        /* model.max_batch_tokens: LL bound per rank */
+    int max_seq_len;             /* model.max_seq_len */
+    /* timeouts */
+    int connect_timeout_ms;      /* timeouts.connect_ms */
+    int heartbeat_interval_ms;   /* timeouts.heartbeat_interval_ms */
+    int heartbeat_timeout_ms;    /* timeouts.heartbeat_timeout_ms */
+    int ep_timeout_ms;           /* timeouts.ep_op_ms: bound on every EP wait */
+    int shutdown_timeout_ms;     /* timeouts.shutdown_ms: graceful stop budget */
+    /* logging */
+    epd_log_level_t log_level;   /* log.level: "error" | "warn" | "info" | "debug" */
+} epd_config_t;
+
+/* All errors of one load, each naming its JSON path or file. */
+typedef struct epd_config_errors {
+    char **msgs;
+    int count;
+    int cap;
+} epd_config_errors_t;
+
+void epd_config_defaults(epd_config_t *cfg);
+/* Parses and validates a JSON text. `origin` names the source in messages (a file name).
+ * Returns 0 if there are no errors; otherwise -1 with every error in *errs. */
+int epd_config_parse(const char *json, size_t len, const char *origin, epd_config_t *cfg,
+                     epd_config_errors_t *errs);
+/* Reads and parses a file (unreadable or oversized files are errors too). */
+int epd_config_load(const char *path, epd_config_t *cfg, epd_config_errors_t *errs);
+void epd_config_errors_free(epd_config_errors_t *errs);
+
+const char *epd_log_level_name(epd_log_level_t l);
+const char *epd_backend_name(epd_backend_t b);
+const char *epd_transport_name(epd_transport_t t);
+
+#endif /* EPD_CONFIG_H */

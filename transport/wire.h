@@ -1,0 +1,67 @@
+/* The wire: how the cpu backend reaches other ranks' symmetric buffers (internal to libep).
+ *
+ * Every rank owns one symmetric buffer of the same size and layout. A wire gives one-sided
+ * access to the peers' buffers: put bytes at an offset, then signal a 64-bit word at an offset.
+ * A signal is delivered after every put issued before it to the same peer (the receiver that
+ * sees the signal sees the data). The receiver waits by polling its own buffer with
+ * ep_wire_wait(). Implementations: wire_shm.c (threads of one process, plain memory),
+ * wire_tcp.c (sockets and a progress thread); the rdma transport adds a verbs one.
+ */
+#ifndef EP_WIRE_H
+#define EP_WIRE_H
+
+#include "ep.h"
+
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+
+typedef struct ep_wire ep_wire_t;
+
+typedef enum ep_signal_op { EP_SIGNAL_SET = 0, EP_SIGNAL_ADD = 1 } ep_signal_op_t;
+
+struct ep_wire_ops {
+    const char *name;
+    /* Exchange endpoints through the bootstrap and connect to every peer. `local` is this
+     * rank's symmetric buffer of `bytes` bytes (64-byte aligned). */
+    ep_status_t (*connect)(ep_wire_t *w, const ep_bootstrap_t *bs, void *local, size_t bytes);
+    /* Copy len bytes from src into peer's buffer at remote_off. May return before the data
+     * left; src may be reused on return. peer == own rank copies locally. */
+    ep_status_t (*put)(ep_wire_t *w, int peer, size_t remote_off, const void *src, size_t len);
+    /* Atomically SET or ADD `value` to the 64-bit word at remote_off in peer's buffer, after
+     * all earlier puts to that peer. */
+    ep_status_t (*signal)(ep_wire_t *w, int peer, size_t remote_off, uint64_t value,
+                          ep_signal_op_t op);
+    /* Returns once every put and signal issued so far has been handed to the network (or
+     * failed: the status and ep_wire_error() say which peer). */
+    ep_status_t (*flush)(ep_wire_t *w);
+    void (*destroy)(ep_wire_t *w);
+};
+
+struct ep_wire {
+    const struct ep_wire_ops *ops;
+    int rank;
+    int nranks;
+    unsigned timeout_ms;
+    uint8_t *local; /* this rank's symmetric buffer */
+    size_t bytes;
+    /* Set by the implementation when a peer fails (closed, timed out, error completion);
+     * waits on this wire then fail fast naming it. -1 while healthy. */
+    _Atomic int failed_peer;
+    _Atomic int aborted; /* ep_group_abort */
+    char error[256];     /* detail of the first failure */
+};
+
+ep_status_t ep_wire_shm_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
+ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
+
+/* Waits until the 64-bit word at local_off of this rank's buffer is >= target (acquire), or
+ * the wire's timeout passes, a peer fails or the group is aborted. `peer` is the rank expected
+ * to write the word; it is named in the error. */
+ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int peer);
+
+/* Records the first failure of the wire (thread-safe); returns st. */
+ep_status_t ep_wire_fail(ep_wire_t *w, int peer, ep_status_t st, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+#endif /* EP_WIRE_H */
