@@ -1,0 +1,58 @@
+/* What every wire shares: waiting on a local signal word with a timeout, recording failures. */
+#include "wire.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <time.h>
+
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+ep_status_t ep_wire_fail(ep_wire_t *w, int peer, ep_status_t st, const char *fmt, ...)
+{
+    int expected = -1;
+    /* The first failure names the culprit; later ones are usually its consequences. */
+    if (atomic_compare_exchange_strong(&w->failed_peer, &expected, peer < 0 ? w->nranks : peer)) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(w->error, sizeof w->error, fmt, ap);
+        va_end(ap);
+    }
+    return st;
+}
+
+ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int peer)
+{
+    _Atomic uint64_t *word = (_Atomic uint64_t *)(w->local + local_off);
+    uint64_t start = now_ns();
+    uint64_t limit = (uint64_t)w->timeout_ms * 1000000ull;
+    unsigned spins = 0;
+
+    for (;;) {
+        if (atomic_load_explicit(word, memory_order_acquire) >= target)
+            return EP_OK;
+        if (atomic_load_explicit(&w->aborted, memory_order_relaxed))
+            return EP_ERR_ABORTED;
+        int fp = atomic_load_explicit(&w->failed_peer, memory_order_relaxed);
+        if (fp >= 0)
+            return EP_ERR_PEER;
+        if (++spins < 1024)
+            continue;
+        spins = 0;
+        uint64_t t = now_ns();
+        if (t - start > limit)
+            return ep_wire_fail(w, peer, EP_ERR_TIMEOUT,
+                                "rank %d: no signal from rank %d within %u ms (word at offset %zu "
+                                "is %llu, waiting for %llu)",
+                                w->rank, peer, w->timeout_ms, local_off,
+                                (unsigned long long)atomic_load(word),
+                                (unsigned long long)target);
+        /* Yield after a short spin: ranks of the cpu backend may outnumber the cores. */
+        struct timespec ts = {0, t - start < 1000000ull ? 0 : 20000};
+        nanosleep(&ts, NULL);
+    }
+}
