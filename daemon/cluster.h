@@ -1,0 +1,135 @@
+/* Cluster membership over the control plane: authenticated libuv TCP links to every configured
+ * peer, HELLO exchange, the coordinator's rank table and its epochs, heartbeats and peer
+ * health, and libep's bootstrap served through the coordinator.
+ *
+ * Links: the node with the lower id connects (retrying with backoff), the higher one accepts;
+ * every link authenticates (ctl_auth.h), then both sides send HELLO.
+ *
+ * Coordinator: the lowest node id among this node and the peers it sees alive. It broadcasts a
+ * RANK_TABLE (epoch = highest epoch seen + 1; rank = node_index * ranks_per_node + local, nodes
+ * ordered by id) when every configured node has said HELLO with a matching config fingerprint,
+ * or when a member of the current table is down (the new table leaves it out and is marked
+ * incomplete). Every member ACKs; when all members of a complete table acked, the coordinator
+ * sends COMMIT and the cluster is "formed" at that epoch.
+ *
+ * Health (exact rule): every link carries a HEARTBEAT each timeouts.heartbeat_interval_ms,
+ * answered by HEARTBEAT_ACK (RTT). "Silence" is the time since the last valid frame from a peer.
+ *   silence >= heartbeat_timeout_ms            -> suspect (also at once when its link drops)
+ *   silence >= 2 * heartbeat_timeout_ms        -> down (its link is closed)
+ *   a BYE frame                                -> down at once (graceful leave)
+ * A peer returns to up when a new link authenticates and its HELLO arrives.
+ * Readiness ("cluster" component) is true when the cluster is formed at the current epoch, the
+ * table is complete and every configured peer is up; otherwise the reason says why.
+ *
+ * Threads: everything runs on the loop thread except epd_cluster_bootstrap()'s callbacks, which
+ * engine threads call (they block on a condition variable with a timeout while the loop
+ * exchanges the data). */
+#ifndef EPD_CLUSTER_H
+#define EPD_CLUSTER_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <cjson/cJSON.h>
+#include <uv.h>
+
+#include "ctl_auth.h"
+#include "ep.h"
+#include "epd_config.h"
+#include "metrics.h"
+
+typedef struct epd_cluster epd_cluster_t;
+
+typedef enum epd_peer_state {
+    EPD_PEER_UNKNOWN = 0, /* never reached since this node started */
+    EPD_PEER_UP = 1,
+    EPD_PEER_SUSPECT = 2,
+    EPD_PEER_DOWN = 3,
+    EPD_PEER_REFUSED = 4, /* authenticated but refused (config differs, wrong ranks ...) */
+} epd_peer_state_t;
+
+/* What a node announces about itself in heartbeats. */
+typedef enum epd_node_state {
+    EPD_NODE_STARTING = 0,
+    EPD_NODE_SERVING = 1,
+    EPD_NODE_DRAINING = 2,
+    EPD_NODE_STOPPING = 3,
+} epd_node_state_t;
+
+const char *epd_peer_state_name(epd_peer_state_t s);
+const char *epd_node_state_name(epd_node_state_t s);
+
+typedef struct epd_cluster_gpu {
+    int ordinal;
+    char pci_bus_id[32]; /* "" when the backend cannot read it */
+} epd_cluster_gpu_t;
+
+typedef struct epd_cluster_opts {
+    uv_loop_t *loop;
+    const epd_config_t *cfg;  /* node.id, cluster.*, timeouts.*; copied */
+    epd_metrics_t *metrics;   /* may be NULL */
+    /* The secret; NULL to load it from cfg->secret_file. Copied. */
+    const epd_ctl_secret_t *secret;
+    int local_ranks;          /* ranks this node runs (GPUs, or cpu ranks_per_node) */
+    epd_cluster_gpu_t gpus[EPD_CFG_MAX_GPUS];
+    int num_gpus;
+    const char *backend;      /* "cpu" | "cuda" */
+    uint32_t transport_caps;  /* bit (1 << ep_transport_kind_t) per usable transport */
+    const char *http_addr;    /* host:port of this node's HTTP endpoint, for epctl; may be NULL */
+    /* Config fingerprint (equal on every node of a cluster) and the settings it covers, in a
+     * form config_diff understands; both copied. */
+    const void *fingerprint;
+    size_t fingerprint_len;
+    const void *settings;
+    size_t settings_len;
+    /* Names the first setting that differs between ours and a peer's settings blob: 0 equal,
+     * 1 different (why filled), -1 unreadable blob (why filled). NULL: fingerprints only. */
+    int (*config_diff)(void *ctx, const void *peer_settings, size_t len, char *why, size_t whylen);
+    /* Opaque data-plane endpoint blob, carried in HELLO and the rank table; copied. */
+    const void *endpoint;
+    size_t endpoint_len;
+    /* Called on the loop thread. on_ready: the "cluster" readiness changed (reason "" when
+     * ready). on_peer_down: a peer went down (abort in-flight EP ops). on_formed: the cluster
+     * formed at `epoch`. on_stopped: epd_cluster_stop finished closing every handle. */
+    void (*on_ready)(void *ctx, int ready, const char *reason);
+    void (*on_peer_down)(void *ctx, int node_id, const char *reason);
+    void (*on_formed)(void *ctx, uint64_t epoch);
+    void (*on_stopped)(void *ctx);
+    void *cb_ctx;
+} epd_cluster_opts_t;
+
+/* 0, or a negative status with err naming what was wrong (secret file, listen address ...). */
+int epd_cluster_create(const epd_cluster_opts_t *opts, epd_cluster_t **out, char *err,
+                       size_t errlen);
+/* Listens on cluster.listen and starts connecting to peers. */
+int epd_cluster_start(epd_cluster_t *c, char *err, size_t errlen);
+/* Closes every link (graceful: BYE first, so peers mark this node down at once) and handle;
+ * on_stopped runs when done. Safe to call twice. */
+void epd_cluster_stop(epd_cluster_t *c, int graceful, const char *reason);
+/* Frees the object; call after on_stopped (or when start was never called). */
+void epd_cluster_destroy(epd_cluster_t *c);
+
+/* Port actually bound (cluster.listen port 0 picks one); -1 before start. */
+int epd_cluster_listen_port(const epd_cluster_t *c);
+uint64_t epd_cluster_epoch(const epd_cluster_t *c);
+int epd_cluster_is_formed(const epd_cluster_t *c);
+int epd_cluster_is_ready(const epd_cluster_t *c, char *reason, size_t len);
+/* -1 when unknown */
+int epd_cluster_first_rank(const epd_cluster_t *c);
+int epd_cluster_nranks(const epd_cluster_t *c);
+epd_peer_state_t epd_cluster_peer_state(const epd_cluster_t *c, int node_id);
+
+void epd_cluster_set_state(epd_cluster_t *c, epd_node_state_t s);
+epd_node_state_t epd_cluster_get_state(const epd_cluster_t *c);
+void epd_cluster_set_load(epd_cluster_t *c, uint32_t load);
+
+/* GET /v1/cluster: rank table, epoch, peers with state, last heartbeat, RTT. Caller frees. */
+cJSON *epd_cluster_status_json(const epd_cluster_t *c);
+
+/* An ep_bootstrap_t for local rank `local_rank` at the current formed epoch: allgather and
+ * barrier block the calling (engine) thread, never the loop thread, and fail with
+ * EP_ERR_TIMEOUT, or EP_ERR_PEER when the epoch changes while they wait. Valid until the next
+ * epoch; 0 or a negative ep_status_t (EP_ERR_STATE: not formed). Any thread. */
+int epd_cluster_bootstrap(epd_cluster_t *c, int local_rank, ep_bootstrap_t *out);
+
+#endif /* EPD_CLUSTER_H */
