@@ -122,18 +122,31 @@ const cl_nodeinfo_t *cl_table_node(const epd_cluster_t *c, int node_id, int *ind
     return NULL;
 }
 
+static void on_handle_closed(uv_handle_t *h)
+{
+    cl_handle_closed(h->data);
+}
+
 void cl_handle_closed(epd_cluster_t *c)
 {
     c->handles--;
+    /* Every link flushed its BYE: the stop timer is the last handle, no need to wait for it. */
+    if (c->stopping && c->stop_armed && c->handles == 1 && !c->conns) {
+        c->stop_armed = 0;
+        uv_close((uv_handle_t *)&c->stop_timer, on_handle_closed);
+        return;
+    }
     if (c->stopping && c->handles == 0 && !c->stopped_notified) {
         c->stopped_notified = 1;
         if (c->opts.on_stopped) c->opts.on_stopped(c->opts.cb_ctx);
     }
 }
 
-static void on_handle_closed(uv_handle_t *h)
+
+static void on_retry_closed(uv_handle_t *h)
 {
-    cl_handle_closed(h->data);
+    cl_peer_t *p = h->data;
+    cl_handle_closed(p->cl);
 }
 
 /* ---- sending ---- */
@@ -1486,6 +1499,7 @@ static void on_stop_timer(uv_timer_t *t)
         conn_unlink(c, cn);
         if (!uv_is_closing((uv_handle_t *)&cn->tcp)) uv_close((uv_handle_t *)&cn->tcp, on_conn_closed);
     }
+    c->stop_armed = 0;
     uv_close((uv_handle_t *)&c->stop_timer, on_handle_closed);
 }
 
@@ -1510,7 +1524,7 @@ void epd_cluster_stop(epd_cluster_t *c, int graceful, const char *reason)
     }
     uv_close((uv_handle_t *)&c->tick, on_handle_closed);
     if (c->listening) uv_close((uv_handle_t *)&c->listener, on_handle_closed);
-    for (int i = 0; i < c->npeers; i++) uv_close((uv_handle_t *)&c->peers[i].retry, on_handle_closed);
+    for (int i = 0; i < c->npeers; i++) uv_close((uv_handle_t *)&c->peers[i].retry, on_retry_closed);
     epd_ctl_buf_t bye;
     epd_ctl_buf_init(&bye);
     epd_ctl_frame_begin(&bye, EPD_CTL_BYE);
@@ -1534,6 +1548,7 @@ void epd_cluster_stop(epd_cluster_t *c, int graceful, const char *reason)
         uv_close((uv_handle_t *)&cn->tcp, on_conn_closed);
     }
     epd_ctl_buf_fini(&bye);
+    c->stop_armed = 1;
     uv_timer_start(&c->stop_timer, on_stop_timer,
                    (uint64_t)(c->cfg.shutdown_timeout_ms > 0 && c->cfg.shutdown_timeout_ms < 2000
                                   ? c->cfg.shutdown_timeout_ms

@@ -88,6 +88,7 @@ struct epd_cluster {
     int handles; /* open libuv handles, for on_stopped */
     int started;
     int stopping;
+    int stop_armed;
     int stopped_notified;
 
     cl_table_t table;
