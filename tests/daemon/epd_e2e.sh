@@ -156,12 +156,67 @@ grep -q 'http.max_body_bytes' "$WORK/epd.log" || fail "invalid reload does not n
 kill -0 "$EPD_PID" || fail "epd died on an invalid reload"
 [ "$("${CURL[@]}" -o /dev/null -w '%{http_code}' "$BASE/healthz")" = 200 ] || fail "not serving after bad reload"
 
-# ---- SIGTERM: STOPPING=1 and exit 0 ----
+# ---- max_connections (16): the 17th connection is closed at once ----
+for fd in $(seq 10 25); do eval "exec $fd<>/dev/tcp/127.0.0.1/$PORT"; done
+sleep 0.2
+exec 9<>"/dev/tcp/127.0.0.1/$PORT"
+reply=$(timeout 3 cat <&9); rc=$?
+exec 9<&-
+[ $rc = 0 ] && [ -z "$reply" ] || fail "connection over http.max_connections was not closed"
+for fd in $(seq 10 25); do eval "exec $fd<&-"; done
+"${CURL[@]}" "$BASE/metrics" | grep -q '^epd_http_rejected_total{reason="max_connections"} [1-9]' ||
+    fail "max_connections rejection not counted"
+
+# ---- SIGTERM with a request in flight (stalled in its headers): the stop waits for it,
+# the header deadline ends it, then STOPPING=1 and exit 0 ----
+exec 3<>"/dev/tcp/127.0.0.1/$PORT"
+printf 'GET /healthz HTTP/1.1\r\nHost: x\r\n' >&3
+sleep 0.2
 kill -TERM "$EPD_PID"
-for ((i = 0; i < 100; i++)); do kill -0 "$EPD_PID" 2>/dev/null || break; sleep 0.1; done
+wait_for "$WORK/notify.out" STOPPING=1 3 || fail "no STOPPING=1"
+reply=$(timeout 5 cat <&3)
+exec 3<&-
+case "$reply" in "HTTP/1.1 408 "*) ;; *) fail "in-flight request during stop got: $reply" ;; esac
+for ((i = 0; i < 50; i++)); do kill -0 "$EPD_PID" 2>/dev/null || break; sleep 0.1; done
 wait "$EPD_PID"
 rc=$?
 EPD_PID=
 [ $rc = 0 ] || fail "epd exit status $rc after SIGTERM"
-wait_for "$WORK/notify.out" STOPPING=1 2 || fail "no STOPPING=1"
+grep -q "all HTTP connections finished" "$WORK/epd.log" || fail "stop did not drain"
+
+# ---- a node with peers is not ready; watchdog pings when WATCHDOG_USEC is set ----
+: >"$WORK/notify.out"
+head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$WORK/secret"
+chmod 600 "$WORK/secret"
+PORT=$("$NOTIFY" freeport)
+cat >"$WORK/peers.json" <<JSON
+{
+  "node": {"id": 1, "name": "e2e-peer"},
+  "cluster": {"peers": [{"id": 2, "host": "127.0.0.1", "port": 1}],
+              "secret_file": "$WORK/secret"},
+  "http": {"listen": {"host": "127.0.0.1", "port": $PORT}}
+}
+JSON
+"$EPCTL" config check "$WORK/peers.json" >/dev/null || fail "peers config rejected: $("$EPCTL" config check "$WORK/peers.json" 2>&1)"
+WATCHDOG_USEC=400000 NOTIFY_SOCKET="$WORK/notify.sock" "$EPD" -c "$WORK/peers.json" 2>"$WORK/epd.log" &
+EPD_PID=$!
+wait_for "$WORK/notify.out" READY=1 10 || fail "peer node not started"
+BASE="http://127.0.0.1:$PORT"
+code=$("${CURL[@]}" -o "$WORK/b" -w '%{http_code}' "$BASE/readyz")
+[ "$code" = 503 ] || fail "readyz with peers: $code"
+grep -q '"ready":false' "$WORK/b" && grep -q 'cluster: waiting for peers' "$WORK/b" ||
+    fail "readyz reasons: $(cat "$WORK/b")"
+"$EPCTL" status --node "127.0.0.1:$PORT" >"$WORK/st"
+[ $? = 3 ] || fail "epctl status on a not-ready node should exit 3"
+grep -q "^cluster *no *waiting for peers" "$WORK/st" || fail "epctl status table: $(cat "$WORK/st")"
+"$EPCTL" ready --node "127.0.0.1:$PORT" >/dev/null
+[ $? = 3 ] || fail "epctl ready on a not-ready node should exit 3"
+wait_for "$WORK/notify.out" WATCHDOG=1 3 || fail "no WATCHDOG=1 with WATCHDOG_USEC set"
+kill -TERM "$EPD_PID"
+wait "$EPD_PID"
+rc=$?
+EPD_PID=
+[ $rc = 0 ] || fail "peer node exit status $rc"
+"$EPCTL" status --node "127.0.0.1:$PORT" --timeout 2000 >/dev/null 2>&1
+[ $? = 1 ] || fail "epctl status on a stopped node should exit 1"
 echo "epd e2e: all checks passed"
