@@ -478,8 +478,7 @@ static void walk_object(ctx_t *c, const cJSON *obj, const epd_cfg_setting_t *tab
                         const char *rel, const char *disp, void *base)
 {
     /* seen[i]: the child key whose first setting is tab[i] appeared already */
-    unsigned char seen[128] = {0};
-    if (n > (int)sizeof(seen)) n = (int)sizeof(seen);
+    unsigned char seen[EPD_CFG_MAX_SETTINGS] = {0};
     size_t rl = strlen(rel);
 
     for (const cJSON *m = obj->child; m; m = m->next) {
