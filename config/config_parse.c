@@ -21,6 +21,7 @@
 #define SHOW_MAX 40     /* longest string shown in "got ..." before it is cut */
 #define KEY_SHOW_MAX 64 /* longest key shown in a path */
 #define SUGGEST_MAX 64  /* keys longer than this get no "did you mean" */
+#define NEAR_BYTES 12   /* bytes shown on each side of a JSON syntax error */
 
 struct epd_cfg_check_ctx {
     const char *origin;
@@ -228,7 +229,7 @@ static bool suggest(const epd_cfg_setting_t *tab, int n, const char *rel, const 
         size_t d = osa_distance(key, name);
         if (strcasecmp(key, name) == 0) d = 1;
         size_t longer = strlen(key) > strlen(name) ? strlen(key) : strlen(name);
-        if (d <= 2 && d * 3 <= longer && d < best) {
+        if (d <= 2 && d * 4 <= longer && d < best) {
             best = d;
             bprintf(out, cap, "%s", name);
         }
@@ -353,7 +354,7 @@ static void set_enum(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const
         for (int i = 0; i < s->num_names; i++) {
             size_t d = osa_distance(v->valuestring, s->names[i]);
             if (strcasecmp(v->valuestring, s->names[i]) == 0 ||
-                (d <= 2 && d * 3 <= strlen(s->names[i]))) {
+                (d <= 2 && d * 4 <= strlen(s->names[i]))) {
                 bprintf(near, sizeof(near), "%s", s->names[i]);
                 report(c, path, "expected one of %s, got %s; did you mean \"%s\"?", allowed,
                        SHOW(v), near);
@@ -477,8 +478,7 @@ static void walk_object(ctx_t *c, const cJSON *obj, const epd_cfg_setting_t *tab
                         const char *rel, const char *disp, void *base)
 {
     /* seen[i]: the child key whose first setting is tab[i] appeared already */
-    unsigned char seen[128] = {0};
-    if (n > (int)sizeof(seen)) n = (int)sizeof(seen);
+    unsigned char seen[EPD_CFG_MAX_SETTINGS] = {0};
     size_t rl = strlen(rel);
 
     for (const cJSON *m = obj->child; m; m = m->next) {
@@ -603,7 +603,7 @@ static void rule_transport(ctx_t *c, epd_config_t *cfg)
     if (!ok(c, "compute.transport") || cfg->transport != EPD_TRANSPORT_NVLINK) return;
     if (ok(c, "compute.backend") && cfg->backend != EPD_BACKEND_CUDA)
         report(c, "compute.transport", "\"nvlink\" needs backend \"cuda\"");
-    if (ok(c, "cluster.peers") && cfg->num_peers > 0)
+    if (cfg->num_peers > 0)
         report(c, "compute.transport",
                "\"nvlink\" joins the GPUs of one node; with cluster.peers use \"rdma\" or "
                "\"tcp\"");
@@ -660,8 +660,8 @@ static void rule_peers(ctx_t *c, epd_config_t *cfg)
 
 static void rule_secret(ctx_t *c, epd_config_t *cfg)
 {
-    if (ok(c, "cluster.peers") && ok(c, "cluster.secret_file") && cfg->num_peers > 0 &&
-        cfg->secret_file[0] == '\0')
+    /* num_peers counts the entries even where one of them had an error */
+    if (ok(c, "cluster.secret_file") && cfg->num_peers > 0 && cfg->secret_file[0] == '\0')
         report(c, "cluster.secret_file", "required when cluster.peers is not empty");
 }
 
@@ -867,8 +867,15 @@ static void parse_text(ctx_t *c, const char *json, size_t len, epd_config_t *cfg
                 col++;
             }
         }
-        char near[4 * 24 + 8];
-        escape(near, sizeof(near), buf + err_at, len - err_at, 20);
+        /* cJSON's error offset can sit one byte past the culprit (a bad key is consumed
+         * before it is refused), so the excerpt shows the line around it on both sides */
+        size_t from = err_at, to = err_at;
+        while (from > 0 && err_at - from < NEAR_BYTES && buf[from - 1] != '\n')
+            from--;
+        while (to < len && to - err_at < NEAR_BYTES && buf[to] != '\n')
+            to++;
+        char near[4 * 2 * NEAR_BYTES + 8];
+        escape(near, sizeof(near), buf + from, to - from, 2 * NEAR_BYTES);
         char *msg;
         if (nul)
             msg = format("%s:%d:%d: NUL byte at byte %zu (a config is JSON text)", c->origin, line,

@@ -291,6 +291,12 @@ const epd_cfg_setting_t epd_cfg_settings[] = {
 };
 
 const int epd_cfg_num_settings = COUNT(epd_cfg_settings);
+_Static_assert(COUNT(epd_cfg_settings) <= EPD_CFG_MAX_SETTINGS, "raise EPD_CFG_MAX_SETTINGS");
+/* ENUM settings are stored and read through int pointers */
+_Static_assert(sizeof(epd_backend_t) == sizeof(int), "enum size");
+_Static_assert(sizeof(epd_transport_t) == sizeof(int), "enum size");
+_Static_assert(sizeof(epd_placement_t) == sizeof(int), "enum size");
+_Static_assert(sizeof(epd_log_level_t) == sizeof(int), "enum size");
 
 const epd_cfg_setting_t *epd_cfg_find(const char *path)
 {

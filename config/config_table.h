@@ -7,6 +7,9 @@
 
 #include "epd_config.h"
 
+/* Most rows the table may have (the walk keeps a seen-flag per row on the stack). */
+#define EPD_CFG_MAX_SETTINGS 128
+
 typedef enum epd_cfg_type {
     EPD_CFG_INT,      /* int in [min, max] */
     EPD_CFG_SIZE,     /* size_t in [min, max] */

@@ -1,5 +1,6 @@
-/* The epd configuration model: JSON -> validated structs (parsing and validation in
- * epd_config.c, driven by one table of settings; documentation in config/README.md). */
+/* The epd configuration model: JSON -> validated structs. One table of settings
+ * (config_table.c) drives parsing and validation (config_parse.c), the dump and fingerprint
+ * (config_emit.c) and the documentation in config/README.md (config_doc.c). */
 #ifndef EPD_CONFIG_H
 #define EPD_CONFIG_H
 
