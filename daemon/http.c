@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <http_parser.h>
 #include <limits.h>
+#include <netdb.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -956,8 +957,16 @@ int epd_http_server_listen(epd_http_server_t *s, const char *host, int port)
     struct sockaddr_storage ss;
     int rc;
     if (uv_ip4_addr(host, port, (struct sockaddr_in *)&ss) != 0 &&
-        uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0)
-        return UV_EINVAL;
+        uv_ip6_addr(host, port, (struct sockaddr_in6 *)&ss) != 0) {
+        /* a host name: resolved once, synchronously, at start-up */
+        uv_getaddrinfo_t gai;
+        struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM};
+        char portstr[16];
+        snprintf(portstr, sizeof(portstr), "%d", port);
+        if ((rc = uv_getaddrinfo(s->loop, &gai, NULL, host, portstr, &hints)) != 0) return rc;
+        memcpy(&ss, gai.addrinfo->ai_addr, gai.addrinfo->ai_addrlen);
+        uv_freeaddrinfo(gai.addrinfo);
+    }
     if ((rc = uv_tcp_init(s->loop, &s->listener)) != 0) return rc;
     s->listener.data = s;
     s->listener_open = 1;
