@@ -1223,10 +1223,21 @@ static void update_readiness(epd_cluster_t *c)
                 snprintf(why, sizeof why, "refused by node %d: %.400s", p->id, p->refused_why);
         }
         if (!why[0]) {
+            /* "waiting for peers" while none has failed yet (bring-up), else "peers not up" */
+            int failed = 0;
+            for (int i = 0; i < c->npeers; i++)
+                failed |= c->peers[i].state != EPD_PEER_UP && c->peers[i].state != EPD_PEER_UNKNOWN;
             for (int i = 0; i < c->npeers; i++) {
                 cl_peer_t *p = &c->peers[i];
                 if (p->state == EPD_PEER_UP) continue;
-                if (n == 0) n += (size_t)snprintf(why, sizeof why, "peers not up:");
+                if (n == 0)
+                    n += (size_t)snprintf(why, sizeof why, "%s",
+                                          failed ? "peers not up:" : "waiting for peers:");
+                if (p->state == EPD_PEER_UNKNOWN && n < sizeof why) {
+                    n += (size_t)snprintf(why + n, sizeof why - n, " node %d (%.60s:%d) not reached yet;",
+                                          p->id, p->addr.host, p->addr.port);
+                    continue;
+                }
                 if (n < sizeof why)
                     n += (size_t)snprintf(why + n, sizeof why - n, " node %d %s%s%.100s%s;",
                                           p->id, epd_peer_state_name(p->state),
@@ -1459,6 +1470,13 @@ int epd_cluster_start(epd_cluster_t *c, char *err, size_t errlen)
         return -1;
     }
     c->handles += 2;
+    if (cl_boot_start(c->boot) < 0) {
+        snprintf(err, errlen, "cluster: uv_async_init failed");
+        uv_close((uv_handle_t *)&c->tick, NULL);
+        uv_close((uv_handle_t *)&c->stop_timer, NULL);
+        c->handles -= 2;
+        return -1;
+    }
     c->tick.data = c;
     c->stop_timer.data = c;
     for (int i = 0; i < c->npeers; i++) {

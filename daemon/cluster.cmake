@@ -17,6 +17,9 @@ if(NOT TARGET epd_cluster)
     ${CMAKE_CURRENT_LIST_DIR}/../transport/include)
   target_link_libraries(epd_cluster PUBLIC PkgConfig::EPD_CL_UV PkgConfig::EPD_CL_CRYPTO
                         PkgConfig::EPD_CL_CJSON Threads::Threads)
+  if(TARGET epd_core)
+    target_link_libraries(epd_cluster PUBLIC epd_core)
+  endif()
   # The frame codec alone, for the fuzzer (built with its own sanitizer flags).
   set(EPD_CTL_FRAME_SOURCES ${CMAKE_CURRENT_LIST_DIR}/ctl_frame.c)
 endif()

@@ -189,19 +189,21 @@ int cl_boot_create(epd_cluster_t *c, int local_ranks, cl_boot_t **out)
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&b->cv, &ca);
     pthread_condattr_destroy(&ca);
-    if (uv_async_init(c->loop, &b->async, on_async) < 0) goto fail_sync;
-    b->async.data = b;
-    b->async_open = 1;
-    c->handles++;
     *out = b;
     return 0;
-fail_sync:
-    pthread_cond_destroy(&b->cv);
-    pthread_mutex_destroy(&b->mu);
 fail:
     free(b->ranks);
     free(b);
     return -1;
+}
+
+int cl_boot_start(cl_boot_t *b)
+{
+    if (uv_async_init(b->c->loop, &b->async, on_async) < 0) return -1;
+    b->async.data = b;
+    b->async_open = 1;
+    b->c->handles++;
+    return 0;
 }
 
 static void on_async_closed(uv_handle_t *h)

@@ -121,6 +121,7 @@ void cl_handle_closed(epd_cluster_t *c);
 
 /* cluster_boot.c */
 int cl_boot_create(epd_cluster_t *c, int local_ranks, cl_boot_t **out);
+int cl_boot_start(cl_boot_t *b);  /* opens its uv_async (counted in c->handles) */
 void cl_boot_close(cl_boot_t *b); /* closes its uv_async (counted in c->handles) */
 void cl_boot_destroy(cl_boot_t *b);
 /* New epoch / formed state (loop thread): waiters of another epoch fail with `why`. */

@@ -238,8 +238,7 @@ int epd_ctl_auth_on_frame(epd_ctl_auth_t *a, const epd_ctl_msg_t *m, epd_ctl_buf
                           void *ctx)
 {
     char why[128];
-    if (a->state == EPD_CTL_AUTH_FAILED)
-        return reject(a, a->reason ? a->reason : EPD_CTL_REJECT_AUTH_FAILED, a->detail);
+    if (a->state == EPD_CTL_AUTH_FAILED) return -1; /* reason and detail kept from before */
     if (!is_auth_type(m->type)) {
         snprintf(why, sizeof why, "%s frame before authentication", epd_ctl_type_name(m->type));
         return reject(a, a->state == EPD_CTL_AUTH_DONE ? EPD_CTL_REJECT_OUT_OF_ORDER

@@ -9,6 +9,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "epctl_cluster.h"
 #include "epd_config.h"
 #include "httpclient.h"
 
@@ -29,10 +30,13 @@ static void usage_main(FILE *out)
             "\n"
             "Commands:\n"
             "  config check FILE [--print] [--offline]  validate a configuration file\n"
-            "  status --node HOST:PORT [--timeout MS] [--json]\n"
+            "  status [--node HOST:PORT] [--timeout MS] [--json]\n"
             "                                           show a node's status\n"
             "  ready --node HOST:PORT [--wait SECONDS] [--timeout MS]\n"
             "                                           check (or wait for) readiness\n"
+            "  up CLUSTER.json [--deadline SECONDS]     bring-up: wait until every node is ready\n"
+            "  drain [--node HOST:PORT]                 stop sending work to a node\n"
+            "  down [--node HOST:PORT]                  stop a node gracefully\n"
             "  version                                  print the version\n"
             "\n"
             "Run 'epctl COMMAND --help' for a command's options.\n\n%s",
@@ -56,10 +60,12 @@ static void usage_config_check(FILE *out)
 static void usage_status(FILE *out)
 {
     fprintf(out,
-            "Usage: epctl status --node HOST:PORT [--timeout MS] [--json]\n"
+            "Usage: epctl status [--node HOST:PORT] [--timeout MS] [--json]\n"
             "\n"
-            "Fetches GET /v1/status from the node's HTTP API and prints it as a table.\n"
-            "  --node HOST:PORT  the node's http.listen address ([V6]:PORT for IPv6)\n"
+            "Fetches GET /v1/status and GET /v1/cluster from the node's HTTP API and prints\n"
+            "the node, its components, the rank table and the health of its peers.\n"
+            "  --node HOST:PORT  the node's http.listen address ([V6]:PORT for IPv6;\n"
+            "                    default 127.0.0.1:8080)\n"
             "  --timeout MS      bound on connect + request + response (default %d)\n"
             "  --json            print the raw JSON document instead of a table\n"
             "\n%s",
@@ -244,8 +250,9 @@ static int cmd_status(int argc, char **argv)
             return EXIT_USAGE;
         }
     }
-    if (!node || optind != argc) {
-        fprintf(stderr, "epctl status: %s\n", node ? "unexpected argument" : "--node is required");
+    if (!node) node = "127.0.0.1:8080"; /* http.listen's default */
+    if (optind != argc) {
+        fprintf(stderr, "epctl status: unexpected argument\n");
         usage_status(stderr);
         return EXIT_USAGE;
     }
@@ -285,6 +292,7 @@ static int cmd_status(int argc, char **argv)
                        jstr(c, "reason"));
             }
         }
+        epctl_cluster_print(node, timeout, stdout);
     }
     cJSON_Delete(doc);
     free(raw);
@@ -382,6 +390,10 @@ int main(int argc, char **argv)
     if (strcmp(cmd, "config") == 0) return cmd_config(argc - 1, argv + 1);
     if (strcmp(cmd, "status") == 0) return cmd_status(argc - 1, argv + 1);
     if (strcmp(cmd, "ready") == 0) return cmd_ready(argc - 1, argv + 1);
+    /* cluster commands: epctl_cluster.c */
+    if (strcmp(cmd, "up") == 0) return epctl_cmd_up(argc - 1, argv + 1);
+    if (strcmp(cmd, "drain") == 0) return epctl_cmd_drain(argc - 1, argv + 1);
+    if (strcmp(cmd, "down") == 0) return epctl_cmd_down(argc - 1, argv + 1);
     fprintf(stderr, "epctl: unknown command '%s'\n", cmd);
     usage_main(stderr);
     return EXIT_USAGE;

@@ -11,6 +11,7 @@
 #include <systemd/sd-daemon.h>
 #include <uv.h>
 
+#include "cluster_daemon.h"
 #include "epd_config.h"
 #include "http.h"
 #include "log.h"
@@ -29,6 +30,7 @@ typedef struct daemon {
     epd_procstats_t ps;
     epd_state_t *state;
     int cluster_id;
+    epd_cluster_daemon_t *cluster; /* the control plane (cluster_daemon.c) */
     epd_http_server_t *http;
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t watchdog;
@@ -154,22 +156,6 @@ static void h_status(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
     cJSON_Delete(st);
 }
 
-/* ---- cluster readiness (the control plane drives it once it exists) ---- */
-
-static void update_cluster_component(daemon_t *d)
-{
-    if (d->cfg->num_peers == 0) {
-        epd_state_set(d->state, d->cluster_id, 1, "single node");
-    } else {
-        char first[300];
-        snprintf(first, sizeof(first), "%d at %s:%d", d->cfg->peers[0].node_id,
-                 d->cfg->peers[0].addr.host, d->cfg->peers[0].addr.port);
-        epd_state_set(d->state, d->cluster_id, 0,
-                      "waiting for peers: %d configured (first: node %s)", d->cfg->num_peers,
-                      first);
-    }
-}
-
 /* ---- systemd ---- */
 
 static void notify_status(daemon_t *d, const char *extra)
@@ -193,6 +179,7 @@ static void close_handle(uv_handle_t *h)
 static void finish_stop(daemon_t *d)
 {
     epd_state_set_phase(d->state, EPD_PHASE_STOPPING);
+    epd_cluster_daemon_stop(d->cluster, 0, "stopping");
     if (d->http) {
         epd_http_server_destroy(d->http); /* frees itself as its handles close */
         d->http = NULL;
@@ -230,6 +217,8 @@ static void begin_stop(daemon_t *d, const char *why)
     EPD_INFO(SUB, "%s: stopping (in-flight requests get up to %d ms)", why,
              d->cfg->shutdown_timeout_ms);
     epd_state_set_phase(d->state, EPD_PHASE_DRAINING);
+    /* Peers learn at once (BYE) instead of after the heartbeat timeout. */
+    epd_cluster_daemon_stop(d->cluster, 1, why);
     sd_notify(0, "STOPPING=1\nSTATUS=draining");
     uv_timer_start(&d->shutdown_timer, on_shutdown_timeout, (uint64_t)d->cfg->shutdown_timeout_ms,
                    0);
@@ -281,6 +270,11 @@ static void reload(daemon_t *d)
     notify_status(d, "READY=1\n");
 }
 
+static void request_stop(void *ctx, const char *why)
+{
+    begin_stop(ctx, why);
+}
+
 static void on_signal(uv_signal_t *h, int signum)
 {
     daemon_t *d = h->data;
@@ -315,7 +309,6 @@ static int start(daemon_t *d)
                             "Configuration reloads (SIGHUP), by result.", "result=\"failed\"");
     d->cluster_id = epd_state_register(d->state, "cluster");
     if (d->cluster_id < 0) return d->cluster_id;
-    update_cluster_component(d);
 
     epd_http_limits_t lim = {
         .max_header_bytes = d->cfg->http_max_header_bytes,
@@ -334,6 +327,22 @@ static int start(daemon_t *d)
     if ((rc = epd_http_server_listen(d->http, d->cfg->http.host, d->cfg->http.port)) != 0) {
         EPD_ERROR(SUB, "cannot listen on http.listen %s:%d: %s", d->cfg->http.host,
                   d->cfg->http.port, uv_strerror(rc));
+        return rc;
+    }
+    char http_addr[300], err[512];
+    snprintf(http_addr, sizeof(http_addr), "%s:%d", d->cfg->http.host,
+             epd_http_server_port(d->http));
+    epd_cluster_daemon_opts_t co = {.loop = &d->loop,
+                                    .cfg = d->cfg,
+                                    .metrics = d->metrics,
+                                    .state = d->state,
+                                    .component = d->cluster_id,
+                                    .http = d->http,
+                                    .http_addr = http_addr,
+                                    .request_stop = request_stop,
+                                    .ctx = d};
+    if ((rc = epd_cluster_daemon_start(&co, &d->cluster, err, sizeof(err))) != 0) {
+        EPD_ERROR(SUB, "%s", err);
         return rc;
     }
 
@@ -434,6 +443,7 @@ int main(int argc, char **argv)
         rc = uv_loop_close(&d.loop);
         if (rc != 0) EPD_WARN(SUB, "uv_loop_close: %s", uv_strerror(rc));
     }
+    epd_cluster_daemon_destroy(d.cluster);
     epd_state_destroy(d.state);
     epd_metrics_destroy(d.metrics);
     if (d.exit_code == 0) EPD_INFO(SUB, "stopped");

@@ -253,7 +253,8 @@ static int all_formed(world_t *w, void *arg)
 
 static double metric(node_t *nd, const char *name, const char *labels)
 {
-    epd_metric_t *m = epd_metrics_counter(nd->m, name, "", labels);
+    epd_metric_t *m = epd_metrics_counter(
+        nd->m, name, "Control-plane frames rejected (the link was closed), by reason", labels);
     return epd_metric_value(m);
 }
 
@@ -306,7 +307,9 @@ static void test_forms_and_assigns_ranks(void **state)
         cJSON_Delete(s);
     }
     for (int i = 0; i < 3; i++) {
-        double epoch = metric(&w.nodes[i], "epd_cluster_epoch", NULL);
+        epd_metric_t *g = epd_metrics_gauge(w.nodes[i].m, "epd_cluster_epoch",
+                                            "Epoch of the rank table this node holds", NULL);
+        double epoch = epd_metric_value(g);
         assert_true(epoch == (double)epd_cluster_epoch(w.nodes[i].c));
     }
     world_fini(&w);

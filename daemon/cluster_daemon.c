@@ -1,0 +1,283 @@
+/* The control plane inside epd: the cluster built from the config, its readiness component,
+ * and the /v1/cluster and /v1/admin/{drain,down} endpoints (interface in cluster_daemon.h). */
+#include "cluster_daemon.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <cjson/cJSON.h>
+
+#include "log.h"
+
+#define SUB "cluster"
+
+struct epd_cluster_daemon {
+    epd_cluster_daemon_opts_t o;
+    epd_cluster_t *cluster;
+    char *settings; /* our config as JSON, sent in HELLO */
+    int draining;
+    int ready;
+    char reason[512];
+    void (*peer_down)(void *ctx, int node_id, const char *reason);
+    void *peer_down_ctx;
+};
+
+static void publish(epd_cluster_daemon_t *d)
+{
+    if (d->draining)
+        epd_state_set(d->o.state, d->o.component, 0, "draining (POST /v1/admin/drain)");
+    else if (!d->cluster)
+        epd_state_set(d->o.state, d->o.component, 1, "single node");
+    else
+        epd_state_set(d->o.state, d->o.component, d->ready, "%s",
+                      d->ready ? "formed" : d->reason);
+}
+
+static void on_ready(void *ctx, int ready, const char *reason)
+{
+    epd_cluster_daemon_t *d = ctx;
+    d->ready = ready;
+    snprintf(d->reason, sizeof d->reason, "%s", reason);
+    publish(d);
+}
+
+static void on_peer_down(void *ctx, int node_id, const char *reason)
+{
+    epd_cluster_daemon_t *d = ctx;
+    if (d->peer_down) d->peer_down(d->peer_down_ctx, node_id, reason);
+}
+
+/* Names the first cluster-wide setting that differs from a peer's config (its JSON dump). */
+static int diff_settings(void *ctx, const void *peer, size_t len, char *why, size_t wl)
+{
+    epd_cluster_daemon_t *d = ctx;
+    epd_config_t *pc = malloc(sizeof *pc);
+    epd_config_errors_t errs = {0};
+    int rc;
+    if (!pc) {
+        snprintf(why, wl, "out of memory");
+        return -1;
+    }
+    if (epd_config_parse_ex(peer, len, "peer config", EPD_CONFIG_SKIP_FS_CHECKS, pc, &errs) != 0) {
+        snprintf(why, wl, "unreadable (%s)", errs.count ? errs.msgs[0] : "invalid");
+        rc = -1;
+    } else {
+        rc = epd_config_diff(d->o.cfg, pc, why, wl);
+        if (rc == 0) snprintf(why, wl, "a setting this version does not compare");
+        if (rc == 0) rc = -1;
+    }
+    epd_config_errors_free(&errs);
+    free(pc);
+    return rc;
+}
+
+static void respond_json(epd_http_res_t *res, int status, cJSON *doc)
+{
+    char *text = doc ? cJSON_PrintUnformatted(doc) : NULL;
+    if (!text) {
+        static const char oom[] = "{\"error\":\"out of memory\"}\n";
+        epd_http_respond(res, 503, "application/json", oom, sizeof oom - 1);
+        return;
+    }
+    size_t n = strlen(text);
+    char *body = malloc(n + 2);
+    if (body) {
+        memcpy(body, text, n);
+        body[n] = '\n';
+        epd_http_respond(res, status, "application/json", body, n + 1);
+        free(body);
+    } else {
+        epd_http_respond(res, status, "application/json", text, n);
+    }
+    cJSON_free(text);
+}
+
+static int local_ranks(const epd_config_t *cfg)
+{
+    return cfg->backend == EPD_BACKEND_CUDA ? cfg->num_gpus : cfg->ranks_per_node;
+}
+
+/* A cluster of one: the same document shape as a formed cluster's. */
+static cJSON *single_node_json(const epd_cluster_daemon_t *d)
+{
+    const epd_config_t *cfg = d->o.cfg;
+    cJSON *o = cJSON_CreateObject();
+    if (!o) return NULL;
+    cJSON_AddNumberToObject(o, "node_id", cfg->node_id);
+    cJSON_AddStringToObject(o, "name", cfg->name);
+    cJSON_AddStringToObject(o, "cluster", cfg->cluster_name);
+    cJSON_AddStringToObject(o, "state", d->draining ? "draining" : "serving");
+    cJSON_AddNumberToObject(o, "epoch", 0);
+    cJSON_AddBoolToObject(o, "formed", 1);
+    cJSON_AddBoolToObject(o, "ready", !d->draining);
+    cJSON_AddStringToObject(o, "reason", d->draining ? "draining" : "");
+    cJSON_AddNumberToObject(o, "coordinator", cfg->node_id);
+    cJSON_AddNumberToObject(o, "first_rank", 0);
+    cJSON_AddNumberToObject(o, "local_ranks", local_ranks(cfg));
+    cJSON *t = cJSON_AddObjectToObject(o, "rank_table");
+    cJSON_AddNumberToObject(t, "epoch", 0);
+    cJSON_AddNumberToObject(t, "coordinator", cfg->node_id);
+    cJSON_AddBoolToObject(t, "complete", 1);
+    cJSON_AddNumberToObject(t, "nranks", local_ranks(cfg));
+    cJSON *nodes = cJSON_AddArrayToObject(t, "nodes");
+    cJSON *n = cJSON_CreateObject();
+    cJSON_AddNumberToObject(n, "node_id", cfg->node_id);
+    cJSON_AddStringToObject(n, "name", cfg->name);
+    cJSON_AddNumberToObject(n, "first_rank", 0);
+    cJSON_AddNumberToObject(n, "ranks", local_ranks(cfg));
+    cJSON_AddStringToObject(n, "backend", epd_backend_name(cfg->backend));
+    cJSON_AddStringToObject(n, "http", d->o.http_addr ? d->o.http_addr : "");
+    cJSON_AddItemToArray(nodes, n);
+    cJSON_AddArrayToObject(o, "peers");
+    return o;
+}
+
+static void h_cluster(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+{
+    epd_cluster_daemon_t *d = ctx;
+    cJSON *doc = d->cluster ? epd_cluster_status_json(d->cluster) : single_node_json(d);
+    if (doc && d->cluster && d->draining) {
+        cJSON_ReplaceItemInObject(doc, "ready", cJSON_CreateFalse());
+        cJSON_ReplaceItemInObject(doc, "reason", cJSON_CreateString("draining"));
+    }
+    respond_json(res, 200, doc);
+    cJSON_Delete(doc);
+}
+
+static void h_drain(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+{
+    epd_cluster_daemon_t *d = ctx;
+    if (!d->draining) {
+        EPD_INFO(SUB, "drain requested over HTTP: not ready for new work from now on");
+        d->draining = 1;
+        if (d->cluster) epd_cluster_set_state(d->cluster, EPD_NODE_DRAINING);
+        publish(d);
+    }
+    static const char body[] = "{\"state\":\"draining\"}\n";
+    epd_http_respond(res, 200, "application/json", body, sizeof body - 1);
+}
+
+static void h_down(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+{
+    epd_cluster_daemon_t *d = ctx;
+    static const char body[] = "{\"state\":\"stopping\"}\n";
+    EPD_INFO(SUB, "stop requested over HTTP (POST /v1/admin/down)");
+    epd_http_respond(res, 202, "application/json", body, sizeof body - 1);
+    if (d->o.request_stop) d->o.request_stop(d->o.ctx, "POST /v1/admin/down");
+}
+
+static int add_routes(epd_cluster_daemon_t *d, char *err, size_t errlen)
+{
+    int rc;
+    if ((rc = epd_http_route(d->o.http, "GET", "/v1/cluster", h_cluster, d)) ||
+        (rc = epd_http_route(d->o.http, "POST", "/v1/admin/drain", h_drain, d)) ||
+        (rc = epd_http_route(d->o.http, "POST", "/v1/admin/down", h_down, d)))
+        snprintf(err, errlen, "cluster: registering HTTP routes: %s", strerror(-rc));
+    return rc;
+}
+
+int epd_cluster_daemon_start(const epd_cluster_daemon_opts_t *o, epd_cluster_daemon_t **out,
+                             char *err, size_t errlen)
+{
+    epd_cluster_daemon_t *d = calloc(1, sizeof *d);
+    const epd_config_t *cfg = o->cfg;
+    uint8_t fp[EPD_CFG_FINGERPRINT_LEN];
+    int rc;
+    *out = NULL;
+    if (!d) {
+        snprintf(err, errlen, "cluster: out of memory");
+        return -ENOMEM;
+    }
+    d->o = *o;
+    if (cfg->num_peers == 0) {
+        if ((rc = add_routes(d, err, errlen)) != 0) goto fail;
+        publish(d);
+        *out = d;
+        return 0;
+    }
+    if (epd_config_fingerprint(cfg, fp) != 0) {
+        snprintf(err, errlen, "cluster: computing the config fingerprint failed");
+        rc = -EIO;
+        goto fail;
+    }
+    d->settings = epd_config_dump_json(cfg);
+    if (!d->settings) {
+        snprintf(err, errlen, "cluster: out of memory");
+        rc = -ENOMEM;
+        goto fail;
+    }
+    epd_cluster_opts_t co;
+    memset(&co, 0, sizeof co);
+    co.loop = o->loop;
+    co.cfg = cfg;
+    co.metrics = o->metrics;
+    co.local_ranks = local_ranks(cfg);
+    co.num_gpus = cfg->num_gpus;
+    for (int i = 0; i < cfg->num_gpus && i < EPD_CFG_MAX_GPUS; i++) co.gpus[i].ordinal = cfg->gpus[i];
+    co.backend = epd_backend_name(cfg->backend);
+    static const ep_transport_kind_t kinds[] = {
+        [EPD_TRANSPORT_TCP] = EP_TRANSPORT_TCP,
+        [EPD_TRANSPORT_NVLINK] = EP_TRANSPORT_NVLINK,
+        [EPD_TRANSPORT_RDMA] = EP_TRANSPORT_RDMA,
+    };
+    co.transport_caps = (1u << EP_TRANSPORT_TCP) | (1u << kinds[cfg->transport]);
+    co.http_addr = o->http_addr;
+    co.fingerprint = fp;
+    co.fingerprint_len = sizeof fp;
+    co.settings = d->settings;
+    co.settings_len = strlen(d->settings);
+    co.config_diff = diff_settings;
+    co.on_ready = on_ready;
+    co.on_peer_down = on_peer_down;
+    co.cb_ctx = d;
+    snprintf(d->reason, sizeof d->reason, "starting");
+    if (epd_cluster_create(&co, &d->cluster, err, errlen) != 0) {
+        rc = -EINVAL;
+        goto fail;
+    }
+    publish(d);
+    if ((rc = add_routes(d, err, errlen)) != 0) {
+        epd_cluster_destroy(d->cluster); /* not started: no handle is open yet but the async */
+        goto fail;
+    }
+    if (epd_cluster_start(d->cluster, err, errlen) != 0) {
+        rc = -EADDRINUSE;
+        epd_cluster_stop(d->cluster, 0, "start failed");
+        *out = d; /* handles are closing: destroy after the loop ran */
+        return rc;
+    }
+    *out = d;
+    return 0;
+fail:
+    free(d->settings);
+    free(d);
+    return rc;
+}
+
+void epd_cluster_daemon_on_peer_down(epd_cluster_daemon_t *d,
+                                     void (*fn)(void *ctx, int node_id, const char *reason),
+                                     void *ctx)
+{
+    d->peer_down = fn;
+    d->peer_down_ctx = ctx;
+}
+
+epd_cluster_t *epd_cluster_daemon_cluster(epd_cluster_daemon_t *d)
+{
+    return d ? d->cluster : NULL;
+}
+
+void epd_cluster_daemon_stop(epd_cluster_daemon_t *d, int graceful, const char *why)
+{
+    if (d && d->cluster) epd_cluster_stop(d->cluster, graceful, why);
+}
+
+void epd_cluster_daemon_destroy(epd_cluster_daemon_t *d)
+{
+    if (!d) return;
+    epd_cluster_destroy(d->cluster);
+    free(d->settings);
+    free(d);
+}
