@@ -10,6 +10,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include <openssl/rand.h>
+
 #include "log.h"
 
 #define SUB "cluster"
@@ -63,11 +65,16 @@ static void retry_cb(uv_timer_t *t);
 const char *epd_peer_state_name(epd_peer_state_t s)
 {
     switch (s) {
-    case EPD_PEER_UNKNOWN: return "unknown";
-    case EPD_PEER_UP: return "up";
-    case EPD_PEER_SUSPECT: return "suspect";
-    case EPD_PEER_DOWN: return "down";
-    case EPD_PEER_REFUSED: return "refused";
+    case EPD_PEER_UNKNOWN:
+        return "unknown";
+    case EPD_PEER_UP:
+        return "up";
+    case EPD_PEER_SUSPECT:
+        return "suspect";
+    case EPD_PEER_DOWN:
+        return "down";
+    case EPD_PEER_REFUSED:
+        return "refused";
     }
     return "invalid";
 }
@@ -75,10 +82,14 @@ const char *epd_peer_state_name(epd_peer_state_t s)
 const char *epd_node_state_name(epd_node_state_t s)
 {
     switch (s) {
-    case EPD_NODE_STARTING: return "starting";
-    case EPD_NODE_SERVING: return "serving";
-    case EPD_NODE_DRAINING: return "draining";
-    case EPD_NODE_STOPPING: return "stopping";
+    case EPD_NODE_STARTING:
+        return "starting";
+    case EPD_NODE_SERVING:
+        return "serving";
+    case EPD_NODE_DRAINING:
+        return "draining";
+    case EPD_NODE_STOPPING:
+        return "stopping";
     }
     return "invalid";
 }
@@ -104,7 +115,8 @@ static void nodeinfo_free(cl_nodeinfo_t *n)
 
 static void table_clear(cl_table_t *t)
 {
-    for (int i = 0; i < t->nnodes; i++) nodeinfo_free(&t->nodes[i]);
+    for (int i = 0; i < t->nnodes; i++)
+        nodeinfo_free(&t->nodes[i]);
     free(t->nodes);
     free(t->acked);
     memset(t, 0, sizeof *t);
@@ -141,7 +153,6 @@ void cl_handle_closed(epd_cluster_t *c)
         if (c->opts.on_stopped) c->opts.on_stopped(c->opts.cb_ctx);
     }
 }
-
 
 static void on_retry_closed(uv_handle_t *h)
 {
@@ -283,8 +294,10 @@ static void conn_unlink(epd_cluster_t *c, cl_conn_t *cn)
 {
     if (!cn->linked) return;
     cn->linked = 0;
-    if (cn->prev) cn->prev->next = cn->next;
-    else if (c->conns == cn) c->conns = cn->next;
+    if (cn->prev)
+        cn->prev->next = cn->next;
+    else if (c->conns == cn)
+        c->conns = cn->next;
     if (cn->next) cn->next->prev = cn->prev;
     cn->next = cn->prev = NULL;
     c->nconns--;
@@ -312,8 +325,10 @@ static void conn_close(cl_conn_t *cn)
         p->conn = NULL;
         if (p->state == EPD_PEER_UP && !c->stopping)
             set_peer_state(c, p, EPD_PEER_SUSPECT, "link closed");
-        if (cn->outbound && !c->stopping) schedule_retry(p, c);
-        else if (!cn->outbound && p->id > c->cfg.node_id && !c->stopping) schedule_retry(p, c);
+        if (cn->outbound && !c->stopping)
+            schedule_retry(p, c);
+        else if (!cn->outbound && p->id > c->cfg.node_id && !c->stopping)
+            schedule_retry(p, c);
     }
     uv_close((uv_handle_t *)&cn->tcp, on_conn_closed);
     if (!c->stopping) evaluate(c);
@@ -373,7 +388,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     }
     epd_ctl_msg_t m;
     int r;
-    while (!cn->closing && (r = epd_ctl_decoder_next(&cn->dec, &m)) == 1) handle_frame(cn, &m);
+    while (!cn->closing && (r = epd_ctl_decoder_next(&cn->dec, &m)) == 1)
+        handle_frame(cn, &m);
     if (!cn->closing && r < 0) reject_conn(cn, cn->dec.reason, cn->dec.detail);
 }
 
@@ -405,8 +421,10 @@ static void send_hello(cl_conn_t *cn)
     epd_ctl_put_u32(&b, EPD_CTL_T_NODE_ID, (uint32_t)c->cfg.node_id);
     epd_ctl_put_str(&b, EPD_CTL_T_HOSTNAME, c->hostname);
     epd_ctl_put_str(&b, EPD_CTL_T_NAME, c->cfg.name);
-    epd_ctl_put_u64(&b, EPD_CTL_T_EPOCH, c->max_epoch);
+    /* the epoch of the table we hold (a coordinator resyncs members that lag) */
+    epd_ctl_put_u64(&b, EPD_CTL_T_EPOCH, c->table.valid ? c->table.epoch : 0);
     epd_ctl_put_u32(&b, EPD_CTL_T_RANKS, (uint32_t)c->opts.local_ranks);
+    epd_ctl_put_u64(&b, EPD_CTL_T_INCARNATION, c->incarnation);
     epd_ctl_put_str(&b, EPD_CTL_T_BACKEND, c->backend);
     epd_ctl_put_u32(&b, EPD_CTL_T_CAPS, c->opts.transport_caps);
     epd_ctl_put_bytes(&b, EPD_CTL_T_FINGERPRINT, c->fingerprint, c->opts.fingerprint_len);
@@ -424,8 +442,10 @@ static void send_hello(cl_conn_t *cn)
     snprintf(ctl, sizeof ctl, "%s:%d", c->cfg.listen.host, c->port);
     epd_ctl_put_str(&b, EPD_CTL_T_CTL_ADDR, ctl);
     epd_ctl_put_u8(&b, EPD_CTL_T_STATE, (uint8_t)c->state);
-    if (epd_ctl_frame_end(&b) == 0) conn_send_buf(cn, &b);
-    else EPD_ERROR(SUB, "HELLO does not fit in a control frame (endpoint or settings too large)");
+    if (epd_ctl_frame_end(&b) == 0)
+        conn_send_buf(cn, &b);
+    else
+        EPD_ERROR(SUB, "HELLO does not fit in a control frame (endpoint or settings too large)");
     epd_ctl_buf_fini(&b);
 }
 
@@ -514,7 +534,11 @@ static void refuse_peer(cl_conn_t *cn, const char *reason, const char *setting)
     if (setting && *setting) epd_ctl_put_str(&b, EPD_CTL_T_SETTING, setting);
     if (epd_ctl_frame_end(&b) == 0) conn_send_buf(cn, &b);
     epd_ctl_buf_fini(&b);
-    EPD_ERROR(SUB, "refusing node %d (%s): %s", p->id, cn->remote, reason);
+    /* A refused node keeps reconnecting: say it once per reason, not once per attempt. */
+    if (p->state != EPD_PEER_REFUSED || strcmp(p->reason, reason) != 0)
+        EPD_ERROR(SUB, "refusing node %d (%s): %s", p->id, cn->remote, reason);
+    else
+        EPD_DEBUG(SUB, "refusing node %d (%s) again: %s", p->id, cn->remote, reason);
     p->hello_ok = 0;
     set_peer_state(c, p, EPD_PEER_REFUSED, reason);
     /* The REFUSE goes out before the close: uv_close would drop queued writes. */
@@ -537,13 +561,13 @@ static void on_hello(cl_conn_t *cn, const epd_ctl_msg_t *m)
     char why[512], setting[256] = "";
     const uint8_t *fp, *settings = NULL;
     uint32_t fpl, sl = 0;
-    uint64_t epoch = 0;
+    uint64_t epoch = 0, incarnation = 0;
     uint8_t st = 0;
 
     parse_nodeinfo(m->payload, m->len, &n);
     if (n.id != p->id) {
-        snprintf(why, sizeof why, "HELLO names node %d on the link authenticated as node %d",
-                 n.id, p->id);
+        snprintf(why, sizeof why, "HELLO names node %d on the link authenticated as node %d", n.id,
+                 p->id);
         nodeinfo_free(&n);
         reject_conn(cn, EPD_CTL_REJECT_AUTH_FAILED, why);
         return;
@@ -552,6 +576,7 @@ static void on_hello(cl_conn_t *cn, const epd_ctl_msg_t *m)
     epd_ctl_get_bytes(m->payload, m->len, EPD_CTL_T_SETTINGS, &settings, &sl);
     epd_ctl_get_u64(m->payload, m->len, EPD_CTL_T_EPOCH, &epoch);
     epd_ctl_get_u8(m->payload, m->len, EPD_CTL_T_STATE, &st);
+    epd_ctl_get_u64(m->payload, m->len, EPD_CTL_T_INCARNATION, &incarnation);
     cn->hello_rx = 1;
 
     if (fpl != c->opts.fingerprint_len || memcmp(fp, c->fingerprint, fpl) != 0) {
@@ -567,8 +592,8 @@ static void on_hello(cl_conn_t *cn, const epd_ctl_msg_t *m)
             snprintf(why, sizeof why, "config fingerprint of node %d differs; its settings: %s",
                      p->id, d);
         } else {
-            snprintf(why, sizeof why, "config fingerprint of node %d differs from node %d's",
-                     p->id, c->cfg.node_id);
+            snprintf(why, sizeof why, "config fingerprint of node %d differs from node %d's", p->id,
+                     c->cfg.node_id);
         }
         nodeinfo_free(&n);
         refuse_peer(cn, why, setting);
@@ -581,6 +606,18 @@ static void on_hello(cl_conn_t *cn, const epd_ctl_msg_t *m)
         refuse_peer(cn, why, "compute.ranks_per_node");
         return;
     }
+    /* A new process behind a known node id (restarted before we marked it down) lost its EP
+     * state: the engine aborts what it had in flight with it, and the cluster re-forms. A
+     * member that merely reconnected but holds another epoch missed a table: resync it. */
+    if (p->incarnation && incarnation != p->incarnation && p->hello_ok) {
+        EPD_WARN(SUB, "peer %d restarted (new incarnation)", p->id);
+        if (in_table(c, p->id) && c->boot) cl_boot_abort(c->boot, "peer restarted");
+        if (c->opts.on_peer_down) c->opts.on_peer_down(c->opts.cb_ctx, p->id, "restarted");
+    }
+    if (in_table(c, p->id) &&
+        ((p->incarnation && incarnation != p->incarnation) || epoch != c->table.epoch))
+        c->retable = 1;
+    p->incarnation = incarnation;
     nodeinfo_free(&p->info);
     p->info = n;
     p->epoch_seen = epoch;
@@ -623,8 +660,9 @@ static void set_formed(epd_cluster_t *c)
     if (c->boot)
         cl_boot_set_epoch(c->boot, c->table.epoch, 1, me ? (int)me->first_rank : -1,
                           c->table.nranks, "");
-    EPD_INFO(SUB, "cluster formed at epoch %" PRIu64 ": %d nodes, %d ranks (this node: first "
-                  "rank %d)",
+    EPD_INFO(SUB,
+             "cluster formed at epoch %" PRIu64 ": %d nodes, %d ranks (this node: first "
+             "rank %d)",
              c->table.epoch, c->table.nnodes, c->table.nranks, me ? (int)me->first_rank : -1);
     if (c->opts.on_formed) c->opts.on_formed(c->opts.cb_ctx, c->table.epoch);
 }
@@ -680,7 +718,8 @@ static void broadcast_table(epd_cluster_t *c, int complete)
     cl_table_t t;
     memset(&t, 0, sizeof t);
     int n = 1;
-    for (int i = 0; i < c->npeers; i++) n += alive_member(&c->peers[i]);
+    for (int i = 0; i < c->npeers; i++)
+        n += alive_member(&c->peers[i]);
     t.nodes = calloc((size_t)n, sizeof *t.nodes);
     t.acked = calloc((size_t)n, 1);
     if (!t.nodes || !t.acked) {
@@ -708,7 +747,8 @@ static void broadcast_table(epd_cluster_t *c, int complete)
             ni->endpoint = NULL;
             if (p->info.endpoint_len && (ni->endpoint = malloc(p->info.endpoint_len)))
                 memcpy(ni->endpoint, p->info.endpoint, p->info.endpoint_len);
-            else ni->endpoint_len = 0;
+            else
+                ni->endpoint_len = 0;
         }
         ni->first_rank = (uint32_t)t.nranks;
         t.nranks += (int)ni->ranks;
@@ -729,7 +769,8 @@ static void broadcast_table(epd_cluster_t *c, int complete)
     epd_ctl_put_u32(&b, EPD_CTL_T_COORD, (uint32_t)t.coord);
     epd_ctl_put_u8(&b, EPD_CTL_T_COMPLETE, (uint8_t)complete);
     epd_ctl_put_u32(&b, EPD_CTL_T_NRANKS, (uint32_t)t.nranks);
-    for (int i = 0; i < t.nnodes; i++) put_node(&b, &t.nodes[i]);
+    for (int i = 0; i < t.nnodes; i++)
+        put_node(&b, &t.nodes[i]);
     if (epd_ctl_frame_end(&b) < 0) {
         EPD_ERROR(SUB, "rank table of %d nodes does not fit in a control frame", t.nnodes);
         epd_ctl_buf_fini(&b);
@@ -738,8 +779,10 @@ static void broadcast_table(epd_cluster_t *c, int complete)
     }
     adopt_table(c, &t);
     for (int i = 0; i < c->table.nnodes; i++) {
-        if (c->table.nodes[i].id == c->cfg.node_id) c->table.acked[i] = 1;
-        else cl_send_node(c, c->table.nodes[i].id, &b);
+        if (c->table.nodes[i].id == c->cfg.node_id)
+            c->table.acked[i] = 1;
+        else
+            cl_send_node(c, c->table.nodes[i].id, &b);
     }
     epd_ctl_buf_fini(&b);
 }
@@ -775,13 +818,17 @@ static void coordinate(epd_cluster_t *c)
     int complete = alive == c->npeers + 1;
     if (c->table.valid && !in_table(c, c->cfg.node_id)) members_same = 0;
     int mine = c->table.valid && c->table.coord == c->cfg.node_id;
-    if (mine && members_same) {
+    if (!c->table.valid || !mine) c->retable = 0; /* a fresh table is coming anyway */
+    if (mine && members_same && !c->retable) {
         maybe_commit(c);
         return;
     }
     /* A complete membership always gets a table; an incomplete one only replaces a table whose
      * member died (so its ranks stop being used), never waits on a table of its own. */
-    if (complete || (c->table.valid && member_gone)) broadcast_table(c, complete);
+    if (complete || (c->table.valid && (member_gone || c->retable))) {
+        c->retable = 0;
+        broadcast_table(c, complete);
+    }
     maybe_commit(c);
 }
 
@@ -815,7 +862,8 @@ static void on_rank_table(cl_conn_t *cn, const epd_ctl_msg_t *m)
     const uint8_t *v;
     uint32_t vl;
     epd_ctl_iter_init(&it, m->payload, m->len);
-    while (epd_ctl_iter_next(&it, &tag, &v, &vl)) n += tag == EPD_CTL_T_NODE;
+    while (epd_ctl_iter_next(&it, &tag, &v, &vl))
+        n += tag == EPD_CTL_T_NODE;
     if (n == 0 || n > c->npeers + 1) {
         char why[128];
         snprintf(why, sizeof why, "RANK_TABLE epoch %" PRIu64 " lists %d nodes (cluster has %d)",
@@ -838,9 +886,12 @@ static void on_rank_table(cl_conn_t *cn, const epd_ctl_msg_t *m)
         if (tag != EPD_CTL_T_NODE) continue;
         cl_nodeinfo_t *ni = &t.nodes[t.nnodes++];
         parse_nodeinfo(v, vl, ni);
-        if (ni->id <= last_id) bad = "nodes not ordered by id";
-        else if (ni->id != c->cfg.node_id && !peer_by_id(c, ni->id)) bad = "unknown node id";
-        else if (ni->first_rank != expect_rank) bad = "ranks not contiguous";
+        if (ni->id <= last_id)
+            bad = "nodes not ordered by id";
+        else if (ni->id != c->cfg.node_id && !peer_by_id(c, ni->id))
+            bad = "unknown node id";
+        else if (ni->first_rank != expect_rank)
+            bad = "ranks not contiguous";
         last_id = ni->id;
         expect_rank += ni->ranks;
     }
@@ -992,17 +1043,28 @@ static void handle_frame(cl_conn_t *cn, const epd_ctl_msg_t *m)
         epd_ctl_get_str(m->payload, m->len, EPD_CTL_T_SETTING, setting, sizeof setting);
         snprintf(p->refused_why, sizeof p->refused_why, "%.250s", reason);
         p->refused_us = 1;
-        EPD_ERROR(SUB, "node %d refused this node: %s", p->id, reason);
+        if (p->state != EPD_PEER_REFUSED || strcmp(p->reason, reason) != 0)
+            EPD_ERROR(SUB, "node %d refused this node: %s", p->id, reason);
         p->hello_ok = 0;
         set_peer_state(c, p, EPD_PEER_REFUSED, reason);
         conn_close(cn);
         break;
     }
-    case EPD_CTL_RANK_TABLE: on_rank_table(cn, m); break;
-    case EPD_CTL_TABLE_ACK: on_table_ack(cn, m); break;
-    case EPD_CTL_COMMIT: on_commit(cn, m); break;
-    case EPD_CTL_HEARTBEAT: on_heartbeat(cn, m); break;
-    case EPD_CTL_HEARTBEAT_ACK: on_heartbeat_ack(cn, m); break;
+    case EPD_CTL_RANK_TABLE:
+        on_rank_table(cn, m);
+        break;
+    case EPD_CTL_TABLE_ACK:
+        on_table_ack(cn, m);
+        break;
+    case EPD_CTL_COMMIT:
+        on_commit(cn, m);
+        break;
+    case EPD_CTL_HEARTBEAT:
+        on_heartbeat(cn, m);
+        break;
+    case EPD_CTL_HEARTBEAT_ACK:
+        on_heartbeat_ack(cn, m);
+        break;
     case EPD_CTL_BOOT_CONTRIB:
         if (c->boot) cl_boot_on_contrib(c->boot, p->id, m);
         break;
@@ -1019,7 +1081,8 @@ static void handle_frame(cl_conn_t *cn, const epd_ctl_msg_t *m)
         evaluate(c);
         break;
     }
-    default: break;
+    default:
+        break;
     }
 }
 
@@ -1158,8 +1221,8 @@ static void on_tick(uv_timer_t *t)
         uint64_t silence = now - p->last_seen_ms;
         char why[128];
         if (silence >= 2 * to) {
-            snprintf(why, sizeof why, "no frame for %" PRIu64 " ms (timeout %d ms, twice)",
-                     silence, c->cfg.heartbeat_timeout_ms);
+            snprintf(why, sizeof why, "no frame for %" PRIu64 " ms (timeout %d ms, twice)", silence,
+                     c->cfg.heartbeat_timeout_ms);
             set_peer_state(c, p, EPD_PEER_DOWN, why);
         } else if (silence >= to && p->state == EPD_PEER_UP) {
             snprintf(why, sizeof why, "no frame for %" PRIu64 " ms (timeout %d ms)", silence,
@@ -1188,7 +1251,8 @@ static void on_connection(uv_stream_t *server, int status)
     epd_cluster_t *c = server->data;
     if (status < 0 || c->stopping) return;
     int pending = 0;
-    for (cl_conn_t *cn = c->conns; cn; cn = cn->next) pending += !cn->authed;
+    for (cl_conn_t *cn = c->conns; cn; cn = cn->next)
+        pending += !cn->authed;
     cl_conn_t *cn = conn_new(c, 0);
     if (!cn) return;
     if (uv_accept(server, (uv_stream_t *)&cn->tcp) < 0) {
@@ -1234,15 +1298,15 @@ static void update_readiness(epd_cluster_t *c)
                     n += (size_t)snprintf(why, sizeof why, "%s",
                                           failed ? "peers not up:" : "waiting for peers:");
                 if (p->state == EPD_PEER_UNKNOWN && n < sizeof why) {
-                    n += (size_t)snprintf(why + n, sizeof why - n, " node %d (%.60s:%d) not reached yet;",
-                                          p->id, p->addr.host, p->addr.port);
+                    n += (size_t)snprintf(why + n, sizeof why - n,
+                                          " node %d (%.60s:%d) not reached yet;", p->id,
+                                          p->addr.host, p->addr.port);
                     continue;
                 }
                 if (n < sizeof why)
-                    n += (size_t)snprintf(why + n, sizeof why - n, " node %d %s%s%.100s%s;",
-                                          p->id, epd_peer_state_name(p->state),
-                                          p->reason[0] ? " (" : "", p->reason,
-                                          p->reason[0] ? ")" : "");
+                    n += (size_t)snprintf(why + n, sizeof why - n, " node %d %s%s%.100s%s;", p->id,
+                                          epd_peer_state_name(p->state), p->reason[0] ? " (" : "",
+                                          p->reason, p->reason[0] ? ")" : "");
             }
         }
         if (!why[0]) {
@@ -1258,15 +1322,18 @@ static void update_readiness(epd_cluster_t *c)
                 snprintf(why, sizeof why,
                          "rank table epoch %" PRIu64 " not yet acknowledged by every node",
                          c->table.epoch);
-            else ready = 1;
+            else
+                ready = 1;
         }
     }
     if (n > 0 && why[strlen(why) - 1] == ';') why[strlen(why) - 1] = 0;
     if (ready == c->ready && strcmp(why, c->ready_reason) == 0) return;
     c->ready = ready;
     snprintf(c->ready_reason, sizeof c->ready_reason, "%s", why);
-    if (ready) EPD_INFO(SUB, "cluster ready at epoch %" PRIu64, c->table.epoch);
-    else EPD_INFO(SUB, "cluster not ready: %s", why);
+    if (ready)
+        EPD_INFO(SUB, "cluster ready at epoch %" PRIu64, c->table.epoch);
+    else
+        EPD_INFO(SUB, "cluster not ready: %s", why);
     if (c->opts.on_ready) c->opts.on_ready(c->opts.cb_ctx, ready, why);
 }
 
@@ -1316,8 +1383,8 @@ int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, char *e
         snprintf(err, errlen, "cluster: a node runs at least one rank (got %d)", o->local_ranks);
         return -1;
     }
-    if (cfg->heartbeat_interval_ms <= 0 || cfg->heartbeat_timeout_ms <= cfg->heartbeat_interval_ms ||
-        cfg->connect_timeout_ms <= 0) {
+    if (cfg->heartbeat_interval_ms <= 0 ||
+        cfg->heartbeat_timeout_ms <= cfg->heartbeat_interval_ms || cfg->connect_timeout_ms <= 0) {
         snprintf(err, errlen,
                  "cluster: timeouts.heartbeat_timeout_ms (%d) must exceed "
                  "timeouts.heartbeat_interval_ms (%d) > 0, and timeouts.connect_ms (%d) > 0",
@@ -1333,6 +1400,9 @@ int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, char *e
     c->port = -1;
     c->state = EPD_NODE_STARTING;
     c->coordinator = cfg->node_id;
+    if (RAND_bytes((unsigned char *)&c->incarnation, sizeof c->incarnation) != 1 ||
+        c->incarnation == 0)
+        c->incarnation = uv_hrtime() ^ ((uint64_t)getpid() << 32) ^ 1;
     if (gethostname(c->hostname, sizeof c->hostname - 1) < 0) snprintf(c->hostname, 2, "?");
     snprintf(c->backend, sizeof c->backend, "%s", o->backend ? o->backend : "cpu");
     snprintf(c->http_addr, sizeof c->http_addr, "%s", o->http_addr ? o->http_addr : "");
@@ -1391,13 +1461,13 @@ int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, char *e
         for (int i = 0; i < c->npeers; i++) {
             char l[32];
             snprintf(l, sizeof l, "peer=\"%d\"", c->peers[i].id);
-            c->peers[i].m_state = epd_metrics_gauge(
-                c->metrics, "epd_cluster_peer_state",
-                "Peer state: 0 unknown, 1 up, 2 suspect, 3 down, 4 refused", l);
-            c->peers[i].m_rtt = epd_metrics_histogram(
-                c->metrics, "epd_cluster_heartbeat_rtt_seconds",
-                "Heartbeat round-trip time to each peer", l, rtt_bounds,
-                (int)(sizeof rtt_bounds / sizeof rtt_bounds[0]));
+            c->peers[i].m_state =
+                epd_metrics_gauge(c->metrics, "epd_cluster_peer_state",
+                                  "Peer state: 0 unknown, 1 up, 2 suspect, 3 down, 4 refused", l);
+            c->peers[i].m_rtt =
+                epd_metrics_histogram(c->metrics, "epd_cluster_heartbeat_rtt_seconds",
+                                      "Heartbeat round-trip time to each peer", l, rtt_bounds,
+                                      (int)(sizeof rtt_bounds / sizeof rtt_bounds[0]));
             peer_metric(c, &c->peers[i]);
         }
         if (c->m_epoch) epd_metric_set(c->m_epoch, 0);
@@ -1515,7 +1585,8 @@ static void on_stop_timer(uv_timer_t *t)
     while (c->conns) {
         cl_conn_t *cn = c->conns;
         conn_unlink(c, cn);
-        if (!uv_is_closing((uv_handle_t *)&cn->tcp)) uv_close((uv_handle_t *)&cn->tcp, on_conn_closed);
+        if (!uv_is_closing((uv_handle_t *)&cn->tcp))
+            uv_close((uv_handle_t *)&cn->tcp, on_conn_closed);
     }
     c->stop_armed = 0;
     uv_close((uv_handle_t *)&c->stop_timer, on_handle_closed);
@@ -1526,8 +1597,8 @@ void epd_cluster_stop(epd_cluster_t *c, int graceful, const char *reason)
     if (c->stopping) return;
     c->stopping = 1;
     c->state = EPD_NODE_STOPPING;
-    EPD_INFO(SUB, "node %d leaving the cluster%s: %s", c->cfg.node_id, graceful ? " (graceful)" : "",
-             reason ? reason : "stop");
+    EPD_INFO(SUB, "node %d leaving the cluster%s: %s", c->cfg.node_id,
+             graceful ? " (graceful)" : "", reason ? reason : "stop");
     if (c->boot) {
         cl_boot_abort(c->boot, "node is stopping");
         cl_boot_close(c->boot);
@@ -1542,7 +1613,8 @@ void epd_cluster_stop(epd_cluster_t *c, int graceful, const char *reason)
     }
     uv_close((uv_handle_t *)&c->tick, on_handle_closed);
     if (c->listening) uv_close((uv_handle_t *)&c->listener, on_handle_closed);
-    for (int i = 0; i < c->npeers; i++) uv_close((uv_handle_t *)&c->peers[i].retry, on_retry_closed);
+    for (int i = 0; i < c->npeers; i++)
+        uv_close((uv_handle_t *)&c->peers[i].retry, on_retry_closed);
     epd_ctl_buf_t bye;
     epd_ctl_buf_init(&bye);
     epd_ctl_frame_begin(&bye, EPD_CTL_BYE);
@@ -1581,7 +1653,8 @@ void epd_cluster_destroy(epd_cluster_t *c)
     if (c->handles > 0)
         EPD_ERROR(SUB, "epd_cluster_destroy with %d libuv handles still open", c->handles);
     if (c->boot) cl_boot_destroy(c->boot);
-    for (int i = 0; i < c->npeers; i++) nodeinfo_free(&c->peers[i].info);
+    for (int i = 0; i < c->npeers; i++)
+        nodeinfo_free(&c->peers[i].info);
     table_clear(&c->table);
     epd_ctl_secret_wipe(&c->secret);
     free(c->fingerprint);
@@ -1712,10 +1785,14 @@ cJSON *epd_cluster_status_json(const epd_cluster_t *c)
         cJSON_AddStringToObject(e, "reason", p->reason);
         if (p->state == EPD_PEER_UP || p->state == EPD_PEER_SUSPECT)
             cJSON_AddStringToObject(e, "node_state", epd_node_state_name(p->node_state));
-        if (p->last_hb_ms) cJSON_AddNumberToObject(e, "last_heartbeat_ms_ago", (double)(now - p->last_hb_ms));
-        else cJSON_AddNullToObject(e, "last_heartbeat_ms_ago");
-        if (p->rtt_s >= 0) cJSON_AddNumberToObject(e, "rtt_ms", p->rtt_s * 1e3);
-        else cJSON_AddNullToObject(e, "rtt_ms");
+        if (p->last_hb_ms)
+            cJSON_AddNumberToObject(e, "last_heartbeat_ms_ago", (double)(now - p->last_hb_ms));
+        else
+            cJSON_AddNullToObject(e, "last_heartbeat_ms_ago");
+        if (p->rtt_s >= 0)
+            cJSON_AddNumberToObject(e, "rtt_ms", p->rtt_s * 1e3);
+        else
+            cJSON_AddNullToObject(e, "rtt_ms");
         cJSON_AddNumberToObject(e, "load", p->load);
         cJSON_AddNumberToObject(e, "epoch", (double)p->epoch_seen);
         if (p->hello_ok) cJSON_AddStringToObject(e, "hostname", p->info.hostname);

@@ -66,16 +66,16 @@ typedef struct epd_cluster_gpu {
 
 typedef struct epd_cluster_opts {
     uv_loop_t *loop;
-    const epd_config_t *cfg;  /* node.id, cluster.*, timeouts.*; copied */
-    epd_metrics_t *metrics;   /* may be NULL */
+    const epd_config_t *cfg; /* node.id, cluster.*, timeouts.*; copied */
+    epd_metrics_t *metrics;  /* may be NULL */
     /* The secret; NULL to load it from cfg->secret_file. Copied. */
     const epd_ctl_secret_t *secret;
-    int local_ranks;          /* ranks this node runs (GPUs, or cpu ranks_per_node) */
+    int local_ranks; /* ranks this node runs (GPUs, or cpu ranks_per_node) */
     epd_cluster_gpu_t gpus[EPD_CFG_MAX_GPUS];
     int num_gpus;
-    const char *backend;      /* "cpu" | "cuda" */
-    uint32_t transport_caps;  /* bit (1 << ep_transport_kind_t) per usable transport */
-    const char *http_addr;    /* host:port of this node's HTTP endpoint, for epctl; may be NULL */
+    const char *backend;     /* "cpu" | "cuda" */
+    uint32_t transport_caps; /* bit (1 << ep_transport_kind_t) per usable transport */
+    const char *http_addr;   /* host:port of this node's HTTP endpoint, for epctl; may be NULL */
     /* Config fingerprint (equal on every node of a cluster) and the settings it covers, in a
      * form config_diff understands; both copied. */
     const void *fingerprint;

@@ -29,7 +29,7 @@ typedef struct boot_rank {
     uint64_t seq;   /* collectives started in that epoch */
     uint64_t wait_seq;
     int waiting;
-    void *out;      /* caller's buffer while it waits */
+    void *out; /* caller's buffer while it waits */
     size_t out_len;
     int done;
     int status;
@@ -263,7 +263,8 @@ static gather_t *gather_get(cl_boot_t *b, uint64_t seq, uint32_t len, int nnodes
     int n = 0;
     for (g = b->gathers; g; g = g->next)
         if (g->seq == seq) return g;
-    for (pp = &b->gathers; *pp; pp = &(*pp)->next) n++;
+    for (pp = &b->gathers; *pp; pp = &(*pp)->next)
+        n++;
     if (n >= MAX_GATHERS) {
         /* drop the oldest (lowest seq) */
         gather_t **oldest = &b->gathers;
@@ -365,12 +366,12 @@ static void gather_add(cl_boot_t *b, int from, uint64_t epoch, uint64_t seq, uin
         if (len != g->len) {
             g->failed = 1;
             snprintf(g->why, sizeof g->why,
-                     "allgather sizes differ: node %d gave %u bytes per rank, others %u", from,
-                     len, g->len);
+                     "allgather sizes differ: node %d gave %u bytes per rank, others %u", from, len,
+                     g->len);
         } else if ((uint64_t)dlen != (uint64_t)len * n->ranks) {
             g->failed = 1;
-            snprintf(g->why, sizeof g->why, "node %d sent %u bytes for %u ranks of %u bytes",
-                     from, dlen, n->ranks, len);
+            snprintf(g->why, sizeof g->why, "node %d sent %u bytes for %u ranks of %u bytes", from,
+                     dlen, n->ranks, len);
         } else if (len) {
             memcpy(g->data + (size_t)n->first_rank * len, data, dlen);
         }
@@ -478,15 +479,17 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
     }
     pthread_mutex_lock(&b->mu);
     int rc = 0;
-    while (!r->done && rc != ETIMEDOUT) rc = pthread_cond_timedwait(&b->cv, &b->mu, &dl);
+    while (!r->done && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&b->cv, &b->mu, &dl);
     if (!r->done) {
         st = EP_ERR_TIMEOUT;
         EPD_WARN(SUB, "bootstrap: rank %d: collective %" PRIu64 " got no result within %u ms",
                  b->first_rank + r->local, seq, timeout_ms);
     } else {
         st = r->status;
-        if (st) EPD_WARN(SUB, "bootstrap: rank %d: collective %" PRIu64 " failed: %s",
-                         b->first_rank + r->local, seq, r->why);
+        if (st)
+            EPD_WARN(SUB, "bootstrap: rank %d: collective %" PRIu64 " failed: %s",
+                     b->first_rank + r->local, seq, r->why);
     }
     r->waiting = 0;
     r->out = NULL;

@@ -31,8 +31,7 @@ static void publish(epd_cluster_daemon_t *d)
     else if (!d->cluster)
         epd_state_set(d->o.state, d->o.component, 1, "single node");
     else
-        epd_state_set(d->o.state, d->o.component, d->ready, "%s",
-                      d->ready ? "formed" : d->reason);
+        epd_state_set(d->o.state, d->o.component, d->ready, "%s", d->ready ? "formed" : d->reason);
 }
 
 static void on_ready(void *ctx, int ready, const char *reason)
@@ -40,6 +39,9 @@ static void on_ready(void *ctx, int ready, const char *reason)
     epd_cluster_daemon_t *d = ctx;
     d->ready = ready;
     snprintf(d->reason, sizeof d->reason, "%s", reason);
+    /* Heartbeats tell peers (and their /v1/cluster) whether this node serves. */
+    if (!d->draining && d->cluster)
+        epd_cluster_set_state(d->cluster, ready ? EPD_NODE_SERVING : EPD_NODE_STARTING);
     publish(d);
 }
 
@@ -215,7 +217,8 @@ int epd_cluster_daemon_start(const epd_cluster_daemon_opts_t *o, epd_cluster_dae
     co.metrics = o->metrics;
     co.local_ranks = local_ranks(cfg);
     co.num_gpus = cfg->num_gpus;
-    for (int i = 0; i < cfg->num_gpus && i < EPD_CFG_MAX_GPUS; i++) co.gpus[i].ordinal = cfg->gpus[i];
+    for (int i = 0; i < cfg->num_gpus && i < EPD_CFG_MAX_GPUS; i++)
+        co.gpus[i].ordinal = cfg->gpus[i];
     co.backend = epd_backend_name(cfg->backend);
     static const ep_transport_kind_t kinds[] = {
         [EPD_TRANSPORT_TCP] = EP_TRANSPORT_TCP,

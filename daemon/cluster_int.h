@@ -31,21 +31,22 @@ typedef struct cl_peer {
     int id;
     epd_addr_t addr;
     epd_peer_state_t state;
-    char reason[256];       /* why it is not up (suspect, down, refused) */
-    cl_conn_t *conn;        /* the link in use (authenticated) or the outbound one in progress */
-    uint64_t last_seen_ms;  /* loop time of the last valid frame */
+    char reason[256];      /* why it is not up (suspect, down, refused) */
+    cl_conn_t *conn;       /* the link in use (authenticated) or the outbound one in progress */
+    uint64_t last_seen_ms; /* loop time of the last valid frame */
     uint64_t up_since_ms;
     int hello_ok;
     cl_nodeinfo_t info;
     uint64_t epoch_seen;
+    uint64_t incarnation; /* 0: never seen */
     uint8_t node_state;
     uint32_t load;
     uint64_t hb_seq;
-    double rtt_s;           /* < 0: none yet */
-    uint64_t last_hb_ms;    /* loop time of its last HEARTBEAT */
-    uv_timer_t retry;       /* connect backoff and connect deadline */
+    double rtt_s;        /* < 0: none yet */
+    uint64_t last_hb_ms; /* loop time of its last HEARTBEAT */
+    uv_timer_t retry;    /* connect backoff and connect deadline */
     int retry_ms;
-    int refused_us;         /* it refused this node: reason in refused_why */
+    int refused_us; /* it refused this node: reason in refused_why */
     char refused_why[256];
     epd_metric_t *m_state;
     epd_metric_t *m_rtt;
@@ -97,6 +98,8 @@ struct epd_cluster {
     int coordinator; /* lowest id alive, in this node's view */
     int evaluating;
     int reevaluate;
+    int retable;          /* coordinator: a member restarted or fell behind; new epoch needed */
+    uint64_t incarnation; /* random per start, in HELLO */
 
     epd_node_state_t state;
     uint32_t load;

@@ -83,8 +83,8 @@ int epd_ctl_secret_load(const char *path, epd_ctl_secret_t *s, char *err, size_t
                  EPD_CTL_SECRET_MAX);
         goto fail;
     }
-    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' ||
-                     buf[n - 1] == '\t'))
+    while (n > 0 &&
+           (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
         n--;
     if (n < EPD_CTL_SECRET_MIN || n > EPD_CTL_SECRET_MAX) {
         snprintf(err, errlen, "cluster.secret_file %s: %zu bytes, need %d..%d", path, n,
@@ -140,8 +140,10 @@ static int proof(const epd_ctl_auth_t *a, char role, uint32_t idc, uint32_t ids,
     msg[n++] = (unsigned char)cl;
     memcpy(msg + n, a->cluster, cl);
     n += cl;
-    for (int i = 3; i >= 0; i--) msg[n++] = (unsigned char)(idc >> (8 * i));
-    for (int i = 3; i >= 0; i--) msg[n++] = (unsigned char)(ids >> (8 * i));
+    for (int i = 3; i >= 0; i--)
+        msg[n++] = (unsigned char)(idc >> (8 * i));
+    for (int i = 3; i >= 0; i--)
+        msg[n++] = (unsigned char)(ids >> (8 * i));
     memcpy(msg + n, a->nonce_c, EPD_CTL_NONCE_LEN);
     n += EPD_CTL_NONCE_LEN;
     memcpy(msg + n, a->nonce_s, EPD_CTL_NONCE_LEN);
@@ -241,17 +243,28 @@ int epd_ctl_auth_on_frame(epd_ctl_auth_t *a, const epd_ctl_msg_t *m, epd_ctl_buf
     if (a->state == EPD_CTL_AUTH_FAILED) return -1; /* reason and detail kept from before */
     if (!is_auth_type(m->type)) {
         snprintf(why, sizeof why, "%s frame before authentication", epd_ctl_type_name(m->type));
-        return reject(a, a->state == EPD_CTL_AUTH_DONE ? EPD_CTL_REJECT_OUT_OF_ORDER
-                                                       : EPD_CTL_REJECT_UNAUTHENTICATED,
+        return reject(a,
+                      a->state == EPD_CTL_AUTH_DONE ? EPD_CTL_REJECT_OUT_OF_ORDER
+                                                    : EPD_CTL_REJECT_UNAUTHENTICATED,
                       why);
     }
     int expect = 0;
     switch (a->state) {
-    case EPD_CTL_AUTH_START: expect = a->role == EPD_CTL_AUTH_SERVER ? EPD_CTL_AUTH_HELLO : 0; break;
-    case EPD_CTL_AUTH_WAIT_CHALLENGE: expect = EPD_CTL_AUTH_CHALLENGE; break;
-    case EPD_CTL_AUTH_WAIT_RESPONSE: expect = EPD_CTL_AUTH_RESPONSE; break;
-    case EPD_CTL_AUTH_WAIT_OK: expect = EPD_CTL_AUTH_OK; break;
-    default: expect = 0; break;
+    case EPD_CTL_AUTH_START:
+        expect = a->role == EPD_CTL_AUTH_SERVER ? EPD_CTL_AUTH_HELLO : 0;
+        break;
+    case EPD_CTL_AUTH_WAIT_CHALLENGE:
+        expect = EPD_CTL_AUTH_CHALLENGE;
+        break;
+    case EPD_CTL_AUTH_WAIT_RESPONSE:
+        expect = EPD_CTL_AUTH_RESPONSE;
+        break;
+    case EPD_CTL_AUTH_WAIT_OK:
+        expect = EPD_CTL_AUTH_OK;
+        break;
+    default:
+        expect = 0;
+        break;
     }
     if (m->type != expect) {
         snprintf(why, sizeof why, "%s frame out of order (auth state %d)",
@@ -259,7 +272,8 @@ int epd_ctl_auth_on_frame(epd_ctl_auth_t *a, const epd_ctl_msg_t *m, epd_ctl_buf
         return reject(a, EPD_CTL_REJECT_OUT_OF_ORDER, why);
     }
     switch (m->type) {
-    case EPD_CTL_AUTH_HELLO: return server_on_hello(a, m, out, accept_peer, ctx);
+    case EPD_CTL_AUTH_HELLO:
+        return server_on_hello(a, m, out, accept_peer, ctx);
     case EPD_CTL_AUTH_CHALLENGE: {
         uint32_t id;
         const uint8_t *nonce;
@@ -291,7 +305,10 @@ int epd_ctl_auth_on_frame(epd_ctl_auth_t *a, const epd_ctl_msg_t *m, epd_ctl_buf
             return reject(a, EPD_CTL_REJECT_AUTH_FAILED, "out of memory");
         a->state = EPD_CTL_AUTH_DONE;
         return 1;
-    case EPD_CTL_AUTH_OK: a->state = EPD_CTL_AUTH_DONE; return 1;
-    default: return reject(a, EPD_CTL_REJECT_OUT_OF_ORDER, "unexpected auth frame");
+    case EPD_CTL_AUTH_OK:
+        a->state = EPD_CTL_AUTH_DONE;
+        return 1;
+    default:
+        return reject(a, EPD_CTL_REJECT_OUT_OF_ORDER, "unexpected auth frame");
     }
 }

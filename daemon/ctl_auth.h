@@ -19,7 +19,7 @@
 
 #define EPD_CTL_NONCE_LEN 32
 #define EPD_CTL_MAC_LEN 32
-#define EPD_CTL_SECRET_MIN 16   /* bytes; shorter secrets are refused as guessable */
+#define EPD_CTL_SECRET_MIN 16 /* bytes; shorter secrets are refused as guessable */
 #define EPD_CTL_SECRET_MAX 1024
 
 typedef struct epd_ctl_secret {
@@ -36,7 +36,10 @@ int epd_ctl_secret_load(const char *path, epd_ctl_secret_t *s, char *err, size_t
 int epd_ctl_secret_set(epd_ctl_secret_t *s, const void *key, size_t len);
 void epd_ctl_secret_wipe(epd_ctl_secret_t *s);
 
-typedef enum epd_ctl_auth_role { EPD_CTL_AUTH_CLIENT = 0, EPD_CTL_AUTH_SERVER = 1 } epd_ctl_auth_role_t;
+typedef enum epd_ctl_auth_role {
+    EPD_CTL_AUTH_CLIENT = 0,
+    EPD_CTL_AUTH_SERVER = 1
+} epd_ctl_auth_role_t;
 
 typedef enum epd_ctl_auth_state {
     EPD_CTL_AUTH_START = 0,      /* client: nothing sent; server: waiting for AUTH_HELLO */
@@ -52,7 +55,7 @@ typedef struct epd_ctl_auth {
     epd_ctl_auth_state_t state;
     const epd_ctl_secret_t *secret; /* borrowed */
     uint32_t self_id;
-    uint32_t peer_id;     /* client: the node it meant to reach; server: learnt from AUTH_HELLO */
+    uint32_t peer_id; /* client: the node it meant to reach; server: learnt from AUTH_HELLO */
     char cluster[64];
     unsigned char nonce_c[EPD_CTL_NONCE_LEN];
     unsigned char nonce_s[EPD_CTL_NONCE_LEN];

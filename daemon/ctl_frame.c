@@ -33,11 +33,16 @@ static const field_t gpu_fields[] = {
     {EPD_CTL_T_PCI, K_STR, 0, 63},
 };
 static const field_t node_fields[] = {
-    {EPD_CTL_T_NODE_ID, K_U32, F_REQ, 0},  {EPD_CTL_T_HOSTNAME, K_STR, F_REQ, STR_SHORT},
-    {EPD_CTL_T_NAME, K_STR, 0, 63},        {EPD_CTL_T_FIRST_RANK, K_U32, F_REQ, 0},
-    {EPD_CTL_T_RANKS, K_U32, F_REQ, 0},    {EPD_CTL_T_BACKEND, K_STR, 0, 31},
-    {EPD_CTL_T_CAPS, K_U32, 0, 0},         {EPD_CTL_T_GPU, K_NEST, F_REP, 0},
-    {EPD_CTL_T_ENDPOINT, K_BYTES, 0, BLOB_MAX}, {EPD_CTL_T_HTTP, K_STR, 0, STR_SHORT},
+    {EPD_CTL_T_NODE_ID, K_U32, F_REQ, 0},
+    {EPD_CTL_T_HOSTNAME, K_STR, F_REQ, STR_SHORT},
+    {EPD_CTL_T_NAME, K_STR, 0, 63},
+    {EPD_CTL_T_FIRST_RANK, K_U32, F_REQ, 0},
+    {EPD_CTL_T_RANKS, K_U32, F_REQ, 0},
+    {EPD_CTL_T_BACKEND, K_STR, 0, 31},
+    {EPD_CTL_T_CAPS, K_U32, 0, 0},
+    {EPD_CTL_T_GPU, K_NEST, F_REP, 0},
+    {EPD_CTL_T_ENDPOINT, K_BYTES, 0, BLOB_MAX},
+    {EPD_CTL_T_HTTP, K_STR, 0, STR_SHORT},
     {EPD_CTL_T_CTL_ADDR, K_STR, 0, STR_SHORT},
 };
 static const schema_t nested[] = {
@@ -59,21 +64,29 @@ static const field_t auth_challenge[] = {
 };
 static const field_t auth_response[] = {{EPD_CTL_T_MAC, K_BYTES, F_REQ, MAC_LEN}};
 static const field_t hello[] = {
-    {EPD_CTL_T_NODE_ID, K_U32, F_REQ, 0},       {EPD_CTL_T_HOSTNAME, K_STR, F_REQ, STR_SHORT},
-    {EPD_CTL_T_NAME, K_STR, 0, 63},             {EPD_CTL_T_EPOCH, K_U64, F_REQ, 0},
-    {EPD_CTL_T_RANKS, K_U32, F_REQ, 0},         {EPD_CTL_T_BACKEND, K_STR, F_REQ, 31},
-    {EPD_CTL_T_CAPS, K_U32, F_REQ, 0},          {EPD_CTL_T_FINGERPRINT, K_BYTES, F_REQ, 64},
-    {EPD_CTL_T_SETTINGS, K_BYTES, 0, BLOB_MAX}, {EPD_CTL_T_ENDPOINT, K_BYTES, 0, BLOB_MAX},
-    {EPD_CTL_T_GPU, K_NEST, F_REP, NEST_GPU},   {EPD_CTL_T_HTTP, K_STR, 0, STR_SHORT},
-    {EPD_CTL_T_CTL_ADDR, K_STR, 0, STR_SHORT},  {EPD_CTL_T_STATE, K_U8, 0, 0},
+    {EPD_CTL_T_NODE_ID, K_U32, F_REQ, 0},
+    {EPD_CTL_T_HOSTNAME, K_STR, F_REQ, STR_SHORT},
+    {EPD_CTL_T_NAME, K_STR, 0, 63},
+    {EPD_CTL_T_EPOCH, K_U64, F_REQ, 0},
+    {EPD_CTL_T_RANKS, K_U32, F_REQ, 0},
+    {EPD_CTL_T_BACKEND, K_STR, F_REQ, 31},
+    {EPD_CTL_T_CAPS, K_U32, F_REQ, 0},
+    {EPD_CTL_T_FINGERPRINT, K_BYTES, F_REQ, 64},
+    {EPD_CTL_T_SETTINGS, K_BYTES, 0, BLOB_MAX},
+    {EPD_CTL_T_ENDPOINT, K_BYTES, 0, BLOB_MAX},
+    {EPD_CTL_T_GPU, K_NEST, F_REP, NEST_GPU},
+    {EPD_CTL_T_HTTP, K_STR, 0, STR_SHORT},
+    {EPD_CTL_T_CTL_ADDR, K_STR, 0, STR_SHORT},
+    {EPD_CTL_T_STATE, K_U8, 0, 0},
+    {EPD_CTL_T_INCARNATION, K_U64, F_REQ, 0},
 };
 static const field_t refuse[] = {
     {EPD_CTL_T_REASON, K_STR, F_REQ, 1023},
     {EPD_CTL_T_SETTING, K_STR, 0, STR_SHORT},
 };
 static const field_t rank_table[] = {
-    {EPD_CTL_T_EPOCH, K_U64, F_REQ, 0},    {EPD_CTL_T_COORD, K_U32, F_REQ, 0},
-    {EPD_CTL_T_COMPLETE, K_U8, F_REQ, 0},  {EPD_CTL_T_NRANKS, K_U32, F_REQ, 0},
+    {EPD_CTL_T_EPOCH, K_U64, F_REQ, 0},         {EPD_CTL_T_COORD, K_U32, F_REQ, 0},
+    {EPD_CTL_T_COMPLETE, K_U8, F_REQ, 0},       {EPD_CTL_T_NRANKS, K_U32, F_REQ, 0},
     {EPD_CTL_T_NODE, K_NEST, F_REP, NEST_NODE},
 };
 static const field_t epoch_only[] = {{EPD_CTL_T_EPOCH, K_U64, F_REQ, 0}};
@@ -87,17 +100,25 @@ static const field_t heartbeat_ack[] = {
     {EPD_CTL_T_TIME, K_U64, F_REQ, 0},
 };
 static const field_t boot_contrib[] = {
-    {EPD_CTL_T_EPOCH, K_U64, F_REQ, 0}, {EPD_CTL_T_SEQ, K_U64, F_REQ, 0},
-    {EPD_CTL_T_LEN, K_U32, F_REQ, 0},   {EPD_CTL_T_DATA, K_BYTES, F_REQ, EPD_CTL_MAX_PAYLOAD},
+    {EPD_CTL_T_EPOCH, K_U64, F_REQ, 0},
+    {EPD_CTL_T_SEQ, K_U64, F_REQ, 0},
+    {EPD_CTL_T_LEN, K_U32, F_REQ, 0},
+    {EPD_CTL_T_DATA, K_BYTES, F_REQ, EPD_CTL_MAX_PAYLOAD},
 };
 static const field_t boot_result[] = {
-    {EPD_CTL_T_EPOCH, K_U64, F_REQ, 0},  {EPD_CTL_T_SEQ, K_U64, F_REQ, 0},
-    {EPD_CTL_T_STATUS, K_U32, F_REQ, 0}, {EPD_CTL_T_LEN, K_U32, F_REQ, 0},
-    {EPD_CTL_T_DATA, K_BYTES, F_REQ, EPD_CTL_MAX_PAYLOAD}, {EPD_CTL_T_REASON, K_STR, 0, 1023},
+    {EPD_CTL_T_EPOCH, K_U64, F_REQ, 0},
+    {EPD_CTL_T_SEQ, K_U64, F_REQ, 0},
+    {EPD_CTL_T_STATUS, K_U32, F_REQ, 0},
+    {EPD_CTL_T_LEN, K_U32, F_REQ, 0},
+    {EPD_CTL_T_DATA, K_BYTES, F_REQ, EPD_CTL_MAX_PAYLOAD},
+    {EPD_CTL_T_REASON, K_STR, 0, 1023},
 };
 static const field_t bye[] = {{EPD_CTL_T_REASON, K_STR, F_REQ, 1023}};
 
-#define S(a) {a, sizeof a / sizeof a[0]}
+#define S(a)                                                                                       \
+    {                                                                                              \
+        a, sizeof a / sizeof a[0]                                                                  \
+    }
 static const schema_t schemas[EPD_CTL_TYPE_MAX + 1] = {
     [EPD_CTL_AUTH_HELLO] = S(auth_hello),
     [EPD_CTL_AUTH_CHALLENGE] = S(auth_challenge),
@@ -131,13 +152,20 @@ static const char *const reject_names[EPD_CTL_REJECT_COUNT] = {
 };
 
 static const char *const type_names[EPD_CTL_TYPE_MAX + 1] = {
-    [EPD_CTL_AUTH_HELLO] = "AUTH_HELLO",   [EPD_CTL_AUTH_CHALLENGE] = "AUTH_CHALLENGE",
-    [EPD_CTL_AUTH_RESPONSE] = "AUTH_RESPONSE", [EPD_CTL_AUTH_OK] = "AUTH_OK",
-    [EPD_CTL_HELLO] = "HELLO",             [EPD_CTL_REFUSE] = "REFUSE",
-    [EPD_CTL_RANK_TABLE] = "RANK_TABLE",   [EPD_CTL_TABLE_ACK] = "TABLE_ACK",
-    [EPD_CTL_COMMIT] = "COMMIT",           [EPD_CTL_HEARTBEAT] = "HEARTBEAT",
-    [EPD_CTL_HEARTBEAT_ACK] = "HEARTBEAT_ACK", [EPD_CTL_BOOT_CONTRIB] = "BOOT_CONTRIB",
-    [EPD_CTL_BOOT_RESULT] = "BOOT_RESULT", [EPD_CTL_BYE] = "BYE",
+    [EPD_CTL_AUTH_HELLO] = "AUTH_HELLO",
+    [EPD_CTL_AUTH_CHALLENGE] = "AUTH_CHALLENGE",
+    [EPD_CTL_AUTH_RESPONSE] = "AUTH_RESPONSE",
+    [EPD_CTL_AUTH_OK] = "AUTH_OK",
+    [EPD_CTL_HELLO] = "HELLO",
+    [EPD_CTL_REFUSE] = "REFUSE",
+    [EPD_CTL_RANK_TABLE] = "RANK_TABLE",
+    [EPD_CTL_TABLE_ACK] = "TABLE_ACK",
+    [EPD_CTL_COMMIT] = "COMMIT",
+    [EPD_CTL_HEARTBEAT] = "HEARTBEAT",
+    [EPD_CTL_HEARTBEAT_ACK] = "HEARTBEAT_ACK",
+    [EPD_CTL_BOOT_CONTRIB] = "BOOT_CONTRIB",
+    [EPD_CTL_BOOT_RESULT] = "BOOT_RESULT",
+    [EPD_CTL_BYE] = "BYE",
 };
 
 const char *epd_ctl_reject_name(epd_ctl_reject_t r)
@@ -199,11 +227,21 @@ static int check_tlvs(const schema_t *s, const uint8_t *p, uint32_t len, uint64_
             const uint8_t *v = p + voff;
             int bad = 0;
             switch (f->kind) {
-            case K_U8: bad = vlen != 1; break;
-            case K_U32: bad = vlen != 4; break;
-            case K_U64: bad = vlen != 8; break;
-            case K_BYTES: bad = vlen > f->max; break;
-            case K_STR: bad = vlen > f->max || (vlen && memchr(v, 0, vlen) != NULL); break;
+            case K_U8:
+                bad = vlen != 1;
+                break;
+            case K_U32:
+                bad = vlen != 4;
+                break;
+            case K_U64:
+                bad = vlen != 8;
+                break;
+            case K_BYTES:
+                bad = vlen > f->max;
+                break;
+            case K_STR:
+                bad = vlen > f->max || (vlen && memchr(v, 0, vlen) != NULL);
+                break;
             case K_NEST:
                 if (depth + 1 > MAX_DEPTH) {
                     snprintf(detail, dl, "byte %llu: tag %u nested too deep",
@@ -237,8 +275,8 @@ static int check_tlvs(const schema_t *s, const uint8_t *p, uint32_t len, uint64_
     return 0;
 }
 
-int epd_ctl_payload_check(int type, const uint8_t *p, uint32_t len, uint64_t base_off,
-                          char *detail, size_t detail_len)
+int epd_ctl_payload_check(int type, const uint8_t *p, uint32_t len, uint64_t base_off, char *detail,
+                          size_t detail_len)
 {
     if (type <= 0 || type > EPD_CTL_TYPE_MAX) {
         snprintf(detail, detail_len, "unknown frame type %d", type);
@@ -252,8 +290,8 @@ int epd_ctl_payload_check(int type, const uint8_t *p, uint32_t len, uint64_t bas
 void epd_ctl_decoder_init(epd_ctl_decoder_t *d, uint32_t max_payload)
 {
     memset(d, 0, sizeof *d);
-    d->max_payload = (max_payload == 0 || max_payload > EPD_CTL_MAX_PAYLOAD) ? EPD_CTL_MAX_PAYLOAD
-                                                                             : max_payload;
+    d->max_payload =
+        (max_payload == 0 || max_payload > EPD_CTL_MAX_PAYLOAD) ? EPD_CTL_MAX_PAYLOAD : max_payload;
 }
 
 void epd_ctl_decoder_fini(epd_ctl_decoder_t *d)
@@ -294,7 +332,8 @@ int epd_ctl_decoder_feed(epd_ctl_decoder_t *d, const void *data, size_t n)
     }
     if (d->len + n > d->cap) {
         size_t cap = d->cap ? d->cap : 4096;
-        while (cap < d->len + n) cap *= 2;
+        while (cap < d->len + n)
+            cap *= 2;
         uint8_t *nb = realloc(d->buf, cap);
         if (!nb) {
             d->failed = 1;
@@ -471,7 +510,8 @@ static uint8_t *reserve(epd_ctl_buf_t *b, size_t n)
     }
     if (b->len + n > b->cap) {
         size_t cap = b->cap ? b->cap : 256;
-        while (cap < b->len + n) cap *= 2;
+        while (cap < b->len + n)
+            cap *= 2;
         uint8_t *np = realloc(b->p, cap);
         if (!np) {
             b->err = 1;

@@ -41,38 +41,39 @@ typedef enum epd_ctl_type {
 } epd_ctl_type_t;
 
 typedef enum epd_ctl_tag {
-    EPD_CTL_T_NODE_ID = 1,     /* u32 */
-    EPD_CTL_T_NONCE = 2,       /* bytes[32] */
-    EPD_CTL_T_MAC = 3,         /* bytes[32] */
-    EPD_CTL_T_CLUSTER = 4,     /* str */
-    EPD_CTL_T_HOSTNAME = 5,    /* str */
-    EPD_CTL_T_NAME = 6,        /* str */
-    EPD_CTL_T_EPOCH = 7,       /* u64 */
-    EPD_CTL_T_RANKS = 8,       /* u32: ranks on the node */
-    EPD_CTL_T_BACKEND = 9,     /* str */
-    EPD_CTL_T_CAPS = 10,       /* u32: bit (1 << ep_transport_kind_t) per transport */
+    EPD_CTL_T_NODE_ID = 1,      /* u32 */
+    EPD_CTL_T_NONCE = 2,        /* bytes[32] */
+    EPD_CTL_T_MAC = 3,          /* bytes[32] */
+    EPD_CTL_T_CLUSTER = 4,      /* str */
+    EPD_CTL_T_HOSTNAME = 5,     /* str */
+    EPD_CTL_T_NAME = 6,         /* str */
+    EPD_CTL_T_EPOCH = 7,        /* u64 */
+    EPD_CTL_T_RANKS = 8,        /* u32: ranks on the node */
+    EPD_CTL_T_BACKEND = 9,      /* str */
+    EPD_CTL_T_CAPS = 10,        /* u32: bit (1 << ep_transport_kind_t) per transport */
     EPD_CTL_T_FINGERPRINT = 11, /* bytes: config fingerprint */
-    EPD_CTL_T_SETTINGS = 12,   /* bytes: the cluster-wide settings, for naming a difference */
-    EPD_CTL_T_ENDPOINT = 13,   /* bytes: opaque data-plane endpoint blob */
-    EPD_CTL_T_GPU = 14,        /* nested, repeated: ORDINAL, PCI */
-    EPD_CTL_T_ORDINAL = 15,    /* u32 */
-    EPD_CTL_T_PCI = 16,        /* str: PCI bus id, may be empty */
-    EPD_CTL_T_HTTP = 17,       /* str: host:port of the node's HTTP endpoint */
-    EPD_CTL_T_REASON = 18,     /* str */
-    EPD_CTL_T_SETTING = 19,    /* str: name of a differing setting */
-    EPD_CTL_T_COORD = 20,      /* u32: coordinator node id */
-    EPD_CTL_T_COMPLETE = 21,   /* u8: every configured node is in the table */
-    EPD_CTL_T_NRANKS = 22,     /* u32 */
-    EPD_CTL_T_NODE = 23,       /* nested, repeated: one rank-table entry */
-    EPD_CTL_T_FIRST_RANK = 24, /* u32 */
-    EPD_CTL_T_SEQ = 25,        /* u64 */
-    EPD_CTL_T_TIME = 26,       /* u64: sender's monotonic clock, ns */
-    EPD_CTL_T_STATE = 27,      /* u8: epd_cluster_node_state_t */
-    EPD_CTL_T_LOAD = 28,       /* u32 */
-    EPD_CTL_T_LEN = 29,        /* u32: bytes per rank */
-    EPD_CTL_T_DATA = 30,       /* bytes */
-    EPD_CTL_T_STATUS = 31,     /* u32: 0 ok, else the negated ep_status_t */
-    EPD_CTL_T_CTL_ADDR = 32,   /* str: host:port of the control plane */
+    EPD_CTL_T_SETTINGS = 12,    /* bytes: the cluster-wide settings, for naming a difference */
+    EPD_CTL_T_ENDPOINT = 13,    /* bytes: opaque data-plane endpoint blob */
+    EPD_CTL_T_GPU = 14,         /* nested, repeated: ORDINAL, PCI */
+    EPD_CTL_T_ORDINAL = 15,     /* u32 */
+    EPD_CTL_T_PCI = 16,         /* str: PCI bus id, may be empty */
+    EPD_CTL_T_HTTP = 17,        /* str: host:port of the node's HTTP endpoint */
+    EPD_CTL_T_REASON = 18,      /* str */
+    EPD_CTL_T_SETTING = 19,     /* str: name of a differing setting */
+    EPD_CTL_T_COORD = 20,       /* u32: coordinator node id */
+    EPD_CTL_T_COMPLETE = 21,    /* u8: every configured node is in the table */
+    EPD_CTL_T_NRANKS = 22,      /* u32 */
+    EPD_CTL_T_NODE = 23,        /* nested, repeated: one rank-table entry */
+    EPD_CTL_T_FIRST_RANK = 24,  /* u32 */
+    EPD_CTL_T_SEQ = 25,         /* u64 */
+    EPD_CTL_T_TIME = 26,        /* u64: sender's monotonic clock, ns */
+    EPD_CTL_T_STATE = 27,       /* u8: epd_cluster_node_state_t */
+    EPD_CTL_T_LOAD = 28,        /* u32 */
+    EPD_CTL_T_LEN = 29,         /* u32: bytes per rank */
+    EPD_CTL_T_DATA = 30,        /* bytes */
+    EPD_CTL_T_STATUS = 31,      /* u32: 0 ok, else the negated ep_status_t */
+    EPD_CTL_T_CTL_ADDR = 32,    /* str: host:port of the control plane */
+    EPD_CTL_T_INCARNATION = 33, /* u64: random per process start (tells a restart from a flap) */
 } epd_ctl_tag_t;
 
 /* Why a frame was rejected; also the `reason` label of epd_ctl_rejected_frames_total. */
@@ -86,8 +87,9 @@ typedef enum epd_ctl_reject {
     EPD_CTL_REJECT_TRUNCATED,       /* the stream ended inside a frame */
     EPD_CTL_REJECT_MALFORMED,       /* the payload does not match its type's schema */
     EPD_CTL_REJECT_UNAUTHENTICATED, /* a non-auth frame before authentication finished */
-    EPD_CTL_REJECT_OUT_OF_ORDER,    /* an auth frame in the wrong state, or a protocol step out of turn */
-    EPD_CTL_REJECT_AUTH_FAILED,     /* wrong proof, wrong cluster, unknown or unexpected node */
+    EPD_CTL_REJECT_OUT_OF_ORDER, /* an auth frame in the wrong state, or a protocol step out of turn
+                                  */
+    EPD_CTL_REJECT_AUTH_FAILED,  /* wrong proof, wrong cluster, unknown or unexpected node */
     EPD_CTL_REJECT_COUNT,
 } epd_ctl_reject_t;
 
@@ -105,14 +107,14 @@ typedef struct epd_ctl_msg {
 
 typedef struct epd_ctl_decoder {
     uint8_t *buf;
-    size_t len;         /* bytes buffered */
+    size_t len; /* bytes buffered */
     size_t cap;
-    size_t head;        /* start of the first unconsumed frame */
-    uint64_t consumed;  /* stream offset of buf[head], for messages */
+    size_t head;       /* start of the first unconsumed frame */
+    uint64_t consumed; /* stream offset of buf[head], for messages */
     uint32_t max_payload;
-    int failed;         /* after a rejection the decoder returns it again */
+    int failed; /* after a rejection the decoder returns it again */
     epd_ctl_reject_t reason;
-    char detail[160];   /* names the byte offset in the stream and what was wrong */
+    char detail[160]; /* names the byte offset in the stream and what was wrong */
 } epd_ctl_decoder_t;
 
 /* max_payload: 0 means EPD_CTL_MAX_PAYLOAD; larger values are clamped to it. */
@@ -127,8 +129,8 @@ int epd_ctl_decoder_finish(epd_ctl_decoder_t *d);
 
 /* Validates one payload against the schema of `type` (the decoder calls it; exposed for tests).
  * 0 or -1 with detail filled (offsets relative to the payload start + base_off). */
-int epd_ctl_payload_check(int type, const uint8_t *p, uint32_t len, uint64_t base_off,
-                          char *detail, size_t detail_len);
+int epd_ctl_payload_check(int type, const uint8_t *p, uint32_t len, uint64_t base_off, char *detail,
+                          size_t detail_len);
 
 /* ---- reading a validated payload ---- */
 

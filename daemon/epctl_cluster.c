@@ -112,8 +112,8 @@ int epctl_cluster_print(const char *node, int timeout_ms, FILE *out)
                 const char *pci = jstr(g, "pci_bus_id", "");
                 if (gl < sizeof gpus)
                     gl += (size_t)snprintf(gpus + gl, sizeof gpus - gl, "%s%.0f%s%s%s",
-                                           gl ? "," : "", jnum(g, "ordinal", -1),
-                                           *pci ? "(" : "", pci, *pci ? ")" : "");
+                                           gl ? "," : "", jnum(g, "ordinal", -1), *pci ? "(" : "",
+                                           pci, *pci ? ")" : "");
             }
             fprintf(out, "%-6.0f %-10s %-20.20s %-22.22s %s\n", jnum(n, "node_id", -1), ranks,
                     jstr(n, "hostname", jstr(n, "name", "-")), jstr(n, "http", "-"),
@@ -134,8 +134,7 @@ int epctl_cluster_print(const char *node, int timeout_ms, FILE *out)
             v = cJSON_GetObjectItemCaseSensitive(p, "rtt_ms");
             if (cJSON_IsNumber(v)) snprintf(rtt, sizeof rtt, "%.3f ms", v->valuedouble);
             fprintf(out, "%-6.0f %-22.22s %-8s %-10s %-10s %s\n", jnum(p, "node_id", -1),
-                    jstr(p, "address", "-"), jstr(p, "state", "-"), hb, rtt,
-                    jstr(p, "reason", ""));
+                    jstr(p, "address", "-"), jstr(p, "state", "-"), hb, rtt, jstr(p, "reason", ""));
         }
     }
     cJSON_Delete(doc);
@@ -155,7 +154,9 @@ static int admin(const char *what, int argc, char **argv)
     optind = 1;
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (opt) {
-        case 'n': node = optarg; break;
+        case 'n':
+            node = optarg;
+            break;
         case 't':
             if (parse_int(optarg, 1, 3600000, &timeout)) {
                 fprintf(stderr, "epctl %s: --timeout '%s' is not 1..3600000 ms\n", what, optarg);
@@ -170,7 +171,8 @@ static int admin(const char *what, int argc, char **argv)
                        : "Stops the node gracefully: it tells its peers it leaves, finishes\n"
                          "in-flight requests and exits (POST /v1/admin/down).");
             return EXIT_OK;
-        default: return EXIT_USAGE;
+        default:
+            return EXIT_USAGE;
         }
     }
     if (optind != argc) {
@@ -370,9 +372,8 @@ static void print_progress(up_node_t *n, long long t0)
         snprintf(rank, sizeof rank, n->ranks > 1 ? "%d-%d" : "%d", n->first_rank,
                  n->first_rank + n->ranks - 1);
     snprintf(line, sizeof line, "node %d (%s): reachable %s, joined %s, rank %s, ready %s%s%s",
-             n->id, n->http, n->reachable ? "yes" : "no",
-             n->joined ? "yes" : "no", rank, n->ready ? "yes" : "no", n->why[0] ? ": " : "",
-             n->why);
+             n->id, n->http, n->reachable ? "yes" : "no", n->joined ? "yes" : "no", rank,
+             n->ready ? "yes" : "no", n->why[0] ? ": " : "", n->why);
     if (strcmp(line, n->last_line) == 0) return;
     snprintf(n->last_line, sizeof n->last_line, "%s", line);
     printf("[%6.1fs] %s\n", (double)(mono_ms() - t0) / 1000.0, line);
@@ -423,7 +424,8 @@ int epctl_cmd_up(int argc, char **argv)
                    "Exit status: 0 all nodes ready; 1 a node unreachable at the deadline;\n"
                    "2 usage error or bad cluster file; 3 nodes reachable but not all ready.\n");
             return EXIT_OK;
-        default: return EXIT_USAGE;
+        default:
+            return EXIT_USAGE;
         }
     }
     if (argc - optind != 1) {

@@ -1,7 +1,7 @@
 /* Helper for the cluster integration scripts:
  *   cluster_testutil freeports N        N distinct free TCP ports on 127.0.0.1, one per line
- *   cluster_testutil jget FILE PATH     a value of a JSON document: PATH like rank_table.nodes.2.first_rank
- *                                       (numbers print as integers when whole; exit 1 if absent) */
+ *   cluster_testutil jget FILE PATH     a value of a JSON document: PATH like
+ * rank_table.nodes.2.first_rank (numbers print as integers when whole; exit 1 if absent) */
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <stdio.h>
@@ -31,7 +31,8 @@ static int freeports(int n)
         }
         printf("%d\n", ntohs(a.sin_port));
     }
-    for (int i = 0; i < n; i++) close(fds[i]);
+    for (int i = 0; i < n; i++)
+        close(fds[i]);
     return 0;
 }
 
@@ -57,19 +58,28 @@ static int jget(const char *file, const char *path)
     for (char *tok = strtok(p, "."); tok && cur; tok = strtok(NULL, ".")) {
         char *end;
         long idx = strtol(tok, &end, 10);
-        if (*end == 0 && cJSON_IsArray(cur)) cur = cJSON_GetArrayItem(cur, (int)idx);
-        else cur = cJSON_GetObjectItemCaseSensitive(cur, tok);
+        if (*end == 0 && cJSON_IsArray(cur))
+            cur = cJSON_GetArrayItem(cur, (int)idx);
+        else
+            cur = cJSON_GetObjectItemCaseSensitive(cur, tok);
     }
     int rc = 0;
-    if (!cur) rc = 1;
-    else if (cJSON_IsString(cur)) printf("%s\n", cur->valuestring);
+    if (!cur)
+        rc = 1;
+    else if (cJSON_IsString(cur))
+        printf("%s\n", cur->valuestring);
     else if (cJSON_IsNumber(cur) && cur->valuedouble == (double)(long long)cur->valuedouble)
         printf("%lld\n", (long long)cur->valuedouble);
-    else if (cJSON_IsNumber(cur)) printf("%g\n", cur->valuedouble);
-    else if (cJSON_IsBool(cur)) printf("%s\n", cJSON_IsTrue(cur) ? "true" : "false");
-    else if (cJSON_IsNull(cur)) printf("null\n");
-    else if (cJSON_IsArray(cur)) printf("%d\n", cJSON_GetArraySize(cur));
-    else printf("object\n");
+    else if (cJSON_IsNumber(cur))
+        printf("%g\n", cur->valuedouble);
+    else if (cJSON_IsBool(cur))
+        printf("%s\n", cJSON_IsTrue(cur) ? "true" : "false");
+    else if (cJSON_IsNull(cur))
+        printf("null\n");
+    else if (cJSON_IsArray(cur))
+        printf("%d\n", cJSON_GetArraySize(cur));
+    else
+        printf("object\n");
     cJSON_Delete(doc);
     return rc;
 }

@@ -38,7 +38,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         size_t n = size - off < step ? size - off : step;
         if (epd_ctl_decoder_feed(&d, data + off, n) < 0) break;
         int r;
-        while ((r = epd_ctl_decoder_next(&d, &m)) == 1) walk(m.payload, m.len, 0);
+        while ((r = epd_ctl_decoder_next(&d, &m)) == 1)
+            walk(m.payload, m.len, 0);
         if (r < 0) break;
     }
     epd_ctl_decoder_finish(&d);

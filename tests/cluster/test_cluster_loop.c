@@ -184,9 +184,7 @@ static void deadline_cb(uv_timer_t *t)
     uv_stop(t->loop);
 }
 
-static void close_noop(uv_handle_t *h)
-{
-}
+static void close_noop(uv_handle_t *h) {}
 
 /* Runs the loop until f holds or timeout_ms passes; returns whether it held. */
 static int run_until(world_t *w, pred_fn f, void *arg, int timeout_ms)
@@ -198,8 +196,10 @@ static int run_until(world_t *w, pred_fn f, void *arg, int timeout_ms)
     poll.data = &wt;
     uv_timer_start(&poll, poll_cb, 5, 5);
     uv_timer_start(&dl, deadline_cb, (uint64_t)timeout_ms, 0);
-    if (f(w, arg)) wt.ok = 1;
-    else uv_run(&w->loop, UV_RUN_DEFAULT);
+    if (f(w, arg))
+        wt.ok = 1;
+    else
+        uv_run(&w->loop, UV_RUN_DEFAULT);
     uv_close((uv_handle_t *)&poll, close_noop);
     uv_close((uv_handle_t *)&dl, close_noop);
     uv_run(&w->loop, UV_RUN_NOWAIT);
@@ -215,7 +215,10 @@ static void node_stop(world_t *w, int i, int graceful)
 {
     node_t *nd = &w->nodes[i];
     epd_cluster_stop(nd->c, graceful, graceful ? "test stop" : NULL);
-    if (!run_until(w, is_stopped, (void *)(intptr_t)i, 3000)) { uv_print_all_handles(&w->loop, stderr); fail(); }
+    if (!run_until(w, is_stopped, (void *)(intptr_t)i, 3000)) {
+        uv_print_all_handles(&w->loop, stderr);
+        fail();
+    }
     epd_cluster_destroy(nd->c);
     epd_metrics_destroy(nd->m);
     nd->c = NULL;
@@ -282,7 +285,8 @@ static void test_forms_and_assigns_ranks(void **state)
 {
     world_t w;
     world_init(&w, 3, 2);
-    for (int i = 2; i >= 0; i--) node_start(&w, i, &w.secret);
+    for (int i = 2; i >= 0; i--)
+        node_start(&w, i, &w.secret);
     formed_arg_t fa = {0x7, 0};
     assert_true(run_until(&w, all_formed, &fa, 5000));
     check_ranks(&w, 0x7);
@@ -297,9 +301,11 @@ static void test_forms_and_assigns_ranks(void **state)
         assert_int_equal(cJSON_GetArraySize(nodes), 3);
         cJSON *n2 = cJSON_GetArrayItem(nodes, 2);
         assert_int_equal(cJSON_GetObjectItem(n2, "node_id")->valueint, w.ids[2]);
-        assert_string_equal(cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(n2, "gpus"), 0),
-                                                "pci_bus_id")->valuestring,
-                            "0000:02:00.0");
+        assert_string_equal(
+            cJSON_GetObjectItem(cJSON_GetArrayItem(cJSON_GetObjectItem(n2, "gpus"), 0),
+                                "pci_bus_id")
+                ->valuestring,
+            "0000:02:00.0");
         assert_int_equal(cJSON_GetObjectItem(n2, "endpoint_bytes")->valueint,
                          (int)strlen("endpoint-of-24"));
         cJSON *peers = cJSON_GetObjectItem(s, "peers");
@@ -328,7 +334,8 @@ typedef struct engine {
 
 static void pattern(int rank, uint8_t *p)
 {
-    for (int i = 0; i < 16; i++) p[i] = (uint8_t)(rank * 31 + i * 7 + 1);
+    for (int i = 0; i < 16; i++)
+        p[i] = (uint8_t)(rank * 31 + i * 7 + 1);
 }
 
 static void *engine_main(void *arg)
@@ -369,7 +376,8 @@ static void test_bootstrap_allgather(void **state)
 {
     world_t w;
     world_init(&w, 3, 2);
-    for (int i = 0; i < 3; i++) node_start(&w, i, &w.secret);
+    for (int i = 0; i < 3; i++)
+        node_start(&w, i, &w.secret);
     formed_arg_t fa = {0x7, 0};
     assert_true(run_until(&w, all_formed, &fa, 5000));
     engine_t eng[6];
@@ -390,9 +398,11 @@ static void test_bootstrap_allgather(void **state)
     }
     threads_arg_t ta = {6, &done};
     assert_true(run_until(&w, threads_done, &ta, 10000));
-    for (int k = 0; k < 6; k++) pthread_join(th[k], NULL);
+    for (int k = 0; k < 6; k++)
+        pthread_join(th[k], NULL);
     uint8_t want[6 * 16];
-    for (int r = 0; r < 6; r++) pattern(r, want + r * 16);
+    for (int r = 0; r < 6; r++)
+        pattern(r, want + r * 16);
     for (int k = 0; k < 6; k++) {
         assert_int_equal(eng[k].st_gather, 0);
         assert_int_equal(eng[k].st_barrier, 0);
@@ -428,7 +438,8 @@ static int peer_in_state(world_t *w, void *arg)
 {
     peer_arg_t *pa = arg;
     for (int i = 0; i < w->n; i++)
-        if ((pa->observers & (1u << i)) && epd_cluster_peer_state(w->nodes[i].c, pa->peer_id) != pa->st)
+        if ((pa->observers & (1u << i)) &&
+            epd_cluster_peer_state(w->nodes[i].c, pa->peer_id) != pa->st)
             return 0;
     return 1;
 }
@@ -437,7 +448,8 @@ static void test_crash_detected_and_rejoin(void **state)
 {
     world_t w;
     world_init(&w, 4, 1);
-    for (int i = 0; i < 4; i++) node_start(&w, i, &w.secret);
+    for (int i = 0; i < 4; i++)
+        node_start(&w, i, &w.secret);
     formed_arg_t fa = {0xf, 0};
     assert_true(run_until(&w, all_formed, &fa, 5000));
     uint64_t e1 = epd_cluster_epoch(w.nodes[0].c);
@@ -468,11 +480,35 @@ static void test_crash_detected_and_rejoin(void **state)
     world_fini(&w);
 }
 
+static void test_quick_restart_reforms(void **state)
+{
+    /* Restarted faster than the down rule fires: the peers never see it down, but the new
+     * process (new incarnation) holds no table, so the cluster must form again anew. */
+    world_t w;
+    world_init(&w, 3, 1);
+    for (int i = 0; i < 3; i++) node_start(&w, i, &w.secret);
+    formed_arg_t fa = {0x7, 0};
+    assert_true(run_until(&w, all_formed, &fa, 5000));
+    uint64_t e1 = epd_cluster_epoch(w.nodes[0].c);
+    for (int victim = 2; victim >= 0; victim -= 2) { /* a member, then the coordinator */
+        node_stop(&w, victim, 0);
+        node_start(&w, victim, &w.secret);
+        formed_arg_t fb = {0x7, e1};
+        assert_true(run_until(&w, all_formed, &fb, 5000));
+        for (int i = 0; i < 3; i++)
+            if (i != victim) assert_int_equal(w.nodes[i].downs[w.ids[victim]], 1);
+        e1 = epd_cluster_epoch(w.nodes[0].c);
+    }
+    check_ranks(&w, 0x7);
+    world_fini(&w);
+}
+
 static void test_coordinator_failover(void **state)
 {
     world_t w;
     world_init(&w, 3, 1);
-    for (int i = 0; i < 3; i++) node_start(&w, i, &w.secret);
+    for (int i = 0; i < 3; i++)
+        node_start(&w, i, &w.secret);
     formed_arg_t fa = {0x7, 0};
     assert_true(run_until(&w, all_formed, &fa, 5000));
     uint64_t e1 = epd_cluster_epoch(w.nodes[1].c);
@@ -484,8 +520,9 @@ static void test_coordinator_failover(void **state)
     formed_arg_t fb = {0x7, e1};
     assert_true(run_until(&w, all_formed, &fb, 5000));
     cJSON *s = epd_cluster_status_json(w.nodes[2].c);
-    assert_int_equal(cJSON_GetObjectItem(cJSON_GetObjectItem(s, "rank_table"), "coordinator")->valueint,
-                     w.ids[0]);
+    assert_int_equal(
+        cJSON_GetObjectItem(cJSON_GetObjectItem(s, "rank_table"), "coordinator")->valueint,
+        w.ids[0]);
     cJSON_Delete(s);
     check_ranks(&w, 0x7);
     world_fini(&w);
@@ -495,7 +532,8 @@ static void test_graceful_leave_is_immediate(void **state)
 {
     world_t w;
     world_init(&w, 2, 1);
-    for (int i = 0; i < 2; i++) node_start(&w, i, &w.secret);
+    for (int i = 0; i < 2; i++)
+        node_start(&w, i, &w.secret);
     formed_arg_t fa = {0x3, 0};
     assert_true(run_until(&w, all_formed, &fa, 5000));
     node_stop(&w, 1, 1);
@@ -521,7 +559,8 @@ static void test_wrong_secret_refused_and_counted(void **state)
     assert_int_equal(epd_cluster_peer_state(w.nodes[0].c, w.ids[1]), EPD_PEER_UNKNOWN);
     assert_int_equal(epd_cluster_peer_state(w.nodes[1].c, w.ids[0]), EPD_PEER_UNKNOWN);
     assert_false(w.nodes[0].ready);
-    assert_true(metric(&w.nodes[0], "epd_ctl_rejected_frames_total", "reason=\"auth_failed\"") >= 1);
+    assert_true(metric(&w.nodes[0], "epd_ctl_rejected_frames_total", "reason=\"auth_failed\"") >=
+                1);
     world_fini(&w);
 }
 
@@ -620,6 +659,7 @@ int main(void)
         cmocka_unit_test(test_forms_and_assigns_ranks),
         cmocka_unit_test(test_bootstrap_allgather),
         cmocka_unit_test(test_crash_detected_and_rejoin),
+        cmocka_unit_test(test_quick_restart_reforms),
         cmocka_unit_test(test_coordinator_failover),
         cmocka_unit_test(test_graceful_leave_is_immediate),
         cmocka_unit_test(test_wrong_secret_refused_and_counted),

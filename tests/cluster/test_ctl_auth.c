@@ -54,8 +54,10 @@ static void ref_proof(const char *key, char role, const char *cluster, uint32_t 
     msg[n++] = (uint8_t)strlen(cluster);
     memcpy(msg + n, cluster, strlen(cluster));
     n += strlen(cluster);
-    for (int i = 3; i >= 0; i--) msg[n++] = (uint8_t)(idc >> (8 * i));
-    for (int i = 3; i >= 0; i--) msg[n++] = (uint8_t)(ids >> (8 * i));
+    for (int i = 3; i >= 0; i--)
+        msg[n++] = (uint8_t)(idc >> (8 * i));
+    for (int i = 3; i >= 0; i--)
+        msg[n++] = (uint8_t)(ids >> (8 * i));
     memcpy(msg + n, nc, 32);
     n += 32;
     memcpy(msg + n, ns, 32);

@@ -65,7 +65,8 @@ static int decode_all(const uint8_t *bytes, size_t n, size_t step, epd_ctl_decod
         size_t k = n - off < step ? n - off : step;
         if (epd_ctl_decoder_feed(d, bytes + off, k) < 0) return -1;
         int r;
-        while ((r = epd_ctl_decoder_next(d, &msgs[got < max ? got : max - 1])) == 1) got++;
+        while ((r = epd_ctl_decoder_next(d, &msgs[got < max ? got : max - 1])) == 1)
+            got++;
         if (r < 0) return -1;
     }
     return got;
@@ -87,7 +88,8 @@ static void test_decode_byte_by_byte(void **state)
 {
     /* Three frames back to back, fed one byte at a time and in one piece. */
     uint8_t stream[3 * sizeof ack_ref];
-    for (int i = 0; i < 3; i++) memcpy(stream + i * sizeof ack_ref, ack_ref, sizeof ack_ref);
+    for (int i = 0; i < 3; i++)
+        memcpy(stream + i * sizeof ack_ref, ack_ref, sizeof ack_ref);
     size_t steps[] = {1, 5, sizeof stream};
     for (size_t s = 0; s < 3; s++) {
         epd_ctl_decoder_t d;
@@ -194,7 +196,8 @@ static void expect_reject(const uint8_t *bytes, size_t n, epd_ctl_reject_t reaso
     epd_ctl_msg_t m;
     epd_ctl_decoder_init(&d, max);
     int r = epd_ctl_decoder_feed(&d, bytes, n);
-    while (r == 0 && (r = epd_ctl_decoder_next(&d, &m)) == 1) r = 0;
+    while (r == 0 && (r = epd_ctl_decoder_next(&d, &m)) == 1)
+        r = 0;
     if (r == 0) r = epd_ctl_decoder_finish(&d);
     assert_int_equal(r, -1);
     assert_int_equal(d.reason, reason);
