@@ -17,7 +17,10 @@
  *   silence >= heartbeat_timeout_ms            -> suspect (also at once when its link drops)
  *   silence >= 2 * heartbeat_timeout_ms        -> down (its link is closed)
  *   a BYE frame                                -> down at once (graceful leave)
- * A peer returns to up when a new link authenticates and its HELLO arrives.
+ * A peer returns to up when a new link authenticates and its HELLO arrives. HELLO carries a
+ * random incarnation per process start: a peer that restarted before it was marked down is
+ * recognised (on_peer_down runs with "restarted") and the coordinator forms a new epoch, as it
+ * does for a member whose HELLO shows it holds another epoch than the current table.
  * Readiness ("cluster" component) is true when the cluster is formed at the current epoch, the
  * table is complete and every configured peer is up; otherwise the reason says why.
  *

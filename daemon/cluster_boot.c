@@ -214,8 +214,12 @@ static void on_async_closed(uv_handle_t *h)
 
 void cl_boot_close(cl_boot_t *b)
 {
-    if (!b->async_open) return;
+    pthread_mutex_lock(&b->mu);
+    int open = b->async_open;
     b->async_open = 0;
+    b->formed = 0; /* later collectives fail at once */
+    pthread_mutex_unlock(&b->mu);
+    if (!open) return;
     uv_close((uv_handle_t *)&b->async, on_async_closed);
 }
 
@@ -466,9 +470,10 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
     r->done = 0;
     r->status = 0;
     r->why[0] = 0;
-    int wake = o->count == b->local_ranks;
+    /* Sent under the lock: cl_boot_close marks the async closed under it, so an engine thread
+     * never signals a handle the loop already closed. */
+    if (o->count == b->local_ranks && b->async_open) uv_async_send(&b->async);
     pthread_mutex_unlock(&b->mu);
-    if (wake) uv_async_send(&b->async);
 
     clock_gettime(CLOCK_MONOTONIC, &dl);
     dl.tv_sec += timeout_ms / 1000;

@@ -80,10 +80,14 @@ start_node() {
 }
 JSON
     if [ "$MODE" = valgrind ]; then
+        # A small free-list: valgrind's default 20 MB quarantine of freed blocks would read as
+        # RSS growth for the first minutes.
         valgrind --leak-check=full --errors-for-leak-kinds=definite,indirect --error-exitcode=99 \
+            --freelist-vol=1000000 \
             --log-file="$WORK/vg$i.%p.log" "$EPD" -c "$WORK/n$i.json" 2>>"$WORK/n$i.log" &
     else
-        ASAN_OPTIONS=detect_leaks=1:exitcode=99 "$EPD" -c "$WORK/n$i.json" 2>>"$WORK/n$i.log" &
+        # Same for ASan's quarantine (256 MB by default).
+        ASAN_OPTIONS=detect_leaks=1:exitcode=99:quarantine_size_mb=4 "$EPD" -c "$WORK/n$i.json" 2>>"$WORK/n$i.log" &
     fi
     PID[i]=$!
 }
@@ -95,7 +99,11 @@ for ((i = 0; i < N; i++)); do start_node "$i"; done
 echo "soak-cluster: formed; running ${DURATION}s in $MODE mode (churn every ${CHURN}s), work dir $WORK"
 
 T0=$(date +%s)
-WARM=$((DURATION / 10 > 30 ? 30 : DURATION / 10))
+# RSS is compared from the end of a warm-up (a fifth of the run, 10..120 s: allocator arenas
+# and caches settle) to the end.
+WARM=$((DURATION / 5))
+[ $WARM -lt 10 ] && WARM=10
+[ $WARM -gt 120 ] && WARM=120
 declare -a BASE PEAK
 next_churn=$((T0 + CHURN))
 while :; do
