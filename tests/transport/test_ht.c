@@ -297,7 +297,6 @@ static int ht_rank(int rank, const ep_bootstrap_t *bs, void *arg)
             }
         ep_ht_handle_destroy(hd);
         hd = NULL;
-        if (cx.failures) break;
     }
 out:
     ep_ht_handle_destroy(hd);
