@@ -84,6 +84,13 @@ static uint64_t deadline_after(unsigned ms)
     return now_ns() + (uint64_t)ms * 1000000ull;
 }
 
+/* Rank 0 gives up a little before the others, so that its verdict (which rank is missing)
+ * reaches them before their own deadline passes. */
+static uint64_t root_deadline_after(unsigned ms)
+{
+    return deadline_after(ms - ms / 5);
+}
+
 static int ms_until(uint64_t deadline)
 {
     uint64_t t = now_ns();
@@ -188,14 +195,14 @@ static void broadcast_abort(ep_tcp_bootstrap_t *b, ep_status_t st, int skip)
 }
 
 /* A non-zero rank reads one header from rank 0; an ABORT turns into rank 0's message. */
-static ep_status_t read_from_root(ep_tcp_bootstrap_t *b, uint8_t *h, uint64_t deadline,
+static ep_status_t read_from_root(ep_tcp_bootstrap_t *b, uint8_t *h, uint64_t deadline, unsigned ms,
                                   const char *what)
 {
     int fd = b->fds[0];
     int r = read_all(fd, h, BS_HDR_BYTES, deadline);
     if (r < 0)
         return bs_fail(io_status(r), "rank %d: %s: no answer from rank 0 (%s within %u ms)",
-                       b->rank, what, io_what(r), b->timeout_ms);
+                       b->rank, what, io_what(r), ms);
     if (get_u32(h) != BS_MAGIC || (h[4] | h[5] << 8) != BS_VERSION)
         return bs_fail(EP_ERR_BOOTSTRAP,
                        "rank %d: %s: rank 0 sent a message with bad magic or "
@@ -396,13 +403,9 @@ static ep_status_t leaf_join(ep_tcp_bootstrap_t *b, const char *host, int port, 
         return bs_fail(io_status(e), "rank %d: sending the bootstrap HELLO to rank 0: %s", b->rank,
                        io_what(e));
     uint8_t h[BS_HDR_BYTES];
-    ep_status_t st = read_from_root(b, h, deadline, "joining the bootstrap");
+    ep_status_t st = read_from_root(b, h, deadline, b->timeout_ms,
+                                    "joining the bootstrap (rank 0 waits for every rank)");
     if (st != EP_OK) {
-        if (st == EP_ERR_TIMEOUT)
-            bs_fail(st,
-                    "rank %d: rank 0 did not complete the bootstrap within %u ms (some rank "
-                    "did not connect)",
-                    b->rank, b->timeout_ms);
         return st;
     }
     if ((h[6] | h[7] << 8) != BS_WELCOME || get_u32(h + 12) != 0)
@@ -439,7 +442,7 @@ ep_status_t ep_tcp_bootstrap_create(const char *host, int port, int rank, int nr
     for (int r = 0; r < nranks; r++)
         b->fds[r] = -1;
 
-    uint64_t deadline = deadline_after(timeout_ms);
+    uint64_t deadline = rank == 0 ? root_deadline_after(timeout_ms) : deadline_after(timeout_ms);
     if (rank == 0) {
         if ((st = root_listen(b, host, port)) != EP_OK) goto fail;
         if ((st = root_gather(b, deadline)) != EP_OK) goto fail;
@@ -461,8 +464,16 @@ void ep_tcp_bootstrap_destroy(ep_tcp_bootstrap_t *b)
 {
     if (!b) return;
     if (b->fds)
-        for (int r = 0; r < b->nranks; r++)
-            if (b->fds[r] >= 0) close(b->fds[r]);
+        for (int r = 0; r < b->nranks; r++) {
+            if (b->fds[r] < 0) continue;
+            /* Closing with unread input resets the connection, and a reset can destroy what
+             * the peer has not read yet (an ABORT with the reason): read it away first. */
+            char junk[4096];
+            shutdown(b->fds[r], SHUT_WR);
+            while (recv(b->fds[r], junk, sizeof junk, MSG_DONTWAIT) > 0) {
+            }
+            close(b->fds[r]);
+        }
     if (b->listen_fd >= 0) close(b->listen_fd);
     free(b->fds);
     free(b);
@@ -483,7 +494,8 @@ static ep_status_t collective(ep_tcp_bootstrap_t *b, int type, const void *in, v
     const int reply = type == BS_CONTRIB ? BS_RESULT : BS_RELEASE;
     const char *name = coll_name(type);
     uint32_t seq = ++b->seq;
-    uint64_t deadline = deadline_after(timeout_ms ? timeout_ms : b->timeout_ms);
+    if (!timeout_ms) timeout_ms = b->timeout_ms;
+    uint64_t deadline = b->rank == 0 ? root_deadline_after(timeout_ms) : deadline_after(timeout_ms);
     size_t total = len * (size_t)b->nranks;
     ep_status_t st;
 
@@ -501,12 +513,24 @@ static ep_status_t collective(ep_tcp_bootstrap_t *b, int type, const void *in, v
         if (e < 0) {
             st = bs_fail(io_status(e), "rank %d: %s #%u: sending to rank 0: %s", b->rank, name, seq,
                          io_what(e));
+            /* Rank 0 may have given up on this collective already: its reason says more. */
+            uint8_t h[BS_HDR_BYTES];
+            char what[48];
+            snprintf(what, sizeof what, "%s #%u", name, seq);
+            if (e != -ETIMEDOUT) {
+                ep_status_t why = read_from_root(b, h, deadline_after(100), timeout_ms, what);
+                if (why == EP_OK)
+                    bs_fail(st, "rank %d: %s #%u: sending to rank 0: %s", b->rank, name, seq,
+                            io_what(e));
+                else
+                    st = why;
+            }
             goto fail;
         }
         uint8_t h[BS_HDR_BYTES];
         char what[48];
         snprintf(what, sizeof what, "%s #%u", name, seq);
-        if ((st = read_from_root(b, h, deadline, what)) != EP_OK) goto fail;
+        if ((st = read_from_root(b, h, deadline, timeout_ms, what)) != EP_OK) goto fail;
         if ((h[6] | h[7] << 8) != reply || get_u32(h + 8) != seq || get_u32(h + 12) != total) {
             st = bs_fail(EP_ERR_BOOTSTRAP,
                          "rank %d: %s #%u: rank 0 answered with type %d, sequence %u, %u bytes",
@@ -529,7 +553,7 @@ static ep_status_t collective(ep_tcp_bootstrap_t *b, int type, const void *in, v
             st = bs_fail(io_status(e),
                          "rank 0: %s #%u: rank %d did not take part (%s within %u "
                          "ms)",
-                         name, seq, r, io_what(e), timeout_ms ? timeout_ms : b->timeout_ms);
+                         name, seq, r, io_what(e), timeout_ms);
             broadcast_abort(b, st, r);
             goto fail;
         }
