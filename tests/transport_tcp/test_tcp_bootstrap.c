@@ -84,6 +84,7 @@ static int rank_missing(int rank, int n, int port, void *arg)
     snprintf(want, sizeof want, "rank(s) %d did not join", n - 1);
     CHECK(strstr(err, want) != NULL, "error does not name rank %d: %s", n - 1, err);
     CHECK(took < 6000, "create took %llu ms with a 1500 ms timeout", (unsigned long long)took);
+    fprintf(stderr, "rank %d: as expected: %s\n", rank, err);
     return 0;
 }
 

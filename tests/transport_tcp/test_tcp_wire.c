@@ -381,6 +381,7 @@ static int rank_peer_dies(int rank, int n, int port, void *arg)
     CHECK(atomic_load(&w->failed_peer) == 2, "failed peer is %d", atomic_load(&w->failed_peer));
     CHECK(strstr(w->error, "from rank 2") != NULL, "error does not name rank 2: %s", w->error);
     CHECK(took < 6000, "EP_ERR_PEER came after %llu ms", (unsigned long long)took);
+    fprintf(stderr, "rank %d: as expected: %s\n", rank, w->error);
     CHECK(w->ops->put(w, 2, 0, "x", 1) == EP_ERR_PEER, "put to the dead rank accepted");
 
     /* The survivors still reach each other. */
@@ -433,6 +434,7 @@ static int rank_dies_connecting(int rank, int n, int port, void *arg)
           c.w->error);
     CHECK(strstr(c.w->error, "rank(s) 2 ") != NULL, "error does not name rank 2: %s", c.w->error);
     CHECK(took < 5000, "connect took %llu ms with a 1500 ms timeout", (unsigned long long)took);
+    fprintf(stderr, "rank %d: as expected: %s\n", rank, c.w->error);
     rank_teardown(&c);
     return 0;
 }
@@ -550,6 +552,7 @@ static int rank_strays(int rank, int n, int port, void *arg)
             usleep(10000);
         unsigned refused = ep_wire_tcp_refused(w, why, sizeof why);
         CHECK(refused == 4, "refused %u connections (last: %s)", refused, why);
+        fprintf(stderr, "rank 1: refused 4 strays, the last: %s\n", why);
         CHECK(atomic_load(&w->failed_peer) == -1, "a stray failed the wire: %s", w->error);
     }
     if (barrier(&c)) return 1;
@@ -607,6 +610,7 @@ static int rank_fake_or_real(int rank, int n, int port, void *arg)
             CHECK(st == EP_ERR_PEER, "wait returned %d: %s", st, w->error);
         }
         CHECK(atomic_load(&w->failed_peer) == 0, "failed peer %d", atomic_load(&w->failed_peer));
+        fprintf(stderr, "rank 1: as expected: %s\n", w->error);
         for (int i = 0; i < 2; i++)
             CHECK(!bc->expect[i] || strstr(w->error, bc->expect[i]), "error lacks \"%s\": %s",
                   bc->expect[i], w->error);
