@@ -382,11 +382,11 @@ static ep_status_t tcp_put(ep_wire_t *w, int peer, size_t remote_off, const void
     if (peer < 0 || peer >= w->nranks || remote_off > w->bytes || len > w->bytes - remote_off ||
         (len && !src))
         return EP_ERR_INVALID;
+    if (!t->connected) return EP_ERR_STATE;
     if (peer == w->rank) {
         memmove(w->local + remote_off, src, len);
         return EP_OK;
     }
-    if (!t->connected) return EP_ERR_STATE;
     if (len == 0) return EP_OK;
     uint8_t hdr[EP_TCP_FRAME_BYTES];
     put_u32(hdr, EP_TCP_FRAME_PUT);
@@ -412,11 +412,11 @@ static ep_status_t tcp_signal(ep_wire_t *w, int peer, size_t remote_off, uint64_
     if (peer < 0 || peer >= w->nranks || remote_off % 8 || w->bytes < 8 ||
         remote_off > w->bytes - 8 || (op != EP_SIGNAL_SET && op != EP_SIGNAL_ADD))
         return EP_ERR_INVALID;
+    if (!t->connected) return EP_ERR_STATE;
     if (peer == w->rank) {
         apply_signal(w->local + remote_off, value, op);
         return EP_OK;
     }
-    if (!t->connected) return EP_ERR_STATE;
     uint8_t hdr[EP_TCP_FRAME_BYTES];
     put_u32(hdr, EP_TCP_FRAME_SIGNAL);
     put_u32(hdr + 4, (uint32_t)op);
@@ -1254,7 +1254,9 @@ static void tcp_destroy(ep_wire_t *w)
         unsigned linger = w->timeout_ms < LINGER_MS ? w->timeout_ms : LINGER_MS;
         for (int i = 0; i < n; i++) {
             struct tcp_peer *p = &t->peers[i];
-            if (i == w->rank || atomic_load(&p->state) != PEER_UP) continue;
+            /* A peer that already said goodbye gets ours too: it lingers until it does. */
+            int s = atomic_load(&p->state);
+            if (i == w->rank || (s != PEER_UP && s != PEER_CLOSED)) continue;
             pthread_mutex_lock(&p->tx_lock);
             if (drain_queue_blocking(t, i, linger) == EP_OK) {
                 uint8_t bye[EP_TCP_FRAME_BYTES] = {0};
