@@ -602,6 +602,17 @@ static int rank_fake_or_real(int rank, int n, int port, void *arg)
             CHECK(st == EP_ERR_INVALID, "connect returned %d: %s", st, w->error);
         } else {
             CHECK(st == EP_OK, "connect: %s", w->error);
+            /* The fake tries a second connection as rank 0, then one as rank 1 (itself). */
+            static const char *const refusals[] = {"duplicate connection claiming rank 0",
+                                                   "names rank 1, expected a rank below 1"};
+            for (unsigned i = 0; i < 2; i++) {
+                if (barrier(&c)) return 1;
+                char why[256];
+                unsigned nref = ep_wire_tcp_refused(w, why, sizeof why);
+                CHECK(nref == i + 1 && strstr(why, refusals[i]), "refusal %u: %u so far, %s", i,
+                      nref, why);
+                if (barrier(&c)) return 1;
+            }
             /* The fake's valid PUT + SIGNAL land first. */
             CHECK(ep_wire_wait(w, 0, 7, 0) == EP_OK, "wait for the valid signal: %s", w->error);
             for (int i = 0; i < 16; i++)
@@ -655,6 +666,17 @@ static int rank_fake_or_real(int rank, int n, int port, void *arg)
         }
         CHECK(rd32(ans) == EP_TCP_MAGIC && rd32(ans + 8) == 1 && rd64(ans + 16) == FAKE_NONCE,
               "bad answer");
+        for (int i = 0; i < 2; i++) {
+            int extra = raw_connect((int)rd32(blobs[1] + 32));
+            CHECK(extra >= 0, "second connection");
+            hello(h, EP_TCP_HELLO_CONNECT, i, n, FAKE_NONCE, FAKE_BYTES);
+            CHECK(write(extra, h, sizeof h) == (ssize_t)sizeof h, "hello");
+            struct pollfd pfd = {.fd = extra, .events = POLLIN};
+            CHECK(poll(&pfd, 1, 5000) == 1, "connection %d neither answered nor closed", i);
+            CHECK(read(extra, ans, 1) <= 0, "rank 1 answered connection %d", i);
+            close(extra);
+            CHECK(bs.barrier(bs.ctx, 10000) == 0 && bs.barrier(bs.ctx, 10000) == 0, "barrier");
+        }
         uint8_t out[256];
         size_t len = 0;
         frame(out, EP_TCP_FRAME_PUT, 0, 64, 16);
