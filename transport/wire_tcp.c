@@ -1310,18 +1310,43 @@ static const struct ep_wire_ops tcp_ops = {
     .destroy = tcp_destroy,
 };
 
+static _Thread_local char create_error[256];
+
+const char *ep_wire_tcp_create_error(void)
+{
+    return create_error;
+}
+
+static ep_status_t create_fail(ep_status_t st, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static ep_status_t create_fail(ep_status_t st, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(create_error, sizeof create_error, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
 ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out)
 {
-    if (!cfg || !out || nranks < 1 || nranks > EP_MAX_RANKS || rank < 0 || rank >= nranks ||
-        cfg->tcp_port < 0 || cfg->tcp_port > 65535)
-        return EP_ERR_INVALID;
-    const char *host = cfg->tcp_host ? cfg->tcp_host : "127.0.0.1";
-    if (strlen(host) >= EP_TCP_HOST_MAX) return EP_ERR_INVALID;
+    if (!cfg || !out) return create_fail(EP_ERR_INVALID, "tcp wire: config or out is NULL");
     *out = NULL;
+    if (nranks < 1 || nranks > EP_MAX_RANKS || rank < 0 || rank >= nranks)
+        return create_fail(EP_ERR_INVALID, "tcp wire: rank %d of %d ranks (at most %d)", rank,
+                           nranks, EP_MAX_RANKS);
+    if (cfg->tcp_port < 0 || cfg->tcp_port > 65535)
+        return create_fail(EP_ERR_INVALID, "rank %d: tcp_port %d is not 0..65535", rank,
+                           cfg->tcp_port);
+    const char *host = cfg->tcp_host ? cfg->tcp_host : "127.0.0.1";
+    if (strlen(host) >= EP_TCP_HOST_MAX)
+        return create_fail(EP_ERR_INVALID, "rank %d: tcp_host is longer than %d characters", rank,
+                           EP_TCP_HOST_MAX - 1);
 
-    ep_status_t st = EP_ERR_NOMEM;
+    ep_status_t st;
     struct wire_tcp *t = calloc(1, sizeof *t);
-    if (!t) return EP_ERR_NOMEM;
+    if (!t) return create_fail(EP_ERR_NOMEM, "rank %d: tcp wire: out of memory", rank);
     t->base.ops = &tcp_ops;
     t->base.rank = rank;
     t->base.nranks = nranks;
@@ -1333,19 +1358,26 @@ ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_
     pthread_mutex_init(&t->refuse_lock, NULL);
 
     t->peers = calloc((size_t)nranks, sizeof *t->peers);
-    if (!t->peers) goto fail;
+    if (!t->peers) {
+        st = create_fail(EP_ERR_NOMEM, "rank %d: tcp wire: out of memory", rank);
+        goto fail;
+    }
     for (int i = 0; i < nranks; i++) {
         t->peers[i].fd = -1;
         pthread_mutex_init(&t->peers[i].tx_lock, NULL);
         snprintf(t->peers[i].where, sizeof t->peers[i].where, "?");
     }
     if (pipe2(t->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
-        st = EP_ERR_IO;
+        st = create_fail(EP_ERR_IO, "rank %d: tcp wire: pipe2: %s", rank, strerror(errno));
         goto fail;
     }
     if (getrandom(&t->my_nonce, sizeof t->my_nonce, 0) != (ssize_t)sizeof t->my_nonce)
         t->my_nonce = now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t;
-    if ((st = open_listener(t, host, cfg->tcp_port)) != EP_OK) goto fail;
+    if ((st = open_listener(t, host, cfg->tcp_port)) != EP_OK) {
+        create_fail(st, "%s", t->base.error);
+        goto fail;
+    }
+    create_error[0] = 0;
     *out = &t->base;
     return EP_OK;
 fail:

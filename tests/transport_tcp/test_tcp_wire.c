@@ -730,10 +730,55 @@ static void test_malformed_frames_are_rejected_with_offsets(void **state)
     }
 }
 
+/* Create errors name the setting; a wire refuses traffic before connect. */
+static void test_create_errors_name_the_setting(void **state)
+{
+    ep_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    ep_wire_t *w = NULL;
+    cfg.tcp_port = 70000;
+    assert_int_equal(ep_wire_tcp_create(&cfg, 0, 2, &w), EP_ERR_INVALID);
+    assert_non_null(strstr(ep_wire_tcp_create_error(), "tcp_port 70000"));
+    cfg.tcp_port = 0;
+    assert_int_equal(ep_wire_tcp_create(&cfg, 2, 2, &w), EP_ERR_INVALID);
+    assert_non_null(strstr(ep_wire_tcp_create_error(), "rank 2 of 2"));
+
+    /* A port someone else listens on. */
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof a;
+    assert_int_equal(bind(l, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(l, 1), 0);
+    assert_int_equal(getsockname(l, (struct sockaddr *)&a, &al), 0);
+    cfg.tcp_host = "127.0.0.1";
+    cfg.tcp_port = ntohs(a.sin_port);
+    assert_int_equal(ep_wire_tcp_create(&cfg, 0, 2, &w), EP_ERR_IO);
+    assert_null(w);
+    char want[64];
+    snprintf(want, sizeof want, "cannot listen on 127.0.0.1:%d", cfg.tcp_port);
+    assert_non_null(strstr(ep_wire_tcp_create_error(), want));
+    close(l);
+
+    cfg.tcp_port = 0;
+    cfg.tcp_host = "192.0.2.1"; /* TEST-NET-1: no interface of this host has it */
+    assert_int_equal(ep_wire_tcp_create(&cfg, 0, 2, &w), EP_ERR_IO);
+    assert_non_null(strstr(ep_wire_tcp_create_error(), "cannot listen on 192.0.2.1:0"));
+
+    cfg.tcp_host = NULL; /* default: loopback, ephemeral port */
+    assert_int_equal(ep_wire_tcp_create(&cfg, 1, 2, &w), EP_OK);
+    assert_string_equal(ep_wire_tcp_create_error(), "");
+    assert_true(ep_wire_tcp_port(w) > 0);
+    assert_int_equal(w->ops->put(w, 0, 0, "x", 1), EP_ERR_INVALID); /* no buffer yet */
+    assert_int_equal(w->ops->put(w, 0, 0, "x", 0), EP_ERR_STATE);
+    assert_int_equal(w->ops->flush(w), EP_OK);
+    w->ops->destroy(w);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_create_errors_name_the_setting),
         cmocka_unit_test(test_random_puts_then_signals),
         cmocka_unit_test(test_add_signals_sum_exactly),
         cmocka_unit_test(test_large_puts_both_directions),
