@@ -34,6 +34,12 @@
 /* Per-peer send queue: small frames return at once; bounded so that a slow peer cannot make
  * a rank buffer without limit. Allocated on first use. */
 #define TX_QUEUE_BYTES (4u << 20)
+/* Puts of at most COALESCE_MAX bytes are gathered in the queue and leave with the next signal
+ * (or once COALESCE_FLUSH bytes are gathered, or at flush, or when the progress thread next
+ * looks): a receiver only looks at data after a signal, and LL ops issue many small puts per
+ * signal, so this turns one system call per put into one per signal. */
+#define COALESCE_MAX 4096u
+#define COALESCE_FLUSH (256u << 10)
 /* Receive staging buffer per peer; payload remainders of at least DIRECT_RECV_MIN bytes are
  * received straight into the symmetric buffer instead. */
 #define RX_STAGE_BYTES (64u << 10)
@@ -272,6 +278,7 @@ static ssize_t queue_drain_nb(struct tcp_peer *p)
 
 static void queue_push(struct tcp_peer *p, const uint8_t *src, size_t n)
 {
+    if (n == 0) return;
     size_t tail = (p->q_head + p->q_len) % p->q_cap;
     size_t first = p->q_cap - tail;
     if (first > n) first = n;
@@ -314,6 +321,28 @@ static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, co
     if ((st = peer_unusable(t, peer)) != EP_OK || p->bye_sent) {
         if (st == EP_OK) st = EP_ERR_STATE;
         goto out;
+    }
+    if (plen <= COALESCE_MAX) {
+        if (!p->q) {
+            p->q = malloc(TX_QUEUE_BYTES);
+            p->q_cap = p->q ? TX_QUEUE_BYTES : 0;
+        }
+        if (p->q && total <= p->q_cap - p->q_len) {
+            queue_push(p, hdr, hlen);
+            queue_push(p, pay, plen);
+            if (get_u32(hdr) == EP_TCP_FRAME_SIGNAL || p->q_len >= COALESCE_FLUSH) {
+                ssize_t r = queue_drain_nb(p);
+                if (r < 0) {
+                    st = send_error(t, peer, r);
+                    goto out;
+                }
+                /* Whatever the socket did not take, the progress thread sends. */
+                if (p->q_len && !atomic_exchange(&p->tx_pending, 1)) wake_progress(t);
+            } else {
+                atomic_store(&p->tx_pending, 1); /* picked up at the next poll at the latest */
+            }
+            goto out;
+        }
     }
     uint64_t deadline = now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
     for (;;) {
