@@ -285,6 +285,38 @@ static void test_put_to_self_copies_locally(void **state)
         assert_int_equal(status[r], 0);
 }
 
+/* Small puts gather in the send queue until a signal or flush; even without either they
+ * leave once the progress thread next looks. */
+static int rank_unsignalled(int rank, int n, int port, void *arg)
+{
+    struct rank_ctx c;
+    if (rank_setup(rank, n, port, 4096, 5000, &c) || rank_connect(&c) || barrier(&c)) return 1;
+    ep_wire_t *w = c.w;
+    uint8_t msg[48];
+    memset(msg, 0x5a, sizeof msg);
+    if (rank == 0)
+        CHECK(w->ops->put(w, 1, 128, msg, sizeof msg) == EP_OK, "put: %s", w->error);
+    else {
+        uint64_t until = world_now_ms() + 3000;
+        while (memcmp(c.buf + 128, msg, sizeof msg) && world_now_ms() < until)
+            usleep(1000);
+        /* Reading bytes a put writes without a signal is a race in general; here nothing
+         * else writes them, and the loop only needs them to appear eventually. */
+        CHECK(memcmp(c.buf + 128, msg, sizeof msg) == 0, "an unsignalled put never arrived");
+    }
+    if (barrier(&c)) return 1;
+    rank_teardown(&c);
+    return 0;
+}
+
+static void test_unsignalled_puts_still_leave(void **state)
+{
+    int status[2];
+    world_run(2, rank_unsignalled, NULL, 20000, status);
+    for (int r = 0; r < 2; r++)
+        assert_int_equal(status[r], 0);
+}
+
 /* ---- ordering of many small puts ---------------------------------------------------------- */
 
 /* Each source appends SMALL_PUTS records of 8..64 bytes to a log in every other rank's buffer
@@ -783,6 +815,7 @@ int main(void)
         cmocka_unit_test(test_add_signals_sum_exactly),
         cmocka_unit_test(test_large_puts_both_directions),
         cmocka_unit_test(test_put_to_self_copies_locally),
+        cmocka_unit_test(test_unsignalled_puts_still_leave),
         cmocka_unit_test(test_many_small_puts_arrive_in_order),
         cmocka_unit_test(test_peer_exit_mid_run_is_named),
         cmocka_unit_test(test_peer_dying_during_connect_times_out_named),
