@@ -867,7 +867,8 @@ static void *progress_main(void *arg)
             struct tcp_peer *p = &t->peers[i];
             if (i == t->base.rank || p->fd < 0 || atomic_load(&p->state) == PEER_FAILED) continue;
             short ev = atomic_load(&p->rx_done) ? 0 : POLLIN;
-            if (atomic_load(&p->tx_pending)) ev |= POLLOUT;
+            /* Only a peer that is up gets its queue drained here (else POLLOUT would spin). */
+            if (atomic_load(&p->tx_pending) && atomic_load(&p->state) == PEER_UP) ev |= POLLOUT;
             if (!ev) continue;
             pf[k] = (struct pollfd){.fd = p->fd, .events = ev};
             who[k++] = i;
