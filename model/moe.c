@@ -29,8 +29,17 @@ int epd_moe_forward(epd_model_t *m, int layer, int rows, epd_err_t *err)
 
     /* router: fp32 logits [T][E] -> top-k over global experts -> libep slot ids */
     epd_linear(m->router_logits, m->xn, w->router, rows, H, E);
-    epd_route_softmax_topk(m->router_logits, rows, E, K, c->norm_topk_prob, m->topk_idx,
-                           m->topk_w);
+    ep_route_params_t rp = {
+        .kind = EP_ROUTE_SOFTMAX_TOPK,
+        .num_experts = E,
+        .topk = K,
+        .renormalize = c->norm_topk_prob,
+        .routed_scaling_factor = 1.0f,
+    };
+    ep_status_t st = ep_route_host(&rp, m->router_logits, rows, m->topk_idx, m->topk_w);
+    if (st != EP_OK)
+        return epd_err_set(err, -EINVAL, "layer %d: ep_route_host: %s", layer,
+                           ep_group_last_error(NULL));
     for (int i = 0; i < rows * K; i++)
         m->topk_idx[i] = m->placement.slot_of[m->topk_idx[i]];
     for (size_t i = 0; i < (size_t)rows * H; i++)
@@ -44,7 +53,7 @@ int epd_moe_forward(epd_model_t *m, int layer, int rows, epd_err_t *err)
     };
     ep_ll_dispatch_out_t dout;
     ep_ll_handle_t *handle = NULL;
-    ep_status_t st = ep_ll_dispatch(m->group, &da, &dout, &handle, NULL);
+    st = ep_ll_dispatch(m->group, &da, &dout, &handle, NULL);
     if (st != EP_OK)
         return ep_fail(m, "ep_ll_dispatch", st, layer, err);
 

@@ -52,9 +52,4 @@ void epd_attention_token(float *out, const float *q, const float *k, const float
 void epd_swiglu(float *y, const float *x, const float *gate, const float *up, const float *down,
                 int rows, int hidden, int inter, float *tmp);
 
-/* router.c: softmax over E router logits, top-k (ties to the lower expert id), optionally
- * renormalised to sum 1. logits: [T][E]; idx, weights: [T][k]. */
-void epd_route_softmax_topk(const float *logits, int rows, int experts, int k, int renormalize,
-                            int32_t *idx, float *weights);
-
 #endif /* EPD_MODEL_OPS_H */
