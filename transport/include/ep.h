@@ -82,6 +82,9 @@ ep_status_t ep_tcp_bootstrap_create(const char *host, int port, int rank, int nr
                                     unsigned timeout_ms, ep_tcp_bootstrap_t **out);
 void ep_tcp_bootstrap_destroy(ep_tcp_bootstrap_t *b);
 void ep_tcp_bootstrap_get(ep_tcp_bootstrap_t *b, ep_bootstrap_t *out);
+/* Why the calling thread's last failed tcp bootstrap call (create, or an allgather/barrier
+ * through it) failed, naming the rank ("rank 0: rank(s) 2 did not join ..."); "" if none. */
+const char *ep_tcp_bootstrap_last_error(void);
 
 /* ---- group -------------------------------------------------------------------------------- */
 
