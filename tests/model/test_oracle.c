@@ -1,6 +1,7 @@
 /* The model against transformers (oracle/expected.json, made by make_oracle.py): greedy tokens
  * equal, logits within LOGIT_TOL, with 1, 2 and 4 ranks as threads of this process over libep's
- * shm wire, and with an explicit (round-robin) expert placement. The EP split must change
+ * shm wire, with an explicit (scattered) expert placement, and with 2 and 4 ranks as forked
+ * processes over libep's tcp wire. The EP split must change
  * nothing: every run's logits are bit-identical to the 1-rank run.
  *
  * Tolerance. transformers computes in fp32 throughout; our MoE blocks send activations to the
@@ -13,8 +14,17 @@
  * output by 1.01 or the attention output by 1.003 each break the bound (by 0.03 to 0.4). */
 #include "oracle_run.h"
 
+#include <arpa/inet.h>
+#include <errno.h>
 #include <math.h>
+#include <netinet/in.h>
 #include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -184,6 +194,141 @@ static void test_explicit_placement(void **state)
     epd_placement_fini(&p);
 }
 
+/* ---- ranks as processes over tcp ----------------------------------------------------------- */
+
+#define TCP_LIMIT_MS 60000
+
+/* Shared with the children: each rank writes the tokens and logits of its cases, its status and
+ * its error message. */
+typedef struct shared {
+    int rc[4];
+    char msg[4][EPD_ERR_MSG_MAX];
+    epd_model_mem_t mem[4];
+    int32_t tokens[ORACLE_MAX_CASES][ORACLE_MAX_NEW];
+    float logits[]; /* [cases][new_tokens][vocab] */
+} shared_t;
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port = -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    if (fd >= 0)
+        close(fd);
+    return port;
+}
+
+static int tcp_rank(shared_t *sh, int rank, int R, int port)
+{
+    const oracle_t *o = &g_oracle;
+    oracle_result_t res;
+    memset(&res, 0, sizeof(res));
+    for (int c = 0; c < o->num_cases; c++)
+        res.logits[c] = sh->logits + (size_t)c * o->new_tokens * o->vocab;
+    ep_tcp_bootstrap_t *b = NULL;
+    ep_status_t st = ep_tcp_bootstrap_create("127.0.0.1", port, rank, R, 20000, &b);
+    if (st != EP_OK) {
+        snprintf(sh->msg[rank], EPD_ERR_MSG_MAX, "ep_tcp_bootstrap_create: %s", ep_strerror(st));
+        return 1;
+    }
+    ep_bootstrap_t bs;
+    ep_tcp_bootstrap_get(b, &bs);
+    epd_err_t err = {0};
+    int rc = oracle_run_rank(EPD_ORACLE_DIR, o, &bs, EP_TRANSPORT_TCP, NULL, CHUNK, &res, &err);
+    ep_tcp_bootstrap_destroy(b);
+    if (rc) {
+        snprintf(sh->msg[rank], EPD_ERR_MSG_MAX, "%s", err.msg);
+        return 1;
+    }
+    for (int c = rank; c < o->num_cases; c += R)
+        memcpy(sh->tokens[c], res.tokens[c], sizeof(sh->tokens[c]));
+    sh->mem[rank] = res.mem;
+    return 0;
+}
+
+static void test_tcp(int R)
+{
+    const oracle_t *o = &g_oracle;
+    size_t nlog = (size_t)o->num_cases * o->new_tokens * o->vocab;
+    size_t bytes = sizeof(shared_t) + sizeof(float) * nlog;
+    shared_t *sh = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    assert_true(sh != MAP_FAILED);
+    memset(sh, 0, sizeof(*sh));
+    int port = free_port();
+    assert_true(port > 0);
+    pid_t pid[4];
+    fflush(NULL);
+    for (int r = 0; r < R; r++) {
+        pid[r] = fork();
+        assert_true(pid[r] >= 0);
+        if (pid[r] == 0)
+            _exit(tcp_rank(sh, r, R, port));
+    }
+    /* every child is reaped; one still running at the limit is killed (a hang is a failure) */
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int left = R, status[4], hung = 0;
+    for (int r = 0; r < R; r++)
+        status[r] = -1;
+    while (left > 0) {
+        for (int r = 0; r < R; r++) {
+            if (status[r] != -1)
+                continue;
+            int ws;
+            pid_t w = waitpid(pid[r], &ws, WNOHANG);
+            if (w == pid[r]) {
+                status[r] = WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+                left--;
+            }
+        }
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long ms = (now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000;
+        if (left > 0 && ms > TCP_LIMIT_MS && !hung) {
+            hung = 1;
+            for (int r = 0; r < R; r++)
+                if (status[r] == -1)
+                    kill(pid[r], SIGKILL);
+        }
+        if (left > 0)
+            usleep(2000);
+    }
+    for (int r = 0; r < R; r++)
+        if (status[r] != 0)
+            fail_msg("tcp R=%d rank %d exited with %d%s: %s", R, r, status[r],
+                     hung ? " (killed after the time limit)" : "", sh->msg[r]);
+    oracle_result_t *res = alloc_result();
+    for (int c = 0; c < o->num_cases; c++) {
+        memcpy(res->tokens[c], sh->tokens[c], sizeof(res->tokens[c]));
+        memcpy(res->logits[c], sh->logits + (size_t)c * o->new_tokens * o->vocab,
+               sizeof(float) * o->new_tokens * o->vocab);
+    }
+    res->mem = sh->mem[0];
+    munmap(sh, bytes);
+    char what[64];
+    snprintf(what, sizeof(what), "%d processes over tcp", R);
+    check_against_reference(res, what);
+    check_identical(g_one_rank, res, what);
+    assert_int_equal(res->mem.local_experts, 16 / R);
+    free_result(res);
+}
+
+static void test_tcp_two_processes(void **state)
+{
+    (void)state;
+    assert_non_null(g_one_rank);
+    test_tcp(2);
+}
+
+static void test_tcp_four_processes(void **state)
+{
+    (void)state;
+    assert_non_null(g_one_rank);
+    test_tcp(4);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -211,6 +356,8 @@ int main(void)
         cmocka_unit_test(test_two_ranks),
         cmocka_unit_test(test_four_ranks),
         cmocka_unit_test(test_explicit_placement),
+        cmocka_unit_test(test_tcp_two_processes),
+        cmocka_unit_test(test_tcp_four_processes),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
