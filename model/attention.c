@@ -19,8 +19,7 @@ void epd_attention_token(float *out, const float *q, const float *k, const float
                 s += qh[d] * kj[d];
             s *= scale;
             scores[j] = s;
-            if (s > mx)
-                mx = s;
+            if (s > mx) mx = s;
         }
         double sum = 0;
         for (int j = 0; j < len; j++) {

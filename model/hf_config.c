@@ -75,12 +75,9 @@ static int get_bool(const cJSON *root, const char *origin, const char *name, int
 static int check_unsupported(const cJSON *root, const char *origin, epd_err_t *err)
 {
     int rc, b;
-    if ((rc = get_bool(root, origin, "attention_bias", 0, &b, err)) != 0)
-        return rc;
-    if (b)
-        return epd_err_set(err, -ENOTSUP, "%s: attention_bias: true is not supported", origin);
-    if ((rc = get_bool(root, origin, "use_sliding_window", 0, &b, err)) != 0)
-        return rc;
+    if ((rc = get_bool(root, origin, "attention_bias", 0, &b, err)) != 0) return rc;
+    if (b) return epd_err_set(err, -ENOTSUP, "%s: attention_bias: true is not supported", origin);
+    if ((rc = get_bool(root, origin, "use_sliding_window", 0, &b, err)) != 0) return rc;
     if (b)
         return epd_err_set(err, -ENOTSUP, "%s: use_sliding_window: true is not supported", origin);
     const cJSON *act = field(root, "hidden_act");
@@ -90,14 +87,12 @@ static int check_unsupported(const cJSON *root, const char *origin, epd_err_t *e
     static const char *const rope_keys[] = {"rope_scaling", "rope_parameters"};
     for (int i = 0; i < 2; i++) {
         const cJSON *rs = field(root, rope_keys[i]);
-        if (!rs || cJSON_IsNull(rs))
-            continue;
+        if (!rs || cJSON_IsNull(rs)) continue;
         if (!cJSON_IsObject(rs))
             return epd_err_set(err, -EINVAL, "%s: %s: expected an object or null", origin,
                                rope_keys[i]);
         const cJSON *ty = field(rs, "rope_type");
-        if (!ty)
-            ty = field(rs, "type");
+        if (!ty) ty = field(rs, "type");
         if (ty && !(cJSON_IsString(ty) && !strcmp(ty->valuestring, "default")))
             return epd_err_set(err, -ENOTSUP, "%s: %s.rope_type: only \"default\" is supported",
                                origin, rope_keys[i]);
@@ -132,8 +127,9 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
         goto out;
     }
     if (!cJSON_IsString(mt) || strcmp(mt->valuestring, "qwen3_moe") != 0) {
-        rc = epd_err_set(err, -ENOTSUP, "%s: model_type: \"%.64s\" is not supported (supported: "
-                                        "\"qwen3_moe\")",
+        rc = epd_err_set(err, -ENOTSUP,
+                         "%s: model_type: \"%.64s\" is not supported (supported: "
+                         "\"qwen3_moe\")",
                          origin, cJSON_IsString(mt) ? mt->valuestring : "(not a string)");
         goto out;
     }
@@ -142,8 +138,8 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
     if ((rc = get_int(root, origin, "hidden_size", 1, 0, 1, big, &cfg->hidden_size, err)) ||
         (rc = get_int(root, origin, "num_hidden_layers", 1, 0, 1, EPD_HF_MAX_LAYERS,
                       &cfg->num_hidden_layers, err)) ||
-        (rc = get_int(root, origin, "num_attention_heads", 1, 0, 1, 4096,
-                      &cfg->num_attention_heads, err)) ||
+        (rc = get_int(root, origin, "num_attention_heads", 1, 0, 1, 4096, &cfg->num_attention_heads,
+                      err)) ||
         (rc = get_int(root, origin, "vocab_size", 1, 0, 1, big, &cfg->vocab_size, err)) ||
         (rc = get_int(root, origin, "moe_intermediate_size", 1, 0, 1, big,
                       &cfg->moe_intermediate_size, err)) ||
@@ -169,8 +165,7 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
         rc = epd_err_set(err, -EINVAL, "%s: num_experts: required field is missing", origin);
         goto out;
     }
-    if ((rc = get_int(root, origin, ne, 1, 0, 1, 1 << 20, &cfg->num_experts, err)))
-        goto out;
+    if ((rc = get_int(root, origin, ne, 1, 0, 1, 1 << 20, &cfg->num_experts, err))) goto out;
     /* rope_theta: top level (published configs) or rope_parameters.rope_theta (transformers 5) */
     const cJSON *rp = field(root, "rope_parameters");
     if (!field(root, "rope_theta") && cJSON_IsObject(rp) && field(rp, "rope_theta")) {
@@ -187,8 +182,9 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
         goto out;
     }
     if (cfg->head_dim < 2 || cfg->head_dim % 2 != 0) {
-        rc = epd_err_set(err, -EINVAL, "%s: head_dim: %d is not a positive even number (RoPE rotates pairs)", origin,
-                         cfg->head_dim);
+        rc = epd_err_set(err, -EINVAL,
+                         "%s: head_dim: %d is not a positive even number (RoPE rotates pairs)",
+                         origin, cfg->head_dim);
         goto out;
     }
     if (cfg->num_experts_per_tok > cfg->num_experts) {
@@ -199,8 +195,8 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
     const cJSON *mol = field(root, "mlp_only_layers");
     if (mol && !cJSON_IsNull(mol)) {
         if (!cJSON_IsArray(mol)) {
-            rc = epd_err_set(err, -EINVAL, "%s: mlp_only_layers: expected an array of layer indices",
-                             origin);
+            rc = epd_err_set(err, -EINVAL,
+                             "%s: mlp_only_layers: expected an array of layer indices", origin);
             goto out;
         }
         int i = 0;
@@ -231,8 +227,7 @@ int epd_hf_config_load(const char *path, epd_hf_config_t *cfg, epd_err_t *err)
     char *text = NULL;
     size_t len = 0;
     int rc = epd_read_text_file(path, EPD_HF_MAX_CONFIG_BYTES, &text, &len, err);
-    if (rc == 0)
-        rc = epd_hf_config_parse(text, len, path, cfg, err);
+    if (rc == 0) rc = epd_hf_config_parse(text, len, path, cfg, err);
     free(text);
     return rc;
 }

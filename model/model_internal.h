@@ -5,14 +5,14 @@
 #include "qwen3_moe.h"
 
 typedef struct epd_layer_w {
-    float *input_norm;            /* [H] */
-    float *q, *k, *v, *o;         /* [nh*hd][H], [nkv*hd][H] x2, [H][nh*hd] */
-    float *q_norm, *k_norm;       /* [hd] */
-    float *post_norm;             /* [H] */
+    float *input_norm;      /* [H] */
+    float *q, *k, *v, *o;   /* [nh*hd][H], [nkv*hd][H] x2, [H][nh*hd] */
+    float *q_norm, *k_norm; /* [hd] */
+    float *post_norm;       /* [H] */
     int is_moe;
-    float *router;                /* [E][H] (MoE) */
-    float *gate, *up, *down;      /* MoE: [L][I][H], [L][I][H], [L][H][I] local experts in slot
-                                     order; dense: [Id][H], [Id][H], [H][Id] */
+    float *router;           /* [E][H] (MoE) */
+    float *gate, *up, *down; /* MoE: [L][I][H], [L][I][H], [L][H][I] local experts in slot
+                                order; dense: [Id][H], [Id][H], [H][Id] */
 } epd_layer_w_t;
 
 struct epd_model {

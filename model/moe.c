@@ -54,16 +54,16 @@ int epd_moe_forward(epd_model_t *m, int layer, int rows, epd_err_t *err)
     ep_ll_dispatch_out_t dout;
     ep_ll_handle_t *handle = NULL;
     st = ep_ll_dispatch(m->group, &da, &dout, &handle, NULL);
-    if (st != EP_OK)
-        return ep_fail(m, "ep_ll_dispatch", st, layer, err);
+    if (st != EP_OK) return ep_fail(m, "ep_ll_dispatch", st, layer, err);
 
     /* local experts on their received rows: recv_x and expert_y are [L][S][H] bf16 */
     const uint16_t *recv = dout.recv_x;
     for (int l = 0; l < m->local; l++) {
         int n = dout.recv_count[l];
         if (n < 0 || n > S)
-            return epd_err_set(err, -EIO, "layer %d: libep reported %d rows for local expert %d "
-                                          "(at most %d)",
+            return epd_err_set(err, -EIO,
+                               "layer %d: libep reported %d rows for local expert %d "
+                               "(at most %d)",
                                layer, n, l, S);
         const float *gate = w->gate + (size_t)l * I * H, *up = w->up + (size_t)l * I * H;
         const float *down = w->down + (size_t)l * H * I;
@@ -86,8 +86,7 @@ int epd_moe_forward(epd_model_t *m, int layer, int rows, epd_err_t *err)
         .out = m->comb,
     };
     st = ep_ll_combine(m->group, &ca, NULL);
-    if (st != EP_OK)
-        return ep_fail(m, "ep_ll_combine", st, layer, err);
+    if (st != EP_OK) return ep_fail(m, "ep_ll_combine", st, layer, err);
     for (size_t i = 0; i < (size_t)rows * H; i++)
         m->h[i] += epd_bf16_to_f32(m->comb[i]);
     return 0;

@@ -31,8 +31,7 @@ static int alloc(int num_experts, int nranks, epd_placement_t *p, epd_err_t *err
 int epd_placement_contiguous(int num_experts, int nranks, epd_placement_t *p, epd_err_t *err)
 {
     int rc = alloc(num_experts, nranks, p, err);
-    if (rc)
-        return rc;
+    if (rc) return rc;
     for (int e = 0; e < num_experts; e++)
         p->slot_of[e] = p->expert_of[e] = e;
     return 0;
@@ -42,8 +41,7 @@ int epd_placement_explicit(int num_experts, int nranks, const int *rank_of, int 
                            epd_placement_t *p, epd_err_t *err)
 {
     int rc = alloc(num_experts, nranks, p, err);
-    if (rc)
-        return rc;
+    if (rc) return rc;
     if (n != num_experts) {
         epd_placement_fini(p);
         return epd_err_set(err, -EINVAL, "expert_map: %d entries for %d experts", n, num_experts);

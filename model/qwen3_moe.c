@@ -100,7 +100,9 @@ static int load_experts(loader_t *ld, int l)
             int64_t d0 = p == 2 ? H : I, d1 = p == 2 ? I : H;
             int rc;
             if (mine) {
-                float *dst = (p == 0 ? w->gate : p == 1 ? w->up : w->down) +
+                float *dst = (p == 0   ? w->gate
+                              : p == 1 ? w->up
+                                       : w->down) +
                              (size_t)(slot % m->local) * per;
                 rc = load(ld, &dst, 1, 2, d0, d1, "model.layers.%d.mlp.experts.%d.%s.weight", l, e,
                           proj[p]);
@@ -111,8 +113,7 @@ static int load_experts(loader_t *ld, int l)
                          proj[p]);
                 rc = epd_st_ckpt_load_f32(ld->ck, name, 2, shape, NULL, ld->err);
             }
-            if (rc)
-                return rc;
+            if (rc) return rc;
         }
     }
     return 0;
@@ -137,8 +138,8 @@ static int load_weights(epd_model_t *m, const epd_st_ckpt_t *ck, epd_err_t *err)
         epd_layer_w_t *w = &m->layers[l];
         const char *pre = "model.layers";
         if ((rc = load(&ld, &w->input_norm, 0, 1, H, 0, "%s.%d.input_layernorm.weight", pre, l)) ||
-            (rc = load(&ld, &w->post_norm, 0, 1, H, 0, "%s.%d.post_attention_layernorm.weight",
-                       pre, l)) ||
+            (rc = load(&ld, &w->post_norm, 0, 1, H, 0, "%s.%d.post_attention_layernorm.weight", pre,
+                       l)) ||
             (rc = load(&ld, &w->q, 0, 2, qd, H, "%s.%d.self_attn.q_proj.weight", pre, l)) ||
             (rc = load(&ld, &w->k, 0, 2, kvd, H, "%s.%d.self_attn.k_proj.weight", pre, l)) ||
             (rc = load(&ld, &w->v, 0, 2, kvd, H, "%s.%d.self_attn.v_proj.weight", pre, l)) ||
@@ -169,9 +170,9 @@ static int alloc_scratch(epd_model_t *m, epd_err_t *err)
     size_t T = (size_t)m->max_tokens, H = (size_t)c->hidden_size;
     size_t qd = (size_t)c->num_attention_heads * c->head_dim;
     size_t kvd = (size_t)c->num_key_value_heads * c->head_dim;
-    size_t inter = (size_t)(c->intermediate_size > c->moe_intermediate_size
-                                ? c->intermediate_size
-                                : c->moe_intermediate_size);
+    size_t inter =
+        (size_t)(c->intermediate_size > c->moe_intermediate_size ? c->intermediate_size
+                                                                 : c->moe_intermediate_size);
     size_t S = T * (size_t)m->nranks;
     m->h = malloc(sizeof(float) * T * H);
     m->xn = malloc(sizeof(float) * T * H);
@@ -194,9 +195,8 @@ static int alloc_scratch(epd_model_t *m, epd_err_t *err)
     m->row_out = malloc(sizeof(float) * H);
     m->inv_freq = malloc(sizeof(float) * (size_t)(c->head_dim / 2));
     if (!m->h || !m->xn || !m->q || !m->k || !m->v || !m->att || !m->tmp || !m->scores ||
-        !m->ffn_tmp || !m->pos || !m->tok_item || !m->router_logits || !m->topk_idx ||
-        !m->topk_w || !m->xb || !m->comb || !m->expert_y || !m->row_in || !m->row_out ||
-        !m->inv_freq)
+        !m->ffn_tmp || !m->pos || !m->tok_item || !m->router_logits || !m->topk_idx || !m->topk_w ||
+        !m->xb || !m->comb || !m->expert_y || !m->row_in || !m->row_out || !m->inv_freq)
         return epd_err_set(err, -ENOMEM, "out of memory for the scratch of %zu tokens", T);
     epd_rope_inv_freq(m->inv_freq, c->head_dim, c->rope_theta);
     return 0;
@@ -226,8 +226,7 @@ int epd_model_load(const epd_model_opts_t *o, epd_model_t **out, epd_err_t *err)
     char path[4096];
     *out = NULL;
     epd_model_t *m = calloc(1, sizeof(*m));
-    if (!m)
-        return epd_err_set(err, -ENOMEM, "out of memory");
+    if (!m) return epd_err_set(err, -ENOMEM, "out of memory");
     if (!o->group) {
         rc = epd_err_set(err, -EINVAL, "model: no EP group given");
         goto fail;
@@ -239,8 +238,7 @@ int epd_model_load(const epd_model_opts_t *o, epd_model_t **out, epd_err_t *err)
         rc = epd_err_set(err, -ENAMETOOLONG, "%s: path too long", o->dir);
         goto fail;
     }
-    if ((rc = epd_hf_config_load(path, &m->cfg, err)) || (rc = check_group(m, err)))
-        goto fail;
+    if ((rc = epd_hf_config_load(path, &m->cfg, err)) || (rc = check_group(m, err))) goto fail;
     const epd_hf_config_t *c = &m->cfg;
     m->max_tokens = ep_group_config(o->group)->ll_max_tokens;
     m->max_seq_len = o->max_seq_len > 0 ? o->max_seq_len : c->max_position_embeddings;
@@ -268,8 +266,7 @@ int epd_model_load(const epd_model_opts_t *o, epd_model_t **out, epd_err_t *err)
     } else {
         rc = epd_placement_contiguous(c->num_experts, m->nranks, &m->placement, err);
     }
-    if (rc)
-        goto fail;
+    if (rc) goto fail;
     m->local = m->placement.local;
     m->mem.local_experts = m->local;
     if (!(m->layers = calloc((size_t)c->num_hidden_layers, sizeof(*m->layers)))) {
@@ -290,8 +287,7 @@ fail:
 
 void epd_model_destroy(epd_model_t *m)
 {
-    if (!m)
-        return;
+    if (!m) return;
     if (m->layers) {
         for (int l = 0; l < m->cfg.num_hidden_layers; l++) {
             epd_layer_w_t *w = &m->layers[l];
@@ -310,14 +306,13 @@ void epd_model_destroy(epd_model_t *m)
         }
         free(m->layers);
     }
-    if (m->lm_head != m->embed)
-        free(m->lm_head);
+    if (m->lm_head != m->embed) free(m->lm_head);
     free(m->embed);
     free(m->norm);
     free(m->inv_freq);
-    float *fs[] = {m->h,      m->xn,     m->q,      m->k,      m->v,     m->att,
-                   m->tmp,    m->scores, m->ffn_tmp, m->router_logits, m->topk_w,
-                   m->row_in, m->row_out};
+    float *fs[] = {m->h,      m->xn,     m->q,      m->k,       m->v,
+                   m->att,    m->tmp,    m->scores, m->ffn_tmp, m->router_logits,
+                   m->topk_w, m->row_in, m->row_out};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++)
         free(fs[i]);
     free(m->pos);
@@ -367,16 +362,14 @@ static int check_items(epd_model_t *m, const epd_batch_item_t *items, int n, int
                                    i, j, it->tokens[j], m->cfg.vocab_size - 1);
         for (int p = 0; p < i; p++)
             if (items[p].seq == it->seq)
-                return epd_err_set(err, -EINVAL, "forward: items %d and %d share a sequence", p,
-                                   i);
+                return epd_err_set(err, -EINVAL, "forward: items %d and %d share a sequence", p, i);
         if (it->num_tokens > m->max_tokens - T)
             return epd_err_set(err, -E2BIG,
                                "forward: more than %d tokens in one call on rank %d (item %d)",
                                m->max_tokens, m->rank, i);
         T += it->num_tokens;
         int rc = epd_seq_reserve(it->seq, it->seq->len + it->num_tokens, err);
-        if (rc)
-            return rc;
+        if (rc) return rc;
     }
     *total = T;
     return 0;
@@ -441,8 +434,7 @@ int epd_model_forward(epd_model_t *m, const epd_batch_item_t *items, int n, floa
         epd_rmsnorm(m->xn, m->h, w->post_norm, T, H, (float)c->rms_norm_eps);
         if (w->is_moe) {
             int rc = epd_moe_forward(m, l, T, err);
-            if (rc)
-                return rc;
+            if (rc) return rc;
         } else {
             for (int t = 0; t < T; t++)
                 epd_swiglu(m->tmp + (size_t)t * H, m->xn + (size_t)t * H, w->gate, w->up, w->down,
@@ -452,15 +444,13 @@ int epd_model_forward(epd_model_t *m, const epd_batch_item_t *items, int n, floa
         }
     }
     if (bad_rc) {
-        if (err)
-            *err = bad;
+        if (err) *err = bad;
         return bad_rc;
     }
     for (int i = 0, t = 0, o = 0; i < n; i++) {
         t += items[i].num_tokens;
         items[i].seq->len += items[i].num_tokens;
-        if (!items[i].want_logits)
-            continue;
+        if (!items[i].want_logits) continue;
         float *row = m->xn; /* the last token of the item: row t - 1 */
         epd_rmsnorm(row, m->h + (size_t)(t - 1) * H, m->norm, 1, H, (float)c->rms_norm_eps);
         epd_linear(logits + (size_t)o * c->vocab_size, row, m->lm_head, 1, H, c->vocab_size);

@@ -48,9 +48,9 @@ size_t epd_st_dtype_size(epd_st_dtype_t d)
 
 static int parse_dtype(const char *s, epd_st_dtype_t *out)
 {
-    static const char *const other[] = {"BOOL", "U8",  "I8",  "I16",     "U16",    "I32",
-                                        "U32",  "I64", "U64", "F64",     "F8_E4M3", "F8_E5M2",
-                                        "F8_E8M0", "F4", "F6_E2M3", "F6_E3M2", "C64"};
+    static const char *const other[] = {
+        "BOOL", "U8",      "I8",      "I16",     "U16", "I32",     "U32",     "I64", "U64",
+        "F64",  "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4",  "F6_E2M3", "F6_E3M2", "C64"};
     if (!strcmp(s, "BF16"))
         *out = EPD_ST_BF16;
     else if (!strcmp(s, "F16"))
@@ -68,11 +68,9 @@ static int parse_dtype(const char *s, epd_st_dtype_t *out)
 
 static int json_uint(const cJSON *v, uint64_t *out)
 {
-    if (!cJSON_IsNumber(v))
-        return -1;
+    if (!cJSON_IsNumber(v)) return -1;
     double d = v->valuedouble;
-    if (!(d >= 0) || d >= EPD_ST_MAX_JSON_INT || d != (double)(uint64_t)d)
-        return -1;
+    if (!(d >= 0) || d >= EPD_ST_MAX_JSON_INT || d != (double)(uint64_t)d) return -1;
     *out = (uint64_t)d;
     return 0;
 }
@@ -86,8 +84,7 @@ static int cmp_tensor_off(const void *a, const void *b)
 {
     const epd_st_tensor_t *x = *(const epd_st_tensor_t *const *)a;
     const epd_st_tensor_t *y = *(const epd_st_tensor_t *const *)b;
-    if (x->file_offset != y->file_offset)
-        return x->file_offset < y->file_offset ? -1 : 1;
+    if (x->file_offset != y->file_offset) return x->file_offset < y->file_offset ? -1 : 1;
     return x->nbytes < y->nbytes ? -1 : x->nbytes > y->nbytes;
 }
 
@@ -178,8 +175,7 @@ static int check_layout(epd_st_file_t *f, epd_err_t *err)
         return 0;
     }
     epd_st_tensor_t **by_off = malloc(sizeof(*by_off) * (size_t)f->count);
-    if (!by_off)
-        return epd_err_set(err, -ENOMEM, "%s: out of memory", f->path);
+    if (!by_off) return epd_err_set(err, -ENOMEM, "%s: out of memory", f->path);
     for (int i = 0; i < f->count; i++)
         by_off[i] = &f->tensors[i];
     qsort(by_off, (size_t)f->count, sizeof(*by_off), cmp_tensor_off);
@@ -188,12 +184,13 @@ static int check_layout(epd_st_file_t *f, epd_err_t *err)
     for (int i = 0; i < f->count && rc == 0; i++) {
         const epd_st_tensor_t *t = by_off[i];
         if (t->file_offset < pos) {
-            rc = epd_err_set(err, -EINVAL,
-                             "%s: tensor '%s' (file bytes %llu..%llu) overlaps tensor '%s' (ends at "
-                             "file byte %llu)",
-                             f->path, t->name, (unsigned long long)t->file_offset,
-                             (unsigned long long)(t->file_offset + t->nbytes), by_off[i - 1]->name,
-                             (unsigned long long)pos);
+            rc =
+                epd_err_set(err, -EINVAL,
+                            "%s: tensor '%s' (file bytes %llu..%llu) overlaps tensor '%s' (ends at "
+                            "file byte %llu)",
+                            f->path, t->name, (unsigned long long)t->file_offset,
+                            (unsigned long long)(t->file_offset + t->nbytes), by_off[i - 1]->name,
+                            (unsigned long long)pos);
         } else if (t->file_offset > pos) {
             rc = epd_err_set(err, -EINVAL,
                              "%s: %llu bytes at file byte offset %llu belong to no tensor (before "
@@ -227,8 +224,9 @@ static int parse_header(epd_st_file_t *f, const char *hdr, size_t hlen, epd_err_
     for (const char *q = end; q && q < hdr + hlen; q++) {
         /* the format allows the header to be padded with spaces */
         if (*q != ' ' && *q != '\t' && *q != '\n' && *q != '\r' && *q != '\0') {
-            rc = epd_err_set(err, -EINVAL, "%s: junk after the header's JSON object at file byte %zu",
-                             f->path, (size_t)(q - hdr) + 8);
+            rc = epd_err_set(err, -EINVAL,
+                             "%s: junk after the header's JSON object at file byte %zu", f->path,
+                             (size_t)(q - hdr) + 8);
             goto out;
         }
     }
@@ -238,8 +236,7 @@ static int parse_header(epd_st_file_t *f, const char *hdr, size_t hlen, epd_err_
     }
     int n = 0;
     for (const cJSON *e = root->child; e; e = e->next)
-        if (strcmp(e->string, "__metadata__") != 0)
-            n++;
+        if (strcmp(e->string, "__metadata__") != 0) n++;
     f->tensors = calloc(n ? (size_t)n : 1, sizeof(*f->tensors));
     if (!f->tensors) {
         rc = epd_err_set(err, -ENOMEM, "%s: out of memory for %d tensors", f->path, n);
@@ -268,8 +265,7 @@ static int parse_header(epd_st_file_t *f, const char *hdr, size_t hlen, epd_err_
             goto out;
         }
         f->count++;
-        if ((rc = parse_entry(f, e, t, err)) != 0)
-            goto out;
+        if ((rc = parse_entry(f, e, t, err)) != 0) goto out;
     }
     qsort(f->tensors, (size_t)f->count, sizeof(*f->tensors), cmp_tensor_name);
     for (int i = 1; i < f->count; i++)
@@ -289,8 +285,7 @@ int epd_st_file_open(const char *path, epd_st_file_t **out, epd_err_t *err)
     int rc;
     *out = NULL;
     epd_st_file_t *f = calloc(1, sizeof(*f));
-    if (!f)
-        return epd_err_set(err, -ENOMEM, "%s: out of memory", path);
+    if (!f) return epd_err_set(err, -ENOMEM, "%s: out of memory", path);
     f->fd = -1;
     f->map = MAP_FAILED;
     if (!(f->path = strdup(path))) {
@@ -329,8 +324,8 @@ int epd_st_file_open(const char *path, epd_st_file_t **out, epd_err_t *err)
     for (int i = 7; i >= 0; i--)
         hlen = (hlen << 8) | b[i];
     if (hlen > EPD_ST_MAX_HEADER_BYTES) {
-        rc = epd_err_set(err, -EINVAL, "%s: header length %llu exceeds the limit of %u bytes",
-                         path, (unsigned long long)hlen, EPD_ST_MAX_HEADER_BYTES);
+        rc = epd_err_set(err, -EINVAL, "%s: header length %llu exceeds the limit of %u bytes", path,
+                         (unsigned long long)hlen, EPD_ST_MAX_HEADER_BYTES);
         goto fail;
     }
     if (hlen > f->map_len - 8) {
@@ -347,8 +342,7 @@ int epd_st_file_open(const char *path, epd_st_file_t **out, epd_err_t *err)
     }
     f->data_start = 8 + hlen;
     f->data_len = f->map_len - f->data_start;
-    if ((rc = parse_header(f, (const char *)b + 8, (size_t)hlen, err)) != 0)
-        goto fail;
+    if ((rc = parse_header(f, (const char *)b + 8, (size_t)hlen, err)) != 0) goto fail;
     *out = f;
     return 0;
 fail:
@@ -358,15 +352,12 @@ fail:
 
 void epd_st_file_close(epd_st_file_t *f)
 {
-    if (!f)
-        return;
+    if (!f) return;
     for (int i = 0; i < f->count; i++)
         free((char *)f->tensors[i].name);
     free(f->tensors);
-    if (f->map != MAP_FAILED)
-        munmap(f->map, f->map_len);
-    if (f->fd >= 0)
-        close(f->fd);
+    if (f->map != MAP_FAILED) munmap(f->map, f->map_len);
+    if (f->fd >= 0) close(f->fd);
     free(f->path);
     free(f);
 }
@@ -447,6 +438,7 @@ typedef struct ckpt_entry {
 } ckpt_entry_t;
 
 struct epd_st_ckpt {
+    char *dir;
     epd_st_file_t **files;
     int num_files;
     ckpt_entry_t *entries; /* sorted by name */
@@ -470,12 +462,10 @@ static char *join_path(const char *dir, const char *name)
     return p;
 }
 
-static int read_small_file(const char *path, size_t limit, char **out, size_t *len,
-                           epd_err_t *err)
+static int read_small_file(const char *path, size_t limit, char **out, size_t *len, epd_err_t *err)
 {
     FILE *fp = fopen(path, "rb");
-    if (!fp)
-        return epd_err_set(err, -errno, "%s: cannot open: %s", path, strerror(errno));
+    if (!fp) return epd_err_set(err, -errno, "%s: cannot open: %s", path, strerror(errno));
     int rc = 0;
     char *buf = NULL;
     if (fseek(fp, 0, SEEK_END) != 0) {
@@ -524,8 +514,7 @@ static int add_file(epd_st_ckpt_t *c, const char *dir, const char *name, epd_st_
         }
     }
     char *path = join_path(dir, name);
-    if (!path)
-        return epd_err_set(err, -ENOMEM, "out of memory");
+    if (!path) return epd_err_set(err, -ENOMEM, "out of memory");
     epd_st_file_t **nf = realloc(c->files, sizeof(*nf) * (size_t)(c->num_files + 1));
     if (!nf) {
         free(path);
@@ -534,8 +523,7 @@ static int add_file(epd_st_ckpt_t *c, const char *dir, const char *name, epd_st_
     c->files = nf;
     int rc = epd_st_file_open(path, &c->files[c->num_files], err);
     free(path);
-    if (rc)
-        return rc;
+    if (rc) return rc;
     *out = c->files[c->num_files++];
     return 0;
 }
@@ -546,8 +534,7 @@ static int open_index(epd_st_ckpt_t *c, const char *dir, const char *ipath, epd_
     size_t len = 0;
     cJSON *root = NULL;
     int rc = read_small_file(ipath, EPD_ST_MAX_INDEX_BYTES, &text, &len, err);
-    if (rc)
-        return rc;
+    if (rc) return rc;
     root = cJSON_ParseWithLength(text, len);
     if (!root) {
         const char *at = cJSON_GetErrorPtr();
@@ -580,8 +567,7 @@ static int open_index(epd_st_ckpt_t *c, const char *dir, const char *ipath, epd_
             goto out;
         }
         epd_st_file_t *f;
-        if ((rc = add_file(c, dir, fn, &f, err)) != 0)
-            goto out;
+        if ((rc = add_file(c, dir, fn, &f, err)) != 0) goto out;
         const epd_st_tensor_t *t = epd_st_file_find(f, e->string);
         if (!t) {
             rc = epd_err_set(err, -EINVAL, "%s: weight_map.%s names %s, which has no such tensor",
@@ -611,17 +597,15 @@ int epd_st_ckpt_open(const char *dir, epd_st_ckpt_t **out, epd_err_t *err)
     *out = NULL;
     epd_st_ckpt_t *c = calloc(1, sizeof(*c));
     char *ipath = join_path(dir, "model.safetensors.index.json");
-    if (!c || !ipath) {
+    if (!c || !ipath || !(c->dir = strdup(dir))) {
         rc = epd_err_set(err, -ENOMEM, "out of memory");
         goto fail;
     }
     if (access(ipath, F_OK) == 0) {
-        if ((rc = open_index(c, dir, ipath, err)) != 0)
-            goto fail;
+        if ((rc = open_index(c, dir, ipath, err)) != 0) goto fail;
     } else {
         epd_st_file_t *f;
-        if ((rc = add_file(c, dir, "model.safetensors", &f, err)) != 0)
-            goto fail;
+        if ((rc = add_file(c, dir, "model.safetensors", &f, err)) != 0) goto fail;
         c->entries = calloc(f->count ? (size_t)f->count : 1, sizeof(*c->entries));
         if (!c->entries) {
             rc = epd_err_set(err, -ENOMEM, "out of memory");
@@ -644,12 +628,12 @@ fail:
 
 void epd_st_ckpt_close(epd_st_ckpt_t *c)
 {
-    if (!c)
-        return;
+    if (!c) return;
     for (int i = 0; i < c->num_files; i++)
         epd_st_file_close(c->files[i]);
     free(c->files);
     free(c->entries);
+    free(c->dir);
     free(c);
 }
 
@@ -672,16 +656,14 @@ static void fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape)
     o += (size_t)snprintf(buf + o, n - o, "[");
     for (int i = 0; i < ndim && o < n; i++)
         o += (size_t)snprintf(buf + o, n - o, "%s%lld", i ? ", " : "", (long long)shape[i]);
-    if (o < n)
-        snprintf(buf + o, n - o, "]");
+    if (o < n) snprintf(buf + o, n - o, "]");
 }
 
 int epd_st_ckpt_load_f32(const epd_st_ckpt_t *c, const char *name, int ndim, const int64_t *shape,
                          float *dst, epd_err_t *err)
 {
     const epd_st_tensor_t *t = epd_st_ckpt_find(c, name);
-    if (!t)
-        return epd_err_set(err, -ENOENT, "checkpoint has no tensor '%s'", name);
+    if (!t) return epd_err_set(err, -ENOENT, "%s: checkpoint has no tensor '%s'", c->dir, name);
     int same = t->ndim == ndim;
     for (int i = 0; same && i < ndim; i++)
         same = t->shape[i] == shape[i];
@@ -692,7 +674,6 @@ int epd_st_ckpt_load_f32(const epd_st_ckpt_t *c, const char *name, int ndim, con
         return epd_err_set(err, -EINVAL, "%s: tensor '%s' has shape %s, the config implies %s",
                            epd_st_file_path(t->file), name, got, want);
     }
-    if (dst)
-        epd_st_to_f32(t, dst);
+    if (dst) epd_st_to_f32(t, dst);
     return 0;
 }

@@ -53,10 +53,8 @@ int epd_sampler_init(epd_sampler_t *s, const epd_sampling_t *p, uint64_t seed, i
                            (double)p->temperature);
     if (!(p->top_p > 0 && p->top_p <= 1))
         return epd_err_set(err, -EINVAL, "top_p: %g must be in (0, 1]", (double)p->top_p);
-    if (p->top_k < 0)
-        return epd_err_set(err, -EINVAL, "top_k: %d must be >= 0", p->top_k);
-    if (vocab < 1)
-        return epd_err_set(err, -EINVAL, "sampler: vocabulary of %d tokens", vocab);
+    if (p->top_k < 0) return epd_err_set(err, -EINVAL, "top_k: %d must be >= 0", p->top_k);
+    if (vocab < 1) return epd_err_set(err, -EINVAL, "sampler: vocabulary of %d tokens", vocab);
     s->p = *p;
     s->vocab = vocab;
     epd_rng_seed(&s->rng, seed);
@@ -92,21 +90,18 @@ static _Thread_local const double *tl_prob;
 static int by_prob_desc(const void *a, const void *b)
 {
     int32_t x = *(const int32_t *)a, y = *(const int32_t *)b;
-    if (tl_prob[x] != tl_prob[y])
-        return tl_prob[x] > tl_prob[y] ? -1 : 1;
+    if (tl_prob[x] != tl_prob[y]) return tl_prob[x] > tl_prob[y] ? -1 : 1;
     return x < y ? -1 : x > y; /* equal probabilities: lower id first */
 }
 
 int32_t epd_sampler_pick(epd_sampler_t *s, const float *logits)
 {
     int V = s->vocab;
-    if (s->p.temperature == 0)
-        return epd_argmax(logits, V);
+    if (s->p.temperature == 0) return epd_argmax(logits, V);
     /* softmax(logits / T) in double; NaN logits get probability 0 */
     double mx = -INFINITY;
     for (int i = 0; i < V; i++)
-        if (logits[i] > mx)
-            mx = logits[i];
+        if (logits[i] > mx) mx = logits[i];
     double sum = 0;
     for (int i = 0; i < V; i++) {
         double p = logits[i] == logits[i] ? exp(((double)logits[i] - mx) / s->p.temperature) : 0;
@@ -114,8 +109,7 @@ int32_t epd_sampler_pick(epd_sampler_t *s, const float *logits)
         sum += p;
         s->order[i] = i;
     }
-    if (!(sum > 0))
-        return epd_argmax(logits, V);
+    if (!(sum > 0)) return epd_argmax(logits, V);
     tl_prob = s->prob;
     qsort(s->order, (size_t)V, sizeof(int32_t), by_prob_desc);
     /* keep a prefix of the sorted tokens: at most top_k, and the shortest one whose mass
@@ -125,14 +119,12 @@ int32_t epd_sampler_pick(epd_sampler_t *s, const float *logits)
     int n = 0;
     while (n < keep) {
         mass += s->prob[s->order[n++]];
-        if (mass >= target)
-            break;
+        if (mass >= target) break;
     }
     double u = epd_rng_uniform(&s->rng) * mass, acc = 0;
     for (int i = 0; i < n; i++) {
         acc += s->prob[s->order[i]];
-        if (u < acc)
-            return s->order[i];
+        if (u < acc) return s->order[i];
     }
     return s->order[n - 1];
 }

@@ -13,8 +13,7 @@ static int ints(const cJSON *a, int32_t *out, int max)
 {
     int n = 0;
     for (const cJSON *v = a ? a->child : NULL; v; v = v->next) {
-        if (n == max || !cJSON_IsNumber(v))
-            return -1;
+        if (n == max || !cJSON_IsNumber(v)) return -1;
         out[n++] = (int32_t)v->valueint;
     }
     return n;
@@ -27,12 +26,10 @@ int oracle_load(const char *dir, oracle_t *o, epd_err_t *err)
     memset(o, 0, sizeof(*o));
     snprintf(path, sizeof(path), "%s/expected.json", dir);
     int rc = epd_read_text_file(path, 64u << 20, &text, &len, err);
-    if (rc)
-        return rc;
+    if (rc) return rc;
     cJSON *root = cJSON_ParseWithLength(text, len);
     free(text);
-    if (!root)
-        return epd_err_set(err, -EINVAL, "%s: not JSON", path);
+    if (!root) return epd_err_set(err, -EINVAL, "%s: not JSON", path);
     const cJSON *cases = cJSON_GetObjectItemCaseSensitive(root, "cases");
     const cJSON *nt = cJSON_GetObjectItemCaseSensitive(root, "new_tokens");
     if (!cJSON_IsArray(cases) || !cJSON_IsNumber(nt) || nt->valueint > ORACLE_MAX_NEW) {
@@ -55,8 +52,7 @@ int oracle_load(const char *dir, oracle_t *o, epd_err_t *err)
             goto out;
         }
         int V = cJSON_GetArraySize(lg->child);
-        if (o->vocab == 0)
-            o->vocab = V;
+        if (o->vocab == 0) o->vocab = V;
         oc->logits = malloc(sizeof(float) * (size_t)V * (size_t)o->new_tokens);
         if (!oc->logits || V != o->vocab) {
             rc = epd_err_set(err, -EINVAL, "%s: case %d logits", path, o->num_cases - 1);
@@ -100,8 +96,7 @@ static int plan(const oracle_t *o, gen_state_t *st, int n, int chunk, epd_batch_
     int budget = chunk, k = 0;
     for (int i = 0; i < n && budget > 0; i++) {
         const oracle_case_t *oc = &o->cases[st[i].c];
-        if (st[i].gen == o->new_tokens)
-            continue;
+        if (st[i].gen == o->new_tokens) continue;
         epd_batch_item_t *it = &items[k];
         it->seq = st[i].seq;
         if (st[i].fed < oc->prompt_len) {
@@ -130,15 +125,12 @@ static int steps_for_rank(const oracle_t *o, int r, int R, int chunk)
         st[n++] = (gen_state_t){.c = c};
     for (;;) {
         int k = plan(o, st, n, chunk, items, map);
-        if (k == 0)
-            return steps;
+        if (k == 0) return steps;
         steps++;
         for (int i = 0; i < k; i++) {
             gen_state_t *s = &st[map[i]];
-            if (s->fed < o->cases[s->c].prompt_len)
-                s->fed += items[i].num_tokens;
-            if (items[i].want_logits)
-                s->gen++;
+            if (s->fed < o->cases[s->c].prompt_len) s->fed += items[i].num_tokens;
+            if (items[i].want_logits) s->gen++;
         }
     }
 }
@@ -156,8 +148,7 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
     float *logits = NULL;
     memset(st, 0, sizeof(st));
     snprintf(path, sizeof(path), "%s/config.json", dir);
-    if ((rc = epd_hf_config_load(path, &hf, err)))
-        return rc;
+    if ((rc = epd_hf_config_load(path, &hf, err))) return rc;
     ep_config_t cfg;
     ep_config_init(&cfg);
     cfg.transport = transport;
@@ -168,13 +159,11 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
         return epd_err_set(err, -EIO, "rank %d: ep_group_create: %s (%s)", r, ep_strerror(es),
                            ep_group_last_error(NULL));
     epd_model_opts_t opts = {.dir = dir, .group = g, .placement = placement, .max_seq_len = 64};
-    if ((rc = epd_model_load(&opts, &m, err)))
-        goto out;
+    if ((rc = epd_model_load(&opts, &m, err))) goto out;
     epd_model_mem(m, &res->mem);
     for (int c = r; c < o->num_cases; c += R) {
         st[n].c = c;
-        if ((rc = epd_seq_create(m, &st[n].seq, err)))
-            goto out;
+        if ((rc = epd_seq_create(m, &st[n].seq, err))) goto out;
         n++;
     }
     int steps = 0;
@@ -193,18 +182,14 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
         int k = plan(o, st, n, chunk, items, map);
         for (int i = 0; i < k; i++) {
             gen_state_t *s = &st[map[i]];
-            if (!items[i].tokens)
-                items[i].tokens = &res->tokens[s->c][s->gen - 1];
+            if (!items[i].tokens) items[i].tokens = &res->tokens[s->c][s->gen - 1];
         }
         /* a rank out of work still joins the step with zero items */
-        if ((rc = epd_model_forward(m, items, k, logits, err)))
-            goto out;
+        if ((rc = epd_model_forward(m, items, k, logits, err))) goto out;
         for (int i = 0, row = 0; i < k; i++) {
             gen_state_t *s = &st[map[i]];
-            if (s->fed < o->cases[s->c].prompt_len)
-                s->fed += items[i].num_tokens;
-            if (!items[i].want_logits)
-                continue;
+            if (s->fed < o->cases[s->c].prompt_len) s->fed += items[i].num_tokens;
+            if (!items[i].want_logits) continue;
             const float *lg = logits + (size_t)row++ * o->vocab;
             memcpy(res->logits[s->c] + (size_t)s->gen * o->vocab, lg, sizeof(float) * o->vocab);
             res->tokens[s->c][s->gen] = epd_argmax(lg, o->vocab);

@@ -16,8 +16,7 @@ static void test_oracle_config(void **state)
     epd_hf_config_t c;
     epd_err_t err;
     int rc = epd_hf_config_load(EPD_ORACLE_DIR "/config.json", &c, &err);
-    if (rc)
-        fail_msg("%s", err.msg);
+    if (rc) fail_msg("%s", err.msg);
     assert_string_equal(c.model_type, "qwen3_moe");
     assert_int_equal(c.hidden_size, 128);
     assert_int_equal(c.intermediate_size, 256);
@@ -61,8 +60,7 @@ static void test_published_config(void **state)
     epd_hf_config_t c;
     epd_err_t err;
     int rc = epd_hf_config_parse(PUBLISHED, strlen(PUBLISHED), "config.json", &c, &err);
-    if (rc)
-        fail_msg("%s", err.msg);
+    if (rc) fail_msg("%s", err.msg);
     assert_int_equal(c.num_experts, 128);
     assert_int_equal(c.num_experts_per_tok, 8);
     assert_int_equal(c.head_dim, 128);
@@ -83,8 +81,7 @@ static void test_defaults(void **state)
     epd_hf_config_t c;
     epd_err_t err;
     int rc = epd_hf_config_parse(j, strlen(j), "config.json", &c, &err);
-    if (rc)
-        fail_msg("%s", err.msg);
+    if (rc) fail_msg("%s", err.msg);
     /* transformers' defaults for the fields left out */
     assert_int_equal(c.num_key_value_heads, 4);
     assert_int_equal(c.head_dim, 16);
@@ -98,9 +95,9 @@ static void test_defaults(void **state)
 
 /* A valid minimal config as key/value pairs; each bad case drops or replaces one key. */
 static const char *const BASE[][2] = {
-    {"model_type", "\"qwen3_moe\""}, {"hidden_size", "64"},          {"num_hidden_layers", "2"},
-    {"num_attention_heads", "4"},      {"vocab_size", "100"},          {"moe_intermediate_size", "32"},
-    {"num_experts_per_tok", "2"},      {"num_experts", "8"},
+    {"model_type", "\"qwen3_moe\""}, {"hidden_size", "64"}, {"num_hidden_layers", "2"},
+    {"num_attention_heads", "4"},    {"vocab_size", "100"}, {"moe_intermediate_size", "32"},
+    {"num_experts_per_tok", "2"},    {"num_experts", "8"},
 };
 
 static const struct {
@@ -146,10 +143,9 @@ static char *build(const char *key, const char *value)
     int n = 0;
     o += (size_t)snprintf(buf + o, sizeof(buf) - o, "{");
     for (size_t i = 0; i < sizeof(BASE) / sizeof(BASE[0]); i++) {
-        if (!strcmp(BASE[i][0], key))
-            continue;
-        o += (size_t)snprintf(buf + o, sizeof(buf) - o, "%s\"%s\":%s", n++ ? "," : "",
-                              BASE[i][0], BASE[i][1]);
+        if (!strcmp(BASE[i][0], key)) continue;
+        o += (size_t)snprintf(buf + o, sizeof(buf) - o, "%s\"%s\":%s", n++ ? "," : "", BASE[i][0],
+                              BASE[i][1]);
     }
     if (value)
         o += (size_t)snprintf(buf + o, sizeof(buf) - o, "%s\"%s\":%s", n ? "," : "", key, value);
@@ -169,11 +165,10 @@ static void test_bad_configs(void **state)
         const char *j = build(BAD[i].key, BAD[i].value);
         err.msg[0] = 0;
         int rc = epd_hf_config_parse(j, strlen(j), "config.json", &c, &err);
-        if (getenv("EPD_TEST_VERBOSE"))
-            printf("  %s\n", err.msg);
+        if (getenv("EPD_TEST_VERBOSE")) printf("  %s\n", err.msg);
         if (rc != BAD[i].status || !strstr(err.msg, BAD[i].expect))
-            fail_msg("case %zu (%s): status %d (expected %d), message \"%s\" lacks \"%s\"", i,
-                     j, rc, BAD[i].status, err.msg, BAD[i].expect);
+            fail_msg("case %zu (%s): status %d (expected %d), message \"%s\" lacks \"%s\"", i, j,
+                     rc, BAD[i].status, err.msg, BAD[i].expect);
     }
     const char *arr = "[1]";
     assert_int_equal(epd_hf_config_parse(arr, 3, "config.json", &c, &err), -EINVAL);

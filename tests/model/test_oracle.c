@@ -58,9 +58,9 @@ static void *rank_main(void *p)
     rank_arg_t *a = p;
     ep_bootstrap_t bs;
     ep_inproc_bootstrap(a->run->world, a->rank, &bs);
-    a->run->rc[a->rank] = oracle_run_rank(EPD_ORACLE_DIR, &g_oracle, &bs, EP_TRANSPORT_AUTO,
-                                          a->run->placement, CHUNK, &a->run->res[a->rank],
-                                          &a->run->err[a->rank]);
+    a->run->rc[a->rank] =
+        oracle_run_rank(EPD_ORACLE_DIR, &g_oracle, &bs, EP_TRANSPORT_AUTO, a->run->placement, CHUNK,
+                        &a->run->res[a->rank], &a->run->err[a->rank]);
     return NULL;
 }
 
@@ -84,8 +84,7 @@ static void run_ranks(int R, const epd_placement_t *placement, oracle_result_t *
     for (int r = 0; r < R; r++)
         pthread_join(th[r], NULL);
     for (int r = 0; r < R; r++)
-        if (run->rc[r])
-            fail_msg("R=%d rank %d: %s", R, r, run->err[r].msg);
+        if (run->rc[r]) fail_msg("R=%d rank %d: %s", R, r, run->err[r].msg);
     for (int c = 0; c < o->num_cases; c++)
         memcpy(out->tokens[c], run->res[c % R].tokens[c], sizeof(out->tokens[c]));
     out->mem = run->res[0].mem;
@@ -216,8 +215,7 @@ static int free_port(void)
     if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
         getsockname(fd, (struct sockaddr *)&a, &len) == 0)
         port = ntohs(a.sin_port);
-    if (fd >= 0)
-        close(fd);
+    if (fd >= 0) close(fd);
     return port;
 }
 
@@ -264,8 +262,7 @@ static void test_tcp(int R)
     for (int r = 0; r < R; r++) {
         pid[r] = fork();
         assert_true(pid[r] >= 0);
-        if (pid[r] == 0)
-            _exit(tcp_rank(sh, r, R, port));
+        if (pid[r] == 0) _exit(tcp_rank(sh, r, R, port));
     }
     /* every child is reaped; one still running at the limit is killed (a hang is a failure) */
     struct timespec t0, now;
@@ -275,8 +272,7 @@ static void test_tcp(int R)
         status[r] = -1;
     while (left > 0) {
         for (int r = 0; r < R; r++) {
-            if (status[r] != -1)
-                continue;
+            if (status[r] != -1) continue;
             int ws;
             pid_t w = waitpid(pid[r], &ws, WNOHANG);
             if (w == pid[r]) {
@@ -289,11 +285,9 @@ static void test_tcp(int R)
         if (left > 0 && ms > TCP_LIMIT_MS && !hung) {
             hung = 1;
             for (int r = 0; r < R; r++)
-                if (status[r] == -1)
-                    kill(pid[r], SIGKILL);
+                if (status[r] == -1) kill(pid[r], SIGKILL);
         }
-        if (left > 0)
-            usleep(2000);
+        if (left > 0) usleep(2000);
     }
     for (int r = 0; r < R; r++)
         if (status[r] != 0)
@@ -343,8 +337,7 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     (void)state;
-    if (g_one_rank)
-        free_result(g_one_rank);
+    if (g_one_rank) free_result(g_one_rank);
     oracle_free(&g_oracle);
     return 0;
 }
@@ -352,12 +345,9 @@ static int teardown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_one_rank),
-        cmocka_unit_test(test_two_ranks),
-        cmocka_unit_test(test_four_ranks),
-        cmocka_unit_test(test_explicit_placement),
-        cmocka_unit_test(test_tcp_two_processes),
-        cmocka_unit_test(test_tcp_four_processes),
+        cmocka_unit_test(test_one_rank),          cmocka_unit_test(test_two_ranks),
+        cmocka_unit_test(test_four_ranks),        cmocka_unit_test(test_explicit_placement),
+        cmocka_unit_test(test_tcp_two_processes), cmocka_unit_test(test_tcp_four_processes),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

@@ -67,8 +67,7 @@ static void test_bytes_per_rank(void **state)
     epd_hf_config_t c;
     epd_err_t err;
     int rc = epd_hf_config_load(EPD_ORACLE_DIR "/config.json", &c, &err);
-    if (rc)
-        fail_msg("%s", err.msg);
+    if (rc) fail_msg("%s", err.msg);
     /* counted by hand from the oracle's shapes (H 128, V 384, 4 q / 2 kv heads of 32, experts
      * 16 x (3 x 96 x 128), dense layer 1 with intermediate 256, untied lm_head) */
     size_t H = 128, V = 384;

@@ -22,8 +22,7 @@ static int write_st(const char *dir, const char *name, const char *header, const
     for (int i = 0; i < 8; i++)
         buf[i] = (unsigned char)(h >> (8 * i));
     memcpy(buf + 8, header, hl);
-    if (data_len)
-        memcpy(buf + 8 + hl, data, data_len);
+    if (data_len) memcpy(buf + 8 + hl, data, data_len);
     int rc = write_file(dir, name, buf, n);
     free(buf);
     return rc;
@@ -75,8 +74,7 @@ static void test_valid_file(void **state)
     epd_st_file_t *f = NULL;
     epd_err_t err;
     int rc = epd_st_file_open(path_in(dir, "model.safetensors"), &f, &err);
-    if (rc)
-        fail_msg("%s", err.msg);
+    if (rc) fail_msg("%s", err.msg);
     assert_int_equal(epd_st_file_count(f), 3);
     const epd_st_tensor_t *a = epd_st_file_find(f, "a"), *b = epd_st_file_find(f, "b"),
                           *c = epd_st_file_find(f, "c");
@@ -109,8 +107,7 @@ static void test_valid_file(void **state)
     /* the directory form without an index is the same file */
     epd_st_ckpt_t *ck = NULL;
     rc = epd_st_ckpt_open(dir, &ck, &err);
-    if (rc)
-        fail_msg("%s", err.msg);
+    if (rc) fail_msg("%s", err.msg);
     assert_int_equal(epd_st_ckpt_num_files(ck), 1);
     int64_t shape[2] = {2, 3};
     assert_int_equal(epd_st_ckpt_load_f32(ck, "a", 2, shape, out, &err), 0);
@@ -127,10 +124,10 @@ static void test_valid_file(void **state)
 
 typedef struct bad_case {
     const char *what;
-    const char *header;  /* NULL: raw bytes below */
-    size_t data_len;     /* bytes of zero data after the header */
-    int64_t hlen;        /* header length field (-1: the header's length) */
-    const char *raw;     /* whole file when header is NULL */
+    const char *header; /* NULL: raw bytes below */
+    size_t data_len;    /* bytes of zero data after the header */
+    int64_t hlen;       /* header length field (-1: the header's length) */
+    const char *raw;    /* whole file when header is NULL */
     size_t raw_len;
     int status;
     const char *expect[3]; /* substrings of the message */
@@ -139,54 +136,164 @@ typedef struct bad_case {
 #define T1 "\"t\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}"
 
 static const bad_case_t BAD[] = {
-    {"file shorter than the length field", NULL, 0, -1, "\x10\x00\x00", 3, -EINVAL,
+    {"file shorter than the length field",
+     NULL,
+     0,
+     -1,
+     "\x10\x00\x00",
+     3,
+     -EINVAL,
      {"truncated", "3 bytes"}},
-    {"header length beyond the file", "{" T1 "}", 8, 4096, NULL, 0, -EINVAL,
+    {"header length beyond the file",
+     "{" T1 "}",
+     8,
+     4096,
+     NULL,
+     0,
+     -EINVAL,
      {"header length 4096 runs past the end of the file"}},
-    {"header length over the limit", "{" T1 "}", 8, (int64_t)1 << 40, NULL, 0, -EINVAL,
+    {"header length over the limit",
+     "{" T1 "}",
+     8,
+     (int64_t)1 << 40,
+     NULL,
+     0,
+     -EINVAL,
      {"exceeds the limit"}},
-    {"bad JSON", "{\"t\":{\"dtype\":\"F32\",,}}", 8, -1, NULL, 0, -EINVAL,
+    {"bad JSON",
+     "{\"t\":{\"dtype\":\"F32\",,}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
      {"header is not valid JSON", "near header byte"}},
     {"header not an object", "[1,2,3]", 0, -1, NULL, 0, -EINVAL, {"header is not a JSON object"}},
     {"junk after the JSON", "{" T1 "}xx", 8, -1, NULL, 0, -EINVAL, {"junk after the header"}},
-    {"truncated data", "{" T1 "}", 5, -1, NULL, 0, -EINVAL,
+    {"truncated data",
+     "{" T1 "}",
+     5,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
      {"tensor 't'", "end beyond the data section", "file byte offset"}},
-    {"offsets out of range", "{\"t\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}", 8,
-     -1, NULL, 0, -EINVAL, {"tensor 't'", "data_offsets [8, 16] end beyond the data section"}},
-    {"begin after end", "{\"t\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,0]}}", 8, -1,
-     NULL, 0, -EINVAL, {"tensor 't'", "begin > end"}},
+    {"offsets out of range",
+     "{\"t\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[8,16]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "data_offsets [8, 16] end beyond the data section"}},
+    {"begin after end",
+     "{\"t\":{\"dtype\":\"F32\",\"shape\":[0],\"data_offsets\":[8,0]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "begin > end"}},
     {"overlapping tensors",
      "{\"t\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]},"
      "\"u\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[4,12]}}",
-     12, -1, NULL, 0, -EINVAL, {"tensor 'u'", "overlaps tensor 't'"}},
+     12,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 'u'", "overlaps tensor 't'"}},
     {"hole between tensors",
      "{\"t\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[0,4]},"
      "\"u\":{\"dtype\":\"F32\",\"shape\":[1],\"data_offsets\":[8,12]}}",
-     12, -1, NULL, 0, -EINVAL, {"4 bytes at file byte offset", "belong to no tensor", "'u'"}},
+     12,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"4 bytes at file byte offset", "belong to no tensor", "'u'"}},
     {"trailing bytes", "{" T1 "}", 12, -1, NULL, 0, -EINVAL, {"4 trailing bytes"}},
-    {"shape/size mismatch", "{\"t\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}", 8,
-     -1, NULL, 0, -EINVAL, {"tensor 't'", "8 bytes", "need 12"}},
-    {"bf16 size mismatch", "{\"t\":{\"dtype\":\"BF16\",\"shape\":[2,3],\"data_offsets\":[0,8]}}",
-     8, -1, NULL, 0, -EINVAL, {"tensor 't'", "BF16 need 12"}},
+    {"shape/size mismatch",
+     "{\"t\":{\"dtype\":\"F32\",\"shape\":[3],\"data_offsets\":[0,8]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "8 bytes", "need 12"}},
+    {"bf16 size mismatch",
+     "{\"t\":{\"dtype\":\"BF16\",\"shape\":[2,3],\"data_offsets\":[0,8]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "BF16 need 12"}},
     {"shape product overflows",
-     "{\"t\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296],\"data_offsets\":[0,8]}}", 8, -1,
-     NULL, 0, -EINVAL, {"tensor 't'", "overflows 64 bits"}},
-    {"unknown dtype", "{\"t\":{\"dtype\":\"Q7\",\"shape\":[2],\"data_offsets\":[0,8]}}", 8, -1,
-     NULL, 0, -EINVAL, {"tensor 't'", "unknown dtype \"Q7\""}},
-    {"unsupported dtype", "{\"t\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[0,8]}}", 8,
-     -1, NULL, 0, -ENOTSUP, {"tensor 't'", "dtype I64 is not supported"}},
-    {"negative dimension", "{\"t\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}", 8,
-     -1, NULL, 0, -EINVAL, {"tensor 't'", "shape[0]"}},
-    {"fractional offset", "{\"t\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8.5]}}", 8,
-     -1, NULL, 0, -EINVAL, {"tensor 't'", "data_offsets are not non-negative integers"}},
-    {"missing data_offsets", "{\"t\":{\"dtype\":\"F32\",\"shape\":[2]}}", 8, -1, NULL, 0, -EINVAL,
+     "{\"t\":{\"dtype\":\"F32\",\"shape\":[4294967296,4294967296],\"data_offsets\":[0,8]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "overflows 64 bits"}},
+    {"unknown dtype",
+     "{\"t\":{\"dtype\":\"Q7\",\"shape\":[2],\"data_offsets\":[0,8]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "unknown dtype \"Q7\""}},
+    {"unsupported dtype",
+     "{\"t\":{\"dtype\":\"I64\",\"shape\":[1],\"data_offsets\":[0,8]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -ENOTSUP,
+     {"tensor 't'", "dtype I64 is not supported"}},
+    {"negative dimension",
+     "{\"t\":{\"dtype\":\"F32\",\"shape\":[-2],\"data_offsets\":[0,8]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "shape[0]"}},
+    {"fractional offset",
+     "{\"t\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8.5]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "data_offsets are not non-negative integers"}},
+    {"missing data_offsets",
+     "{\"t\":{\"dtype\":\"F32\",\"shape\":[2]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
      {"tensor 't'", "\"data_offsets\""}},
-    {"missing shape", "{\"t\":{\"dtype\":\"F32\",\"data_offsets\":[0,8]}}", 8, -1, NULL, 0,
-     -EINVAL, {"tensor 't'", "\"shape\""}},
+    {"missing shape",
+     "{\"t\":{\"dtype\":\"F32\",\"data_offsets\":[0,8]}}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
+     {"tensor 't'", "\"shape\""}},
     {"entry not an object", "{\"t\":7}", 0, -1, NULL, 0, -EINVAL, {"tensor 't'", "not a JSON"}},
-    {"duplicate tensor", "{" T1 "," T1 "}", 8, -1, NULL, 0, -EINVAL,
-     {"tensor 't' appears twice"}},
-    {"metadata value not a string", "{\"__metadata__\":{\"n\":3}," T1 "}", 8, -1, NULL, 0, -EINVAL,
+    {"duplicate tensor", "{" T1 "," T1 "}", 8, -1, NULL, 0, -EINVAL, {"tensor 't' appears twice"}},
+    {"metadata value not a string",
+     "{\"__metadata__\":{\"n\":3}," T1 "}",
+     8,
+     -1,
+     NULL,
+     0,
+     -EINVAL,
      {"__metadata__.n is not a string"}},
 };
 
@@ -209,8 +316,7 @@ static void test_corrupt_files(void **state)
         if (rc != c->status)
             fail_msg("case '%s': status %d, expected %d (%s)", c->what, rc, c->status, err.msg);
         assert_null(f);
-        if (getenv("EPD_TEST_VERBOSE"))
-            printf("  %-36s %s\n", c->what, err.msg);
+        if (getenv("EPD_TEST_VERBOSE")) printf("  %-36s %s\n", c->what, err.msg);
         if (!strstr(err.msg, "model.safetensors"))
             fail_msg("case '%s': message does not name the file: %s", c->what, err.msg);
         for (int j = 0; j < 3 && c->expect[j]; j++)
@@ -241,12 +347,13 @@ static void test_sharded(void **state)
     unsigned char d1[8], d2[4];
     put_f32(d1, 1.5f);
     put_f32(d1 + 4, -3.0f);
-    put_u16(d2, 0x4040); /* bf16 3.0 */
+    put_u16(d2, 0x4040);     /* bf16 3.0 */
     put_u16(d2 + 2, 0xbf00); /* bf16 -0.5 */
-    assert_int_equal(write_st(dir, "model-00001-of-00002.safetensors",
-                              "{\"x.weight\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}",
-                              d1, 8, -1),
-                     0);
+    assert_int_equal(
+        write_st(dir, "model-00001-of-00002.safetensors",
+                 "{\"x.weight\":{\"dtype\":\"F32\",\"shape\":[2],\"data_offsets\":[0,8]}}", d1, 8,
+                 -1),
+        0);
     assert_int_equal(write_st(dir, "model-00002-of-00002.safetensors",
                               "{\"y.weight\":{\"dtype\":\"BF16\",\"shape\":[1,2],"
                               "\"data_offsets\":[0,4]}}",
@@ -259,8 +366,7 @@ static void test_sharded(void **state)
     epd_st_ckpt_t *ck = NULL;
     epd_err_t err;
     int rc = epd_st_ckpt_open(dir, &ck, &err);
-    if (rc)
-        fail_msg("%s", err.msg);
+    if (rc) fail_msg("%s", err.msg);
     assert_int_equal(epd_st_ckpt_num_files(ck), 2);
     float v[2];
     int64_t s1[1] = {2}, s2[2] = {1, 2};
@@ -288,8 +394,7 @@ static void test_sharded(void **state)
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         assert_int_equal(
-            write_file(dir, "model.safetensors.index.json", bad[i].index, strlen(bad[i].index)),
-            0);
+            write_file(dir, "model.safetensors.index.json", bad[i].index, strlen(bad[i].index)), 0);
         ck = (epd_st_ckpt_t *)0x1;
         rc = epd_st_ckpt_open(dir, &ck, &err);
         if (rc != bad[i].status || !strstr(err.msg, bad[i].expect))

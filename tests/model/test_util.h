@@ -26,8 +26,7 @@ static inline void rm_tree(const char *dir)
         struct dirent *e;
         char p[1024];
         while ((e = readdir(d))) {
-            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, ".."))
-                continue;
+            if (!strcmp(e->d_name, ".") || !strcmp(e->d_name, "..")) continue;
             snprintf(p, sizeof(p), "%s/%s", dir, e->d_name);
             unlink(p);
         }
@@ -41,8 +40,7 @@ static inline int write_file(const char *dir, const char *name, const void *data
     char p[1024];
     snprintf(p, sizeof(p), "%s/%s", dir, name);
     FILE *f = fopen(p, "wb");
-    if (!f)
-        return -1;
+    if (!f) return -1;
     size_t w = len ? fwrite(data, 1, len, f) : 0;
     return (fclose(f) == 0 && w == len) ? 0 : -1;
 }
