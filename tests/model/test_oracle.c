@@ -229,7 +229,8 @@ static int tcp_rank(shared_t *sh, int rank, int R, int port)
     ep_tcp_bootstrap_t *b = NULL;
     ep_status_t st = ep_tcp_bootstrap_create("127.0.0.1", port, rank, R, 20000, &b);
     if (st != EP_OK) {
-        snprintf(sh->msg[rank], EPD_ERR_MSG_MAX, "ep_tcp_bootstrap_create: %s", ep_strerror(st));
+        snprintf(sh->msg[rank], EPD_ERR_MSG_MAX, "ep_tcp_bootstrap_create: %s (%s)",
+                 ep_strerror(st), ep_tcp_bootstrap_last_error());
         return 1;
     }
     ep_bootstrap_t bs;
