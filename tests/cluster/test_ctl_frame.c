@@ -45,7 +45,7 @@ static size_t raw_frame(uint8_t *out, uint8_t type, const uint8_t *payload, uint
     out[5] = type;
     put_be16(out + 6, 0);
     put_be32(out + 8, len);
-    memcpy(out + 12, payload, len);
+    if (len) memcpy(out + 12, payload, len);
     return 12 + (size_t)len;
 }
 
