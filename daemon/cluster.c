@@ -1221,11 +1221,14 @@ static void on_tick(uv_timer_t *t)
         uint64_t silence = now - p->last_seen_ms;
         char why[128];
         if (silence >= 2 * to) {
-            snprintf(why, sizeof why, "no frame for %" PRIu64 " ms (timeout %d ms, twice)", silence,
-                     c->cfg.heartbeat_timeout_ms);
+            snprintf(why, sizeof why,
+                     "no frame for %" PRIu64
+                     " ms (down after 2 x timeouts.heartbeat_timeout_ms = %d ms)",
+                     silence, 2 * c->cfg.heartbeat_timeout_ms);
             set_peer_state(c, p, EPD_PEER_DOWN, why);
         } else if (silence >= to && p->state == EPD_PEER_UP) {
-            snprintf(why, sizeof why, "no frame for %" PRIu64 " ms (timeout %d ms)", silence,
+            snprintf(why, sizeof why,
+                     "no frame for %" PRIu64 " ms (timeouts.heartbeat_timeout_ms %d)", silence,
                      c->cfg.heartbeat_timeout_ms);
             set_peer_state(c, p, EPD_PEER_SUSPECT, why);
         }

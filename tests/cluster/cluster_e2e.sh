@@ -5,6 +5,7 @@
 #    (/readyz 503 naming the node, epd_cluster_peer_state{peer} = 3 (down));
 #  - restarted, it rejoins and the cluster forms again at a newer epoch;
 #  - a node with the wrong secret is refused and counted (epd_ctl_rejected_frames_total);
+#  - a node whose cluster-wide settings differ is refused, naming the setting;
 #  - `epctl up` exits non-zero naming the node that is missing;
 #  - drain makes a node not ready; `epctl down` stops a node and its peers see it leave at once.
 # Usage: cluster_e2e.sh EPD EPCTL CLUSTER_TESTUTIL
@@ -38,7 +39,7 @@ chmod 600 "$WORK/secret"
 head -c 32 /dev/urandom | base64 >"$WORK/wrong-secret"
 chmod 600 "$WORK/wrong-secret"
 
-write_config() { # node secret_file
+write_config() { # node secret_file [max_batch_tokens]
     local i=$1 peers="" j
     for ((j = 0; j < N; j++)); do
         [ "$j" = "$i" ] && continue
@@ -51,6 +52,7 @@ write_config() { # node secret_file
               "peers": [$peers], "secret_file": "$2"},
   "http": {"listen": {"host": "127.0.0.1", "port": ${HTTP[i]}}},
   "compute": {"ranks_per_node": 2},
+  "model": {"max_batch_tokens": ${3:-128}},
   "timeouts": {"connect_ms": 500, "heartbeat_interval_ms": $HB, "heartbeat_timeout_ms": $TO,
                "shutdown_ms": 1000},
   "log": {"level": "info"}
@@ -58,8 +60,8 @@ write_config() { # node secret_file
 JSON
 }
 
-start_node() { # node [secret_file]
-    write_config "$1" "${2:-$WORK/secret}"
+start_node() { # node [secret_file [max_batch_tokens]]
+    write_config "$1" "${2:-$WORK/secret}" "${3:-}"
     "$EPD" -c "$WORK/n$1.json" 2>>"$WORK/n$1.log" &
     PID[$1]=$!
 }
@@ -160,6 +162,13 @@ wait_readyz 3 "cluster" 3000 || fail "node 3 with the wrong secret is ready"
 "$EPCTL" up "$WORK/cluster.json" --deadline 1 --interval 100 >/dev/null 2>"$WORK/up4.err"
 [ $? = 3 ] || fail "epctl up should exit 3 (reachable, not ready): $(cat "$WORK/up4.err")"
 grep -q "node 3 (127.0.0.1:${HTTP[3]})" "$WORK/up4.err" || fail "epctl up did not name node 3: $(cat "$WORK/up4.err")"
+kill -9 "${PID[3]}"
+wait "${PID[3]}" 2>/dev/null
+
+# ---- a differing cluster-wide setting: refused, and the setting is named ----
+start_node 3 "$WORK/secret" 256
+wait_readyz 3 "model.max_batch_tokens" 5000 || fail "node 3 (max_batch_tokens 256) not refused naming the setting"
+wait_readyz 0 "model.max_batch_tokens" 2000 || fail "node 0 does not name the differing setting of node 3"
 kill -9 "${PID[3]}"
 wait "${PID[3]}" 2>/dev/null
 start_node 3
