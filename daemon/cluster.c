@@ -61,6 +61,7 @@ static void evaluate(epd_cluster_t *c);
 static void conn_close(cl_conn_t *cn);
 static void schedule_retry(cl_peer_t *p, epd_cluster_t *c);
 static void retry_cb(uv_timer_t *t);
+static void on_shutdown(uv_shutdown_t *req, int status);
 
 const char *epd_peer_state_name(epd_peer_state_t s)
 {
@@ -541,14 +542,14 @@ static void refuse_peer(cl_conn_t *cn, const char *reason, const char *setting)
         EPD_DEBUG(SUB, "refusing node %d (%s) again: %s", p->id, cn->remote, reason);
     p->hello_ok = 0;
     set_peer_state(c, p, EPD_PEER_REFUSED, reason);
-    /* The REFUSE goes out before the close: uv_close would drop queued writes. */
+    /* uv_close would drop the queued REFUSE: shut the write side down first (it completes once
+     * the frame is handed to the kernel) and close from its callback. */
     cn->closing = 1;
     conn_unlink(c, cn);
     if (p->conn == cn) p->conn = NULL;
-    if (uv_shutdown(&cn->sreq, (uv_stream_t *)&cn->tcp, NULL) < 0) {
-        /* nothing queued can be flushed; close below */
-    }
-    uv_close((uv_handle_t *)&cn->tcp, on_conn_closed);
+    cn->sreq.data = cn;
+    if (uv_shutdown(&cn->sreq, (uv_stream_t *)&cn->tcp, on_shutdown) < 0)
+        uv_close((uv_handle_t *)&cn->tcp, on_conn_closed);
     if (cn->outbound) schedule_retry(p, c);
     evaluate(c);
 }
