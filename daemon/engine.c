@@ -679,6 +679,14 @@ static void *rank_main(void *arg)
     }
     uv_async_send(&e->async);
     if (!rk->load_rc) serve(rk);
+    /* group destruction is collective: every rank thread leaves together */
+    epd_model_destroy(rk->model);
+    rk->model = NULL;
+    pthread_mutex_lock(&e->mu);
+    ep_group_t *g = rk->group;
+    rk->group = NULL;
+    pthread_mutex_unlock(&e->mu);
+    ep_group_destroy(g);
     return NULL;
 }
 
@@ -976,8 +984,6 @@ void epd_engine_destroy(epd_engine_t *e)
                 snprintf(r->error, sizeof(r->error), "the engine is stopping");
                 deliver(e, &(out_ev_t){r, 1, 0, 0});
             }
-        epd_model_destroy(rk->model);
-        ep_group_destroy(rk->group);
         free(rk->logits);
         free(rk->items);
         free(rk->item_req);
