@@ -201,8 +201,11 @@ static ep_status_t read_from_root(ep_tcp_bootstrap_t *b, uint8_t *h, uint64_t de
     int fd = b->fds[0];
     int r = read_all(fd, h, BS_HDR_BYTES, deadline);
     if (r < 0)
-        return bs_fail(io_status(r), "rank %d: %s: no answer from rank 0 (%s within %u ms)",
-                       b->rank, what, io_what(r), ms);
+        return r == -ETIMEDOUT
+                   ? bs_fail(EP_ERR_TIMEOUT, "rank %d: %s: no answer from rank 0 within %u ms",
+                             b->rank, what, ms)
+                   : bs_fail(EP_ERR_PEER, "rank %d: %s: rank 0 left the bootstrap (%s)", b->rank,
+                             what, io_what(r));
     if (get_u32(h) != BS_MAGIC || (h[4] | h[5] << 8) != BS_VERSION)
         return bs_fail(EP_ERR_BOOTSTRAP,
                        "rank %d: %s: rank 0 sent a message with bad magic or "
@@ -550,10 +553,13 @@ static ep_status_t collective(ep_tcp_bootstrap_t *b, int type, const void *in, v
         uint8_t h[BS_HDR_BYTES];
         int e = read_all(b->fds[r], h, sizeof h, deadline);
         if (e < 0) {
-            st = bs_fail(io_status(e),
-                         "rank 0: %s #%u: rank %d did not take part (%s within %u "
-                         "ms)",
-                         name, seq, r, io_what(e), timeout_ms);
+            if (e == -ETIMEDOUT)
+                st = bs_fail(EP_ERR_TIMEOUT,
+                             "rank 0: %s #%u: rank %d did not take part within %u ms", name, seq, r,
+                             timeout_ms);
+            else
+                st = bs_fail(EP_ERR_PEER, "rank 0: %s #%u: rank %d left the bootstrap (%s)", name,
+                             seq, r, io_what(e));
             broadcast_abort(b, st, r);
             goto fail;
         }

@@ -46,7 +46,8 @@ struct ep_wire {
     uint8_t *local; /* this rank's symmetric buffer */
     size_t bytes;
     /* Set by the implementation when a peer fails (closed, timed out, error completion);
-     * waits on this wire then fail fast naming it. -1 while healthy. */
+     * waits on this wire then fail fast naming it. -1 while healthy; -2 for the instant
+     * ep_wire_fail takes to write `error` (readers that see a rank >= 0 see its message). */
     _Atomic int failed_peer;
     _Atomic int aborted; /* ep_group_abort */
     char error[256];     /* detail of the first failure */

@@ -34,6 +34,12 @@
 /* Per-peer send queue: small frames return at once; bounded so that a slow peer cannot make
  * a rank buffer without limit. Allocated on first use. */
 #define TX_QUEUE_BYTES (4u << 20)
+/* Puts of at most COALESCE_MAX bytes are gathered in the queue and leave with the next signal
+ * (or once COALESCE_FLUSH bytes are gathered, or at flush, or when the progress thread next
+ * looks): a receiver only looks at data after a signal, and LL ops issue many small puts per
+ * signal, so this turns one system call per put into one per signal. */
+#define COALESCE_MAX 4096u
+#define COALESCE_FLUSH (256u << 10)
 /* Receive staging buffer per peer; payload remainders of at least DIRECT_RECV_MIN bytes are
  * received straight into the symmetric buffer instead. */
 #define RX_STAGE_BYTES (64u << 10)
@@ -272,6 +278,7 @@ static ssize_t queue_drain_nb(struct tcp_peer *p)
 
 static void queue_push(struct tcp_peer *p, const uint8_t *src, size_t n)
 {
+    if (n == 0) return;
     size_t tail = (p->q_head + p->q_len) % p->q_cap;
     size_t first = p->q_cap - tail;
     if (first > n) first = n;
@@ -314,6 +321,28 @@ static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, co
     if ((st = peer_unusable(t, peer)) != EP_OK || p->bye_sent) {
         if (st == EP_OK) st = EP_ERR_STATE;
         goto out;
+    }
+    if (plen <= COALESCE_MAX) {
+        if (!p->q) {
+            p->q = malloc(TX_QUEUE_BYTES);
+            p->q_cap = p->q ? TX_QUEUE_BYTES : 0;
+        }
+        if (p->q && total <= p->q_cap - p->q_len) {
+            queue_push(p, hdr, hlen);
+            queue_push(p, pay, plen);
+            if (get_u32(hdr) == EP_TCP_FRAME_SIGNAL || p->q_len >= COALESCE_FLUSH) {
+                ssize_t r = queue_drain_nb(p);
+                if (r < 0) {
+                    st = send_error(t, peer, r);
+                    goto out;
+                }
+                /* Whatever the socket did not take, the progress thread sends. */
+                if (p->q_len && !atomic_exchange(&p->tx_pending, 1)) wake_progress(t);
+            } else {
+                atomic_store(&p->tx_pending, 1); /* picked up at the next poll at the latest */
+            }
+            goto out;
+        }
     }
     uint64_t deadline = now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
     for (;;) {
@@ -382,11 +411,11 @@ static ep_status_t tcp_put(ep_wire_t *w, int peer, size_t remote_off, const void
     if (peer < 0 || peer >= w->nranks || remote_off > w->bytes || len > w->bytes - remote_off ||
         (len && !src))
         return EP_ERR_INVALID;
+    if (!t->connected) return EP_ERR_STATE;
     if (peer == w->rank) {
         memmove(w->local + remote_off, src, len);
         return EP_OK;
     }
-    if (!t->connected) return EP_ERR_STATE;
     if (len == 0) return EP_OK;
     uint8_t hdr[EP_TCP_FRAME_BYTES];
     put_u32(hdr, EP_TCP_FRAME_PUT);
@@ -412,11 +441,11 @@ static ep_status_t tcp_signal(ep_wire_t *w, int peer, size_t remote_off, uint64_
     if (peer < 0 || peer >= w->nranks || remote_off % 8 || w->bytes < 8 ||
         remote_off > w->bytes - 8 || (op != EP_SIGNAL_SET && op != EP_SIGNAL_ADD))
         return EP_ERR_INVALID;
+    if (!t->connected) return EP_ERR_STATE;
     if (peer == w->rank) {
         apply_signal(w->local + remote_off, value, op);
         return EP_OK;
     }
-    if (!t->connected) return EP_ERR_STATE;
     uint8_t hdr[EP_TCP_FRAME_BYTES];
     put_u32(hdr, EP_TCP_FRAME_SIGNAL);
     put_u32(hdr + 4, (uint32_t)op);
@@ -838,7 +867,8 @@ static void *progress_main(void *arg)
             struct tcp_peer *p = &t->peers[i];
             if (i == t->base.rank || p->fd < 0 || atomic_load(&p->state) == PEER_FAILED) continue;
             short ev = atomic_load(&p->rx_done) ? 0 : POLLIN;
-            if (atomic_load(&p->tx_pending)) ev |= POLLOUT;
+            /* Only a peer that is up gets its queue drained here (else POLLOUT would spin). */
+            if (atomic_load(&p->tx_pending) && atomic_load(&p->state) == PEER_UP) ev |= POLLOUT;
             if (!ev) continue;
             pf[k] = (struct pollfd){.fd = p->fd, .events = ev};
             who[k++] = i;
@@ -1254,7 +1284,9 @@ static void tcp_destroy(ep_wire_t *w)
         unsigned linger = w->timeout_ms < LINGER_MS ? w->timeout_ms : LINGER_MS;
         for (int i = 0; i < n; i++) {
             struct tcp_peer *p = &t->peers[i];
-            if (i == w->rank || atomic_load(&p->state) != PEER_UP) continue;
+            /* A peer that already said goodbye gets ours too: it lingers until it does. */
+            int s = atomic_load(&p->state);
+            if (i == w->rank || (s != PEER_UP && s != PEER_CLOSED)) continue;
             pthread_mutex_lock(&p->tx_lock);
             if (drain_queue_blocking(t, i, linger) == EP_OK) {
                 uint8_t bye[EP_TCP_FRAME_BYTES] = {0};
@@ -1308,18 +1340,43 @@ static const struct ep_wire_ops tcp_ops = {
     .destroy = tcp_destroy,
 };
 
+static _Thread_local char create_error[256];
+
+const char *ep_wire_tcp_create_error(void)
+{
+    return create_error;
+}
+
+static ep_status_t create_fail(ep_status_t st, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+static ep_status_t create_fail(ep_status_t st, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(create_error, sizeof create_error, fmt, ap);
+    va_end(ap);
+    return st;
+}
+
 ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out)
 {
-    if (!cfg || !out || nranks < 1 || nranks > EP_MAX_RANKS || rank < 0 || rank >= nranks ||
-        cfg->tcp_port < 0 || cfg->tcp_port > 65535)
-        return EP_ERR_INVALID;
-    const char *host = cfg->tcp_host ? cfg->tcp_host : "127.0.0.1";
-    if (strlen(host) >= EP_TCP_HOST_MAX) return EP_ERR_INVALID;
+    if (!cfg || !out) return create_fail(EP_ERR_INVALID, "tcp wire: config or out is NULL");
     *out = NULL;
+    if (nranks < 1 || nranks > EP_MAX_RANKS || rank < 0 || rank >= nranks)
+        return create_fail(EP_ERR_INVALID, "tcp wire: rank %d of %d ranks (at most %d)", rank,
+                           nranks, EP_MAX_RANKS);
+    if (cfg->tcp_port < 0 || cfg->tcp_port > 65535)
+        return create_fail(EP_ERR_INVALID, "rank %d: tcp_port %d is not 0..65535", rank,
+                           cfg->tcp_port);
+    const char *host = cfg->tcp_host ? cfg->tcp_host : "127.0.0.1";
+    if (strlen(host) >= EP_TCP_HOST_MAX)
+        return create_fail(EP_ERR_INVALID, "rank %d: tcp_host is longer than %d characters", rank,
+                           EP_TCP_HOST_MAX - 1);
 
-    ep_status_t st = EP_ERR_NOMEM;
+    ep_status_t st;
     struct wire_tcp *t = calloc(1, sizeof *t);
-    if (!t) return EP_ERR_NOMEM;
+    if (!t) return create_fail(EP_ERR_NOMEM, "rank %d: tcp wire: out of memory", rank);
     t->base.ops = &tcp_ops;
     t->base.rank = rank;
     t->base.nranks = nranks;
@@ -1331,19 +1388,26 @@ ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_
     pthread_mutex_init(&t->refuse_lock, NULL);
 
     t->peers = calloc((size_t)nranks, sizeof *t->peers);
-    if (!t->peers) goto fail;
+    if (!t->peers) {
+        st = create_fail(EP_ERR_NOMEM, "rank %d: tcp wire: out of memory", rank);
+        goto fail;
+    }
     for (int i = 0; i < nranks; i++) {
         t->peers[i].fd = -1;
         pthread_mutex_init(&t->peers[i].tx_lock, NULL);
         snprintf(t->peers[i].where, sizeof t->peers[i].where, "?");
     }
     if (pipe2(t->wake, O_NONBLOCK | O_CLOEXEC) != 0) {
-        st = EP_ERR_IO;
+        st = create_fail(EP_ERR_IO, "rank %d: tcp wire: pipe2: %s", rank, strerror(errno));
         goto fail;
     }
     if (getrandom(&t->my_nonce, sizeof t->my_nonce, 0) != (ssize_t)sizeof t->my_nonce)
         t->my_nonce = now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t;
-    if ((st = open_listener(t, host, cfg->tcp_port)) != EP_OK) goto fail;
+    if ((st = open_listener(t, host, cfg->tcp_port)) != EP_OK) {
+        create_fail(st, "%s", t->base.error);
+        goto fail;
+    }
+    create_error[0] = 0;
     *out = &t->base;
     return EP_OK;
 fail:

@@ -38,6 +38,9 @@ enum ep_tcp_frame_type {
     EP_TCP_FRAME_BYE = 3, /* orderly close: the connection's end that follows is no failure */
 };
 
+/* Why the calling thread's last ep_wire_tcp_create failed (bad tcp_host/tcp_port, the port in
+ * use ...); "" after a success. Failures of a created wire are in ep_wire_t.error. */
+const char *ep_wire_tcp_create_error(void);
 /* The port the wire listens on (known from ep_wire_tcp_create on). */
 int ep_wire_tcp_port(const ep_wire_t *w);
 /* Connections the listener refused so far (garbage, wrong group, duplicate or unknown rank) and

@@ -285,6 +285,38 @@ static void test_put_to_self_copies_locally(void **state)
         assert_int_equal(status[r], 0);
 }
 
+/* Small puts gather in the send queue until a signal or flush; even without either they
+ * leave once the progress thread next looks. */
+static int rank_unsignalled(int rank, int n, int port, void *arg)
+{
+    struct rank_ctx c;
+    if (rank_setup(rank, n, port, 4096, 5000, &c) || rank_connect(&c) || barrier(&c)) return 1;
+    ep_wire_t *w = c.w;
+    uint8_t msg[48];
+    memset(msg, 0x5a, sizeof msg);
+    if (rank == 0)
+        CHECK(w->ops->put(w, 1, 128, msg, sizeof msg) == EP_OK, "put: %s", w->error);
+    else {
+        uint64_t until = world_now_ms() + 3000;
+        while (memcmp(c.buf + 128, msg, sizeof msg) && world_now_ms() < until)
+            usleep(1000);
+        /* Reading bytes a put writes without a signal is a race in general; here nothing
+         * else writes them, and the loop only needs them to appear eventually. */
+        CHECK(memcmp(c.buf + 128, msg, sizeof msg) == 0, "an unsignalled put never arrived");
+    }
+    if (barrier(&c)) return 1;
+    rank_teardown(&c);
+    return 0;
+}
+
+static void test_unsignalled_puts_still_leave(void **state)
+{
+    int status[2];
+    world_run(2, rank_unsignalled, NULL, 20000, status);
+    for (int r = 0; r < 2; r++)
+        assert_int_equal(status[r], 0);
+}
+
 /* ---- ordering of many small puts ---------------------------------------------------------- */
 
 /* Each source appends SMALL_PUTS records of 8..64 bytes to a log in every other rank's buffer
@@ -602,6 +634,17 @@ static int rank_fake_or_real(int rank, int n, int port, void *arg)
             CHECK(st == EP_ERR_INVALID, "connect returned %d: %s", st, w->error);
         } else {
             CHECK(st == EP_OK, "connect: %s", w->error);
+            /* The fake tries a second connection as rank 0, then one as rank 1 (itself). */
+            static const char *const refusals[] = {"duplicate connection claiming rank 0",
+                                                   "names rank 1, expected a rank below 1"};
+            for (unsigned i = 0; i < 2; i++) {
+                if (barrier(&c)) return 1;
+                char why[256];
+                unsigned nref = ep_wire_tcp_refused(w, why, sizeof why);
+                CHECK(nref == i + 1 && strstr(why, refusals[i]), "refusal %u: %u so far, %s", i,
+                      nref, why);
+                if (barrier(&c)) return 1;
+            }
             /* The fake's valid PUT + SIGNAL land first. */
             CHECK(ep_wire_wait(w, 0, 7, 0) == EP_OK, "wait for the valid signal: %s", w->error);
             for (int i = 0; i < 16; i++)
@@ -655,6 +698,17 @@ static int rank_fake_or_real(int rank, int n, int port, void *arg)
         }
         CHECK(rd32(ans) == EP_TCP_MAGIC && rd32(ans + 8) == 1 && rd64(ans + 16) == FAKE_NONCE,
               "bad answer");
+        for (int i = 0; i < 2; i++) {
+            int extra = raw_connect((int)rd32(blobs[1] + 32));
+            CHECK(extra >= 0, "second connection");
+            hello(h, EP_TCP_HELLO_CONNECT, i, n, FAKE_NONCE, FAKE_BYTES);
+            CHECK(write(extra, h, sizeof h) == (ssize_t)sizeof h, "hello");
+            struct pollfd pfd = {.fd = extra, .events = POLLIN};
+            CHECK(poll(&pfd, 1, 5000) == 1, "connection %d neither answered nor closed", i);
+            CHECK(read(extra, ans, 1) <= 0, "rank 1 answered connection %d", i);
+            close(extra);
+            CHECK(bs.barrier(bs.ctx, 10000) == 0 && bs.barrier(bs.ctx, 10000) == 0, "barrier");
+        }
         uint8_t out[256];
         size_t len = 0;
         frame(out, EP_TCP_FRAME_PUT, 0, 64, 16);
@@ -708,14 +762,60 @@ static void test_malformed_frames_are_rejected_with_offsets(void **state)
     }
 }
 
+/* Create errors name the setting; a wire refuses traffic before connect. */
+static void test_create_errors_name_the_setting(void **state)
+{
+    ep_config_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    ep_wire_t *w = NULL;
+    cfg.tcp_port = 70000;
+    assert_int_equal(ep_wire_tcp_create(&cfg, 0, 2, &w), EP_ERR_INVALID);
+    assert_non_null(strstr(ep_wire_tcp_create_error(), "tcp_port 70000"));
+    cfg.tcp_port = 0;
+    assert_int_equal(ep_wire_tcp_create(&cfg, 2, 2, &w), EP_ERR_INVALID);
+    assert_non_null(strstr(ep_wire_tcp_create_error(), "rank 2 of 2"));
+
+    /* A port someone else listens on. */
+    int l = socket(AF_INET, SOCK_STREAM, 0);
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t al = sizeof a;
+    assert_int_equal(bind(l, (struct sockaddr *)&a, sizeof a), 0);
+    assert_int_equal(listen(l, 1), 0);
+    assert_int_equal(getsockname(l, (struct sockaddr *)&a, &al), 0);
+    cfg.tcp_host = "127.0.0.1";
+    cfg.tcp_port = ntohs(a.sin_port);
+    assert_int_equal(ep_wire_tcp_create(&cfg, 0, 2, &w), EP_ERR_IO);
+    assert_null(w);
+    char want[64];
+    snprintf(want, sizeof want, "cannot listen on 127.0.0.1:%d", cfg.tcp_port);
+    assert_non_null(strstr(ep_wire_tcp_create_error(), want));
+    close(l);
+
+    cfg.tcp_port = 0;
+    cfg.tcp_host = "192.0.2.1"; /* TEST-NET-1: no interface of this host has it */
+    assert_int_equal(ep_wire_tcp_create(&cfg, 0, 2, &w), EP_ERR_IO);
+    assert_non_null(strstr(ep_wire_tcp_create_error(), "cannot listen on 192.0.2.1:0"));
+
+    cfg.tcp_host = NULL; /* default: loopback, ephemeral port */
+    assert_int_equal(ep_wire_tcp_create(&cfg, 1, 2, &w), EP_OK);
+    assert_string_equal(ep_wire_tcp_create_error(), "");
+    assert_true(ep_wire_tcp_port(w) > 0);
+    assert_int_equal(w->ops->put(w, 0, 0, "x", 1), EP_ERR_INVALID); /* no buffer yet */
+    assert_int_equal(w->ops->put(w, 0, 0, "x", 0), EP_ERR_STATE);
+    assert_int_equal(w->ops->flush(w), EP_OK);
+    w->ops->destroy(w);
+}
+
 int main(void)
 {
     signal(SIGPIPE, SIG_IGN);
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_create_errors_name_the_setting),
         cmocka_unit_test(test_random_puts_then_signals),
         cmocka_unit_test(test_add_signals_sum_exactly),
         cmocka_unit_test(test_large_puts_both_directions),
         cmocka_unit_test(test_put_to_self_copies_locally),
+        cmocka_unit_test(test_unsignalled_puts_still_leave),
         cmocka_unit_test(test_many_small_puts_arrive_in_order),
         cmocka_unit_test(test_peer_exit_mid_run_is_named),
         cmocka_unit_test(test_peer_dying_during_connect_times_out_named),
