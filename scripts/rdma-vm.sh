@@ -137,12 +137,17 @@ chmod +x "$ird/init"
 run=$cache/run
 rm -rf "$run"
 mkdir -p "$run"
-# The guest reads what to run from here; its results share is $run.
+# The guest runs $run/cmd (a shell script on its results share) chrooted into the host's root.
 {
-    printf 'EPD_VM_CMD='
-    for a in "$@"; do printf "'%s' " "$(printf '%s' "$a" | sed "s/'/'\\\\''/g")"; done
+    # Same working directory as here (relative paths work), unless the guest cannot see it.
+    case $PWD/ in
+    /tmp/* | /run/*) ;;
+    *) printf "cd '%s' || exit 2\n" "$PWD" ;;
+    esac
+    printf 'exec'
+    for a in "$@"; do printf " '%s'" "$(printf '%s' "$a" | sed "s/'/'\\\\''/g")"; done
     echo
-} >"$ird/vm.conf"
+} >"$run/cmd"
 (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$cache/initramfs.gz" ||
     die "building the initramfs failed"
 
