@@ -59,8 +59,8 @@ static int rank_main(int rank, int nranks, int port, world_fn fn, void *arg)
     world_rank = rank;
     ep_status_t st = ep_tcp_bootstrap_create("127.0.0.1", port, rank, nranks, 20000, &tb);
     if (st) {
-        fprintf(stderr, "rank %d: tcp bootstrap on port %d: %s (%s)\n", rank, port,
-                ep_strerror(st), ep_tcp_bootstrap_last_error());
+        fprintf(stderr, "rank %d: tcp bootstrap on port %d: %s (%s)\n", rank, port, ep_strerror(st),
+                ep_tcp_bootstrap_last_error());
         return 1;
     }
     ep_bootstrap_t bs;

@@ -33,7 +33,8 @@ static uint64_t mix(uint64_t z)
 static uint8_t pattern(int src, int dst, int round, size_t i)
 {
     return (uint8_t)mix(((uint64_t)src << 56) ^ ((uint64_t)dst << 48) ^ ((uint64_t)round << 32) ^
-                        (i / 8)) >> (8 * (i % 8));
+                        (i / 8)) >>
+           (8 * (i % 8));
 }
 
 static size_t round_len(int src, int dst, int round)
@@ -105,8 +106,7 @@ static int rounds_main(int me, int n, const ep_bootstrap_t *bs, void *arg)
                       "put");
                 memset(tmp, 0xee, len); /* the wire copied it: reuse may not change the data */
             }
-            CHECK(w->ops->signal(w, d, 8 * (size_t)me, (uint64_t)round + 1, EP_SIGNAL_SET) ==
-                      EP_OK,
+            CHECK(w->ops->signal(w, d, 8 * (size_t)me, (uint64_t)round + 1, EP_SIGNAL_SET) == EP_OK,
                   "signal");
         }
         CHECK(w->ops->flush(w) == EP_OK, "flush: %s", w->error);
@@ -117,8 +117,8 @@ static int rounds_main(int me, int n, const ep_bootstrap_t *bs, void *arg)
             const uint8_t *got = e.buf + DATA_OFF + (size_t)s * SLOT;
             for (size_t i = 0; i < len; i++)
                 CHECK(got[i] == pattern(s, me, round, i),
-                      "round %d: byte %zu of %zu from rank %d is 0x%02x, expected 0x%02x", round,
-                      i, len, s, got[i], pattern(s, me, round, i));
+                      "round %d: byte %zu of %zu from rank %d is 0x%02x, expected 0x%02x", round, i,
+                      len, s, got[i], pattern(s, me, round, i));
             CHECK(w->ops->signal(w, s, 8 * (size_t)(n + me), 1, EP_SIGNAL_ADD) == EP_OK, "ack");
         }
         CHECK(w->ops->flush(w) == EP_OK, "flush: %s", w->error);
@@ -200,8 +200,8 @@ static int fault_main(int me, int n, const ep_bootstrap_t *bs, void *arg)
     if (f == FAULT_KILL && me == 2) {
         /* a signal rank 1 will never send: the wait names it */
         ep_status_t st = ep_wire_wait(w, 8 * 41, 1, 1);
-        CHECK(st == EP_ERR_TIMEOUT && strstr(w->error, "rank 1"), "wait on the dead rank 1: %s (%s)",
-              ep_strerror(st), w->error);
+        CHECK(st == EP_ERR_TIMEOUT && strstr(w->error, "rank 1"),
+              "wait on the dead rank 1: %s (%s)", ep_strerror(st), w->error);
     }
     if (f != FAULT_KILL) CHECK(bs->barrier(bs->ctx, 20000) == 0, "final barrier");
     close_wire(&e);

@@ -61,8 +61,7 @@ ep_status_t rdma_cm_open(struct wire_rdma *r)
         return rdma_peer_fail(r, -1, EP_ERR_IO, "rank %d: rdma_bind_addr(%s) failed: %s",
                               r->base.rank, ip, strerror(e));
     }
-    if (rdma_listen(r->cm_listen, r->base.nranks))
-        return cm_fail(r, -1, EP_ERR_IO, "rdma_listen");
+    if (rdma_listen(r->cm_listen, r->base.nranks)) return cm_fail(r, -1, EP_ERR_IO, "rdma_listen");
     if (!r->cm_listen->verbs)
         return rdma_peer_fail(r, -1, EP_ERR_IO, "rank %d: %s is not the address of an rdma device",
                               r->base.rank, ip);
@@ -126,8 +125,7 @@ static ep_status_t on_request(struct wire_rdma *r, struct rdma_cm_event *ev)
     const struct cm_priv *pp = ev->param.conn.private_data;
     int n = r->base.nranks, me = r->base.rank;
     if (!pp || ev->param.conn.private_data_len < sizeof *pp || pp->magic != CM_MAGIC ||
-        pp->nranks != (uint32_t)n || pp->rank >= (uint32_t)me ||
-        r->peers[pp->rank].cm_id) {
+        pp->nranks != (uint32_t)n || pp->rank >= (uint32_t)me || r->peers[pp->rank].cm_id) {
         /* Not one of ours, or a duplicate: refuse it and keep waiting for the real ones. */
         rdma_reject(ev->id, NULL, 0);
         rdma_destroy_id(ev->id);
@@ -158,7 +156,8 @@ static ep_status_t on_event(struct wire_rdma *r, struct rdma_cm_event *ev, int *
         return on_request(r, ev);
     case RDMA_CM_EVENT_ADDR_RESOLVED:
         if (!p) break;
-        if (rdma_resolve_route(ev->id, (int)ms)) return cm_fail(r, peer, EP_ERR_IO, "resolve_route");
+        if (rdma_resolve_route(ev->id, (int)ms))
+            return cm_fail(r, peer, EP_ERR_IO, "resolve_route");
         p->cm_state = CM_ROUTE;
         break;
     case RDMA_CM_EVENT_ROUTE_RESOLVED: {
@@ -178,7 +177,8 @@ static ep_status_t on_event(struct wire_rdma *r, struct rdma_cm_event *ev, int *
         break;
     default:
         if (!p) break;
-        return rdma_peer_fail(r, peer, ev->event == RDMA_CM_EVENT_REJECTED ? EP_ERR_PEER : EP_ERR_IO,
+        return rdma_peer_fail(r, peer,
+                              ev->event == RDMA_CM_EVENT_REJECTED ? EP_ERR_PEER : EP_ERR_IO,
                               "rank %d: rdma_cm connection with rank %d: %s (status %d)",
                               r->base.rank, peer, rdma_event_str(ev->event), ev->status);
     }
@@ -239,11 +239,12 @@ void rdma_cm_poll(struct wire_rdma *r)
         int peer = peer_of(r, ev->id);
         if (ev->event == RDMA_CM_EVENT_CONNECT_REQUEST) {
             rdma_reject(ev->id, NULL, 0); /* the mesh is complete */
-        } else if (peer >= 0 && (ev->event == RDMA_CM_EVENT_DISCONNECTED ||
-                                 ev->event == RDMA_CM_EVENT_DEVICE_REMOVAL) &&
+        } else if (peer >= 0 &&
+                   (ev->event == RDMA_CM_EVENT_DISCONNECTED ||
+                    ev->event == RDMA_CM_EVENT_DEVICE_REMOVAL) &&
                    !atomic_load(&r->peers[peer].failed)) {
-            rdma_peer_fail(r, peer, EP_ERR_PEER, "rank %d: rank %d disconnected (%s)",
-                           r->base.rank, peer, rdma_event_str(ev->event));
+            rdma_peer_fail(r, peer, EP_ERR_PEER, "rank %d: rank %d disconnected (%s)", r->base.rank,
+                           peer, rdma_event_str(ev->event));
         }
         rdma_ack_cm_event(ev);
     }

@@ -125,8 +125,7 @@ static int gid_is_zero(const union ibv_gid *g)
 
 /* Picks the GID: the configured index, else RoCE v2 + IPv4-mapped, else any RoCE v2, else 0. */
 static int pick_gid(struct ibv_context *ctx, const struct ibv_port_attr *pa,
-                    const struct rdma_opts *o, struct rdma_port_sel *sel, char *err,
-                    size_t errlen)
+                    const struct rdma_opts *o, struct rdma_port_sel *sel, char *err, size_t errlen)
 {
     if (o->gid_index >= 0) {
         if (o->gid_index >= pa->gid_tbl_len) {

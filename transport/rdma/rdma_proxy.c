@@ -166,16 +166,15 @@ static int poll_cq(struct wire_rdma *r, uint64_t now)
         p->progress_ns = now;
         mark_done(r, seq);
         if (wc[k].status == IBV_WC_SUCCESS || atomic_load(&p->failed)) continue;
-        rdma_peer_fail(r, c->peer, wc_status(wc[k].status),
-                       "rank %d: rdma %s of %u bytes to rank %d at offset %llu failed: %s "
-                       "(vendor error 0x%x)%s",
-                       r->base.rank, op_name(c->op), c->len, c->peer,
-                       (unsigned long long)c->remote_off, ibv_wc_status_str(wc[k].status),
-                       wc[k].vendor_err,
-                       wc[k].status == IBV_WC_WR_FLUSH_ERR
-                           ? "; the queue pair is in the error state"
-                           : wc[k].status == IBV_WC_RETRY_EXC_ERR ? "; the peer does not answer"
-                                                                  : "");
+        rdma_peer_fail(
+            r, c->peer, wc_status(wc[k].status),
+            "rank %d: rdma %s of %u bytes to rank %d at offset %llu failed: %s "
+            "(vendor error 0x%x)%s",
+            r->base.rank, op_name(c->op), c->len, c->peer, (unsigned long long)c->remote_off,
+            ibv_wc_status_str(wc[k].status), wc[k].vendor_err,
+            wc[k].status == IBV_WC_WR_FLUSH_ERR    ? "; the queue pair is in the error state"
+            : wc[k].status == IBV_WC_RETRY_EXC_ERR ? "; the peer does not answer"
+                                                   : "");
     }
     return n;
 }
@@ -198,13 +197,15 @@ static void poll_async(struct wire_rdma *r)
     struct ibv_async_event ev;
     while (ibv_get_async_event(r->ctx, &ev) == 0) {
         enum ibv_event_type t = ev.event_type;
-        if (t == IBV_EVENT_QP_FATAL || t == IBV_EVENT_QP_REQ_ERR ||
-            t == IBV_EVENT_QP_ACCESS_ERR || t == IBV_EVENT_PATH_MIG_ERR) {
+        if (t == IBV_EVENT_QP_FATAL || t == IBV_EVENT_QP_REQ_ERR || t == IBV_EVENT_QP_ACCESS_ERR ||
+            t == IBV_EVENT_PATH_MIG_ERR) {
             for (int i = 0; i < r->base.nranks; i++)
                 if (r->peers[i].qp && r->peers[i].qp == ev.element.qp &&
                     !atomic_load(&r->peers[i].failed))
-                    rdma_peer_fail(r, i, EP_ERR_PEER, "rank %d: the queue pair to rank %d "
-                                   "reported %s", r->base.rank, i, ibv_event_type_str(t));
+                    rdma_peer_fail(r, i, EP_ERR_PEER,
+                                   "rank %d: the queue pair to rank %d "
+                                   "reported %s",
+                                   r->base.rank, i, ibv_event_type_str(t));
         } else if (t == IBV_EVENT_DEVICE_FATAL || t == IBV_EVENT_PORT_ERR) {
             for (int i = 0; i < r->base.nranks; i++)
                 if (i != r->base.rank && !atomic_load(&r->peers[i].failed))

@@ -47,8 +47,8 @@ struct wire_rdma {
     struct ibv_pd *pd;
     struct ibv_cq *cq;
     int cq_depth;
-    struct ibv_mr *mr;       /* the symmetric buffer */
-    uint8_t *stage;          /* registered staging memory for put sources and SET values */
+    struct ibv_mr *mr; /* the symmetric buffer */
+    uint8_t *stage;    /* registered staging memory for put sources and SET values */
     struct ibv_mr *stage_mr;
     uint64_t *scratch; /* fetch-and-add results land here (discarded) */
     struct ibv_mr *scratch_mr;
@@ -62,8 +62,8 @@ struct wire_rdma {
 
     /* the ring; cmds and head written by the producer, tail and stage_tail by the proxy */
     struct rdma_cmd *cmds;
-    uint64_t *next;   /* proxy: per-peer FIFO links */
-    uint8_t *status;  /* proxy: 0 pending, 1 done */
+    uint64_t *next;  /* proxy: per-peer FIFO links */
+    uint8_t *status; /* proxy: 0 pending, 1 done */
     pthread_mutex_t prod_lock;
     uint64_t stage_head; /* producer */
     _Alignas(64) _Atomic uint64_t head;

@@ -61,8 +61,7 @@ static ep_status_t peer_status(struct wire_rdma *r, int peer)
 
 /* Reserves one ring slot and `need` contiguous staging bytes (8-byte aligned), waiting while
  * the proxy catches up. Caller holds prod_lock. */
-static ep_status_t reserve(struct wire_rdma *r, int peer, size_t need, uint64_t *pos,
-                           uint64_t *end)
+static ep_status_t reserve(struct wire_rdma *r, int peer, size_t need, uint64_t *pos, uint64_t *end)
 {
     const uint64_t S = r->opts.stage_bytes;
     uint64_t deadline = 0;
@@ -86,7 +85,8 @@ static ep_status_t reserve(struct wire_rdma *r, int peer, size_t need, uint64_t 
         }
         if (++spins < 256) continue;
         uint64_t now = rdma_now_ns();
-        if (!deadline) deadline = now + (uint64_t)(r->base.timeout_ms + FLUSH_SLACK_MS) * 1000000ull;
+        if (!deadline)
+            deadline = now + (uint64_t)(r->base.timeout_ms + FLUSH_SLACK_MS) * 1000000ull;
         if (now > deadline) {
             int oldest = r->cmds[tail % RING_SLOTS].peer;
             return rdma_peer_fail(r, oldest, EP_ERR_TIMEOUT,
@@ -123,7 +123,8 @@ static ep_status_t wire_put(ep_wire_t *w, int peer, size_t remote_off, const voi
     }
     ep_status_t st = check_peer(r, peer);
     if (st || len == 0) return st;
-    size_t chunk = r->opts.stage_bytes / 4 < PUT_CHUNK_MAX ? r->opts.stage_bytes / 4 : PUT_CHUNK_MAX;
+    size_t chunk =
+        r->opts.stage_bytes / 4 < PUT_CHUNK_MAX ? r->opts.stage_bytes / 4 : PUT_CHUNK_MAX;
     pthread_mutex_lock(&r->prod_lock);
     for (size_t done = 0; done < len && !st;) {
         size_t n = len - done < chunk ? len - done : chunk;
@@ -295,8 +296,8 @@ static ep_status_t alloc_common(struct wire_rdma *r)
 {
     struct ibv_device_attr da;
     if (ibv_query_device(r->ctx, &da)) return verbs_fail(r, -1, "ibv_query_device");
-    r->max_rd_atomic = da.max_qp_rd_atom < da.max_qp_init_rd_atom ? da.max_qp_rd_atom
-                                                                   : da.max_qp_init_rd_atom;
+    r->max_rd_atomic =
+        da.max_qp_rd_atom < da.max_qp_init_rd_atom ? da.max_qp_rd_atom : da.max_qp_init_rd_atom;
     if (r->max_rd_atomic > 16) r->max_rd_atomic = 16;
     if (r->max_rd_atomic < 1) r->max_rd_atomic = 1;
     if (r->opts.sq_depth > da.max_qp_wr) r->opts.sq_depth = da.max_qp_wr;
@@ -313,8 +314,10 @@ static ep_status_t alloc_common(struct wire_rdma *r)
     r->stage = aligned_alloc(4096, r->opts.stage_bytes);
     r->scratch = aligned_alloc(64, 64);
     if (!r->stage || !r->scratch)
-        return rdma_peer_fail(r, -1, EP_ERR_NOMEM, "rank %d: out of memory for %zu bytes of rdma "
-                              "staging", r->base.rank, r->opts.stage_bytes);
+        return rdma_peer_fail(r, -1, EP_ERR_NOMEM,
+                              "rank %d: out of memory for %zu bytes of rdma "
+                              "staging",
+                              r->base.rank, r->opts.stage_bytes);
     if (!(r->stage_mr = rdma_reg(r->pd, r->stage, r->opts.stage_bytes, -1, IBV_ACCESS_LOCAL_WRITE)))
         return verbs_fail(r, -1, "ibv_reg_mr (staging)");
     if (!(r->scratch_mr = rdma_reg(r->pd, r->scratch, 64, -1, IBV_ACCESS_LOCAL_WRITE)))
@@ -350,12 +353,12 @@ static ep_status_t create_qps(struct wire_rdma *r)
     return EP_OK;
 }
 
-static ep_status_t connect_qp(struct wire_rdma *r, int i, const struct rdma_blob *b,
-                              uint32_t qpn, uint32_t rpsn)
+static ep_status_t connect_qp(struct wire_rdma *r, int i, const struct rdma_blob *b, uint32_t qpn,
+                              uint32_t rpsn)
 {
     struct rdma_peer *p = &r->peers[i];
-    enum ibv_mtu mtu = r->sel.active_mtu < (enum ibv_mtu)b->mtu ? r->sel.active_mtu
-                                                                : (enum ibv_mtu)b->mtu;
+    enum ibv_mtu mtu =
+        r->sel.active_mtu < (enum ibv_mtu)b->mtu ? r->sel.active_mtu : (enum ibv_mtu)b->mtu;
     if (r->opts.mtu && rdma_mtu_enum(r->opts.mtu) < mtu) mtu = rdma_mtu_enum(r->opts.mtu);
     struct ibv_qp_attr a = {.qp_state = IBV_QPS_RTR,
                             .path_mtu = mtu,
@@ -373,8 +376,8 @@ static ep_status_t connect_qp(struct wire_rdma *r, int i, const struct rdma_blob
         a.ah_attr.grh.traffic_class = (uint8_t)r->opts.tc;
     }
     if (ibv_modify_qp(p->qp, &a,
-                      IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN |
-                          IBV_QP_RQ_PSN | IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER))
+                      IBV_QP_STATE | IBV_QP_AV | IBV_QP_PATH_MTU | IBV_QP_DEST_QPN | IBV_QP_RQ_PSN |
+                          IBV_QP_MAX_DEST_RD_ATOMIC | IBV_QP_MIN_RNR_TIMER))
         return verbs_fail(r, i, "ibv_modify_qp(RTR)");
     struct ibv_qp_attr s = {.qp_state = IBV_QPS_RTS,
                             .timeout = (uint8_t)r->ack_timeout,
@@ -406,12 +409,10 @@ static ep_status_t check_blob(struct wire_rdma *r, int i, const struct rdma_blob
                               "rank %d: rank %d has a %llu-byte buffer, this rank %zu", me, i,
                               (unsigned long long)b->bytes, r->base.bytes);
     if (b->use_cm != (uint8_t)r->opts.use_cm || b->roce != (uint8_t)r->sel.roce)
-        return rdma_peer_fail(r, i, EP_ERR_INVALID,
-                              "rank %d: rank %d uses %s over %s, this rank %s over %s", me, i,
-                              b->use_cm ? "rdma_cm" : "bootstrap QPs",
-                              b->roce ? "RoCE" : "InfiniBand",
-                              r->opts.use_cm ? "rdma_cm" : "bootstrap QPs",
-                              r->sel.roce ? "RoCE" : "InfiniBand");
+        return rdma_peer_fail(
+            r, i, EP_ERR_INVALID, "rank %d: rank %d uses %s over %s, this rank %s over %s", me, i,
+            b->use_cm ? "rdma_cm" : "bootstrap QPs", b->roce ? "RoCE" : "InfiniBand",
+            r->opts.use_cm ? "rdma_cm" : "bootstrap QPs", r->sel.roce ? "RoCE" : "InfiniBand");
     return EP_OK;
 }
 
