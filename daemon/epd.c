@@ -12,6 +12,8 @@
 #include <uv.h>
 
 #include "cluster_daemon.h"
+#include "api_openai.h"
+#include "engine.h"
 #include "epd_config.h"
 #include "http.h"
 #include "log.h"
@@ -40,6 +42,9 @@ typedef struct daemon {
     int stopping;
     int exit_code;
     epd_metric_t *reload_ok, *reload_failed;
+    /* serving (engine.c, api_openai.c): NULL without model.path */
+    epd_engine_t *engine;
+    epd_api_t *api;
 } daemon_t;
 
 static void usage(FILE *out)
@@ -150,6 +155,7 @@ static void h_status(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
     cJSON_AddItemToObject(doc, "reasons", cJSON_DetachItemFromObject(st, "reasons"));
     cJSON_AddItemToObject(doc, "components", cJSON_DetachItemFromObject(st, "components"));
     cJSON_AddNumberToObject(doc, "http_connections", epd_http_server_connections(d->http));
+    if (d->engine) cJSON_AddItemToObject(doc, "engine", epd_engine_status_cjson(d->engine));
     cJSON_AddItemToObject(doc, "config", cfg);
     respond_json(res, 200, doc);
     cJSON_Delete(doc);
@@ -180,6 +186,12 @@ static void finish_stop(daemon_t *d)
 {
     epd_state_set_phase(d->state, EPD_PHASE_STOPPING);
     epd_cluster_daemon_stop(d->cluster, 0, "stopping");
+    /* the engine ends its requests (their responses finish) before the server goes */
+    epd_api_detach_engine(d->api);
+    if (d->engine) {
+        epd_engine_destroy(d->engine);
+        d->engine = NULL;
+    }
     if (d->http) {
         epd_http_server_destroy(d->http); /* frees itself as its handles close */
         d->http = NULL;
@@ -285,6 +297,45 @@ static void on_signal(uv_signal_t *h, int signum)
     begin_stop(d, signum == SIGTERM ? "SIGTERM" : "SIGINT");
 }
 
+/* ---- serving ---- */
+
+static void on_model_loaded(void *arg, int status, const char *msg)
+{
+    daemon_t *d = arg;
+    if (status != 0) {
+        EPD_ERROR(SUB, "cannot load the model of model.path %s: %s", d->cfg->model_path, msg);
+        sd_notifyf(0, "STATUS=model load failed: %s", msg);
+        d->exit_code = 1;
+        if (!d->stopping) {
+            d->stopping = 1;
+            epd_http_server_abort(d->http);
+            finish_stop(d);
+        }
+        return;
+    }
+    if (d->stopping) return;
+    notify_status(d, "READY=1\n");
+}
+
+static int start_serving(daemon_t *d)
+{
+    int rc;
+    if (d->cfg->model_path[0]) {
+        char err[1024] = "";
+        epd_engine_opts_t eo = {.loop = &d->loop,
+                                .cfg = d->cfg,
+                                .metrics = d->metrics,
+                                .state = d->state,
+                                .on_loaded = on_model_loaded,
+                                .arg = d};
+        if ((rc = epd_engine_create(&eo, &d->engine, err, sizeof(err))) != 0) {
+            EPD_ERROR(SUB, "cannot serve model.path %s: %s", d->cfg->model_path, err);
+            return rc;
+        }
+    }
+    return epd_api_create(d->http, d->engine, d->metrics, &d->api);
+}
+
 /* ---- start ---- */
 
 static int start(daemon_t *d)
@@ -324,6 +375,7 @@ static int start(daemon_t *d)
         (rc = epd_http_route(d->http, "GET", "/metrics", h_metrics, d)) ||
         (rc = epd_http_route(d->http, "GET", "/v1/status", h_status, d)))
         return rc;
+    if ((rc = start_serving(d)) != 0) return rc;
     if ((rc = epd_http_server_listen(d->http, d->cfg->http.host, d->cfg->http.port)) != 0) {
         EPD_ERROR(SUB, "cannot listen on http.listen %s:%d: %s", d->cfg->http.host,
                   d->cfg->http.port, uv_strerror(rc));
@@ -370,7 +422,8 @@ static int start(daemon_t *d)
     EPD_INFO(SUB, "epd %s (%s) node %d \"%s\" listening on http://%s:%d (%s)", EPD_VERSION,
              EPD_COMMIT, d->cfg->node_id, d->cfg->name, d->cfg->http.host,
              epd_http_server_port(d->http), epd_state_name(d->state));
-    notify_status(d, "READY=1\n");
+    /* with a model, READY=1 waits for the load (on_model_loaded) */
+    if (!d->engine) notify_status(d, "READY=1\n");
     return 0;
 }
 
@@ -444,6 +497,7 @@ int main(int argc, char **argv)
         if (rc != 0) EPD_WARN(SUB, "uv_loop_close: %s", uv_strerror(rc));
     }
     epd_cluster_daemon_destroy(d.cluster);
+    epd_api_destroy(d.api);
     epd_state_destroy(d.state);
     epd_metrics_destroy(d.metrics);
     if (d.exit_code == 0) EPD_INFO(SUB, "stopped");

@@ -23,6 +23,7 @@ struct epd_model {
     int max_seq_len;
     epd_placement_t placement;
     epd_model_mem_t mem;
+    uint64_t *expert_tokens; /* [E] tokens routed to each global expert, all MoE layers */
 
     float *embed;   /* [V][H] */
     float *norm;    /* [H] */

@@ -40,8 +40,10 @@ int epd_moe_forward(epd_model_t *m, int layer, int rows, epd_err_t *err)
     if (st != EP_OK)
         return epd_err_set(err, -EINVAL, "layer %d: ep_route_host: %s", layer,
                            ep_group_last_error(NULL));
-    for (int i = 0; i < rows * K; i++)
+    for (int i = 0; i < rows * K; i++) {
+        m->expert_tokens[m->topk_idx[i]]++;
         m->topk_idx[i] = m->placement.slot_of[m->topk_idx[i]];
+    }
     for (size_t i = 0; i < (size_t)rows * H; i++)
         m->xb[i] = epd_f32_to_bf16(m->xn[i]);
 

@@ -194,9 +194,11 @@ static int alloc_scratch(epd_model_t *m, epd_err_t *err)
     m->row_in = malloc(sizeof(float) * H);
     m->row_out = malloc(sizeof(float) * H);
     m->inv_freq = malloc(sizeof(float) * (size_t)(c->head_dim / 2));
-    if (!m->h || !m->xn || !m->q || !m->k || !m->v || !m->att || !m->tmp || !m->scores ||
-        !m->ffn_tmp || !m->pos || !m->tok_item || !m->router_logits || !m->topk_idx || !m->topk_w ||
-        !m->xb || !m->comb || !m->expert_y || !m->row_in || !m->row_out || !m->inv_freq)
+    m->expert_tokens = calloc((size_t)c->num_experts, sizeof(uint64_t));
+    if (!m->expert_tokens || !m->h || !m->xn || !m->q || !m->k || !m->v || !m->att || !m->tmp ||
+        !m->scores || !m->ffn_tmp || !m->pos || !m->tok_item || !m->router_logits || !m->topk_idx ||
+        !m->topk_w || !m->xb || !m->comb || !m->expert_y || !m->row_in || !m->row_out ||
+        !m->inv_freq)
         return epd_err_set(err, -ENOMEM, "out of memory for the scratch of %zu tokens", T);
     epd_rope_inv_freq(m->inv_freq, c->head_dim, c->rope_theta);
     return 0;
@@ -321,6 +323,7 @@ void epd_model_destroy(epd_model_t *m)
     free(m->xb);
     free(m->comb);
     free(m->expert_y);
+    free(m->expert_tokens);
     epd_placement_fini(&m->placement);
     free(m);
 }
@@ -338,6 +341,29 @@ void epd_model_mem(const epd_model_t *m, epd_model_mem_t *mem)
 int epd_model_max_batch_tokens(const epd_model_t *m)
 {
     return m->max_tokens;
+}
+
+int epd_model_set_group(epd_model_t *m, ep_group_t *group, epd_err_t *err)
+{
+    if (!group) return epd_err_set(err, -EINVAL, "model: no EP group given");
+    if (ep_group_rank(group) != m->rank || ep_group_size(group) != m->nranks)
+        return epd_err_set(err, -EINVAL,
+                           "new EP group is rank %d of %d; the model was loaded as rank %d of %d",
+                           ep_group_rank(group), ep_group_size(group), m->rank, m->nranks);
+    if (ep_group_config(group)->ll_max_tokens != m->max_tokens)
+        return epd_err_set(err, -EINVAL,
+                           "new EP group has ll_max_tokens %d; the model's scratch is for %d",
+                           ep_group_config(group)->ll_max_tokens, m->max_tokens);
+    ep_group_t *old = m->group;
+    m->group = group;
+    int rc = check_group(m, err);
+    if (rc) m->group = old;
+    return rc;
+}
+
+void epd_model_expert_tokens(const epd_model_t *m, uint64_t *counts)
+{
+    memcpy(counts, m->expert_tokens, sizeof(uint64_t) * (size_t)m->cfg.num_experts);
 }
 
 /* ---- forward ------------------------------------------------------------------------------ */

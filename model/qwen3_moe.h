@@ -48,6 +48,12 @@ const epd_hf_config_t *epd_model_config(const epd_model_t *m);
 void epd_model_mem(const epd_model_t *m, epd_model_mem_t *mem);
 /* Tokens one forward call may carry on this rank (the group's ll_max_tokens). */
 int epd_model_max_batch_tokens(const epd_model_t *m);
+/* Replaces the EP group after the old one failed and was recreated (the caller destroys the
+ * old one). The new group must have the same rank, size and configuration. */
+int epd_model_set_group(epd_model_t *m, ep_group_t *group, epd_err_t *err);
+/* Tokens this rank's routers sent to each expert since the load, summed over the MoE layers:
+ * counts[num_experts], by global expert id. Read it from the thread that runs the forward. */
+void epd_model_expert_tokens(const epd_model_t *m, uint64_t *counts);
 
 /* A sequence: its KV cache ([layers][len][kv_heads][head_dim] keys and values) and length. */
 int epd_seq_create(const epd_model_t *m, epd_seq_t **out, epd_err_t *err);

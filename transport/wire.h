@@ -55,6 +55,8 @@ struct ep_wire {
 
 ep_status_t ep_wire_shm_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
 ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
+/* transport/rdma/wire_rdma.c (built when libibverbs and librdmacm are found: EP_HAVE_RDMA). */
+ep_status_t ep_wire_rdma_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
 
 /* Waits until the 64-bit word at local_off of this rank's buffer is >= target (acquire), or
  * the wire's timeout passes, a peer fails or the group is aborted. `peer` is the rank expected
