@@ -1072,6 +1072,9 @@ static void handle_frame(cl_conn_t *cn, const epd_ctl_msg_t *m)
     case EPD_CTL_BOOT_RESULT:
         if (c->boot) cl_boot_on_result(c->boot, m);
         break;
+    case EPD_CTL_WAKE:
+        if (c->opts.on_wake) c->opts.on_wake(c->opts.cb_ctx, p->id);
+        break;
     case EPD_CTL_BYE: {
         char reason[1024] = "";
         char why[1100];
@@ -1723,7 +1726,26 @@ void epd_cluster_set_load(epd_cluster_t *c, uint32_t load)
 
 int epd_cluster_bootstrap(epd_cluster_t *c, int local_rank, ep_bootstrap_t *out)
 {
-    return cl_boot_get(c->boot, local_rank, out);
+    char err[160];
+    return cl_boot_get(c->boot, local_rank, 0, 0, out, err, sizeof err);
+}
+
+int epd_cluster_bootstrap_wait(epd_cluster_t *c, int local_rank, unsigned generation,
+                               unsigned timeout_ms, ep_bootstrap_t *out, char *err, size_t errlen)
+{
+    return cl_boot_get(c->boot, local_rank, generation, timeout_ms, out, err, errlen);
+}
+
+void epd_cluster_wake_peers(epd_cluster_t *c)
+{
+    if (c->stopping) return;
+    epd_ctl_buf_t b;
+    epd_ctl_buf_init(&b);
+    epd_ctl_frame_begin(&b, EPD_CTL_WAKE);
+    if (epd_ctl_frame_end(&b) == 0)
+        for (int i = 0; i < c->npeers; i++)
+            if (c->peers[i].conn && c->peers[i].conn->hello_rx) cl_send_node(c, c->peers[i].id, &b);
+    epd_ctl_buf_fini(&b);
 }
 
 static cJSON *node_json(const cl_nodeinfo_t *n)

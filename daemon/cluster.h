@@ -98,6 +98,8 @@ typedef struct epd_cluster_opts {
     void (*on_peer_down)(void *ctx, int node_id, const char *reason);
     void (*on_formed)(void *ctx, uint64_t epoch);
     void (*on_stopped)(void *ctx);
+    /* A peer's engine has work (WAKE): wake this node's ranks. May be NULL. */
+    void (*on_wake)(void *ctx, int node_id);
     void *cb_ctx;
 } epd_cluster_opts_t;
 
@@ -134,5 +136,15 @@ cJSON *epd_cluster_status_json(const epd_cluster_t *c);
  * EP_ERR_TIMEOUT, or EP_ERR_PEER when the epoch changes while they wait. Valid until the next
  * epoch; 0 or a negative ep_status_t (EP_ERR_STATE: not formed). Any thread. */
 int epd_cluster_bootstrap(epd_cluster_t *c, int local_rank, ep_bootstrap_t *out);
+/* The same for an engine that re-forms its group: waits (engine thread, at most timeout_ms)
+ * until the cluster is formed, then returns the bootstrap of `generation` (the engine's count
+ * of group formations). Collectives are matched across nodes by (epoch, generation, sequence),
+ * so ranks that failed at different points of one generation still meet in the next. 0, or a
+ * negative ep_status_t with err saying why (EP_ERR_TIMEOUT: not formed in time; EP_ERR_STATE:
+ * stopping). */
+int epd_cluster_bootstrap_wait(epd_cluster_t *c, int local_rank, unsigned generation,
+                               unsigned timeout_ms, ep_bootstrap_t *out, char *err, size_t errlen);
+/* Loop thread: sends WAKE to every peer (their on_wake runs). */
+void epd_cluster_wake_peers(epd_cluster_t *c);
 
 #endif /* EPD_CLUSTER_H */

@@ -25,8 +25,10 @@
 typedef struct boot_rank {
     cl_boot_t *b;
     int local;
-    uint64_t epoch; /* epoch of the ep_bootstrap_t handed out */
-    uint64_t seq;   /* collectives started in that epoch */
+    uint64_t epoch;    /* epoch of the ep_bootstrap_t handed out */
+    unsigned gen_base; /* the engine's first group generation in this epoch */
+    unsigned gen;      /* the engine's group generation, relative to gen_base */
+    uint64_t seq;      /* collectives started in that epoch and generation */
     uint64_t wait_seq;
     int waiting;
     void *out; /* caller's buffer while it waits */
@@ -72,6 +74,7 @@ struct cl_boot {
     gather_t *gathers; /* loop thread only */
     uv_async_t async;
     int async_open;
+    int closed; /* the control plane stopped: waits end at once */
 };
 
 static void free_ops(cl_boot_t *b)
@@ -218,6 +221,8 @@ void cl_boot_close(cl_boot_t *b)
     int open = b->async_open;
     b->async_open = 0;
     b->formed = 0; /* later collectives fail at once */
+    b->closed = 1;
+    pthread_cond_broadcast(&b->cv);
     pthread_mutex_unlock(&b->mu);
     if (!open) return;
     uv_close((uv_handle_t *)&b->async, on_async_closed);
@@ -246,6 +251,7 @@ void cl_boot_set_epoch(cl_boot_t *b, uint64_t epoch, int formed, int first_rank,
     b->formed = formed;
     b->first_rank = first_rank;
     b->nranks = nranks;
+    pthread_cond_broadcast(&b->cv); /* epd_cluster_bootstrap_wait callers */
     pthread_mutex_unlock(&b->mu);
     free_gathers(b);
 }
@@ -438,7 +444,8 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
                   b->nranks);
         return EP_ERR_INVALID;
     }
-    uint64_t seq = ++r->seq;
+    /* (generation, sequence) in one u64: collectives of different generations never meet */
+    uint64_t seq = ((uint64_t)r->gen << 32) | (++r->seq & 0xffffffffu);
     boot_op_t *o;
     for (o = b->ops; o; o = o->next)
         if (o->seq == seq) break;
@@ -508,17 +515,49 @@ static int boot_barrier(void *ctx, unsigned timeout_ms)
     return boot_allgather(ctx, NULL, NULL, 0, timeout_ms);
 }
 
-int cl_boot_get(cl_boot_t *b, int local_rank, ep_bootstrap_t *out)
+int cl_boot_get(cl_boot_t *b, int local_rank, unsigned generation, unsigned wait_ms,
+                ep_bootstrap_t *out, char *err, size_t errlen)
 {
-    if (local_rank < 0 || local_rank >= b->local_ranks) return EP_ERR_INVALID;
+    struct timespec dl;
+    if (local_rank < 0 || local_rank >= b->local_ranks) {
+        snprintf(err, errlen, "local rank %d out of 0..%d", local_rank, b->local_ranks - 1);
+        return EP_ERR_INVALID;
+    }
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_sec += wait_ms / 1000;
+    dl.tv_nsec += (long)(wait_ms % 1000) * 1000000L;
+    if (dl.tv_nsec >= 1000000000L) {
+        dl.tv_sec++;
+        dl.tv_nsec -= 1000000000L;
+    }
     pthread_mutex_lock(&b->mu);
+    int rc = 0;
+    while ((!b->formed || b->first_rank < 0) && !b->closed && wait_ms && rc != ETIMEDOUT)
+        rc = pthread_cond_timedwait(&b->cv, &b->mu, &dl);
+    if (b->closed) {
+        pthread_mutex_unlock(&b->mu);
+        snprintf(err, errlen, "the control plane is stopping");
+        return EP_ERR_STATE;
+    }
     if (!b->formed || b->first_rank < 0) {
         pthread_mutex_unlock(&b->mu);
+        if (wait_ms) {
+            snprintf(err, errlen, "the cluster did not form within %u ms", wait_ms);
+            return EP_ERR_TIMEOUT;
+        }
+        snprintf(err, errlen, "the cluster is not formed");
         return EP_ERR_STATE;
     }
     boot_rank_t *r = &b->ranks[local_rank];
-    if (r->epoch != b->epoch) {
+    /* Generations count from the first one used in this epoch: a node that restarted (its
+     * engine at generation 0) and nodes that re-formed several times meet at relative 0. */
+    if (r->epoch != b->epoch || generation < r->gen_base) {
         r->epoch = b->epoch;
+        r->gen_base = generation;
+        r->gen = 0;
+        r->seq = 0;
+    } else if (generation - r->gen_base != r->gen) {
+        r->gen = generation - r->gen_base;
         r->seq = 0;
     }
     out->rank = b->first_rank + local_rank;

@@ -22,7 +22,23 @@ struct epd_cluster_daemon {
     char reason[512];
     void (*peer_down)(void *ctx, int node_id, const char *reason);
     void *peer_down_ctx;
+    epd_engine_cluster_t hooks;
+    epd_engine_t *engine;
 };
+
+/* How long an engine rank waits for the cluster to form before its group creation fails (the
+ * load then fails with this message, or a re-formation tries again): nodes of one cluster are
+ * expected to start within minutes of each other. */
+#define ENGINE_FORM_WAIT_MS 120000u
+
+/* Global rank of node `id`'s first rank in the complete table (nodes ordered by id). */
+static int first_rank_of(const epd_config_t *cfg, int id, int ranks)
+{
+    int below = cfg->node_id < id;
+    for (int i = 0; i < cfg->num_peers; i++)
+        below += cfg->peers[i].node_id < id && cfg->peers[i].node_id != cfg->node_id;
+    return below * ranks;
+}
 
 static void publish(epd_cluster_daemon_t *d)
 {
@@ -45,10 +61,46 @@ static void on_ready(void *ctx, int ready, const char *reason)
     publish(d);
 }
 
+static int local_ranks(const epd_config_t *cfg);
+
 static void on_peer_down(void *ctx, int node_id, const char *reason)
 {
     epd_cluster_daemon_t *d = ctx;
+    if (d->engine) {
+        char why[400];
+        snprintf(why, sizeof why, "node %d: %s", node_id, reason);
+        epd_engine_peer_down(d->engine, first_rank_of(d->o.cfg, node_id, local_ranks(d->o.cfg)),
+                             why);
+    }
     if (d->peer_down) d->peer_down(d->peer_down_ctx, node_id, reason);
+}
+
+static void on_wake(void *ctx, int node_id)
+{
+    epd_cluster_daemon_t *d = ctx;
+    if (d->engine) epd_engine_wake(d->engine);
+}
+
+static int engine_bootstrap(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out, char *err,
+                            size_t errlen)
+{
+    epd_cluster_daemon_t *d = ctx;
+    int rc =
+        epd_cluster_bootstrap_wait(d->cluster, local, epoch, ENGINE_FORM_WAIT_MS, out, err, errlen);
+    if (rc != 0) return rc == EP_ERR_TIMEOUT ? -ETIMEDOUT : -EAGAIN;
+    if (out->rank != d->hooks.rank_base + local || out->nranks != d->hooks.nranks) {
+        snprintf(err, errlen,
+                 "rank table gives local rank %d global rank %d of %d, expected %d of %d", local,
+                 out->rank, out->nranks, d->hooks.rank_base + local, d->hooks.nranks);
+        return -EPROTO;
+    }
+    return 0;
+}
+
+static void engine_wake_peers(void *ctx)
+{
+    epd_cluster_daemon_t *d = ctx;
+    epd_cluster_wake_peers(d->cluster);
 }
 
 /* Names the first cluster-wide setting that differs from a peer's config (its JSON dump). */
@@ -234,6 +286,7 @@ int epd_cluster_daemon_start(const epd_cluster_daemon_opts_t *o, epd_cluster_dae
     co.config_diff = diff_settings;
     co.on_ready = on_ready;
     co.on_peer_down = on_peer_down;
+    co.on_wake = on_wake;
     co.cb_ctx = d;
     snprintf(d->reason, sizeof d->reason, "starting");
     if (epd_cluster_create(&co, &d->cluster, err, errlen) != 0) {
@@ -270,6 +323,26 @@ void epd_cluster_daemon_on_peer_down(epd_cluster_daemon_t *d,
 epd_cluster_t *epd_cluster_daemon_cluster(epd_cluster_daemon_t *d)
 {
     return d ? d->cluster : NULL;
+}
+
+const epd_engine_cluster_t *epd_cluster_daemon_engine_hooks(epd_cluster_daemon_t *d)
+{
+    if (!d || !d->cluster) return NULL;
+    const epd_config_t *cfg = d->o.cfg;
+    int peers = 0;
+    for (int i = 0; i < cfg->num_peers; i++)
+        peers += cfg->peers[i].node_id != cfg->node_id;
+    d->hooks.rank_base = first_rank_of(cfg, cfg->node_id, local_ranks(cfg));
+    d->hooks.nranks = (peers + 1) * local_ranks(cfg);
+    d->hooks.bootstrap = engine_bootstrap;
+    d->hooks.wake_peers = engine_wake_peers;
+    d->hooks.ctx = d;
+    return &d->hooks;
+}
+
+void epd_cluster_daemon_set_engine(epd_cluster_daemon_t *d, epd_engine_t *e)
+{
+    if (d) d->engine = e;
 }
 
 void epd_cluster_daemon_stop(epd_cluster_daemon_t *d, int graceful, const char *why)

@@ -8,6 +8,7 @@
 #include <uv.h>
 
 #include "cluster.h"
+#include "engine.h"
 #include "epd_config.h"
 #include "http.h"
 #include "metrics.h"
@@ -38,6 +39,12 @@ void epd_cluster_daemon_on_peer_down(epd_cluster_daemon_t *d,
                                      void *ctx);
 /* NULL for a single node. */
 epd_cluster_t *epd_cluster_daemon_cluster(epd_cluster_daemon_t *d);
+/* How the engine's ranks join the cluster-wide EP group (NULL for a single node): global ranks
+ * from the configured membership (nodes ordered by id: the only table that ever forms),
+ * bootstraps served by the control plane, WAKE sent to the peers. Valid while d lives. */
+const epd_engine_cluster_t *epd_cluster_daemon_engine_hooks(epd_cluster_daemon_t *d);
+/* The engine that WAKE frames and peers going down are forwarded to (NULL to detach). */
+void epd_cluster_daemon_set_engine(epd_cluster_daemon_t *d, epd_engine_t *e);
 /* Leaves the cluster (graceful: peers are told at once); handles close as the loop runs. */
 void epd_cluster_daemon_stop(epd_cluster_daemon_t *d, int graceful, const char *why);
 /* After the loop has finished. */

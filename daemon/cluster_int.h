@@ -134,6 +134,7 @@ void cl_boot_set_epoch(cl_boot_t *b, uint64_t epoch, int formed, int first_rank,
 void cl_boot_abort(cl_boot_t *b, const char *why);
 void cl_boot_on_contrib(cl_boot_t *b, int from, const epd_ctl_msg_t *m);
 void cl_boot_on_result(cl_boot_t *b, const epd_ctl_msg_t *m);
-int cl_boot_get(cl_boot_t *b, int local_rank, ep_bootstrap_t *out);
+int cl_boot_get(cl_boot_t *b, int local_rank, unsigned generation, unsigned wait_ms,
+                ep_bootstrap_t *out, char *err, size_t errlen);
 
 #endif /* EPD_CLUSTER_INT_H */

@@ -134,6 +134,7 @@ static const schema_t schemas[EPD_CTL_TYPE_MAX + 1] = {
     [EPD_CTL_BOOT_CONTRIB] = S(boot_contrib),
     [EPD_CTL_BOOT_RESULT] = S(boot_result),
     [EPD_CTL_BYE] = S(bye),
+    [EPD_CTL_WAKE] = {NULL, 0},
 };
 #undef S
 
@@ -166,6 +167,7 @@ static const char *const type_names[EPD_CTL_TYPE_MAX + 1] = {
     [EPD_CTL_BOOT_CONTRIB] = "BOOT_CONTRIB",
     [EPD_CTL_BOOT_RESULT] = "BOOT_RESULT",
     [EPD_CTL_BYE] = "BYE",
+    [EPD_CTL_WAKE] = "WAKE",
 };
 
 const char *epd_ctl_reject_name(epd_ctl_reject_t r)

@@ -37,7 +37,8 @@ typedef enum epd_ctl_type {
     EPD_CTL_BOOT_CONTRIB = 12,  /* member -> coordinator: local ranks' allgather data */
     EPD_CTL_BOOT_RESULT = 13,   /* coordinator -> members: gathered data in rank order */
     EPD_CTL_BYE = 14,           /* the sender leaves the cluster (drain finished, stop) */
-    EPD_CTL_TYPE_MAX = 14,
+    EPD_CTL_WAKE = 15,          /* the sender's engine has work: wake the receiver's ranks */
+    EPD_CTL_TYPE_MAX = 15,
 } epd_ctl_type_t;
 
 typedef enum epd_ctl_tag {

@@ -188,6 +188,7 @@ static void finish_stop(daemon_t *d)
     epd_cluster_daemon_stop(d->cluster, 0, "stopping");
     /* the engine ends its requests (their responses finish) before the server goes */
     epd_api_detach_engine(d->api);
+    epd_cluster_daemon_set_engine(d->cluster, NULL);
     if (d->engine) {
         epd_engine_destroy(d->engine);
         d->engine = NULL;
@@ -326,12 +327,15 @@ static int start_serving(daemon_t *d)
                                 .cfg = d->cfg,
                                 .metrics = d->metrics,
                                 .state = d->state,
+                                /* several nodes: ranks and bootstrap from the control plane */
+                                .cluster = epd_cluster_daemon_engine_hooks(d->cluster),
                                 .on_loaded = on_model_loaded,
                                 .arg = d};
         if ((rc = epd_engine_create(&eo, &d->engine, err, sizeof(err))) != 0) {
             EPD_ERROR(SUB, "cannot serve model.path %s: %s", d->cfg->model_path, err);
             return rc;
         }
+        epd_cluster_daemon_set_engine(d->cluster, d->engine);
     }
     return epd_api_create(d->http, d->engine, d->metrics, &d->api);
 }
@@ -375,7 +379,6 @@ static int start(daemon_t *d)
         (rc = epd_http_route(d->http, "GET", "/metrics", h_metrics, d)) ||
         (rc = epd_http_route(d->http, "GET", "/v1/status", h_status, d)))
         return rc;
-    if ((rc = start_serving(d)) != 0) return rc;
     if ((rc = epd_http_server_listen(d->http, d->cfg->http.host, d->cfg->http.port)) != 0) {
         EPD_ERROR(SUB, "cannot listen on http.listen %s:%d: %s", d->cfg->http.host,
                   d->cfg->http.port, uv_strerror(rc));
@@ -397,6 +400,9 @@ static int start(daemon_t *d)
         EPD_ERROR(SUB, "%s", err);
         return rc;
     }
+    /* after the control plane: the engine takes its ranks from it (the loop is not running
+     * yet, so routes added now are in place before the first request) */
+    if ((rc = start_serving(d)) != 0) return rc;
 
     uv_signal_init(&d->loop, &d->sig_term);
     uv_signal_init(&d->loop, &d->sig_int);

@@ -426,6 +426,27 @@ static void test_bootstrap_allgather(void **state)
     world_fini(&w);
 }
 
+static void test_bootstrap_wait_bounded(void **state)
+{
+    world_t w;
+    char err[160];
+    ep_bootstrap_t bs;
+    world_init(&w, 2, 1);
+    node_start(&w, 0, &w.secret);
+    /* node 1 is not running: the wait ends at its bound and says why */
+    assert_int_equal(epd_cluster_bootstrap_wait(w.nodes[0].c, 0, 0, 200, &bs, err, sizeof err),
+                     EP_ERR_TIMEOUT);
+    assert_non_null(strstr(err, "did not form within 200 ms"));
+    assert_int_equal(epd_cluster_bootstrap(w.nodes[0].c, 0, &bs), EP_ERR_STATE);
+    node_start(&w, 1, &w.secret);
+    formed_arg_t fa = {0x3, 0};
+    assert_true(run_until(&w, all_formed, &fa, 5000));
+    assert_int_equal(epd_cluster_bootstrap_wait(w.nodes[1].c, 0, 7, 200, &bs, err, sizeof err), 0);
+    assert_int_equal(bs.rank, 1);
+    assert_int_equal(bs.nranks, 2);
+    world_fini(&w);
+}
+
 /* ---- failures ---- */
 
 typedef struct peer_arg {
@@ -486,7 +507,8 @@ static void test_quick_restart_reforms(void **state)
      * process (new incarnation) holds no table, so the cluster must form again anew. */
     world_t w;
     world_init(&w, 3, 1);
-    for (int i = 0; i < 3; i++) node_start(&w, i, &w.secret);
+    for (int i = 0; i < 3; i++)
+        node_start(&w, i, &w.secret);
     formed_arg_t fa = {0x7, 0};
     assert_true(run_until(&w, all_formed, &fa, 5000));
     uint64_t e1 = epd_cluster_epoch(w.nodes[0].c);
@@ -658,6 +680,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_forms_and_assigns_ranks),
         cmocka_unit_test(test_bootstrap_allgather),
+        cmocka_unit_test(test_bootstrap_wait_bounded),
         cmocka_unit_test(test_crash_detected_and_rejoin),
         cmocka_unit_test(test_quick_restart_reforms),
         cmocka_unit_test(test_coordinator_failover),

@@ -1,0 +1,98 @@
+#!/bin/bash
+# Serving across two epd nodes (one process each, 2 ranks per node, cpu backend, tcp wire): the
+# engines' EP group is bootstrapped through the control plane. Greedy completions asked of
+# either node equal transformers' tokens (tests/model/oracle/expected.json). Node 1 is killed
+# (-9): node 0 stops serving at once (not ready, requests fail instead of hanging).
+# (A restarted node does not rejoin a running engine yet: see the cluster branch's report.)
+# Usage: cluster_serving.sh EPD JSON_CHECK ORACLE_DIR CLUSTER_TESTUTIL
+set -u
+EPD=$1 CHECK=$2 ORACLE=$3 UTIL=$4
+N=2
+WORK=$(mktemp -d /tmp/epd-cluster-serving.XXXXXX)
+declare -a PID HTTP CTL
+cleanup() {
+    for p in "${PID[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null; done
+    wait 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+fail() {
+    echo "FAIL: $*" >&2
+    for ((i = 0; i < N; i++)); do
+        echo "--- node $i log (last 40 lines) ---" >&2
+        tail -n 40 "$WORK/n$i.log" >&2 2>/dev/null
+    done
+    exit 1
+}
+CURL=(curl -s -m 30)
+mapfile -t PORTS < <("$UTIL" freeports $((2 * N)))
+for ((i = 0; i < N; i++)); do HTTP[i]=${PORTS[2 * i]}; CTL[i]=${PORTS[2 * i + 1]}; done
+head -c 32 /dev/urandom | base64 >"$WORK/secret"
+chmod 600 "$WORK/secret"
+
+start_node() {
+    local i=$1 j=$((1 - $1))
+    cat >"$WORK/n$i.json" <<JSON
+{
+  "node": {"id": $i, "name": "serve$i"},
+  "cluster": {"name": "serving", "listen": {"host": "127.0.0.1", "port": ${CTL[i]}},
+              "peers": [{"id": $j, "host": "127.0.0.1", "port": ${CTL[j]}}],
+              "secret_file": "$WORK/secret"},
+  "http": {"listen": {"host": "127.0.0.1", "port": ${HTTP[i]}}},
+  "compute": {"backend": "cpu", "transport": "tcp", "ranks_per_node": 2},
+  "model": {"path": "$ORACLE", "max_batch_tokens": 8, "max_seq_len": 512},
+  "timeouts": {"connect_ms": 500, "heartbeat_interval_ms": 100, "heartbeat_timeout_ms": 500,
+               "ep_op_ms": 3000, "shutdown_ms": 3000},
+  "log": {"level": "info"}
+}
+JSON
+    "$EPD" -c "$WORK/n$i.json" 2>>"$WORK/n$i.log" &
+    PID[i]=$!
+}
+wait_ready() { # node seconds
+    local k
+    for ((k = 0; k < $2 * 20; k++)); do
+        [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:${HTTP[$1]}/readyz")" = 200 ] && return 0
+        kill -0 "${PID[$1]}" 2>/dev/null || return 1
+        sleep 0.05
+    done
+    return 1
+}
+check_greedy() { # node
+    local c=0 prompt tokens code got
+    while read -r prompt tokens; do
+        code=$("${CURL[@]}" -o "$WORK/r" -w '%{http_code}' -H 'Content-Type: application/json' \
+            -d "{\"prompt\":[$prompt],\"max_tokens\":16,\"temperature\":0}" \
+            "http://127.0.0.1:${HTTP[$1]}/v1/completions")
+        [ "$code" = 200 ] || fail "node $1 case $c: HTTP $code: $(cat "$WORK/r")"
+        got=$("$CHECK" completion "$WORK/r") || fail "node $1 case $c: bad response: $(cat "$WORK/r")"
+        [ "$got" = "0 $tokens length" ] || fail "node $1 case $c: got '$got', transformers '0 $tokens length'"
+        c=$((c + 1))
+    done <"$WORK/cases"
+}
+
+"$CHECK" cases "$ORACLE/expected.json" >"$WORK/cases" || fail "cannot read expected.json"
+for ((i = 0; i < N; i++)); do start_node "$i"; done
+for ((i = 0; i < N; i++)); do wait_ready "$i" 60 || fail "node $i not ready"; done
+check_greedy 0
+check_greedy 1
+"${CURL[@]}" -o "$WORK/st" "http://127.0.0.1:${HTTP[1]}/v1/cluster"
+[ "$("$UTIL" jget "$WORK/st" rank_table.nranks)" = 4 ] || fail "expected 4 ranks in the table"
+
+# ---- node 1 dies: node 0 stops serving, and fails requests rather than hanging ----
+kill -9 "${PID[1]}"
+wait "${PID[1]}" 2>/dev/null
+PID[1]=
+for ((k = 0; k < 100; k++)); do
+    [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:${HTTP[0]}/readyz")" = 503 ] && break
+    sleep 0.05
+done
+[ $k -lt 100 ] || fail "node 0 still ready 5 s after node 1 was killed"
+T0=$(date +%s%3N)
+code=$(curl -s -m 10 -o "$WORK/r" -w '%{http_code}' -d '{"prompt":[1,2,3],"max_tokens":4,"temperature":0}' \
+    "http://127.0.0.1:${HTTP[0]}/v1/completions")
+[ "$code" != 200 ] && [ "$code" != 000 ] ||
+    fail "node 0 answered $code with its peer dead (want an error status, not a completion or a hang): $(cat "$WORK/r")"
+[ $(($(date +%s%3N) - T0)) -lt 5000 ] || fail "the failed request took more than 5 s"
+grep -q "rank 2 is down: node 1" "$WORK/n0.log" || fail "node 0's engine was not told that node 1 went down"
+echo "PASS"
