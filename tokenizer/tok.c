@@ -59,8 +59,7 @@ fail:
     return st;
 }
 
-epd_tok_status_t epd_tok_load_dir(const char *model_dir, epd_tok_t **out, char *err,
-                                  size_t err_len)
+epd_tok_status_t epd_tok_load_dir(const char *model_dir, epd_tok_t **out, char *err, size_t err_len)
 {
     char paths[3][4096];
     static const char *const names[3] = {"tokenizer.json", "tokenizer_config.json",

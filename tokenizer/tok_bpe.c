@@ -112,12 +112,16 @@ static epd_tok_status_t bpe_heap(const epd_tok_t *tok, const uint8_t *w, size_t 
         if (prev[pos] >= 0) {
             int32_t pv = prev[pos];
             const tok_pair_slot_t *t = tok_pairmap_get(&tok->merges, sym[pv], sym[pos]);
-            if (t) heap_push(heap, &hn, (bpe_cand_t){(uint64_t)t->rank << 32 | (uint32_t)pv, sym[pv], sym[pos]});
+            if (t)
+                heap_push(heap, &hn,
+                          (bpe_cand_t){(uint64_t)t->rank << 32 | (uint32_t)pv, sym[pv], sym[pos]});
         }
         if (next[pos] >= 0) {
             int32_t nn = next[pos];
             const tok_pair_slot_t *t = tok_pairmap_get(&tok->merges, sym[pos], sym[nn]);
-            if (t) heap_push(heap, &hn, (bpe_cand_t){(uint64_t)t->rank << 32 | (uint32_t)pos, sym[pos], sym[nn]});
+            if (t)
+                heap_push(heap, &hn,
+                          (bpe_cand_t){(uint64_t)t->rank << 32 | (uint32_t)pos, sym[pos], sym[nn]});
         }
     }
     st = EPD_TOK_OK;
@@ -161,8 +165,7 @@ static size_t blob_ids_off(size_t klen)
     return (klen + 3) & ~(size_t)3;
 }
 
-epd_tok_status_t tok_bpe_word(const epd_tok_t *ctok, const uint8_t *w, size_t n,
-                              epd_tok_ids_t *out)
+epd_tok_status_t tok_bpe_word(const epd_tok_t *ctok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
 {
     if (n == 0) return EPD_TOK_OK;
     if (n == 1) return tok_ids_push(out, ctok->byte_id[w[0]]) < 0 ? EPD_TOK_ERR_NOMEM : EPD_TOK_OK;

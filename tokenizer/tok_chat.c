@@ -10,7 +10,8 @@
  * renders something else and is refused. */
 static const char *const qwen3_fragments[] = {
     "'<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n'",
-    "message.content.startswith('<tool_response>') and message.content.endswith('</tool_response>')",
+    "message.content.startswith('<tool_response>') and "
+    "message.content.endswith('</tool_response>')",
     "(message.role == \"user\") or (message.role == \"system\" and not loop.first)",
     "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n'",
     "message.content.split('</think>')[-1].lstrip('\\n')",
@@ -182,8 +183,8 @@ static epd_tok_status_t check_messages(const epd_tok_chat_msg_t *msgs, size_t n,
         for (size_t k = 0; k < m->n_tool_calls; k++) {
             if (!m->tool_calls[k].name || !m->tool_calls[k].arguments)
                 return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
-                                "messages[%zu].tool_calls[%zu]: name and arguments are required",
-                                i, k);
+                                "messages[%zu].tool_calls[%zu]: name and arguments are required", i,
+                                k);
         }
     }
     return EPD_TOK_OK;

@@ -13,9 +13,8 @@ const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len)
     return tok->pool.p + tok->id_off[id];
 }
 
-epd_tok_status_t epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n,
-                                unsigned flags, char **out, size_t *out_len, char *err,
-                                size_t err_len)
+epd_tok_status_t epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags,
+                                char **out, size_t *out_len, char *err, size_t err_len)
 {
     tok_buf_t raw = {0}, txt = {0};
     epd_tok_status_t st = EPD_TOK_ERR_NOMEM;

@@ -65,10 +65,9 @@ static const tok_added_t *added_at(const enc_t *e, const uint8_t *p, size_t n, u
 
 /* Splits p[0..n) at added tokens of one kind (leftmost, then longest) and hands the text between
  * them to `then`. */
-static epd_tok_status_t split_added(enc_t *e, const uint8_t *p, size_t n, size_t base_off,
-                                    unsigned kind,
-                                    epd_tok_status_t (*then)(enc_t *, const uint8_t *, size_t,
-                                                             size_t))
+static epd_tok_status_t
+split_added(enc_t *e, const uint8_t *p, size_t n, size_t base_off, unsigned kind,
+            epd_tok_status_t (*then)(enc_t *, const uint8_t *, size_t, size_t))
 {
     const epd_tok_t *tok = e->tok;
     size_t seg = 0;
@@ -102,8 +101,8 @@ static epd_tok_status_t normalized_segment(enc_t *e, const uint8_t *p, size_t n,
     return split_added(e, p, n, base_off, 2, split_and_bpe);
 }
 
-epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len,
-                                unsigned flags, epd_tok_ids_t *out, char *err, size_t err_len)
+epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                                epd_tok_ids_t *out, char *err, size_t err_len)
 {
     if (!tok || !out || (!text && len))
         return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "epd_tok_encode: NULL argument");
@@ -117,7 +116,8 @@ epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t l
     enc_t e = {.tok = tok, .flags = flags, .out = out, .err = err, .err_len = err_len};
     if (tok->re) {
         e.md = pcre2_match_data_create_from_pattern(tok->re, NULL);
-        if (!e.md) return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "epd_tok_encode: out of memory");
+        if (!e.md)
+            return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "epd_tok_encode: out of memory");
     }
     size_t before = out->len;
     epd_tok_status_t st = split_added(&e, p, len, 0, 1, normalized_segment);

@@ -42,8 +42,7 @@ uint32_t tok_hash_bytes(const uint8_t *p, size_t n);
 int tok_strmap_init(tok_strmap_t *m, size_t expected);
 void tok_strmap_fini(tok_strmap_t *m);
 /* Inserts or overwrites. The key bytes must already be in pool at off. */
-int tok_strmap_put(tok_strmap_t *m, const tok_buf_t *pool, uint32_t off, uint32_t len,
-                   int32_t val);
+int tok_strmap_put(tok_strmap_t *m, const tok_buf_t *pool, uint32_t off, uint32_t len, int32_t val);
 /* -1 when absent. */
 int32_t tok_strmap_get(const tok_strmap_t *m, const tok_buf_t *pool, const uint8_t *key,
                        size_t len);

@@ -59,20 +59,19 @@ static const char *jtype(const cJSON *v)
     return "an object";
 }
 
-epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *err,
-                               size_t err_len)
+epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *err, size_t err_len)
 {
     FILE *f = fopen(path, "rb");
     char *buf = NULL;
-    if (!f) return tok_errf(err, err_len, EPD_TOK_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (!f)
+        return tok_errf(err, err_len, EPD_TOK_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
     if (fseek(f, 0, SEEK_END) != 0) goto fail_io;
     long sz = ftell(f);
     if (sz < 0 || fseek(f, 0, SEEK_SET) != 0) goto fail_io;
     buf = malloc((size_t)sz + 1);
     if (!buf) {
         fclose(f);
-        return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "%s: cannot allocate %ld bytes", path,
-                        sz);
+        return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "%s: cannot allocate %ld bytes", path, sz);
     }
     if (fread(buf, 1, (size_t)sz, f) != (size_t)sz) goto fail_io;
     fclose(f);
@@ -129,7 +128,8 @@ static epd_tok_status_t get_bool(jctx_t *c, const cJSON *obj, const char *key, c
         *out = dflt;
         return EPD_TOK_OK;
     }
-    if (!cJSON_IsBool(v)) return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a boolean, got %s", jtype(v));
+    if (!cJSON_IsBool(v))
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a boolean, got %s", jtype(v));
     *out = cJSON_IsTrue(v);
     return EPD_TOK_OK;
 }
@@ -141,7 +141,8 @@ static epd_tok_status_t get_str(jctx_t *c, const cJSON *obj, const char *key, co
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     char p[256];
     snprintf(p, sizeof(p), "%s%s%s", path, *path ? "." : "", key);
-    if (!cJSON_IsString(v)) return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(v));
+    if (!cJSON_IsString(v))
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(v));
     *out = v->valuestring;
     return EPD_TOK_OK;
 }
@@ -154,7 +155,8 @@ static epd_tok_status_t require_empty_str(jctx_t *c, const cJSON *obj, const cha
     if (!v || cJSON_IsNull(v) || (cJSON_IsString(v) && !v->valuestring[0])) return EPD_TOK_OK;
     char p[256], q[96];
     snprintf(p, sizeof(p), "%s.%s", path, key);
-    if (!cJSON_IsString(v)) return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(v));
+    if (!cJSON_IsString(v))
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(v));
     quote(q, sizeof(q), v->valuestring);
     return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p, "unsupported %s (supported: \"\" or null)", q);
 }
@@ -178,10 +180,12 @@ static epd_tok_status_t check_type(jctx_t *c, const cJSON *obj, const char *path
                                    const char **type_out)
 {
     char p[256], q[96];
-    if (!cJSON_IsObject(obj)) return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an object, got %s", jtype(obj));
+    if (!cJSON_IsObject(obj))
+        return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an object, got %s", jtype(obj));
     snprintf(p, sizeof(p), "%s.type", path);
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(obj, "type");
-    if (!cJSON_IsString(t)) return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(t));
+    if (!cJSON_IsString(t))
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(t));
     for (size_t i = 0; supported[i]; i++) {
         if (strcmp(t->valuestring, supported[i]) == 0) {
             *type_out = supported[i];
@@ -233,10 +237,12 @@ static epd_tok_status_t nomem(jctx_t *c, const char *what)
 
 static epd_tok_status_t check_id(jctx_t *c, const cJSON *v, const char *path, int32_t *id)
 {
-    if (!cJSON_IsNumber(v)) return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an integer id, got %s", jtype(v));
+    if (!cJSON_IsNumber(v))
+        return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an integer id, got %s", jtype(v));
     double d = v->valuedouble;
     if (d < 0 || d >= TOK_MAX_ID || d != (double)(int32_t)d)
-        return jerr(c, EPD_TOK_ERR_PARSE, path, "id %g is not an integer in [0, %d)", d, TOK_MAX_ID);
+        return jerr(c, EPD_TOK_ERR_PARSE, path, "id %g is not an integer in [0, %d)", d,
+                    TOK_MAX_ID);
     *id = (int32_t)d;
     return EPD_TOK_OK;
 }
@@ -261,12 +267,15 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
 
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     if (!cJSON_IsObject(vocab))
-        return jerr(c, EPD_TOK_ERR_PARSE, "model.vocab", "expected an object, got %s", jtype(vocab));
+        return jerr(c, EPD_TOK_ERR_PARSE, "model.vocab", "expected an object, got %s",
+                    jtype(vocab));
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (!cJSON_IsArray(merges))
-        return jerr(c, EPD_TOK_ERR_PARSE, "model.merges", "expected an array, got %s", jtype(merges));
+        return jerr(c, EPD_TOK_ERR_PARSE, "model.merges", "expected an array, got %s",
+                    jtype(merges));
     if (added && !cJSON_IsNull(added) && !cJSON_IsArray(added))
-        return jerr(c, EPD_TOK_ERR_PARSE, "added_tokens", "expected an array, got %s", jtype(added));
+        return jerr(c, EPD_TOK_ERR_PARSE, "added_tokens", "expected an array, got %s",
+                    jtype(added));
 
     /* The id space covers the vocabulary and the added tokens. */
     int32_t max_id = -1;
@@ -309,13 +318,13 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
         if (tok->id_flags[id] & TOK_ID_PRESENT) {
             const uint8_t *other = tok->pool.p + tok->id_off[id];
             char q2[96], tmpname[128];
-            snprintf(tmpname, sizeof(tmpname), "%.*s", (int)(tok->id_len[id] < 100 ? tok->id_len[id] : 100),
-                     (const char *)other);
+            snprintf(tmpname, sizeof(tmpname), "%.*s",
+                     (int)(tok->id_len[id] < 100 ? tok->id_len[id] : 100), (const char *)other);
             quote(q, sizeof(q), v->string);
             quote(q2, sizeof(q2), tmpname);
             snprintf(p, sizeof(p), "model.vocab[%s]", q);
-            return jerr(c, EPD_TOK_ERR_PARSE, p, "id %d is used twice (also by the token decoding to %s)",
-                        id, q2);
+            return jerr(c, EPD_TOK_ERR_PARSE, p,
+                        "id %d is used twice (also by the token decoding to %s)", id, q2);
         }
         tok->id_flags[id] |= TOK_ID_PRESENT;
         bool in_alphabet = bytelevel_to_bytes(v->string, tmp);
@@ -352,7 +361,8 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
             const char *sp = strchr(v->valuestring, ' ');
             if (!sp || strchr(sp + 1, ' ') || sp == v->valuestring || !sp[1]) {
                 quote(q, sizeof(q), v->valuestring);
-                st = jerr(c, EPD_TOK_ERR_PARSE, p, "%s is not two tokens separated by one space", q);
+                st =
+                    jerr(c, EPD_TOK_ERR_PARSE, p, "%s is not two tokens separated by one space", q);
                 break;
             }
             split = strdup(v->valuestring);
@@ -369,8 +379,8 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
             parts[0] = cJSON_GetArrayItem(v, 0)->valuestring;
             parts[1] = cJSON_GetArrayItem(v, 1)->valuestring;
         } else {
-            st = jerr(c, EPD_TOK_ERR_PARSE, p,
-                      "expected \"a b\" or [\"a\", \"b\"], got %s", jtype(v));
+            st = jerr(c, EPD_TOK_ERR_PARSE, p, "expected \"a b\" or [\"a\", \"b\"], got %s",
+                      jtype(v));
             break;
         }
         int32_t ids[2];
@@ -471,8 +481,8 @@ static epd_tok_status_t load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *
     static const char *const types[] = {"NFC", "Sequence", NULL};
     if (!norm || cJSON_IsNull(norm)) return EPD_TOK_OK;
     const char *type;
-    epd_tok_status_t st = check_type(c, norm, path, "\"NFC\", \"Sequence\" of those, or null",
-                                     types, &type);
+    epd_tok_status_t st =
+        check_type(c, norm, path, "\"NFC\", \"Sequence\" of those, or null", types, &type);
     if (st) return st;
     if (strcmp(type, "NFC") == 0) {
         tok->nfc = true;
@@ -481,7 +491,8 @@ static epd_tok_status_t load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *
     const cJSON *list = cJSON_GetObjectItemCaseSensitive(norm, "normalizers");
     char p[256];
     snprintf(p, sizeof(p), "%s.normalizers", path);
-    if (!cJSON_IsArray(list)) return jerr(c, EPD_TOK_ERR_PARSE, p, "expected an array, got %s", jtype(list));
+    if (!cJSON_IsArray(list))
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected an array, got %s", jtype(list));
     size_t i = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, list)
@@ -515,9 +526,9 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
                         "expected an array, got %s", jtype(list));
         n = (size_t)cJSON_GetArraySize(list);
         if (n < 1 || n > 2)
-            return jerr(c, EPD_TOK_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers",
-                        "unsupported sequence of %zu (supported: [Split, ByteLevel] or [ByteLevel])",
-                        n);
+            return jerr(
+                c, EPD_TOK_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers",
+                "unsupported sequence of %zu (supported: [Split, ByteLevel] or [ByteLevel])", n);
         items[0] = cJSON_GetArrayItem(list, 0);
         items[1] = n > 1 ? cJSON_GetArrayItem(list, 1) : NULL;
     }
@@ -530,7 +541,8 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
         else
             snprintf(p, sizeof(p), "%s", base);
         const char *t;
-        if ((st = check_type(c, items[i], p, "\"Split\", \"ByteLevel\"", split_types, &t))) return st;
+        if ((st = check_type(c, items[i], p, "\"Split\", \"ByteLevel\"", split_types, &t)))
+            return st;
         if (strcmp(t, "Split") == 0) {
             if (i != 0 || n != 2) {
                 return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p,
@@ -541,19 +553,22 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
             if (strcmp(behavior, "Isolated") != 0) {
                 snprintf(p2, sizeof(p2), "%s.behavior", p);
                 quote(q, sizeof(q), behavior);
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2, "unsupported %s (supported: \"Isolated\")", q);
+                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
+                            "unsupported %s (supported: \"Isolated\")", q);
             }
             if ((st = require_false(c, items[i], "invert", p))) return st;
             const cJSON *pat = cJSON_GetObjectItemCaseSensitive(items[i], "pattern");
             snprintf(p2, sizeof(p2), "%s.pattern", p);
-            if (!cJSON_IsObject(pat)) return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected an object, got %s", jtype(pat));
+            if (!cJSON_IsObject(pat))
+                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected an object, got %s", jtype(pat));
             const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
             if (!rx) {
                 return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
                             "unsupported pattern kind (supported: {\"Regex\": ...})");
             }
             snprintf(p2, sizeof(p2), "%s.pattern.Regex", p);
-            if (!cJSON_IsString(rx)) return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected a string, got %s", jtype(rx));
+            if (!cJSON_IsString(rx))
+                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected a string, got %s", jtype(rx));
             int errcode;
             PCRE2_SIZE erroff;
             tok->re = pcre2_compile((PCRE2_SPTR)rx->valuestring, PCRE2_ZERO_TERMINATED,
@@ -569,7 +584,8 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
         } else {
             bool flag;
             if (i != n - 1)
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p, "unsupported position of ByteLevel (it must come last)");
+                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p,
+                            "unsupported position of ByteLevel (it must come last)");
             if ((st = get_bool(c, items[i], "add_prefix_space", p, true, &flag))) return st;
             if (flag) {
                 snprintf(p2, sizeof(p2), "%s.add_prefix_space", p);
@@ -578,8 +594,9 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
             if ((st = get_bool(c, items[i], "use_regex", p, true, &flag))) return st;
             if (flag) {
                 snprintf(p2, sizeof(p2), "%s.use_regex", p);
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
-                            "unsupported true (supported: false, with the regex in a Split before)");
+                return jerr(
+                    c, EPD_TOK_ERR_UNSUPPORTED, p2,
+                    "unsupported true (supported: false, with the regex in a Split before)");
             }
             have_bytelevel = true;
         }

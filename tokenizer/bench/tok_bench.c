@@ -89,7 +89,8 @@ static int build_docs(cJSON *corpus, size_t target, docs_t *d)
             const char *sep = k ? seps[rng_next(&rng) % 6] : "";
             int nn = 0;
             if (rng_next(&rng) % 4 == 0)
-                nn = snprintf(num, sizeof(num), " %llu ", (unsigned long long)(rng_next(&rng) % 1000003));
+                nn = snprintf(num, sizeof(num), " %llu ",
+                              (unsigned long long)(rng_next(&rng) % 1000003));
             size_t need = strlen(s) + strlen(sep) + (size_t)nn + 1;
             if (len + need > cap) {
                 while (len + need > cap)
@@ -129,12 +130,18 @@ int main(int argc, char **argv)
     double mb = 10;
     int passes = 3;
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--model") && i + 1 < argc) model = argv[++i];
-        else if (!strcmp(argv[i], "--corpus") && i + 1 < argc) corpus_path = argv[++i];
-        else if (!strcmp(argv[i], "--mb") && i + 1 < argc) mb = atof(argv[++i]);
-        else if (!strcmp(argv[i], "--passes") && i + 1 < argc) passes = atoi(argv[++i]);
-        else if (!strcmp(argv[i], "--write-docs") && i + 1 < argc) write_docs = argv[++i];
-        else return usage(argv[0]);
+        if (!strcmp(argv[i], "--model") && i + 1 < argc)
+            model = argv[++i];
+        else if (!strcmp(argv[i], "--corpus") && i + 1 < argc)
+            corpus_path = argv[++i];
+        else if (!strcmp(argv[i], "--mb") && i + 1 < argc)
+            mb = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--passes") && i + 1 < argc)
+            passes = atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--write-docs") && i + 1 < argc)
+            write_docs = argv[++i];
+        else
+            return usage(argv[0]);
     }
     if (!model || !corpus_path || mb <= 0 || passes < 1) return usage(argv[0]);
 

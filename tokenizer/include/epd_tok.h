@@ -70,8 +70,8 @@ enum epd_tok_encode_flags {
 };
 
 /* Appends the ids of text[0..len) to out (out->len grows; existing ids are kept). */
-epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len,
-                                unsigned flags, epd_tok_ids_t *out, char *err, size_t err_len);
+epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                                epd_tok_ids_t *out, char *err, size_t err_len);
 
 /* ---- decoding ------------------------------------------------------------------------------ */
 
@@ -83,9 +83,8 @@ enum epd_tok_decode_flags {
  * Byte sequences that are not UTF-8 become U+FFFD, one per maximal ill-formed subpart (the
  * `errors: "replace"` behaviour of Python and of Rust's from_utf8_lossy). An id outside the
  * vocabulary is an error naming its index. */
-epd_tok_status_t epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n,
-                                unsigned flags, char **out, size_t *out_len, char *err,
-                                size_t err_len);
+epd_tok_status_t epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags,
+                                char **out, size_t *out_len, char *err, size_t err_len);
 
 /* The raw bytes a single id stands for (no UTF-8 repair); NULL for an unknown id. */
 const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len);
