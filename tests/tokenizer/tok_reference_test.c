@@ -301,6 +301,44 @@ static void stream_equals_reference(void **state)
     assert_int_equal(bad, 0);
 }
 
+/* Texts where the JS reference splits differently from Hugging Face tokenizers (JavaScript's \s
+ * matches U+FEFF, Unicode's White_Space does not): expected ids are the reference's ids of the
+ * pieces HF's pre-tokenizer makes (divergences.json), each encoded on its own. */
+static void known_divergences_follow_unicode(void **state)
+{
+    const cJSON *cases = cJSON_GetObjectItem(g_ref, "divergences");
+    size_t bad = 0, idx = 0, js_differs = 0;
+    epd_tok_ids_t ids = {0};
+    char err[512];
+    const cJSON *e;
+    assert_true(cJSON_GetArraySize(cases) >= 5);
+    cJSON_ArrayForEach(e, cases)
+    {
+        bytes_t text = unhex(cJSON_GetObjectItem(e, "hex")->valuestring);
+        int32_t *want, *js;
+        size_t nwant = json_ids(cJSON_GetObjectItem(e, "ids"), &want);
+        size_t njs = json_ids(cJSON_GetObjectItem(e, "js_ids"), &js);
+        ids.len = 0;
+        assert_int_equal(
+            epd_tok_encode(g_tok, (const char *)text.p, text.n, 0, &ids, err, sizeof(err)), 0);
+        js_differs += !ids_equal(want, nwant, js, njs);
+        if (!ids_equal(ids.ids, ids.len, want, nwant)) {
+            fprintf(stderr, "divergences[%zu] differs\n", idx);
+            print_ids("want", want, nwant);
+            print_ids("got ", ids.ids, ids.len);
+            bad++;
+        }
+        free(js);
+        free(want);
+        free(text.p);
+        idx++;
+    }
+    epd_tok_ids_fini(&ids);
+    fprintf(stderr, "divergences: %zu texts, the JS reference's own ids differ on %zu\n", idx,
+            js_differs);
+    assert_int_equal(bad, 0);
+}
+
 static int32_t vocab_id(const char *key)
 {
     const cJSON *v = cJSON_GetObjectItem(cJSON_GetObjectItem(g_vocab_root, "model"), "vocab");
@@ -540,6 +578,7 @@ int main(int argc, char **argv)
         cmocka_unit_test(decode_matches_reference),
         cmocka_unit_test(stream_equals_reference),
         cmocka_unit_test(split_special_matches_reference),
+        cmocka_unit_test(known_divergences_follow_unicode),
         cmocka_unit_test(special_tokens_and_config),
         cmocka_unit_test(chat_renders_like_references),
         cmocka_unit_test(chat_refuses_what_it_cannot_render),

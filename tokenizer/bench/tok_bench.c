@@ -201,8 +201,10 @@ int main(int argc, char **argv)
     double load_s = now_s() - t0;
     double best = 1e30, first = 0;
     size_t total_ids = 0;
+    uint32_t sum = 0; /* the same checksum as tok_bench_ref.js, to check both agree */
     for (int p = 0; p < passes; p++) {
         total_ids = 0;
+        sum = 0;
         double t = now_s();
         for (size_t i = 0; i < d.n; i++) {
             ids.len = 0;
@@ -211,13 +213,15 @@ int main(int argc, char **argv)
                 goto out;
             }
             total_ids += ids.len;
+            for (size_t k = 0; k < ids.len; k++)
+                sum = sum * 31u + (uint32_t)ids.ids[k];
         }
         t = now_s() - t;
         if (p == 0) first = t;
         if (t < best) best = t;
     }
-    printf("tok-bench: %zu documents, %.2f MB, %zu ids; load %.3f s\n", d.n, (double)d.bytes / 1e6,
-           total_ids, load_s);
+    printf("tok-bench: %zu documents, %.2f MB, %zu ids, checksum %u; load %.3f s\n", d.n,
+           (double)d.bytes / 1e6, total_ids, sum, load_s);
     printf("tok-bench: encode first pass %.2f MB/s (%.3f s), best of %d %.2f MB/s (%.3f s)\n",
            (double)d.bytes / 1e6 / first, first, passes, (double)d.bytes / 1e6 / best, best);
     rc = 0;
