@@ -89,7 +89,7 @@ typedef struct tok_cache_entry {
 } tok_cache_entry_t;
 
 #define TOK_CACHE_SLOTS 16384
-#define TOK_CACHE_MAX_WORD 64 /* longer words are rare and not worth keeping */
+#define TOK_CACHE_MAX_WORD 256 /* longer words are rare and not worth keeping */
 
 typedef struct tok_added {
     uint32_t off; /* content bytes in tok->pool */
