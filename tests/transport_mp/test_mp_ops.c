@@ -172,18 +172,20 @@ struct ctx {
         }                                                                                          \
     } while (0)
 
-/* Expert output for (source rank, token, global expert, channel): |v| in [2^-3, 2^4). */
+/* Expert output for (source rank, token, global expert, channel): |v| in [2^-12, 2^13), wide
+ * enough that the weighted sum rounds differently in another slot order. */
 static uint16_t ll_y(int s, int t, int e, int h)
 {
     rng_t r = {((uint64_t)s << 48) ^ ((uint64_t)t << 32) ^ ((uint64_t)e << 16) ^ (uint64_t)h};
-    return rand_bf16(&r, -3, 3);
+    return rand_bf16(&r, -12, 12);
 }
 
-/* HT row that rank r sends back for (source rank s, token t, channel h). */
+/* HT row that rank r sends back for (source rank s, token t, channel h). Exponents span more
+ * than fp32's 24 bits of mantissa, so that a sum of copies rounds and its order shows. */
 static uint16_t ht_y(int r, int s, int t, int h)
 {
     rng_t g = {((uint64_t)r << 56) ^ ((uint64_t)s << 48) ^ ((uint64_t)t << 24) ^ (uint64_t)h};
-    return rand_bf16(&g, -4, 4);
+    return rand_bf16(&g, -16, 16);
 }
 
 struct ll_op {
