@@ -245,6 +245,14 @@ const epd_cfg_setting_t epd_cfg_settings[] = {
      .max = 1 << 20,
      .def = 4096,
      .doc = "Longest sequence (prompt + completion) in tokens."},
+    {.path = "model.max_queued_requests",
+     .type = EPD_CFG_INT,
+     .offset = OFF(max_queued_requests),
+     .min = 1,
+     .max = 1 << 20,
+     .def = 256,
+     .doc = "Completions (one per prompt) waiting for a place on a rank; beyond it requests get "
+            "429 with Retry-After."},
     /* timeouts */
     {.path = "timeouts.connect_ms",
      .type = EPD_CFG_INT,

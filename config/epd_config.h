@@ -79,8 +79,9 @@ typedef struct epd_config {
     epd_placement_t placement;              /* model.placement: "contiguous" | "explicit" */
     int expert_map[EPD_CFG_MAX_EXPERT_MAP]; /* model.expert_map[e] = rank (explicit) */
     int num_expert_map;
-    int max_batch_tokens; /* model.max_batch_tokens: LL bound per rank */
-    int max_seq_len;      /* model.max_seq_len */
+    int max_batch_tokens;    /* model.max_batch_tokens: LL bound per rank */
+    int max_seq_len;         /* model.max_seq_len */
+    int max_queued_requests; /* model.max_queued_requests: waiting for a rank; beyond -> 429 */
     /* timeouts */
     int connect_timeout_ms;    /* timeouts.connect_ms */
     int heartbeat_interval_ms; /* timeouts.heartbeat_interval_ms */

@@ -720,7 +720,9 @@ static void h_completions(const epd_http_req_t *req, epd_http_res_t *res, void *
     creq_free(&q);
     if (submit_rc) {
         int st = submit_rc == -EAGAIN ? 429 : submit_rc == -EBUSY ? 503 : 500;
-        const char *msg = submit_rc == -EAGAIN  ? "the request queue is full; retry later"
+        const char *msg = submit_rc == -EAGAIN
+                              ? "the request queue is full (model.max_queued_requests); "
+                                "retry later"
                           : submit_rc == -EBUSY ? "the model is not ready; see /readyz"
                                                 : "the engine refused the request";
         send_error(a, EP_COMPLETIONS, res, st, msg, NULL,

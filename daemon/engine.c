@@ -11,18 +11,11 @@
  * A wake that lands after a rank's snapshot changes the generation that rank sleeps on, and a
  * wake seen by some ranks only is reported (woke) so that nobody sleeps on it: no rank is left
  * alone in a collective, and none misses a request. */
-/* model/placement.h and config/epd_config.h both name a type epd_placement_t (a struct there,
- * an enum here): the model's headers come first under another name, before engine.h brings
- * the config's. Type names are not symbols, so the library links as built. */
-#define epd_placement epd_model_placement
-#define epd_placement_t epd_model_placement_t
 #include "hf_config.h"
 #include "placement.h"
 #include "qwen3_moe.h"
 #include "safetensors.h"
 #include "sampler.h"
-#undef epd_placement
-#undef epd_placement_t
 
 #include "engine.h"
 
@@ -792,7 +785,7 @@ static void on_handle_closed(uv_handle_t *h)
     epd_engine_t *e = h->data;
     if (--e->handles_open > 0) return;
     free(e->m_expert);
-    epd_placement_fini(&e->placement);
+    epd_model_placement_fini(&e->placement);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     pthread_mutex_destroy(&e->ob_mu);
@@ -811,6 +804,11 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
                  "compute.backend \"%s\": the engine runs on the cpu backend only so far",
                  epd_backend_name(cfg->backend));
         return -ENOTSUP;
+    }
+    if (cfg->max_queued_requests < 1) {
+        snprintf(errbuf, errlen, "model.max_queued_requests is %d; it must be at least 1",
+                 cfg->max_queued_requests);
+        return -EINVAL;
     }
     epd_engine_t *e = calloc(1, sizeof(*e));
     if (!e) {
@@ -832,7 +830,7 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
     e->R = cfg->ranks_per_node;
     e->max_batch_tokens = cfg->max_batch_tokens;
     e->timeout_ms = cfg->ep_timeout_ms;
-    e->max_queue = o->max_queue > 0 ? o->max_queue : EPD_ENGINE_MAX_QUEUE;
+    e->max_queue = cfg->max_queued_requests;
     snprintf(e->model_path, sizeof(e->model_path), "%s", cfg->model_path);
     if (o->cluster) {
         e->cluster = *o->cluster;
@@ -859,11 +857,11 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
         goto fail_early;
     }
     if (cfg->placement == EPD_PLACEMENT_EXPLICIT) {
-        rc = epd_placement_explicit(e->hf.num_experts, e->nranks, cfg->expert_map,
-                                    cfg->num_expert_map, &e->placement, &err);
+        rc = epd_model_placement_explicit(e->hf.num_experts, e->nranks, cfg->expert_map,
+                                          cfg->num_expert_map, &e->placement, &err);
         e->explicit_placement = 1;
     } else {
-        rc = epd_placement_contiguous(e->hf.num_experts, e->nranks, &e->placement, &err);
+        rc = epd_model_placement_contiguous(e->hf.num_experts, e->nranks, &e->placement, &err);
     }
     if (rc) {
         snprintf(errbuf, errlen, "model.expert_map: %s", err.msg);
@@ -945,7 +943,7 @@ fail_early:
     ep_inproc_world_destroy(e->world);
     free(e->ranks);
     free(e->m_expert);
-    epd_placement_fini(&e->placement);
+    epd_model_placement_fini(&e->placement);
     pthread_mutex_destroy(&e->mu);
     pthread_cond_destroy(&e->cv);
     pthread_mutex_destroy(&e->ob_mu);
@@ -1149,7 +1147,7 @@ cJSON *epd_engine_status_cjson(epd_engine_t *e)
             cJSON *ex = cJSON_AddArrayToObject(o, "experts");
             for (int l = 0; ex && l < e->placement.local; l++)
                 cJSON_AddItemToArray(
-                    ex, cJSON_CreateNumber(epd_placement_local_expert(&e->placement, r, l)));
+                    ex, cJSON_CreateNumber(epd_model_placement_local_expert(&e->placement, r, l)));
             int local = r - e->rank_base;
             int here = local >= 0 && local < e->R;
             cJSON_AddBoolToObject(o, "on_this_node", here);

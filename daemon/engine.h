@@ -21,8 +21,6 @@
 
 struct cJSON;
 
-/* Requests waiting for a place on a rank; beyond it submit refuses (-EAGAIN -> 429). */
-#define EPD_ENGINE_MAX_QUEUE 256
 /* Sequences one rank runs at once (each holds a KV cache of up to max_seq_len positions). The
  * rank's decode tokens also leave at least one token of every step to prefill, so the bound is
  * min(this, max_batch_tokens - 1). */
@@ -54,11 +52,12 @@ typedef struct epd_engine_cluster {
 
 typedef struct epd_engine_opts {
     uv_loop_t *loop;
-    const epd_config_t *cfg; /* model.*, compute.ranks_per_node, timeouts.ep_op_ms */
+    /* model.* (model.max_queued_requests bounds the requests waiting for a rank: beyond it
+     * submit refuses with -EAGAIN), compute.ranks_per_node, timeouts.ep_op_ms */
+    const epd_config_t *cfg;
     epd_metrics_t *metrics;
     epd_state_t *state;                  /* the engine registers component "engine" */
     const epd_engine_cluster_t *cluster; /* NULL: this node alone */
-    int max_queue;                       /* 0: EPD_ENGINE_MAX_QUEUE */
     /* Once, from the loop, when every rank has loaded its part (status 0) or the load failed
      * (negative, msg names the file/tensor/rank). */
     void (*on_loaded)(void *arg, int status, const char *msg);

@@ -21,7 +21,7 @@ struct epd_model {
     int rank, nranks, local; /* local = experts per rank (L) */
     int max_tokens;          /* per-call token bound = the group's ll_max_tokens */
     int max_seq_len;
-    epd_placement_t placement;
+    epd_model_placement_t placement;
     epd_model_mem_t mem;
     uint64_t *expert_tokens; /* [E] tokens routed to each global expert, all MoE layers */
 

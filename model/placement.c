@@ -5,7 +5,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-static int alloc(int num_experts, int nranks, epd_placement_t *p, epd_err_t *err)
+static int alloc(int num_experts, int nranks, epd_model_placement_t *p, epd_err_t *err)
 {
     memset(p, 0, sizeof(*p));
     if (num_experts <= 0 || nranks <= 0)
@@ -22,13 +22,14 @@ static int alloc(int num_experts, int nranks, epd_placement_t *p, epd_err_t *err
     p->slot_of = malloc(sizeof(int) * (size_t)num_experts);
     p->expert_of = malloc(sizeof(int) * (size_t)num_experts);
     if (!p->slot_of || !p->expert_of) {
-        epd_placement_fini(p);
+        epd_model_placement_fini(p);
         return epd_err_set(err, -ENOMEM, "placement: out of memory");
     }
     return 0;
 }
 
-int epd_placement_contiguous(int num_experts, int nranks, epd_placement_t *p, epd_err_t *err)
+int epd_model_placement_contiguous(int num_experts, int nranks, epd_model_placement_t *p,
+                                   epd_err_t *err)
 {
     int rc = alloc(num_experts, nranks, p, err);
     if (rc) return rc;
@@ -37,18 +38,18 @@ int epd_placement_contiguous(int num_experts, int nranks, epd_placement_t *p, ep
     return 0;
 }
 
-int epd_placement_explicit(int num_experts, int nranks, const int *rank_of, int n,
-                           epd_placement_t *p, epd_err_t *err)
+int epd_model_placement_explicit(int num_experts, int nranks, const int *rank_of, int n,
+                                 epd_model_placement_t *p, epd_err_t *err)
 {
     int rc = alloc(num_experts, nranks, p, err);
     if (rc) return rc;
     if (n != num_experts) {
-        epd_placement_fini(p);
+        epd_model_placement_fini(p);
         return epd_err_set(err, -EINVAL, "expert_map: %d entries for %d experts", n, num_experts);
     }
     int *fill = calloc((size_t)nranks, sizeof(int));
     if (!fill) {
-        epd_placement_fini(p);
+        epd_model_placement_fini(p);
         return epd_err_set(err, -ENOMEM, "placement: out of memory");
     }
     for (int e = 0; e < num_experts; e++) {
@@ -73,11 +74,11 @@ int epd_placement_explicit(int num_experts, int nranks, const int *rank_of, int 
     return 0; /* E entries with at most L per rank: every rank holds exactly L */
 fail:
     free(fill);
-    epd_placement_fini(p);
+    epd_model_placement_fini(p);
     return rc;
 }
 
-void epd_placement_fini(epd_placement_t *p)
+void epd_model_placement_fini(epd_model_placement_t *p)
 {
     free(p->slot_of);
     free(p->expert_of);

@@ -260,13 +260,13 @@ int epd_model_load(const epd_model_opts_t *o, epd_model_t **out, epd_err_t *err)
             goto fail;
         }
         for (int e = 0; e < c->num_experts; e++)
-            tmp[e] = epd_placement_rank(o->placement, e);
+            tmp[e] = epd_model_placement_rank(o->placement, e);
         rank_of = tmp;
-        rc = epd_placement_explicit(c->num_experts, m->nranks, rank_of, c->num_experts,
-                                    &m->placement, err);
+        rc = epd_model_placement_explicit(c->num_experts, m->nranks, rank_of, c->num_experts,
+                                          &m->placement, err);
         free(tmp);
     } else {
-        rc = epd_placement_contiguous(c->num_experts, m->nranks, &m->placement, err);
+        rc = epd_model_placement_contiguous(c->num_experts, m->nranks, &m->placement, err);
     }
     if (rc) goto fail;
     m->local = m->placement.local;
@@ -324,7 +324,7 @@ void epd_model_destroy(epd_model_t *m)
     free(m->comb);
     free(m->expert_y);
     free(m->expert_tokens);
-    epd_placement_fini(&m->placement);
+    epd_model_placement_fini(&m->placement);
     free(m);
 }
 

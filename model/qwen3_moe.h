@@ -19,11 +19,11 @@ typedef struct epd_model epd_model_t;
 typedef struct epd_seq epd_seq_t;
 
 typedef struct epd_model_opts {
-    const char *dir;                  /* checkpoint directory: config.json + *.safetensors */
-    ep_group_t *group;                /* this rank's EP group (see epd_model_ep_config) */
-    const epd_placement_t *placement; /* NULL: contiguous */
-    int max_seq_len;                  /* KV cache bound per sequence (0: the config's
-                                         max_position_embeddings) */
+    const char *dir;                        /* checkpoint directory: config.json + *.safetensors */
+    ep_group_t *group;                      /* this rank's EP group (see epd_model_ep_config) */
+    const epd_model_placement_t *placement; /* NULL: contiguous */
+    int max_seq_len;                        /* KV cache bound per sequence (0: the config's
+                                               max_position_embeddings) */
 } epd_model_opts_t;
 
 /* Bytes of weights one rank holds, in fp32. */

@@ -271,6 +271,10 @@ static ep_status_t cpu_create(ep_group_t *g, const ep_bootstrap_t *bs)
     return EP_OK;
 
 fail_wire:
+    if (c->wire->ops->release_buffer) {
+        c->wire->ops->release_buffer(c->wire, c->buf);
+        c->buf = NULL;
+    }
     c->wire->ops->destroy(c->wire);
 fail:
     g->impl = NULL;
@@ -282,13 +286,14 @@ static void cpu_destroy(ep_group_t *g)
 {
     struct cpu_impl *c = g->impl;
     if (!c) return;
-    /* Peers may still be writing into this buffer (acks of the last op); wait until every
-     * rank is here before freeing it. If some rank does not come within the timeout, a peer
-     * thread of this process could still write into the buffer: keep it (a deliberate leak on
-     * a failure path) rather than let that write land in freed memory. Wires to other
-     * processes stop delivering when destroyed. */
-    int rc = c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
-    if (rc && !strcmp(c->wire->ops->name, "shm")) c->buf = NULL;
+    /* Peers may still be writing into this buffer (acks of the last op): wait until every rank
+     * is here. A wire whose peers write straight into this memory (shm) takes the buffer over
+     * and frees it once every rank has let go, even if this barrier timed out. */
+    (void)c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
+    if (c->wire->ops->release_buffer) {
+        c->wire->ops->release_buffer(c->wire, c->buf);
+        c->buf = NULL;
+    }
     c->wire->ops->destroy(c->wire);
     g->impl = NULL;
     free_impl(c);

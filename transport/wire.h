@@ -36,6 +36,11 @@ struct ep_wire_ops {
      * failed: the status and ep_wire_error() say which peer). */
     ep_status_t (*flush)(ep_wire_t *w);
     void (*destroy)(ep_wire_t *w);
+    /* Optional. Called instead of freeing this rank's (malloc'd) symmetric buffer when the
+     * owner is done with it, before destroy: the wire frees it once no rank can write into it
+     * any more (the shm wire waits until every rank has let go, so a stalled peer thread can
+     * never write into freed memory). NULL: the owner frees the buffer after destroy. */
+    void (*release_buffer)(ep_wire_t *w, void *local);
 };
 
 struct ep_wire {

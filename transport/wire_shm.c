@@ -6,24 +6,44 @@
 #include <string.h>
 #include <unistd.h>
 
+/* What the ranks of one shm wire share: every rank may write into every buffer, so a buffer
+ * is freed only when the last rank lets go of the wire. Rank 0 allocates it; the others learn
+ * its address in the endpoint exchange. */
+struct shm_mesh {
+    _Atomic int refs; /* ranks that have not released yet */
+    void *bufs[EP_MAX_RANKS];
+};
+
 struct shm_wire {
     ep_wire_t base;
     uint8_t *peer[EP_MAX_RANKS];
+    struct shm_mesh *mesh;     /* NULL until the endpoint exchange succeeded */
+    struct shm_mesh *own_mesh; /* rank 0: allocated before the exchange */
 };
 
 struct shm_endpoint {
     int64_t pid;
     uint64_t addr;
     uint64_t bytes;
+    uint64_t mesh; /* rank 0's struct shm_mesh */
 };
 
 static ep_status_t shm_connect(ep_wire_t *w, const ep_bootstrap_t *bs, void *local, size_t bytes)
 {
     struct shm_wire *s = (struct shm_wire *)w;
-    struct shm_endpoint me = {(int64_t)getpid(), (uint64_t)(uintptr_t)local, bytes};
+    struct shm_endpoint me = {(int64_t)getpid(), (uint64_t)(uintptr_t)local, bytes, 0};
     struct shm_endpoint *all = calloc((size_t)w->nranks, sizeof *all);
     ep_status_t st = EP_OK;
     if (!all) return ep_wire_fail(w, -1, EP_ERR_NOMEM, "shm wire: out of memory");
+    if (w->rank == 0) {
+        s->own_mesh = calloc(1, sizeof *s->own_mesh);
+        if (!s->own_mesh) {
+            free(all);
+            return ep_wire_fail(w, -1, EP_ERR_NOMEM, "shm wire: out of memory");
+        }
+        atomic_init(&s->own_mesh->refs, w->nranks);
+        me.mesh = (uint64_t)(uintptr_t)s->own_mesh;
+    }
     w->local = local;
     w->bytes = bytes;
     int rc = bs->allgather(bs->ctx, &me, all, sizeof me, w->timeout_ms);
@@ -33,6 +53,10 @@ static ep_status_t shm_connect(ep_wire_t *w, const ep_bootstrap_t *bs, void *loc
                           ep_strerror(rc < 0 && rc >= EP_ERR_ABORTED ? rc : EP_ERR_BOOTSTRAP));
         goto out;
     }
+    /* Every rank whose exchange succeeded holds a reference from here on, and releases it in
+     * release_buffer, whether or not the checks below pass. */
+    s->mesh = (struct shm_mesh *)(uintptr_t)all[0].mesh;
+    s->own_mesh = NULL;
     for (int r = 0; r < w->nranks; r++) {
         if (all[r].pid != me.pid) {
             st = ep_wire_fail(w, r, EP_ERR_UNSUPPORTED,
@@ -100,8 +124,30 @@ static ep_status_t shm_flush(ep_wire_t *w)
     return EP_OK; /* every put and signal completed before it returned */
 }
 
+static void shm_release_buffer(ep_wire_t *w, void *local)
+{
+    struct shm_wire *s = (struct shm_wire *)w;
+    struct shm_mesh *m = s->mesh;
+    if (!m) { /* never connected: no peer knows this buffer */
+        free(local);
+        return;
+    }
+    m->bufs[w->rank] = local;
+    /* acq_rel: the last rank sees every other rank's bufs[] entry and its last write. */
+    if (atomic_fetch_sub_explicit(&m->refs, 1, memory_order_acq_rel) == 1) {
+        for (int r = 0; r < w->nranks; r++)
+            free(m->bufs[r]);
+        free(m);
+    }
+    s->mesh = NULL;
+}
+
 static void shm_destroy(ep_wire_t *w)
 {
+    struct shm_wire *s = (struct shm_wire *)w;
+    /* Rank 0's exchange failed: a collective that failed on rank 0 completed on no rank (the
+     * bootstrap's all-or-nothing contract), so nobody else knows the mesh. */
+    free(s->own_mesh);
     free(w);
 }
 
@@ -112,6 +158,7 @@ static const struct ep_wire_ops shm_ops = {
     .signal = shm_signal,
     .flush = shm_flush,
     .destroy = shm_destroy,
+    .release_buffer = shm_release_buffer,
 };
 
 ep_status_t ep_wire_shm_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out)

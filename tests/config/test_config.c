@@ -230,6 +230,12 @@ static const bad_case_t bad_cases[] = {
      0,
      1,
      {"bad.json: model.max_seq_len: expected an integer 16..1048576, got 1e+300"}},
+    {"empty request queue",
+     "{\"model\": {\"max_queued_requests\": 0}}",
+     0,
+     0,
+     1,
+     {"bad.json: model.max_queued_requests: expected an integer 1..1048576, got 0"}},
     {"null and bool",
      "{\"node\": {\"id\": null}, \"compute\": {\"num_sms\": true}}",
      0,
@@ -780,6 +786,7 @@ static void test_defaults(void **state)
     assert_int_equal(cfg.num_expert_map, 0);
     assert_int_equal(cfg.max_batch_tokens, 128);
     assert_int_equal(cfg.max_seq_len, 4096);
+    assert_int_equal(cfg.max_queued_requests, 256);
     assert_int_equal(cfg.connect_timeout_ms, 5000);
     assert_int_equal(cfg.heartbeat_interval_ms, 1000);
     assert_int_equal(cfg.heartbeat_timeout_ms, 5000);

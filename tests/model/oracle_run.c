@@ -136,8 +136,8 @@ static int steps_for_rank(const oracle_t *o, int r, int R, int chunk)
 }
 
 int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs,
-                    ep_transport_kind_t transport, const epd_placement_t *placement, int chunk,
-                    oracle_result_t *res, epd_err_t *err)
+                    ep_transport_kind_t transport, const epd_model_placement_t *placement,
+                    int chunk, oracle_result_t *res, epd_err_t *err)
 {
     int rc = 0, r = bs->rank, R = bs->nranks, n = 0;
     char path[1024];

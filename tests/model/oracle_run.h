@@ -42,7 +42,7 @@ typedef struct oracle_result {
  * from dir, generates its cases greedily, writes tokens/logits of its cases into res. Every
  * rank must call it with the same arguments except bs. */
 int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs,
-                    ep_transport_kind_t transport, const epd_placement_t *placement, int chunk,
-                    oracle_result_t *res, epd_err_t *err);
+                    ep_transport_kind_t transport, const epd_model_placement_t *placement,
+                    int chunk, oracle_result_t *res, epd_err_t *err);
 
 #endif /* EPD_TEST_ORACLE_RUN_H */

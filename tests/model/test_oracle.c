@@ -41,7 +41,7 @@ static oracle_t g_oracle;
 
 typedef struct run {
     int R;
-    const epd_placement_t *placement;
+    const epd_model_placement_t *placement;
     ep_inproc_world_t *world;
     oracle_result_t res[4]; /* per rank (each writes its own cases into res[rank]) */
     int rc[4];
@@ -65,7 +65,7 @@ static void *rank_main(void *p)
 }
 
 /* Runs the workload on R threads; *out gets every case's tokens and logits. */
-static void run_ranks(int R, const epd_placement_t *placement, oracle_result_t *out)
+static void run_ranks(int R, const epd_model_placement_t *placement, oracle_result_t *out)
 {
     run_t *run = calloc(1, sizeof(*run));
     run->R = R;
@@ -154,7 +154,7 @@ static void test_one_rank(void **state)
     assert_int_equal(g_one_rank->mem.local_experts, 16);
 }
 
-static void test_ranks(int R, const epd_placement_t *placement, const char *what)
+static void test_ranks(int R, const epd_model_placement_t *placement, const char *what)
 {
     assert_non_null(g_one_rank);
     oracle_result_t *res = alloc_result();
@@ -186,11 +186,11 @@ static void test_explicit_placement(void **state)
     int map[16];
     for (int e = 0; e < 16; e++)
         map[e] = (e * 7) % 4; /* a scattered, balanced map: 4 experts on each of 4 ranks */
-    epd_placement_t p;
+    epd_model_placement_t p;
     epd_err_t err;
-    assert_int_equal(epd_placement_explicit(16, 4, map, 16, &p, &err), 0);
+    assert_int_equal(epd_model_placement_explicit(16, 4, map, 16, &p, &err), 0);
     test_ranks(4, &p, "4 ranks, explicit placement");
-    epd_placement_fini(&p);
+    epd_model_placement_fini(&p);
 }
 
 /* ---- ranks as processes over tcp ----------------------------------------------------------- */

@@ -14,17 +14,17 @@
 static void test_contiguous(void **state)
 {
     (void)state;
-    epd_placement_t p;
+    epd_model_placement_t p;
     epd_err_t err;
-    assert_int_equal(epd_placement_contiguous(16, 4, &p, &err), 0);
+    assert_int_equal(epd_model_placement_contiguous(16, 4, &p, &err), 0);
     assert_int_equal(p.local, 4);
     for (int e = 0; e < 16; e++) {
-        assert_int_equal(epd_placement_rank(&p, e), e / 4); /* DESIGN.md: e / (E / R) */
+        assert_int_equal(epd_model_placement_rank(&p, e), e / 4); /* DESIGN.md: e / (E / R) */
         assert_int_equal(p.slot_of[e], e);
     }
-    assert_int_equal(epd_placement_local_expert(&p, 2, 3), 11);
-    epd_placement_fini(&p);
-    assert_int_equal(epd_placement_contiguous(16, 3, &p, &err), -EINVAL);
+    assert_int_equal(epd_model_placement_local_expert(&p, 2, 3), 11);
+    epd_model_placement_fini(&p);
+    assert_int_equal(epd_model_placement_contiguous(16, 3, &p, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "16 experts do not split evenly over 3 ranks"));
 }
 
@@ -35,29 +35,29 @@ static void test_explicit(void **state)
     int map[8];
     for (int e = 0; e < 8; e++)
         map[e] = e % 2;
-    epd_placement_t p;
+    epd_model_placement_t p;
     epd_err_t err;
-    assert_int_equal(epd_placement_explicit(8, 2, map, 8, &p, &err), 0);
+    assert_int_equal(epd_model_placement_explicit(8, 2, map, 8, &p, &err), 0);
     for (int e = 0; e < 8; e++) {
-        assert_int_equal(epd_placement_rank(&p, e), e % 2);
+        assert_int_equal(epd_model_placement_rank(&p, e), e % 2);
         /* libep's rule: slot s on rank s / L */
         assert_int_equal(p.slot_of[e] / p.local, e % 2);
         assert_int_equal(p.expert_of[p.slot_of[e]], e);
     }
     /* a rank's experts keep increasing order in its slots */
     for (int l = 0; l < 4; l++) {
-        assert_int_equal(epd_placement_local_expert(&p, 0, l), 2 * l);
-        assert_int_equal(epd_placement_local_expert(&p, 1, l), 2 * l + 1);
+        assert_int_equal(epd_model_placement_local_expert(&p, 0, l), 2 * l);
+        assert_int_equal(epd_model_placement_local_expert(&p, 1, l), 2 * l + 1);
     }
-    epd_placement_fini(&p);
+    epd_model_placement_fini(&p);
 
     int uneven[8] = {0, 0, 0, 0, 0, 1, 1, 1};
-    assert_int_equal(epd_placement_explicit(8, 2, uneven, 8, &p, &err), -EINVAL);
+    assert_int_equal(epd_model_placement_explicit(8, 2, uneven, 8, &p, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "expert_map[4]: rank 0 already holds 4 experts"));
     int out_of_range[8] = {0, 0, 0, 0, 1, 1, 1, 2};
-    assert_int_equal(epd_placement_explicit(8, 2, out_of_range, 8, &p, &err), -EINVAL);
+    assert_int_equal(epd_model_placement_explicit(8, 2, out_of_range, 8, &p, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "expert_map[7]: rank 2 outside 0..1"));
-    assert_int_equal(epd_placement_explicit(8, 2, map, 7, &p, &err), -EINVAL);
+    assert_int_equal(epd_model_placement_explicit(8, 2, map, 7, &p, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "7 entries for 8 experts"));
 }
 
