@@ -20,7 +20,7 @@ struct epd_api {
     epd_engine_t *engine;
     epd_metrics_t *metrics;
     epd_metric_t *m_dur;
-    uint64_t seq;         /* for ids and default seeds */
+    uint64_t seq; /* for ids and default seeds */
     /* the checkpoint's tokenizer (api_text.c) */
     tok_state_t tok_state;
     epd_tok_t *tok;

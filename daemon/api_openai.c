@@ -305,8 +305,7 @@ static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
         size_t l = strlen(s->valuestring);
         if (l == 0) return bad(v, 400, "stop", NULL, "stop[%d] is empty", i);
         if (l > MAX_STOP_BYTES)
-            return bad(v, 400, "stop", NULL, "stop[%d] is longer than %d bytes", i,
-                       MAX_STOP_BYTES);
+            return bad(v, 400, "stop", NULL, "stop[%d] is longer than %d bytes", i, MAX_STOP_BYTES);
         if (q->nstop == MAX_STOP)
             return bad(v, 400, "stop", NULL, "at most %d stop sequences", MAX_STOP);
         if (!(q->stop[q->nstop] = strdup(s->valuestring)))
@@ -375,17 +374,10 @@ static int parse_request(const epd_api_t *a, const cJSON *root, const epd_engine
     if (!cJSON_IsObject(root))
         return bad(v, 400, NULL, NULL, "the request body must be a JSON object, not %s",
                    type_name(root));
-    static const char *const unsup[] = {"echo",
-                                        "logprobs",
-                                        "best_of",
-                                        "logit_bias",
-                                        "frequency_penalty",
-                                        "presence_penalty",
-                                        "suffix",
-                                        "top_logprobs",
-                                        "tools",
-                                        "tool_choice",
-                                        "parallel_tool_calls"};
+    static const char *const unsup[] = {"echo",        "logprobs",           "best_of",
+                                        "logit_bias",  "frequency_penalty",  "presence_penalty",
+                                        "suffix",      "top_logprobs",       "tools",
+                                        "tool_choice", "parallel_tool_calls"};
     const cJSON *stream_options = NULL, *messages = NULL, *kwargs = NULL;
     int add_gen = 1, disable_thinking = 0;
     for (const cJSON *f = root->child; f; f = f->next) {
@@ -484,8 +476,7 @@ static int parse_request(const epd_api_t *a, const cJSON *root, const epd_engine
         free(text);
         if (rc) return -1;
         q->nprompts = 1;
-        if (q->len[0] == 0)
-            return bad(v, 400, "messages", NULL, "the rendered chat has no tokens");
+        if (q->len[0] == 0) return bad(v, 400, "messages", NULL, "the rendered chat has no tokens");
         for (int i = 0; i < q->len[0]; i++)
             if (q->ids[0][i] >= info->vocab_size)
                 return bad(v, 400, "messages", NULL,
@@ -628,8 +619,8 @@ static cJSON *choice_obj(int index, const char *text, size_t tlen, const int32_t
 }
 
 /* A chat choice: message (whole response) or delta (stream chunk). role/content may be NULL. */
-static cJSON *chat_choice_obj(int index, int delta, const char *role, const char *text,
-                              size_t tlen, const char *finish)
+static cJSON *chat_choice_obj(int index, int delta, const char *role, const char *text, size_t tlen,
+                              const char *finish)
 {
     cJSON *o = cJSON_CreateObject();
     if (!o) return NULL;
@@ -695,8 +686,8 @@ static void send_chunk(completion_t *c, choice_t *ch, size_t upto, const char *f
     int nt = ch->ntok - ch->sent_tok;
     if (chs) {
         if (c->chat)
-            cJSON_AddItemToArray(chs, chat_choice_obj(ch->index, 1, NULL, finish ? NULL : t,
-                                                      tl, finish));
+            cJSON_AddItemToArray(
+                chs, chat_choice_obj(ch->index, 1, NULL, finish ? NULL : t, tl, finish));
         else
             cJSON_AddItemToArray(chs, choice_obj(ch->index, t, tl, ch->tokens + ch->sent_tok,
                                                  finish ? 0 : nt, finish));
@@ -767,7 +758,8 @@ static void find_stop(completion_t *c, choice_t *ch)
     size_t best = (size_t)-1;
     for (int i = 0; i < c->nstop; i++) {
         if (ch->tlen < c->stop_len[i]) continue;
-        const char *p = memmem(ch->text + ch->scan, ch->tlen - ch->scan, c->stop[i], c->stop_len[i]);
+        const char *p =
+            memmem(ch->text + ch->scan, ch->tlen - ch->scan, c->stop[i], c->stop_len[i]);
         if (p && (size_t)(p - ch->text) < best) best = (size_t)(p - ch->text);
     }
     if (best != (size_t)-1) {

@@ -71,8 +71,7 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
         a->tok_state = TOK_FAILED;
         snprintf(a->tok_err, sizeof(a->tok_err), "the checkpoint's tokenizer failed to load: %s",
                  err[0] ? err : epd_tok_strerror(st));
-        EPD_ERROR(SUB, "%s (text requests are refused; token-id requests are served)",
-                  a->tok_err);
+        EPD_ERROR(SUB, "%s (text requests are refused; token-id requests are served)", a->tok_err);
         return;
     }
     a->tok = tok;
@@ -219,8 +218,7 @@ static int parse_content(const cJSON *c, int i, int has_calls, const char **out,
         const cJSON *x = cJSON_GetObjectItemCaseSensitive(p, "text");
         if (!cJSON_IsObject(p) || !cJSON_IsString(t))
             return api_bad(v, 400, "messages", NULL,
-                           "messages[%d].content[%d] must be an object with a string 'type'", i,
-                           j);
+                           "messages[%d].content[%d] must be an object with a string 'type'", i, j);
         if (strcmp(t->valuestring, "text") != 0)
             return api_bad(v, 400, "messages", NULL,
                            "messages[%d].content[%d]: parts of type '%.64s' are not supported "
@@ -248,8 +246,7 @@ static int parse_content(const cJSON *c, int i, int has_calls, const char **out,
     return 0;
 }
 
-static int parse_tool_calls(const cJSON *tc, int i, epd_tok_tool_call_t **out, size_t *n,
-                            verr_t *v)
+static int parse_tool_calls(const cJSON *tc, int i, epd_tok_tool_call_t **out, size_t *n, verr_t *v)
 {
     if (!tc || cJSON_IsNull(tc)) return 0;
     if (!cJSON_IsArray(tc))
@@ -317,8 +314,8 @@ int api_render_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
                 tc = f;
             } else if (!strcmp(f->string, "name") || !strcmp(f->string, "tool_call_id")) {
                 if (!cJSON_IsString(f) && !cJSON_IsNull(f)) {
-                    api_bad(v, 400, "messages", NULL, "messages[%d].%s must be a string, not %s",
-                            i, f->string, api_type_name(f));
+                    api_bad(v, 400, "messages", NULL, "messages[%d].%s must be a string, not %s", i,
+                            f->string, api_type_name(f));
                     goto fail;
                 }
             } else {
@@ -335,8 +332,8 @@ int api_render_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
         m.msgs[i].role = role->valuestring;
         if (parse_tool_calls(tc, i, &m.calls[i], &m.msgs[i].n_tool_calls, v)) goto fail;
         m.msgs[i].tool_calls = m.calls[i];
-        if (parse_content(content, i, m.msgs[i].n_tool_calls > 0, &m.msgs[i].content,
-                          &m.owned[i], v))
+        if (parse_content(content, i, m.msgs[i].n_tool_calls > 0, &m.msgs[i].content, &m.owned[i],
+                          v))
             goto fail;
         if (reasoning && !cJSON_IsNull(reasoning)) {
             if (!cJSON_IsString(reasoning)) {
@@ -373,12 +370,11 @@ static int check_model(const epd_api_t *a, const cJSON *f, verr_t *v)
 {
     const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
     if (!cJSON_IsString(f))
-        return api_bad(v, 400, "model", NULL, "'model' must be a string, not %s",
-                       api_type_name(f));
+        return api_bad(v, 400, "model", NULL, "'model' must be a string, not %s", api_type_name(f));
     if (info && strcmp(f->valuestring, info->model_id) != 0)
         return api_bad(v, 404, "model", "model_not_found",
-                       "The model '%.200s' does not exist; this server serves '%s'",
-                       f->valuestring, info->model_id);
+                       "The model '%.200s' does not exist; this server serves '%s'", f->valuestring,
+                       info->model_id);
     return 0;
 }
 
@@ -433,8 +429,7 @@ static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx
                     api_type_name(prompt));
             goto fail;
         }
-        if (api_encode(a, prompt->valuestring, strlen(prompt->valuestring), "prompt", &ids, &n,
-                       &v))
+        if (api_encode(a, prompt->valuestring, strlen(prompt->valuestring), "prompt", &ids, &n, &v))
             goto fail;
     } else {
         size_t rl = 0;
