@@ -296,7 +296,12 @@ static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
                    type_name(f));
     if (cJSON_IsString(f) && !f->valuestring[0]) return 0;
     if (cJSON_IsArray(f) && !f->child) return 0;
-    if (api_text_ready(a, "stop", v)) return -1;
+    if (api_text_ready(a, "stop", v)) {
+        char why[sizeof(v->msg)];
+        snprintf(why, sizeof(why), "%s", a->tok_err);
+        return bad(v, 400, "stop", "tokenizer_unavailable",
+                   "'stop' sequences are text, so they need the tokenizer, and %.1000s", why);
+    }
     const cJSON *one = cJSON_IsString(f) ? f : f->child;
     int i = 0;
     for (const cJSON *s = one; s; s = cJSON_IsString(f) ? NULL : s->next, i++) {
