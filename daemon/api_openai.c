@@ -1,11 +1,18 @@
-/* POST /v1/completions and GET /v1/models in OpenAI's shapes: request validation (errors in
- * OpenAI's error object, naming the parameter and the index), submission of one engine
- * request per prompt, the JSON response or the server-sent-event stream, cancellation when
- * the client goes away, and the request metrics.
+/* POST /v1/completions, POST /v1/chat/completions and GET /v1/models in OpenAI's shapes:
+ * request validation (errors in OpenAI's error object, naming the parameter and the index),
+ * submission of one engine request per prompt, incremental detokenization with stop strings,
+ * the JSON response or the server-sent-event stream, cancellation when the client goes away,
+ * and the request metrics.
  *
- * Extension: no tokenizer yet, so prompts are token ids and each choice carries its generated
- * ids in "token_ids" (its "text" is ""). A list of prompts (a list of lists of ids) gives one
- * choice per prompt; prompt i samples with seed + i. */
+ * Text: with the checkpoint's tokenizer loaded (api_text.c) prompts may be strings, `stop`
+ * strings end generation, and every choice carries its "text". Generated ids are decoded by
+ * the tokenizer's streaming decoder (never half a UTF-8 character); the text that could still
+ * turn into a stop string (the longest suffix that is a prefix of one) is held back from the
+ * stream until it cannot. Without a tokenizer, prompts are token ids and "text" is "".
+ *
+ * Extensions: each completion choice carries its generated ids in "token_ids"; a list of
+ * prompts gives one choice per prompt, and prompt i samples with seed + i. */
+#define _GNU_SOURCE /* memmem */
 #include "api_openai.h"
 
 #include <cjson/cJSON.h>
@@ -17,47 +24,20 @@
 #include <sys/random.h>
 #include <time.h>
 
+#include "api_internal.h"
 #include "log.h"
 
 #define SUB "api"
 #define EP_COMPLETIONS "/v1/completions"
+#define EP_CHAT "/v1/chat/completions"
 #define EP_MODELS "/v1/models"
-/* OpenAI's default when max_tokens is absent. */
+/* OpenAI's default when max_tokens is absent (completions; chat defaults to the context). */
 #define DEFAULT_MAX_TOKENS 16
 /* Prompts one request may carry (one choice each). */
 #define MAX_PROMPTS 64
-
-struct epd_api {
-    epd_engine_t *engine;
-    epd_metrics_t *metrics;
-    epd_metric_t *m_dur;
-    uint64_t seq; /* for ids and default seeds */
-};
-
-typedef struct completion completion_t;
-
-typedef struct choice {
-    completion_t *c;
-    int index;
-    epd_engine_req_t *er; /* NULL once its final event arrived */
-    int32_t *tokens;
-    int ntok;
-    epd_finish_t finish;
-} choice_t;
-
-struct completion {
-    epd_api_t *api;
-    epd_http_res_t *res; /* NULL once the response is finished */
-    int closed, stream, include_usage, n, remaining;
-    char id[40];
-    long long created;
-    char model[128];
-    choice_t *ch;
-    int prompt_tokens, completion_tokens;
-    int failed, fail_status;
-    char fail_msg[600];
-    double t0;
-};
+/* OpenAI's limit on stop sequences, and a bound on their length. */
+#define MAX_STOP 4
+#define MAX_STOP_BYTES 512
 
 static double mono_s(void)
 {
@@ -66,7 +46,7 @@ static double mono_s(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
-static void count(epd_api_t *a, const char *endpoint, int status)
+void api_count(epd_api_t *a, const char *endpoint, int status)
 {
     char lab[96];
     snprintf(lab, sizeof(lab), "endpoint=\"%s\",status=\"%d\"", endpoint, status);
@@ -75,7 +55,7 @@ static void count(epd_api_t *a, const char *endpoint, int status)
                    1);
 }
 
-static void send_json(epd_http_res_t *res, int status, cJSON *doc)
+void api_send_json(epd_http_res_t *res, int status, cJSON *doc)
 {
     char *text = doc ? cJSON_PrintUnformatted(doc) : NULL;
     if (!text) {
@@ -130,29 +110,48 @@ static cJSON *error_doc(int status, const char *msg, const char *param, const ch
     return doc;
 }
 
-static void send_error(epd_api_t *a, const char *endpoint, epd_http_res_t *res, int status,
-                       const char *msg, const char *param, const char *code)
+void api_send_error(epd_api_t *a, const char *endpoint, epd_http_res_t *res, int status,
+                    const char *msg, const char *param, const char *code)
 {
     cJSON *doc = error_doc(status, msg, param, code);
     if (status == 429 || status == 503) epd_http_res_header(res, "Retry-After", "1");
-    send_json(res, status, doc);
+    api_send_json(res, status, doc);
     cJSON_Delete(doc);
-    count(a, endpoint, status);
+    api_count(a, endpoint, status);
+}
+
+cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *req,
+                      epd_http_res_t *res)
+{
+    const char *end = NULL;
+    cJSON *root = cJSON_ParseWithLengthOpts(req->body, req->body_len, &end, 0);
+    char msg[160];
+    if (!root) {
+        if (req->body_len == 0)
+            snprintf(msg, sizeof(msg), "the request body is empty; send a JSON object");
+        else
+            snprintf(msg, sizeof(msg), "the request body is not valid JSON (error at byte %td)",
+                     end ? end - req->body : (ptrdiff_t)0);
+        api_send_error(a, endpoint, res, 400, msg, NULL, "invalid_json");
+        return NULL;
+    }
+    /* trailing bytes after the value */
+    const char *p = end;
+    while (p && p < req->body + req->body_len && strchr(" \t\r\n", *p))
+        p++;
+    if (p && p < req->body + req->body_len) {
+        snprintf(msg, sizeof(msg),
+                 "the request body is not valid JSON (unexpected data at byte %td)", p - req->body);
+        cJSON_Delete(root);
+        api_send_error(a, endpoint, res, 400, msg, NULL, "invalid_json");
+        return NULL;
+    }
+    return root;
 }
 
 /* ---- validation --------------------------------------------------------------------------- */
 
-typedef struct verr {
-    int status;
-    char msg[600];
-    char param[64];
-    const char *code;
-} verr_t;
-
-static int bad(verr_t *v, int status, const char *param, const char *code, const char *fmt, ...)
-    __attribute__((format(printf, 5, 6)));
-
-static int bad(verr_t *v, int status, const char *param, const char *code, const char *fmt, ...)
+int api_bad(verr_t *v, int status, const char *param, const char *code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -163,8 +162,10 @@ static int bad(verr_t *v, int status, const char *param, const char *code, const
     v->code = code;
     return -1;
 }
+#define bad api_bad
 
 typedef struct creq {
+    int chat;
     int nprompts;
     int32_t *ids[MAX_PROMPTS];
     int len[MAX_PROMPTS];
@@ -174,20 +175,24 @@ typedef struct creq {
     int have_seed;
     uint64_t seed;
     int stream, include_usage;
+    int nstop;
+    char *stop[MAX_STOP];
 } creq_t;
 
 static void creq_free(creq_t *q)
 {
     for (int i = 0; i < q->nprompts; i++)
         free(q->ids[i]);
+    for (int i = 0; i < q->nstop; i++)
+        free(q->stop[i]);
 }
 
-static int is_int(const cJSON *v)
+int api_is_int(const cJSON *v)
 {
     return cJSON_IsNumber(v) && isfinite(v->valuedouble) && v->valuedouble == floor(v->valuedouble);
 }
 
-static const char *type_name(const cJSON *v)
+const char *api_type_name(const cJSON *v)
 {
     if (cJSON_IsNull(v)) return "null";
     if (cJSON_IsBool(v)) return "a boolean";
@@ -196,6 +201,8 @@ static const char *type_name(const cJSON *v)
     if (cJSON_IsArray(v)) return "an array";
     return "an object";
 }
+#define is_int api_is_int
+#define type_name api_type_name
 
 /* One prompt: a non-empty list of token ids in the vocabulary. */
 static int parse_ids(const cJSON *arr, const char *path, int vocab, int32_t **out, int *len,
@@ -206,17 +213,11 @@ static int parse_ids(const cJSON *arr, const char *path, int vocab, int32_t **ou
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
     if (!ids) return bad(v, 500, NULL, NULL, "out of memory");
     for (const cJSON *t = arr->child; t; t = t->next, i++) {
-        if (cJSON_IsString(t)) {
-            free(ids);
-            return bad(v, 400, "prompt", NULL,
-                       "%s[%d] is a string: this server has no tokenizer yet, so prompts are "
-                       "lists of token ids (integers)",
-                       path, i);
-        }
         if (!is_int(t)) {
             free(ids);
-            return bad(v, 400, "prompt", NULL, "%s[%d] must be an integer token id, not %s", path,
-                       i, cJSON_IsNumber(t) ? "a fraction" : type_name(t));
+            return bad(v, 400, "prompt", NULL,
+                       "%s[%d] must be an integer token id like %s[0], not %s", path, i, path,
+                       cJSON_IsNumber(t) ? "a fraction" : type_name(t));
         }
         if (t->valuedouble < 0 || t->valuedouble >= vocab) {
             free(ids);
@@ -231,27 +232,50 @@ static int parse_ids(const cJSON *arr, const char *path, int vocab, int32_t **ou
     return 0;
 }
 
-static int parse_prompt(const cJSON *p, int vocab, creq_t *q, verr_t *v)
+static int add_text_prompt(const epd_api_t *a, const cJSON *s, const char *path, creq_t *q,
+                           verr_t *v)
+{
+    if (api_text_ready(a, "prompt", v)) return -1;
+    if (q->nprompts == MAX_PROMPTS)
+        return bad(v, 400, "prompt", NULL, "at most %d prompts per request", MAX_PROMPTS);
+    int32_t *ids = NULL;
+    int n = 0;
+    if (api_encode(a, s->valuestring, strlen(s->valuestring), path, &ids, &n, v)) return -1;
+    if (n == 0) {
+        free(ids);
+        return bad(v, 400, "prompt", NULL, "%s is empty (no tokens): give some text", path);
+    }
+    q->ids[q->nprompts] = ids;
+    q->len[q->nprompts++] = n;
+    return 0;
+}
+
+/* A string, a list of strings, a list of token ids, or a list of lists of token ids. */
+static int parse_prompt(const epd_api_t *a, const cJSON *p, int vocab, creq_t *q, verr_t *v)
 {
     if (!p || cJSON_IsNull(p))
-        return bad(v, 400, "prompt", NULL, "'prompt' is required: a list of token ids");
-    if (cJSON_IsString(p))
         return bad(v, 400, "prompt", NULL,
-                   "'prompt' is a string: this server has no tokenizer yet; send a list of token "
-                   "ids (integers), or a list of such lists");
+                   "'prompt' is required: a string, a list of strings, a list of token ids or "
+                   "a list of such lists");
+    if (cJSON_IsString(p)) return add_text_prompt(a, p, "prompt", q, v);
     if (!cJSON_IsArray(p))
         return bad(v, 400, "prompt", NULL,
-                   "'prompt' must be a list of token ids (or a list of such lists), not %s",
+                   "'prompt' must be a string, a list of strings, a list of token ids or a list "
+                   "of such lists, not %s",
                    type_name(p));
-    if (p->child && cJSON_IsArray(p->child)) {
-        int i = 0;
+    if (!p->child) return bad(v, 400, "prompt", NULL, "'prompt' is an empty list");
+    if (cJSON_IsArray(p->child) || cJSON_IsString(p->child)) {
+        int strings = cJSON_IsString(p->child), i = 0;
         for (const cJSON *e = p->child; e; e = e->next, i++) {
             char path[32];
             snprintf(path, sizeof(path), "prompt[%d]", i);
-            if (!cJSON_IsArray(e))
-                return bad(v, 400, "prompt", NULL,
-                           "%s must be a list of token ids like prompt[0], not %s", path,
-                           type_name(e));
+            if (strings ? !cJSON_IsString(e) : !cJSON_IsArray(e))
+                return bad(v, 400, "prompt", NULL, "%s must be %s like prompt[0], not %s", path,
+                           strings ? "a string" : "a list of token ids", type_name(e));
+            if (strings) {
+                if (add_text_prompt(a, e, path, q, v)) return -1;
+                continue;
+            }
             if (q->nprompts == MAX_PROMPTS)
                 return bad(v, 400, "prompt", NULL, "at most %d prompts per request", MAX_PROMPTS);
             if (parse_ids(e, path, vocab, &q->ids[q->nprompts], &q->len[q->nprompts], v)) return -1;
@@ -261,6 +285,38 @@ static int parse_prompt(const cJSON *p, int vocab, creq_t *q, verr_t *v)
     }
     if (parse_ids(p, "prompt", vocab, &q->ids[0], &q->len[0], v)) return -1;
     q->nprompts = 1;
+    return 0;
+}
+
+static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
+{
+    if (cJSON_IsNull(f)) return 0;
+    if (!cJSON_IsString(f) && !cJSON_IsArray(f))
+        return bad(v, 400, "stop", NULL, "'stop' must be a string or a list of strings, not %s",
+                   type_name(f));
+    if (cJSON_IsString(f) && !f->valuestring[0]) return 0;
+    if (cJSON_IsArray(f) && !f->child) return 0;
+    if (api_text_ready(a, "stop", v)) {
+        char why[sizeof(v->msg)];
+        snprintf(why, sizeof(why), "%s", a->tok_err);
+        return bad(v, 400, "stop", "tokenizer_unavailable",
+                   "'stop' sequences are text, so they need the tokenizer, and %.1000s", why);
+    }
+    const cJSON *one = cJSON_IsString(f) ? f : f->child;
+    int i = 0;
+    for (const cJSON *s = one; s; s = cJSON_IsString(f) ? NULL : s->next, i++) {
+        if (!cJSON_IsString(s))
+            return bad(v, 400, "stop", NULL, "stop[%d] must be a string, not %s", i, type_name(s));
+        size_t l = strlen(s->valuestring);
+        if (l == 0) return bad(v, 400, "stop", NULL, "stop[%d] is empty", i);
+        if (l > MAX_STOP_BYTES)
+            return bad(v, 400, "stop", NULL, "stop[%d] is longer than %d bytes", i, MAX_STOP_BYTES);
+        if (q->nstop == MAX_STOP)
+            return bad(v, 400, "stop", NULL, "at most %d stop sequences", MAX_STOP);
+        if (!(q->stop[q->nstop] = strdup(s->valuestring)))
+            return bad(v, 500, NULL, NULL, "out of memory");
+        q->nstop++;
+    }
     return 0;
 }
 
@@ -292,41 +348,43 @@ static int unsupported(const cJSON *f, verr_t *v)
 {
     const char *k = f->string;
     int neutral = cJSON_IsNull(f);
-    if (!strcmp(k, "echo"))
-        neutral |= cJSON_IsFalse(f);
-    else if (!strcmp(k, "logprobs"))
-        neutral |= is_int(f) && f->valuedouble == 0;
+    if (!strcmp(k, "echo") || !strcmp(k, "logprobs") || !strcmp(k, "parallel_tool_calls"))
+        neutral |= cJSON_IsFalse(f) || (is_int(f) && f->valuedouble == 0);
     else if (!strcmp(k, "best_of"))
         neutral |= is_int(f) && f->valuedouble == 1;
+    else if (!strcmp(k, "top_logprobs"))
+        neutral |= is_int(f) && f->valuedouble == 0;
     else if (!strcmp(k, "frequency_penalty") || !strcmp(k, "presence_penalty"))
         neutral |= cJSON_IsNumber(f) && f->valuedouble == 0;
     else if (!strcmp(k, "logit_bias"))
         neutral |= cJSON_IsObject(f) && !f->child;
     else if (!strcmp(k, "suffix"))
         neutral |= cJSON_IsString(f) && !f->valuestring[0];
-    else if (!strcmp(k, "stop"))
-        neutral |= (cJSON_IsArray(f) && !f->child) || (cJSON_IsString(f) && !f->valuestring[0]);
+    else if (!strcmp(k, "tools"))
+        neutral |= cJSON_IsArray(f) && !f->child;
+    else if (!strcmp(k, "tool_choice"))
+        neutral |= cJSON_IsString(f) && !strcmp(f->valuestring, "none");
     if (neutral) return 0;
-    if (!strcmp(k, "stop"))
-        return bad(v, 400, k, NULL,
-                   "'stop' sequences are text and this server has no tokenizer yet: not "
-                   "supported (generation stops at max_tokens or at the model's EOS id)");
     return bad(v, 400, k, NULL, "'%s' is not supported by this server (leave it out)", k);
 }
 
-static int parse_request(const cJSON *root, const epd_engine_info_t *info, creq_t *q, verr_t *v)
+static int parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_info_t *info,
+                         int chat, creq_t *q, verr_t *v)
 {
     memset(q, 0, sizeof(*q));
+    q->chat = chat;
     q->max_tokens = -1;
     q->temperature = 1.0; /* OpenAI's defaults */
     q->top_p = 1.0;
     if (!cJSON_IsObject(root))
         return bad(v, 400, NULL, NULL, "the request body must be a JSON object, not %s",
                    type_name(root));
-    static const char *const unsup[] = {
-        "echo",   "logprobs", "best_of", "logit_bias", "frequency_penalty", "presence_penalty",
-        "suffix", "stop"};
-    const cJSON *stream_options = NULL;
+    static const char *const unsup[] = {"echo",        "logprobs",           "best_of",
+                                        "logit_bias",  "frequency_penalty",  "presence_penalty",
+                                        "suffix",      "top_logprobs",       "tools",
+                                        "tool_choice", "parallel_tool_calls"};
+    const cJSON *stream_options = NULL, *messages = NULL, *kwargs = NULL;
+    int add_gen = 1, disable_thinking = 0;
     for (const cJSON *f = root->child; f; f = f->next) {
         const char *k = f->string;
         int known = 0;
@@ -343,19 +401,26 @@ static int parse_request(const cJSON *root, const epd_engine_info_t *info, creq_
                 return bad(v, 404, "model", "model_not_found",
                            "The model '%.200s' does not exist; this server serves '%s'",
                            f->valuestring, info->model_id);
-        } else if (!strcmp(k, "prompt")) {
-            if (parse_prompt(f, info->vocab_size, q, v)) return -1;
-        } else if (!strcmp(k, "max_tokens")) {
+        } else if (!chat && !strcmp(k, "prompt")) {
+            if (parse_prompt(a, f, info->vocab_size, q, v)) return -1;
+        } else if (chat && !strcmp(k, "messages")) {
+            messages = f;
+        } else if (chat && !strcmp(k, "chat_template_kwargs")) {
+            kwargs = f;
+        } else if (chat && !strcmp(k, "add_generation_prompt")) { /* vLLM's extension */
+            if (get_bool(f, k, &add_gen, v)) return -1;
+        } else if (!strcmp(k, "max_tokens") || (chat && !strcmp(k, "max_completion_tokens"))) {
             if (cJSON_IsNull(f)) continue;
             if (!is_int(f))
-                return bad(v, 400, "max_tokens", NULL, "'max_tokens' must be an integer, not %s",
+                return bad(v, 400, k, NULL, "'%s' must be an integer, not %s", k,
                            cJSON_IsNumber(f) ? "a fraction" : type_name(f));
             if (f->valuedouble < 1 || f->valuedouble > info->max_seq_len)
-                return bad(v, 400, "max_tokens", NULL,
-                           "'max_tokens' is %.0f; it must be in [1, %d] (the model's context "
-                           "length)",
+                return bad(v, 400, k, NULL,
+                           "'%s' is %.0f; it must be in [1, %d] (the model's context length)", k,
                            f->valuedouble, info->max_seq_len);
             q->max_tokens = (int)f->valuedouble;
+        } else if (!strcmp(k, "stop")) {
+            if (parse_stop(a, f, q, v)) return -1;
         } else if (!strcmp(k, "temperature")) {
             if (get_number(f, "temperature", 0, 2, 0, &q->temperature, v)) return -1;
         } else if (!strcmp(k, "top_p")) {
@@ -395,8 +460,9 @@ static int parse_request(const cJSON *root, const epd_engine_info_t *info, creq_
                 return bad(v, 400, "n", NULL, "'n' must be a positive integer");
             if (f->valuedouble > 1)
                 return bad(v, 400, "n", NULL,
-                           "'n' > 1 is not supported: send a list of prompts (one choice each) "
-                           "instead");
+                           chat ? "'n' > 1 is not supported"
+                                : "'n' > 1 is not supported: send a list of prompts (one choice "
+                                  "each) instead");
         } else if (!strcmp(k, "user")) {
             if (!cJSON_IsString(f) && !cJSON_IsNull(f))
                 return bad(v, 400, "user", NULL, "'user' must be a string, not %s", type_name(f));
@@ -405,18 +471,43 @@ static int parse_request(const cJSON *root, const epd_engine_info_t *info, creq_
                        "Unrecognized request argument supplied: %.100s", k);
         }
     }
-    if (q->nprompts == 0) return parse_prompt(NULL, info->vocab_size, q, v);
+    if (chat) {
+        char *text = NULL;
+        size_t tl = 0;
+        if (api_chat_ready(a, v) || api_chat_kwargs(kwargs, &disable_thinking, v) ||
+            api_render_chat(a, messages, add_gen, disable_thinking, &text, &tl, v))
+            return -1;
+        int rc = api_encode(a, text, tl, "the rendered chat", &q->ids[0], &q->len[0], v);
+        free(text);
+        if (rc) return -1;
+        q->nprompts = 1;
+        if (q->len[0] == 0) return bad(v, 400, "messages", NULL, "the rendered chat has no tokens");
+        for (int i = 0; i < q->len[0]; i++)
+            if (q->ids[0][i] >= info->vocab_size)
+                return bad(v, 400, "messages", NULL,
+                           "the rendered chat has token id %d, outside the model's vocabulary "
+                           "(0..%d)",
+                           q->ids[0][i], info->vocab_size - 1);
+    }
+    if (q->nprompts == 0) return parse_prompt(a, NULL, info->vocab_size, q, v);
     if (stream_options && !q->stream)
         return bad(v, 400, "stream_options", NULL,
                    "'stream_options' is only allowed when 'stream' is true");
+    /* ids of text prompts come from the tokenizer, whose id space may exceed the model's */
+    for (int i = 0; i < q->nprompts; i++)
+        for (int j = 0; j < q->len[i]; j++)
+            if (q->ids[i][j] >= info->vocab_size)
+                return bad(v, 400, "prompt", NULL,
+                           "prompt %d tokenizes to id %d, outside the model's vocabulary (0..%d)",
+                           i, q->ids[i][j], info->vocab_size - 1);
     /* the context: prompt + completion within max_seq_len */
     for (int i = 0; i < q->nprompts; i++) {
         int room = info->max_seq_len - q->len[i];
-        const char *which = q->nprompts > 1 ? "prompt[" : "prompt";
+        const char *which = chat ? "messages" : q->nprompts > 1 ? "prompt[" : "prompt";
         char idx[16] = "";
-        if (q->nprompts > 1) snprintf(idx, sizeof(idx), "%d]", i);
+        if (!chat && q->nprompts > 1) snprintf(idx, sizeof(idx), "%d]", i);
         if (room < 1)
-            return bad(v, 400, "prompt", "context_length_exceeded",
+            return bad(v, 400, chat ? "messages" : "prompt", "context_length_exceeded",
                        "This model's maximum context length is %d tokens; %s%s has %d tokens, "
                        "which leaves no room for a completion",
                        info->max_seq_len, which, idx, q->len[i]);
@@ -431,38 +522,127 @@ static int parse_request(const cJSON *root, const epd_engine_info_t *info, creq_
     return 0;
 }
 
-/* ---- responses ---------------------------------------------------------------------------- */
+/* ---- generation state --------------------------------------------------------------------- */
+
+typedef struct completion completion_t;
+
+typedef struct choice {
+    completion_t *c;
+    int index;
+    epd_engine_req_t *er; /* NULL once its final event arrived */
+    /* the completion's ids; with a tokenizer, the ids consumed so far (up to the one that
+     * completed a stop string) */
+    int32_t *tokens;
+    int ntok, cap;
+    int sent_tok; /* ids already in stream chunks */
+    epd_finish_t finish;
+    int stopped; /* a stop string matched: the text ends where it began */
+    epd_tok_stream_t *ds;
+    char *text; /* decoded so far: [tlen] (+ NUL) */
+    size_t tlen, tcap;
+    size_t sent; /* bytes of text already streamed */
+    size_t scan; /* the stop-string search resumes here */
+} choice_t;
+
+struct completion {
+    epd_api_t *api;
+    epd_http_res_t *res; /* NULL once the response is finished */
+    int closed, stream, include_usage, n, remaining;
+    int chat, text; /* text: the tokenizer decodes the output */
+    char id[48];
+    long long created;
+    char model[128];
+    choice_t *ch;
+    int prompt_tokens, completion_tokens;
+    int failed, fail_status;
+    char fail_msg[600];
+    double t0;
+    int nstop;
+    char *stop[MAX_STOP];
+    size_t stop_len[MAX_STOP], max_stop;
+    /* EOS ids (config.json's and the tokenizer's): they end the text and add none to it */
+    int neos;
+    int32_t eos[2 * EPD_ENGINE_MAX_EOS];
+};
 
 static const char *finish_name(epd_finish_t f)
 {
     return f == EPD_FINISH_STOP ? "stop" : "length";
 }
 
-static cJSON *base_doc(const completion_t *c)
+static const char *endpoint_of(const completion_t *c)
+{
+    return c->chat ? EP_CHAT : EP_COMPLETIONS;
+}
+
+static cJSON *base_doc(const completion_t *c, int chunk)
 {
     cJSON *doc = cJSON_CreateObject();
     if (!doc) return NULL;
     cJSON_AddStringToObject(doc, "id", c->id);
-    cJSON_AddStringToObject(doc, "object", "text_completion");
+    cJSON_AddStringToObject(doc, "object",
+                            c->chat ? (chunk ? "chat.completion.chunk" : "chat.completion")
+                                    : "text_completion");
     cJSON_AddNumberToObject(doc, "created", (double)c->created);
     cJSON_AddStringToObject(doc, "model", c->model);
     return doc;
 }
 
-static cJSON *choice_obj(int index, const int32_t *ids, int n, const char *finish)
+static void add_finish(cJSON *o, const char *finish)
 {
-    cJSON *o = cJSON_CreateObject();
-    if (!o) return NULL;
-    cJSON_AddNumberToObject(o, "index", index);
-    cJSON_AddStringToObject(o, "text", "");
-    cJSON *t = cJSON_AddArrayToObject(o, "token_ids");
-    for (int i = 0; t && i < n; i++)
-        cJSON_AddItemToArray(t, cJSON_CreateNumber(ids[i]));
-    cJSON_AddNullToObject(o, "logprobs");
     if (finish)
         cJSON_AddStringToObject(o, "finish_reason", finish);
     else
         cJSON_AddNullToObject(o, "finish_reason");
+}
+
+/* A completions choice (or stream chunk): text, ids, finish. */
+static cJSON *choice_obj(int index, const char *text, size_t tlen, const int32_t *ids, int n,
+                         const char *finish)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o) return NULL;
+    cJSON_AddNumberToObject(o, "index", index);
+    cJSON *t = cJSON_CreateStringReference("");
+    if (tlen) {
+        cJSON_Delete(t);
+        char *s = malloc(tlen + 1);
+        if (s) {
+            memcpy(s, text, tlen);
+            s[tlen] = '\0';
+        }
+        t = cJSON_CreateString(s ? s : "");
+        free(s);
+    }
+    cJSON_AddItemToObject(o, "text", t);
+    cJSON *arr = cJSON_AddArrayToObject(o, "token_ids");
+    for (int i = 0; arr && i < n; i++)
+        cJSON_AddItemToArray(arr, cJSON_CreateNumber(ids[i]));
+    cJSON_AddNullToObject(o, "logprobs");
+    add_finish(o, finish);
+    return o;
+}
+
+/* A chat choice: message (whole response) or delta (stream chunk). role/content may be NULL. */
+static cJSON *chat_choice_obj(int index, int delta, const char *role, const char *text, size_t tlen,
+                              const char *finish)
+{
+    cJSON *o = cJSON_CreateObject();
+    if (!o) return NULL;
+    cJSON_AddNumberToObject(o, "index", index);
+    cJSON *m = cJSON_AddObjectToObject(o, delta ? "delta" : "message");
+    if (m && role) cJSON_AddStringToObject(m, "role", role);
+    if (m && text) {
+        char *s = malloc(tlen + 1);
+        if (s) {
+            memcpy(s, text, tlen);
+            s[tlen] = '\0';
+            cJSON_AddStringToObject(m, "content", s);
+            free(s);
+        }
+    }
+    cJSON_AddNullToObject(o, "logprobs");
+    add_finish(o, finish);
     return o;
 }
 
@@ -501,12 +681,141 @@ static void sse_send(completion_t *c, cJSON *doc)
     }
 }
 
+/* A chunk of one choice: the text [sent, upto) and the ids not yet sent; finish or NULL. */
+static void send_chunk(completion_t *c, choice_t *ch, size_t upto, const char *finish)
+{
+    cJSON *doc = base_doc(c, 1);
+    cJSON *chs = doc ? cJSON_AddArrayToObject(doc, "choices") : NULL;
+    const char *t = ch->text ? ch->text + ch->sent : "";
+    size_t tl = upto - ch->sent;
+    int nt = ch->ntok - ch->sent_tok;
+    if (chs) {
+        if (c->chat)
+            cJSON_AddItemToArray(
+                chs, chat_choice_obj(ch->index, 1, NULL, finish ? NULL : t, tl, finish));
+        else
+            cJSON_AddItemToArray(chs, choice_obj(ch->index, t, tl, ch->tokens + ch->sent_tok,
+                                                 finish ? 0 : nt, finish));
+    }
+    sse_send(c, doc);
+    cJSON_Delete(doc);
+    if (!finish) {
+        ch->sent = upto;
+        ch->sent_tok = ch->ntok;
+    }
+}
+
 static void completion_free(completion_t *c)
 {
-    for (int i = 0; i < c->n; i++)
+    for (int i = 0; i < c->n; i++) {
         free(c->ch[i].tokens);
+        free(c->ch[i].text);
+        epd_tok_stream_destroy(c->ch[i].ds);
+    }
+    for (int i = 0; i < c->nstop; i++)
+        free(c->stop[i]);
     free(c->ch);
     free(c);
+}
+
+static void fail(completion_t *c, int status, const char *msg)
+{
+    if (c->failed) return;
+    c->failed = 1;
+    c->fail_status = status;
+    snprintf(c->fail_msg, sizeof(c->fail_msg), "%s", msg);
+}
+
+static int push_token(choice_t *ch, int32_t tok)
+{
+    if (ch->ntok == ch->cap) {
+        int cap = ch->cap ? ch->cap * 2 : 32;
+        int32_t *t = realloc(ch->tokens, sizeof(int32_t) * (size_t)cap);
+        if (!t) return -ENOMEM;
+        ch->tokens = t;
+        ch->cap = cap;
+    }
+    ch->tokens[ch->ntok++] = tok;
+    return 0;
+}
+
+static int append_text(choice_t *ch, const char *s, size_t n)
+{
+    if (ch->tlen + n + 1 > ch->tcap) {
+        size_t cap = ch->tcap ? ch->tcap : 256;
+        while (cap < ch->tlen + n + 1)
+            cap *= 2;
+        char *t = realloc(ch->text, cap);
+        if (!t) return -ENOMEM;
+        ch->text = t;
+        ch->tcap = cap;
+    }
+    memcpy(ch->text + ch->tlen, s, n);
+    ch->tlen += n;
+    ch->text[ch->tlen] = '\0';
+    return 0;
+}
+
+/* The earliest stop string in the text since the last search: the text is cut there. */
+static void find_stop(completion_t *c, choice_t *ch)
+{
+    if (!c->nstop || ch->stopped) return;
+    size_t best = (size_t)-1;
+    for (int i = 0; i < c->nstop; i++) {
+        if (ch->tlen < c->stop_len[i]) continue;
+        const char *p =
+            memmem(ch->text + ch->scan, ch->tlen - ch->scan, c->stop[i], c->stop_len[i]);
+        if (p && (size_t)(p - ch->text) < best) best = (size_t)(p - ch->text);
+    }
+    if (best != (size_t)-1) {
+        ch->stopped = 1;
+        ch->tlen = best;
+        ch->text[best] = '\0';
+        epd_engine_cancel(ch->er);
+        return;
+    }
+    /* a later match starts at most max_stop - 1 bytes before the current end */
+    ch->scan = ch->tlen + 1 > c->max_stop ? ch->tlen + 1 - c->max_stop : 0;
+}
+
+/* Bytes at the end of the text that may be the start of a stop string: not streamed yet. */
+static size_t holdback(const completion_t *c, const choice_t *ch)
+{
+    size_t hold = 0, avail = ch->tlen - ch->sent;
+    for (int i = 0; i < c->nstop; i++) {
+        size_t k = c->stop_len[i] - 1 < avail ? c->stop_len[i] - 1 : avail;
+        for (; k > hold; k--)
+            if (!memcmp(ch->text + ch->tlen - k, c->stop[i], k)) {
+                hold = k;
+                break;
+            }
+    }
+    return hold;
+}
+
+/* One generated id (text mode): decode, look for stop strings, stream what is safe. */
+static void take_token(completion_t *c, choice_t *ch, int32_t tok)
+{
+    if (ch->stopped || c->failed) return;
+    if (push_token(ch, tok)) {
+        fail(c, 500, "out of memory");
+        return;
+    }
+    for (int i = 0; i < c->neos; i++)
+        if (c->eos[i] == tok) return;
+    const char *piece = NULL;
+    size_t plen = 0;
+    char err[200];
+    /* an id the tokenizer does not know (the model's padding rows) decodes to nothing */
+    if (epd_tok_stream_push(ch->ds, tok, &piece, &plen, err, sizeof(err)) != EPD_TOK_OK) plen = 0;
+    if (plen && append_text(ch, piece, plen)) {
+        fail(c, 500, "out of memory");
+        return;
+    }
+    find_stop(c, ch);
+    if (!c->stream) return;
+    size_t safe = ch->stopped ? ch->tlen : ch->tlen - holdback(c, ch);
+    if (safe > ch->sent) send_chunk(c, ch, safe, NULL);
 }
 
 static void finish_response(completion_t *c)
@@ -521,7 +830,7 @@ static void finish_response(completion_t *c)
                 sse_send(c, err);
                 cJSON_Delete(err);
             } else if (c->include_usage) {
-                cJSON *doc = base_doc(c);
+                cJSON *doc = base_doc(c, 1);
                 if (doc) {
                     cJSON_AddArrayToObject(doc, "choices");
                     add_usage(doc, c);
@@ -535,20 +844,25 @@ static void finish_response(completion_t *c)
         } else if (c->failed) {
             cJSON *err = error_doc(status, c->fail_msg, NULL, NULL);
             if (status == 503) epd_http_res_header(c->res, "Retry-After", "1");
-            send_json(c->res, status, err);
+            api_send_json(c->res, status, err);
             cJSON_Delete(err);
         } else {
-            cJSON *doc = base_doc(c);
+            cJSON *doc = base_doc(c, 0);
             cJSON *chs = doc ? cJSON_AddArrayToObject(doc, "choices") : NULL;
-            for (int i = 0; chs && i < c->n; i++)
-                cJSON_AddItemToArray(chs, choice_obj(i, c->ch[i].tokens, c->ch[i].ntok,
-                                                     finish_name(c->ch[i].finish)));
+            for (int i = 0; chs && i < c->n; i++) {
+                choice_t *ch = &c->ch[i];
+                const char *fin = finish_name(ch->finish);
+                cJSON_AddItemToArray(
+                    chs, c->chat ? chat_choice_obj(i, 0, "assistant", ch->text ? ch->text : "",
+                                                   ch->tlen, fin)
+                                 : choice_obj(i, ch->text, ch->tlen, ch->tokens, ch->ntok, fin));
+            }
             if (doc) add_usage(doc, c);
-            send_json(c->res, 200, doc);
+            api_send_json(c->res, 200, doc);
             cJSON_Delete(doc);
         }
         c->res = NULL;
-        count(a, EP_COMPLETIONS, status);
+        api_count(a, endpoint_of(c), status);
         epd_metric_observe(a->m_dur, mono_s() - c->t0);
     }
     completion_free(c);
@@ -559,42 +873,42 @@ static void on_event(void *arg, const epd_engine_event_t *ev)
     choice_t *ch = arg;
     completion_t *c = ch->c;
     if (!ev->final) {
-        if (c->stream) {
-            cJSON *doc = base_doc(c);
-            cJSON *chs = doc ? cJSON_AddArrayToObject(doc, "choices") : NULL;
-            if (chs) cJSON_AddItemToArray(chs, choice_obj(ch->index, &ev->token, 1, NULL));
-            sse_send(c, doc);
-            cJSON_Delete(doc);
+        if (c->text) {
+            take_token(c, ch, ev->token);
+        } else if (c->stream && !c->failed) {
+            if (push_token(ch, ev->token))
+                fail(c, 500, "out of memory");
+            else
+                send_chunk(c, ch, ch->sent, NULL);
         }
         return;
     }
     ch->er = NULL;
-    ch->finish = ev->finish;
     c->prompt_tokens += ev->prompt_tokens;
-    c->completion_tokens += ev->num_tokens;
     if (ev->finish == EPD_FINISH_ERROR) {
-        if (!c->failed) {
-            c->failed = 1;
-            c->fail_status = ev->status ? ev->status : 500;
-            snprintf(c->fail_msg, sizeof(c->fail_msg), "%s", ev->error ? ev->error : "failed");
+        fail(c, ev->status ? ev->status : 500, ev->error ? ev->error : "failed");
+    } else if (c->text) {
+        /* ids that came without a token event (not streamed from the engine) */
+        for (int i = ch->ntok; i < ev->num_tokens && !ch->stopped && !c->failed; i++)
+            take_token(c, ch, ev->tokens[i]);
+        if (!ch->stopped && !c->failed) {
+            const char *piece = NULL;
+            size_t plen = 0;
+            epd_tok_stream_flush(ch->ds, &piece, &plen);
+            if (plen && append_text(ch, piece, plen)) fail(c, 500, "out of memory");
+            find_stop(c, ch);
         }
-    } else if (ev->num_tokens > 0) {
-        ch->tokens = malloc(sizeof(int32_t) * (size_t)ev->num_tokens);
-        if (ch->tokens) {
-            memcpy(ch->tokens, ev->tokens, sizeof(int32_t) * (size_t)ev->num_tokens);
-            ch->ntok = ev->num_tokens;
-        } else if (!c->failed) {
-            c->failed = 1;
-            c->fail_status = 500;
-            snprintf(c->fail_msg, sizeof(c->fail_msg), "out of memory");
-        }
+    } else if (!c->failed) {
+        ch->ntok = 0;
+        for (int i = 0; i < ev->num_tokens && !c->failed; i++)
+            if (push_token(ch, ev->tokens[i])) fail(c, 500, "out of memory");
     }
-    if (c->stream && !c->failed && ev->finish != EPD_FINISH_CANCELLED) {
-        cJSON *doc = base_doc(c);
-        cJSON *chs = doc ? cJSON_AddArrayToObject(doc, "choices") : NULL;
-        if (chs) cJSON_AddItemToArray(chs, choice_obj(ch->index, NULL, 0, finish_name(ev->finish)));
-        sse_send(c, doc);
-        cJSON_Delete(doc);
+    ch->finish = ch->stopped ? EPD_FINISH_STOP : ev->finish;
+    c->completion_tokens += ch->ntok;
+    if (c->stream && !c->failed && (ch->stopped || ev->finish != EPD_FINISH_CANCELLED)) {
+        if (ch->tlen > ch->sent || (!c->chat && ch->ntok > ch->sent_tok))
+            send_chunk(c, ch, ch->tlen, NULL);
+        send_chunk(c, ch, ch->tlen, finish_name(ch->finish));
     }
     if (--c->remaining == 0) finish_response(c);
 }
@@ -607,7 +921,7 @@ static void on_client_gone(epd_http_res_t *res, void *arg)
         epd_engine_cancel(c->ch[i].er);
 }
 
-static void make_id(epd_api_t *a, char *out, size_t len)
+static void make_id(epd_api_t *a, const char *prefix, char *out, size_t len)
 {
     unsigned char b[12];
     if (getrandom(b, sizeof(b), GRND_NONBLOCK) != (ssize_t)sizeof(b)) {
@@ -615,58 +929,36 @@ static void make_id(epd_api_t *a, char *out, size_t len)
         memcpy(b, &x, 8);
         memset(b + 8, (int)a->seq, 4);
     }
-    size_t o = (size_t)snprintf(out, len, "cmpl-");
+    size_t o = (size_t)snprintf(out, len, "%s", prefix);
     for (size_t i = 0; i < sizeof(b) && o + 2 < len; i++)
         o += (size_t)snprintf(out + o, len - o, "%02x", b[i]);
 }
 
-static void h_completions(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res, int chat)
 {
-    epd_api_t *a = ctx;
+    const char *ep = chat ? EP_CHAT : EP_COMPLETIONS;
     double t0 = mono_s();
     const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
     if (!a->engine) {
-        send_error(a, EP_COMPLETIONS, res, 503, "this node serves no model (model.path is empty)",
-                   NULL, "no_model");
+        api_send_error(a, ep, res, 503, "this node serves no model (model.path is empty)", NULL,
+                       "no_model");
         return;
     }
     if (!info) {
-        send_error(a, EP_COMPLETIONS, res, 503,
-                   "the model is not ready (loading, or re-forming the EP group); see /readyz",
-                   NULL, "not_ready");
+        api_send_error(a, ep, res, 503,
+                       "the model is not ready (loading, or re-forming the EP group); see /readyz",
+                       NULL, "not_ready");
         return;
     }
-    const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(req->body, req->body_len, &end, 0);
-    if (!root) {
-        char msg[160];
-        if (req->body_len == 0)
-            snprintf(msg, sizeof(msg), "the request body is empty; send a JSON object");
-        else
-            snprintf(msg, sizeof(msg), "the request body is not valid JSON (error at byte %td)",
-                     end ? end - req->body : (ptrdiff_t)0);
-        send_error(a, EP_COMPLETIONS, res, 400, msg, NULL, "invalid_json");
-        return;
-    }
-    /* trailing bytes after the value */
-    const char *p = end;
-    while (p && p < req->body + req->body_len && strchr(" \t\r\n", *p))
-        p++;
-    if (p && p < req->body + req->body_len) {
-        char msg[160];
-        snprintf(msg, sizeof(msg),
-                 "the request body is not valid JSON (unexpected data at byte %td)", p - req->body);
-        cJSON_Delete(root);
-        send_error(a, EP_COMPLETIONS, res, 400, msg, NULL, "invalid_json");
-        return;
-    }
+    cJSON *root = api_parse_body(a, ep, req, res);
+    if (!root) return;
     creq_t q;
     verr_t v = {0};
-    int rc = parse_request(root, info, &q, &v);
+    int rc = parse_request(a, root, info, chat, &q, &v);
     cJSON_Delete(root);
     if (rc) {
         creq_free(&q);
-        send_error(a, EP_COMPLETIONS, res, v.status, v.msg, v.param[0] ? v.param : NULL, v.code);
+        api_send_error(a, ep, res, v.status, v.msg, v.param[0] ? v.param : NULL, v.code);
         return;
     }
 
@@ -675,18 +967,27 @@ static void h_completions(const epd_http_req_t *req, epd_http_res_t *res, void *
     if (!c || !c->ch) {
         free(c);
         creq_free(&q);
-        send_error(a, EP_COMPLETIONS, res, 500, "out of memory", NULL, NULL);
+        api_send_error(a, ep, res, 500, "out of memory", NULL, NULL);
         return;
     }
     c->api = a;
     c->res = res;
+    c->chat = chat;
+    c->text = a->tok_state == TOK_LOADED;
     c->stream = q.stream;
     c->include_usage = q.include_usage;
     c->n = q.nprompts;
     c->t0 = t0;
     c->created = (long long)time(NULL);
+    c->nstop = q.nstop;
+    for (int i = 0; i < q.nstop; i++) {
+        c->stop[i] = q.stop[i];
+        c->stop_len[i] = strlen(q.stop[i]);
+        if (c->stop_len[i] > c->max_stop) c->max_stop = c->stop_len[i];
+    }
+    q.nstop = 0; /* owned by c now */
     snprintf(c->model, sizeof(c->model), "%s", info->model_id);
-    make_id(a, c->id, sizeof(c->id));
+    make_id(a, chat ? "chatcmpl-" : "cmpl-", c->id, sizeof(c->id));
     uint64_t seed = q.seed;
     if (!q.have_seed) {
         unsigned char b[8];
@@ -695,15 +996,33 @@ static void h_completions(const epd_http_req_t *req, epd_http_res_t *res, void *
         else
             seed = (uint64_t)time(NULL) ^ (++a->seq << 32);
     }
+    /* the tokenizer's EOS ids (generation_config.json) end generation like config.json's */
+    int32_t stop_ids[EPD_ENGINE_MAX_EOS];
+    int nstop_ids = 0;
+    if (c->text) {
+        size_t ne = 0;
+        const int32_t *eos = epd_tok_eos_ids(a->tok, &ne);
+        for (size_t i = 0; i < ne && nstop_ids < EPD_ENGINE_MAX_EOS; i++)
+            if (eos[i] >= 0 && eos[i] < info->vocab_size) stop_ids[nstop_ids++] = eos[i];
+        for (int i = 0; i < nstop_ids; i++)
+            c->eos[c->neos++] = stop_ids[i];
+        for (int i = 0; i < info->num_eos; i++)
+            c->eos[c->neos++] = info->eos[i];
+    }
     int submit_rc = 0;
     for (int i = 0; i < q.nprompts; i++) {
         choice_t *ch = &c->ch[i];
         ch->c = c;
         ch->index = i;
+        if (c->text &&
+            epd_tok_stream_create(a->tok, EPD_TOK_DECODE_SKIP_SPECIAL, &ch->ds) != EPD_TOK_OK) {
+            submit_rc = -ENOMEM;
+            break;
+        }
         int mt = q.max_tokens;
         if (mt < 0) { /* not given: OpenAI's default, within what the context leaves */
             mt = info->max_seq_len - q.len[i];
-            if (mt > DEFAULT_MAX_TOKENS) mt = DEFAULT_MAX_TOKENS;
+            if (!chat && mt > DEFAULT_MAX_TOKENS) mt = DEFAULT_MAX_TOKENS;
         }
         epd_gen_params_t gp = {.prompt = q.ids[i],
                                .prompt_len = q.len[i],
@@ -712,7 +1031,10 @@ static void h_completions(const epd_http_req_t *req, epd_http_res_t *res, void *
                                .top_p = (float)q.top_p,
                                .top_k = q.top_k,
                                .seed = seed + (uint64_t)i,
-                               .stream = q.stream};
+                               /* stop strings are looked for as each id arrives */
+                               .stream = q.stream || c->nstop > 0,
+                               .stop_ids = stop_ids,
+                               .num_stop_ids = nstop_ids};
         submit_rc = epd_engine_submit(a->engine, &gp, on_event, ch, &ch->er);
         if (submit_rc) break;
         c->remaining++;
@@ -723,10 +1045,10 @@ static void h_completions(const epd_http_req_t *req, epd_http_res_t *res, void *
         const char *msg = submit_rc == -EAGAIN
                               ? "the request queue is full (model.max_queued_requests); "
                                 "retry later"
-                          : submit_rc == -EBUSY ? "the model is not ready; see /readyz"
-                                                : "the engine refused the request";
-        send_error(a, EP_COMPLETIONS, res, st, msg, NULL,
-                   submit_rc == -EAGAIN ? "queue_full" : NULL);
+                          : submit_rc == -EBUSY  ? "the model is not ready; see /readyz"
+                          : submit_rc == -ENOMEM ? "out of memory"
+                                                 : "the engine refused the request";
+        api_send_error(a, ep, res, st, msg, NULL, submit_rc == -EAGAIN ? "queue_full" : NULL);
         c->res = NULL;
         for (int i = 0; i < c->n; i++)
             epd_engine_cancel(c->ch[i].er);
@@ -737,7 +1059,25 @@ static void h_completions(const epd_http_req_t *req, epd_http_res_t *res, void *
     if (c->stream) {
         epd_http_res_header(res, "Cache-Control", "no-cache");
         epd_http_stream_begin(res, 200, "text/event-stream");
+        /* chat streams open with the assistant's role, as OpenAI's do */
+        for (int i = 0; chat && i < c->n; i++) {
+            cJSON *doc = base_doc(c, 1);
+            cJSON *chs = doc ? cJSON_AddArrayToObject(doc, "choices") : NULL;
+            if (chs) cJSON_AddItemToArray(chs, chat_choice_obj(i, 1, "assistant", "", 0, NULL));
+            sse_send(c, doc);
+            cJSON_Delete(doc);
+        }
     }
+}
+
+static void h_completions(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+{
+    handle(ctx, req, res, 0);
+}
+
+static void h_chat(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+{
+    handle(ctx, req, res, 1);
 }
 
 static void h_models(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
@@ -761,9 +1101,9 @@ static void h_models(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
             cJSON_AddItemToArray(data, m);
         }
     }
-    send_json(res, 200, data ? doc : NULL);
+    api_send_json(res, 200, data ? doc : NULL);
     cJSON_Delete(doc);
-    count(a, EP_MODELS, 200);
+    api_count(a, EP_MODELS, 200);
 }
 
 int epd_api_create(epd_http_server_t *http, epd_engine_t *engine, epd_metrics_t *metrics,
@@ -774,6 +1114,7 @@ int epd_api_create(epd_http_server_t *http, epd_engine_t *engine, epd_metrics_t 
     if (!a) return -ENOMEM;
     a->engine = engine;
     a->metrics = metrics;
+    snprintf(a->tok_err, sizeof(a->tok_err), "this node serves no model (model.path is empty)");
     a->m_dur = epd_metrics_histogram(metrics, "epd_request_duration_seconds",
                                      "Completion requests from arrival to the last byte.",
                                      "endpoint=\"" EP_COMPLETIONS "\"", dur_b,
@@ -784,7 +1125,9 @@ int epd_api_create(epd_http_server_t *http, epd_engine_t *engine, epd_metrics_t 
         return -ENOMEM;
     }
     if ((rc = epd_http_route(http, "POST", EP_COMPLETIONS, h_completions, a)) ||
-        (rc = epd_http_route(http, "GET", EP_MODELS, h_models, a))) {
+        (rc = epd_http_route(http, "POST", EP_CHAT, h_chat, a)) ||
+        (rc = epd_http_route(http, "GET", EP_MODELS, h_models, a)) ||
+        (rc = api_text_routes(http, a))) {
         free(a); /* the server is torn down by the caller on this error */
         return rc;
     }
@@ -799,5 +1142,7 @@ void epd_api_detach_engine(epd_api_t *a)
 
 void epd_api_destroy(epd_api_t *a)
 {
+    if (!a) return;
+    epd_tok_destroy(a->tok);
     free(a);
 }

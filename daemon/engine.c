@@ -48,6 +48,8 @@ struct epd_engine_req {
     void *arg;
     int32_t *prompt;
     int prompt_len, max_tokens, stream;
+    int num_stop_ids;
+    int32_t stop_ids[EPD_ENGINE_MAX_EOS];
     epd_sampler_t sampler;
     atomic_int cancelled;
     epd_engine_req_t *next; /* inbox link */
@@ -310,10 +312,12 @@ static void health_event(epd_engine_t *e, const char *msg)
 
 /* ---- one step ----------------------------------------------------------------------------- */
 
-static int is_eos(const epd_engine_t *e, int32_t t)
+static int is_eos(const epd_engine_t *e, const epd_engine_req_t *r, int32_t t)
 {
     for (int i = 0; i < e->info.num_eos; i++)
         if (e->info.eos[i] == t) return 1;
+    for (int i = 0; i < r->num_stop_ids; i++)
+        if (r->stop_ids[i] == t) return 1;
     return 0;
 }
 
@@ -393,7 +397,7 @@ static void step(rank_t *rk)
         generated++;
         if (r->ngen == 1) epd_metric_observe(e->m_ttft, (double)(now_ns() - r->t_submit_ns) * 1e-9);
         if (r->stream) post(e, r, 0, tok, r->ngen - 1);
-        if (is_eos(e, tok))
+        if (is_eos(e, r, tok))
             finalize(rk, r, EPD_FINISH_STOP, 0, NULL);
         else if (r->ngen >= r->max_tokens || r->prompt_len + r->ngen >= e->max_seq_len)
             finalize(rk, r, EPD_FINISH_LENGTH, 0, NULL);
@@ -1035,8 +1039,14 @@ int epd_engine_submit(epd_engine_t *e, const epd_gen_params_t *p, epd_engine_cb 
         return -EINVAL;
     for (int i = 0; i < p->prompt_len; i++)
         if (p->prompt[i] < 0 || p->prompt[i] >= e->hf.vocab_size) return -EINVAL;
+    if (p->num_stop_ids < 0 || p->num_stop_ids > EPD_ENGINE_MAX_EOS ||
+        (p->num_stop_ids > 0 && !p->stop_ids))
+        return -EINVAL;
     epd_engine_req_t *r = calloc(1, sizeof(*r));
     if (!r) return -ENOMEM;
+    r->num_stop_ids = p->num_stop_ids;
+    for (int i = 0; i < p->num_stop_ids; i++)
+        r->stop_ids[i] = p->stop_ids[i];
     r->e = e;
     r->cb = cb;
     r->arg = arg;

@@ -103,6 +103,10 @@ typedef struct epd_gen_params {
     int top_k;
     uint64_t seed;
     int stream; /* deliver a token event per generated token */
+    /* Ids that end this request like the model's EOS ids do (e.g. the tokenizer's
+     * generation_config.json eos_token_id); at most EPD_ENGINE_MAX_EOS, copied. */
+    const int32_t *stop_ids;
+    int num_stop_ids;
 } epd_gen_params_t;
 
 typedef enum epd_finish {

