@@ -440,6 +440,22 @@ static const char *ctl_purpose_name(int32_t p)
                            : "an unknown word";
 }
 
+/* Names what the rank's next bootstrap collectives are for (see epd_engine_cluster_t). */
+static void tag(rank_t *rk, const char *what)
+{
+    epd_engine_t *e = rk->e;
+    if (e->have_cluster && e->cluster.purpose && rk->have_bs)
+        e->cluster.purpose(e->cluster.ctx, &rk->bs, what);
+}
+
+/* ep_group_destroy runs a barrier through the group's bootstrap. */
+static void destroy_group(rank_t *rk, ep_group_t *g)
+{
+    if (!g) return;
+    tag(rk, "libep: group teardown");
+    ep_group_destroy(g);
+}
+
 static int get_bootstrap(rank_t *rk, char *msg, size_t len)
 {
     epd_engine_t *e = rk->e;
@@ -458,6 +474,7 @@ static int create_group(rank_t *rk, ep_group_t **g, char *msg, size_t len)
 {
     int rc = get_bootstrap(rk, msg, len);
     if (rc) return rc;
+    tag(rk, "libep: group creation");
     ep_status_t st = ep_group_create(&rk->epcfg, &rk->bs, g);
     if (st != EP_OK) {
         snprintf(msg, len, "rank %d: ep_group_create: %s (%s)", rk->grank, ep_strerror(st),
@@ -475,6 +492,7 @@ static int join(rank_t *rk, int status, unsigned timeout_ms, char *msg, size_t l
     epd_engine_t *e = rk->e;
     ctl_word_t w = {.purpose = CTL_JOIN, .failed = status};
     if (timeout_ms < (unsigned)e->timeout_ms) timeout_ms = (unsigned)e->timeout_ms;
+    tag(rk, "engine: join");
     int rc = rk->bs.allgather(rk->bs.ctx, &w, rk->ctl_all, sizeof(w), timeout_ms);
     if (rc) {
         snprintf(msg, len, "rank %d: joining the EP group with the other ranks failed: %s",
@@ -558,6 +576,7 @@ static int reform(rank_t *rk)
     rk->group = NULL;
     rk->abort_flag = 0;
     pthread_mutex_unlock(&e->mu);
+    destroy_group(rk, old);
     /* re-forming can take as long as a peer takes to restart: nothing waits for it */
     while (swept) {
         epd_engine_req_t *r = swept;
@@ -568,7 +587,6 @@ static int reform(rank_t *rk)
         snprintf(r->error, sizeof(r->error), "the EP group is re-forming after: %.400s", why);
         post(e, r, 1, 0, 0);
     }
-    ep_group_destroy(old);
     for (int attempt = 1;; attempt++) {
         pthread_mutex_lock(&e->mu);
         int stop = e->stop;
@@ -580,16 +598,18 @@ static int reform(rank_t *rk)
         int rc = create_group(rk, &g, msg, sizeof(msg));
         if (rc == 0) {
             epd_err_t err = {0};
-            if ((rc = epd_model_set_group(rk->model, g, &err)) != 0)
-                snprintf(msg, sizeof(msg), "rank %d: %s", rk->grank, err.msg);
-        }
-        if (rk->have_bs) {
-            /* the other ranks wait in the join for this rank's word, even when this attempt
-             * failed here: they learn it at once instead of after their timeout */
+            int set = epd_model_set_group(rk->model, g, &err);
+            if (set) snprintf(msg, sizeof(msg), "rank %d: %s", rk->grank, err.msg);
+            /* with its group created, this rank is where the others wait for its join word,
+             * even when attaching failed: they learn it at once instead of after their timeout
+             * (a rank whose ep_group_create failed stopped somewhere among libep's collectives
+             * and cannot join; the others' collectives fail or time out as well) */
             char jmsg[MSG_MAX];
-            int jr = join(rk, rc ? JOIN_FORM_FAILED : JOIN_OK,
-                          rc ? (unsigned)e->timeout_ms : JOIN_WAIT_MS, jmsg, sizeof(jmsg));
-            if (rc == 0 && jr != 0) {
+            int jr = join(rk, set ? JOIN_FORM_FAILED : JOIN_OK,
+                          set ? (unsigned)e->timeout_ms : JOIN_WAIT_MS, jmsg, sizeof(jmsg));
+            if (set) {
+                rc = set;
+            } else if (jr != 0) {
                 rc = jr < 0 ? jr : -EIO;
                 if (jr == JOIN_LOAD_FAILED)
                     snprintf(msg, sizeof(msg), "%.900s its part of the model", jmsg);
@@ -614,7 +634,7 @@ static int reform(rank_t *rk)
             rk->fail_flag = 0;
             return 0;
         }
-        ep_group_destroy(g);
+        destroy_group(rk, g);
         static epd_ratelimit_t rl = EPD_RATELIMIT_INIT(4, 10000);
         epd_log_ratelimited(&rl, EPD_LOG_ERROR, SUB, "re-forming the EP group, attempt %d: %s",
                             attempt, msg);
@@ -681,6 +701,7 @@ static void serve(rank_t *rk)
         snapshot(rk, idle, &w);
         admit_new(rk);
         w.pending += rk->act_n;
+        tag(rk, "engine: step control");
         int rc = rk->bs.allgather(rk->bs.ctx, &w, rk->ctl_all, sizeof(w), (unsigned)e->timeout_ms);
         int odd = -1; /* a rank that is not stepping (it joins a group being formed) */
         for (int i = 0; !rc && odd < 0 && i < e->nranks; i++)
@@ -827,7 +848,7 @@ static void *rank_main(void *arg)
     ep_group_t *g = rk->group;
     rk->group = NULL;
     pthread_mutex_unlock(&e->mu);
-    ep_group_destroy(g);
+    destroy_group(rk, g);
     return NULL;
 }
 
