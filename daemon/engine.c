@@ -576,8 +576,8 @@ static int reform(rank_t *rk)
     rk->group = NULL;
     rk->abort_flag = 0;
     pthread_mutex_unlock(&e->mu);
-    destroy_group(rk, old);
-    /* re-forming can take as long as a peer takes to restart: nothing waits for it */
+    /* re-forming can take as long as a peer takes to restart: nothing waits for it (these fail
+     * before the old group's teardown, whose barrier may wait for a dead peer) */
     while (swept) {
         epd_engine_req_t *r = swept;
         swept = r->next;
@@ -587,6 +587,7 @@ static int reform(rank_t *rk)
         snprintf(r->error, sizeof(r->error), "the EP group is re-forming after: %.400s", why);
         post(e, r, 1, 0, 0);
     }
+    destroy_group(rk, old);
     for (int attempt = 1;; attempt++) {
         pthread_mutex_lock(&e->mu);
         int stop = e->stop;
