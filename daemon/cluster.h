@@ -144,6 +144,15 @@ int epd_cluster_bootstrap(epd_cluster_t *c, int local_rank, ep_bootstrap_t *out)
  * stopping). */
 int epd_cluster_bootstrap_wait(epd_cluster_t *c, int local_rank, unsigned generation,
                                unsigned timeout_ms, ep_bootstrap_t *out, char *err, size_t errlen);
+/* Names the collectives that the holder of `bs` (from the functions above) runs from now on,
+ * e.g. "engine: join"; `what` must stay valid (a string literal). The coordinator fails a
+ * collective whose nodes name different purposes, or give different sizes, with a message that
+ * names both. From the thread that runs those collectives. */
+void epd_cluster_bootstrap_purpose(const ep_bootstrap_t *bs, const char *what);
+/* Why the calling thread's last failed allgather or barrier through such a bootstrap failed
+ * ("ranks are out of step at collective 3 of generation 0 (epoch 2): node 1 is at engine: join
+ * (20 bytes per rank), node 0 at engine: step control (20 bytes per rank)"); "" if none. */
+const char *epd_cluster_bootstrap_last_error(void);
 /* Loop thread: sends WAKE to every peer (their on_wake runs). */
 void epd_cluster_wake_peers(epd_cluster_t *c);
 

@@ -5,6 +5,11 @@
  *
  *   node data (BOOT_CONTRIB):   [local_ranks][len]      local rank order
  *   result    (BOOT_RESULT):    [nranks][len]           global rank order
+ *
+ * Each contribution also names its purpose (REASON: "engine: join", "libep: group creation",
+ * set by the engine through epd_cluster_bootstrap_purpose): ranks that reach one (epoch,
+ * generation, sequence) at different points of their protocol fail that collective with a
+ * message naming both points, rather than exchanging data they would misread.
  */
 #include "cluster_int.h"
 
@@ -21,6 +26,10 @@
 /* Gathers of abandoned collectives (a rank timed out) are dropped once this many newer ones
  * exist, so a misbehaving engine cannot grow the coordinator's memory. */
 #define MAX_GATHERS 16
+/* Longest purpose name carried in a contribution. */
+#define PURPOSE_MAX 64
+/* Why a collective failed, as waiters see it. */
+#define WHY_MAX 400
 
 typedef struct boot_rank {
     cl_boot_t *b;
@@ -35,7 +44,8 @@ typedef struct boot_rank {
     size_t out_len;
     int done;
     int status;
-    char why[160];
+    char why[WHY_MAX];
+    const char *purpose; /* set and read by the rank's own thread; a static string */
 } boot_rank_t;
 
 /* A collective of this node: local ranks' data, sent once all local ranks contributed. */
@@ -45,7 +55,8 @@ typedef struct boot_op {
     uint32_t len;
     int count;
     int sent;
-    uint8_t *data; /* [local_ranks][len] */
+    const char *purpose; /* the first local rank's */
+    uint8_t *data;       /* [local_ranks][len] */
 } boot_op_t;
 
 /* Coordinator: one collective being gathered from every member. */
@@ -57,7 +68,9 @@ typedef struct gather {
     uint8_t *got;  /* [nnodes] */
     uint8_t *data; /* [nranks][len] */
     int failed;
-    char why[160];
+    int first;                 /* node whose contribution came first */
+    char purpose[PURPOSE_MAX]; /* that contribution's purpose ("" if it named none) */
+    char why[WHY_MAX];
 } gather_t;
 
 struct cl_boot {
@@ -122,7 +135,12 @@ static void finish_waiters(cl_boot_t *b, uint64_t seq, int status, const char *w
 
 static void send_result(cl_boot_t *b, gather_t *g);
 static void gather_add(cl_boot_t *b, int from, uint64_t epoch, uint64_t seq, uint32_t len,
-                       const uint8_t *data, uint32_t dlen);
+                       const char *purpose, const uint8_t *data, uint32_t dlen);
+
+static const char *purpose_or_unnamed(const char *p)
+{
+    return p && p[0] ? p : "an unnamed collective";
+}
 
 static void on_async(uv_async_t *a)
 {
@@ -131,6 +149,7 @@ static void on_async(uv_async_t *a)
     for (;;) {
         uint64_t epoch, seq = 0;
         uint32_t len = 0;
+        const char *purpose = NULL;
         uint8_t *data = NULL;
         size_t dlen = 0;
         pthread_mutex_lock(&b->mu);
@@ -140,6 +159,7 @@ static void on_async(uv_async_t *a)
             o->sent = 1;
             seq = o->seq;
             len = o->len;
+            purpose = o->purpose;
             dlen = (size_t)len * (size_t)b->local_ranks;
             data = o->data;
             o->data = NULL;
@@ -149,7 +169,8 @@ static void on_async(uv_async_t *a)
         if (!seq) return;
         int coord = c->table.valid ? c->table.coord : -1;
         if (coord == c->cfg.node_id) {
-            gather_add(b, c->cfg.node_id, epoch, seq, len, data, (uint32_t)dlen);
+            gather_add(b, c->cfg.node_id, epoch, seq, len, purpose ? purpose : "", data,
+                       (uint32_t)dlen);
         } else {
             epd_ctl_buf_t f;
             epd_ctl_buf_init(&f);
@@ -158,6 +179,7 @@ static void on_async(uv_async_t *a)
             epd_ctl_put_u64(&f, EPD_CTL_T_SEQ, seq);
             epd_ctl_put_u32(&f, EPD_CTL_T_LEN, len);
             epd_ctl_put_bytes(&f, EPD_CTL_T_DATA, data, dlen);
+            if (purpose) epd_ctl_put_str(&f, EPD_CTL_T_REASON, purpose);
             int r = epd_ctl_frame_end(&f);
             if (r == 0) r = cl_send_node(c, coord, &f);
             epd_ctl_buf_fini(&f);
@@ -359,7 +381,7 @@ static void send_result(cl_boot_t *b, gather_t *g)
 }
 
 static void gather_add(cl_boot_t *b, int from, uint64_t epoch, uint64_t seq, uint32_t len,
-                       const uint8_t *data, uint32_t dlen)
+                       const char *purpose, const uint8_t *data, uint32_t dlen)
 {
     epd_cluster_t *c = b->c;
     int idx;
@@ -372,11 +394,21 @@ static void gather_add(cl_boot_t *b, int from, uint64_t epoch, uint64_t seq, uin
     if (!n) return;
     gather_t *g = gather_get(b, seq, len, c->table.nnodes, c->table.nranks);
     if (!g) return;
+    if (!g->have) {
+        g->first = from;
+        snprintf(g->purpose, sizeof g->purpose, "%s", purpose);
+    }
     if (!g->got[idx]) {
-        if (len != g->len) {
+        int other = purpose[0] && g->purpose[0] && strcmp(purpose, g->purpose) != 0;
+        if (g->failed) {
+            /* the first disagreement is the one reported */
+        } else if (other || len != g->len) {
             g->failed = 1;
             snprintf(g->why, sizeof g->why,
-                     "allgather sizes differ: node %d gave %u bytes per rank, others %u", from, len,
+                     "ranks are out of step at collective %u of generation %u (epoch %" PRIu64
+                     "): node %d is at %s (%u bytes per rank), node %d at %s (%u bytes per rank)",
+                     (unsigned)(seq & 0xffffffffu), (unsigned)(seq >> 32), epoch, from,
+                     purpose_or_unnamed(purpose), len, g->first, purpose_or_unnamed(g->purpose),
                      g->len);
         } else if ((uint64_t)dlen != (uint64_t)len * n->ranks) {
             g->failed = 1;
@@ -399,11 +431,15 @@ void cl_boot_on_contrib(cl_boot_t *b, int from, const epd_ctl_msg_t *m)
     uint64_t epoch, seq;
     uint32_t len, dl;
     const uint8_t *data;
+    char purpose[PURPOSE_MAX] = "";
     epd_ctl_get_u64(m->payload, m->len, EPD_CTL_T_EPOCH, &epoch);
     epd_ctl_get_u64(m->payload, m->len, EPD_CTL_T_SEQ, &seq);
     epd_ctl_get_u32(m->payload, m->len, EPD_CTL_T_LEN, &len);
     epd_ctl_get_bytes(m->payload, m->len, EPD_CTL_T_DATA, &data, &dl);
-    gather_add(b, from, epoch, seq, len, data, dl);
+    /* optional; a name that is too long or absent reads as unnamed */
+    if (epd_ctl_get_str(m->payload, m->len, EPD_CTL_T_REASON, purpose, sizeof purpose) < 0)
+        purpose[0] = 0;
+    gather_add(b, from, epoch, seq, len, purpose, data, dl);
 }
 
 void cl_boot_on_result(cl_boot_t *b, const epd_ctl_msg_t *m)
@@ -424,6 +460,14 @@ void cl_boot_on_result(cl_boot_t *b, const epd_ctl_msg_t *m)
 
 /* ---- engine side ---- */
 
+/* Why the calling thread's last collective failed. */
+static _Thread_local char last_error[WHY_MAX];
+
+const char *epd_cluster_bootstrap_last_error(void)
+{
+    return last_error;
+}
+
 static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsigned timeout_ms)
 {
     boot_rank_t *r = ctx;
@@ -433,6 +477,8 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
 
     pthread_mutex_lock(&b->mu);
     if (!b->formed || b->epoch != r->epoch) {
+        snprintf(last_error, sizeof last_error,
+                 "epoch %" PRIu64 " is over (cluster at %" PRIu64 ")", r->epoch, b->epoch);
         pthread_mutex_unlock(&b->mu);
         EPD_WARN(SUB, "bootstrap: rank %d: epoch %" PRIu64 " is over (cluster at %" PRIu64 ")",
                  r->local, r->epoch, b->epoch);
@@ -459,13 +505,17 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
         }
         o->seq = seq;
         o->len = (uint32_t)len;
+        o->purpose = r->purpose;
         o->next = b->ops;
         b->ops = o;
     }
-    if (o->len != len) {
+    if (o->len != len || (o->purpose && r->purpose && strcmp(o->purpose, r->purpose) != 0)) {
         pthread_mutex_unlock(&b->mu);
-        EPD_ERROR(SUB, "bootstrap: local ranks disagree on allgather size (%zu vs %u)", len,
-                  o->len);
+        EPD_ERROR(SUB,
+                  "bootstrap: local ranks are out of step at collective %u of generation %u: "
+                  "rank %d is at %s (%zu bytes per rank), another local rank at %s (%u bytes)",
+                  (unsigned)(seq & 0xffffffffu), (unsigned)(seq >> 32), b->first_rank + r->local,
+                  purpose_or_unnamed(r->purpose), len, purpose_or_unnamed(o->purpose), o->len);
         return EP_ERR_INVALID;
     }
     if (len && o->data) memcpy(o->data + (size_t)r->local * len, in, len);
@@ -495,13 +545,19 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
         rc = pthread_cond_timedwait(&b->cv, &b->mu, &dl);
     if (!r->done) {
         st = EP_ERR_TIMEOUT;
-        EPD_WARN(SUB, "bootstrap: rank %d: collective %" PRIu64 " got no result within %u ms",
-                 b->first_rank + r->local, seq, timeout_ms);
+        snprintf(last_error, sizeof last_error,
+                 "collective %u of generation %u (%s) got no "
+                 "result within %u ms",
+                 (unsigned)(seq & 0xffffffffu), (unsigned)(seq >> 32),
+                 purpose_or_unnamed(r->purpose), timeout_ms);
+        EPD_WARN(SUB, "bootstrap: rank %d: %s", b->first_rank + r->local, last_error);
     } else {
         st = r->status;
-        if (st)
+        if (st) {
+            snprintf(last_error, sizeof last_error, "%s", r->why);
             EPD_WARN(SUB, "bootstrap: rank %d: collective %" PRIu64 " failed: %s",
                      b->first_rank + r->local, seq, r->why);
+        }
     }
     r->waiting = 0;
     r->out = NULL;
@@ -513,6 +569,12 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
 static int boot_barrier(void *ctx, unsigned timeout_ms)
 {
     return boot_allgather(ctx, NULL, NULL, 0, timeout_ms);
+}
+
+void epd_cluster_bootstrap_purpose(const ep_bootstrap_t *bs, const char *what)
+{
+    /* only bootstraps of this module carry a name (an engine may run on another one) */
+    if (bs && bs->allgather == boot_allgather && bs->ctx) ((boot_rank_t *)bs->ctx)->purpose = what;
 }
 
 int cl_boot_get(cl_boot_t *b, int local_rank, unsigned generation, unsigned wait_ms,

@@ -97,6 +97,12 @@ static int engine_bootstrap(void *ctx, int local, unsigned epoch, ep_bootstrap_t
     return 0;
 }
 
+static void engine_purpose(void *ctx, const ep_bootstrap_t *bs, const char *what)
+{
+    (void)ctx;
+    epd_cluster_bootstrap_purpose(bs, what);
+}
+
 static void engine_wake_peers(void *ctx)
 {
     epd_cluster_daemon_t *d = ctx;
@@ -336,6 +342,7 @@ const epd_engine_cluster_t *epd_cluster_daemon_engine_hooks(epd_cluster_daemon_t
     d->hooks.nranks = (peers + 1) * local_ranks(cfg);
     d->hooks.bootstrap = engine_bootstrap;
     d->hooks.wake_peers = engine_wake_peers;
+    d->hooks.purpose = engine_purpose;
     d->hooks.ctx = d;
     return &d->hooks;
 }

@@ -47,6 +47,10 @@ typedef struct epd_engine_cluster {
     /* This node got work while the group may be asleep: make every other node call
      * epd_engine_wake. Called from the loop thread; must not block. */
     void (*wake_peers)(void *ctx);
+    /* Optional: names the collectives a rank runs through `bs` from now on ("engine: join",
+     * "libep: group creation", ...), from that rank's thread, so that ranks found at different
+     * points of the protocol are reported as such. `what` is a string literal. */
+    void (*purpose)(void *ctx, const ep_bootstrap_t *bs, const char *what);
     void *ctx;
 } epd_engine_cluster_t;
 

@@ -2,8 +2,11 @@
 # Serving across two epd nodes (one process each, 2 ranks per node, cpu backend, tcp wire): the
 # engines' EP group is bootstrapped through the control plane. Greedy completions asked of
 # either node equal transformers' tokens (tests/model/oracle/expected.json). Node 1 is killed
-# (-9): node 0 stops serving at once (not ready, requests fail instead of hanging).
-# (A restarted node does not rejoin a running engine yet: see the cluster branch's report.)
+# (-9) while node 0 runs a long completion: that request fails with 503 (no hang), node 0 stops
+# serving at once (not ready, new requests fail instead of hanging). Node 1 is then restarted:
+# both nodes become ready again at a higher cluster epoch, their engines re-form one EP group
+# (the survivor's ranks and the fresh node's meet in the same sequence of collectives), and
+# greedy completions on each node equal transformers' tokens again.
 # Usage: cluster_serving.sh EPD JSON_CHECK ORACLE_DIR CLUSTER_TESTUTIL
 set -u
 EPD=$1 CHECK=$2 ORACLE=$3 UTIL=$4
@@ -71,6 +74,14 @@ check_greedy() { # node
     done <"$WORK/cases"
 }
 
+epoch_of() { # node: the cluster epoch it reports
+    "${CURL[@]}" -o "$WORK/st$1" "http://127.0.0.1:${HTTP[$1]}/v1/cluster" &&
+        "$UTIL" jget "$WORK/st$1" epoch
+}
+active_of() { # node: sequences its engine is running
+    "${CURL[@]}" "http://127.0.0.1:${HTTP[$1]}/metrics" | sed -n 's/^epd_engine_active_sequences //p'
+}
+
 "$CHECK" cases "$ORACLE/expected.json" >"$WORK/cases" || fail "cannot read expected.json"
 for ((i = 0; i < N; i++)); do start_node "$i"; done
 for ((i = 0; i < N; i++)); do wait_ready "$i" 60 || fail "node $i not ready"; done
@@ -79,10 +90,27 @@ check_greedy 1
 "${CURL[@]}" -o "$WORK/st" "http://127.0.0.1:${HTTP[1]}/v1/cluster"
 [ "$("$UTIL" jget "$WORK/st" rank_table.nranks)" = 4 ] || fail "expected 4 ranks in the table"
 
-# ---- node 1 dies: node 0 stops serving, and fails requests rather than hanging ----
+E0=$(epoch_of 0) || fail "no epoch from node 0"
+
+# ---- node 1 dies while node 0 runs a completion: it fails with 503, not a hang ----
+curl -s -m 20 -o "$WORK/inflight" -w '%{http_code}' -H 'Content-Type: application/json' \
+    -d '{"prompt":[24],"max_tokens":500,"temperature":0}' \
+    "http://127.0.0.1:${HTTP[0]}/v1/completions" >"$WORK/inflight.code" &
+INFLIGHT=$!
+for ((k = 0; k < 200; k++)); do
+    [ "$(active_of 0)" = 1 ] && break
+    sleep 0.01
+done
+[ $k -lt 200 ] || fail "the long completion never became active on node 0"
 kill -9 "${PID[1]}"
 wait "${PID[1]}" 2>/dev/null
 PID[1]=
+T0=$(date +%s%3N)
+wait $INFLIGHT
+[ $(($(date +%s%3N) - T0)) -lt 10000 ] || fail "the in-flight request took more than 10 s to fail"
+code=$(cat "$WORK/inflight.code")
+[ "$code" = 503 ] || fail "in-flight request: HTTP $code (want 503): $(cat "$WORK/inflight")"
+grep -q '"error"' "$WORK/inflight" || fail "in-flight request: no error object: $(cat "$WORK/inflight")"
 for ((k = 0; k < 100; k++)); do
     [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:${HTTP[0]}/readyz")" = 503 ] && break
     sleep 0.05
@@ -91,8 +119,21 @@ done
 T0=$(date +%s%3N)
 code=$(curl -s -m 10 -o "$WORK/r" -w '%{http_code}' -d '{"prompt":[1,2,3],"max_tokens":4,"temperature":0}' \
     "http://127.0.0.1:${HTTP[0]}/v1/completions")
-[ "$code" != 200 ] && [ "$code" != 000 ] ||
-    fail "node 0 answered $code with its peer dead (want an error status, not a completion or a hang): $(cat "$WORK/r")"
+[ "$code" = 503 ] ||
+    fail "node 0 answered $code with its peer dead (want 503, not a completion or a hang): $(cat "$WORK/r")"
 [ $(($(date +%s%3N) - T0)) -lt 5000 ] || fail "the failed request took more than 5 s"
 grep -q "rank 2 is down: node 1" "$WORK/n0.log" || fail "node 0's engine was not told that node 1 went down"
+
+# ---- node 1 restarts: one EP group again, at a new epoch, serving transformers' tokens ----
+start_node 1
+for ((i = 0; i < N; i++)); do wait_ready "$i" 20 || fail "node $i not ready again after node 1 restarted"; done
+for ((i = 0; i < N; i++)); do
+    e=$(epoch_of "$i") || fail "no epoch from node $i"
+    [ "$e" -gt "$E0" ] || fail "node $i is at epoch $e after the restart; it was $E0 before"
+done
+check_greedy 0
+check_greedy 1
+grep -q "EP group re-formed" "$WORK/n0.log" || fail "node 0's engine did not re-form its group"
+grep -q "allgather sizes differ\|where a step's control word was due\|answered the group's join" "$WORK/n0.log" "$WORK/n1.log" &&
+    fail "the nodes' collectives disagreed while the group re-formed"
 echo "PASS"

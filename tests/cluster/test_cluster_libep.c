@@ -2,7 +2,9 @@
  * ranks each form a cluster; four engine threads create an EP group (cpu backend, tcp wire)
  * from epd_cluster_bootstrap() and run one LL dispatch + combine. With identity experts and
  * top-2 weights of 0.5 each, combine must return every token unchanged (exact in bf16), which
- * the test checks against its own input. */
+ * the test checks against its own input. Then the ranks of the two nodes run one allgather of
+ * the same size under different purposes (epd_cluster_bootstrap_purpose): every rank's fails,
+ * and the reason names both purposes. */
 #include <setjmp.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -101,6 +103,18 @@ static void *engine_main(void *arg)
         e->mismatches += out[i] != x[i];
 out:
     if (g) ep_group_destroy(g);
+    __atomic_add_fetch(&done, 1, __ATOMIC_RELEASE);
+    return NULL;
+}
+
+/* Ranks out of step: node 0's ranks think they run a step, node 1's a join. */
+static void *out_of_step_main(void *arg)
+{
+    engine_t *e = arg;
+    uint64_t in = 7, out[RANKS];
+    epd_cluster_bootstrap_purpose(&e->bs, e->rank < LOCAL ? "test: step" : "test: join");
+    e->status = e->bs.allgather(e->bs.ctx, &in, out, sizeof in, 10000);
+    snprintf(e->err, sizeof e->err, "%s", epd_cluster_bootstrap_last_error());
     __atomic_add_fetch(&done, 1, __ATOMIC_RELEASE);
     return NULL;
 }
@@ -222,6 +236,21 @@ static void test_ep_group_over_cluster_bootstrap(void **state)
         assert_int_equal(eng[k].rank, k); /* node_index * ranks_per_node + local */
         assert_int_equal(eng[k].size, RANKS);
         assert_int_equal(eng[k].mismatches, 0);
+    }
+    __atomic_store_n(&done, 0, __ATOMIC_RELEASE);
+    for (int k = 0; k < RANKS; k++)
+        pthread_create(&th[k], NULL, out_of_step_main, &eng[k]);
+    run_for(&x, 2, 15000);
+    assert_int_equal(__atomic_load_n(&done, __ATOMIC_ACQUIRE), RANKS);
+    for (int k = 0; k < RANKS; k++) {
+        pthread_join(th[k], NULL);
+        assert_int_equal(eng[k].status, EP_ERR_BOOTSTRAP);
+        /* either node's contribution may reach the coordinator first */
+        const char *m = eng[k].err;
+        if (!strstr(m, "out of step") ||
+            !((strstr(m, "node 1 is at test: join") && strstr(m, "node 0 at test: step")) ||
+              (strstr(m, "node 0 is at test: step") && strstr(m, "node 1 at test: join"))))
+            fail_msg("rank %d: unexpected reason: %s", k, m);
     }
     for (int i = 0; i < NODES; i++)
         epd_cluster_stop(x.c[i], 1, "test done");
