@@ -16,7 +16,8 @@
 struct epd_cluster_daemon {
     epd_cluster_daemon_opts_t o;
     epd_cluster_t *cluster;
-    char *settings; /* our config as JSON, sent in HELLO */
+    char *settings;      /* our config as JSON, sent in HELLO */
+    char http_addr[300]; /* a copy: the caller's string need not outlive start */
     int draining;
     int ready;
     char reason[512];
@@ -251,6 +252,8 @@ int epd_cluster_daemon_start(const epd_cluster_daemon_opts_t *o, epd_cluster_dae
         return -ENOMEM;
     }
     d->o = *o;
+    snprintf(d->http_addr, sizeof d->http_addr, "%s", o->http_addr ? o->http_addr : "");
+    d->o.http_addr = d->http_addr;
     if (cfg->num_peers == 0) {
         if ((rc = add_routes(d, err, errlen)) != 0) goto fail;
         publish(d);
@@ -284,7 +287,7 @@ int epd_cluster_daemon_start(const epd_cluster_daemon_opts_t *o, epd_cluster_dae
         [EPD_TRANSPORT_RDMA] = EP_TRANSPORT_RDMA,
     };
     co.transport_caps = (1u << EP_TRANSPORT_TCP) | (1u << kinds[cfg->transport]);
-    co.http_addr = o->http_addr;
+    co.http_addr = d->http_addr;
     co.fingerprint = fp;
     co.fingerprint_len = sizeof fp;
     co.settings = d->settings;

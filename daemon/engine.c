@@ -102,6 +102,10 @@ struct rank {
     /* rank thread only */
     epd_engine_req_t **act;
     int act_n, cap;
+    /* finalized this pass, not yet posted: the loop thread frees a request once its final
+     * event arrives, so it is posted only after compact() dropped it from act */
+    epd_engine_req_t **fin;
+    int fin_n;
     uint64_t last_gen;
     int fail_flag, reform;
     float *logits;
@@ -300,15 +304,20 @@ static void finalize(rank_t *rk, epd_engine_req_t *r, epd_finish_t why, int stat
     e->active--;
     epd_metric_set(e->m_active, e->active);
     pthread_mutex_unlock(&e->mu);
-    post(e, r, 1, 0, 0);
+    rk->fin[rk->fin_n++] = r; /* posted by compact() */
 }
 
+/* Drops finished requests from act, then hands their final events to the loop (which frees
+ * them): every finalize() is followed by a compact() in the same pass. */
 static void compact(rank_t *rk)
 {
     int k = 0;
     for (int i = 0; i < rk->act_n; i++)
         if (!rk->act[i]->done) rk->act[k++] = rk->act[i];
     rk->act_n = k;
+    for (int i = 0; i < rk->fin_n; i++)
+        post(rk->e, rk->fin[i], 1, 0, 0);
+    rk->fin_n = 0;
 }
 
 static void fail_all(rank_t *rk, int status, const char *msg)
@@ -772,9 +781,11 @@ static int rank_load(rank_t *rk)
     rk->items = calloc(B, sizeof(*rk->items));
     rk->item_req = calloc(B, sizeof(int));
     rk->act = calloc((size_t)rk->cap, sizeof(*rk->act));
+    rk->fin = calloc((size_t)rk->cap, sizeof(*rk->fin));
     rk->exp_prev = calloc((size_t)e->hf.num_experts, sizeof(uint64_t));
     rk->exp_now = calloc((size_t)e->hf.num_experts, sizeof(uint64_t));
-    if (!rk->logits || !rk->items || !rk->item_req || !rk->act || !rk->exp_prev || !rk->exp_now) {
+    if (!rk->logits || !rk->items || !rk->item_req || !rk->act || !rk->fin || !rk->exp_prev ||
+        !rk->exp_now) {
         snprintf(rk->load_msg, sizeof(rk->load_msg), "rank %d: out of memory for the engine",
                  rk->grank);
         return -ENOMEM;
@@ -1160,6 +1171,7 @@ void epd_engine_destroy(epd_engine_t *e)
         free(rk->items);
         free(rk->item_req);
         free(rk->act);
+        free(rk->fin);
         free(rk->ctl_all);
         free(rk->exp_prev);
         free(rk->exp_now);

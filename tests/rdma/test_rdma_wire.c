@@ -32,9 +32,9 @@ static uint64_t mix(uint64_t z)
 /* Byte i of what src sends dst in round r: a pure function, recomputed by the receiver. */
 static uint8_t pattern(int src, int dst, int round, size_t i)
 {
-    return (uint8_t)mix(((uint64_t)src << 56) ^ ((uint64_t)dst << 48) ^ ((uint64_t)round << 32) ^
-                        (i / 8)) >>
-           (8 * (i % 8));
+    uint64_t word =
+        mix(((uint64_t)src << 56) ^ ((uint64_t)dst << 48) ^ ((uint64_t)round << 32) ^ (i / 8));
+    return (uint8_t)(word >> (8 * (i % 8)));
 }
 
 static size_t round_len(int src, int dst, int round)

@@ -102,7 +102,7 @@ run() { # what, command...
     if ! "${@:2}"; then
         echo "FAIL: $1"
         echo "--- epd log ---"
-        tail -30 "$WORK/epd.log"
+        tail -30 "$WORK/epd.log"; cp "$WORK/epd.log" /tmp/epd-text-last.log
         exit 1
     fi
 }
