@@ -23,6 +23,18 @@ struct ep_group {
     char error[512];
 };
 
+/* Every backend's hook, LL handle and HT handle object begins with its header below, so that
+ * group.c can find the group (and the backend's ops) from the opaque pointer alone. */
+struct ep_hook {
+    ep_group_t *group;
+};
+struct ep_ll_handle {
+    ep_group_t *group;
+};
+struct ep_ht_handle {
+    ep_group_t *group;
+};
+
 /* Records a failure on the group (thread-safe, the last one wins) and returns st. */
 ep_status_t ep_group_fail(ep_group_t *g, int peer, ep_status_t st, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

@@ -33,15 +33,11 @@ ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int pe
     unsigned spins = 0;
 
     for (;;) {
-        if (atomic_load_explicit(word, memory_order_acquire) >= target)
-            return EP_OK;
-        if (atomic_load_explicit(&w->aborted, memory_order_relaxed))
-            return EP_ERR_ABORTED;
+        if (atomic_load_explicit(word, memory_order_acquire) >= target) return EP_OK;
+        if (atomic_load_explicit(&w->aborted, memory_order_relaxed)) return EP_ERR_ABORTED;
         int fp = atomic_load_explicit(&w->failed_peer, memory_order_relaxed);
-        if (fp >= 0)
-            return EP_ERR_PEER;
-        if (++spins < 1024)
-            continue;
+        if (fp >= 0) return EP_ERR_PEER;
+        if (++spins < 1024) continue;
         spins = 0;
         uint64_t t = now_ns();
         if (t - start > limit)
@@ -49,8 +45,7 @@ ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int pe
                                 "rank %d: no signal from rank %d within %u ms (word at offset %zu "
                                 "is %llu, waiting for %llu)",
                                 w->rank, peer, w->timeout_ms, local_off,
-                                (unsigned long long)atomic_load(word),
-                                (unsigned long long)target);
+                                (unsigned long long)atomic_load(word), (unsigned long long)target);
         /* Yield after a short spin: ranks of the cpu backend may outnumber the cores. */
         struct timespec ts = {0, t - start < 1000000ull ? 0 : 20000};
         nanosleep(&ts, NULL);

@@ -117,9 +117,10 @@ int ep_group_rank(const ep_group_t *g);
 int ep_group_size(const ep_group_t *g);
 int ep_group_num_local_experts(const ep_group_t *g);
 const ep_config_t *ep_group_config(const ep_group_t *g);
-/* Detail of the last failure on this group ("rank 2: no signal within 5000 ms ..."). */
+/* Detail of the last failure on this group ("rank 2: no signal within 5000 ms ..."). With
+ * g == NULL: the last failed ep_group_create or ep_route_host of the calling thread. */
 const char *ep_group_last_error(const ep_group_t *g);
-/* Rank that caused the last failure, or -1. */
+/* Rank that caused the last failure, or -1 (g == NULL: as for ep_group_last_error). */
 int ep_group_failed_peer(const ep_group_t *g);
 /* Makes every current and future wait of this group return EP_ERR_ABORTED (thread-safe; the
  * daemon calls it when the control plane marks a peer down). */
