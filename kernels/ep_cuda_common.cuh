@@ -57,7 +57,7 @@ __device__ __forceinline__ void epk_fail_raw(int *err, int code, int peer, int w
 
 /* Spins until *word >= target. Returns false (after recording who stalled) when timeout_ns of
  * %globaltimer pass, or at once when another wait of the group already failed. */
-__device__ __noinline__ bool epk_wait_ge_raw(int *err, unsigned long long timeout_ns,
+static __device__ __noinline__ bool epk_wait_ge_raw(int *err, unsigned long long timeout_ns,
                                              const uint64_t *word, uint64_t target, int peer,
                                              int what)
 {

@@ -86,21 +86,25 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                 amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
                 amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
                 if (g < groups) {
-                    amax = fmaxf(amax, 1e-4f);
-                    float scale, sinv;
+                    /* the reference's formula (kernels/fp8_quant_ref.h): scale = amax / 448,
+                     * optionally rounded up to a power of two, q = e4m3(x / scale), with
+                     * correctly rounded divisions */
+                    if (!(amax >= 1e-4f))
+                        amax = 1e-4f;
+                    float sinv = __fdiv_rn(amax, 448.f);
                     if (p.round_scale) {
-                        sinv = exp2f(ceilf(log2f(amax / 448.f)));
-                        scale = 1.f / sinv;
-                    } else {
-                        scale = 448.f / amax;
-                        sinv = amax / 448.f;
+                        uint32_t u = __float_as_uint(sinv);
+                        if (u & 0x7fffffu)
+                            u = (u & 0xff800000u) + 0x800000u;
+                        sinv = __uint_as_float(u);
                     }
                     uint32_t w[4];
 #pragma unroll
                     for (int i = 0; i < 4; ++i)
-                        w[i] = (uint32_t)epk_f2_to_e4m3x2(f[4 * i] * scale, f[4 * i + 1] * scale) |
-                               ((uint32_t)epk_f2_to_e4m3x2(f[4 * i + 2] * scale,
-                                                           f[4 * i + 3] * scale)
+                        w[i] = (uint32_t)epk_f2_to_e4m3x2(__fdiv_rn(f[4 * i], sinv),
+                                                          __fdiv_rn(f[4 * i + 1], sinv)) |
+                               ((uint32_t)epk_f2_to_e4m3x2(__fdiv_rn(f[4 * i + 2], sinv),
+                                                           __fdiv_rn(f[4 * i + 3], sinv))
                                 << 16);
                     const uint4 q = make_uint4(w[0], w[1], w[2], w[3]);
                     for (int d = 0; d < R; ++d) {

@@ -136,8 +136,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     if (lane < k) {
         float w = myw;
-        if (p.renormalize && wsum > 0.f)
-            w = w / wsum;
+        if (p.renormalize)
+            w = p.kind == EP_ROUTE_SOFTMAX_TOPK ? w / wsum : w / (wsum + 1e-20f);
         topk_idx[(size_t)t * k + lane] = myi;
         topk_w[(size_t)t * k + lane] = w * p.routed_scaling_factor;
     }

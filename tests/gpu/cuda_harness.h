@@ -1,10 +1,9 @@
-/* GPU test/bench harness: R ranks as threads of one process over the cuda backend's ops table,
- * an in-process bootstrap, and the LL buffer alternation that group.c does for the public API.
- * (Weak fallbacks of ep_group_fail / ep_strerror let this build before group.c lands.) */
+/* GPU test/bench harness: R ranks as threads of one process on the cuda backend through the
+ * public API (in-process bootstrap), a barrier for the test's own steps, and host conversions. */
 #ifndef CUDA_HARNESS_H
 #define CUDA_HARNESS_H
 
-#include "group.h"
+#include "ep.h"
 
 #include <pthread.h>
 
@@ -13,23 +12,20 @@
 typedef struct h_world {
     int nranks;
     pthread_barrier_t bar;
-    unsigned char *gather; /* nranks * slot */
-    size_t slot;
+    ep_inproc_world_t *inproc;
 } h_world_t;
 
 int h_world_init(h_world_t *w, int nranks);
 void h_world_fini(h_world_t *w);
-void h_bootstrap(h_world_t *w, int rank, ep_bootstrap_t *bs);
 void h_barrier(h_world_t *w);
 
 /* Creates rank `rank`'s group on the cuda backend (collective over the world's threads). */
 ep_status_t h_group_create(const ep_config_t *cfg, h_world_t *w, int rank, ep_group_t **out);
 void h_group_destroy(ep_group_t *g);
 
-ep_status_t h_ll_dispatch(ep_group_t *g, const ep_ll_dispatch_args_t *a, ep_ll_dispatch_out_t *o,
-                          ep_ll_handle_t **h, ep_hook_t **hook);
-ep_status_t h_ll_combine(ep_group_t *g, const ep_ll_combine_args_t *a, ep_hook_t **hook);
-ep_status_t h_hook_run(ep_group_t *g, ep_hook_t *hook);
+#define h_ll_dispatch ep_ll_dispatch
+#define h_ll_combine ep_ll_combine
+#define h_hook_run(g, hook) ep_hook_run(hook)
 
 /* Number of CUDA devices, 0 when none (or no driver). */
 int h_device_count(void);

@@ -54,7 +54,7 @@ static double median(double *v, int n)
         ep_status_t s_ = (call);                                                                   \
         if (s_ != EP_OK) {                                                                         \
             fprintf(stderr, "rank %d: %s:%d %s -> %d: %s\n", rank, __FILE__, __LINE__, #call, s_,  \
-                    g ? g->error : "");                                                            \
+                    g ? ep_group_last_error(g) : "");                                                            \
             goto fail;                                                                             \
         }                                                                                          \
     } while (0)
@@ -259,7 +259,7 @@ static void *rank_main(void *arg)
                 float ms;
                 h_barrier(&B.w);
                 CK(cudaEventRecord(e0, s));
-                EPK(g->ops->ht_dispatch(g, &a, &o, &hh));
+                EPK(ep_ht_dispatch(g, &a, &o, &hh));
                 CK(cudaEventRecord(e1, s));
                 CK(cudaEventSynchronize(e1));
                 CK(cudaEventElapsedTime(&ms, e0, e1));
@@ -268,7 +268,7 @@ static void *rank_main(void *arg)
                 if (!fp8) {
                     h_barrier(&B.w);
                     CK(cudaEventRecord(e0, s));
-                    EPK(g->ops->ht_combine(g, hh, d_rx, d_out, s));
+                    EPK(ep_ht_combine(g, hh, d_rx, d_out, s));
                     CK(cudaEventRecord(e1, s));
                     CK(cudaEventSynchronize(e1));
                     CK(cudaEventElapsedTime(&ms, e0, e1));
@@ -276,7 +276,7 @@ static void *rank_main(void *arg)
                         tcomb[it] = ms * 1000.0;
                 }
                 CK(cudaStreamSynchronize(s));
-                g->ops->ht_handle_destroy(hh);
+                ep_ht_handle_destroy(hh);
             }
             B.res[rank][fp8 ? R_HT_DF8 : R_HT_D] = median(t, B.iters);
             if (!fp8)

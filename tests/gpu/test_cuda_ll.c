@@ -7,6 +7,7 @@
  * --dump FILE writes rank 0's first-step fp8 rows for tests/gpu/check_torch.py.
  * Exit 77 (skipped) without a GPU. */
 #include "cuda_harness.h"
+#include "fp8_quant_ref.h"
 
 #include <cuda_runtime.h>
 #include <math.h>
@@ -43,7 +44,7 @@ static struct {
         ep_status_t s_ = (call);                                                                   \
         if (s_ != EP_OK) {                                                                         \
             fprintf(stderr, "rank %d: %s:%d %s -> %d: %s\n", rank, __FILE__, __LINE__, #call, s_,  \
-                    g ? g->error : "");                                                            \
+                    g ? ep_group_last_error(g) : "");                                                            \
             goto fail;                                                                             \
         }                                                                                          \
     } while (0)
@@ -108,25 +109,10 @@ static int selects(int s, int t, int ge)
     return 0;
 }
 
+/* The fp8 cast of the reference twin (kernels/fp8_quant_ref.c): the bytes must match. */
 static void quant_row(const uint16_t *x, int H, int round_scale, uint8_t *q, float *sc)
 {
-    for (int g = 0; g < H / 128; ++g) {
-        float amax = 0.f;
-        for (int h = 0; h < 128; ++h)
-            amax = fmaxf(amax, fabsf(h_bf16_to_f(x[g * 128 + h])));
-        amax = fmaxf(amax, 1e-4f);
-        float scale, sinv;
-        if (round_scale) {
-            sinv = exp2f(ceilf(log2f(amax / 448.f)));
-            scale = 1.f / sinv;
-        } else {
-            scale = 448.f / amax;
-            sinv = amax / 448.f;
-        }
-        sc[g] = sinv;
-        for (int h = 0; h < 128; ++h)
-            q[g * 128 + h] = h_f_to_e4m3(h_bf16_to_f(x[g * 128 + h]) * scale);
-    }
+    ep_fp8_quant_row_ref(x, H, round_scale, q, sc);
 }
 
 static void *rank_main(void *arg)
@@ -196,8 +182,8 @@ static void *rank_main(void *arg)
             clock_gettime(CLOCK_MONOTONIC, &t1);
             double ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
             printf("timeout test: status %d, failed peer %d, %.0f ms: %s\n", st,
-                   atomic_load(&g->failed_peer), ms, g->error);
-            if (st != EP_ERR_TIMEOUT || atomic_load(&g->failed_peer) != 1 || ms > 5000) {
+                   ep_group_failed_peer(g), ms, ep_group_last_error(g));
+            if (st != EP_ERR_TIMEOUT || ep_group_failed_peer(g) != 1 || ms > 5000) {
                 fprintf(stderr, "timeout test FAILED\n");
                 goto fail_nobar;
             }

@@ -13,14 +13,15 @@
 #include <string.h>
 #include <unistd.h>
 
-struct ep_ll_handle {
+struct cuda_ll_handle {
+    struct ep_ll_handle base;
     int buf;
     int num_tokens;
 };
 
-/* A pending receive half. `g` first: the hook names its group. */
-struct ep_hook {
-    ep_group_t *g;
+/* A pending receive half. */
+struct cuda_hook {
+    struct ep_hook base;
     int kind; /* 1 dispatch, 2 combine */
     int pending;
     void *stream;
@@ -34,8 +35,8 @@ struct ht_scratch {
     epk_ht_state_t st;
 };
 
-struct ep_ht_handle {
-    ep_group_t *g;
+struct cuda_ht_handle {
+    struct ep_ht_handle base;
     struct ht_scratch *sc;
     int num_tokens;
     int num_recv;
@@ -60,8 +61,8 @@ typedef struct cuda_impl {
     int32_t *n_host, *n_dev;
     void *ipc_open[EP_MAX_RANKS];
     int ll_disp_send, ll_disp_recv, ll_comb_send, ll_comb_recv, ht_blocks;
-    struct ep_ll_handle handles[2];
-    struct ep_hook hooks[2];
+    struct cuda_ll_handle handles[2];
+    struct cuda_hook hooks[2];
     uint64_t ht_seq, ht_done;
     pthread_mutex_t sc_lock;
     struct ht_scratch *sc_free;
@@ -347,20 +348,21 @@ static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_a
     out->recv_count = (int32_t *)(b + c->ctx.lay.ll_recv_count);
     out->recv_src_info = (int32_t *)(b + c->ctx.lay.ll_src_info);
     out->recv_range = (int32_t *)(b + c->ctx.lay.ll_range);
+    c->handles[buf].base.group = g;
     c->handles[buf].buf = buf;
     c->handles[buf].num_tokens = a->num_tokens;
     if (handle)
-        *handle = &c->handles[buf];
+        *handle = &c->handles[buf].base;
     if (a->use_hook) {
-        struct ep_hook *h = &c->hooks[buf];
+        struct cuda_hook *h = &c->hooks[buf];
         memset(h, 0, sizeof *h);
-        h->g = g;
+        h->base.group = g;
         h->kind = 1;
         h->pending = 1;
         h->stream = a->stream;
         h->dp = p;
         if (hook)
-            *hook = h;
+            *hook = &h->base;
     } else if (hook) {
         *hook = NULL;
     }
@@ -378,8 +380,8 @@ static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_arg
         return ep_group_fail(g, -1, EP_ERR_STATE,
                              "rank %d: LL buffer %d still has a receive hook that never ran",
                              g->rank, buf);
-    const struct ep_ll_handle *h = a->handle;
-    if (!h || h < c->handles || h > c->handles + 1)
+    const struct cuda_ll_handle *h = (const struct cuda_ll_handle *)a->handle;
+    if (!h || (h != &c->handles[0] && h != &c->handles[1]))
         return ep_group_fail(g, -1, EP_ERR_INVALID,
                              "rank %d: LL combine handle is not one of this group's", g->rank);
     epk_ll_combine_params_t p = {
@@ -400,24 +402,25 @@ static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_arg
     if ((st = launched(g, epk_ll_combine(&c->ctx, &lp, mode, a->stream), "LL combine")) != EP_OK)
         return st;
     if (a->use_hook) {
-        struct ep_hook *hk = &c->hooks[buf];
+        struct cuda_hook *hk = &c->hooks[buf];
         memset(hk, 0, sizeof *hk);
-        hk->g = g;
+        hk->base.group = g;
         hk->kind = 2;
         hk->pending = 1;
         hk->stream = a->stream;
         hk->cp = p;
         if (hook)
-            *hook = hk;
+            *hook = &hk->base;
     } else if (hook) {
         *hook = NULL;
     }
     return EP_OK;
 }
 
-static ep_status_t cu_hook_run(ep_group_t *g, ep_hook_t *hook)
+static ep_status_t cu_hook_run(ep_group_t *g, ep_hook_t *hook_base)
 {
     cuda_impl_t *c = impl_of(g);
+    struct cuda_hook *hook = (struct cuda_hook *)hook_base;
     ep_status_t st;
     if (!hook || (hook != &c->hooks[0] && hook != &c->hooks[1]))
         return ep_group_fail(g, -1, EP_ERR_INVALID, "rank %d: hook is not one of this group's",
@@ -489,7 +492,7 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
     struct ht_scratch *sc = NULL;
-    struct ep_ht_handle *h = NULL;
+    struct cuda_ht_handle *h = NULL;
     cudaError_t e;
     if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
         return st;
@@ -548,11 +551,11 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
         goto fail;
     }
     out->num_recv_tokens = N;
-    h->g = g;
+    h->base.group = g;
     h->sc = sc;
     h->num_tokens = a->num_tokens;
     h->num_recv = N;
-    *handle = h;
+    *handle = &h->base;
     return EP_OK;
 
 fail:
@@ -562,9 +565,10 @@ fail:
     return st;
 }
 
-static ep_status_t cu_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *h,
+static ep_status_t cu_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *hb,
                                          const ep_ht_dispatch_args_t *a, ep_ht_dispatch_out_t *out)
 {
+    const struct cuda_ht_handle *h = (const struct cuda_ht_handle *)hb;
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
     if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
@@ -594,9 +598,10 @@ static ep_status_t cu_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *h,
     return EP_OK;
 }
 
-static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *h, const uint16_t *x,
+static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const uint16_t *x,
                                  uint16_t *out, void *stream)
 {
+    const struct cuda_ht_handle *h = (const struct cuda_ht_handle *)hb;
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
     if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
@@ -609,12 +614,13 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *h, const u
                     "HT combine");
 }
 
-static void cu_ht_handle_destroy(ep_ht_handle_t *h)
+static void cu_ht_handle_destroy(ep_ht_handle_t *hb)
 {
+    struct cuda_ht_handle *h = (struct cuda_ht_handle *)hb;
     if (!h)
         return;
-    if (h->g && h->g->impl && h->sc)
-        put_scratch(impl_of(h->g), h->sc);
+    if (h->base.group && h->base.group->impl && h->sc)
+        put_scratch(impl_of(h->base.group), h->sc);
     free(h);
 }
 

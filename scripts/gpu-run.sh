@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Device-machine entry point: configure and build with CUDA, run the GPU tests (1000 LL steps
+# per mode, timeout test, PyTorch cross-check) and the cuda benchmark, write logs to $OUT, and
+# print a short summary table last. Usage: scripts/gpu-run.sh [--quick] [--no-bench]
+set -u
+export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+STEPS=1000
+BENCH=1
+for a in "$@"; do
+  case $a in
+  --quick) STEPS=100 ;;
+  --no-bench) BENCH=0 ;;
+  *) echo "usage: $0 [--quick] [--no-bench]" >&2; exit 2 ;;
+  esac
+done
+SUMMARY=()
+note() { SUMMARY+=("$(printf '%-34s %s' "$1" "$2")"); }
+
+nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv >"$OUT/gpus.txt" 2>&1
+nvidia-smi topo -m >>"$OUT/gpus.txt" 2>&1
+NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
+
+BUILD=build-gpu
+if ! { cmake -S . -B $BUILD -G Ninja -DEPD_BUILD_DAEMON=OFF -DCMAKE_CUDA_ARCHITECTURES=90a \
+         -DEPD_CUDA=ON -DCMAKE_BUILD_TYPE=Release &&
+       ninja -C $BUILD -j16; } >"$OUT/build.log" 2>&1; then
+  tail -40 "$OUT/build.log"
+  echo "BUILD FAILED"
+  exit 1
+fi
+note build ok
+
+T=$BUILD/tests/gpu/test_cuda_ll
+run_test() { # name, args...
+  local name=$1; shift
+  local t0=$(date +%s.%N)
+  if timeout 300 "$T" "$@" >"$OUT/test-$name.log" 2>&1; then r=PASS; else r="FAIL (rc $?)"; fi
+  local dt=$(echo "$(date +%s.%N) - $t0" | bc)
+  note "test $name" "$r  ${dt%.*}s  $(grep -m1 -o 'worst combine error [0-9.e+-]*' "$OUT/test-$name.log")"
+  [ "$r" = PASS ] || tail -5 "$OUT/test-$name.log"
+}
+run_test ll --steps $STEPS --dump "$OUT/fp8dump.bin"
+run_test ll_hook --steps $STEPS --hook
+run_test ll_graph --steps $STEPS --graph
+run_test ll_graph_hook --steps $STEPS --graph --hook
+run_test timeout --timeout
+if python3 tests/gpu/check_torch.py "$OUT/fp8dump.bin" 512 >"$OUT/torch.log" 2>&1; then
+  note "torch fp8/bf16 cross-check" "PASS $(grep -o '[0-9]* rows' "$OUT/torch.log")"
+else
+  note "torch fp8/bf16 cross-check" "FAIL: $(tail -1 "$OUT/torch.log")"
+fi
+rm -f "$OUT/fp8dump.bin"
+(cd $BUILD && ctest -L gpu --output-on-failure) >"$OUT/ctest.log" 2>&1 &&
+  note "ctest -L gpu" PASS || note "ctest -L gpu" "FAIL (see ctest.log)"
+
+if [ $BENCH = 1 ]; then
+  B=$BUILD/tests/gpu/ep-cuda-bench
+  timeout 300 $B --iters 50 --num-sms 24 >"$OUT/bench-24.log" 2>&1 || echo "bench 24 rc $?"
+  timeout 200 $B --iters 30 --num-sms 8 --ht-only >"$OUT/bench-8.log" 2>&1 || echo "bench 8 rc $?"
+  if [ -x $BUILD/transport/ep-bench ]; then
+    timeout 200 $BUILD/transport/ep-bench --backend cuda >"$OUT/ep-bench.log" 2>&1 || echo "ep-bench rc $?"
+  fi
+fi
+
+echo
+echo "==== logs: $OUT ($NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
+[ $BENCH = 1 ] && { grep -v '^$' "$OUT/bench-24.log" | tail -14; grep -A20 'ep-cuda-bench' "$OUT/bench-8.log"; }
+printf '%s\n' "${SUMMARY[@]}"
