@@ -53,6 +53,8 @@ struct peer_info {
 };
 
 typedef struct cuda_impl {
+    ep_bootstrap_t bs; /* kept for the barrier of destroy */
+    int connected;     /* create completed: destroy may wait for the peers */
     int device;
     int inproc;
     epk_ctx_t ctx;
@@ -265,6 +267,8 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         goto fail;
     }
     free(all);
+    c->bs = *bs;
+    c->connected = 1;
     return EP_OK;
 
 fail:
@@ -279,6 +283,9 @@ static void cu_destroy(ep_group_t *g)
         return;
     cudaSetDevice(c->device);
     cudaDeviceSynchronize();
+    /* peers may still write into this buffer until they are done too */
+    if (c->connected)
+        c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
     for (int r = 0; r < EP_MAX_RANKS; ++r)
         if (c->ipc_open[r])
             cudaIpcCloseMemHandle(c->ipc_open[r]);
