@@ -86,6 +86,8 @@ typedef struct epk_ctx {
 } epk_ctx_t;
 
 void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks);
+/* Loads every kernel on the current device (call once per device before the first launch). */
+int epk_preload(void);
 
 /* ---- LL ----------------------------------------------------------------------------------- */
 /* mode: 0 = send and receive in one launch, 1 = send half only, 2 = receive half only. */

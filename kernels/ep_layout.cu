@@ -72,3 +72,17 @@ extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks
     off += 2 * lay->ll_buf_bytes;
     lay->total = align_up(off, 4096);
 }
+
+extern "C" int epk_preload_ll_dispatch(void);
+extern "C" int epk_preload_ll_combine(void);
+extern "C" int epk_preload_ht(void);
+extern "C" int epk_preload_route(void);
+
+extern "C" int epk_preload(void)
+{
+    int rc;
+    if ((rc = epk_preload_ll_dispatch()) || (rc = epk_preload_ll_combine()) ||
+        (rc = epk_preload_ht()) || (rc = epk_preload_route()))
+        return rc;
+    return 0;
+}

@@ -366,3 +366,20 @@ extern "C" int epk_ht_combine(const epk_ctx_t *c, const epk_ht_state_t *st, cons
                                                                      done_target);
     return EPK_CHECK_LAUNCH();
 }
+
+/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
+ * happens while another rank's kernel spins waiting for this one. */
+extern "C" int epk_preload_ht(void)
+{
+    cudaFuncAttributes a;
+    cudaError_t e;
+    if ((e = cudaFuncGetAttributes(&a, ht_layout_kernel)) != cudaSuccess)
+        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_prep_kernel)) != cudaSuccess)
+        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_dispatch_kernel)) != cudaSuccess)
+        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_combine_kernel)) != cudaSuccess)
+        return (int)e;
+    return 0;
+}

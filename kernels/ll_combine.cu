@@ -16,6 +16,7 @@
 namespace {
 
 constexpr int kThreads = 256;
+constexpr int kRowsUnroll = 8; /* expert rows of one token loaded together */
 
 struct ll_state {
     uint64_t seq[2][2];
@@ -68,45 +69,65 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
     __shared__ int s_r[EP_MAX_TOPK];
     __shared__ float s_w[EP_MAX_TOPK];
     __shared__ int s_n;
-    for (int s = 0; s < R; ++s) {
+    /* (source, token) pairs spread over the blocks, one pair per block per round */
+    for (int q = bid; q < R * Tmax; q += p.send_blocks) {
+        const int s = q / Tmax, t = q - s * Tmax;
         const uint8_t *meta = dbuf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes;
         const int Ts = *(const volatile int32_t *)meta;
+        if (t >= Ts)
+            continue;
         const int32_t *midx = (const int32_t *)(meta + 16);
         const float *mw = (const float *)(meta + 16 + (size_t)Tmax * k * 4);
-        for (int t = bid; t < Ts; t += p.send_blocks) {
-            if (threadIdx.x == 0) {
-                int n = 0;
-                for (int j = 0; j < k; ++j) {
-                    const int e = midx[(size_t)t * k + j];
-                    if (e >= c.rank * L && e < (c.rank + 1) * L) {
-                        s_e[n] = e - c.rank * L;
-                        s_r[n] = inv[((size_t)s * Tmax + t) * k + j];
-                        s_w[n] = mw[(size_t)t * k + j];
-                        ++n;
-                    }
-                }
-                s_n = n;
-            }
-            __syncthreads();
-            const int n = s_n;
-            if (n > 0) {
-                uint4 *dst = (uint4 *)(c.base[s] + coff + c.lay.ll_comb + ((size_t)c.rank * Tmax + t) * H * 2);
-                for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
-                    float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-                    for (int i = 0; i < n; ++i) {
-                        const uint4 y = __ldg((const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H) + v);
-                        float f[8];
-                        epk_unpack8(y, f);
-                        const float w = s_w[i];
-#pragma unroll
-                        for (int q = 0; q < 8; ++q)
-                            acc[q] = fmaf(w, f[q], acc[q]);
-                    }
-                    dst[v] = epk_pack8(acc);
+        if (threadIdx.x == 0) {
+            int n = 0;
+            for (int j = 0; j < k; ++j) {
+                const int e = midx[(size_t)t * k + j];
+                if (e >= c.rank * L && e < (c.rank + 1) * L) {
+                    s_e[n] = e - c.rank * L;
+                    s_r[n] = inv[((size_t)s * Tmax + t) * k + j];
+                    s_w[n] = mw[(size_t)t * k + j];
+                    ++n;
                 }
             }
-            __syncthreads();
+            s_n = n;
         }
+        __syncthreads();
+        const int n = s_n;
+        if (n > 0) {
+            uint4 *dst = (uint4 *)(c.base[s] + coff + c.lay.ll_comb + ((size_t)c.rank * Tmax + t) * H * 2);
+            const uint4 *rows[kRowsUnroll];
+#pragma unroll
+            for (int i = 0; i < kRowsUnroll; ++i)
+                rows[i] = i < n ? (const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H) : nullptr;
+            for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
+                /* all rows' loads first, then the weighted sum in slot order */
+                uint4 y[kRowsUnroll];
+#pragma unroll
+                for (int i = 0; i < kRowsUnroll; ++i)
+                    if (i < n)
+                        y[i] = __ldg(rows[i] + v);
+                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+                for (int i = 0; i < kRowsUnroll; ++i) {
+                    if (i < n) {
+                        float f[8];
+                        epk_unpack8(y[i], f);
+#pragma unroll
+                        for (int qq = 0; qq < 8; ++qq)
+                            acc[qq] = fmaf(s_w[i], f[qq], acc[qq]);
+                    }
+                }
+                for (int i = kRowsUnroll; i < n; ++i) {
+                    float f[8];
+                    epk_unpack8(__ldg((const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H) + v), f);
+#pragma unroll
+                    for (int qq = 0; qq < 8; ++qq)
+                        acc[qq] = fmaf(s_w[i], f[qq], acc[qq]);
+                }
+                dst[v] = epk_pack8(acc);
+            }
+        }
+        __syncthreads();
     }
     __syncthreads();
     if ((int)threadIdx.x < R) {
@@ -150,15 +171,22 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
         const uint64_t mask = s_mask;
         for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
             float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int d = 0; d < R; ++d) {
-                if (!(mask >> d & 1))
-                    continue;
-                const uint4 y = *((const uint4 *)(cbuf + c.lay.ll_comb + ((size_t)d * Tmax + t) * H * 2) + v);
-                float f[8];
-                epk_unpack8(y, f);
+            for (int d0 = 0; d0 < R; d0 += 8) {
+                uint4 y[8];
 #pragma unroll
-                for (int q = 0; q < 8; ++q)
-                    acc[q] += f[q];
+                for (int i = 0; i < 8; ++i)
+                    if (d0 + i < R && (mask >> (d0 + i) & 1))
+                        y[i] = *((const uint4 *)(cbuf + c.lay.ll_comb + ((size_t)(d0 + i) * Tmax + t) * H * 2) + v);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    if (d0 + i < R && (mask >> (d0 + i) & 1)) {
+                        float f[8];
+                        epk_unpack8(y[i], f);
+#pragma unroll
+                        for (int q = 0; q < 8; ++q)
+                            acc[q] += f[q];
+                    }
+                }
             }
             *((uint4 *)(p.out + (size_t)t * H) + v) = epk_pack8(acc);
         }
@@ -176,7 +204,7 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
     }
 }
 
-__global__ void __launch_bounds__(kThreads) ll_combine_kernel(const epk_ctx_t c,
+__global__ void __launch_bounds__(kThreads, 2) ll_combine_kernel(const epk_ctx_t c,
                                                               const epk_ll_combine_params_t p,
                                                               int mode)
 {
@@ -197,4 +225,15 @@ extern "C" int epk_ll_combine(const epk_ctx_t *c, const epk_ll_combine_params_t 
                            : (p->send_blocks > p->recv_blocks ? p->send_blocks : p->recv_blocks);
     ll_combine_kernel<<<grid, kThreads, 0, (cudaStream_t)stream>>>(*c, *p, mode);
     return EPK_CHECK_LAUNCH();
+}
+
+/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
+ * happens while another rank's kernel spins waiting for this one. */
+extern "C" int epk_preload_ll_combine(void)
+{
+    cudaFuncAttributes a;
+    cudaError_t e;
+    if ((e = cudaFuncGetAttributes(&a, ll_combine_kernel)) != cudaSuccess)
+        return (int)e;
+    return 0;
 }

@@ -194,12 +194,25 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                 }
                 __syncthreads();
                 /* copy the tot selected messages, all 16-byte vectors of all rows at once */
-                const int nvec = (int)(row_bytes / 16);
-                for (int i = threadIdx.x; i < tot * nvec; i += blockDim.x) {
-                    const int n = i / nvec, v = i - n * nvec;
-                    const uint8_t *msg = buf + c.lay.ll_msg + ((size_t)s * Tmax + s_tok[n]) * c.lay.ll_msg_stride;
-                    uint4 val = *((const uint4 *)msg + v);
-                    *((uint4 *)(recv_x + ((size_t)e * S + s_row[n]) * row_bytes) + v) = val;
+                const int nvec = (int)(row_bytes / 16), total = tot * nvec;
+                /* four independent loads in flight per thread before their stores */
+                for (int i0 = threadIdx.x; i0 < total; i0 += 4 * blockDim.x) {
+                    uint4 val[4];
+                    uint4 *dst[4];
+#pragma unroll
+                    for (int u = 0; u < 4; ++u) {
+                        const int i = i0 + u * blockDim.x;
+                        if (i < total) {
+                            const int n = i / nvec, v = i - n * nvec;
+                            const uint8_t *msg = buf + c.lay.ll_msg + ((size_t)s * Tmax + s_tok[n]) * c.lay.ll_msg_stride;
+                            val[u] = *((const uint4 *)msg + v);
+                            dst[u] = (uint4 *)(recv_x + ((size_t)e * S + s_row[n]) * row_bytes) + v;
+                        }
+                    }
+#pragma unroll
+                    for (int u = 0; u < 4; ++u)
+                        if (i0 + u * (int)blockDim.x < total)
+                            *dst[u] = val[u];
                 }
                 if (p.use_fp8) {
                     const int ns = H / 128;
@@ -232,7 +245,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     }
 }
 
-__global__ void __launch_bounds__(kThreads) ll_dispatch_kernel(const epk_ctx_t c,
+__global__ void __launch_bounds__(kThreads, 2) ll_dispatch_kernel(const epk_ctx_t c,
                                                                const epk_ll_dispatch_params_t p,
                                                                int mode)
 {
@@ -253,4 +266,15 @@ extern "C" int epk_ll_dispatch(const epk_ctx_t *c, const epk_ll_dispatch_params_
                            : (p->send_blocks > p->recv_blocks ? p->send_blocks : p->recv_blocks);
     ll_dispatch_kernel<<<grid, kThreads, 0, (cudaStream_t)stream>>>(*c, *p, mode);
     return EPK_CHECK_LAUNCH();
+}
+
+/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
+ * happens while another rank's kernel spins waiting for this one. */
+extern "C" int epk_preload_ll_dispatch(void)
+{
+    cudaFuncAttributes a;
+    cudaError_t e;
+    if ((e = cudaFuncGetAttributes(&a, ll_dispatch_kernel)) != cudaSuccess)
+        return (int)e;
+    return 0;
 }

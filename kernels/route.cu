@@ -160,3 +160,14 @@ extern "C" int epk_route(const ep_route_params_t *p, const float *logits, int T,
         *p, logits, T, topk_idx, topk_w);
     return EPK_CHECK_LAUNCH();
 }
+
+/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
+ * happens while another rank's kernel spins waiting for this one. */
+extern "C" int epk_preload_route(void)
+{
+    cudaFuncAttributes a;
+    cudaError_t e;
+    if ((e = cudaFuncGetAttributes(&a, route_kernel)) != cudaSuccess)
+        return (int)e;
+    return 0;
+}

@@ -35,21 +35,22 @@ note build ok
 T=$BUILD/tests/gpu/test_cuda_ll
 run_test() { # name, args...
   local name=$1; shift
-  local t0=$(date +%s.%N)
-  if timeout 300 "$T" "$@" >"$OUT/test-$name.log" 2>&1; then r=PASS; else r="FAIL (rc $?)"; fi
-  local dt=$(echo "$(date +%s.%N) - $t0" | bc)
-  note "test $name" "$r  ${dt%.*}s  $(grep -m1 -o 'worst combine error [0-9.e+-]*' "$OUT/test-$name.log")"
-  [ "$r" = PASS ] || tail -5 "$OUT/test-$name.log"
+  local t0=$SECONDS log="$OUT/test-$name.log"
+  if timeout 300 "$T" "$@" >"$log" 2>&1; then r=PASS; else r="FAIL (rc $?)"; fi
+  note "test $name" "$r  $((SECONDS - t0))s  $(grep -m1 -o 'worst combine error [0-9.e+-]*' "$log")"
+  [ "$r" = PASS ] || tail -5 "$log"
+  { echo "==== $name: $*"; cat "$log"; } >>"$OUT/tests.log"
+  rm -f "$log"
 }
 run_test ll --steps $STEPS --dump "$OUT/fp8dump.bin"
 run_test ll_hook --steps $STEPS --hook
 run_test ll_graph --steps $STEPS --graph
 run_test ll_graph_hook --steps $STEPS --graph --hook
 run_test timeout --timeout
-if python3 tests/gpu/check_torch.py "$OUT/fp8dump.bin" 512 >"$OUT/torch.log" 2>&1; then
-  note "torch fp8/bf16 cross-check" "PASS $(grep -o '[0-9]* rows' "$OUT/torch.log")"
+if python3 tests/gpu/check_torch.py "$OUT/fp8dump.bin" 512 >>"$OUT/tests.log" 2>&1; then
+  note "torch fp8/bf16 cross-check" "PASS $(grep -o 'check_torch: [0-9]* rows' "$OUT/tests.log")"
 else
-  note "torch fp8/bf16 cross-check" "FAIL: $(tail -1 "$OUT/torch.log")"
+  note "torch fp8/bf16 cross-check" "FAIL: $(tail -1 "$OUT/tests.log")"
 fi
 rm -f "$OUT/fp8dump.bin"
 (cd $BUILD && ctest -L gpu --output-on-failure) >"$OUT/ctest.log" 2>&1 &&

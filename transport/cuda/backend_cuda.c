@@ -142,6 +142,10 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         goto fail;
     }
 
+    if ((e = (cudaError_t)epk_preload()) != cudaSuccess) {
+        st = cuda_fail(g, e, "loading the kernels");
+        goto fail;
+    }
     epk_layout(&c->ctx.lay, cfg, R);
     if ((e = cudaMalloc((void **)&c->buf, c->ctx.lay.total)) != cudaSuccess) {
         st = ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: cudaMalloc of %zu bytes: %s", g->rank,
@@ -253,10 +257,12 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
      * rank's kernels stay resident together. */
     const int avail = sms / share > 0 ? sms / share : 1;
     const int tmax = cfg->ll_max_tokens > 0 ? cfg->ll_max_tokens : 1;
-    c->ll_disp_send = imin(tmax, avail);
-    c->ll_disp_recv = imin(c->ctx.local_experts, avail);
-    c->ll_comb_send = imin(tmax, avail);
-    c->ll_comb_recv = imin(tmax, avail);
+    /* two 256-thread LL blocks fit on one SM together (register use), so 2 * avail stay
+     * co-resident, which the one-launch mode needs */
+    c->ll_disp_send = imin(tmax, 2 * avail);
+    c->ll_disp_recv = imin(c->ctx.local_experts, 2 * avail);
+    c->ll_comb_send = imin(R * tmax, 2 * avail);
+    c->ll_comb_recv = imin(tmax, 2 * avail);
     int nsms = cfg->num_sms > 0 ? cfg->num_sms : 24;
     c->ht_blocks = imin(nsms, avail);
 
