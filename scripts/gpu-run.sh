@@ -47,6 +47,9 @@ run_test ll_hook --steps $STEPS --hook
 run_test ll_graph --steps $STEPS --graph
 run_test ll_graph_hook --steps $STEPS --graph --hook
 run_test timeout --timeout
+T=$BUILD/tests/gpu/test_cuda_ht
+run_test ht_route --steps 40
+T=$BUILD/tests/gpu/test_cuda_ll
 if python3 tests/gpu/check_torch.py "$OUT/fp8dump.bin" 512 >>"$OUT/tests.log" 2>&1; then
   note "torch fp8/bf16 cross-check" "PASS $(grep -o 'check_torch: [0-9]* rows' "$OUT/tests.log")"
 else
