@@ -152,8 +152,10 @@ static void *rank_main(void *arg)
         CK(cudaMemcpy(d_xs, S.xs[rank], sizeof S.xs[rank], cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_idx, S.idx[rank], sizeof S.idx[rank], cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_w, S.wt[rank], sizeof S.wt[rank], cudaMemcpyHostToDevice));
-        CK(cudaMemset(d_rx, 0xee, (size_t)CAP * H_ * 2));
-        CK(cudaMemset(d_ri, 0xee, (size_t)CAP * K_ * 4));
+        CK(cudaMemsetAsync(d_rx, 0xee, (size_t)CAP * H_ * 2, s));
+        CK(cudaMemsetAsync(d_ri, 0xee, (size_t)CAP * K_ * 4, s));
+        CK(cudaStreamSynchronize(s));
+        h_barrier(&S.w); /* no peer writes into recv_x before it is poisoned */
 
         /* layout */
         ep_ht_layout_t lay = {d_pr, d_pe, d_in};
@@ -218,12 +220,15 @@ static void *rank_main(void *arg)
 
         /* cached dispatch of new bf16 data: every row again, from the new data */
         if (!fp8) {
+            h_barrier(&S.w); /* every rank has checked against the old data */
             for (int t = 0; t < T; ++t)
                 for (int h = 0; h < H_; ++h)
                     S.x[rank][t * H_ + h] = h_f_to_bf16((float)((t * 7 + h) % 97) / 16.f - 3.f);
             h_barrier(&S.w);
             CK(cudaMemcpy(d_x, S.x[rank], (size_t)TM * H_ * 2, cudaMemcpyHostToDevice));
-            CK(cudaMemset(d_rx, 0xee, (size_t)CAP * H_ * 2));
+            CK(cudaMemsetAsync(d_rx, 0xee, (size_t)CAP * H_ * 2, s));
+            CK(cudaStreamSynchronize(s));
+            h_barrier(&S.w);
             EPK(ep_ht_dispatch_cached(g, hh, &a, &o));
             CK(cudaStreamSynchronize(s));
             CK(cudaMemcpy(h_rx[rank], d_rx, (size_t)N * rb, cudaMemcpyDeviceToHost));
@@ -244,7 +249,7 @@ static void *rank_main(void *arg)
             }
         h_barrier(&S.w);
         CK(cudaMemcpy(d_y, h_y[rank], (size_t)(N ? N : 1) * H_ * 2, cudaMemcpyHostToDevice));
-        CK(cudaMemset(d_out, 0xff, TM * H_ * 2));
+        CK(cudaMemsetAsync(d_out, 0xff, TM * H_ * 2, s));
         EPK(ep_ht_combine(g, hh, d_y, d_out, s));
         CK(cudaStreamSynchronize(s));
         CK(cudaMemcpy(h_out[rank], d_out, (size_t)T * H_ * 2, cudaMemcpyDeviceToHost));
@@ -280,19 +285,21 @@ static void *rank_main(void *arg)
     {
         step = S.steps;
         const int T = 257, E = 64;
-        static float logits[257 * 64], bias[64], w[257 * 8], rw[257 * 8];
-        static int32_t ti[257 * 8], rti[257 * 8];
+        static float logits_r[NR][257 * 64], bias_r[NR][64], w_r[NR][257 * 8], rw_r[NR][257 * 8];
+        static int32_t ti_r[NR][257 * 8], rti_r[NR][257 * 8];
+        float *logits = logits_r[rank], *bias = bias_r[rank], *w = w_r[rank], *rw = rw_r[rank];
+        int32_t *ti = ti_r[rank], *rti = rti_r[rank];
         for (int i = 0; i < T * E; ++i)
             logits[i] = (float)(rand_r(&seed) % 100000) / 25000.f - 2.f;
         for (int e = 0; e < E; ++e)
             bias[e] = (float)(rand_r(&seed) % 1000) / 10000.f;
         float *d_bias = NULL;
-        CK(cudaMalloc((void **)&d_logits, sizeof logits));
-        CK(cudaMalloc((void **)&d_bias, sizeof bias));
-        CK(cudaMalloc((void **)&d_ti, sizeof ti));
-        CK(cudaMalloc((void **)&d_tw, sizeof w));
-        CK(cudaMemcpy(d_logits, logits, sizeof logits, cudaMemcpyHostToDevice));
-        CK(cudaMemcpy(d_bias, bias, sizeof bias, cudaMemcpyHostToDevice));
+        CK(cudaMalloc((void **)&d_logits, sizeof logits_r[0]));
+        CK(cudaMalloc((void **)&d_bias, sizeof bias_r[0]));
+        CK(cudaMalloc((void **)&d_ti, sizeof ti_r[0]));
+        CK(cudaMalloc((void **)&d_tw, sizeof w_r[0]));
+        CK(cudaMemcpy(d_logits, logits, sizeof logits_r[0], cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(d_bias, bias, sizeof bias_r[0], cudaMemcpyHostToDevice));
         for (int kind = 0; kind < 2; ++kind) {
             ep_route_params_t p = {.kind = kind ? EP_ROUTE_SIGMOID_GROUP : EP_ROUTE_SOFTMAX_TOPK,
                                    .num_experts = E, .topk = 8, .renormalize = 1,
@@ -300,8 +307,8 @@ static void *rank_main(void *arg)
                                    .num_groups = 8, .topk_groups = 4, .bias = d_bias};
             EPK(ep_route(g, &p, d_logits, T, d_ti, d_tw, s));
             CK(cudaStreamSynchronize(s));
-            CK(cudaMemcpy(ti, d_ti, sizeof ti, cudaMemcpyDeviceToHost));
-            CK(cudaMemcpy(w, d_tw, sizeof w, cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(ti, d_ti, sizeof ti_r[0], cudaMemcpyDeviceToHost));
+            CK(cudaMemcpy(w, d_tw, sizeof w_r[0], cudaMemcpyDeviceToHost));
             p.bias = bias;
             EXPECT(ep_route_ref(&p, logits, T, rti, rw) == 0, "route_ref failed");
             for (int i = 0; i < T * 8; ++i) {
