@@ -21,7 +21,7 @@ struct slot {
     uint8_t *data; /* [nranks][len] */
     size_t cap;    /* bytes per rank the data can hold */
     size_t len;    /* bytes per rank of the collective in flight (SIZE_MAX: none yet) */
-    uint8_t present[EP_MAX_RANKS];
+    uint8_t present[EP_MAX_RANKS]; /* arrived in this round (kept when one withdraws) */
     int arrived;
     int mismatch; /* ranks disagreed on len */
 };
@@ -123,8 +123,10 @@ static int inproc_allgather(void *ctx, const void *in, void *out, size_t len, un
                 for (int r = 0; r < n; r++)
                     if (s->present[r] && len)
                         memcpy((uint8_t *)out + (size_t)r * len, s->data + (size_t)r * len, len);
-            s->present[me] = 0;
-            if (--s->arrived == 0) s->len = SIZE_MAX;
+            if (--s->arrived == 0) {
+                s->len = SIZE_MAX;
+                memset(s->present, 0, sizeof s->present);
+            }
             st = EP_ERR_TIMEOUT;
             goto out;
         }
@@ -136,8 +138,10 @@ static int inproc_allgather(void *ctx, const void *in, void *out, size_t len, un
     }
     w->gen[me] = my_gen + 1;
     /* The last rank to copy out resets the slot for the collective after next. */
-    s->present[me] = 0;
-    if (--s->arrived == 0) s->len = SIZE_MAX;
+    if (--s->arrived == 0) {
+        s->len = SIZE_MAX;
+        memset(s->present, 0, sizeof s->present);
+    }
     goto out;
 
 withdraw_none:
