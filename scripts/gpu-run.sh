@@ -22,6 +22,16 @@ nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv >"$OUT/gpu
 nvidia-smi topo -m >>"$OUT/gpus.txt" 2>&1
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 
+# The machine has no cmocka (tests/transport needs it to configure): unpack the carried
+# Debian packages (.deps/, fetched with apt-get download libcmocka0 libcmocka-dev) into a prefix.
+if ! pkg-config --exists cmocka 2>/dev/null && ls .deps/libcmocka*.deb >/dev/null 2>&1; then
+  P=/tmp/epdeps
+  for f in .deps/libcmocka*.deb; do dpkg -x "$f" $P; done
+  sed -i "s|^prefix=.*|prefix=$P/usr|" $P/usr/lib/x86_64-linux-gnu/pkgconfig/cmocka.pc
+  export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig
+  export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+fi
+
 BUILD=build-gpu
 if ! { cmake -S . -B $BUILD -G Ninja -DEPD_BUILD_DAEMON=OFF -DCMAKE_CUDA_ARCHITECTURES=90a \
          -DEPD_CUDA=ON -DCMAKE_BUILD_TYPE=Release &&
@@ -63,12 +73,18 @@ if [ $BENCH = 1 ]; then
   B=$BUILD/tests/gpu/ep-cuda-bench
   timeout 300 $B --iters 50 --num-sms 24 >"$OUT/bench-24.log" 2>&1 || echo "bench 24 rc $?"
   timeout 200 $B --iters 30 --num-sms 8 --ht-only >"$OUT/bench-8.log" 2>&1 || echo "bench 8 rc $?"
-  if [ -x $BUILD/transport/ep-bench ]; then
-    timeout 200 $BUILD/transport/ep-bench --backend cuda >"$OUT/ep-bench.log" 2>&1 || echo "ep-bench rc $?"
+  EB=$BUILD/transport/ep-bench
+  if [ -x $EB ]; then
+    for args in "--mode ll --fp8" "--mode ll --fp8 --hook" "--mode ht --bf16" "--mode ht --fp8"; do
+      echo "==== ep-bench --backend cuda $args" >>"$OUT/ep-bench.log"
+      timeout 120 $EB --backend cuda --iters 30 $args >>"$OUT/ep-bench.log" 2>&1 ||
+        echo "ep-bench $args rc $?" >>"$OUT/ep-bench.log"
+    done
   fi
 fi
 
 echo
 echo "==== logs: $OUT ($NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-[ $BENCH = 1 ] && { grep -v '^$' "$OUT/bench-24.log" | tail -14; grep -A20 'ep-cuda-bench' "$OUT/bench-8.log"; }
+[ $BENCH = 1 ] && { grep -v '^$' "$OUT/bench-24.log" | tail -14; grep -A20 'ep-cuda-bench' "$OUT/bench-8.log";
+  grep -E '^====|^ll_|^ht_|^LL|^HT|median' "$OUT/ep-bench.log"; }
 printf '%s\n' "${SUMMARY[@]}"
