@@ -46,11 +46,13 @@ const char *epk_wait_name(int what);
 typedef struct epk_layout {
     /* control: uint64 counters written by peers */
     size_t ll_cnt;    /* [2 buf][3 phase][R src]: dispatch data, combine data, combine weights */
-    size_t ht_cnt;    /* [2 parity][R src] count rows, [2][R] pointer rows, [R] done counters */
+    size_t ht_cnt;    /* uint64 words: [2 parity][R src] count flags, [2][R] pointer flags,
+                       * [R] done counters, [R] combine staging progress (copy-engine path) */
     size_t ht_rows;   /* [2 parity][R src] epk_ht_row_t (counts + expert counts) */
     size_t ht_ptrs;   /* [2 parity][R src] epk_ht_ptrs_t */
     /* local state (never written by peers) */
     size_t ll_state;  /* uint64 seq[2 buf][2 phase], uint32 fin[2 buf][2 phase] */
+    size_t ht_stage;  /* [R src][ht_max_tokens][H] bf16: combine rows copied back by peers */
     /* per LL buffer b: ll_buf + b * ll_buf_bytes */
     size_t ll_buf;
     size_t ll_buf_bytes;
@@ -118,6 +120,19 @@ int epk_ll_combine(const epk_ctx_t *c, const epk_ll_combine_params_t *p, int mod
 int epk_ht_layout(const epk_ctx_t *c, const int32_t *topk_idx, int T, int32_t *per_rank,
                   int32_t *per_expert, uint8_t *in_rank, void *stream);
 
+/* What the HT count exchange tells the host (mapped host memory), for the copy-engine path. */
+#define EPK_MAX_RUNS 64
+typedef struct epk_ht_info {
+    int32_t n_recv;
+    int32_t base_at[EP_MAX_RANKS];   /* first row of this rank's block on each rank */
+    int32_t count_to[EP_MAX_RANKS];  /* rows this rank sends to each rank */
+    int32_t recv_from[EP_MAX_RANKS]; /* rows this rank receives from each rank */
+    int32_t nruns[EP_MAX_RANKS];     /* runs of consecutive tokens sent to each rank */
+    int32_t runs[EP_MAX_RANKS][EPK_MAX_RUNS][2]; /* (first token, last token) */
+    uint64_t recv_x[EP_MAX_RANKS];   /* each rank's recv_x (peer address) */
+    uint64_t capacity[EP_MAX_RANKS]; /* each rank's recv_x rows */
+} epk_ht_info_t;
+
 /* Per-call device scratch of one HT dispatch (the handle's device part). */
 typedef struct epk_ht_state {
     int32_t *pos;        /* [Tmax][R] row of token t among the rows this rank sends to d, -1 */
@@ -126,9 +141,11 @@ typedef struct epk_ht_state {
     int32_t *n_recv;     /* [1] device copy of N */
 } epk_ht_state_t;
 
+/* Counts first: positions, counts and the output addresses of every rank (info: device alias
+ * of mapped host memory; `mine` is this rank's epk_ht_ptrs_t). */
 int epk_ht_prep(const epk_ctx_t *c, const epk_ht_state_t *st, const int32_t *topk_idx, int T,
-                int expert_alignment, int32_t *num_recv_per_expert, int32_t *host_n,
-                uint64_t seq, void *stream);
+                int expert_alignment, int32_t *num_recv_per_expert, epk_ht_info_t *info,
+                const epk_ht_ptrs_t *mine, uint64_t seq, void *stream);
 typedef struct epk_ht_dispatch_params {
     const void *x;         /* [T][H] bf16, or fp8 */
     const float *x_scales; /* [T][H/128] fp8 only */
@@ -141,11 +158,24 @@ typedef struct epk_ht_dispatch_params {
     int32_t *recv_topk_idx; /* NULL: leave topk outputs untouched (cached dispatch) */
     float *recv_topk_w;
     int blocks;
+    int local_rows_only;  /* copy-engine path: move only this rank's own rows, metadata for all */
+    int ptrs_ready;       /* the count exchange already published the output addresses */
+    int no_done;          /* leave the completion signal to epk_ht_done */
     uint64_t seq;         /* HT op number (same on every rank), selects the parity slots */
     uint64_t done_target; /* cumulative HT blocks every peer has signalled after this op */
 } epk_ht_dispatch_params_t;
 int epk_ht_dispatch(const epk_ctx_t *c, const epk_ht_state_t *st,
                     const epk_ht_dispatch_params_t *p, void *stream);
+/* One block: optionally adds `add` to every rank's done counter for this rank, optionally
+ * waits until every rank's counter here reaches done_target. */
+int epk_ht_done(const epk_ctx_t *c, uint64_t add, uint64_t done_target, int wait, void *stream);
+/* Copy-engine combine: release value into word [5R + rank] of every peer (chunk progress). */
+int epk_ht_stage_signal(const epk_ctx_t *c, uint64_t value, void *stream);
+/* Copy-engine combine: sums this rank's tokens from its own rows (x) and the rows peers staged
+ * into its buffer, chunk by chunk as they arrive (stage words >= stage_base + c + 1). */
+int epk_ht_combine_staged(const epk_ctx_t *c, const epk_ht_state_t *st, const uint16_t *x,
+                          uint16_t *out, int T, int blocks, int nchunks, uint64_t stage_base,
+                          void *stream);
 int epk_ht_combine(const epk_ctx_t *c, const epk_ht_state_t *st, const uint16_t *x,
                    uint16_t *out, int T, int blocks, uint64_t seq, uint64_t done_target,
                    void *stream);

@@ -37,13 +37,15 @@ extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks
     lay->ll_cnt = off;
     off = align_up(off + 2 * 3 * R * 8, 256);
     lay->ht_cnt = off;
-    off = align_up(off + 5 * R * 8, 256);
+    off = align_up(off + 6 * R * 8, 256);
     lay->ht_rows = off;
     off = align_up(off + 2 * R * align_up((R + E) * 4, 16), 256);
     lay->ht_ptrs = off;
     off = align_up(off + 2 * R * sizeof(epk_ht_ptrs_t), 256);
     lay->ll_state = off;
     off = align_up(off + 64, 256);
+    lay->ht_stage = off;
+    off = align_up(off + R * (size_t)(cfg->ht_max_tokens > 0 ? cfg->ht_max_tokens : 0) * H * 2, 4096);
 
     /* one LL buffer */
     size_t b = 0;

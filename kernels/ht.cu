@@ -54,7 +54,8 @@ __global__ void ht_layout_kernel(const epk_ctx_t c, const int32_t *topk_idx, int
 
 __global__ void __launch_bounds__(kPrepThreads)
     ht_prep_kernel(const epk_ctx_t c, const epk_ht_state_t st, const int32_t *topk_idx, int T,
-                   int align, int32_t *num_recv_per_expert, int32_t *host_n, uint64_t seq)
+                   int align, int32_t *num_recv_per_expert, epk_ht_info_t *info,
+                   const epk_ht_ptrs_t mine, uint64_t seq)
 {
     const int R = c.nranks, L = c.local_experts, k = c.topk, E = c.num_experts;
     const int parity = (int)(seq & 1);
@@ -87,6 +88,28 @@ __global__ void __launch_bounds__(kPrepThreads)
         if (threadIdx.x == 0)
             s_cnt[d] = run;
     }
+    /* runs of consecutive tokens per destination, for the copy-engine path */
+    for (int d = 0; d < R; ++d) {
+        int nstart = 0, nend = 0;
+        for (int t0 = 0; t0 < T; t0 += blockDim.x) {
+            const int t = t0 + threadIdx.x;
+            const int here = t < T && st.pos[(size_t)t * R + d] >= 0;
+            const int prev = t > 0 && t - 1 < T && here ? st.pos[(size_t)(t - 1) * R + d] >= 0 : 0;
+            const int next = t + 1 < T && here ? st.pos[(size_t)(t + 1) * R + d] >= 0 : 0;
+            const int is_start = here && !prev, is_end = here && !next;
+            int ts, te;
+            const int ps = epk_block_scan(is_start, &ts, s_scan);
+            const int pe = epk_block_scan(is_end, &te, s_scan);
+            if (is_start && nstart + ps < EPK_MAX_RUNS)
+                info->runs[d][nstart + ps][0] = t;
+            if (is_end && nend + pe < EPK_MAX_RUNS)
+                info->runs[d][nend + pe][1] = t;
+            nstart += ts;
+            nend += te;
+        }
+        if (threadIdx.x == 0)
+            info->nruns[d] = nstart <= EPK_MAX_RUNS ? nstart : -1;
+    }
     for (int i = threadIdx.x; i < T * k; i += blockDim.x) {
         const int e = topk_idx[i];
         if (e >= 0)
@@ -100,9 +123,12 @@ __global__ void __launch_bounds__(kPrepThreads)
         for (int i = threadIdx.x; i < R + E; i += blockDim.x)
             row[i] = i < R ? s_cnt[i] : s_ecnt[i - R];
     }
+    if ((int)threadIdx.x < R)
+        ((epk_ht_ptrs_t *)(c.base[threadIdx.x] + c.lay.ht_ptrs))[(size_t)parity * R + c.rank] = mine;
     __syncthreads();
     if ((int)threadIdx.x < R) {
         __threadfence_system();
+        epk_st_release_sys(ht_word(c, threadIdx.x, 2 * R + parity * R + c.rank), seq);
         epk_st_release_sys(ht_word(c, threadIdx.x, parity * R + c.rank), seq);
     }
     if ((int)threadIdx.x < R)
@@ -119,6 +145,7 @@ __global__ void __launch_bounds__(kPrepThreads)
         for (int s = 0; s < R; ++s) {
             const int32_t *row = (const int32_t *)(rows + (size_t)s * row_stride(c));
             st.recv_from[s] = row[c.rank];
+            info->recv_from[s] = row[c.rank];
             n += row[c.rank];
         }
         for (int d = 0; d < R; ++d) {
@@ -126,9 +153,14 @@ __global__ void __launch_bounds__(kPrepThreads)
             for (int s = 0; s < c.rank; ++s)
                 b += ((const int32_t *)(rows + (size_t)s * row_stride(c)))[d];
             st.base_at[d] = b;
+            info->base_at[d] = b;
+            info->count_to[d] = s_cnt[d];
+            const volatile epk_ht_ptrs_t *pp = (const volatile epk_ht_ptrs_t *)(c.base[c.rank] + c.lay.ht_ptrs) + (size_t)parity * R + d;
+            info->recv_x[d] = pp->recv_x;
+            info->capacity[d] = pp->capacity;
         }
         st.n_recv[0] = n;
-        *(volatile int32_t *)host_n = n;
+        info->n_recv = n;
         __threadfence_system();
     }
     for (int e = threadIdx.x; e < L; e += blockDim.x) {
@@ -143,14 +175,14 @@ __global__ void __launch_bounds__(kPrepThreads)
 
 /* Writes this rank's pointers into every peer's slot and waits for every peer's. */
 __device__ bool exchange_ptrs(const epk_ctx_t &c, const epk_ht_ptrs_t &mine, uint64_t seq,
-                              epk_ht_ptrs_t *s_ptrs)
+                              epk_ht_ptrs_t *s_ptrs, bool publish = true)
 {
     const int R = c.nranks, parity = (int)(seq & 1);
     __shared__ int s_fail;
     if (threadIdx.x == 0)
         s_fail = 0;
     __syncthreads();
-    if (blockIdx.x == 0 && (int)threadIdx.x < R) {
+    if (publish && blockIdx.x == 0 && (int)threadIdx.x < R) {
         epk_ht_ptrs_t *slot = (epk_ht_ptrs_t *)(c.base[threadIdx.x] + c.lay.ht_ptrs) + (size_t)parity * R + c.rank;
         *slot = mine;
         __threadfence_system();
@@ -203,7 +235,7 @@ __global__ void __launch_bounds__(kThreads)
     mine.capacity = (uint64_t)p.capacity;
     if ((int)threadIdx.x < R)
         s_base[threadIdx.x] = st.base_at[threadIdx.x];
-    if (!exchange_ptrs(c, mine, p.seq, s_ptrs))
+    if (!exchange_ptrs(c, mine, p.seq, s_ptrs, !p.ptrs_ready))
         return;
 
     const size_t row_bytes = p.use_fp8 ? (size_t)H : (size_t)H * 2;
@@ -221,7 +253,8 @@ __global__ void __launch_bounds__(kThreads)
             }
         }
         const uint4 *src = (const uint4 *)((const uint8_t *)p.x + (size_t)t * row_bytes);
-        for (int v0 = 0; v0 < nvec; v0 += 32 * kUnroll) {
+        const uint64_t data_mask = p.local_rows_only ? mask & (1ull << c.rank) : mask;
+        for (int v0 = 0; v0 < nvec && data_mask; v0 += 32 * kUnroll) {
             uint4 val[kUnroll];
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
@@ -230,7 +263,7 @@ __global__ void __launch_bounds__(kThreads)
                     val[u] = __ldg(src + v);
             }
             for (int d = 0; d < R; ++d) {
-                if (!(mask >> d & 1))
+                if (!(data_mask >> d & 1))
                     continue;
                 const int row = d < 8 ? rows[d] : s_base[d] + st.pos[(size_t)t * R + d];
                 uint4 *dst = (uint4 *)((uint8_t *)s_ptrs[d].recv_x + (size_t)row * row_bytes);
@@ -258,7 +291,126 @@ __global__ void __launch_bounds__(kThreads)
             }
         }
     }
-    signal_done_and_wait(c, p.done_target);
+    if (!p.no_done)
+        signal_done_and_wait(c, p.done_target);
+}
+
+__global__ void ht_done_kernel(const epk_ctx_t c, uint64_t add, uint64_t done_target, int wait)
+{
+    const int R = c.nranks;
+    if ((int)threadIdx.x < R) {
+        if (add) {
+            __threadfence_system();
+            epk_red_release_sys(ht_word(c, threadIdx.x, 4 * R + c.rank), add);
+        }
+        if (wait)
+            epk_wait_ge(c, ht_word(c, c.rank, 4 * R + threadIdx.x), done_target, threadIdx.x,
+                        EPK_WAIT_HT_DONE);
+    }
+}
+
+__global__ void ht_stage_signal_kernel(const epk_ctx_t c, uint64_t value)
+{
+    const int R = c.nranks;
+    if ((int)threadIdx.x < R && (int)threadIdx.x != c.rank) {
+        __threadfence_system();
+        epk_st_release_sys(ht_word(c, threadIdx.x, 5 * R + c.rank), value);
+    }
+}
+
+/* chunk of row r among n rows split into nch chunks [c*n/nch, (c+1)*n/nch) */
+__device__ __forceinline__ int row_chunk(int r, int n, int nch)
+{
+    int ch = 0;
+    while (ch + 1 < nch && (long long)(ch + 1) * n / nch <= r)
+        ++ch;
+    return ch;
+}
+
+__global__ void __launch_bounds__(kThreads)
+    ht_combine_staged_kernel(const epk_ctx_t c, const epk_ht_state_t st, const uint16_t *x,
+                             uint16_t *out, int T, int nch, uint64_t stage_base)
+{
+    const int R = c.nranks, H = c.hidden, me = c.rank;
+    __shared__ int s_base[EP_MAX_RANKS];
+    __shared__ int s_cnt[EP_MAX_RANKS];
+    __shared__ int s_fail;
+    if ((int)threadIdx.x < R) {
+        s_base[threadIdx.x] = st.base_at[threadIdx.x];
+        s_cnt[threadIdx.x] = 0;
+    }
+    if (threadIdx.x == 0)
+        s_fail = 0;
+    __syncthreads();
+    /* rows this rank sent to d = number of its tokens with pos >= 0 for d: the last one + 1 */
+    for (int t = threadIdx.x; t < T; t += blockDim.x)
+        for (int d = 0; d < R; ++d) {
+            const int r = st.pos[(size_t)t * R + d];
+            if (r >= 0)
+                atomicMax(&s_cnt[d], r + 1);
+        }
+    __syncthreads();
+    const uint8_t *stage = c.base[me] + c.lay.ht_stage;
+    const int nvec = H / 8, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    constexpr int U = 2 * kUnroll;
+    for (int ch = 0; ch < nch; ++ch) {
+        if ((int)threadIdx.x < R && (int)threadIdx.x != me)
+            if (!epk_wait_ge(c, ht_word(c, me, 5 * R + threadIdx.x), stage_base + ch + 1,
+                             threadIdx.x, EPK_WAIT_HT_DONE))
+                s_fail = 1;
+        __syncthreads();
+        if (s_fail)
+            return;
+        for (int t = blockIdx.x * warps + (threadIdx.x >> 5); t < T; t += gridDim.x * warps) {
+            int round = 0;
+            for (int d = 0; d < R; ++d) {
+                const int r = st.pos[(size_t)t * R + d];
+                if (r >= 0 && d != me) {
+                    const int rc = row_chunk(r, s_cnt[d], nch);
+                    round = rc > round ? rc : round;
+                }
+            }
+            if (round != ch)
+                continue;
+            uint4 *dst = (uint4 *)(out + (size_t)t * H);
+            for (int v0 = 0; v0 < nvec; v0 += 32 * U) {
+                float acc[U][8];
+#pragma unroll
+                for (int u = 0; u < U; ++u)
+#pragma unroll
+                    for (int q = 0; q < 8; ++q)
+                        acc[u][q] = 0.f;
+                for (int d = 0; d < R; ++d) {
+                    const int r = st.pos[(size_t)t * R + d];
+                    if (r < 0)
+                        continue;
+                    const uint4 *src = d == me ? (const uint4 *)(x + (size_t)(s_base[me] + r) * H)
+                                               : (const uint4 *)(stage + ((size_t)d * c.ht_max_tokens + r) * H * 2);
+                    uint4 val[U];
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        const int v = v0 + u * 32 + lane;
+                        if (v < nvec)
+                            val[u] = src[v];
+                    }
+#pragma unroll
+                    for (int u = 0; u < U; ++u) {
+                        float f[8];
+                        epk_unpack8(val[u], f);
+#pragma unroll
+                        for (int q = 0; q < 8; ++q)
+                            acc[u][q] += f[q];
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < U; ++u) {
+                    const int v = v0 + u * 32 + lane;
+                    if (v < nvec)
+                        dst[v] = epk_pack8(acc[u]);
+                }
+            }
+        }
+    }
 }
 
 __global__ void __launch_bounds__(kThreads)
@@ -338,7 +490,8 @@ extern "C" int epk_ht_layout(const epk_ctx_t *c, const int32_t *topk_idx, int T,
 
 extern "C" int epk_ht_prep(const epk_ctx_t *c, const epk_ht_state_t *st, const int32_t *topk_idx,
                            int T, int expert_alignment, int32_t *num_recv_per_expert,
-                           int32_t *host_n, uint64_t seq, void *stream)
+                           epk_ht_info_t *info, const epk_ht_ptrs_t *mine, uint64_t seq,
+                           void *stream)
 {
     const size_t smem = (size_t)c->num_experts * 4;
     if (smem > 48 * 1024) {
@@ -347,7 +500,7 @@ extern "C" int epk_ht_prep(const epk_ctx_t *c, const epk_ht_state_t *st, const i
             return (int)e;
     }
     ht_prep_kernel<<<1, kPrepThreads, smem, (cudaStream_t)stream>>>(
-        *c, *st, topk_idx, T, expert_alignment, num_recv_per_expert, host_n, seq);
+        *c, *st, topk_idx, T, expert_alignment, num_recv_per_expert, info, *mine, seq);
     return EPK_CHECK_LAUNCH();
 }
 
@@ -355,6 +508,28 @@ extern "C" int epk_ht_dispatch(const epk_ctx_t *c, const epk_ht_state_t *st,
                                const epk_ht_dispatch_params_t *p, void *stream)
 {
     ht_dispatch_kernel<<<p->blocks, kThreads, 0, (cudaStream_t)stream>>>(*c, *st, *p);
+    return EPK_CHECK_LAUNCH();
+}
+
+extern "C" int epk_ht_done(const epk_ctx_t *c, uint64_t add, uint64_t done_target, int wait,
+                           void *stream)
+{
+    ht_done_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(*c, add, done_target, wait);
+    return EPK_CHECK_LAUNCH();
+}
+
+extern "C" int epk_ht_stage_signal(const epk_ctx_t *c, uint64_t value, void *stream)
+{
+    ht_stage_signal_kernel<<<1, 32, 0, (cudaStream_t)stream>>>(*c, value);
+    return EPK_CHECK_LAUNCH();
+}
+
+extern "C" int epk_ht_combine_staged(const epk_ctx_t *c, const epk_ht_state_t *st,
+                                     const uint16_t *x, uint16_t *out, int T, int blocks,
+                                     int nchunks, uint64_t stage_base, void *stream)
+{
+    ht_combine_staged_kernel<<<blocks, kThreads, 0, (cudaStream_t)stream>>>(
+        *c, *st, x, out, T, nchunks, stage_base);
     return EPK_CHECK_LAUNCH();
 }
 
@@ -380,6 +555,12 @@ extern "C" int epk_preload_ht(void)
     if ((e = cudaFuncGetAttributes(&a, ht_dispatch_kernel)) != cudaSuccess)
         return (int)e;
     if ((e = cudaFuncGetAttributes(&a, ht_combine_kernel)) != cudaSuccess)
+        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_done_kernel)) != cudaSuccess)
+        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_stage_signal_kernel)) != cudaSuccess)
+        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_combine_staged_kernel)) != cudaSuccess)
         return (int)e;
     return 0;
 }

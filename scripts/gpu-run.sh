@@ -59,6 +59,7 @@ run_test ll_graph_hook --steps $STEPS --graph --hook
 run_test timeout --timeout
 T=$BUILD/tests/gpu/test_cuda_ht
 run_test ht_route --steps 40
+EP_CUDA_HT_COPY=0 run_test ht_route_sm --steps 40
 T=$BUILD/tests/gpu/test_cuda_ll
 if python3 tests/gpu/check_torch.py "$OUT/fp8dump.bin" 512 >>"$OUT/tests.log" 2>&1; then
   note "torch fp8/bf16 cross-check" "PASS $(grep -o 'check_torch: [0-9]* rows' "$OUT/tests.log")"
@@ -71,8 +72,14 @@ rm -f "$OUT/fp8dump.bin"
 
 if [ $BENCH = 1 ]; then
   B=$BUILD/tests/gpu/ep-cuda-bench
-  timeout 300 $B --iters 50 --num-sms 24 >"$OUT/bench-24.log" 2>&1 || echo "bench 24 rc $?"
-  timeout 200 $B --iters 30 --num-sms 8 --ht-only >"$OUT/bench-8.log" 2>&1 || echo "bench 8 rc $?"
+  timeout 300 $B --iters 50 --num-sms 24 >"$OUT/bench.log" 2>&1 || echo "bench rc $?"
+  for sms in 8 24; do
+    for cp in 1 0; do
+      echo "==== HT num_sms $sms, EP_CUDA_HT_COPY=$cp" >>"$OUT/bench.log"
+      EP_CUDA_HT_COPY=$cp timeout 200 $B --iters 30 --num-sms $sms --ht-only >>"$OUT/bench.log" 2>&1 ||
+        echo "bench $sms $cp rc $?"
+    done
+  done
   EB=$BUILD/transport/ep-bench
   if [ -x $EB ]; then
     for args in "--mode ll --fp8" "--mode ll --fp8 --hook" "--mode ht --bf16" "--mode ht --fp8"; do
@@ -85,6 +92,7 @@ fi
 
 echo
 echo "==== logs: $OUT ($NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
-[ $BENCH = 1 ] && { grep -v '^$' "$OUT/bench-24.log" | tail -14; grep -A20 'ep-cuda-bench' "$OUT/bench-8.log";
+[ $BENCH = 1 ] && { sed -n '/^ep-cuda-bench/,/^====/p' "$OUT/bench.log" | grep -v '^$';
+  grep -E '^==== HT|GB/s' "$OUT/bench.log" | tail -12;
   grep -E '^====|^ll_|^ht_|^LL|^HT|median' "$OUT/ep-bench.log"; }
 printf '%s\n' "${SUMMARY[@]}"

@@ -40,7 +40,11 @@ struct cuda_ht_handle {
     struct ht_scratch *sc;
     int num_tokens;
     int num_recv;
+    int32_t recv_from[EP_MAX_RANKS]; /* rows received from each rank (combine copies them back) */
 };
+
+/* Combine rows go back in this many copy-engine chunks, so summing overlaps the transfer. */
+#define HT_COMBINE_CHUNKS 4
 
 struct peer_info {
     int pid;
@@ -60,7 +64,11 @@ typedef struct cuda_impl {
     epk_ctx_t ctx;
     uint8_t *buf;
     int *err_host, *err_dev;
-    int32_t *n_host, *n_dev;
+    epk_ht_info_t *info_host, *info_dev; /* mapped: what the HT count exchange found */
+    int ht_copy;                         /* HT moves bulk rows with the copy engines */
+    cudaStream_t cs, ss;                 /* copy-engine stream, signal stream */
+    cudaEvent_t ev_fork, ev_cs, ev_ss, ev_chunk[HT_COMBINE_CHUNKS];
+    uint64_t ht_comb_n;                  /* copy-engine combines so far (same on every rank) */
     void *ipc_open[EP_MAX_RANKS];
     int ll_disp_send, ll_disp_recv, ll_comb_send, ll_comb_recv, ht_blocks;
     struct cuda_ll_handle handles[2];
@@ -163,12 +171,31 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         goto fail;
     }
     memset(c->err_host, 0, 64);
-    c->n_host = (int32_t *)(c->err_host + 8);
     if ((e = cudaHostGetDevicePointer((void **)&c->err_dev, c->err_host, 0)) != cudaSuccess) {
         st = cuda_fail(g, e, "cudaHostGetDevicePointer");
         goto fail;
     }
-    c->n_dev = (int32_t *)(c->err_dev + 8);
+    if ((e = cudaHostAlloc((void **)&c->info_host, sizeof *c->info_host, cudaHostAllocMapped)) !=
+        cudaSuccess) {
+        c->info_host = NULL;
+        st = cuda_fail(g, e, "cudaHostAlloc of the HT exchange area");
+        goto fail;
+    }
+    memset(c->info_host, 0, sizeof *c->info_host);
+    if ((e = cudaHostGetDevicePointer((void **)&c->info_dev, c->info_host, 0)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&c->cs, cudaStreamNonBlocking)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&c->ss, cudaStreamNonBlocking)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&c->ev_cs, cudaEventDisableTiming)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&c->ev_ss, cudaEventDisableTiming)) != cudaSuccess) {
+        st = cuda_fail(g, e, "creating the copy streams");
+        goto fail;
+    }
+    for (int i = 0; i < HT_COMBINE_CHUNKS; ++i)
+        if ((e = cudaEventCreateWithFlags(&c->ev_chunk[i], cudaEventDisableTiming)) != cudaSuccess) {
+            st = cuda_fail(g, e, "creating the copy events");
+            goto fail;
+        }
 
     memset(&me, 0, sizeof me);
     me.pid = (int)getpid();
@@ -195,6 +222,11 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
     }
 
     c->inproc = 1;
+    {
+        /* EP_CUDA_HT_COPY=0 keeps HT row movement on the SMs (peer stores / loads) */
+        const char *ev = getenv("EP_CUDA_HT_COPY");
+        c->ht_copy = !(ev && ev[0] == '0');
+    }
     int share = 1, sms = me.num_sms;
     for (int r = 0; r < R; ++r) {
         if (all[r].pid != me.pid || strcmp(all[r].host, me.host) != 0)
@@ -305,6 +337,21 @@ static void cu_destroy(ep_group_t *g)
         cudaFree(c->buf);
     if (c->err_host)
         cudaFreeHost(c->err_host);
+    if (c->info_host)
+        cudaFreeHost(c->info_host);
+    for (int i = 0; i < HT_COMBINE_CHUNKS; ++i)
+        if (c->ev_chunk[i])
+            cudaEventDestroy(c->ev_chunk[i]);
+    if (c->ev_fork)
+        cudaEventDestroy(c->ev_fork);
+    if (c->ev_cs)
+        cudaEventDestroy(c->ev_cs);
+    if (c->ev_ss)
+        cudaEventDestroy(c->ev_ss);
+    if (c->cs)
+        cudaStreamDestroy(c->cs);
+    if (c->ss)
+        cudaStreamDestroy(c->ss);
     pthread_mutex_destroy(&c->sc_lock);
     free(c);
     g->impl = NULL;
@@ -520,11 +567,17 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
         goto fail;
     }
     const uint64_t seq = ++c->ht_seq;
-    ((volatile int32_t *)c->n_host)[0] = -1;
+    const epk_ht_ptrs_t mine = {
+        .recv_x = (uint64_t)(uintptr_t)out->recv_x,
+        .recv_scales = (uint64_t)(uintptr_t)out->recv_scales,
+        .recv_topk_idx = (uint64_t)(uintptr_t)out->recv_topk_idx,
+        .recv_topk_w = (uint64_t)(uintptr_t)out->recv_topk_weights,
+        .capacity = (uint64_t)(out->capacity > 0 ? out->capacity : 0),
+    };
     if ((st = launched(g,
                        epk_ht_prep(&c->ctx, &sc->st, a->topk_idx, a->num_tokens,
-                                   a->expert_alignment, out->num_recv_per_expert, c->n_dev, seq,
-                                   a->stream),
+                                   a->expert_alignment, out->num_recv_per_expert, c->info_dev,
+                                   &mine, seq, a->stream),
                        "HT count exchange")) != EP_OK)
         goto fail;
     if ((e = cudaStreamSynchronize((cudaStream_t)a->stream)) != cudaSuccess) {
@@ -533,8 +586,16 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
     }
     if ((st = check_err(g)) != EP_OK)
         goto fail;
-    const int N = ((volatile int32_t *)c->n_host)[0];
+    const volatile epk_ht_info_t *info = c->info_host;
+    const int N = info->n_recv, R = g->nranks, me = g->rank;
 
+    /* Copy-engine path: each run of consecutive tokens for a peer is one copy straight into
+     * that peer's recv_x; the SMs move only this rank's own rows and the small metadata. */
+    int ce = c->ht_copy;
+    for (int d = 0; d < R && ce; ++d)
+        if (d != me && (info->nruns[d] < 0 ||
+                        (uint64_t)(info->base_at[d] + info->count_to[d]) > info->capacity[d]))
+            ce = 0;
     epk_ht_dispatch_params_t p = {
         .x = a->x,
         .x_scales = a->x_scales,
@@ -548,21 +609,62 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
         .recv_topk_idx = out->recv_topk_idx,
         .recv_topk_w = out->recv_topk_weights,
         .blocks = c->ht_blocks,
+        .local_rows_only = ce,
+        .ptrs_ready = 1,
+        .no_done = ce,
         .seq = seq,
     };
     c->ht_done += (uint64_t)c->ht_blocks;
     p.done_target = c->ht_done;
+    cudaStream_t ms = (cudaStream_t)a->stream;
+    if (ce) {
+        const size_t rb = a->use_fp8 ? (size_t)g->cfg.hidden : (size_t)g->cfg.hidden * 2;
+        if ((e = cudaEventRecord(c->ev_fork, ms)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(c->cs, c->ev_fork, 0)) != cudaSuccess) {
+            st = cuda_fail(g, e, "forking the copy stream");
+            goto fail;
+        }
+        for (int d = 0; d < R; ++d) {
+            if (d == me)
+                continue;
+            int rows = 0;
+            for (int i = 0; i < info->nruns[d]; ++i) {
+                const int first = info->runs[d][i][0], len = info->runs[d][i][1] - first + 1;
+                e = cudaMemcpyAsync((uint8_t *)(uintptr_t)info->recv_x[d] +
+                                        (size_t)(info->base_at[d] + rows) * rb,
+                                    (const uint8_t *)a->x + (size_t)first * rb, (size_t)len * rb,
+                                    cudaMemcpyDeviceToDevice, c->cs);
+                if (e != cudaSuccess) {
+                    st = cuda_fail(g, e, "HT dispatch copy to a peer");
+                    goto fail;
+                }
+                rows += len;
+            }
+        }
+    }
     /* The transfer runs even when this rank lacks room (peers skip rows past the capacity it
      * published), so that every rank stays in step. */
     if ((st = launched(g, epk_ht_dispatch(&c->ctx, &sc->st, &p, a->stream), "HT dispatch")) !=
         EP_OK)
         goto fail;
+    if (ce) {
+        if ((e = cudaEventRecord(c->ev_cs, c->cs)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_cs, 0)) != cudaSuccess) {
+            st = cuda_fail(g, e, "joining the copy stream");
+            goto fail;
+        }
+        if ((st = launched(g, epk_ht_done(&c->ctx, (uint64_t)c->ht_blocks, p.done_target, 1, ms),
+                           "HT dispatch completion")) != EP_OK)
+            goto fail;
+    }
     if (N > out->capacity) {
         st = ep_group_fail(g, -1, EP_ERR_INVALID,
                            "rank %d: HT dispatch receives %d rows, out.capacity is %d", g->rank,
                            N, out->capacity);
         goto fail;
     }
+    for (int s = 0; s < R; ++s)
+        h->recv_from[s] = info->recv_from[s];
     out->num_recv_tokens = N;
     h->base.group = g;
     h->sc = sc;
@@ -619,6 +721,53 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const 
     ep_status_t st;
     if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
         return st;
+    cudaStream_t ms = (cudaStream_t)stream;
+    cudaError_t e;
+    if (c->ht_copy) {
+        /* Copy-engine path: every rank copies the block of rows it received from source s
+         * (contiguous in x) back into s's staging area in chunks, each chunk announced on the
+         * signal stream; the source sums its copies as the chunks land. */
+        const int R = g->nranks, me = g->rank, H = g->cfg.hidden, NCH = HT_COMBINE_CHUNKS;
+        const uint64_t stage_base = c->ht_comb_n * (uint64_t)NCH;
+        c->ht_comb_n++;
+        if ((e = cudaEventRecord(c->ev_fork, ms)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(c->cs, c->ev_fork, 0)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(c->ss, c->ev_fork, 0)) != cudaSuccess)
+            return cuda_fail(g, e, "forking the copy streams");
+        for (int ch = 0; ch < NCH; ++ch) {
+            int base = 0;
+            for (int s = 0; s < R; ++s) {
+                const int n = h->recv_from[s];
+                const int r0 = (int)((long long)ch * n / NCH), r1 = (int)((long long)(ch + 1) * n / NCH);
+                if (s != me && r1 > r0) {
+                    e = cudaMemcpyAsync(c->ctx.base[s] + c->ctx.lay.ht_stage +
+                                            ((size_t)me * g->cfg.ht_max_tokens + r0) * H * 2,
+                                        x + (size_t)(base + r0) * H, (size_t)(r1 - r0) * H * 2,
+                                        cudaMemcpyDeviceToDevice, c->cs);
+                    if (e != cudaSuccess)
+                        return cuda_fail(g, e, "HT combine copy to a peer");
+                }
+                base += n;
+            }
+            if ((e = cudaEventRecord(c->ev_chunk[ch], c->cs)) != cudaSuccess ||
+                (e = cudaStreamWaitEvent(c->ss, c->ev_chunk[ch], 0)) != cudaSuccess)
+                return cuda_fail(g, e, "ordering the combine signals");
+            if ((st = launched(g, epk_ht_stage_signal(&c->ctx, stage_base + ch + 1, c->ss),
+                               "HT combine signal")) != EP_OK)
+                return st;
+        }
+        if ((st = launched(g,
+                           epk_ht_combine_staged(&c->ctx, &h->sc->st, x, out, h->num_tokens,
+                                                 c->ht_blocks, NCH, stage_base, ms),
+                           "HT combine sum")) != EP_OK)
+            return st;
+        if ((e = cudaEventRecord(c->ev_cs, c->cs)) != cudaSuccess ||
+            (e = cudaEventRecord(c->ev_ss, c->ss)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_cs, 0)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_ss, 0)) != cudaSuccess)
+            return cuda_fail(g, e, "joining the copy streams");
+        return EP_OK;
+    }
     const uint64_t seq = ++c->ht_seq;
     c->ht_done += (uint64_t)c->ht_blocks;
     return launched(g,
