@@ -27,7 +27,7 @@ NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 if ! pkg-config --exists cmocka 2>/dev/null && ls .deps/libcmocka*.deb >/dev/null 2>&1; then
   P=/tmp/epdeps
   for f in .deps/libcmocka*.deb; do dpkg -x "$f" $P; done
-  sed -i "s|^prefix=.*|prefix=$P/usr|" $P/usr/lib/x86_64-linux-gnu/pkgconfig/cmocka.pc
+  sed -i "s|-L/usr/|-L$P/usr/|; s|-I/usr/|-I$P/usr/|" $P/usr/lib/x86_64-linux-gnu/pkgconfig/cmocka.pc
   export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig
   export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 fi
