@@ -167,71 +167,82 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     int32_t *range = (int32_t *)(buf + c.lay.ll_range);
     int32_t *inv = (int32_t *)(buf + c.lay.ll_inv);
 
+    __shared__ int s_ts[EP_MAX_RANKS];
+    __shared__ int s_cnt[EP_MAX_RANKS];
+    if ((int)threadIdx.x < R)
+        s_ts[threadIdx.x] = *(const volatile int32_t *)(buf + c.lay.ll_meta + (size_t)threadIdx.x * c.lay.ll_meta_bytes);
+    __syncthreads();
     for (int e = bid; e < L; e += p.recv_blocks) {
         const int ge = c.rank * L + e;
+        if ((int)threadIdx.x < R)
+            s_cnt[threadIdx.x] = 0;
         int row = 0;
-        for (int s = 0; s < R; ++s) {
-            const uint8_t *meta = buf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes;
-            const int Ts = *(const volatile int32_t *)meta;
-            const int32_t *midx = (const int32_t *)(meta + 16);
-            const int first = row;
-            for (int t0 = 0; t0 < Ts; t0 += blockDim.x) {
-                const int t = t0 + threadIdx.x;
-                int sel = 0;
-                if (t < Ts)
-                    for (int j = 0; j < k; ++j)
-                        sel |= midx[(size_t)t * k + j] == ge;
-                int tot;
-                const int pre = epk_block_scan(sel, &tot, s_scan);
-                if (sel) {
-                    const int r = row + pre;
-                    s_tok[pre] = t;
-                    s_row[pre] = r;
-                    src_info[(size_t)e * S + r] = t;
-                    for (int j = 0; j < k; ++j)
-                        if (midx[(size_t)t * k + j] == ge)
-                            inv[((size_t)s * Tmax + t) * k + j] = r;
-                }
-                __syncthreads();
-                /* copy the tot selected messages, all 16-byte vectors of all rows at once */
-                const int nvec = (int)(row_bytes / 16), total = tot * nvec;
-                /* four independent loads in flight per thread before their stores */
-                for (int i0 = threadIdx.x; i0 < total; i0 += 4 * blockDim.x) {
-                    uint4 val[4];
-                    uint4 *dst[4];
+        /* one scan over all sources: index i = s * Tmax + t, so rows come out ordered by
+         * (source rank, token) */
+        for (int i0 = 0; i0 < R * Tmax; i0 += blockDim.x) {
+            const int i = i0 + threadIdx.x, s = i / Tmax, t = i - s * Tmax;
+            int sel = 0;
+            const int32_t *midx = nullptr;
+            if (i < R * Tmax && t < s_ts[s]) {
+                midx = (const int32_t *)(buf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes + 16) + (size_t)t * k;
+                for (int j = 0; j < k; ++j)
+                    sel |= midx[j] == ge;
+            }
+            int tot;
+            const int pre = epk_block_scan(sel, &tot, s_scan);
+            if (sel) {
+                const int r = row + pre;
+                s_tok[pre] = i;
+                s_row[pre] = r;
+                src_info[(size_t)e * S + r] = t;
+                atomicAdd(&s_cnt[s], 1);
+                for (int j = 0; j < k; ++j)
+                    if (midx[j] == ge)
+                        inv[((size_t)s * Tmax + t) * k + j] = r;
+            }
+            __syncthreads();
+            /* copy the tot selected messages: all 16-byte vectors of all rows at once, eight
+             * independent loads in flight per thread before their stores */
+            const int nvec = (int)(row_bytes / 16), total = tot * nvec;
+            for (int q0 = threadIdx.x; q0 < total; q0 += 8 * blockDim.x) {
+                uint4 val[8];
+                uint4 *dst[8];
 #pragma unroll
-                    for (int u = 0; u < 4; ++u) {
-                        const int i = i0 + u * blockDim.x;
-                        if (i < total) {
-                            const int n = i / nvec, v = i - n * nvec;
-                            const uint8_t *msg = buf + c.lay.ll_msg + ((size_t)s * Tmax + s_tok[n]) * c.lay.ll_msg_stride;
-                            val[u] = *((const uint4 *)msg + v);
-                            dst[u] = (uint4 *)(recv_x + ((size_t)e * S + s_row[n]) * row_bytes) + v;
-                        }
-                    }
-#pragma unroll
-                    for (int u = 0; u < 4; ++u)
-                        if (i0 + u * (int)blockDim.x < total)
-                            *dst[u] = val[u];
-                }
-                if (p.use_fp8) {
-                    const int ns = H / 128;
-                    for (int i = threadIdx.x; i < tot * ns; i += blockDim.x) {
-                        const int n = i / ns, g = i - n * ns;
-                        const uint8_t *msg = buf + c.lay.ll_msg + ((size_t)s * Tmax + s_tok[n]) * c.lay.ll_msg_stride;
-                        recv_scales[((size_t)e * S + s_row[n]) * ns + g] = ((const float *)(msg + H))[g];
+                for (int u = 0; u < 8; ++u) {
+                    const int q = q0 + u * blockDim.x;
+                    if (q < total) {
+                        const int n = q / nvec, v = q - n * nvec;
+                        const uint8_t *msg = buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                        val[u] = *((const uint4 *)msg + v);
+                        dst[u] = (uint4 *)(recv_x + ((size_t)e * S + s_row[n]) * row_bytes) + v;
                     }
                 }
-                row += tot;
-                __syncthreads();
+#pragma unroll
+                for (int u = 0; u < 8; ++u)
+                    if (q0 + u * (int)blockDim.x < total)
+                        *dst[u] = val[u];
             }
-            if (threadIdx.x == 0) {
-                range[((size_t)e * R + s) * 2] = first;
-                range[((size_t)e * R + s) * 2 + 1] = row - first;
+            if (p.use_fp8) {
+                const int ns = H / 128;
+                for (int q = threadIdx.x; q < tot * ns; q += blockDim.x) {
+                    const int n = q / ns, g = q - n * ns;
+                    const uint8_t *msg = buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                    recv_scales[((size_t)e * S + s_row[n]) * ns + g] = ((const float *)(msg + H))[g];
+                }
             }
+            row += tot;
+            __syncthreads();
         }
-        if (threadIdx.x == 0)
+        if (threadIdx.x == 0) {
+            int first = 0;
+            for (int s = 0; s < R; ++s) {
+                range[((size_t)e * R + s) * 2] = first;
+                range[((size_t)e * R + s) * 2 + 1] = s_cnt[s];
+                first += s_cnt[s];
+            }
             recv_count[e] = row;
+        }
+        __syncthreads();
     }
 
     __syncthreads();
