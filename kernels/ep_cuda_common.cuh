@@ -46,8 +46,7 @@ __device__ __forceinline__ int epk_ld_volatile_host(const int *p)
 __device__ __forceinline__ void epk_fail_raw(int *err, int code, int peer, int what)
 {
     volatile int *e = err;
-    if (e[EPK_ERR_CODE] != 0)
-        return;
+    if (e[EPK_ERR_CODE] != 0) return;
     e[EPK_ERR_PEER] = peer;
     e[EPK_ERR_WHAT] = what;
     __threadfence_system();
@@ -58,18 +57,15 @@ __device__ __forceinline__ void epk_fail_raw(int *err, int code, int peer, int w
 /* Spins until *word >= target. Returns false (after recording who stalled) when timeout_ns of
  * %globaltimer pass, or at once when another wait of the group already failed. */
 static __device__ __noinline__ bool epk_wait_ge_raw(int *err, unsigned long long timeout_ns,
-                                             const uint64_t *word, uint64_t target, int peer,
-                                             int what)
+                                                    const uint64_t *word, uint64_t target, int peer,
+                                                    int what)
 {
-    if (epk_ld_acquire_sys(word) >= target)
-        return true;
+    if (epk_ld_acquire_sys(word) >= target) return true;
     uint64_t start = epk_globaltimer();
     for (unsigned spin = 1;; ++spin) {
-        if (epk_ld_acquire_sys(word) >= target)
-            return true;
+        if (epk_ld_acquire_sys(word) >= target) return true;
         if ((spin & 255u) == 0) {
-            if (epk_ld_volatile_host(err + EPK_ERR_CODE) != 0)
-                return false;
+            if (epk_ld_volatile_host(err + EPK_ERR_CODE) != 0) return false;
             if (epk_globaltimer() - start > timeout_ns) {
                 epk_fail_raw(err, EPK_CODE_TIMEOUT, peer, what);
                 return false;
@@ -148,11 +144,9 @@ __device__ __forceinline__ int epk_block_scan(int v, int *total, int *sh)
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
         int y = __shfl_up_sync(0xffffffffu, x, o);
-        if (lane >= o)
-            x += y;
+        if (lane >= o) x += y;
     }
-    if (lane == 31)
-        sh[warp] = x;
+    if (lane == 31) sh[warp] = x;
     __syncthreads();
     if (threadIdx.x == 0) {
         int run = 0;

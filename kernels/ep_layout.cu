@@ -45,7 +45,8 @@ extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks
     lay->ll_state = off;
     off = align_up(off + 64, 256);
     lay->ht_stage = off;
-    off = align_up(off + R * (size_t)(cfg->ht_max_tokens > 0 ? cfg->ht_max_tokens : 0) * H * 2, 4096);
+    off =
+        align_up(off + R * (size_t)(cfg->ht_max_tokens > 0 ? cfg->ht_max_tokens : 0) * H * 2, 4096);
 
     /* one LL buffer */
     size_t b = 0;

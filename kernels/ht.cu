@@ -14,7 +14,8 @@
  */
 #include "ep_cuda_common.cuh"
 
-namespace {
+namespace
+{
 
 constexpr int kPrepThreads = 1024;
 constexpr int kThreads = 512;
@@ -38,16 +39,14 @@ __global__ void ht_layout_kernel(const epk_ctx_t c, const int32_t *topk_idx, int
         uint64_t m = 0;
         for (int j = 0; j < k; ++j) {
             const int e = topk_idx[(size_t)t * k + j];
-            if (e < 0)
-                continue;
+            if (e < 0) continue;
             atomicAdd(&per_expert[e], 1);
             m |= 1ull << (e / L);
         }
         for (int d = 0; d < R; ++d) {
             const int in = (int)(m >> d & 1);
             in_rank[(size_t)t * R + d] = (uint8_t)in;
-            if (in)
-                atomicAdd(&per_rank[d], 1);
+            if (in) atomicAdd(&per_rank[d], 1);
         }
     }
 }
@@ -66,8 +65,7 @@ __global__ void __launch_bounds__(kPrepThreads)
 
     for (int e = threadIdx.x; e < E; e += blockDim.x)
         s_ecnt[e] = 0;
-    if (threadIdx.x == 0)
-        s_fail = 0;
+    if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     for (int d = 0; d < R; ++d) {
         int run = 0;
@@ -81,12 +79,10 @@ __global__ void __launch_bounds__(kPrepThreads)
                 }
             int tot;
             const int pre = epk_block_scan(sel, &tot, s_scan);
-            if (t < T)
-                st.pos[(size_t)t * R + d] = sel ? run + pre : -1;
+            if (t < T) st.pos[(size_t)t * R + d] = sel ? run + pre : -1;
             run += tot;
         }
-        if (threadIdx.x == 0)
-            s_cnt[d] = run;
+        if (threadIdx.x == 0) s_cnt[d] = run;
     }
     /* runs of consecutive tokens per destination, for the copy-engine path */
     for (int d = 0; d < R; ++d) {
@@ -100,31 +96,29 @@ __global__ void __launch_bounds__(kPrepThreads)
             int ts, te;
             const int ps = epk_block_scan(is_start, &ts, s_scan);
             const int pe = epk_block_scan(is_end, &te, s_scan);
-            if (is_start && nstart + ps < EPK_MAX_RUNS)
-                info->runs[d][nstart + ps][0] = t;
-            if (is_end && nend + pe < EPK_MAX_RUNS)
-                info->runs[d][nend + pe][1] = t;
+            if (is_start && nstart + ps < EPK_MAX_RUNS) info->runs[d][nstart + ps][0] = t;
+            if (is_end && nend + pe < EPK_MAX_RUNS) info->runs[d][nend + pe][1] = t;
             nstart += ts;
             nend += te;
         }
-        if (threadIdx.x == 0)
-            info->nruns[d] = nstart <= EPK_MAX_RUNS ? nstart : -1;
+        if (threadIdx.x == 0) info->nruns[d] = nstart <= EPK_MAX_RUNS ? nstart : -1;
     }
     for (int i = threadIdx.x; i < T * k; i += blockDim.x) {
         const int e = topk_idx[i];
-        if (e >= 0)
-            atomicAdd(&s_ecnt[e], 1);
+        if (e >= 0) atomicAdd(&s_ecnt[e], 1);
     }
     __syncthreads();
 
     /* publish {counts[R], expert counts[E]} to every rank, then release its flag */
     for (int d = 0; d < R; ++d) {
-        int32_t *row = (int32_t *)(c.base[d] + c.lay.ht_rows + ((size_t)parity * R + c.rank) * row_stride(c));
+        int32_t *row =
+            (int32_t *)(c.base[d] + c.lay.ht_rows + ((size_t)parity * R + c.rank) * row_stride(c));
         for (int i = threadIdx.x; i < R + E; i += blockDim.x)
             row[i] = i < R ? s_cnt[i] : s_ecnt[i - R];
     }
     if ((int)threadIdx.x < R)
-        ((epk_ht_ptrs_t *)(c.base[threadIdx.x] + c.lay.ht_ptrs))[(size_t)parity * R + c.rank] = mine;
+        ((epk_ht_ptrs_t *)(c.base[threadIdx.x] + c.lay.ht_ptrs))[(size_t)parity * R + c.rank] =
+            mine;
     __syncthreads();
     if ((int)threadIdx.x < R) {
         __threadfence_system();
@@ -136,8 +130,7 @@ __global__ void __launch_bounds__(kPrepThreads)
                          EPK_WAIT_HT_COUNTS))
             s_fail = 1;
     __syncthreads();
-    if (s_fail)
-        return;
+    if (s_fail) return;
 
     const uint8_t *rows = c.base[c.rank] + c.lay.ht_rows + (size_t)parity * R * row_stride(c);
     if (threadIdx.x == 0) {
@@ -155,7 +148,9 @@ __global__ void __launch_bounds__(kPrepThreads)
             st.base_at[d] = b;
             info->base_at[d] = b;
             info->count_to[d] = s_cnt[d];
-            const volatile epk_ht_ptrs_t *pp = (const volatile epk_ht_ptrs_t *)(c.base[c.rank] + c.lay.ht_ptrs) + (size_t)parity * R + d;
+            const volatile epk_ht_ptrs_t *pp =
+                (const volatile epk_ht_ptrs_t *)(c.base[c.rank] + c.lay.ht_ptrs) +
+                (size_t)parity * R + d;
             info->recv_x[d] = pp->recv_x;
             info->capacity[d] = pp->capacity;
         }
@@ -167,8 +162,7 @@ __global__ void __launch_bounds__(kPrepThreads)
         int n = 0;
         for (int s = 0; s < R; ++s)
             n += ((const int32_t *)(rows + (size_t)s * row_stride(c)))[R + c.rank * L + e];
-        if (align > 1)
-            n = (n + align - 1) / align * align;
+        if (align > 1) n = (n + align - 1) / align * align;
         num_recv_per_expert[e] = n;
     }
 }
@@ -179,22 +173,24 @@ __device__ bool exchange_ptrs(const epk_ctx_t &c, const epk_ht_ptrs_t &mine, uin
 {
     const int R = c.nranks, parity = (int)(seq & 1);
     __shared__ int s_fail;
-    if (threadIdx.x == 0)
-        s_fail = 0;
+    if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if (publish && blockIdx.x == 0 && (int)threadIdx.x < R) {
-        epk_ht_ptrs_t *slot = (epk_ht_ptrs_t *)(c.base[threadIdx.x] + c.lay.ht_ptrs) + (size_t)parity * R + c.rank;
+        epk_ht_ptrs_t *slot =
+            (epk_ht_ptrs_t *)(c.base[threadIdx.x] + c.lay.ht_ptrs) + (size_t)parity * R + c.rank;
         *slot = mine;
         __threadfence_system();
         epk_st_release_sys(ht_word(c, threadIdx.x, 2 * R + parity * R + c.rank), seq);
     }
     if ((int)threadIdx.x < R) {
-        if (!epk_wait_ge(c, ht_word(c, c.rank, 2 * R + parity * R + threadIdx.x), seq,
-                         threadIdx.x, EPK_WAIT_HT_PTRS))
+        if (!epk_wait_ge(c, ht_word(c, c.rank, 2 * R + parity * R + threadIdx.x), seq, threadIdx.x,
+                         EPK_WAIT_HT_PTRS))
             s_fail = 1;
-        else
-        {
-            const volatile uint64_t *w = (const volatile uint64_t *)((const epk_ht_ptrs_t *)(c.base[c.rank] + c.lay.ht_ptrs) + (size_t)parity * R + threadIdx.x);
+        else {
+            const volatile uint64_t *w =
+                (const volatile uint64_t *)((const epk_ht_ptrs_t *)(c.base[c.rank] +
+                                                                    c.lay.ht_ptrs) +
+                                            (size_t)parity * R + threadIdx.x);
             s_ptrs[threadIdx.x].recv_x = w[0];
             s_ptrs[threadIdx.x].recv_scales = w[1];
             s_ptrs[threadIdx.x].recv_topk_idx = w[2];
@@ -233,23 +229,21 @@ __global__ void __launch_bounds__(kThreads)
     mine.recv_topk_w = (uint64_t)p.recv_topk_w;
     mine.combine_x = 0;
     mine.capacity = (uint64_t)p.capacity;
-    if ((int)threadIdx.x < R)
-        s_base[threadIdx.x] = st.base_at[threadIdx.x];
-    if (!exchange_ptrs(c, mine, p.seq, s_ptrs, !p.ptrs_ready))
-        return;
+    if ((int)threadIdx.x < R) s_base[threadIdx.x] = st.base_at[threadIdx.x];
+    if (!exchange_ptrs(c, mine, p.seq, s_ptrs, !p.ptrs_ready)) return;
 
     const size_t row_bytes = p.use_fp8 ? (size_t)H : (size_t)H * 2;
     const int nvec = (int)(row_bytes / 16), ns = H / 128;
     const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
-    for (int t = blockIdx.x * warps + (threadIdx.x >> 5); t < p.num_tokens; t += gridDim.x * warps) {
+    for (int t = blockIdx.x * warps + (threadIdx.x >> 5); t < p.num_tokens;
+         t += gridDim.x * warps) {
         int rows[EP_MAX_RANKS > 8 ? 8 : EP_MAX_RANKS];
         uint64_t mask = 0;
         for (int d = 0; d < R; ++d) {
             const int r = st.pos[(size_t)t * R + d];
             if (r >= 0 && (uint64_t)(s_base[d] + r) < s_ptrs[d].capacity) {
                 mask |= 1ull << d;
-                if (d < 8)
-                    rows[d] = s_base[d] + r;
+                if (d < 8) rows[d] = s_base[d] + r;
             }
         }
         const uint4 *src = (const uint4 *)((const uint8_t *)p.x + (size_t)t * row_bytes);
@@ -259,29 +253,26 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int u = 0; u < kUnroll; ++u) {
                 const int v = v0 + u * 32 + lane;
-                if (v < nvec)
-                    val[u] = __ldg(src + v);
+                if (v < nvec) val[u] = __ldg(src + v);
             }
             for (int d = 0; d < R; ++d) {
-                if (!(data_mask >> d & 1))
-                    continue;
+                if (!(data_mask >> d & 1)) continue;
                 const int row = d < 8 ? rows[d] : s_base[d] + st.pos[(size_t)t * R + d];
                 uint4 *dst = (uint4 *)((uint8_t *)s_ptrs[d].recv_x + (size_t)row * row_bytes);
 #pragma unroll
                 for (int u = 0; u < kUnroll; ++u) {
                     const int v = v0 + u * 32 + lane;
-                    if (v < nvec)
-                        dst[v] = val[u];
+                    if (v < nvec) dst[v] = val[u];
                 }
             }
         }
         for (int d = 0; d < R; ++d) {
-            if (!(mask >> d & 1))
-                continue;
+            if (!(mask >> d & 1)) continue;
             const int row = s_base[d] + st.pos[(size_t)t * R + d];
             if (p.use_fp8)
                 for (int g = lane; g < ns; g += 32)
-                    ((float *)s_ptrs[d].recv_scales)[(size_t)row * ns + g] = p.x_scales[(size_t)t * ns + g];
+                    ((float *)s_ptrs[d].recv_scales)[(size_t)row * ns + g] =
+                        p.x_scales[(size_t)t * ns + g];
             if (p.recv_topk_idx && lane < k) {
                 const int e = p.topk_idx[(size_t)t * k + lane];
                 const int li = e >= d * L && e < (d + 1) * L ? e - d * L : -1;
@@ -291,8 +282,7 @@ __global__ void __launch_bounds__(kThreads)
             }
         }
     }
-    if (!p.no_done)
-        signal_done_and_wait(c, p.done_target);
+    if (!p.no_done) signal_done_and_wait(c, p.done_target);
 }
 
 __global__ void ht_done_kernel(const epk_ctx_t c, uint64_t add, uint64_t done_target, int wait)
@@ -339,15 +329,13 @@ __global__ void __launch_bounds__(kThreads)
         s_base[threadIdx.x] = st.base_at[threadIdx.x];
         s_cnt[threadIdx.x] = 0;
     }
-    if (threadIdx.x == 0)
-        s_fail = 0;
+    if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     /* rows this rank sent to d = number of its tokens with pos >= 0 for d: the last one + 1 */
     for (int t = threadIdx.x; t < T; t += blockDim.x)
         for (int d = 0; d < R; ++d) {
             const int r = st.pos[(size_t)t * R + d];
-            if (r >= 0)
-                atomicMax(&s_cnt[d], r + 1);
+            if (r >= 0) atomicMax(&s_cnt[d], r + 1);
         }
     __syncthreads();
     const uint8_t *stage = c.base[me] + c.lay.ht_stage;
@@ -359,8 +347,7 @@ __global__ void __launch_bounds__(kThreads)
                              threadIdx.x, EPK_WAIT_HT_DONE))
                 s_fail = 1;
         __syncthreads();
-        if (s_fail)
-            return;
+        if (s_fail) return;
         for (int t = blockIdx.x * warps + (threadIdx.x >> 5); t < T; t += gridDim.x * warps) {
             int round = 0;
             for (int d = 0; d < R; ++d) {
@@ -370,8 +357,7 @@ __global__ void __launch_bounds__(kThreads)
                     round = rc > round ? rc : round;
                 }
             }
-            if (round != ch)
-                continue;
+            if (round != ch) continue;
             uint4 *dst = (uint4 *)(out + (size_t)t * H);
             for (int v0 = 0; v0 < nvec; v0 += 32 * U) {
                 float acc[U][8];
@@ -382,16 +368,16 @@ __global__ void __launch_bounds__(kThreads)
                         acc[u][q] = 0.f;
                 for (int d = 0; d < R; ++d) {
                     const int r = st.pos[(size_t)t * R + d];
-                    if (r < 0)
-                        continue;
-                    const uint4 *src = d == me ? (const uint4 *)(x + (size_t)(s_base[me] + r) * H)
-                                               : (const uint4 *)(stage + ((size_t)d * c.ht_max_tokens + r) * H * 2);
+                    if (r < 0) continue;
+                    const uint4 *src =
+                        d == me
+                            ? (const uint4 *)(x + (size_t)(s_base[me] + r) * H)
+                            : (const uint4 *)(stage + ((size_t)d * c.ht_max_tokens + r) * H * 2);
                     uint4 val[U];
 #pragma unroll
                     for (int u = 0; u < U; ++u) {
                         const int v = v0 + u * 32 + lane;
-                        if (v < nvec)
-                            val[u] = src[v];
+                        if (v < nvec) val[u] = src[v];
                     }
 #pragma unroll
                     for (int u = 0; u < U; ++u) {
@@ -405,8 +391,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int v = v0 + u * 32 + lane;
-                    if (v < nvec)
-                        dst[v] = epk_pack8(acc[u]);
+                    if (v < nvec) dst[v] = epk_pack8(acc[u]);
                 }
             }
         }
@@ -414,17 +399,15 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 __global__ void __launch_bounds__(kThreads)
-    ht_combine_kernel(const epk_ctx_t c, const epk_ht_state_t st, const uint16_t *x,
-                      uint16_t *out, int T, uint64_t seq, uint64_t done_target)
+    ht_combine_kernel(const epk_ctx_t c, const epk_ht_state_t st, const uint16_t *x, uint16_t *out,
+                      int T, uint64_t seq, uint64_t done_target)
 {
     const int R = c.nranks, H = c.hidden;
     __shared__ epk_ht_ptrs_t s_ptrs[EP_MAX_RANKS];
     __shared__ int s_base[EP_MAX_RANKS];
     epk_ht_ptrs_t mine = {0, 0, 0, 0, (uint64_t)x, 0};
-    if ((int)threadIdx.x < R)
-        s_base[threadIdx.x] = st.base_at[threadIdx.x];
-    if (!exchange_ptrs(c, mine, seq, s_ptrs))
-        return;
+    if ((int)threadIdx.x < R) s_base[threadIdx.x] = st.base_at[threadIdx.x];
+    if (!exchange_ptrs(c, mine, seq, s_ptrs)) return;
 
     const int nvec = H / 8, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
     constexpr int U = 2 * kUnroll;
@@ -439,15 +422,14 @@ __global__ void __launch_bounds__(kThreads)
                     acc[u][q] = 0.f;
             for (int d = 0; d < R; ++d) {
                 const int r = st.pos[(size_t)t * R + d];
-                if (r < 0)
-                    continue;
-                const uint4 *src = (const uint4 *)((const uint16_t *)s_ptrs[d].combine_x + (size_t)(s_base[d] + r) * H);
+                if (r < 0) continue;
+                const uint4 *src = (const uint4 *)((const uint16_t *)s_ptrs[d].combine_x +
+                                                   (size_t)(s_base[d] + r) * H);
                 uint4 val[U];
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
                     const int v = v0 + u * 32 + lane;
-                    if (v < nvec)
-                        val[u] = src[v];
+                    if (v < nvec) val[u] = src[v];
                 }
 #pragma unroll
                 for (int u = 0; u < U; ++u) {
@@ -461,8 +443,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
             for (int u = 0; u < U; ++u) {
                 const int v = v0 + u * 32 + lane;
-                if (v < nvec)
-                    dst[v] = epk_pack8(acc[u]);
+                if (v < nvec) dst[v] = epk_pack8(acc[u]);
             }
         }
     }
@@ -471,18 +452,14 @@ __global__ void __launch_bounds__(kThreads)
 
 } // namespace
 
-extern "C" int epk_ht_layout(const epk_ctx_t *c, const int32_t *topk_idx, int T,
-                             int32_t *per_rank, int32_t *per_expert, uint8_t *in_rank,
-                             void *stream)
+extern "C" int epk_ht_layout(const epk_ctx_t *c, const int32_t *topk_idx, int T, int32_t *per_rank,
+                             int32_t *per_expert, uint8_t *in_rank, void *stream)
 {
     cudaStream_t s = (cudaStream_t)stream;
     cudaError_t e = cudaMemsetAsync(per_rank, 0, (size_t)c->nranks * 4, s);
-    if (e == cudaSuccess)
-        e = cudaMemsetAsync(per_expert, 0, (size_t)c->num_experts * 4, s);
-    if (e != cudaSuccess)
-        return (int)e;
-    if (T == 0)
-        return 0;
+    if (e == cudaSuccess) e = cudaMemsetAsync(per_expert, 0, (size_t)c->num_experts * 4, s);
+    if (e != cudaSuccess) return (int)e;
+    if (T == 0) return 0;
     const int threads = 256, grid = (T + threads - 1) / threads;
     ht_layout_kernel<<<grid, threads, 0, s>>>(*c, topk_idx, T, per_rank, per_expert, in_rank);
     return EPK_CHECK_LAUNCH();
@@ -495,9 +472,9 @@ extern "C" int epk_ht_prep(const epk_ctx_t *c, const epk_ht_state_t *st, const i
 {
     const size_t smem = (size_t)c->num_experts * 4;
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(ht_prep_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess)
-            return (int)e;
+        cudaError_t e = cudaFuncSetAttribute(
+            ht_prep_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
     }
     ht_prep_kernel<<<1, kPrepThreads, smem, (cudaStream_t)stream>>>(
         *c, *st, topk_idx, T, expert_alignment, num_recv_per_expert, info, *mine, seq);
@@ -528,14 +505,14 @@ extern "C" int epk_ht_combine_staged(const epk_ctx_t *c, const epk_ht_state_t *s
                                      const uint16_t *x, uint16_t *out, int T, int blocks,
                                      int nchunks, uint64_t stage_base, void *stream)
 {
-    ht_combine_staged_kernel<<<blocks, kThreads, 0, (cudaStream_t)stream>>>(
-        *c, *st, x, out, T, nchunks, stage_base);
+    ht_combine_staged_kernel<<<blocks, kThreads, 0, (cudaStream_t)stream>>>(*c, *st, x, out, T,
+                                                                            nchunks, stage_base);
     return EPK_CHECK_LAUNCH();
 }
 
 extern "C" int epk_ht_combine(const epk_ctx_t *c, const epk_ht_state_t *st, const uint16_t *x,
-                              uint16_t *out, int T, int blocks, uint64_t seq,
-                              uint64_t done_target, void *stream)
+                              uint16_t *out, int T, int blocks, uint64_t seq, uint64_t done_target,
+                              void *stream)
 {
     ht_combine_kernel<<<blocks, kThreads, 0, (cudaStream_t)stream>>>(*c, *st, x, out, T, seq,
                                                                      done_target);
@@ -548,19 +525,12 @@ extern "C" int epk_preload_ht(void)
 {
     cudaFuncAttributes a;
     cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, ht_layout_kernel)) != cudaSuccess)
-        return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_prep_kernel)) != cudaSuccess)
-        return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_dispatch_kernel)) != cudaSuccess)
-        return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_combine_kernel)) != cudaSuccess)
-        return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_done_kernel)) != cudaSuccess)
-        return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_stage_signal_kernel)) != cudaSuccess)
-        return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_combine_staged_kernel)) != cudaSuccess)
-        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_layout_kernel)) != cudaSuccess) return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_prep_kernel)) != cudaSuccess) return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_dispatch_kernel)) != cudaSuccess) return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_combine_kernel)) != cudaSuccess) return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_done_kernel)) != cudaSuccess) return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_stage_signal_kernel)) != cudaSuccess) return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ht_combine_staged_kernel)) != cudaSuccess) return (int)e;
     return 0;
 }

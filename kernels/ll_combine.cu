@@ -13,7 +13,8 @@
  */
 #include "ep_cuda_common.cuh"
 
-namespace {
+namespace
+{
 
 constexpr int kThreads = 256;
 constexpr int kRowsUnroll = 8; /* expert rows of one token loaded together */
@@ -40,30 +41,31 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
     if (bid == 0) {
         const int has_w = ((const int32_t *)mymeta)[1];
         for (int d = 0; d < R && !has_w; ++d) {
-            float *mw = (float *)(c.base[d] + doff + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes + 16 + (size_t)Tmax * k * 4);
+            float *mw = (float *)(c.base[d] + doff + c.lay.ll_meta +
+                                  (size_t)c.rank * c.lay.ll_meta_bytes + 16 + (size_t)Tmax * k * 4);
             for (int i = threadIdx.x; i < p.num_tokens * k; i += blockDim.x)
                 mw[i] = p.topk_w[i];
         }
         __syncthreads();
         if ((int)threadIdx.x < R) {
             __threadfence_system();
-            epk_red_release_sys(epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 2) * R + c.rank) * 8), 1);
+            epk_red_release_sys(
+                epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 2) * R + c.rank) * 8),
+                1);
         }
     }
-    if (threadIdx.x == 0)
-        s_fail = 0;
+    if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) {
         const uint8_t *meta = dbuf + c.lay.ll_meta + (size_t)threadIdx.x * c.lay.ll_meta_bytes;
         if (!((const volatile int32_t *)meta)[1]) {
-            const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 2) * R + threadIdx.x;
-            if (!epk_wait_ge(c, cnt, seq, threadIdx.x, EPK_WAIT_LL_WEIGHTS))
-                s_fail = 1;
+            const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+                                  (size_t)(p.buf * 3 + 2) * R + threadIdx.x;
+            if (!epk_wait_ge(c, cnt, seq, threadIdx.x, EPK_WAIT_LL_WEIGHTS)) s_fail = 1;
         }
     }
     __syncthreads();
-    if (s_fail)
-        return;
+    if (s_fail) return;
 
     __shared__ int s_e[EP_MAX_TOPK];
     __shared__ int s_r[EP_MAX_TOPK];
@@ -74,8 +76,7 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
         const int s = q / Tmax, t = q - s * Tmax;
         const uint8_t *meta = dbuf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes;
         const int Ts = *(const volatile int32_t *)meta;
-        if (t >= Ts)
-            continue;
+        if (t >= Ts) continue;
         const int32_t *midx = (const int32_t *)(meta + 16);
         const float *mw = (const float *)(meta + 16 + (size_t)Tmax * k * 4);
         if (threadIdx.x == 0) {
@@ -94,18 +95,19 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
         __syncthreads();
         const int n = s_n;
         if (n > 0) {
-            uint4 *dst = (uint4 *)(c.base[s] + coff + c.lay.ll_comb + ((size_t)c.rank * Tmax + t) * H * 2);
+            uint4 *dst =
+                (uint4 *)(c.base[s] + coff + c.lay.ll_comb + ((size_t)c.rank * Tmax + t) * H * 2);
             const uint4 *rows[kRowsUnroll];
 #pragma unroll
             for (int i = 0; i < kRowsUnroll; ++i)
-                rows[i] = i < n ? (const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H) : nullptr;
+                rows[i] = i < n ? (const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H)
+                                : nullptr;
             for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
                 /* all rows' loads first, then the weighted sum in slot order */
                 uint4 y[kRowsUnroll];
 #pragma unroll
                 for (int i = 0; i < kRowsUnroll; ++i)
-                    if (i < n)
-                        y[i] = __ldg(rows[i] + v);
+                    if (i < n) y[i] = __ldg(rows[i] + v);
                 float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
 #pragma unroll
                 for (int i = 0; i < kRowsUnroll; ++i) {
@@ -119,7 +121,9 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
                 }
                 for (int i = kRowsUnroll; i < n; ++i) {
                     float f[8];
-                    epk_unpack8(__ldg((const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H) + v), f);
+                    epk_unpack8(
+                        __ldg((const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H) + v),
+                        f);
 #pragma unroll
                     for (int qq = 0; qq < 8; ++qq)
                         acc[qq] = fmaf(s_w[i], f[qq], acc[qq]);
@@ -132,7 +136,8 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
     __syncthreads();
     if ((int)threadIdx.x < R) {
         __threadfence_system();
-        epk_red_release_sys(epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 1) * R + c.rank) * 8), 1);
+        epk_red_release_sys(
+            epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 1) * R + c.rank) * 8), 1);
     }
 }
 
@@ -145,25 +150,23 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
     __shared__ uint64_t s_mask;
 
     const uint64_t seq = *(volatile uint64_t *)&st->seq[p.buf][1] + 1;
-    if (threadIdx.x == 0)
-        s_fail = 0;
+    if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) {
-        const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 1) * R + threadIdx.x;
+        const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+                              (size_t)(p.buf * 3 + 1) * R + threadIdx.x;
         if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_COMBINE))
             s_fail = 1;
     }
     __syncthreads();
-    if (s_fail)
-        return;
+    if (s_fail) return;
 
     for (int t = bid; t < p.num_tokens; t += p.recv_blocks) {
         if (threadIdx.x == 0) {
             uint64_t m = 0;
             for (int j = 0; j < k; ++j) {
                 const int e = p.topk_idx[(size_t)t * k + j];
-                if (e >= 0)
-                    m |= 1ull << (e / L);
+                if (e >= 0) m |= 1ull << (e / L);
             }
             s_mask = m;
         }
@@ -176,7 +179,9 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
 #pragma unroll
                 for (int i = 0; i < 8; ++i)
                     if (d0 + i < R && (mask >> (d0 + i) & 1))
-                        y[i] = *((const uint4 *)(cbuf + c.lay.ll_comb + ((size_t)(d0 + i) * Tmax + t) * H * 2) + v);
+                        y[i] = *((const uint4 *)(cbuf + c.lay.ll_comb +
+                                                 ((size_t)(d0 + i) * Tmax + t) * H * 2) +
+                                 v);
 #pragma unroll
                 for (int i = 0; i < 8; ++i) {
                     if (d0 + i < R && (mask >> (d0 + i) & 1)) {
@@ -204,15 +209,12 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
     }
 }
 
-__global__ void __launch_bounds__(kThreads, 2) ll_combine_kernel(const epk_ctx_t c,
-                                                              const epk_ll_combine_params_t p,
-                                                              int mode)
+__global__ void __launch_bounds__(kThreads, 2)
+    ll_combine_kernel(const epk_ctx_t c, const epk_ll_combine_params_t p, int mode)
 {
     const int bid = blockIdx.x;
-    if (mode != 2 && bid < p.send_blocks)
-        combine_send(c, p, bid);
-    if (mode != 1 && bid < p.recv_blocks)
-        combine_recv(c, p, bid);
+    if (mode != 2 && bid < p.send_blocks) combine_send(c, p, bid);
+    if (mode != 1 && bid < p.recv_blocks) combine_recv(c, p, bid);
 }
 
 } // namespace
@@ -220,7 +222,7 @@ __global__ void __launch_bounds__(kThreads, 2) ll_combine_kernel(const epk_ctx_t
 extern "C" int epk_ll_combine(const epk_ctx_t *c, const epk_ll_combine_params_t *p, int mode,
                               void *stream)
 {
-    int grid = mode == 1 ? p->send_blocks
+    int grid = mode == 1   ? p->send_blocks
                : mode == 2 ? p->recv_blocks
                            : (p->send_blocks > p->recv_blocks ? p->send_blocks : p->recv_blocks);
     ll_combine_kernel<<<grid, kThreads, 0, (cudaStream_t)stream>>>(*c, *p, mode);
@@ -233,7 +235,6 @@ extern "C" int epk_preload_ll_combine(void)
 {
     cudaFuncAttributes a;
     cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, ll_combine_kernel)) != cudaSuccess)
-        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ll_combine_kernel)) != cudaSuccess) return (int)e;
     return 0;
 }

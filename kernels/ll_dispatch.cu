@@ -14,7 +14,8 @@
  */
 #include "ep_cuda_common.cuh"
 
-namespace {
+namespace
+{
 
 constexpr int kThreads = 256;
 
@@ -46,8 +47,7 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
             }
             for (int i = threadIdx.x; i < T * k; i += blockDim.x) {
                 midx[i] = p.topk_idx[i];
-                if (p.topk_w)
-                    mw[i] = p.topk_w[i];
+                if (p.topk_w) mw[i] = p.topk_w[i];
             }
         }
     }
@@ -57,15 +57,15 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
             uint64_t m = 0;
             for (int j = 0; j < k; ++j) {
                 int e = p.topk_idx[(size_t)t * k + j];
-                if (e >= 0)
-                    m |= 1ull << (e / L);
+                if (e >= 0) m |= 1ull << (e / L);
             }
             s_mask = m;
         }
         __syncthreads();
         const uint64_t mask = s_mask;
         const uint16_t *xt = p.x + (size_t)t * H;
-        const size_t moff = boff + c.lay.ll_msg + ((size_t)c.rank * c.ll_max_tokens + t) * c.lay.ll_msg_stride;
+        const size_t moff =
+            boff + c.lay.ll_msg + ((size_t)c.rank * c.ll_max_tokens + t) * c.lay.ll_msg_stride;
         if (p.use_fp8) {
             /* 8 lanes per 128-channel group, 16 channels (32 bytes in, 16 bytes out) per lane */
             const int groups = H / 128;
@@ -89,13 +89,11 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                     /* the reference's formula (kernels/fp8_quant_ref.h): scale = amax / 448,
                      * optionally rounded up to a power of two, q = e4m3(x / scale), with
                      * correctly rounded divisions */
-                    if (!(amax >= 1e-4f))
-                        amax = 1e-4f;
+                    if (!(amax >= 1e-4f)) amax = 1e-4f;
                     float sinv = __fdiv_rn(amax, 448.f);
                     if (p.round_scale) {
                         uint32_t u = __float_as_uint(sinv);
-                        if (u & 0x7fffffu)
-                            u = (u & 0xff800000u) + 0x800000u;
+                        if (u & 0x7fffffu) u = (u & 0xff800000u) + 0x800000u;
                         sinv = __uint_as_float(u);
                     }
                     uint32_t w[4];
@@ -108,12 +106,10 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                                 << 16);
                     const uint4 q = make_uint4(w[0], w[1], w[2], w[3]);
                     for (int d = 0; d < R; ++d) {
-                        if (!(mask >> d & 1))
-                            continue;
+                        if (!(mask >> d & 1)) continue;
                         uint8_t *m = c.base[d] + moff;
                         *(uint4 *)(m + g * 128 + sub * 16) = q;
-                        if (sub == 0)
-                            *(float *)(m + H + g * 4) = sinv;
+                        if (sub == 0) *(float *)(m + H + g * 4) = sinv;
                     }
                 }
             }
@@ -121,8 +117,7 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
             for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
                 const uint4 val = __ldg((const uint4 *)xt + v);
                 for (int d = 0; d < R; ++d)
-                    if (mask >> d & 1)
-                        *((uint4 *)(c.base[d] + moff) + v) = val;
+                    if (mask >> d & 1) *((uint4 *)(c.base[d] + moff) + v) = val;
             }
         }
         __syncthreads();
@@ -130,8 +125,8 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     __syncthreads();
     if ((int)threadIdx.x < R) {
         __threadfence_system();
-        epk_red_release_sys(epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 0) * R + c.rank) * 8),
-                            1);
+        epk_red_release_sys(
+            epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 0) * R + c.rank) * 8), 1);
     }
 }
 
@@ -147,17 +142,16 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     __shared__ int s_row[kThreads];
 
     const uint64_t seq = *(volatile uint64_t *)&st->seq[p.buf][0] + 1;
-    if (threadIdx.x == 0)
-        s_fail = 0;
+    if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) {
-        const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 0) * R + threadIdx.x;
+        const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+                              (size_t)(p.buf * 3 + 0) * R + threadIdx.x;
         if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_DISPATCH))
             s_fail = 1;
     }
     __syncthreads();
-    if (s_fail)
-        return;
+    if (s_fail) return;
 
     const size_t row_bytes = p.use_fp8 ? (size_t)H : (size_t)H * 2;
     uint8_t *recv_x = buf + c.lay.ll_recv_x;
@@ -170,12 +164,12 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     __shared__ int s_ts[EP_MAX_RANKS];
     __shared__ int s_cnt[EP_MAX_RANKS];
     if ((int)threadIdx.x < R)
-        s_ts[threadIdx.x] = *(const volatile int32_t *)(buf + c.lay.ll_meta + (size_t)threadIdx.x * c.lay.ll_meta_bytes);
+        s_ts[threadIdx.x] = *(const volatile int32_t *)(buf + c.lay.ll_meta +
+                                                        (size_t)threadIdx.x * c.lay.ll_meta_bytes);
     __syncthreads();
     for (int e = bid; e < L; e += p.recv_blocks) {
         const int ge = c.rank * L + e;
-        if ((int)threadIdx.x < R)
-            s_cnt[threadIdx.x] = 0;
+        if ((int)threadIdx.x < R) s_cnt[threadIdx.x] = 0;
         int row = 0;
         /* one scan over all sources: index i = s * Tmax + t, so rows come out ordered by
          * (source rank, token) */
@@ -184,7 +178,9 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
             int sel = 0;
             const int32_t *midx = nullptr;
             if (i < R * Tmax && t < s_ts[s]) {
-                midx = (const int32_t *)(buf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes + 16) + (size_t)t * k;
+                midx =
+                    (const int32_t *)(buf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes + 16) +
+                    (size_t)t * k;
                 for (int j = 0; j < k; ++j)
                     sel |= midx[j] == ge;
             }
@@ -197,8 +193,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                 src_info[(size_t)e * S + r] = t;
                 atomicAdd(&s_cnt[s], 1);
                 for (int j = 0; j < k; ++j)
-                    if (midx[j] == ge)
-                        inv[((size_t)s * Tmax + t) * k + j] = r;
+                    if (midx[j] == ge) inv[((size_t)s * Tmax + t) * k + j] = r;
             }
             __syncthreads();
             /* copy the tot selected messages: all 16-byte vectors of all rows at once, eight
@@ -212,22 +207,24 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                     const int q = q0 + u * blockDim.x;
                     if (q < total) {
                         const int n = q / nvec, v = q - n * nvec;
-                        const uint8_t *msg = buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                        const uint8_t *msg =
+                            buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
                         val[u] = *((const uint4 *)msg + v);
                         dst[u] = (uint4 *)(recv_x + ((size_t)e * S + s_row[n]) * row_bytes) + v;
                     }
                 }
 #pragma unroll
                 for (int u = 0; u < 8; ++u)
-                    if (q0 + u * (int)blockDim.x < total)
-                        *dst[u] = val[u];
+                    if (q0 + u * (int)blockDim.x < total) *dst[u] = val[u];
             }
             if (p.use_fp8) {
                 const int ns = H / 128;
                 for (int q = threadIdx.x; q < tot * ns; q += blockDim.x) {
                     const int n = q / ns, g = q - n * ns;
-                    const uint8_t *msg = buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
-                    recv_scales[((size_t)e * S + s_row[n]) * ns + g] = ((const float *)(msg + H))[g];
+                    const uint8_t *msg =
+                        buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                    recv_scales[((size_t)e * S + s_row[n]) * ns + g] =
+                        ((const float *)(msg + H))[g];
                 }
             }
             row += tot;
@@ -256,15 +253,12 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     }
 }
 
-__global__ void __launch_bounds__(kThreads, 2) ll_dispatch_kernel(const epk_ctx_t c,
-                                                               const epk_ll_dispatch_params_t p,
-                                                               int mode)
+__global__ void __launch_bounds__(kThreads, 2)
+    ll_dispatch_kernel(const epk_ctx_t c, const epk_ll_dispatch_params_t p, int mode)
 {
     const int bid = blockIdx.x;
-    if (mode != 2 && bid < p.send_blocks)
-        dispatch_send(c, p, bid);
-    if (mode != 1 && bid < p.recv_blocks)
-        dispatch_recv(c, p, bid);
+    if (mode != 2 && bid < p.send_blocks) dispatch_send(c, p, bid);
+    if (mode != 1 && bid < p.recv_blocks) dispatch_recv(c, p, bid);
 }
 
 } // namespace
@@ -272,7 +266,7 @@ __global__ void __launch_bounds__(kThreads, 2) ll_dispatch_kernel(const epk_ctx_
 extern "C" int epk_ll_dispatch(const epk_ctx_t *c, const epk_ll_dispatch_params_t *p, int mode,
                                void *stream)
 {
-    int grid = mode == 1 ? p->send_blocks
+    int grid = mode == 1   ? p->send_blocks
                : mode == 2 ? p->recv_blocks
                            : (p->send_blocks > p->recv_blocks ? p->send_blocks : p->recv_blocks);
     ll_dispatch_kernel<<<grid, kThreads, 0, (cudaStream_t)stream>>>(*c, *p, mode);
@@ -285,7 +279,6 @@ extern "C" int epk_preload_ll_dispatch(void)
 {
     cudaFuncAttributes a;
     cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, ll_dispatch_kernel)) != cudaSuccess)
-        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, ll_dispatch_kernel)) != cudaSuccess) return (int)e;
     return 0;
 }

@@ -11,7 +11,8 @@
 
 #include <math.h>
 
-namespace {
+namespace
+{
 
 constexpr int kWarps = 4;
 
@@ -46,8 +47,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     float *sel = s_all + (size_t)warp * 2 * E; /* selection score, -inf once taken/masked */
     float *val = sel + E;                      /* weight source (p or sigmoid) */
     const int t = blockIdx.x * kWarps + warp;
-    if (t >= T)
-        return;
+    if (t >= T) return;
     const float *l = logits + (size_t)t * E;
 
     if (p.kind == EP_ROUTE_SOFTMAX_TOPK) {
@@ -98,7 +98,8 @@ __global__ void __launch_bounds__(kWarps * 32)
             float v = -INFINITY;
             int i = 0x7fffffff;
             for (int g = lane; g < G; g += 32)
-                if (!(kept >> g & 1) && (s_gscore[warp][g] > v || (s_gscore[warp][g] == v && g < i))) {
+                if (!(kept >> g & 1) &&
+                    (s_gscore[warp][g] > v || (s_gscore[warp][g] == v && g < i))) {
                     v = s_gscore[warp][g];
                     i = g;
                 }
@@ -106,8 +107,7 @@ __global__ void __launch_bounds__(kWarps * 32)
             kept |= 1ull << i;
         }
         for (int e = lane; e < E; e += 32)
-            if (!(kept >> (e / gs) & 1))
-                sel[e] = -INFINITY;
+            if (!(kept >> (e / gs) & 1)) sel[e] = -INFINITY;
     }
     __syncwarp();
 
@@ -130,14 +130,12 @@ __global__ void __launch_bounds__(kWarps * 32)
         }
         wsum += w;
         __syncwarp();
-        if (ok && lane == (i & 31))
-            sel[i] = -INFINITY;
+        if (ok && lane == (i & 31)) sel[i] = -INFINITY;
         __syncwarp();
     }
     if (lane < k) {
         float w = myw;
-        if (p.renormalize)
-            w = p.kind == EP_ROUTE_SOFTMAX_TOPK ? w / wsum : w / (wsum + 1e-20f);
+        if (p.renormalize) w = p.kind == EP_ROUTE_SOFTMAX_TOPK ? w / wsum : w / (wsum + 1e-20f);
         topk_idx[(size_t)t * k + lane] = myi;
         topk_w[(size_t)t * k + lane] = w * p.routed_scaling_factor;
     }
@@ -145,16 +143,15 @@ __global__ void __launch_bounds__(kWarps * 32)
 
 } // namespace
 
-extern "C" int epk_route(const ep_route_params_t *p, const float *logits, int T,
-                         int32_t *topk_idx, float *topk_w, void *stream)
+extern "C" int epk_route(const ep_route_params_t *p, const float *logits, int T, int32_t *topk_idx,
+                         float *topk_w, void *stream)
 {
-    if (T == 0)
-        return 0;
+    if (T == 0) return 0;
     const size_t smem = (size_t)kWarps * 2 * p->num_experts * sizeof(float);
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
-        if (e != cudaSuccess)
-            return (int)e;
+        cudaError_t e = cudaFuncSetAttribute(
+            route_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+        if (e != cudaSuccess) return (int)e;
     }
     route_kernel<<<(T + kWarps - 1) / kWarps, kWarps * 32, smem, (cudaStream_t)stream>>>(
         *p, logits, T, topk_idx, topk_w);
@@ -167,7 +164,6 @@ extern "C" int epk_preload_route(void)
 {
     cudaFuncAttributes a;
     cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, route_kernel)) != cudaSuccess)
-        return (int)e;
+    if ((e = cudaFuncGetAttributes(&a, route_kernel)) != cudaSuccess) return (int)e;
     return 0;
 }

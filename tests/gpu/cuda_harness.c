@@ -10,8 +10,7 @@
 int h_world_init(h_world_t *w, int nranks)
 {
     w->nranks = nranks;
-    if (ep_inproc_world_create(nranks, &w->inproc) != EP_OK)
-        return -1;
+    if (ep_inproc_world_create(nranks, &w->inproc) != EP_OK) return -1;
     return pthread_barrier_init(&w->bar, NULL, (unsigned)nranks) == 0 ? 0 : -1;
 }
 
@@ -38,15 +37,13 @@ ep_status_t h_group_create(const ep_config_t *cfg, h_world_t *w, int rank, ep_gr
 
 void h_group_destroy(ep_group_t *g)
 {
-    if (g)
-        ep_group_destroy(g);
+    if (g) ep_group_destroy(g);
 }
 
 int h_device_count(void)
 {
     int n = 0;
-    if (cudaGetDeviceCount(&n) != cudaSuccess)
-        return 0;
+    if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
     return n;
 }
 
@@ -62,8 +59,7 @@ uint16_t h_f_to_bf16(float f)
 {
     uint32_t u;
     memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u)
-        return (uint16_t)((u >> 16) | 0x40);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
@@ -85,25 +81,20 @@ float h_e4m3_to_f(uint8_t q)
  * 448), then encoded: written from the format's definition, not from the kernel's intrinsics. */
 uint8_t h_f_to_e4m3(float f)
 {
-    if (isnan(f))
-        return 0x7f;
+    if (isnan(f)) return 0x7f;
     uint8_t sign = signbit(f) ? 0x80 : 0;
     float a = fabsf(f);
-    if (a >= 448.f)
-        return sign | 0x7e;
+    if (a >= 448.f) return sign | 0x7e;
     int e;
     frexpf(a, &e);
     int E = e - 1 < -6 ? -6 : e - 1;
     float step = ldexpf(1.f, E - 3);
     float r = rintf(a / step) * step;
-    if (r == 0.f)
-        return sign;
-    if (r >= 448.f)
-        return sign | 0x7e;
+    if (r == 0.f) return sign;
+    if (r >= 448.f) return sign | 0x7e;
     frexpf(r, &e);
     E = e - 1;
-    if (E < -6)
-        return sign | (uint8_t)(int)(r / ldexpf(1.f, -9));
+    if (E < -6) return sign | (uint8_t)(int)(r / ldexpf(1.f, -9));
     int m = (int)(r / ldexpf(1.f, E - 3)) - 8;
     return sign | (uint8_t)(((E + 7) << 3) | m);
 }

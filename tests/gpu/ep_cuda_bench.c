@@ -26,10 +26,10 @@ static struct {
 } B;
 
 enum { R_LL_D, R_LL_C, R_LL_DC, R_LL_DS, R_LL_CS, R_HT_D, R_HT_DF8, R_HT_C, R_HT_N, R_NRES };
-static const char *res_name[R_NRES] = {"LL dispatch (us)", "LL combine (us)",
-                                       "LL dispatch+combine (us)", "LL dispatch send half (us)",
-                                       "LL combine send half (us)", "HT dispatch bf16 (us)",
-                                       "HT dispatch fp8 (us)", "HT combine (us)", "HT rows received"};
+static const char *res_name[R_NRES] = {
+    "LL dispatch (us)",           "LL combine (us)",           "LL dispatch+combine (us)",
+    "LL dispatch send half (us)", "LL combine send half (us)", "HT dispatch bf16 (us)",
+    "HT dispatch fp8 (us)",       "HT combine (us)",           "HT rows received"};
 
 static int cmpd(const void *a, const void *b)
 {
@@ -56,7 +56,7 @@ static double median(double *v, int n)
         ep_status_t s_ = (call);                                                                   \
         if (s_ != EP_OK) {                                                                         \
             fprintf(stderr, "rank %d: %s:%d %s -> %d: %s\n", rank, __FILE__, __LINE__, #call, s_,  \
-                    g ? ep_group_last_error(g) : "");                                                            \
+                    g ? ep_group_last_error(g) : "");                                              \
             goto fail;                                                                             \
         }                                                                                          \
     } while (0)
@@ -128,10 +128,14 @@ static void *rank_main(void *arg)
         CK(cudaMemcpy(d_x, h_x, (size_t)T * H * 2, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_idx, h_idx, (size_t)T * k * 4, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_w, h_w, (size_t)T * k * 4, cudaMemcpyHostToDevice));
-        ep_ll_dispatch_args_t a = {.x = d_x, .num_tokens = T, .topk_idx = d_idx,
-                                   .topk_weights = d_w, .use_fp8 = 1, .stream = s};
-        ep_ll_combine_args_t ca = {.expert_y = d_y, .topk_idx = d_idx, .topk_weights = d_w,
-                                   .out = d_out, .stream = s};
+        ep_ll_dispatch_args_t a = {.x = d_x,
+                                   .num_tokens = T,
+                                   .topk_idx = d_idx,
+                                   .topk_weights = d_w,
+                                   .use_fp8 = 1,
+                                   .stream = s};
+        ep_ll_combine_args_t ca = {
+            .expert_y = d_y, .topk_idx = d_idx, .topk_weights = d_w, .out = d_out, .stream = s};
         ep_ll_dispatch_out_t o;
         ep_ll_handle_t *hd;
         ep_hook_t *hk;
@@ -160,8 +164,7 @@ static void *rank_main(void *arg)
                 CK(cudaEventSynchronize(e1));
                 float ms;
                 CK(cudaEventElapsedTime(&ms, e0, e1));
-                if (it >= 0)
-                    t[it] = ms * 1000.0 / GRAPH_OPS;
+                if (it >= 0) t[it] = ms * 1000.0 / GRAPH_OPS;
             }
             B.res[rank][pass ? R_LL_DC : R_LL_D] = median(t, B.iters);
         }
@@ -180,8 +183,7 @@ static void *rank_main(void *arg)
             EPK(h_hook_run(g, hk));
             CK(cudaEventSynchronize(e1));
             CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (it >= 0)
-                t[it] = ms * 1000.0;
+            if (it >= 0) t[it] = ms * 1000.0;
             CK(cudaStreamSynchronize(s));
             h_barrier(&B.w);
             ca.handle = hd;
@@ -192,8 +194,7 @@ static void *rank_main(void *arg)
             EPK(h_hook_run(g, hk));
             CK(cudaEventSynchronize(e1));
             CK(cudaEventElapsedTime(&ms, e0, e1));
-            if (it >= 0)
-                tc[it] = ms * 1000.0;
+            if (it >= 0) tc[it] = ms * 1000.0;
             CK(cudaStreamSynchronize(s));
         }
         B.res[rank][R_LL_DS] = median(t, B.iters);
@@ -253,12 +254,19 @@ static void *rank_main(void *arg)
         CK(cudaMemcpy(d_x, h_x, (size_t)T * H * 2, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_idx, h_idx, (size_t)T * k * 4, cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_w, h_w, (size_t)T * k * 4, cudaMemcpyHostToDevice));
-        ep_ht_dispatch_out_t o = {.capacity = cap, .recv_x = d_rx, .recv_scales = d_rs,
-                                  .recv_topk_idx = d_ri, .recv_topk_weights = d_rw,
+        ep_ht_dispatch_out_t o = {.capacity = cap,
+                                  .recv_x = d_rx,
+                                  .recv_scales = d_rs,
+                                  .recv_topk_idx = d_ri,
+                                  .recv_topk_weights = d_rw,
                                   .num_recv_per_expert = d_npe};
         for (int fp8 = 0; fp8 < 2; ++fp8) {
-            ep_ht_dispatch_args_t a = {.x = d_x, .x_scales = d_sc, .use_fp8 = fp8,
-                                       .num_tokens = T, .topk_idx = d_idx, .topk_weights = d_w,
+            ep_ht_dispatch_args_t a = {.x = d_x,
+                                       .x_scales = d_sc,
+                                       .use_fp8 = fp8,
+                                       .num_tokens = T,
+                                       .topk_idx = d_idx,
+                                       .topk_weights = d_w,
                                        .stream = s};
             double tcomb[1024];
             for (int it = -3; it < B.iters && it < 1024; ++it) {
@@ -271,8 +279,7 @@ static void *rank_main(void *arg)
                 CK(cudaEventRecord(e1, s));
                 CK(cudaEventSynchronize(e1));
                 CK(cudaEventElapsedTime(&ms, e0, e1));
-                if (it >= 0)
-                    t[it] = ms * 1000.0;
+                if (it >= 0) t[it] = ms * 1000.0;
                 if (!fp8) {
                     h_barrier(&B.w);
                     BUSY();
@@ -281,15 +288,13 @@ static void *rank_main(void *arg)
                     CK(cudaEventRecord(e1, s));
                     CK(cudaEventSynchronize(e1));
                     CK(cudaEventElapsedTime(&ms, e0, e1));
-                    if (it >= 0)
-                        tcomb[it] = ms * 1000.0;
+                    if (it >= 0) tcomb[it] = ms * 1000.0;
                 }
                 CK(cudaStreamSynchronize(s));
                 ep_ht_handle_destroy(hh);
             }
             B.res[rank][fp8 ? R_HT_DF8 : R_HT_D] = median(t, B.iters);
-            if (!fp8)
-                B.res[rank][R_HT_C] = median(tcomb, B.iters);
+            if (!fp8) B.res[rank][R_HT_C] = median(tcomb, B.iters);
             B.res[rank][R_HT_N] = o.num_recv_tokens;
         }
     }
@@ -336,22 +341,20 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--ht-only"))
             B.ll = 0;
         else {
-            fprintf(stderr, "usage: %s [--iters N] [--num-sms N] [--ranks R] [--ll-only|--ht-only]\n",
+            fprintf(stderr,
+                    "usage: %s [--iters N] [--num-sms N] [--ranks R] [--ll-only|--ht-only]\n",
                     argv[0]);
             return 2;
         }
     }
-    if (B.iters < 1 || B.iters > 1000)
-        B.iters = 50;
+    if (B.iters < 1 || B.iters > 1000) B.iters = 50;
     B.ndev = h_device_count();
     if (B.ndev == 0) {
         printf("SKIP: no CUDA device present\n");
         return H_SKIP;
     }
-    if (B.nranks <= 0)
-        B.nranks = B.ndev >= 2 ? (B.ndev > MAXR ? MAXR : B.ndev) : 2;
-    if (h_world_init(&B.w, B.nranks) != 0)
-        return 1;
+    if (B.nranks <= 0) B.nranks = B.ndev >= 2 ? (B.ndev > MAXR ? MAXR : B.ndev) : 2;
+    if (h_world_init(&B.w, B.nranks) != 0) return 1;
     pthread_t th[MAXR];
     for (int r = 0; r < B.nranks; ++r)
         pthread_create(&th[r], NULL, rank_main, (void *)(intptr_t)r);
@@ -364,8 +367,7 @@ int main(int argc, char **argv)
     printf("\nep-cuda-bench: %d ranks on %d x %s, num_sms %d, %d iterations (median)\n", B.nranks,
            B.ndev < B.nranks ? 1 : B.nranks, prop.name, B.num_sms, B.iters);
     for (int i = 0; i < R_NRES; ++i) {
-        if ((i <= R_LL_CS && !B.ll) || (i >= R_HT_D && !B.ht))
-            continue;
+        if ((i <= R_LL_CS && !B.ll) || (i >= R_HT_D && !B.ht)) continue;
         printf("  %-28s", res_name[i]);
         for (int r = 0; r < B.nranks; ++r)
             printf(" %10.1f", B.res[r][i]);
@@ -375,7 +377,8 @@ int main(int argc, char **argv)
         const double H = 7168;
         for (int r = 0; r < B.nranks; ++r) {
             double n = B.res[r][R_HT_N];
-            printf("  rank %d HT GB/s (DeepEP accounting): dispatch bf16 %.0f, fp8 %.0f, combine %.0f\n",
+            printf("  rank %d HT GB/s (DeepEP accounting): dispatch bf16 %.0f, fp8 %.0f, combine "
+                   "%.0f\n",
                    r, n * H * 2 / (B.res[r][R_HT_D] * 1e3),
                    n * H * (1 + 4.0 / 128) / (B.res[r][R_HT_DF8] * 1e3),
                    n * H * 2 / (B.res[r][R_HT_C] * 1e3));

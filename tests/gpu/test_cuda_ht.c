@@ -65,8 +65,7 @@ static int on_rank(int s, int t, int d)
 {
     for (int j = 0; j < K_; ++j) {
         int e = S.idx[s][t * K_ + j];
-        if (e >= 0 && e / (E_ / NR) == d)
-            return 1;
+        if (e >= 0 && e / (E_ / NR) == d) return 1;
     }
     return 0;
 }
@@ -89,7 +88,8 @@ static void gen(int rank, int step, unsigned *seed)
         }
         for (int h = 0; h < H_; ++h) {
             S.x[rank][t * H_ + h] = h_f_to_bf16((float)(rand_r(seed) % 4001) / 1000.f - 2.f);
-            S.x8[rank][t * H_ + h] = (uint8_t)(rand_r(seed) % 0x7f) | (uint8_t)(rand_r(seed) % 2 << 7);
+            S.x8[rank][t * H_ + h] =
+                (uint8_t)(rand_r(seed) % 0x7f) | (uint8_t)(rand_r(seed) % 2 << 7);
         }
         for (int g = 0; g < H_ / 128; ++g)
             S.xs[rank][t * (H_ / 128) + g] = (float)(rand_r(seed) % 100 + 1) / 64.f;
@@ -148,7 +148,8 @@ static void *rank_main(void *arg)
         gen(rank, step, &seed);
         h_barrier(&S.w);
         const int T = S.T[rank];
-        CK(cudaMemcpy(d_x, fp8 ? (void *)S.x8[rank] : (void *)S.x[rank], (size_t)TM * H_ * (fp8 ? 1 : 2), cudaMemcpyHostToDevice));
+        CK(cudaMemcpy(d_x, fp8 ? (void *)S.x8[rank] : (void *)S.x[rank],
+                      (size_t)TM * H_ * (fp8 ? 1 : 2), cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_xs, S.xs[rank], sizeof S.xs[rank], cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_idx, S.idx[rank], sizeof S.idx[rank], cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_w, S.wt[rank], sizeof S.wt[rank], cudaMemcpyHostToDevice));
@@ -174,11 +175,19 @@ static void *rank_main(void *arg)
         }
 
         /* dispatch */
-        ep_ht_dispatch_args_t a = {.x = d_x, .x_scales = d_xs, .use_fp8 = fp8, .num_tokens = T,
-                                   .topk_idx = d_idx, .topk_weights = d_w,
-                                   .expert_alignment = align, .stream = s};
-        ep_ht_dispatch_out_t o = {.capacity = CAP, .recv_x = d_rx, .recv_scales = d_rs,
-                                  .recv_topk_idx = d_ri, .recv_topk_weights = d_rw,
+        ep_ht_dispatch_args_t a = {.x = d_x,
+                                   .x_scales = d_xs,
+                                   .use_fp8 = fp8,
+                                   .num_tokens = T,
+                                   .topk_idx = d_idx,
+                                   .topk_weights = d_w,
+                                   .expert_alignment = align,
+                                   .stream = s};
+        ep_ht_dispatch_out_t o = {.capacity = CAP,
+                                  .recv_x = d_rx,
+                                  .recv_scales = d_rs,
+                                  .recv_topk_idx = d_ri,
+                                  .recv_topk_weights = d_rw,
                                   .num_recv_per_expert = d_npe};
         ep_ht_handle_t *hh = NULL;
         EPK(ep_ht_dispatch(g, &a, &o, &hh));
@@ -194,21 +203,24 @@ static void *rank_main(void *arg)
         int n = 0;
         for (int src = 0; src < NR; ++src)
             for (int t = 0; t < S.T[src]; ++t) {
-                if (!on_rank(src, t, rank))
-                    continue;
+                if (!on_rank(src, t, rank)) continue;
                 EXPECT(n < N, "fewer rows than expected (%d)", N);
-                const void *want = fp8 ? (const void *)&S.x8[src][t * H_] : (const void *)&S.x[src][t * H_];
-                EXPECT(!memcmp(h_rx[rank] + (size_t)n * rb, want, rb), "row %d (src %d tok %d) data differs", n, src, t);
+                const void *want =
+                    fp8 ? (const void *)&S.x8[src][t * H_] : (const void *)&S.x[src][t * H_];
+                EXPECT(!memcmp(h_rx[rank] + (size_t)n * rb, want, rb),
+                       "row %d (src %d tok %d) data differs", n, src, t);
                 if (fp8)
-                    EXPECT(!memcmp(&h_rs[rank][n * 2], &S.xs[src][t * 2], 8), "row %d scales differ", n);
+                    EXPECT(!memcmp(&h_rs[rank][n * 2], &S.xs[src][t * 2], 8),
+                           "row %d scales differ", n);
                 for (int j = 0; j < K_; ++j) {
                     int e = S.idx[src][t * K_ + j];
                     int li = e >= 0 && e / L == rank ? e - rank * L : -1;
-                    EXPECT(h_ri[rank][n * K_ + j] == li, "row %d topk_idx[%d] = %d, expected %d", n, j, h_ri[rank][n * K_ + j], li);
+                    EXPECT(h_ri[rank][n * K_ + j] == li, "row %d topk_idx[%d] = %d, expected %d", n,
+                           j, h_ri[rank][n * K_ + j], li);
                     float w = li >= 0 ? S.wt[src][t * K_ + j] : 0.f;
-                    EXPECT(h_rw[rank][n * K_ + j] == w, "row %d weight[%d] = %g, expected %g", n, j, h_rw[rank][n * K_ + j], w);
-                    if (li >= 0)
-                        enpe[li]++;
+                    EXPECT(h_rw[rank][n * K_ + j] == w, "row %d weight[%d] = %g, expected %g", n, j,
+                           h_rw[rank][n * K_ + j], w);
+                    if (li >= 0) enpe[li]++;
                 }
                 ++n;
             }
@@ -236,7 +248,8 @@ static void *rank_main(void *arg)
             for (int src = 0; src < NR; ++src)
                 for (int t = 0; t < S.T[src]; ++t)
                     if (on_rank(src, t, rank)) {
-                        EXPECT(!memcmp(h_rx[rank] + (size_t)n * rb, &S.x[src][t * H_], rb), "cached row %d differs", n);
+                        EXPECT(!memcmp(h_rx[rank] + (size_t)n * rb, &S.x[src][t * H_], rb),
+                               "cached row %d differs", n);
                         ++n;
                     }
         }
@@ -244,8 +257,10 @@ static void *rank_main(void *arg)
         /* combine: row n of rank d carries y = x * (d + 1); out[t] = sum over visited d */
         for (int r = 0; r < N; ++r)
             for (int h = 0; h < H_; ++h) {
-                float v = fp8 ? (float)(r % 13) : h_bf16_to_f(((uint16_t *)h_rx[rank])[(size_t)r * H_ + h]);
-                h_y[rank][(size_t)r * H_ + h] = h_f_to_bf16(v * (float)(rank + 1) + (float)h / 64.f);
+                float v = fp8 ? (float)(r % 13)
+                              : h_bf16_to_f(((uint16_t *)h_rx[rank])[(size_t)r * H_ + h]);
+                h_y[rank][(size_t)r * H_ + h] =
+                    h_f_to_bf16(v * (float)(rank + 1) + (float)h / 64.f);
             }
         h_barrier(&S.w);
         CK(cudaMemcpy(d_y, h_y[rank], (size_t)(N ? N : 1) * H_ * 2, cudaMemcpyHostToDevice));
@@ -264,14 +279,14 @@ static void *rank_main(void *arg)
                 for (int h = 0; h < H_; ++h) {
                     float ref = 0.f, mag = 0.f;
                     for (int d = 0; d < NR; ++d) {
-                        if (!on_rank(rank, t, d))
-                            continue;
+                        if (!on_rank(rank, t, d)) continue;
                         float v = h_bf16_to_f(h_y[d][(size_t)(rowat[d] + cnt[d]) * H_ + h]);
                         ref += v;
                         mag += fabsf(v);
                     }
                     float got = h_bf16_to_f(h_out[rank][(size_t)t * H_ + h]);
-                    EXPECT(fabsf(got - ref) <= 4e-3f * mag + 1e-6f, "combine out[%d][%d] = %g, expected %g", t, h, got, ref);
+                    EXPECT(fabsf(got - ref) <= 4e-3f * mag + 1e-6f,
+                           "combine out[%d][%d] = %g, expected %g", t, h, got, ref);
                     if (h == H_ - 1)
                         for (int d = 0; d < NR; ++d)
                             cnt[d] += on_rank(rank, t, d);
@@ -302,9 +317,13 @@ static void *rank_main(void *arg)
         CK(cudaMemcpy(d_bias, bias, sizeof bias_r[0], cudaMemcpyHostToDevice));
         for (int kind = 0; kind < 2; ++kind) {
             ep_route_params_t p = {.kind = kind ? EP_ROUTE_SIGMOID_GROUP : EP_ROUTE_SOFTMAX_TOPK,
-                                   .num_experts = E, .topk = 8, .renormalize = 1,
+                                   .num_experts = E,
+                                   .topk = 8,
+                                   .renormalize = 1,
                                    .routed_scaling_factor = kind ? 2.5f : 1.f,
-                                   .num_groups = 8, .topk_groups = 4, .bias = d_bias};
+                                   .num_groups = 8,
+                                   .topk_groups = 4,
+                                   .bias = d_bias};
             EPK(ep_route(g, &p, d_logits, T, d_ti, d_tw, s));
             CK(cudaStreamSynchronize(s));
             CK(cudaMemcpy(ti, d_ti, sizeof ti_r[0], cudaMemcpyDeviceToHost));
@@ -312,8 +331,11 @@ static void *rank_main(void *arg)
             p.bias = bias;
             EXPECT(ep_route_ref(&p, logits, T, rti, rw) == 0, "route_ref failed");
             for (int i = 0; i < T * 8; ++i) {
-                EXPECT(ti[i] == rti[i], "route kind %d: topk_idx[%d][%d] = %d, reference %d", kind, i / 8, i % 8, ti[i], rti[i]);
-                EXPECT(fabsf(w[i] - rw[i]) <= 1e-5f * fmaxf(1.f, fabsf(rw[i])), "route kind %d: weight[%d][%d] = %g, reference %g", kind, i / 8, i % 8, w[i], rw[i]);
+                EXPECT(ti[i] == rti[i], "route kind %d: topk_idx[%d][%d] = %d, reference %d", kind,
+                       i / 8, i % 8, ti[i], rti[i]);
+                EXPECT(fabsf(w[i] - rw[i]) <= 1e-5f * fmaxf(1.f, fabsf(rw[i])),
+                       "route kind %d: weight[%d][%d] = %g, reference %g", kind, i / 8, i % 8, w[i],
+                       rw[i]);
             }
         }
         cudaFree(d_bias);
@@ -325,8 +347,7 @@ fail:
     fprintf(stderr, "rank %d: FAILED\n", rank);
     exit(1); /* the peer thread may wait in a barrier forever: end the test process here */
 done:
-    if (s)
-        cudaStreamSynchronize(s);
+    if (s) cudaStreamSynchronize(s);
     h_barrier(&S.w);
     ep_group_destroy(g);
     cudaFree(d_x);
@@ -346,8 +367,7 @@ done:
     cudaFree(d_logits);
     cudaFree(d_ti);
     cudaFree(d_tw);
-    if (s)
-        cudaStreamDestroy(s);
+    if (s) cudaStreamDestroy(s);
     return NULL;
 }
 
@@ -359,8 +379,7 @@ int main(int argc, char **argv)
         printf("SKIP: no CUDA device present\n");
         return H_SKIP;
     }
-    if (h_world_init(&S.w, NR) != 0)
-        return 1;
+    if (h_world_init(&S.w, NR) != 0) return 1;
     pthread_t th[NR];
     for (int r = 0; r < NR; ++r)
         pthread_create(&th[r], NULL, rank_main, (void *)(intptr_t)r);

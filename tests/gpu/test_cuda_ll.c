@@ -44,14 +44,15 @@ static struct {
         ep_status_t s_ = (call);                                                                   \
         if (s_ != EP_OK) {                                                                         \
             fprintf(stderr, "rank %d: %s:%d %s -> %d: %s\n", rank, __FILE__, __LINE__, #call, s_,  \
-                    g ? ep_group_last_error(g) : "");                                                            \
+                    g ? ep_group_last_error(g) : "");                                              \
             goto fail;                                                                             \
         }                                                                                          \
     } while (0)
 
 static uint32_t hash3(uint32_t a, uint32_t b, uint32_t c)
 {
-    uint32_t h = a * 0x9e3779b1u ^ (b + 0x7f4a7c15u) * 0x85ebca6bu ^ (c + 0x165667b1u) * 0xc2b2ae35u;
+    uint32_t h =
+        a * 0x9e3779b1u ^ (b + 0x7f4a7c15u) * 0x85ebca6bu ^ (c + 0x165667b1u) * 0xc2b2ae35u;
     h ^= h >> 15;
     h *= 0x2c1b3c6du;
     h ^= h >> 12;
@@ -61,7 +62,10 @@ static uint32_t hash3(uint32_t a, uint32_t b, uint32_t c)
 /* expert output value of global expert ge for token (s, t), channel h */
 static uint16_t yval(int ge, int s, int t, int h)
 {
-    float v = ((float)(hash3((uint32_t)ge * 131u + (uint32_t)s, (uint32_t)t, (uint32_t)h) & 0xffff) / 32768.f) - 1.f;
+    float v =
+        ((float)(hash3((uint32_t)ge * 131u + (uint32_t)s, (uint32_t)t, (uint32_t)h) & 0xffff) /
+         32768.f) -
+        1.f;
     return h_f_to_bf16(v * 2.f);
 }
 
@@ -83,11 +87,9 @@ static void gen_inputs(int rank, int step, unsigned *seed)
                 int dup = 0;
                 for (int q = 0; q < j; ++q)
                     dup |= S.idx[rank][t * k + q] == e;
-                if (!dup)
-                    break;
+                if (!dup) break;
             }
-            if (rand_r(seed) % 10 == 0)
-                e = -1;
+            if (rand_r(seed) % 10 == 0) e = -1;
             S.idx[rank][t * k + j] = e;
             S.wt[rank][t * k + j] = (float)(rand_r(seed) % 1000) / 1000.f;
         }
@@ -104,8 +106,7 @@ static void gen_inputs(int rank, int step, unsigned *seed)
 static int selects(int s, int t, int ge)
 {
     for (int j = 0; j < S.cfg.num_topk; ++j)
-        if (S.idx[s][t * S.cfg.num_topk + j] == ge)
-            return 1;
+        if (S.idx[s][t * S.cfg.num_topk + j] == ge) return 1;
     return 0;
 }
 
@@ -157,8 +158,7 @@ static void *rank_main(void *arg)
     h_rng = malloc((size_t)L * NR * 8);
     q = malloc((size_t)H);
     qs = malloc((size_t)(H / 128) * 4);
-    if (!h_y || !h_out || !h_rx || !h_sc || !h_cnt || !h_src || !h_rng || !q || !qs)
-        goto fail;
+    if (!h_y || !h_out || !h_rx || !h_sc || !h_cnt || !h_src || !h_rng || !q || !qs) goto fail;
 
     if (S.timeout_mode) {
         /* rank 1 never dispatches; rank 0's dispatch must time out naming it, without a hang */
@@ -167,8 +167,12 @@ static void *rank_main(void *arg)
             gen_inputs(0, 1, &seed);
             CK(cudaMemcpy(d_x, S.x[0], (size_t)Tm * H * 2, cudaMemcpyHostToDevice));
             CK(cudaMemcpy(d_idx, S.idx[0], (size_t)Tm * k * 4, cudaMemcpyHostToDevice));
-            ep_ll_dispatch_args_t a = {.x = d_x, .num_tokens = S.T[0], .topk_idx = d_idx,
-                                       .topk_weights = d_w, .use_fp8 = 1, .stream = stream};
+            ep_ll_dispatch_args_t a = {.x = d_x,
+                                       .num_tokens = S.T[0],
+                                       .topk_idx = d_idx,
+                                       .topk_weights = d_w,
+                                       .use_fp8 = 1,
+                                       .stream = stream};
             ep_ll_dispatch_out_t o;
             ep_ll_handle_t *hd;
             ep_hook_t *hk;
@@ -176,8 +180,12 @@ static void *rank_main(void *arg)
             clock_gettime(CLOCK_MONOTONIC, &t0);
             EPK(h_ll_dispatch(g, &a, &o, &hd, &hk));
             CK(cudaStreamSynchronize(stream));
-            ep_ll_combine_args_t ca = {.handle = hd, .expert_y = d_y, .topk_idx = d_idx,
-                                       .topk_weights = d_w, .out = d_out, .stream = stream};
+            ep_ll_combine_args_t ca = {.handle = hd,
+                                       .expert_y = d_y,
+                                       .topk_idx = d_idx,
+                                       .topk_weights = d_w,
+                                       .out = d_out,
+                                       .stream = stream};
             ep_status_t st = h_ll_combine(g, &ca, &hk);
             clock_gettime(CLOCK_MONOTONIC, &t1);
             double ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
@@ -215,23 +223,32 @@ static void *rank_main(void *arg)
         }
         if (T > 0) {
             CK(cudaMemcpyAsync(d_x, S.x[rank], (size_t)T * H * 2, cudaMemcpyHostToDevice, stream));
-            CK(cudaMemcpyAsync(d_idx, S.idx[rank], (size_t)T * k * 4, cudaMemcpyHostToDevice, stream));
+            CK(cudaMemcpyAsync(d_idx, S.idx[rank], (size_t)T * k * 4, cudaMemcpyHostToDevice,
+                               stream));
             CK(cudaMemcpyAsync(d_w, S.wt[rank], (size_t)T * k * 4, cudaMemcpyHostToDevice, stream));
         }
         CK(cudaMemcpyAsync(d_y, h_y, (size_t)L * Sl * H * 2, cudaMemcpyHostToDevice, stream));
         CK(cudaMemsetAsync(d_out, 0xff, (size_t)Tm * H * 2, stream));
         CK(cudaStreamSynchronize(stream));
 
-        ep_ll_dispatch_args_t a = {.x = d_x, .num_tokens = T, .topk_idx = d_idx,
-                                   .topk_weights = (step & 1) ? d_w : NULL, .use_fp8 = 1,
-                                   .round_scale = round_scale, .use_hook = S.hook,
+        ep_ll_dispatch_args_t a = {.x = d_x,
+                                   .num_tokens = T,
+                                   .topk_idx = d_idx,
+                                   .topk_weights = (step & 1) ? d_w : NULL,
+                                   .use_fp8 = 1,
+                                   .round_scale = round_scale,
+                                   .use_hook = S.hook,
                                    .stream = stream};
         static ep_ll_dispatch_out_t o_r[NR];
         ep_ll_dispatch_out_t *o = &o_r[rank];
         ep_ll_handle_t *hd;
         ep_hook_t *hk = NULL;
-        ep_ll_combine_args_t ca = {.expert_y = d_y, .topk_idx = d_idx, .topk_weights = d_w,
-                                   .out = d_out, .use_hook = S.hook, .stream = stream};
+        ep_ll_combine_args_t ca = {.expert_y = d_y,
+                                   .topk_idx = d_idx,
+                                   .topk_weights = d_w,
+                                   .out = d_out,
+                                   .use_hook = S.hook,
+                                   .stream = stream};
         if (S.graph) {
             a.topk_weights = d_w;
             a.round_scale = 0;
@@ -239,12 +256,10 @@ static void *rank_main(void *arg)
                 cudaGraph_t graph;
                 CK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
                 EPK(h_ll_dispatch(g, &a, o, &hd, &hk));
-                if (S.hook)
-                    EPK(h_hook_run(g, hk));
+                if (S.hook) EPK(h_hook_run(g, hk));
                 ca.handle = hd;
                 EPK(h_ll_combine(g, &ca, &hk));
-                if (S.hook)
-                    EPK(h_hook_run(g, hk));
+                if (S.hook) EPK(h_hook_run(g, hk));
                 CK(cudaStreamEndCapture(stream, &graph));
                 CK(cudaGraphInstantiate(&gexec, graph, 0));
                 cudaGraphDestroy(graph);
@@ -252,12 +267,10 @@ static void *rank_main(void *arg)
             CK(cudaGraphLaunch(gexec, stream));
         } else {
             EPK(h_ll_dispatch(g, &a, o, &hd, &hk));
-            if (S.hook)
-                EPK(h_hook_run(g, hk));
+            if (S.hook) EPK(h_hook_run(g, hk));
             ca.handle = hd;
             EPK(h_ll_combine(g, &ca, &hk));
-            if (S.hook)
-                EPK(h_hook_run(g, hk));
+            if (S.hook) EPK(h_hook_run(g, hk));
         }
         CK(cudaStreamSynchronize(stream));
         const int rs = S.graph ? 0 : round_scale;
@@ -266,7 +279,8 @@ static void *rank_main(void *arg)
         CK(cudaMemcpy(h_src, o->recv_src_info, (size_t)L * Sl * 4, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(h_rng, o->recv_range, (size_t)L * NR * 8, cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(h_rx, o->recv_x, (size_t)L * Sl * H, cudaMemcpyDeviceToHost));
-        CK(cudaMemcpy(h_sc, o->recv_scales, (size_t)L * Sl * (H / 128) * 4, cudaMemcpyDeviceToHost));
+        CK(cudaMemcpy(h_sc, o->recv_scales, (size_t)L * Sl * (H / 128) * 4,
+                      cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(h_out, d_out, (size_t)Tm * H * 2, cudaMemcpyDeviceToHost));
         int bad = 0;
         for (int e = 0; e < L && bad < 5; ++e) {
@@ -281,8 +295,7 @@ static void *rank_main(void *arg)
             for (int s = 0; s < NR; ++s) {
                 const int first = row;
                 for (int t = 0; t < S.T[s]; ++t) {
-                    if (!selects(s, t, ge))
-                        continue;
+                    if (!selects(s, t, ge)) continue;
                     const size_t r = (size_t)e * Sl + row;
                     if (h_src[r] != t) {
                         fprintf(stderr, "rank %d step %d: expert %d row %d src %d, expected %d\n",
@@ -313,9 +326,13 @@ static void *rank_main(void *arg)
                     }
                     ++row;
                 }
-                if (h_rng[(e * NR + s) * 2] != first || h_rng[(e * NR + s) * 2 + 1] != row - first) {
-                    fprintf(stderr, "rank %d step %d: expert %d range from %d = (%d,%d), expected (%d,%d)\n",
-                            rank, step, e, s, h_rng[(e * NR + s) * 2], h_rng[(e * NR + s) * 2 + 1], first, row - first);
+                if (h_rng[(e * NR + s) * 2] != first ||
+                    h_rng[(e * NR + s) * 2 + 1] != row - first) {
+                    fprintf(
+                        stderr,
+                        "rank %d step %d: expert %d range from %d = (%d,%d), expected (%d,%d)\n",
+                        rank, step, e, s, h_rng[(e * NR + s) * 2], h_rng[(e * NR + s) * 2 + 1],
+                        first, row - first);
                     ++bad;
                 }
             }
@@ -326,8 +343,7 @@ static void *rank_main(void *arg)
                 double ref = 0, mag = 0;
                 for (int j = 0; j < k; ++j) {
                     int ge = S.idx[rank][t * k + j];
-                    if (ge < 0)
-                        continue;
+                    if (ge < 0) continue;
                     double v = (double)S.wt[rank][t * k + j] * h_bf16_to_f(yval(ge, rank, t, h));
                     ref += v;
                     mag += fabs(v);
@@ -340,19 +356,18 @@ static void *rank_main(void *arg)
                     ++bad;
                     break;
                 }
-                if (mag > 0 && err / mag > worst)
-                    worst = err / mag;
+                if (mag > 0 && err / mag > worst) worst = err / mag;
             }
         }
         if (bad) {
             S.fail[rank] = 1;
         }
         h_barrier(&S.w);
-        if (S.fail[0] || S.fail[1])
-            goto fail_nobar;
+        if (S.fail[0] || S.fail[1]) goto fail_nobar;
         if (step == S.steps - 1)
-            printf("rank %d: %d steps ok (hook %d, graph %d), worst combine error %.2e of sum|w*y|\n",
-                   rank, S.steps, S.hook, S.graph, worst);
+            printf(
+                "rank %d: %d steps ok (hook %d, graph %d), worst combine error %.2e of sum|w*y|\n",
+                rank, S.steps, S.hook, S.graph, worst);
     }
     ok = 1;
     goto fail_nobar;
@@ -361,18 +376,15 @@ fail:
     fprintf(stderr, "rank %d: aborting\n", rank);
     exit(1); /* the peer thread may be blocked in a barrier: a test binary may end here */
 fail_nobar:
-    if (gexec)
-        cudaGraphExecDestroy(gexec);
-    if (stream)
-        cudaStreamSynchronize(stream);
+    if (gexec) cudaGraphExecDestroy(gexec);
+    if (stream) cudaStreamSynchronize(stream);
     h_group_destroy(g);
     cudaFree(d_x);
     cudaFree(d_idx);
     cudaFree(d_w);
     cudaFree(d_y);
     cudaFree(d_out);
-    if (stream)
-        cudaStreamDestroy(stream);
+    if (stream) cudaStreamDestroy(stream);
     free(h_y);
     free(h_out);
     free(h_rx);
@@ -382,8 +394,7 @@ fail_nobar:
     free(h_rng);
     free(q);
     free(qs);
-    if (!ok)
-        S.fail[rank] = 1;
+    if (!ok) S.fail[rank] = 1;
     return NULL;
 }
 
@@ -412,8 +423,7 @@ int main(int argc, char **argv)
         printf("SKIP: no CUDA device present\n");
         return H_SKIP;
     }
-    if (S.dump)
-        remove(S.dump);
+    if (S.dump) remove(S.dump);
     memset(&S.cfg, 0, sizeof S.cfg);
     S.cfg.backend = EP_BACKEND_CUDA;
     S.cfg.num_experts = 16;
@@ -423,8 +433,7 @@ int main(int argc, char **argv)
     S.cfg.ht_max_tokens = 64;
     S.cfg.num_sms = 8;
     S.cfg.timeout_ms = S.timeout_mode ? 300 : 10000;
-    if (h_world_init(&S.w, NR) != 0)
-        return 1;
+    if (h_world_init(&S.w, NR) != 0) return 1;
     for (int r = 0; r < NR; ++r) {
         S.x[r] = malloc((size_t)S.cfg.ll_max_tokens * S.cfg.hidden * 2);
         S.idx[r] = malloc((size_t)S.cfg.ll_max_tokens * S.cfg.num_topk * 4);

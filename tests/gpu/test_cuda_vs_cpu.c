@@ -1,9 +1,9 @@
 /* The cuda backend against the cpu backend, row by row on the same inputs: every rank runs
  * one cpu group (shm) and one cuda group side by side and feeds both the same random routing
  * (some ids -1, ranks at zero tokens) and data. LL: recv_count, recv_src_info, recv_range and
- * the fp8 rows + scales bit-exact, combine within three bf16 roundings (3 * 2^-8 of sum |w*y|: two on the cuda side, one on the cpu side). HT:
- * received rows, ids, weights, per-expert counts exact; combine within one bf16 ulp.
- * Exit 77 (skipped) without a GPU. */
+ * the fp8 rows + scales bit-exact, combine within three bf16 roundings (3 * 2^-8 of sum |w*y|: two
+ * on the cuda side, one on the cpu side). HT: received rows, ids, weights, per-expert counts exact;
+ * combine within one bf16 ulp. Exit 77 (skipped) without a GPU. */
 #include "cuda_harness.h"
 
 #include <cuda_runtime.h>
@@ -118,16 +118,20 @@ static void *rank_main(void *arg)
                 w[rank][t * K_ + j] = (float)(rand_r(&seed) % 1000) / 999.f;
             }
             for (int h = 0; h < H_; ++h)
-                x[rank][t * H_ + h] =
-                    h_f_to_bf16(ldexpf((float)(rand_r(&seed) % 2001) / 1000.f - 1.f, (int)(h / 128) * 3 - 4));
+                x[rank][t * H_ + h] = h_f_to_bf16(
+                    ldexpf((float)(rand_r(&seed) % 2001) / 1000.f - 1.f, (int)(h / 128) * 3 - 4));
         }
         CK(cudaMemcpy(d_x, x[rank], sizeof x[0], cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_idx, idx[rank], sizeof idx[0], cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_w, w[rank], sizeof w[0], cudaMemcpyHostToDevice));
 
         /* ---- LL ---- */
-        ep_ll_dispatch_args_t ac = {.x = x[rank], .num_tokens = T, .topk_idx = idx[rank],
-                                    .topk_weights = w[rank], .use_fp8 = fp8, .round_scale = rs};
+        ep_ll_dispatch_args_t ac = {.x = x[rank],
+                                    .num_tokens = T,
+                                    .topk_idx = idx[rank],
+                                    .topk_weights = w[rank],
+                                    .use_fp8 = fp8,
+                                    .round_scale = rs};
         ep_ll_dispatch_args_t ag = ac;
         ag.x = d_x;
         ag.topk_idx = d_idx;
@@ -144,8 +148,7 @@ static void *rank_main(void *arg)
         CK(cudaMemcpy(src_g[rank], og.recv_src_info, sizeof src_g[0], cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(rng_g[rank], og.recv_range, sizeof rng_g[0], cudaMemcpyDeviceToHost));
         CK(cudaMemcpy(rx_g[rank], og.recv_x, (size_t)L * S * H_ * eb, cudaMemcpyDeviceToHost));
-        if (fp8)
-            CK(cudaMemcpy(sc_g[rank], og.recv_scales, sizeof sc_g[0], cudaMemcpyDeviceToHost));
+        if (fp8) CK(cudaMemcpy(sc_g[rank], og.recv_scales, sizeof sc_g[0], cudaMemcpyDeviceToHost));
         for (int e = 0; e < L; ++e) {
             EXPECT(cnt_g[rank][e] == oc.recv_count[e], "LL expert %d count cuda %d cpu %d", e,
                    cnt_g[rank][e], oc.recv_count[e]);
@@ -169,10 +172,17 @@ static void *rank_main(void *arg)
         for (size_t i = 0; i < (size_t)L * S * H_; ++i)
             y[rank][i] = h_f_to_bf16((float)((i * 2654435761u) >> 20 & 1023) / 256.f - 2.f);
         CK(cudaMemcpy(d_y, y[rank], (size_t)L * S * H_ * 2, cudaMemcpyHostToDevice));
-        ep_ll_combine_args_t cc = {.handle = hc, .expert_y = y[rank], .topk_idx = idx[rank],
-                                   .topk_weights = w[rank], .out = out_c[rank]};
-        ep_ll_combine_args_t cg = {.handle = hg, .expert_y = d_y, .topk_idx = d_idx,
-                                   .topk_weights = d_w, .out = d_out, .stream = s};
+        ep_ll_combine_args_t cc = {.handle = hc,
+                                   .expert_y = y[rank],
+                                   .topk_idx = idx[rank],
+                                   .topk_weights = w[rank],
+                                   .out = out_c[rank]};
+        ep_ll_combine_args_t cg = {.handle = hg,
+                                   .expert_y = d_y,
+                                   .topk_idx = d_idx,
+                                   .topk_weights = d_w,
+                                   .out = d_out,
+                                   .stream = s};
         EPK(gc, ep_ll_combine(gc, &cc, &hk));
         EPK(gg, ep_ll_combine(gg, &cg, &hk));
         CK(cudaStreamSynchronize(s));
@@ -185,23 +195,31 @@ static void *rank_main(void *arg)
                 float mag = 0.f;
                 for (int j = 0; j < K_; ++j)
                     mag += idx[rank][t * K_ + j] >= 0 ? fabsf(w[rank][t * K_ + j]) * 2.f : 0.f;
-                EXPECT(fabsf(a - b) <= ldexpf(3.f * mag, -8) + 1e-6f, "LL out[%d][%d] cuda %g cpu %g", t,
-                       h, b, a);
+                EXPECT(fabsf(a - b) <= ldexpf(3.f * mag, -8) + 1e-6f,
+                       "LL out[%d][%d] cuda %g cpu %g", t, h, b, a);
             }
 
         /* ---- HT ---- */
-        ep_ht_dispatch_args_t hac = {.x = x[rank], .num_tokens = T, .topk_idx = idx[rank],
-                                     .topk_weights = w[rank], .expert_alignment = 1 + step % 3};
+        ep_ht_dispatch_args_t hac = {.x = x[rank],
+                                     .num_tokens = T,
+                                     .topk_idx = idx[rank],
+                                     .topk_weights = w[rank],
+                                     .expert_alignment = 1 + step % 3};
         ep_ht_dispatch_args_t hag = hac;
         hag.x = d_x;
         hag.topk_idx = d_idx;
         hag.topk_weights = d_w;
         hag.stream = s;
-        ep_ht_dispatch_out_t hoc = {.capacity = CAP, .recv_x = hrx_c[rank],
-                                    .recv_topk_idx = hri_c[rank], .recv_topk_weights = hrw_c[rank],
+        ep_ht_dispatch_out_t hoc = {.capacity = CAP,
+                                    .recv_x = hrx_c[rank],
+                                    .recv_topk_idx = hri_c[rank],
+                                    .recv_topk_weights = hrw_c[rank],
                                     .num_recv_per_expert = npe_c[rank]};
-        ep_ht_dispatch_out_t hog = {.capacity = CAP, .recv_x = d_rx, .recv_topk_idx = d_ri,
-                                    .recv_topk_weights = d_rw, .num_recv_per_expert = d_npe};
+        ep_ht_dispatch_out_t hog = {.capacity = CAP,
+                                    .recv_x = d_rx,
+                                    .recv_topk_idx = d_ri,
+                                    .recv_topk_weights = d_rw,
+                                    .num_recv_per_expert = d_npe};
         ep_ht_handle_t *htc = NULL, *htg = NULL;
         EPK(gc, ep_ht_dispatch(gc, &hac, &hoc, &htc));
         EPK(gg, ep_ht_dispatch(gg, &hag, &hog, &htg));
@@ -214,8 +232,10 @@ static void *rank_main(void *arg)
         CK(cudaMemcpy(npe_g[rank], d_npe, sizeof npe_g[0], cudaMemcpyDeviceToHost));
         EXPECT(!memcmp(hrx_g[rank], hrx_c[rank], (size_t)N * H_ * 2), "HT recv_x differs");
         EXPECT(!memcmp(hri_g[rank], hri_c[rank], (size_t)N * K_ * 4), "HT recv_topk_idx differs");
-        EXPECT(!memcmp(hrw_g[rank], hrw_c[rank], (size_t)N * K_ * 4), "HT recv_topk_weights differs");
-        EXPECT(!memcmp(npe_g[rank], npe_c[rank], sizeof npe_g[0]), "HT num_recv_per_expert differs");
+        EXPECT(!memcmp(hrw_g[rank], hrw_c[rank], (size_t)N * K_ * 4),
+               "HT recv_topk_weights differs");
+        EXPECT(!memcmp(npe_g[rank], npe_c[rank], sizeof npe_g[0]),
+               "HT num_recv_per_expert differs");
         for (size_t i = 0; i < (size_t)N * H_; ++i)
             y[rank][i] = h_f_to_bf16(h_bf16_to_f(((uint16_t *)hrx_c[rank])[i]) * (float)(rank + 2));
         CK(cudaMemcpy(d_y, y[rank], (size_t)(N ? N : 1) * H_ * 2, cudaMemcpyHostToDevice));
@@ -251,8 +271,7 @@ done:
     cudaFree(d_ri);
     cudaFree(d_rw);
     cudaFree(d_npe);
-    if (s)
-        cudaStreamDestroy(s);
+    if (s) cudaStreamDestroy(s);
     return NULL;
 }
 
@@ -263,8 +282,7 @@ int main(void)
         printf("SKIP: no CUDA device present\n");
         return H_SKIP;
     }
-    if (h_world_init(&W, NR) != 0)
-        return 1;
+    if (h_world_init(&W, NR) != 0) return 1;
     pthread_t th[NR];
     for (int r = 0; r < NR; ++r)
         pthread_create(&th[r], NULL, rank_main, (void *)(intptr_t)r);

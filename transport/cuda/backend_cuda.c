@@ -68,7 +68,7 @@ typedef struct cuda_impl {
     int ht_copy;                         /* HT moves bulk rows with the copy engines */
     cudaStream_t cs, ss;                 /* copy-engine stream, signal stream */
     cudaEvent_t ev_fork, ev_cs, ev_ss, ev_chunk[HT_COMBINE_CHUNKS];
-    uint64_t ht_comb_n;                  /* copy-engine combines so far (same on every rank) */
+    uint64_t ht_comb_n; /* copy-engine combines so far (same on every rank) */
     void *ipc_open[EP_MAX_RANKS];
     int ll_disp_send, ll_disp_recv, ll_comb_send, ll_comb_recv, ht_blocks;
     struct cuda_ll_handle handles[2];
@@ -94,8 +94,7 @@ static ep_status_t check_err(ep_group_t *g)
 {
     cuda_impl_t *c = impl_of(g);
     int code = ((volatile int *)c->err_host)[EPK_ERR_CODE];
-    if (code == EPK_CODE_OK)
-        return EP_OK;
+    if (code == EPK_CODE_OK) return EP_OK;
     __sync_synchronize();
     int peer = ((volatile int *)c->err_host)[EPK_ERR_PEER];
     int what = ((volatile int *)c->err_host)[EPK_ERR_WHAT];
@@ -127,8 +126,7 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
     int ndev = 0;
 
     cuda_impl_t *c = calloc(1, sizeof *c);
-    if (!c)
-        return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
+    if (!c) return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
     g->impl = c;
     pthread_mutex_init(&c->sc_lock, NULL);
     if ((e = cudaGetDeviceCount(&ndev)) != cudaSuccess || ndev == 0) {
@@ -142,8 +140,7 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
                            g->rank, c->device, ndev);
         goto fail;
     }
-    if ((st = set_device(g)) != EP_OK)
-        goto fail;
+    if ((st = set_device(g)) != EP_OK) goto fail;
     if (R > EP_MAX_RANKS) {
         st = ep_group_fail(g, -1, EP_ERR_INVALID, "rank %d: %d ranks, at most %d", g->rank, R,
                            EP_MAX_RANKS);
@@ -192,7 +189,8 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         goto fail;
     }
     for (int i = 0; i < HT_COMBINE_CHUNKS; ++i)
-        if ((e = cudaEventCreateWithFlags(&c->ev_chunk[i], cudaEventDisableTiming)) != cudaSuccess) {
+        if ((e = cudaEventCreateWithFlags(&c->ev_chunk[i], cudaEventDisableTiming)) !=
+            cudaSuccess) {
             st = cuda_fail(g, e, "creating the copy events");
             goto fail;
         }
@@ -229,8 +227,7 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
     }
     int share = 1, sms = me.num_sms;
     for (int r = 0; r < R; ++r) {
-        if (all[r].pid != me.pid || strcmp(all[r].host, me.host) != 0)
-            c->inproc = 0;
+        if (all[r].pid != me.pid || strcmp(all[r].host, me.host) != 0) c->inproc = 0;
         int same = 0;
         for (int q = 0; q < R; ++q)
             same += strcmp(all[q].busid, all[r].busid) == 0;
@@ -317,41 +314,29 @@ fail:
 static void cu_destroy(ep_group_t *g)
 {
     cuda_impl_t *c = impl_of(g);
-    if (!c)
-        return;
+    if (!c) return;
     cudaSetDevice(c->device);
     cudaDeviceSynchronize();
     /* peers may still write into this buffer until they are done too */
-    if (c->connected)
-        c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
+    if (c->connected) c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
     for (int r = 0; r < EP_MAX_RANKS; ++r)
-        if (c->ipc_open[r])
-            cudaIpcCloseMemHandle(c->ipc_open[r]);
+        if (c->ipc_open[r]) cudaIpcCloseMemHandle(c->ipc_open[r]);
     while (c->sc_free) {
         struct ht_scratch *s = c->sc_free;
         c->sc_free = s->next;
         cudaFree(s->mem);
         free(s);
     }
-    if (c->buf)
-        cudaFree(c->buf);
-    if (c->err_host)
-        cudaFreeHost(c->err_host);
-    if (c->info_host)
-        cudaFreeHost(c->info_host);
+    if (c->buf) cudaFree(c->buf);
+    if (c->err_host) cudaFreeHost(c->err_host);
+    if (c->info_host) cudaFreeHost(c->info_host);
     for (int i = 0; i < HT_COMBINE_CHUNKS; ++i)
-        if (c->ev_chunk[i])
-            cudaEventDestroy(c->ev_chunk[i]);
-    if (c->ev_fork)
-        cudaEventDestroy(c->ev_fork);
-    if (c->ev_cs)
-        cudaEventDestroy(c->ev_cs);
-    if (c->ev_ss)
-        cudaEventDestroy(c->ev_ss);
-    if (c->cs)
-        cudaStreamDestroy(c->cs);
-    if (c->ss)
-        cudaStreamDestroy(c->ss);
+        if (c->ev_chunk[i]) cudaEventDestroy(c->ev_chunk[i]);
+    if (c->ev_fork) cudaEventDestroy(c->ev_fork);
+    if (c->ev_cs) cudaEventDestroy(c->ev_cs);
+    if (c->ev_ss) cudaEventDestroy(c->ev_ss);
+    if (c->cs) cudaStreamDestroy(c->cs);
+    if (c->ss) cudaStreamDestroy(c->ss);
     pthread_mutex_destroy(&c->sc_lock);
     free(c);
     g->impl = NULL;
@@ -366,8 +351,7 @@ static ep_status_t cu_route(ep_group_t *g, const ep_route_params_t *p, const flo
                             int32_t *topk_idx, float *topk_weights, void *stream)
 {
     ep_status_t st = set_device(g);
-    if (st != EP_OK)
-        return st;
+    if (st != EP_OK) return st;
     return launched(g, epk_route(p, logits, T, topk_idx, topk_weights, stream), "route kernel");
 }
 
@@ -377,8 +361,7 @@ static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_a
 {
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
-        return st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
     if (c->hooks[buf].pending)
         return ep_group_fail(g, -1, EP_ERR_STATE,
                              "rank %d: LL buffer %d still has a receive hook that never ran",
@@ -398,8 +381,7 @@ static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_a
     epk_ll_dispatch_params_t lp = p;
     if (mode == 0 && lp.recv_blocks < lp.send_blocks)
         lp.recv_blocks = lp.send_blocks; /* one launch: every block receives (see kernels) */
-    if ((st = launched(g, epk_ll_dispatch(&c->ctx, &lp, mode, a->stream), "LL dispatch")) !=
-        EP_OK)
+    if ((st = launched(g, epk_ll_dispatch(&c->ctx, &lp, mode, a->stream), "LL dispatch")) != EP_OK)
         return st;
 
     uint8_t *b = c->buf + c->ctx.lay.ll_buf + (size_t)buf * c->ctx.lay.ll_buf_bytes;
@@ -411,8 +393,7 @@ static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_a
     c->handles[buf].base.group = g;
     c->handles[buf].buf = buf;
     c->handles[buf].num_tokens = a->num_tokens;
-    if (handle)
-        *handle = &c->handles[buf].base;
+    if (handle) *handle = &c->handles[buf].base;
     if (a->use_hook) {
         struct cuda_hook *h = &c->hooks[buf];
         memset(h, 0, sizeof *h);
@@ -421,8 +402,7 @@ static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_a
         h->pending = 1;
         h->stream = a->stream;
         h->dp = p;
-        if (hook)
-            *hook = &h->base;
+        if (hook) *hook = &h->base;
     } else if (hook) {
         *hook = NULL;
     }
@@ -434,8 +414,7 @@ static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_arg
 {
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
-        return st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
     if (c->hooks[buf].pending)
         return ep_group_fail(g, -1, EP_ERR_STATE,
                              "rank %d: LL buffer %d still has a receive hook that never ran",
@@ -457,8 +436,7 @@ static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_arg
     };
     int mode = a->use_hook ? 1 : 0;
     epk_ll_combine_params_t lp = p;
-    if (mode == 0 && lp.recv_blocks < lp.send_blocks)
-        lp.recv_blocks = lp.send_blocks;
+    if (mode == 0 && lp.recv_blocks < lp.send_blocks) lp.recv_blocks = lp.send_blocks;
     if ((st = launched(g, epk_ll_combine(&c->ctx, &lp, mode, a->stream), "LL combine")) != EP_OK)
         return st;
     if (a->use_hook) {
@@ -469,8 +447,7 @@ static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_arg
         hk->pending = 1;
         hk->stream = a->stream;
         hk->cp = p;
-        if (hook)
-            *hook = &hk->base;
+        if (hook) *hook = &hk->base;
     } else if (hook) {
         *hook = NULL;
     }
@@ -488,8 +465,7 @@ static ep_status_t cu_hook_run(ep_group_t *g, ep_hook_t *hook_base)
     if (!hook->pending)
         return ep_group_fail(g, -1, EP_ERR_STATE, "rank %d: hook already ran", g->rank);
     hook->pending = 0;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
-        return st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
     if (hook->kind == 1)
         return launched(g, epk_ll_dispatch(&c->ctx, &hook->dp, 2, hook->stream),
                         "LL dispatch receive");
@@ -500,8 +476,7 @@ static ep_status_t cu_layout(ep_group_t *g, const int32_t *topk_idx, int T, ep_h
                              void *stream)
 {
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
-        return st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
     return launched(g,
                     epk_ht_layout(&impl_of(g)->ctx, topk_idx, T, l->num_tokens_per_rank,
                                   l->num_tokens_per_expert, l->is_token_in_rank, stream),
@@ -511,16 +486,15 @@ static ep_status_t cu_layout(ep_group_t *g, const int32_t *topk_idx, int T, ep_h
 static ep_status_t get_scratch(ep_group_t *g, struct ht_scratch **out)
 {
     cuda_impl_t *c = impl_of(g);
-    const size_t R = (size_t)g->nranks, T = (size_t)(g->cfg.ht_max_tokens > 0 ? g->cfg.ht_max_tokens : 1);
+    const size_t R = (size_t)g->nranks,
+                 T = (size_t)(g->cfg.ht_max_tokens > 0 ? g->cfg.ht_max_tokens : 1);
     pthread_mutex_lock(&c->sc_lock);
     struct ht_scratch *s = c->sc_free;
-    if (s)
-        c->sc_free = s->next;
+    if (s) c->sc_free = s->next;
     pthread_mutex_unlock(&c->sc_lock);
     if (!s) {
         s = calloc(1, sizeof *s);
-        if (!s)
-            return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
+        if (!s) return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
         size_t bytes = (T * R + 3 * R + 1) * 4;
         cudaError_t e = cudaMalloc(&s->mem, bytes);
         if (e != cudaSuccess) {
@@ -554,13 +528,11 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
     struct ht_scratch *sc = NULL;
     struct cuda_ht_handle *h = NULL;
     cudaError_t e;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
-        return st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
     if (!c->inproc)
         return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
                              "rank %d: cuda HT ops need all ranks in one process", g->rank);
-    if ((st = get_scratch(g, &sc)) != EP_OK)
-        return st;
+    if ((st = get_scratch(g, &sc)) != EP_OK) return st;
     h = calloc(1, sizeof *h);
     if (!h) {
         st = ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
@@ -574,18 +546,17 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
         .recv_topk_w = (uint64_t)(uintptr_t)out->recv_topk_weights,
         .capacity = (uint64_t)(out->capacity > 0 ? out->capacity : 0),
     };
-    if ((st = launched(g,
-                       epk_ht_prep(&c->ctx, &sc->st, a->topk_idx, a->num_tokens,
-                                   a->expert_alignment, out->num_recv_per_expert, c->info_dev,
-                                   &mine, seq, a->stream),
-                       "HT count exchange")) != EP_OK)
+    if ((st =
+             launched(g,
+                      epk_ht_prep(&c->ctx, &sc->st, a->topk_idx, a->num_tokens, a->expert_alignment,
+                                  out->num_recv_per_expert, c->info_dev, &mine, seq, a->stream),
+                      "HT count exchange")) != EP_OK)
         goto fail;
     if ((e = cudaStreamSynchronize((cudaStream_t)a->stream)) != cudaSuccess) {
         st = cuda_fail(g, e, "cudaStreamSynchronize after the HT count exchange");
         goto fail;
     }
-    if ((st = check_err(g)) != EP_OK)
-        goto fail;
+    if ((st = check_err(g)) != EP_OK) goto fail;
     const volatile epk_ht_info_t *info = c->info_host;
     const int N = info->n_recv, R = g->nranks, me = g->rank;
 
@@ -625,8 +596,7 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
             goto fail;
         }
         for (int d = 0; d < R; ++d) {
-            if (d == me)
-                continue;
+            if (d == me) continue;
             int rows = 0;
             for (int i = 0; i < info->nruns[d]; ++i) {
                 const int first = info->runs[d][i][0], len = info->runs[d][i][1] - first + 1;
@@ -659,8 +629,8 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
     }
     if (N > out->capacity) {
         st = ep_group_fail(g, -1, EP_ERR_INVALID,
-                           "rank %d: HT dispatch receives %d rows, out.capacity is %d", g->rank,
-                           N, out->capacity);
+                           "rank %d: HT dispatch receives %d rows, out.capacity is %d", g->rank, N,
+                           out->capacity);
         goto fail;
     }
     for (int s = 0; s < R; ++s)
@@ -675,8 +645,7 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
 
 fail:
     free(h);
-    if (sc)
-        put_scratch(c, sc);
+    if (sc) put_scratch(c, sc);
     return st;
 }
 
@@ -686,8 +655,7 @@ static ep_status_t cu_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *hb
     const struct cuda_ht_handle *h = (const struct cuda_ht_handle *)hb;
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
-        return st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
     if (h->num_recv > out->capacity)
         return ep_group_fail(g, -1, EP_ERR_INVALID,
                              "rank %d: cached HT dispatch receives %d rows, out.capacity is %d",
@@ -719,8 +687,7 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const 
     const struct cuda_ht_handle *h = (const struct cuda_ht_handle *)hb;
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK)
-        return st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
     cudaStream_t ms = (cudaStream_t)stream;
     cudaError_t e;
     if (c->ht_copy) {
@@ -738,14 +705,14 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const 
             int base = 0;
             for (int s = 0; s < R; ++s) {
                 const int n = h->recv_from[s];
-                const int r0 = (int)((long long)ch * n / NCH), r1 = (int)((long long)(ch + 1) * n / NCH);
+                const int r0 = (int)((long long)ch * n / NCH),
+                          r1 = (int)((long long)(ch + 1) * n / NCH);
                 if (s != me && r1 > r0) {
                     e = cudaMemcpyAsync(c->ctx.base[s] + c->ctx.lay.ht_stage +
                                             ((size_t)me * g->cfg.ht_max_tokens + r0) * H * 2,
                                         x + (size_t)(base + r0) * H, (size_t)(r1 - r0) * H * 2,
                                         cudaMemcpyDeviceToDevice, c->cs);
-                    if (e != cudaSuccess)
-                        return cuda_fail(g, e, "HT combine copy to a peer");
+                    if (e != cudaSuccess) return cuda_fail(g, e, "HT combine copy to a peer");
                 }
                 base += n;
             }
@@ -779,18 +746,15 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const 
 static void cu_ht_handle_destroy(ep_ht_handle_t *hb)
 {
     struct cuda_ht_handle *h = (struct cuda_ht_handle *)hb;
-    if (!h)
-        return;
-    if (h->base.group && h->base.group->impl && h->sc)
-        put_scratch(impl_of(h->base.group), h->sc);
+    if (!h) return;
+    if (h->base.group && h->base.group->impl && h->sc) put_scratch(impl_of(h->base.group), h->sc);
     free(h);
 }
 
 static void cu_abort(ep_group_t *g)
 {
     cuda_impl_t *c = impl_of(g);
-    if (!c || !c->err_host)
-        return;
+    if (!c || !c->err_host) return;
     volatile int *e = c->err_host;
     if (e[EPK_ERR_CODE] == EPK_CODE_OK) {
         e[EPK_ERR_PEER] = atomic_load(&g->failed_peer);
