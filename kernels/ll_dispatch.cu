@@ -35,22 +35,23 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     const size_t boff = c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
     __shared__ uint64_t s_mask;
 
-    if (bid == 0) {
-        for (int d = 0; d < R; ++d) {
-            uint8_t *meta = c.base[d] + boff + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes;
-            int32_t *hdr = (int32_t *)meta;
-            int32_t *midx = (int32_t *)(meta + 16);
-            float *mw = (float *)(meta + 16 + (size_t)c.ll_max_tokens * k * 4);
-            if (threadIdx.x == 0) {
-                hdr[0] = T;
-                hdr[1] = p.topk_w != nullptr;
-            }
-            for (int i = threadIdx.x; i < T * k; i += blockDim.x) {
-                midx[i] = p.topk_idx[i];
-                if (p.topk_w) mw[i] = p.topk_w[i];
-            }
-        }
+    /* routing of every token to every rank (a receiver scans all of a source's tokens): each
+     * block writes the rows of the tokens it sends, thread (d, j) one id and one weight */
+    if (bid == 0 && (int)threadIdx.x < R) {
+        int32_t *hdr = (int32_t *)(c.base[threadIdx.x] + boff + c.lay.ll_meta +
+                                   (size_t)c.rank * c.lay.ll_meta_bytes);
+        hdr[0] = T;
+        hdr[1] = p.topk_w != nullptr;
     }
+    for (int t = bid; t < T; t += p.send_blocks)
+        for (int i = threadIdx.x; i < R * k; i += blockDim.x) {
+            const int d = i / k, j = i - d * k;
+            uint8_t *meta = c.base[d] + boff + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes;
+            ((int32_t *)(meta + 16))[(size_t)t * k + j] = p.topk_idx[(size_t)t * k + j];
+            if (p.topk_w)
+                ((float *)(meta + 16 + (size_t)c.ll_max_tokens * k * 4))[(size_t)t * k + j] =
+                    p.topk_w[(size_t)t * k + j];
+        }
 
     for (int t = bid; t < T; t += p.send_blocks) {
         if (threadIdx.x == 0) {

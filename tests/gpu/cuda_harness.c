@@ -11,18 +11,41 @@ int h_world_init(h_world_t *w, int nranks)
 {
     w->nranks = nranks;
     if (ep_inproc_world_create(nranks, &w->inproc) != EP_OK) return -1;
-    return pthread_barrier_init(&w->bar, NULL, (unsigned)nranks) == 0 ? 0 : -1;
+    w->waiting = w->generation = w->broken = 0;
+    if (pthread_mutex_init(&w->mu, NULL) != 0) return -1;
+    return pthread_cond_init(&w->cv, NULL) == 0 ? 0 : -1;
 }
 
 void h_world_fini(h_world_t *w)
 {
-    pthread_barrier_destroy(&w->bar);
+    pthread_cond_destroy(&w->cv);
+    pthread_mutex_destroy(&w->mu);
     ep_inproc_world_destroy(w->inproc);
 }
 
-void h_barrier(h_world_t *w)
+int h_barrier(h_world_t *w)
 {
-    pthread_barrier_wait(&w->bar);
+    pthread_mutex_lock(&w->mu);
+    int gen = w->generation;
+    if (++w->waiting == w->nranks) {
+        w->waiting = 0;
+        w->generation++;
+        pthread_cond_broadcast(&w->cv);
+    } else {
+        while (gen == w->generation && !w->broken)
+            pthread_cond_wait(&w->cv, &w->mu);
+    }
+    int broken = w->broken;
+    pthread_mutex_unlock(&w->mu);
+    return broken;
+}
+
+void h_world_break(h_world_t *w)
+{
+    pthread_mutex_lock(&w->mu);
+    w->broken = 1;
+    pthread_cond_broadcast(&w->cv);
+    pthread_mutex_unlock(&w->mu);
 }
 
 ep_status_t h_group_create(const ep_config_t *cfg, h_world_t *w, int rank, ep_group_t **out)

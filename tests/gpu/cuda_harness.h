@@ -11,13 +11,18 @@
 
 typedef struct h_world {
     int nranks;
-    pthread_barrier_t bar;
+    pthread_mutex_t mu;
+    pthread_cond_t cv;
+    int waiting, generation, broken;
     ep_inproc_world_t *inproc;
 } h_world_t;
 
 int h_world_init(h_world_t *w, int nranks);
 void h_world_fini(h_world_t *w);
-void h_barrier(h_world_t *w);
+/* Waits for every rank; returns at once (nonzero) once a rank has broken the world. */
+int h_barrier(h_world_t *w);
+/* A failing rank breaks the world so that its peers stop waiting for it. */
+void h_world_break(h_world_t *w);
 
 /* Creates rank `rank`'s group on the cuda backend (collective over the world's threads). */
 ep_status_t h_group_create(const ep_config_t *cfg, h_world_t *w, int rank, ep_group_t **out);

@@ -146,7 +146,7 @@ static void *rank_main(void *arg)
     for (step = 0; step < S.steps; ++step) {
         const int fp8 = step & 1, align = (step & 2) ? 4 : 1;
         gen(rank, step, &seed);
-        h_barrier(&S.w);
+        if (h_barrier(&S.w)) goto fail;
         const int T = S.T[rank];
         CK(cudaMemcpy(d_x, fp8 ? (void *)S.x8[rank] : (void *)S.x[rank],
                       (size_t)TM * H_ * (fp8 ? 1 : 2), cudaMemcpyHostToDevice));
@@ -236,11 +236,11 @@ static void *rank_main(void *arg)
             for (int t = 0; t < T; ++t)
                 for (int h = 0; h < H_; ++h)
                     S.x[rank][t * H_ + h] = h_f_to_bf16((float)((t * 7 + h) % 97) / 16.f - 3.f);
-            h_barrier(&S.w);
+            if (h_barrier(&S.w)) goto fail;
             CK(cudaMemcpy(d_x, S.x[rank], (size_t)TM * H_ * 2, cudaMemcpyHostToDevice));
             CK(cudaMemsetAsync(d_rx, 0xee, (size_t)CAP * H_ * 2, s));
             CK(cudaStreamSynchronize(s));
-            h_barrier(&S.w);
+            if (h_barrier(&S.w)) goto fail;
             EPK(ep_ht_dispatch_cached(g, hh, &a, &o));
             CK(cudaStreamSynchronize(s));
             CK(cudaMemcpy(h_rx[rank], d_rx, (size_t)N * rb, cudaMemcpyDeviceToHost));
@@ -262,7 +262,7 @@ static void *rank_main(void *arg)
                 h_y[rank][(size_t)r * H_ + h] =
                     h_f_to_bf16(v * (float)(rank + 1) + (float)h / 64.f);
             }
-        h_barrier(&S.w);
+        if (h_barrier(&S.w)) goto fail;
         CK(cudaMemcpy(d_y, h_y[rank], (size_t)(N ? N : 1) * H_ * 2, cudaMemcpyHostToDevice));
         CK(cudaMemsetAsync(d_out, 0xff, TM * H_ * 2, s));
         EPK(ep_ht_combine(g, hh, d_y, d_out, s));
@@ -293,7 +293,7 @@ static void *rank_main(void *arg)
                 }
         }
         ep_ht_handle_destroy(hh);
-        h_barrier(&S.w);
+        if (h_barrier(&S.w)) goto fail;
     }
 
     /* routing: both kinds against route_ref */
@@ -345,7 +345,7 @@ static void *rank_main(void *arg)
 fail:
     S.fail[rank] = 1;
     fprintf(stderr, "rank %d: FAILED\n", rank);
-    exit(1); /* the peer thread may wait in a barrier forever: end the test process here */
+    h_world_break(&S.w); /* peers stop waiting for this rank */
 done:
     if (s) cudaStreamSynchronize(s);
     h_barrier(&S.w);

@@ -603,7 +603,7 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
                 e = cudaMemcpyAsync((uint8_t *)(uintptr_t)info->recv_x[d] +
                                         (size_t)(info->base_at[d] + rows) * rb,
                                     (const uint8_t *)a->x + (size_t)first * rb, (size_t)len * rb,
-                                    cudaMemcpyDeviceToDevice, c->cs);
+                                    cudaMemcpyDefault, c->cs);
                 if (e != cudaSuccess) {
                     st = cuda_fail(g, e, "HT dispatch copy to a peer");
                     goto fail;
@@ -711,7 +711,7 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const 
                     e = cudaMemcpyAsync(c->ctx.base[s] + c->ctx.lay.ht_stage +
                                             ((size_t)me * g->cfg.ht_max_tokens + r0) * H * 2,
                                         x + (size_t)(base + r0) * H, (size_t)(r1 - r0) * H * 2,
-                                        cudaMemcpyDeviceToDevice, c->cs);
+                                        cudaMemcpyDefault, c->cs);
                     if (e != cudaSuccess) return cuda_fail(g, e, "HT combine copy to a peer");
                 }
                 base += n;
