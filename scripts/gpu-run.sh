@@ -99,5 +99,5 @@ echo
 echo "==== logs: $OUT ($NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 [ $BENCH = 1 ] && { sed -n '/^ep-cuda-bench/,/^====/p' "$OUT/bench.log" | grep -v '^$';
   grep -E '^==== HT|GB/s' "$OUT/bench.log" | tail -12;
-  grep -E '^====|^ll_|^ht_|^LL|^HT|median' "$OUT/ep-bench.log"; }
+  grep -sE '^====|^LL|^HT|median' "$OUT/ep-bench.log"; }
 printf '%s\n' "${SUMMARY[@]}"
