@@ -279,8 +279,12 @@ static void cpu_destroy(ep_group_t *g)
     struct cpu_impl *c = g->impl;
     if (!c) return;
     /* Peers may still be writing into this buffer (acks of the last op); wait until every
-     * rank is here before freeing it. Bounded by the timeout; a lost peer cannot write. */
-    c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
+     * rank is here before freeing it. If some rank does not come within the timeout, a peer
+     * thread of this process could still write into the buffer: keep it (a deliberate leak on
+     * a failure path) rather than let that write land in freed memory. Wires to other
+     * processes stop delivering when destroyed. */
+    int rc = c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
+    if (rc && !strcmp(c->wire->ops->name, "shm")) c->buf = NULL;
     c->wire->ops->destroy(c->wire);
     g->impl = NULL;
     free_impl(c);

@@ -342,13 +342,28 @@ int ep_group_failed_peer(const ep_group_t *g)
 
 void ep_group_abort(ep_group_t *g, int peer)
 {
-    if (!g || atomic_exchange(&g->aborted, 1)) return;
-    if (peer >= 0)
-        ep_group_fail(g, peer, EP_ERR_ABORTED, "rank %d: group aborted (rank %d marked down)",
-                      g->rank, peer);
-    else
-        ep_group_fail(g, -1, EP_ERR_ABORTED, "rank %d: group aborted", g->rank);
+    /* Any thread may abort, so only atomics are written here; the thread that owns the group
+     * writes the message when one of its calls sees the abort (aborted_status). */
+    if (!g) return;
+    atomic_store(&g->failed_peer, peer >= 0 && peer < g->nranks ? peer : -1);
+    if (atomic_exchange(&g->aborted, 1)) return;
     if (g->ops->abort) g->ops->abort(g);
+}
+
+static ep_status_t aborted_status(ep_group_t *g)
+{
+    int peer = atomic_load(&g->failed_peer);
+    if (peer >= 0)
+        return ep_group_fail(g, peer, EP_ERR_ABORTED,
+                             "rank %d: group aborted (rank %d marked down)", g->rank, peer);
+    return ep_group_fail(g, -1, EP_ERR_ABORTED, "rank %d: group aborted", g->rank);
+}
+
+/* The status of an op as the caller sees it: an abort seen inside the backend gets its
+ * message here, in the owning thread. */
+static ep_status_t done(ep_group_t *g, ep_status_t st)
+{
+    return st == EP_ERR_ABORTED ? aborted_status(g) : st;
 }
 
 /* ---- argument validation ------------------------------------------------------------------ */
@@ -362,8 +377,7 @@ static int host_memory(const ep_group_t *g)
 
 static ep_status_t check_entry(ep_group_t *g)
 {
-    if (atomic_load(&g->aborted))
-        return EP_ERR_ABORTED; /* the abort already recorded its message */
+    if (atomic_load(&g->aborted)) return aborted_status(g);
     return EP_OK;
 }
 
@@ -439,7 +453,7 @@ ep_status_t ep_ll_dispatch(ep_group_t *g, const ep_ll_dispatch_args_t *a, ep_ll_
     if ((st = check_topk(g, op, a->topk_idx, a->num_tokens))) return st;
     st = g->ops->ll_dispatch(g, g->ll_next_buf, a, out, handle, hook);
     ll_advance(g, st);
-    return st;
+    return done(g, st);
 }
 
 ep_status_t ep_ll_combine(ep_group_t *g, const ep_ll_combine_args_t *a, ep_hook_t **hook)
@@ -456,7 +470,7 @@ ep_status_t ep_ll_combine(ep_group_t *g, const ep_ll_combine_args_t *a, ep_hook_
      * write (no rows received, no tokens); the backend knows those counts and checks. */
     st = g->ops->ll_combine(g, g->ll_next_buf, a, hook);
     ll_advance(g, st);
-    return st;
+    return done(g, st);
 }
 
 ep_status_t ep_hook_run(ep_hook_t *hook)
@@ -465,7 +479,7 @@ ep_status_t ep_hook_run(ep_hook_t *hook)
     ep_group_t *g = hook->group;
     ep_status_t st = check_entry(g);
     if (st) return st;
-    return g->ops->hook_run(g, hook);
+    return done(g, g->ops->hook_run(g, hook));
 }
 
 ep_status_t ep_get_dispatch_layout(ep_group_t *g, const int32_t *topk_idx, int num_tokens,
@@ -484,7 +498,7 @@ ep_status_t ep_get_dispatch_layout(ep_group_t *g, const int32_t *topk_idx, int n
         NEED(g, op, layout->is_token_in_rank);
     }
     if ((st = check_topk(g, op, topk_idx, num_tokens))) return st;
-    return g->ops->get_dispatch_layout(g, topk_idx, num_tokens, layout, stream);
+    return done(g, g->ops->get_dispatch_layout(g, topk_idx, num_tokens, layout, stream));
 }
 
 int ep_ht_max_recv_tokens(const ep_group_t *g)
@@ -526,7 +540,7 @@ ep_status_t ep_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a, ep_ht_
     }
     if ((st = check_ht_out(g, op, a, out, 0))) return st;
     if ((st = check_topk(g, op, a->topk_idx, a->num_tokens))) return st;
-    return g->ops->ht_dispatch(g, a, out, handle);
+    return done(g, g->ops->ht_dispatch(g, a, out, handle));
 }
 
 ep_status_t ep_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *h,
@@ -545,7 +559,7 @@ ep_status_t ep_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *h,
         if (a->use_fp8) NEED(g, op, a->x_scales);
     }
     if ((st = check_ht_out(g, op, a, out, 1))) return st;
-    return g->ops->ht_dispatch_cached(g, h, a, out);
+    return done(g, g->ops->ht_dispatch_cached(g, h, a, out));
 }
 
 ep_status_t ep_ht_combine(ep_group_t *g, const ep_ht_handle_t *h, const uint16_t *x, uint16_t *out,
@@ -557,7 +571,7 @@ ep_status_t ep_ht_combine(ep_group_t *g, const ep_ht_handle_t *h, const uint16_t
     if ((st = check_entry(g))) return st;
     NEED(g, op, h);
     if (h->group != g) return INVALID(g, "%s: the handle belongs to another group", op);
-    return g->ops->ht_combine(g, h, x, out, stream);
+    return done(g, g->ops->ht_combine(g, h, x, out, stream));
 }
 
 void ep_ht_handle_destroy(ep_ht_handle_t *h)
@@ -627,5 +641,5 @@ ep_status_t ep_route(ep_group_t *g, const ep_route_params_t *p, const float *log
     if ((st = check_entry(g))) return st;
     if (check_route(p, logits, num_tokens, topk_idx, topk_weights, msg, sizeof msg))
         return INVALID(g, "ep_route: %s", msg);
-    return g->ops->route(g, p, logits, num_tokens, topk_idx, topk_weights, stream);
+    return done(g, g->ops->route(g, p, logits, num_tokens, topk_idx, topk_weights, stream));
 }

@@ -51,6 +51,7 @@ struct opts {
     int rank, nranks; /* multi-process mode when rank >= 0 */
     char host[256];
     int port;
+    const char *tcp_host; /* data-plane address of this rank (tcp wire) */
     uint64_t seed;
 };
 
@@ -217,7 +218,7 @@ static int bench_rank(struct rank_arg *ra)
     cfg.ll_max_tokens = (o->modes & MODE_LL) ? T : 0;
     cfg.ht_max_tokens = (o->modes & MODE_HT) ? T : 0;
     cfg.timeout_ms = o->timeout_ms;
-    cfg.tcp_host = o->rank >= 0 ? o->host : "127.0.0.1";
+    if (o->tcp_host) cfg.tcp_host = o->tcp_host;
     TRY(ep_group_create(&cfg, &ra->bs, &g));
 
     x = mem_alloc(o, 2 * (size_t)T * H);
@@ -465,6 +466,8 @@ static void usage(FILE *f)
             "  --rank R --nranks N --bootstrap HOST:PORT\n"
             "                       multi-process mode: this process is rank R of N; rank 0\n"
             "                       listens on HOST:PORT, the others connect (tcp bootstrap)\n"
+            "  --tcp-host ADDR      address this rank's tcp wire listens on and advertises\n"
+            "                       (default 127.0.0.1)\n"
             "  --help               this text\n");
 }
 
@@ -592,6 +595,7 @@ int main(int argc, char **argv)
                                        {"rank", required_argument, 0, 'R'},
                                        {"nranks", required_argument, 0, 'N'},
                                        {"bootstrap", required_argument, 0, 'S'},
+                                       {"tcp-host", required_argument, 0, 'A'},
                                        {"help", no_argument, 0, '?'},
                                        {0, 0, 0, 0}};
     int c, v;
@@ -673,6 +677,9 @@ int main(int argc, char **argv)
             break;
         case 'N':
             if (parse_int("nranks", optarg, 1, EP_MAX_RANKS, &o.nranks)) return 2;
+            break;
+        case 'A':
+            o.tcp_host = optarg;
             break;
         case 'S': {
             const char *colon = strrchr(optarg, ':');
