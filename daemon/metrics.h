@@ -30,6 +30,18 @@ void epd_metric_set(epd_metric_t *g, double v);     /* gauges */
 void epd_metric_observe(epd_metric_t *h, double v); /* histograms */
 double epd_metric_value(const epd_metric_t *c);     /* counters and gauges (tests, status) */
 
+/* Bounded memory: at most this many series (over all families; default
+ * EPD_METRICS_DEFAULT_MAX_SERIES). A series asked for beyond the cap, with a malformed label
+ * body, or under a name already used with another type, is not created: the caller gets a
+ * shared sink series (updates land nowhere) and epd_metrics_dropped_series_total{reason}
+ * counts it. */
+#define EPD_METRICS_DEFAULT_MAX_SERIES 4096
+void epd_metrics_set_max_series(epd_metrics_t *m, int max_series);
+
+/* Escapes a label value for a label body (backslash, double quote and newline, as the text
+ * format requires). Returns the length written, or -1 if it does not fit in cap. */
+int epd_metrics_escape_label(const char *value, char *out, size_t cap);
+
 /* Renders every family; *out is malloc'd, the caller frees it. 0 or -1 (no memory). */
 int epd_metrics_render(epd_metrics_t *m, char **out, size_t *len);
 

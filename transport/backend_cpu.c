@@ -207,6 +207,10 @@ static ep_status_t pick_wire(ep_group_t *g, const ep_bootstrap_t *bs, ep_wire_t 
     ep_status_t st;
     if (kind == EP_TRANSPORT_SHM) {
         st = ep_wire_shm_create(&g->cfg, g->rank, g->nranks, w);
+#ifdef EP_HAVE_RDMA
+    } else if (kind == EP_TRANSPORT_RDMA) {
+        st = ep_wire_rdma_create(&g->cfg, g->rank, g->nranks, w);
+#endif
     } else {
 #ifdef EP_HAVE_TCP
         st = ep_wire_tcp_create(&g->cfg, g->rank, g->nranks, w);

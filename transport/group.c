@@ -129,11 +129,16 @@ static ep_status_t check_config(const ep_config_t *c, int nranks)
     if (c->transport < EP_TRANSPORT_AUTO || c->transport > EP_TRANSPORT_RDMA)
         return create_fail(-1, EP_ERR_INVALID, "config.transport %d is not a known transport",
                            (int)c->transport);
-    if (c->backend == EP_BACKEND_CPU &&
-        (c->transport == EP_TRANSPORT_NVLINK || c->transport == EP_TRANSPORT_RDMA))
+    if (c->backend == EP_BACKEND_CPU && c->transport == EP_TRANSPORT_NVLINK)
         return create_fail(-1, EP_ERR_UNSUPPORTED,
-                           "config.transport %s: the cpu backend supports auto, shm and tcp",
+                           "config.transport %s: the cpu backend supports auto, shm, tcp and rdma",
                            ep_transport_name(c->transport));
+#ifndef EP_HAVE_RDMA
+    if (c->transport == EP_TRANSPORT_RDMA)
+        return create_fail(-1, EP_ERR_UNSUPPORTED,
+                           "config.transport rdma: this libep was built without libibverbs and "
+                           "librdmacm");
+#endif
     if (nranks < 1 || nranks > EP_MAX_RANKS)
         return create_fail(-1, EP_ERR_INVALID, "bootstrap nranks %d is not in 1..%d", nranks,
                            EP_MAX_RANKS);

@@ -15,12 +15,14 @@ static uint64_t now_ns(void)
 ep_status_t ep_wire_fail(ep_wire_t *w, int peer, ep_status_t st, const char *fmt, ...)
 {
     int expected = -1;
-    /* The first failure names the culprit; later ones are usually its consequences. */
-    if (atomic_compare_exchange_strong(&w->failed_peer, &expected, peer < 0 ? w->nranks : peer)) {
+    /* The first failure names the culprit; later ones are usually its consequences. The word
+     * reads -2 while the message is written, so that whoever sees the peer sees its message. */
+    if (atomic_compare_exchange_strong(&w->failed_peer, &expected, -2)) {
         va_list ap;
         va_start(ap, fmt);
         vsnprintf(w->error, sizeof w->error, fmt, ap);
         va_end(ap);
+        atomic_store_explicit(&w->failed_peer, peer < 0 ? w->nranks : peer, memory_order_release);
     }
     return st;
 }
@@ -35,7 +37,7 @@ ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int pe
     for (;;) {
         if (atomic_load_explicit(word, memory_order_acquire) >= target) return EP_OK;
         if (atomic_load_explicit(&w->aborted, memory_order_relaxed)) return EP_ERR_ABORTED;
-        int fp = atomic_load_explicit(&w->failed_peer, memory_order_relaxed);
+        int fp = atomic_load_explicit(&w->failed_peer, memory_order_acquire);
         if (fp >= 0) return EP_ERR_PEER;
         if (++spins < 1024) continue;
         spins = 0;

@@ -46,7 +46,8 @@ struct ep_wire {
     uint8_t *local; /* this rank's symmetric buffer */
     size_t bytes;
     /* Set by the implementation when a peer fails (closed, timed out, error completion);
-     * waits on this wire then fail fast naming it. -1 while healthy. */
+     * waits on this wire then fail fast naming it. -1 while healthy; -2 for the instant
+     * ep_wire_fail takes to write `error` (readers that see a rank >= 0 see its message). */
     _Atomic int failed_peer;
     _Atomic int aborted; /* ep_group_abort */
     char error[256];     /* detail of the first failure */
@@ -54,6 +55,8 @@ struct ep_wire {
 
 ep_status_t ep_wire_shm_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
 ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
+/* transport/rdma/wire_rdma.c (built when libibverbs and librdmacm are found: EP_HAVE_RDMA). */
+ep_status_t ep_wire_rdma_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
 
 /* Waits until the 64-bit word at local_off of this rank's buffer is >= target (acquire), or
  * the wire's timeout passes, a peer fails or the group is aborted. `peer` is the rank expected

@@ -7,7 +7,8 @@
  *   LL combine:  valid selections x 2H
  *   HT dispatch/combine: received rows x 2H, fp8 dispatch x (1 + 4/128) / 2
  * Latency: per iteration the slowest rank's time of the op (ranks start each op together
- * after a bootstrap barrier); median and p10/p90 over the iterations. */
+ * after a bootstrap barrier); median and p10/p90 over the iterations. In multi-process mode
+ * each process prints its own rank's times. */
 #include "ep.h"
 
 #include <getopt.h>
@@ -215,8 +216,9 @@ static int bench_rank(struct rank_arg *ra)
     cfg.num_experts = o->experts;
     cfg.hidden = H;
     cfg.num_topk = k;
-    cfg.ll_max_tokens = (o->modes & MODE_LL) ? T : 0;
-    cfg.ht_max_tokens = (o->modes & MODE_HT) ? T : 0;
+    /* A bound of 0 would disable the mode: --tokens 0 measures ops with no tokens. */
+    cfg.ll_max_tokens = (o->modes & MODE_LL) ? (T > 0 ? T : 1) : 0;
+    cfg.ht_max_tokens = (o->modes & MODE_HT) ? (T > 0 ? T : 1) : 0;
     cfg.timeout_ms = o->timeout_ms;
     if (o->tcp_host) cfg.tcp_host = o->tcp_host;
     TRY(ep_group_create(&cfg, &ra->bs, &g));
@@ -522,8 +524,8 @@ static int run_one(struct opts *o, int mode)
         ep_status_t st =
             ep_tcp_bootstrap_create(m.host, m.port, m.rank, m.nranks, m.timeout_ms, &tb);
         if (st) {
-            fprintf(stderr, "ep-bench: tcp bootstrap %s:%d as rank %d of %d: %s\n", m.host, m.port,
-                    m.rank, m.nranks, ep_strerror(st));
+            fprintf(stderr, "ep-bench: tcp bootstrap %s:%d as rank %d of %d: %s (%s)\n", m.host,
+                    m.port, m.rank, m.nranks, ep_strerror(st), ep_tcp_bootstrap_last_error());
             rc = 1;
         } else {
             ep_tcp_bootstrap_get(tb, &ra.bs);
@@ -725,6 +727,7 @@ int main(int argc, char **argv)
     }
     int rc = 0;
     if (o.modes & MODE_LL) rc |= run_one(&o, MODE_LL);
-    if (o.modes & MODE_HT) rc |= run_one(&o, MODE_HT);
+    /* After a failed mode the ranks of a multi-process run are out of step: stop. */
+    if ((o.modes & MODE_HT) && !rc) rc |= run_one(&o, MODE_HT);
     return rc;
 }

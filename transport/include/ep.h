@@ -82,6 +82,9 @@ ep_status_t ep_tcp_bootstrap_create(const char *host, int port, int rank, int nr
                                     unsigned timeout_ms, ep_tcp_bootstrap_t **out);
 void ep_tcp_bootstrap_destroy(ep_tcp_bootstrap_t *b);
 void ep_tcp_bootstrap_get(ep_tcp_bootstrap_t *b, ep_bootstrap_t *out);
+/* Why the calling thread's last failed tcp bootstrap call (create, or an allgather/barrier
+ * through it) failed, naming the rank ("rank 0: rank(s) 2 did not join ..."); "" if none. */
+const char *ep_tcp_bootstrap_last_error(void);
 
 /* ---- group -------------------------------------------------------------------------------- */
 
@@ -98,6 +101,9 @@ typedef struct ep_config {
     int device;           /* cuda: device ordinal for this rank (-1: rank % device count) */
     const char *tcp_host; /* tcp: address to listen on and advertise (default 127.0.0.1) */
     int tcp_port;         /* tcp: port to listen on (0: ephemeral) */
+    /* rdma: "key=value,..." settings (device, port, gid_index, mtu, tc, cm, addr, sq_depth,
+     * stage_kb; docs/rdma.md); NULL: the environment variable EP_RDMA_OPTIONS, else automatic */
+    const char *rdma_options;
 } ep_config_t;
 
 /* Fills *cfg with defaults (cpu backend, auto transport, timeout 10 s, 24 SMs). */

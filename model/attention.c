@@ -1,0 +1,40 @@
+/* Causal grouped-query attention of one query token over a sequence's KV cache. */
+#include "ops.h"
+
+#include <math.h>
+
+void epd_attention_token(float *out, const float *q, const float *k, const float *v, int len,
+                         int heads, int kv_heads, int hd, float *scores)
+{
+    int group = heads / kv_heads;
+    float scale = 1.0f / sqrtf((float)hd);
+    for (int h = 0; h < heads; h++) {
+        const float *qh = q + (size_t)h * hd;
+        int kvh = h / group;
+        float mx = -INFINITY;
+        for (int j = 0; j < len; j++) {
+            const float *kj = k + ((size_t)j * kv_heads + kvh) * hd;
+            float s = 0;
+            for (int d = 0; d < hd; d++)
+                s += qh[d] * kj[d];
+            s *= scale;
+            scores[j] = s;
+            if (s > mx) mx = s;
+        }
+        double sum = 0;
+        for (int j = 0; j < len; j++) {
+            scores[j] = expf(scores[j] - mx);
+            sum += scores[j];
+        }
+        float inv = (float)(1.0 / sum);
+        float *oh = out + (size_t)h * hd;
+        for (int d = 0; d < hd; d++)
+            oh[d] = 0;
+        for (int j = 0; j < len; j++) {
+            const float *vj = v + ((size_t)j * kv_heads + kvh) * hd;
+            float p = scores[j] * inv;
+            for (int d = 0; d < hd; d++)
+                oh[d] += p * vj[d];
+        }
+    }
+}

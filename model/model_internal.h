@@ -1,0 +1,61 @@
+/* The model's internal state, shared by qwen3_moe.c (load, forward), kv_cache.c and moe.c. */
+#ifndef EPD_MODEL_INTERNAL_H
+#define EPD_MODEL_INTERNAL_H
+
+#include "qwen3_moe.h"
+
+typedef struct epd_layer_w {
+    float *input_norm;      /* [H] */
+    float *q, *k, *v, *o;   /* [nh*hd][H], [nkv*hd][H] x2, [H][nh*hd] */
+    float *q_norm, *k_norm; /* [hd] */
+    float *post_norm;       /* [H] */
+    int is_moe;
+    float *router;           /* [E][H] (MoE) */
+    float *gate, *up, *down; /* MoE: [L][I][H], [L][I][H], [L][H][I] local experts in slot
+                                order; dense: [Id][H], [Id][H], [H][Id] */
+} epd_layer_w_t;
+
+struct epd_model {
+    epd_hf_config_t cfg;
+    ep_group_t *group;
+    int rank, nranks, local; /* local = experts per rank (L) */
+    int max_tokens;          /* per-call token bound = the group's ll_max_tokens */
+    int max_seq_len;
+    epd_model_placement_t placement;
+    epd_model_mem_t mem;
+    uint64_t *expert_tokens; /* [E] tokens routed to each global expert, all MoE layers */
+
+    float *embed;   /* [V][H] */
+    float *norm;    /* [H] */
+    float *lm_head; /* [V][H]; == embed when tied */
+    epd_layer_w_t *layers;
+    float *inv_freq; /* [hd/2] */
+
+    /* scratch for max_tokens rows */
+    float *h, *xn, *q, *k, *v, *att, *tmp; /* [T][H] [T][H] [T][nh*hd] [T][nkv*hd] x2
+                                              [T][nh*hd] [T][max(H, ...)] */
+    float *scores;                         /* [max_seq_len] */
+    float *ffn_tmp;                        /* [2][max(I, Id)] */
+    int32_t *pos, *tok_item;               /* [T] */
+    float *router_logits;                  /* [T][E] */
+    int32_t *topk_idx;                     /* [T][k] libep slot ids */
+    float *topk_w;                         /* [T][k] */
+    uint16_t *xb;                          /* [T][H] bf16 dispatch input */
+    uint16_t *comb;                        /* [T][H] bf16 combine output */
+    uint16_t *expert_y;                    /* [L][S][H] bf16, S = max_tokens * R */
+    float *row_in, *row_out;               /* [H] */
+};
+
+struct epd_seq {
+    const epd_model_t *m;
+    int len, cap;
+    float **k, **v; /* [layers] -> [cap][nkv][hd] */
+};
+
+/* kv_cache.c: room for `need` positions (grows geometrically up to max_seq_len). */
+int epd_seq_reserve(epd_seq_t *s, int need, epd_err_t *err);
+
+/* moe.c: h[T][H] += MoE(xn[T][H]) of layer l through libep (collective; T may be 0). */
+int epd_moe_forward(epd_model_t *m, int layer, int rows, epd_err_t *err);
+
+#endif /* EPD_MODEL_INTERNAL_H */

@@ -1,0 +1,419 @@
+#!/usr/bin/env python3
+"""Correctness oracle for epd's Qwen3-MoE forward pass: a tiny random Qwen3-MoE checkpoint
+(bf16 safetensors + config.json, Hugging Face layout) and what transformers computes on it.
+
+Run where torch + transformers are installed (the device machine; the GPU is not used):
+    python3 make_oracle.py --out DIR
+writes DIR/model.safetensors, DIR/config.json, DIR/expected.json, DIR/log.txt.
+
+The reference is an fp32 computation on the CPU: the bf16 weights are upcast to fp32 and
+transformers runs its eager attention in fp32, as epd's plain-C model does.
+
+expected.json:
+  cases[i].prompt        token ids of the prompt
+  cases[i].tokens        greedy continuation (new_tokens ids), KV cache decode
+  cases[i].logits        [new_tokens][vocab] fp32 logits: row 0 at the last prompt position,
+                         row s at the position of generated token s-1
+  cases[i].margins       top1 - top2 logit gap of each row (how close greedy is to a tie)
+  moe_layers             indices of the layers that transformers built as sparse MoE blocks
+  debug                  prompt 0: per-layer outputs [layers][T][hidden] and the final norm
+  bf16_sim               greedy tokens / max logit change when the MoE block's input and
+                         output are rounded to bf16 (what epd's bf16 dispatch/combine does)
+"""
+import argparse
+import json
+import math
+import os
+import re
+import sys
+import time
+
+import torch
+
+T0 = time.time()
+LOG = []
+
+
+def log(msg):
+    line = "[%6.1fs] %s" % (time.time() - T0, msg)
+    print(line, flush=True)
+    LOG.append(line)
+
+
+HIDDEN = 128
+LAYERS = 3
+HEADS = 4
+KV_HEADS = 2
+HEAD_DIM = 32
+EXPERTS = 16
+TOPK = 4
+MOE_INTER = 96  # != HIDDEN/2 so a fused gate_up tensor's layout is unambiguous by shape
+DENSE_INTER = 256
+VOCAB = 384
+MLP_ONLY = [1]  # layer 1 is a dense SwiGLU MLP: exercises that path too
+ROPE_THETA = 1000000.0
+EPS = 1e-6
+MAX_POS = 512
+NEW_TOKENS = 16
+PROMPT_LENS = [6, 1, 11, 19]
+SEEDS = 24
+
+
+def make_config():
+    from transformers import Qwen3MoeConfig
+
+    kw = dict(
+        vocab_size=VOCAB,
+        hidden_size=HIDDEN,
+        intermediate_size=DENSE_INTER,
+        moe_intermediate_size=MOE_INTER,
+        num_hidden_layers=LAYERS,
+        num_attention_heads=HEADS,
+        num_key_value_heads=KV_HEADS,
+        head_dim=HEAD_DIM,
+        hidden_act="silu",
+        max_position_embeddings=MAX_POS,
+        rms_norm_eps=EPS,
+        tie_word_embeddings=False,
+        attention_bias=False,
+        use_sliding_window=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=list(MLP_ONLY),
+        num_experts=EXPERTS,
+        num_experts_per_tok=TOPK,
+        norm_topk_prob=True,
+        output_router_logits=False,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+    )
+    try:
+        cfg = Qwen3MoeConfig(rope_theta=ROPE_THETA, **kw)
+    except TypeError:
+        cfg = Qwen3MoeConfig(rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, **kw)
+    d = cfg.to_dict()
+    theta = d.get("rope_theta")
+    if theta is None and isinstance(d.get("rope_parameters"), dict):
+        theta = d["rope_parameters"].get("rope_theta")
+    if theta is None or abs(float(theta) - ROPE_THETA) > 1e-3:
+        log("rope_theta did not stick (%r); setting rope_parameters" % (theta,))
+        cfg.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA}
+    cfg._attn_implementation = "eager"
+    # Plain per-expert loops: no grouped-matmul kernel that a CPU build may lack.
+    try:
+        cfg._experts_implementation = "eager"
+    except Exception as e:
+        log("config._experts_implementation: %r" % (e,))
+    return cfg
+
+
+def force_eager(model):
+    if hasattr(model, "set_experts_implementation"):
+        try:
+            model.set_experts_implementation("eager")
+        except Exception as e:  # older/newer API: the config flag above still applies
+            log("set_experts_implementation: %r" % (e,))
+    return model
+
+
+def init_params(model, seed):
+    """Random weights with O(1) activations (the default 0.02 init makes every logit nearly
+    equal, which would hide layer bugs and make greedy decoding a coin toss), rounded to bf16."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                v = 0.5 + torch.rand(p.shape, generator=g)
+            elif "embed_tokens" in name:
+                v = torch.randn(p.shape, generator=g)
+            elif name.endswith("mlp.gate.weight") or name.endswith("router.weight"):
+                v = torch.randn(p.shape, generator=g) * (2.0 / math.sqrt(p.shape[-1]))
+            else:
+                v = torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1])
+            p.copy_(v.to(torch.bfloat16).to(torch.float32))
+
+
+def moe_layers_of(model):
+    out = []
+    for i, layer in enumerate(model.model.layers):
+        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts"):
+            out.append(i)
+    return out
+
+
+def canonical_state_dict(model, cfg):
+    """Checkpoint tensors under the names of the published Qwen3-MoE checkpoints
+    (model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight), whatever layout this
+    transformers version keeps in memory (per-expert modules or fused [E][..][..] tensors)."""
+    out = {}
+    I = cfg.moe_intermediate_size
+    H = cfg.hidden_size
+    for k, t in model.state_dict().items():
+        t = t.detach().to(torch.float32).contiguous()
+        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$", k)
+        if m:
+            base, kind = m.group(1), m.group(2)
+            E = t.shape[0]
+            for e in range(E):
+                te = t[e]
+                if kind == "gate_up_proj":
+                    if tuple(te.shape) == (2 * I, H):
+                        gate, up = te[:I], te[I:]
+                    elif tuple(te.shape) == (H, 2 * I):
+                        gate, up = te[:, :I].t(), te[:, I:].t()
+                    else:
+                        raise SystemExit("unexpected gate_up_proj shape %s" % (tuple(t.shape),))
+                    out["%s.%d.gate_proj.weight" % (base, e)] = gate.contiguous()
+                    out["%s.%d.up_proj.weight" % (base, e)] = up.contiguous()
+                else:
+                    if tuple(te.shape) == (H, I):
+                        down = te
+                    elif tuple(te.shape) == (I, H):
+                        down = te.t()
+                    else:
+                        raise SystemExit("unexpected down_proj shape %s" % (tuple(t.shape),))
+                    out["%s.%d.down_proj.weight" % (base, e)] = down.contiguous()
+            continue
+        if k.endswith("rotary_emb.inv_freq"):
+            continue
+        if cfg.tie_word_embeddings and k == "lm_head.weight":
+            continue
+        out[k] = t
+    return out
+
+
+def greedy(model, prompt, new_tokens):
+    """Greedy decode with the KV cache; returns tokens and the logits rows used to pick them."""
+    tokens, rows = [], []
+    with torch.no_grad():
+        ids = torch.tensor([prompt], dtype=torch.long)
+        out = model(input_ids=ids, use_cache=True)
+        pkv = out.past_key_values
+        logits = out.logits[0, -1].to(torch.float32)
+        for s in range(new_tokens):
+            rows.append(logits.clone())
+            nxt = int(torch.argmax(logits).item())
+            tokens.append(nxt)
+            if s + 1 == new_tokens:
+                break
+            out = model(input_ids=torch.tensor([[nxt]], dtype=torch.long), past_key_values=pkv,
+                        use_cache=True)
+            pkv = out.past_key_values
+            logits = out.logits[0, -1].to(torch.float32)
+    return tokens, rows
+
+
+def margin(row):
+    top = torch.topk(row, 2).values
+    return float(top[0] - top[1])
+
+
+def bf16_hooks(model, layers):
+    hs = []
+
+    def pre(mod, args):
+        if not args:
+            return None
+        return (args[0].to(torch.bfloat16).to(torch.float32),) + tuple(args[1:])
+
+    def post(mod, args, out):
+        if isinstance(out, tuple):
+            return (out[0].to(torch.bfloat16).to(torch.float32),) + tuple(out[1:])
+        return out.to(torch.bfloat16).to(torch.float32)
+
+    for i in layers:
+        mlp = model.model.layers[i].mlp
+        hs.append(mlp.register_forward_pre_hook(pre))
+        hs.append(mlp.register_forward_hook(post))
+    return hs
+
+
+def make_prompts():
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in PROMPT_LENS]
+
+
+def evaluate(model, prompts, moe):
+    res = [greedy(model, p, NEW_TOKENS) for p in prompts]
+    hs = bf16_hooks(model, moe)
+    try:
+        sim = [greedy(model, p, NEW_TOKENS) for p in prompts]
+    finally:
+        for h in hs:
+            h.remove()
+    same = all(a[0] == b[0] for a, b in zip(res, sim))
+    diff = 0.0
+    for a, b in zip(res, sim):
+        for ra, rb in zip(a[1], b[1]):
+            diff = max(diff, float((ra - rb).abs().max()))
+    minm = min(margin(r) for t, rows in res for r in rows)
+    return res, same, diff, minm
+
+
+def r8(x):
+    return float("%.8g" % x)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch.set_num_threads(min(8, os.cpu_count() or 1))
+    import transformers
+    from transformers import Qwen3MoeForCausalLM, AutoModelForCausalLM
+    from safetensors.torch import save_file
+
+    log("torch %s transformers %s" % (torch.__version__, transformers.__version__))
+    cfg = make_config()
+    prompts = make_prompts()
+    log("prompts %s" % prompts)
+
+    # Pick the seed whose greedy paths are furthest from ties and survive bf16 rounding of the
+    # MoE exchange, so the C test can demand EQUAL tokens without flaking on a near-tie.
+    best = None
+    for seed in range(SEEDS):
+        torch.manual_seed(seed)
+        model = force_eager(Qwen3MoeForCausalLM(cfg).to(torch.float32).eval())
+        init_params(model, seed)
+        moe = moe_layers_of(model)
+        res, same, diff, minm = evaluate(model, prompts, moe)
+        log("seed %d: moe layers %s, min margin %.4f, bf16-sim tokens equal %s, max dlogit %.3g"
+            % (seed, moe, minm, same, diff))
+        score = (1 if same else 0, minm)
+        if best is None or score > best[0]:
+            best = (score, seed)
+        if same and minm > 0.03 and minm > 10 * diff:
+            break
+    seed = best[1]
+    log("chosen seed %d" % seed)
+
+    torch.manual_seed(seed)
+    model = force_eager(Qwen3MoeForCausalLM(cfg).to(torch.float32).eval())
+    init_params(model, seed)
+    for k, t in model.state_dict().items():
+        if ".layers." not in k or ".layers.0." in k or ".layers.1." in k:
+            log("in-memory %s %s" % (k, tuple(t.shape)))
+    sd = canonical_state_dict(model, cfg)
+    save_file({k: v.to(torch.bfloat16).contiguous() for k, v in sorted(sd.items())},
+              os.path.join(args.out, "model.safetensors"), metadata={"format": "pt"})
+    cfg.save_pretrained(args.out)
+    with open(os.path.join(args.out, "config.json")) as f:
+        cj = json.load(f)
+    # Published Qwen3 configs carry rope_theta at the top level; keep it there too.
+    if "rope_theta" not in cj:
+        cj["rope_theta"] = ROPE_THETA
+    cj.pop("_attn_implementation", None)
+    cj.pop("_experts_implementation", None)
+    with open(os.path.join(args.out, "config.json"), "w") as f:
+        json.dump(cj, f, indent=2, sort_keys=True)
+    log("saved %d tensors, %d bytes" % (len(sd), os.path.getsize(os.path.join(args.out, "model.safetensors"))))
+
+    # The oracle is computed on the model transformers loads back from these files.
+    ref = None
+    for kw in ({"dtype": torch.float32, "attn_implementation": "eager",
+                "experts_implementation": "eager"},
+               {"dtype": torch.float32, "attn_implementation": "eager"},
+               {"torch_dtype": torch.float32, "attn_implementation": "eager"}):
+        try:
+            ref = AutoModelForCausalLM.from_pretrained(args.out, **kw)
+            break
+        except (TypeError, ValueError) as e:
+            log("from_pretrained%s: %r" % (sorted(kw), e))
+    ref = force_eager(ref.to(torch.float32).eval())
+    reload_diff = 0.0
+    with torch.no_grad():
+        for p in prompts:
+            ids = torch.tensor([p])
+            reload_diff = max(reload_diff, float((model(ids).logits - ref(ids).logits).abs().max()))
+    log("reloaded-vs-in-memory max |dlogit| %.3g" % reload_diff)
+    if reload_diff > 1e-4:
+        log("WARNING: the reloaded checkpoint does not compute what the in-memory model does")
+    moe_ref = moe_layers_of(ref)
+    res, same, diff, minm = evaluate(ref, prompts, moe_ref)
+
+    # The cached decode must equal a full recompute of each sequence.
+    cache_diff = 0.0
+    with torch.no_grad():
+        for p, (toks, rows) in zip(prompts, res):
+            full = ref(torch.tensor([p + toks[:-1]])).logits[0].to(torch.float32)
+            for s, row in enumerate(rows):
+                cache_diff = max(cache_diff, float((full[len(p) - 1 + s] - row).abs().max()))
+    log("cache-vs-recompute max |dlogit| %.3g" % cache_diff)
+
+    # Per-layer outputs of prompt 0 (and the final norm), to locate a wrong layer quickly.
+    caps = {}
+
+    def cap(name):
+        def f(mod, a, out):
+            o = out[0] if isinstance(out, tuple) else out
+            caps[name] = o.detach()[0].to(torch.float32).clone()
+        return f
+
+    hooks = []
+    for i, layer in enumerate(ref.model.layers):
+        hooks.append(layer.register_forward_hook(cap("layer%d" % i)))
+        hooks.append(layer.self_attn.register_forward_hook(cap("attn%d" % i)))
+        hooks.append(layer.mlp.register_forward_hook(cap("mlp%d" % i)))
+    hooks.append(ref.model.norm.register_forward_hook(cap("norm")))
+    hooks.append(ref.model.embed_tokens.register_forward_hook(cap("embed")))
+    with torch.no_grad():
+        ref(torch.tensor([prompts[0]]))
+    for h in hooks:
+        h.remove()
+
+    def mat(t):
+        return [[r8(x) for x in row] for row in t.tolist()]
+
+    expected = {
+        "generator": "tests/model/make_oracle.py",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "seed": seed,
+        "weights": "bf16 safetensors, upcast to fp32",
+        "compute": "fp32 on the cpu, eager attention, KV cache decode",
+        "new_tokens": NEW_TOKENS,
+        "moe_layers": moe_ref,
+        "reload_max_abs_diff": reload_diff,
+        "cache_max_abs_diff": cache_diff,
+        "bf16_sim": {"tokens_equal": same, "max_abs_logit_diff": diff},
+        "min_margin": minm,
+        "cases": [
+            {"prompt": p, "tokens": toks, "margins": [r8(margin(r)) for r in rows],
+             "logits": [[r8(x) for x in r.tolist()] for r in rows]}
+            for p, (toks, rows) in zip(prompts, res)
+        ],
+        "debug": {
+            "prompt": 0,
+            "embed": mat(caps["embed"]),
+            "attn": [mat(caps["attn%d" % i]) for i in range(LAYERS)],
+            "mlp": [mat(caps["mlp%d" % i]) for i in range(LAYERS)],
+            "layer": [mat(caps["layer%d" % i]) for i in range(LAYERS)],
+            "norm": mat(caps["norm"]),
+        },
+    }
+    with open(os.path.join(args.out, "expected.json"), "w") as f:
+        json.dump(expected, f)
+    for c in expected["cases"]:
+        log("prompt %s -> %s (min margin %.4f)" % (c["prompt"], c["tokens"], min(c["margins"])))
+    log("bf16-sim tokens equal %s, max dlogit %.3g, min margin %.4f" % (same, diff, minm))
+    log("done")
+    with open(os.path.join(args.out, "log.txt"), "w") as f:
+        f.write("\n".join(LOG) + "\n")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        out = None
+        for i, a in enumerate(sys.argv):
+            if a == "--out" and i + 1 < len(sys.argv):
+                out = sys.argv[i + 1]
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "log.txt"), "w") as f:
+                f.write("\n".join(LOG) + "\n" + traceback.format_exc())
+        raise

@@ -1,0 +1,48 @@
+/* The oracle workload shared by the in-process (threads) and multi-process (tcp) tests: the
+ * transformers reference (oracle/expected.json), and one rank's part of generating it with the
+ * model: prompts dealt round-robin over the ranks, prefill in chunks packed with other
+ * sequences' decode tokens, every rank stepping the same number of times. */
+#ifndef EPD_TEST_ORACLE_RUN_H
+#define EPD_TEST_ORACLE_RUN_H
+
+#include "model_err.h"
+#include "placement.h"
+#include "qwen3_moe.h"
+
+#include <stdint.h>
+
+#define ORACLE_MAX_CASES 8
+#define ORACLE_MAX_PROMPT 64
+#define ORACLE_MAX_NEW 32
+
+typedef struct oracle_case {
+    int prompt_len;
+    int32_t prompt[ORACLE_MAX_PROMPT];
+    int32_t tokens[ORACLE_MAX_NEW]; /* transformers' greedy continuation */
+    float *logits;                  /* [new_tokens][vocab] */
+} oracle_case_t;
+
+typedef struct oracle {
+    int num_cases, new_tokens, vocab;
+    oracle_case_t cases[ORACLE_MAX_CASES];
+} oracle_t;
+
+/* Reads dir/expected.json. */
+int oracle_load(const char *dir, oracle_t *o, epd_err_t *err);
+void oracle_free(oracle_t *o);
+
+/* What a run produced, for every case (filled for the cases of the ranks that ran them). */
+typedef struct oracle_result {
+    int32_t tokens[ORACLE_MAX_CASES][ORACLE_MAX_NEW];
+    float *logits[ORACLE_MAX_CASES]; /* [new_tokens][vocab], caller-allocated */
+    epd_model_mem_t mem;             /* of the rank that wrote it */
+} oracle_result_t;
+
+/* One rank: creates the group (ep_config from the model, ll_max_tokens = chunk), loads the model
+ * from dir, generates its cases greedily, writes tokens/logits of its cases into res. Every
+ * rank must call it with the same arguments except bs. */
+int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs,
+                    ep_transport_kind_t transport, const epd_model_placement_t *placement,
+                    int chunk, oracle_result_t *res, epd_err_t *err);
+
+#endif /* EPD_TEST_ORACLE_RUN_H */

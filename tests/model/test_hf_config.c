@@ -1,0 +1,195 @@
+/* config.json reader: the oracle checkpoint's config (as transformers 5 writes it), a published
+ * Qwen3-MoE style config with defaults, and a table of bad configs with their messages. */
+#include "hf_config.h"
+#include "test_util.h"
+
+#include <errno.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+static void test_oracle_config(void **state)
+{
+    (void)state;
+    epd_hf_config_t c;
+    epd_err_t err;
+    int rc = epd_hf_config_load(EPD_ORACLE_DIR "/config.json", &c, &err);
+    if (rc) fail_msg("%s", err.msg);
+    assert_string_equal(c.model_type, "qwen3_moe");
+    assert_int_equal(c.hidden_size, 128);
+    assert_int_equal(c.intermediate_size, 256);
+    assert_int_equal(c.moe_intermediate_size, 96);
+    assert_int_equal(c.num_hidden_layers, 3);
+    assert_int_equal(c.num_attention_heads, 4);
+    assert_int_equal(c.num_key_value_heads, 2);
+    assert_int_equal(c.head_dim, 32);
+    assert_int_equal(c.vocab_size, 384);
+    assert_int_equal(c.num_experts, 16); /* written as num_local_experts by transformers 5 */
+    assert_int_equal(c.num_experts_per_tok, 4);
+    assert_true(c.norm_topk_prob);
+    assert_false(c.tie_word_embeddings);
+    assert_int_equal(c.decoder_sparse_step, 1);
+    assert_int_equal(c.max_position_embeddings, 512);
+    assert_true(c.rms_norm_eps == 1e-6);
+    assert_true(c.rope_theta == 1e6);
+    assert_true(epd_hf_layer_is_moe(&c, 0));
+    assert_false(epd_hf_layer_is_moe(&c, 1)); /* mlp_only_layers [1] */
+    assert_true(epd_hf_layer_is_moe(&c, 2));
+}
+
+/* The shape of a published Qwen3-MoE config.json (num_experts, top-level rope_theta). */
+static const char PUBLISHED[] =
+    "{\"architectures\":[\"Qwen3MoeForCausalLM\"],\"attention_bias\":false,"
+    "\"attention_dropout\":0.0,\"bos_token_id\":151643,\"decoder_sparse_step\":2,"
+    "\"eos_token_id\":151645,\"head_dim\":128,\"hidden_act\":\"silu\",\"hidden_size\":2048,"
+    "\"initializer_range\":0.02,\"intermediate_size\":6144,\"max_position_embeddings\":40960,"
+    "\"max_window_layers\":48,\"mlp_only_layers\":[],\"model_type\":\"qwen3_moe\","
+    "\"moe_intermediate_size\":768,\"norm_topk_prob\":true,\"num_attention_heads\":32,"
+    "\"num_experts\":128,\"num_experts_per_tok\":8,\"num_hidden_layers\":48,"
+    "\"num_key_value_heads\":4,\"output_router_logits\":false,\"rms_norm_eps\":1e-06,"
+    "\"rope_scaling\":null,\"rope_theta\":1000000.0,\"router_aux_loss_coef\":0.001,"
+    "\"sliding_window\":null,\"tie_word_embeddings\":false,\"torch_dtype\":\"bfloat16\","
+    "\"transformers_version\":\"4.51.0\",\"use_cache\":true,\"use_sliding_window\":false,"
+    "\"vocab_size\":151936}";
+
+static void test_published_config(void **state)
+{
+    (void)state;
+    epd_hf_config_t c;
+    epd_err_t err;
+    int rc = epd_hf_config_parse(PUBLISHED, strlen(PUBLISHED), "config.json", &c, &err);
+    if (rc) fail_msg("%s", err.msg);
+    assert_int_equal(c.num_experts, 128);
+    assert_int_equal(c.num_experts_per_tok, 8);
+    assert_int_equal(c.head_dim, 128);
+    assert_true(c.rope_theta == 1e6);
+    /* decoder_sparse_step 2: layers 1, 3, ... are MoE, the others dense */
+    assert_false(epd_hf_layer_is_moe(&c, 0));
+    assert_true(epd_hf_layer_is_moe(&c, 1));
+    assert_false(epd_hf_layer_is_moe(&c, 46));
+    assert_true(epd_hf_layer_is_moe(&c, 47));
+}
+
+static void test_defaults(void **state)
+{
+    (void)state;
+    const char *j = "{\"model_type\":\"qwen3_moe\",\"hidden_size\":64,\"num_hidden_layers\":2,"
+                    "\"num_attention_heads\":4,\"vocab_size\":100,\"moe_intermediate_size\":32,"
+                    "\"num_experts\":8,\"num_experts_per_tok\":2}";
+    epd_hf_config_t c;
+    epd_err_t err;
+    int rc = epd_hf_config_parse(j, strlen(j), "config.json", &c, &err);
+    if (rc) fail_msg("%s", err.msg);
+    /* transformers' defaults for the fields left out */
+    assert_int_equal(c.num_key_value_heads, 4);
+    assert_int_equal(c.head_dim, 16);
+    assert_int_equal(c.decoder_sparse_step, 1);
+    assert_false(c.norm_topk_prob);
+    assert_false(c.tie_word_embeddings);
+    assert_true(c.rope_theta == 10000.0);
+    assert_true(c.rms_norm_eps == 1e-6);
+    assert_int_equal(c.max_position_embeddings, 32768);
+}
+
+/* A valid minimal config as key/value pairs; each bad case drops or replaces one key. */
+static const char *const BASE[][2] = {
+    {"model_type", "\"qwen3_moe\""}, {"hidden_size", "64"}, {"num_hidden_layers", "2"},
+    {"num_attention_heads", "4"},    {"vocab_size", "100"}, {"moe_intermediate_size", "32"},
+    {"num_experts_per_tok", "2"},    {"num_experts", "8"},
+};
+
+static const struct {
+    const char *key;   /* the key to change */
+    const char *value; /* its new JSON value; NULL: drop the key */
+    int status;
+    const char *expect;
+} BAD[] = {
+    {"model_type", NULL, -EINVAL, "config.json: model_type: required field is missing"},
+    {"model_type", "\"llama\"", -ENOTSUP, "model_type: \"llama\" is not supported"},
+    {"model_type", "7", -ENOTSUP, "model_type: \"(not a string)\""},
+    {"num_experts", NULL, -EINVAL, "num_experts: required field is missing"},
+    {"num_hidden_layers", NULL, -EINVAL, "num_hidden_layers: required field is missing"},
+    {"hidden_size", "\"64\"", -EINVAL, "hidden_size: expected an integer"},
+    {"vocab_size", "-5", -EINVAL, "vocab_size: -5 is outside 1.."},
+    {"num_experts_per_tok", "2.5", -EINVAL, "num_experts_per_tok: expected an integer"},
+    {"num_experts", "1", -EINVAL, "num_experts_per_tok: 2 exceeds num_experts (1)"},
+    {"num_key_value_heads", "3", -EINVAL,
+     "num_key_value_heads: 3 does not divide num_attention_heads (4)"},
+    {"head_dim", "15", -EINVAL, "head_dim: 15 is not a positive even number"},
+    {"rms_norm_eps", "0", -EINVAL, "rms_norm_eps: 0 is outside"},
+    {"norm_topk_prob", "1", -EINVAL, "norm_topk_prob: expected true or false"},
+    {"mlp_only_layers", "[2]", -EINVAL, "mlp_only_layers[0]: expected a layer index in 0..1"},
+    {"mlp_only_layers", "7", -EINVAL, "mlp_only_layers: expected an array"},
+    {"mlp_only_layers", "[0]", -EINVAL, "intermediate_size: required field is missing"},
+    {"decoder_sparse_step", "0", -EINVAL, "decoder_sparse_step: 0 is outside 1.."},
+    {"attention_bias", "true", -ENOTSUP, "attention_bias: true is not supported"},
+    {"use_sliding_window", "true", -ENOTSUP, "use_sliding_window: true is not supported"},
+    {"hidden_act", "\"gelu\"", -ENOTSUP, "hidden_act: only \"silu\""},
+    {"rope_scaling", "{\"rope_type\":\"yarn\",\"factor\":4}", -ENOTSUP,
+     "rope_scaling.rope_type: only \"default\""},
+    {"rope_parameters", "{\"rope_type\":\"linear\",\"rope_theta\":5}", -ENOTSUP,
+     "rope_parameters.rope_type: only \"default\""},
+    {"num_experts_per_tok", "17", -EINVAL, "num_experts_per_tok: 17 is outside 1..16"},
+    {"hidden_size", "64, \"hidden_size\": 32", -EINVAL, "hidden_size: appears twice"},
+    {"hidden_size", "}", -EINVAL, "not valid JSON (near byte"},
+};
+
+static char *build(const char *key, const char *value)
+{
+    static char buf[2048];
+    size_t o = 0;
+    int n = 0;
+    o += (size_t)snprintf(buf + o, sizeof(buf) - o, "{");
+    for (size_t i = 0; i < sizeof(BASE) / sizeof(BASE[0]); i++) {
+        if (!strcmp(BASE[i][0], key)) continue;
+        o += (size_t)snprintf(buf + o, sizeof(buf) - o, "%s\"%s\":%s", n++ ? "," : "", BASE[i][0],
+                              BASE[i][1]);
+    }
+    if (value)
+        o += (size_t)snprintf(buf + o, sizeof(buf) - o, "%s\"%s\":%s", n ? "," : "", key, value);
+    snprintf(buf + o, sizeof(buf) - o, "}");
+    return buf;
+}
+
+static void test_bad_configs(void **state)
+{
+    (void)state;
+    epd_hf_config_t c;
+    epd_err_t err = {0};
+    const char *ok = build("", NULL);
+    if (epd_hf_config_parse(ok, strlen(ok), "config.json", &c, &err))
+        fail_msg("the base config is refused: %s", err.msg);
+    for (size_t i = 0; i < sizeof(BAD) / sizeof(BAD[0]); i++) {
+        const char *j = build(BAD[i].key, BAD[i].value);
+        err.msg[0] = 0;
+        int rc = epd_hf_config_parse(j, strlen(j), "config.json", &c, &err);
+        if (getenv("EPD_TEST_VERBOSE")) printf("  %s\n", err.msg);
+        if (rc != BAD[i].status || !strstr(err.msg, BAD[i].expect))
+            fail_msg("case %zu (%s): status %d (expected %d), message \"%s\" lacks \"%s\"", i, j,
+                     rc, BAD[i].status, err.msg, BAD[i].expect);
+    }
+    const char *arr = "[1]";
+    assert_int_equal(epd_hf_config_parse(arr, 3, "config.json", &c, &err), -EINVAL);
+    assert_non_null(strstr(err.msg, "config.json: not a JSON object"));
+}
+
+static void test_missing_file(void **state)
+{
+    (void)state;
+    epd_hf_config_t c;
+    epd_err_t err;
+    assert_int_equal(epd_hf_config_load("/nonexistent/config.json", &c, &err), -ENOENT);
+    assert_non_null(strstr(err.msg, "/nonexistent/config.json: cannot open"));
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_oracle_config), cmocka_unit_test(test_published_config),
+        cmocka_unit_test(test_defaults),      cmocka_unit_test(test_bad_configs),
+        cmocka_unit_test(test_missing_file),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}

@@ -1,0 +1,354 @@
+/* The model against transformers (oracle/expected.json, made by make_oracle.py): greedy tokens
+ * equal, logits within LOGIT_TOL, with 1, 2 and 4 ranks as threads of this process over libep's
+ * shm wire, with an explicit (scattered) expert placement, and with 2 and 4 ranks as forked
+ * processes over libep's tcp wire. The EP split must change
+ * nothing: every run's logits are bit-identical to the 1-rank run.
+ *
+ * Tolerance. transformers computes in fp32 throughout; our MoE blocks send activations to the
+ * experts as bf16 and get the weighted sum back as bf16 (libep's LL contract), a relative
+ * rounding of ~2^-9 at each MoE input and output. Measured on this checkpoint (logits spread
+ * over about +-4): max |logit - reference| = 0.0117 over all 4 x 16 rows of 384 logits, the same
+ * for every rank count. The bound LOGIT_TOL is about 2.5 times that. Checked by mutation: the
+ * k_norm weights swapped for q_norm's, a RoPE sign flipped, each token sent to a neighbouring
+ * expert, top-k weights not renormalised, the attention scale 1/hd, and scaling the dense MLP's
+ * output by 1.01 or the attention output by 1.003 each break the bound (by 0.03 to 0.4). */
+#include "oracle_run.h"
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <math.h>
+#include <netinet/in.h>
+#include <pthread.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/wait.h>
+#include <time.h>
+#include <unistd.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <setjmp.h>
+#include <cmocka.h>
+
+#define LOGIT_TOL 0.03f
+#define CHUNK 8 /* LL tokens per rank and step: prompts of 11 and 19 take 2 and 3 chunks */
+
+static oracle_t g_oracle;
+
+typedef struct run {
+    int R;
+    const epd_model_placement_t *placement;
+    ep_inproc_world_t *world;
+    oracle_result_t res[4]; /* per rank (each writes its own cases into res[rank]) */
+    int rc[4];
+    epd_err_t err[4];
+} run_t;
+
+typedef struct rank_arg {
+    run_t *run;
+    int rank;
+} rank_arg_t;
+
+static void *rank_main(void *p)
+{
+    rank_arg_t *a = p;
+    ep_bootstrap_t bs;
+    ep_inproc_bootstrap(a->run->world, a->rank, &bs);
+    a->run->rc[a->rank] =
+        oracle_run_rank(EPD_ORACLE_DIR, &g_oracle, &bs, EP_TRANSPORT_AUTO, a->run->placement, CHUNK,
+                        &a->run->res[a->rank], &a->run->err[a->rank]);
+    return NULL;
+}
+
+/* Runs the workload on R threads; *out gets every case's tokens and logits. */
+static void run_ranks(int R, const epd_model_placement_t *placement, oracle_result_t *out)
+{
+    run_t *run = calloc(1, sizeof(*run));
+    run->R = R;
+    run->placement = placement;
+    assert_int_equal(ep_inproc_world_create(R, &run->world), EP_OK);
+    const oracle_t *o = &g_oracle;
+    for (int r = 0; r < R; r++)
+        for (int c = 0; c < o->num_cases; c++)
+            run->res[r].logits[c] = out->logits[c];
+    pthread_t th[4];
+    rank_arg_t args[4];
+    for (int r = 0; r < R; r++) {
+        args[r] = (rank_arg_t){run, r};
+        assert_int_equal(pthread_create(&th[r], NULL, rank_main, &args[r]), 0);
+    }
+    for (int r = 0; r < R; r++)
+        pthread_join(th[r], NULL);
+    for (int r = 0; r < R; r++)
+        if (run->rc[r]) fail_msg("R=%d rank %d: %s", R, r, run->err[r].msg);
+    for (int c = 0; c < o->num_cases; c++)
+        memcpy(out->tokens[c], run->res[c % R].tokens[c], sizeof(out->tokens[c]));
+    out->mem = run->res[0].mem;
+    ep_inproc_world_destroy(run->world);
+    free(run);
+}
+
+static oracle_result_t *alloc_result(void)
+{
+    oracle_result_t *r = calloc(1, sizeof(*r));
+    for (int c = 0; c < g_oracle.num_cases; c++)
+        r->logits[c] = calloc((size_t)g_oracle.vocab * g_oracle.new_tokens, sizeof(float));
+    return r;
+}
+
+static void free_result(oracle_result_t *r)
+{
+    for (int c = 0; c < g_oracle.num_cases; c++)
+        free(r->logits[c]);
+    free(r);
+}
+
+/* Tokens equal to transformers', logits within LOGIT_TOL; returns the largest difference. */
+static float check_against_reference(const oracle_result_t *res, const char *what)
+{
+    const oracle_t *o = &g_oracle;
+    float worst = 0;
+    for (int c = 0; c < o->num_cases; c++) {
+        const oracle_case_t *oc = &o->cases[c];
+        for (int s = 0; s < o->new_tokens; s++) {
+            if (res->tokens[c][s] != oc->tokens[s])
+                fail_msg("%s: case %d token %d is %d, transformers chose %d", what, c, s,
+                         res->tokens[c][s], oc->tokens[s]);
+            for (int v = 0; v < o->vocab; v++) {
+                size_t i = (size_t)s * o->vocab + v;
+                float d = fabsf(res->logits[c][i] - oc->logits[i]);
+                if (!(d <= LOGIT_TOL))
+                    fail_msg("%s: case %d step %d logit %d is %.6f, transformers %.6f", what, c, s,
+                             v, (double)res->logits[c][i], (double)oc->logits[i]);
+                worst = d > worst ? d : worst;
+            }
+        }
+    }
+    if (getenv("EPD_TEST_VERBOSE"))
+        printf("  %s: max |logit - transformers| = %.6f\n", what, (double)worst);
+    return worst;
+}
+
+static void check_identical(const oracle_result_t *a, const oracle_result_t *b, const char *what)
+{
+    const oracle_t *o = &g_oracle;
+    for (int c = 0; c < o->num_cases; c++) {
+        assert_memory_equal(a->tokens[c], b->tokens[c], sizeof(int32_t) * o->new_tokens);
+        if (memcmp(a->logits[c], b->logits[c], sizeof(float) * o->vocab * o->new_tokens) != 0)
+            fail_msg("%s: logits of case %d differ from the 1-rank run", what, c);
+    }
+}
+
+static oracle_result_t *g_one_rank;
+
+static void test_one_rank(void **state)
+{
+    (void)state;
+    g_one_rank = alloc_result();
+    run_ranks(1, NULL, g_one_rank);
+    check_against_reference(g_one_rank, "1 rank");
+    assert_int_equal(g_one_rank->mem.local_experts, 16);
+}
+
+static void test_ranks(int R, const epd_model_placement_t *placement, const char *what)
+{
+    assert_non_null(g_one_rank);
+    oracle_result_t *res = alloc_result();
+    run_ranks(R, placement, res);
+    check_against_reference(res, what);
+    check_identical(g_one_rank, res, what);
+    /* each rank holds E / R experts: the expert bytes shrink with R */
+    assert_int_equal(res->mem.local_experts, 16 / R);
+    assert_int_equal(res->mem.expert_bytes * R, g_one_rank->mem.expert_bytes);
+    assert_int_equal(res->mem.replicated_bytes, g_one_rank->mem.replicated_bytes);
+    free_result(res);
+}
+
+static void test_two_ranks(void **state)
+{
+    (void)state;
+    test_ranks(2, NULL, "2 ranks");
+}
+
+static void test_four_ranks(void **state)
+{
+    (void)state;
+    test_ranks(4, NULL, "4 ranks");
+}
+
+static void test_explicit_placement(void **state)
+{
+    (void)state;
+    int map[16];
+    for (int e = 0; e < 16; e++)
+        map[e] = (e * 7) % 4; /* a scattered, balanced map: 4 experts on each of 4 ranks */
+    epd_model_placement_t p;
+    epd_err_t err;
+    assert_int_equal(epd_model_placement_explicit(16, 4, map, 16, &p, &err), 0);
+    test_ranks(4, &p, "4 ranks, explicit placement");
+    epd_model_placement_fini(&p);
+}
+
+/* ---- ranks as processes over tcp ----------------------------------------------------------- */
+
+#define TCP_LIMIT_MS 60000
+
+/* Shared with the children: each rank writes the tokens and logits of its cases, its status and
+ * its error message. */
+typedef struct shared {
+    int rc[4];
+    char msg[4][EPD_ERR_MSG_MAX];
+    epd_model_mem_t mem[4];
+    int32_t tokens[ORACLE_MAX_CASES][ORACLE_MAX_NEW];
+    float logits[]; /* [cases][new_tokens][vocab] */
+} shared_t;
+
+static int free_port(void)
+{
+    int fd = socket(AF_INET, SOCK_STREAM, 0), port = -1;
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t len = sizeof(a);
+    if (fd >= 0 && bind(fd, (struct sockaddr *)&a, sizeof(a)) == 0 &&
+        getsockname(fd, (struct sockaddr *)&a, &len) == 0)
+        port = ntohs(a.sin_port);
+    if (fd >= 0) close(fd);
+    return port;
+}
+
+static int tcp_rank(shared_t *sh, int rank, int R, int port)
+{
+    const oracle_t *o = &g_oracle;
+    oracle_result_t res;
+    memset(&res, 0, sizeof(res));
+    for (int c = 0; c < o->num_cases; c++)
+        res.logits[c] = sh->logits + (size_t)c * o->new_tokens * o->vocab;
+    ep_tcp_bootstrap_t *b = NULL;
+    ep_status_t st = ep_tcp_bootstrap_create("127.0.0.1", port, rank, R, 20000, &b);
+    if (st != EP_OK) {
+        snprintf(sh->msg[rank], EPD_ERR_MSG_MAX, "ep_tcp_bootstrap_create: %s (%s)",
+                 ep_strerror(st), ep_tcp_bootstrap_last_error());
+        return 1;
+    }
+    ep_bootstrap_t bs;
+    ep_tcp_bootstrap_get(b, &bs);
+    epd_err_t err = {0};
+    int rc = oracle_run_rank(EPD_ORACLE_DIR, o, &bs, EP_TRANSPORT_TCP, NULL, CHUNK, &res, &err);
+    ep_tcp_bootstrap_destroy(b);
+    if (rc) {
+        snprintf(sh->msg[rank], EPD_ERR_MSG_MAX, "%s", err.msg);
+        return 1;
+    }
+    for (int c = rank; c < o->num_cases; c += R)
+        memcpy(sh->tokens[c], res.tokens[c], sizeof(sh->tokens[c]));
+    sh->mem[rank] = res.mem;
+    return 0;
+}
+
+static void test_tcp(int R)
+{
+    const oracle_t *o = &g_oracle;
+    size_t nlog = (size_t)o->num_cases * o->new_tokens * o->vocab;
+    size_t bytes = sizeof(shared_t) + sizeof(float) * nlog;
+    shared_t *sh = mmap(NULL, bytes, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    assert_true(sh != MAP_FAILED);
+    memset(sh, 0, sizeof(*sh));
+    int port = free_port();
+    assert_true(port > 0);
+    pid_t pid[4];
+    fflush(NULL);
+    for (int r = 0; r < R; r++) {
+        pid[r] = fork();
+        assert_true(pid[r] >= 0);
+        if (pid[r] == 0) _exit(tcp_rank(sh, r, R, port));
+    }
+    /* every child is reaped; one still running at the limit is killed (a hang is a failure) */
+    struct timespec t0, now;
+    clock_gettime(CLOCK_MONOTONIC, &t0);
+    int left = R, status[4], hung = 0;
+    for (int r = 0; r < R; r++)
+        status[r] = -1;
+    while (left > 0) {
+        for (int r = 0; r < R; r++) {
+            if (status[r] != -1) continue;
+            int ws;
+            pid_t w = waitpid(pid[r], &ws, WNOHANG);
+            if (w == pid[r]) {
+                status[r] = WIFEXITED(ws) ? WEXITSTATUS(ws) : 128 + WTERMSIG(ws);
+                left--;
+            }
+        }
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long ms = (now.tv_sec - t0.tv_sec) * 1000 + (now.tv_nsec - t0.tv_nsec) / 1000000;
+        if (left > 0 && ms > TCP_LIMIT_MS && !hung) {
+            hung = 1;
+            for (int r = 0; r < R; r++)
+                if (status[r] == -1) kill(pid[r], SIGKILL);
+        }
+        if (left > 0) usleep(2000);
+    }
+    for (int r = 0; r < R; r++)
+        if (status[r] != 0)
+            fail_msg("tcp R=%d rank %d exited with %d%s: %s", R, r, status[r],
+                     hung ? " (killed after the time limit)" : "", sh->msg[r]);
+    oracle_result_t *res = alloc_result();
+    for (int c = 0; c < o->num_cases; c++) {
+        memcpy(res->tokens[c], sh->tokens[c], sizeof(res->tokens[c]));
+        memcpy(res->logits[c], sh->logits + (size_t)c * o->new_tokens * o->vocab,
+               sizeof(float) * o->new_tokens * o->vocab);
+    }
+    res->mem = sh->mem[0];
+    munmap(sh, bytes);
+    char what[64];
+    snprintf(what, sizeof(what), "%d processes over tcp", R);
+    check_against_reference(res, what);
+    check_identical(g_one_rank, res, what);
+    assert_int_equal(res->mem.local_experts, 16 / R);
+    free_result(res);
+}
+
+static void test_tcp_two_processes(void **state)
+{
+    (void)state;
+    assert_non_null(g_one_rank);
+    test_tcp(2);
+}
+
+static void test_tcp_four_processes(void **state)
+{
+    (void)state;
+    assert_non_null(g_one_rank);
+    test_tcp(4);
+}
+
+static int setup(void **state)
+{
+    (void)state;
+    epd_err_t err;
+    if (oracle_load(EPD_ORACLE_DIR, &g_oracle, &err)) {
+        fprintf(stderr, "%s\n", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static int teardown(void **state)
+{
+    (void)state;
+    if (g_one_rank) free_result(g_one_rank);
+    oracle_free(&g_oracle);
+    return 0;
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_one_rank),          cmocka_unit_test(test_two_ranks),
+        cmocka_unit_test(test_four_ranks),        cmocka_unit_test(test_explicit_placement),
+        cmocka_unit_test(test_tcp_two_processes), cmocka_unit_test(test_tcp_four_processes),
+    };
+    return cmocka_run_group_tests(tests, setup, teardown);
+}

@@ -1,0 +1,169 @@
+/* epd tokenizer: byte-level BPE from a checkpoint's tokenizer.json, its special tokens and
+ * chat template (public C API).
+ *
+ * Conventions
+ *  - Text is UTF-8 bytes with an explicit length; encode refuses ill-formed UTF-8 and names the
+ *    byte offset. Token ids are int32_t.
+ *  - A loaded epd_tok_t is immutable except for its internal word cache, which is guarded, so
+ *    one tokenizer may be shared by any number of threads.
+ *  - Every call returns an epd_tok_status_t; calls that can fail for a reason worth reading take
+ *    (char *err, size_t err_len) and write a message that names the file, JSON path, byte offset
+ *    or message index at fault.
+ */
+#ifndef EPD_TOK_H
+#define EPD_TOK_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+typedef enum epd_tok_status {
+    EPD_TOK_OK = 0,
+    EPD_TOK_ERR_IO = -1,          /* a file could not be read */
+    EPD_TOK_ERR_PARSE = -2,       /* a file is not valid JSON or a field has the wrong type */
+    EPD_TOK_ERR_UNSUPPORTED = -3, /* a model/normalizer/template feature we do not implement */
+    EPD_TOK_ERR_INVALID = -4,     /* bad input: ill-formed UTF-8, an unknown id, a bad message */
+    EPD_TOK_ERR_NOMEM = -5,
+    EPD_TOK_ERR_REGEX = -6, /* PCRE2 refused the pre-tokenizer pattern or failed matching */
+} epd_tok_status_t;
+
+const char *epd_tok_strerror(epd_tok_status_t st);
+
+typedef struct epd_tok epd_tok_t;
+
+/* Loads <model_dir>/tokenizer.json (required), <model_dir>/tokenizer_config.json and
+ * <model_dir>/generation_config.json (both optional: a missing file is not an error, a malformed
+ * one is). */
+epd_tok_status_t epd_tok_load_dir(const char *model_dir, epd_tok_t **out, char *err,
+                                  size_t err_len);
+
+/* The same with explicit paths; config paths may be NULL. */
+epd_tok_status_t epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
+                                    const char *generation_config_json, epd_tok_t **out, char *err,
+                                    size_t err_len);
+
+void epd_tok_destroy(epd_tok_t *tok);
+
+/* Size of the id space: the model vocabulary plus added tokens (max id + 1). */
+size_t epd_tok_vocab_size(const epd_tok_t *tok);
+
+/* ---- encoding ------------------------------------------------------------------------------ */
+
+/* A growable id buffer owned by the caller: zero-initialise, reuse across calls, then fini. */
+typedef struct epd_tok_ids {
+    int32_t *ids;
+    size_t len;
+    size_t cap;
+} epd_tok_ids_t;
+
+void epd_tok_ids_fini(epd_tok_ids_t *v);
+
+enum epd_tok_encode_flags {
+    /* Treat special added tokens (special: true) written in the text as plain text, the way
+     * transformers' split_special_tokens=True does; non-special added tokens still match.
+     * Use this for untrusted user text that must not be able to inject <|im_start|>. */
+    EPD_TOK_ENCODE_SPLIT_SPECIAL = 1u << 0,
+};
+
+/* Appends the ids of text[0..len) to out (out->len grows; existing ids are kept). */
+epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                                epd_tok_ids_t *out, char *err, size_t err_len);
+
+/* ---- decoding ------------------------------------------------------------------------------ */
+
+enum epd_tok_decode_flags {
+    EPD_TOK_DECODE_SKIP_SPECIAL = 1u << 0, /* drop added tokens flagged special */
+};
+
+/* Decodes ids into a NUL-terminated malloc'd UTF-8 string (*out, *out_len without the NUL).
+ * Byte sequences that are not UTF-8 become U+FFFD, one per maximal ill-formed subpart (the
+ * `errors: "replace"` behaviour of Python and of Rust's from_utf8_lossy). An id outside the
+ * vocabulary is an error naming its index. */
+epd_tok_status_t epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags,
+                                char **out, size_t *out_len, char *err, size_t err_len);
+
+/* The raw bytes a single id stands for (no UTF-8 repair); NULL for an unknown id. */
+const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len);
+
+/* Streaming decoder for generation: feed ids one at a time, get text that never ends inside a
+ * UTF-8 character. Bytes that may still complete a character are held back; bytes that can
+ * never become valid are emitted as U+FFFD at once. The concatenation of all pushes and the
+ * final flush equals epd_tok_decode of the whole id sequence. */
+typedef struct epd_tok_stream epd_tok_stream_t;
+
+epd_tok_status_t epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags,
+                                       epd_tok_stream_t **out);
+void epd_tok_stream_destroy(epd_tok_stream_t *s);
+
+/* Decodes one id. *text points into the stream's own buffer and stays valid until the next call
+ * on the stream; *text_len may be 0 (all bytes held back, or a skipped special token). */
+epd_tok_status_t epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text,
+                                     size_t *text_len, char *err, size_t err_len);
+
+/* Ends the sequence: held-back bytes of an unfinished character become one U+FFFD. The stream
+ * is then empty and may be reused. */
+epd_tok_status_t epd_tok_stream_flush(epd_tok_stream_t *s, const char **text, size_t *text_len);
+
+/* ---- special tokens ------------------------------------------------------------------------ */
+
+/* The id of a token given by its content (added or model token); -1 when absent. */
+int32_t epd_tok_token_id(const epd_tok_t *tok, const char *content);
+bool epd_tok_is_special(const epd_tok_t *tok, int32_t id);
+
+/* Ids that end generation: generation_config.json's eos_token_id (an int or a list) when that
+ * file gives one, else the id of tokenizer_config.json's eos_token. May be 0 ids. */
+const int32_t *epd_tok_eos_ids(const epd_tok_t *tok, size_t *n);
+/* -1 when the configs name none. */
+int32_t epd_tok_bos_id(const epd_tok_t *tok);
+int32_t epd_tok_pad_id(const epd_tok_t *tok);
+
+/* ---- chat templates ------------------------------------------------------------------------ */
+
+typedef enum epd_tok_chat_kind {
+    EPD_TOK_CHAT_NONE = 0,  /* the configs hold no chat_template */
+    EPD_TOK_CHAT_QWEN3 = 1, /* Qwen3's ChatML template with thinking (recognised by its text) */
+} epd_tok_chat_kind_t;
+
+/* The template found in tokenizer_config.json. A template that is present but not recognised
+ * fails the load (it is never silently replaced by another one). */
+epd_tok_chat_kind_t epd_tok_chat_kind(const epd_tok_t *tok);
+
+typedef struct epd_tok_tool_call {
+    const char *name;
+    const char *arguments; /* emitted verbatim: a JSON object as text (OpenAI's form) */
+} epd_tok_tool_call_t;
+
+typedef struct epd_tok_chat_msg {
+    const char *role;    /* "system", "user", "assistant" or "tool" */
+    const char *content; /* required (the template fails on null content) */
+    /* assistant only: NULL means "not given" (thinking is then split out of content at
+     * </think>, as the template does); "" means "given, empty". */
+    const char *reasoning_content;
+    const epd_tok_tool_call_t *tool_calls; /* assistant only */
+    size_t n_tool_calls;
+} epd_tok_chat_msg_t;
+
+typedef struct epd_tok_chat_opts {
+    bool add_generation_prompt;
+    /* Qwen3's enable_thinking=false: the generation prompt gets an empty <think></think> block.
+     * Zero (the default) renders like enable_thinking left out or true. */
+    bool disable_thinking;
+} epd_tok_chat_opts_t;
+
+/* Renders messages with the checkpoint's template into a NUL-terminated malloc'd string; opts
+ * may be NULL. Tool definitions (the template's `tools` variable) are not implemented and have
+ * no parameter. A message the template cannot render (no messages, an unknown role, null
+ * content) is refused with its index. */
+epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
+                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
+                                     size_t *out_len, char *err, size_t err_len);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* EPD_TOK_H */

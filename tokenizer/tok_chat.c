@@ -1,0 +1,292 @@
+/* Chat templates: recognising Qwen3's ChatML template by its text and rendering it natively
+ * (system/user/assistant/tool messages, thinking blocks, tool calls, generation prompt). */
+#include "tok_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+/* Fragments of Qwen3's template, as written in tokenizer_config.json (\\n is the template's own
+ * escape). Each pins one piece of what the renderer below emits; a template missing any of them
+ * renders something else and is refused. */
+static const char *const qwen3_fragments[] = {
+    "'<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n'",
+    "message.content.startswith('<tool_response>') and "
+    "message.content.endswith('</tool_response>')",
+    "(message.role == \"user\") or (message.role == \"system\" and not loop.first)",
+    "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n'",
+    "message.content.split('</think>')[-1].lstrip('\\n')",
+    "message.content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n')",
+    "loop.index0 > ns.last_query_index",
+    "loop.last or (not loop.last and reasoning_content)",
+    "'<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
+    "'\\n</think>\\n\\n' + content.lstrip('\\n')",
+    "'<|im_start|>' + message.role + '\\n' + content",
+    "(loop.first and content) or (not loop.first)",
+    "'<tool_call>\\n{\"name\": \"'",
+    "'\", \"arguments\": '",
+    "'}\\n</tool_call>'",
+    "'<|im_end|>\\n'",
+    "'<|im_start|>user'",
+    "'\\n<tool_response>\\n'",
+    "'\\n</tool_response>'",
+    "'<|im_start|>assistant\\n'",
+    "enable_thinking is defined and enable_thinking is false",
+    "'<think>\\n\\n</think>\\n\\n'",
+};
+
+/* Qwen3's template has this many output expressions; a variant that adds output elsewhere (a
+ * default system prompt, say) has more and is refused. */
+#define QWEN3_OUTPUT_EXPRS 26
+
+static size_t count(const char *s, const char *needle)
+{
+    size_t n = 0, len = strlen(needle);
+    for (const char *p = strstr(s, needle); p; p = strstr(p + len, needle))
+        n++;
+    return n;
+}
+
+epd_tok_status_t tok_chat_detect(const char *tmpl, const char *path, epd_tok_chat_kind_t *kind,
+                                 char *err, size_t err_len)
+{
+    if (!strstr(tmpl, "<|im_start|>") || !strstr(tmpl, "<|im_end|>"))
+        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+                        "%s: chat_template: not recognised (no <|im_start|>/<|im_end|> ChatML "
+                        "markers; supported: Qwen3's ChatML template)",
+                        path);
+    for (size_t i = 0; i < sizeof(qwen3_fragments) / sizeof(qwen3_fragments[0]); i++) {
+        if (!strstr(tmpl, qwen3_fragments[i]))
+            return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+                            "%s: chat_template: a ChatML template that is not Qwen3's (it lacks "
+                            "%.120s); refusing to render it as Qwen3's",
+                            path, qwen3_fragments[i]);
+    }
+    size_t n = count(tmpl, "{{");
+    if (n != QWEN3_OUTPUT_EXPRS)
+        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+                        "%s: chat_template: Qwen3-like but with %zu output expressions instead of "
+                        "%d; refusing to render it as Qwen3's",
+                        path, n, QWEN3_OUTPUT_EXPRS);
+    *kind = EPD_TOK_CHAT_QWEN3;
+    return EPD_TOK_OK;
+}
+
+/* ---- rendering ------------------------------------------------------------------------------ */
+
+typedef struct span {
+    const char *p;
+    size_t n;
+} span_t;
+
+static span_t sp(const char *s)
+{
+    return (span_t){s, strlen(s)};
+}
+
+static span_t lstrip_nl(span_t s)
+{
+    while (s.n && s.p[0] == '\n') {
+        s.p++;
+        s.n--;
+    }
+    return s;
+}
+
+static span_t rstrip_nl(span_t s)
+{
+    while (s.n && s.p[s.n - 1] == '\n')
+        s.n--;
+    return s;
+}
+
+/* Python's s.split(sep)[-1] and s.split(sep)[0]. */
+static span_t after_last(span_t s, const char *sep)
+{
+    size_t k = strlen(sep);
+    for (size_t i = s.n >= k ? s.n - k + 1 : 0; i-- > 0;)
+        if (memcmp(s.p + i, sep, k) == 0) return (span_t){s.p + i + k, s.n - i - k};
+    return s;
+}
+
+static span_t before_first(span_t s, const char *sep)
+{
+    size_t k = strlen(sep);
+    for (size_t i = 0; i + k <= s.n; i++)
+        if (memcmp(s.p + i, sep, k) == 0) return (span_t){s.p, i};
+    return s;
+}
+
+static bool has(span_t s, const char *needle)
+{
+    return before_first(s, needle).n != s.n;
+}
+
+static bool starts(span_t s, const char *pre)
+{
+    size_t k = strlen(pre);
+    return s.n >= k && memcmp(s.p, pre, k) == 0;
+}
+
+static bool ends(span_t s, const char *suf)
+{
+    size_t k = strlen(suf);
+    return s.n >= k && memcmp(s.p + s.n - k, suf, k) == 0;
+}
+
+typedef struct out {
+    tok_buf_t b;
+    bool failed;
+} out_t;
+
+static void put(out_t *o, span_t s)
+{
+    if (!o->failed && tok_buf_append(&o->b, s.p, s.n) < 0) o->failed = true;
+}
+
+static void puts_(out_t *o, const char *s)
+{
+    put(o, sp(s));
+}
+
+static bool role_is(const epd_tok_chat_msg_t *m, const char *r)
+{
+    return strcmp(m->role, r) == 0;
+}
+
+static epd_tok_status_t check_messages(const epd_tok_chat_msg_t *msgs, size_t n, char *err,
+                                       size_t err_len)
+{
+    static const char *const roles[] = {"system", "user", "assistant", "tool"};
+    if (n == 0)
+        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+                        "messages: empty (the template needs at least one message)");
+    for (size_t i = 0; i < n; i++) {
+        const epd_tok_chat_msg_t *m = &msgs[i];
+        if (!m->role)
+            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "messages[%zu].role: missing", i);
+        bool known = false;
+        for (size_t r = 0; r < 4; r++)
+            known |= role_is(m, roles[r]);
+        if (!known)
+            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+                            "messages[%zu].role: unsupported \"%.40s\" (supported: \"system\", "
+                            "\"user\", \"assistant\", \"tool\")",
+                            i, m->role);
+        if (!m->content)
+            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+                            "messages[%zu].content: null is not supported (the template needs a "
+                            "string; pass \"\")",
+                            i);
+        if (m->n_tool_calls && !m->tool_calls)
+            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+                            "messages[%zu].tool_calls: NULL with %zu calls", i, m->n_tool_calls);
+        for (size_t k = 0; k < m->n_tool_calls; k++) {
+            if (!m->tool_calls[k].name || !m->tool_calls[k].arguments)
+                return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+                                "messages[%zu].tool_calls[%zu]: name and arguments are required", i,
+                                k);
+        }
+    }
+    return EPD_TOK_OK;
+}
+
+static void render_assistant(out_t *o, const epd_tok_chat_msg_t *m, size_t i, size_t n,
+                             size_t last_query)
+{
+    span_t content = sp(m->content);
+    span_t reasoning = sp("");
+    if (m->reasoning_content) {
+        reasoning = sp(m->reasoning_content);
+    } else if (has(content, "</think>")) {
+        reasoning = lstrip_nl(after_last(rstrip_nl(before_first(content, "</think>")), "<think>"));
+        content = lstrip_nl(after_last(content, "</think>"));
+    }
+    puts_(o, "<|im_start|>");
+    puts_(o, m->role);
+    if (i > last_query && (i == n - 1 || reasoning.n)) {
+        puts_(o, "\n<think>\n");
+        put(o, lstrip_nl(rstrip_nl(reasoning)));
+        puts_(o, "\n</think>\n\n");
+        put(o, lstrip_nl(content));
+    } else {
+        puts_(o, "\n");
+        put(o, content);
+    }
+    for (size_t k = 0; k < m->n_tool_calls; k++) {
+        if ((k == 0 && content.n) || k > 0) puts_(o, "\n");
+        puts_(o, "<tool_call>\n{\"name\": \"");
+        puts_(o, m->tool_calls[k].name);
+        puts_(o, "\", \"arguments\": ");
+        puts_(o, m->tool_calls[k].arguments);
+        puts_(o, "}\n</tool_call>");
+    }
+    puts_(o, "<|im_end|>\n");
+}
+
+static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
+                                     const epd_tok_chat_opts_t *opts, out_t *o)
+{
+    if (role_is(&msgs[0], "system")) {
+        puts_(o, "<|im_start|>system\n");
+        puts_(o, msgs[0].content);
+        puts_(o, "<|im_end|>\n");
+    }
+    /* The last user message that is not a wrapped tool response; thinking is shown only for
+     * assistant turns after it. Without one, the last message's index. */
+    size_t last_query = n - 1;
+    for (size_t k = n; k-- > 0;) {
+        span_t c = sp(msgs[k].content);
+        if (role_is(&msgs[k], "user") &&
+            !(starts(c, "<tool_response>") && ends(c, "</tool_response>"))) {
+            last_query = k;
+            break;
+        }
+    }
+    for (size_t i = 0; i < n; i++) {
+        const epd_tok_chat_msg_t *m = &msgs[i];
+        if (role_is(m, "user") || (role_is(m, "system") && i > 0)) {
+            puts_(o, "<|im_start|>");
+            puts_(o, m->role);
+            puts_(o, "\n");
+            puts_(o, m->content);
+            puts_(o, "<|im_end|>\n");
+        } else if (role_is(m, "assistant")) {
+            render_assistant(o, m, i, n, last_query);
+        } else if (role_is(m, "tool")) {
+            if (i == 0 || !role_is(&msgs[i - 1], "tool")) puts_(o, "<|im_start|>user");
+            puts_(o, "\n<tool_response>\n");
+            puts_(o, m->content);
+            puts_(o, "\n</tool_response>");
+            if (i == n - 1 || !role_is(&msgs[i + 1], "tool")) puts_(o, "<|im_end|>\n");
+        }
+    }
+    if (opts && opts->add_generation_prompt) {
+        puts_(o, "<|im_start|>assistant\n");
+        if (opts->disable_thinking) puts_(o, "<think>\n\n</think>\n\n");
+    }
+    return EPD_TOK_OK;
+}
+
+epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
+                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
+                                     size_t *out_len, char *err, size_t err_len)
+{
+    *out = NULL;
+    *out_len = 0;
+    if (tok->chat != EPD_TOK_CHAT_QWEN3)
+        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+                        "the checkpoint has no chat_template in tokenizer_config.json");
+    epd_tok_status_t st = check_messages(msgs, n_msgs, err, err_len);
+    if (st) return st;
+    out_t o = {0};
+    render_qwen3(msgs, n_msgs, opts, &o);
+    puts_(&o, "");
+    if (!o.failed && tok_buf_append(&o.b, "", 1) < 0) o.failed = true;
+    if (o.failed) {
+        tok_buf_fini(&o.b);
+        return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "chat template: out of memory");
+    }
+    *out = (char *)o.b.p;
+    *out_len = o.b.len - 1;
+    return EPD_TOK_OK;
+}

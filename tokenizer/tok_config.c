@@ -1,0 +1,202 @@
+/* tokenizer_config.json and generation_config.json: eos/bos/pad tokens, eos_token_id (int or
+ * list) and the chat template, resolved against the loaded vocabulary. */
+#include "tok_internal.h"
+
+#include <cjson/cJSON.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+static const char *jtype(const cJSON *v)
+{
+    if (!v) return "missing";
+    if (cJSON_IsNull(v)) return "null";
+    if (cJSON_IsBool(v)) return "a boolean";
+    if (cJSON_IsNumber(v)) return "a number";
+    if (cJSON_IsString(v)) return "a string";
+    if (cJSON_IsArray(v)) return "an array";
+    return "an object";
+}
+
+static epd_tok_status_t parse_file(const char *path, cJSON **root, char *err, size_t err_len)
+{
+    char *text = NULL;
+    size_t len = 0;
+    epd_tok_status_t st = tok_read_file(path, &text, &len, err, err_len);
+    if (st) return st;
+    const char *end = NULL;
+    *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
+    if (!*root) {
+        size_t off = end ? (size_t)(end - text) : 0;
+        if (!end && cJSON_GetErrorPtr()) off = (size_t)(cJSON_GetErrorPtr() - text);
+        size_t line = 1;
+        for (size_t i = 0; i < off && i < len; i++)
+            line += text[i] == '\n';
+        free(text);
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                        "%s: not valid JSON: syntax error at byte %zu (line %zu)", path, off, line);
+    }
+    free(text);
+    if (!cJSON_IsObject(*root)) {
+        cJSON_Delete(*root);
+        *root = NULL;
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: the top level must be a JSON object",
+                        path);
+    }
+    return EPD_TOK_OK;
+}
+
+/* A special token named in tokenizer_config.json: a string, an AddedToken object with
+ * "content", or null/absent (-1). */
+static epd_tok_status_t token_field(const epd_tok_t *tok, const cJSON *root, const char *key,
+                                    const char *path, int32_t *id, char *err, size_t err_len)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    *id = -1;
+    if (!v || cJSON_IsNull(v)) return EPD_TOK_OK;
+    const char *content = NULL;
+    if (cJSON_IsString(v)) {
+        content = v->valuestring;
+    } else if (cJSON_IsObject(v)) {
+        const cJSON *c = cJSON_GetObjectItemCaseSensitive(v, "content");
+        if (!cJSON_IsString(c))
+            return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                            "%s: %s.content: expected a string, got %s", path, key, jtype(c));
+        content = c->valuestring;
+    } else {
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                        "%s: %s: expected a string or an object, got %s", path, key, jtype(v));
+    }
+    *id = epd_tok_token_id(tok, content);
+    if (*id < 0)
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                        "%s: %s: \"%.80s\" is not a token of tokenizer.json", path, key, content);
+    return EPD_TOK_OK;
+}
+
+static epd_tok_status_t check_gen_id(const epd_tok_t *tok, const cJSON *v, const char *path,
+                                     const char *jpath, int32_t *id, char *err, size_t err_len)
+{
+    if (!cJSON_IsNumber(v))
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: %s: expected an integer, got %s",
+                        path, jpath, jtype(v));
+    double d = v->valuedouble;
+    if (d < 0 || d >= (double)tok->n_ids || d != (double)(int32_t)d ||
+        !(tok->id_flags[(int32_t)d] & TOK_ID_PRESENT))
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                        "%s: %s: %g is not a token id of tokenizer.json (vocabulary size %zu)",
+                        path, jpath, d, tok->n_ids);
+    *id = (int32_t)d;
+    return EPD_TOK_OK;
+}
+
+static epd_tok_status_t load_generation_config(epd_tok_t *tok, const char *path, bool *have_eos,
+                                               char *err, size_t err_len)
+{
+    cJSON *root = NULL;
+    epd_tok_status_t st = parse_file(path, &root, err, err_len);
+    if (st) return st;
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
+    *have_eos = false;
+    if (v && !cJSON_IsNull(v)) {
+        size_t n = cJSON_IsArray(v) ? (size_t)cJSON_GetArraySize(v) : 1;
+        tok->eos = calloc(n ? n : 1, sizeof(*tok->eos));
+        if (!tok->eos) {
+            st = tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        if (cJSON_IsArray(v)) {
+            const cJSON *e;
+            size_t i = 0;
+            cJSON_ArrayForEach(e, v)
+            {
+                char jp[64];
+                snprintf(jp, sizeof(jp), "eos_token_id[%zu]", i);
+                if ((st = check_gen_id(tok, e, path, jp, &tok->eos[i], err, err_len))) goto out;
+                i++;
+            }
+        } else if ((st = check_gen_id(tok, v, path, "eos_token_id", &tok->eos[0], err, err_len))) {
+            goto out;
+        }
+        tok->n_eos = n;
+        *have_eos = true;
+    }
+out:
+    cJSON_Delete(root);
+    return st;
+}
+
+static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, bool have_eos,
+                                              char *err, size_t err_len)
+{
+    cJSON *root = NULL;
+    epd_tok_status_t st = parse_file(path, &root, err, err_len);
+    int32_t eos;
+    if (st) return st;
+    if ((st = token_field(tok, root, "eos_token", path, &eos, err, err_len)) ||
+        (st = token_field(tok, root, "bos_token", path, &tok->bos, err, err_len)) ||
+        (st = token_field(tok, root, "pad_token", path, &tok->pad, err, err_len)))
+        goto out;
+    if (!have_eos && eos >= 0) {
+        tok->eos = malloc(sizeof(*tok->eos));
+        if (!tok->eos) {
+            st = tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "%s: out of memory", path);
+            goto out;
+        }
+        tok->eos[0] = eos;
+        tok->n_eos = 1;
+    }
+
+    const cJSON *tmpl = cJSON_GetObjectItemCaseSensitive(root, "chat_template");
+    const char *text = NULL;
+    if (cJSON_IsString(tmpl)) {
+        text = tmpl->valuestring;
+    } else if (cJSON_IsArray(tmpl)) {
+        /* [{"name": ..., "template": ...}]: the one named "default" is what applies */
+        const cJSON *e;
+        size_t i = 0;
+        cJSON_ArrayForEach(e, tmpl)
+        {
+            const cJSON *name = cJSON_GetObjectItemCaseSensitive(e, "name");
+            const cJSON *t = cJSON_GetObjectItemCaseSensitive(e, "template");
+            if (!cJSON_IsString(name) || !cJSON_IsString(t)) {
+                st = tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                              "%s: chat_template[%zu]: expected {\"name\": string, \"template\": "
+                              "string}",
+                              path, i);
+                goto out;
+            }
+            if (strcmp(name->valuestring, "default") == 0) text = t->valuestring;
+            i++;
+        }
+        if (!text) {
+            st = tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+                          "%s: chat_template: a list of templates without one named \"default\"",
+                          path);
+            goto out;
+        }
+    } else if (tmpl && !cJSON_IsNull(tmpl)) {
+        st = tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                      "%s: chat_template: expected a string or a list, got %s", path, jtype(tmpl));
+        goto out;
+    }
+    if (text) st = tok_chat_detect(text, path, &tok->chat, err, err_len);
+out:
+    cJSON_Delete(root);
+    return st;
+}
+
+epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
+                                  const char *generation_config_path, char *err, size_t err_len)
+{
+    bool have_eos = false;
+    epd_tok_status_t st;
+    if (generation_config_path &&
+        (st = load_generation_config(tok, generation_config_path, &have_eos, err, err_len)))
+        return st;
+    if (tokenizer_config_path &&
+        (st = load_tokenizer_config(tok, tokenizer_config_path, have_eos, err, err_len)))
+        return st;
+    return EPD_TOK_OK;
+}

@@ -1,0 +1,129 @@
+/* Encoding: added tokens matched whole (raw text first, then normalized text), NFC, the
+ * pre-tokenizer's Split regex run by PCRE2, then BPE of every piece. */
+#include "tok_internal.h"
+
+#include <string.h>
+
+typedef struct enc {
+    const epd_tok_t *tok;
+    unsigned flags;
+    epd_tok_ids_t *out;
+    pcre2_match_data *md;
+    tok_buf_t norm; /* NFC output of the current segment */
+    char *err;
+    size_t err_len;
+} enc_t;
+
+/* Pre-tokenizes p[0..n) with the Split regex (Isolated: matches and the gaps between them are
+ * both pieces) and runs BPE on every piece. */
+static epd_tok_status_t split_and_bpe(enc_t *e, const uint8_t *p, size_t n, size_t base_off)
+{
+    const epd_tok_t *tok = e->tok;
+    if (!tok->re) return tok_bpe_word(tok, p, n, e->out);
+    size_t pos = 0;
+    epd_tok_status_t st;
+    while (pos < n) {
+        int rc = pcre2_match(tok->re, p, n, pos, PCRE2_NO_UTF_CHECK, e->md, NULL);
+        if (rc == PCRE2_ERROR_NOMATCH) break;
+        if (rc < 0) {
+            PCRE2_UCHAR msg[256];
+            pcre2_get_error_message(rc, msg, sizeof(msg));
+            return tok_errf(e->err, e->err_len, EPD_TOK_ERR_REGEX,
+                            "pre-tokenizer regex failed at byte offset %zu: %s", base_off + pos,
+                            (const char *)msg);
+        }
+        PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->md);
+        size_t s = ov[0], end = ov[1];
+        if (end == s) {
+            /* An empty match splits nothing; step over one character so matching moves on. */
+            uint32_t cp;
+            end = s + tok_utf8_decode(p + s, &cp);
+            if ((st = tok_bpe_word(tok, p + pos, end - pos, e->out))) return st;
+            pos = end;
+            continue;
+        }
+        if (s > pos && (st = tok_bpe_word(tok, p + pos, s - pos, e->out))) return st;
+        if ((st = tok_bpe_word(tok, p + s, end - s, e->out))) return st;
+        pos = end;
+    }
+    if (pos < n) return tok_bpe_word(tok, p + pos, n - pos, e->out);
+    return EPD_TOK_OK;
+}
+
+/* The longest added token of the given kind (bit 1: raw, 2: normalized) at p[0..n), or NULL. */
+static const tok_added_t *added_at(const enc_t *e, const uint8_t *p, size_t n, unsigned kind)
+{
+    const epd_tok_t *tok = e->tok;
+    for (size_t i = 0; i < tok->n_added; i++) {
+        const tok_added_t *a = &tok->added[i];
+        if ((a->normalized ? 2u : 1u) != kind) continue;
+        if (a->special && (e->flags & EPD_TOK_ENCODE_SPLIT_SPECIAL)) continue;
+        if (a->len <= n && memcmp(tok->pool.p + a->off, p, a->len) == 0) return a;
+    }
+    return NULL;
+}
+
+/* Splits p[0..n) at added tokens of one kind (leftmost, then longest) and hands the text between
+ * them to `then`. */
+static epd_tok_status_t
+split_added(enc_t *e, const uint8_t *p, size_t n, size_t base_off, unsigned kind,
+            epd_tok_status_t (*then)(enc_t *, const uint8_t *, size_t, size_t))
+{
+    const epd_tok_t *tok = e->tok;
+    size_t seg = 0;
+    epd_tok_status_t st;
+    for (size_t i = 0; i < n;) {
+        if (tok->added_first[p[i]] & kind) {
+            const tok_added_t *a = added_at(e, p + i, n - i, kind);
+            if (a) {
+                if (i > seg && (st = then(e, p + seg, i - seg, base_off + seg))) return st;
+                if (tok_ids_push(e->out, a->id) < 0) return EPD_TOK_ERR_NOMEM;
+                i += a->len;
+                seg = i;
+                continue;
+            }
+        }
+        i++;
+    }
+    if (n > seg) return then(e, p + seg, n - seg, base_off + seg);
+    return EPD_TOK_OK;
+}
+
+static epd_tok_status_t normalized_segment(enc_t *e, const uint8_t *p, size_t n, size_t base_off)
+{
+    const epd_tok_t *tok = e->tok;
+    if (tok->nfc) {
+        epd_tok_status_t st = tok_nfc(tok, p, n, &e->norm, e->err, e->err_len);
+        if (st) return st;
+        /* e->norm is free to hold the copy: nothing below normalizes again. */
+        if (e->norm.len) return split_added(e, e->norm.p, e->norm.len, base_off, 2, split_and_bpe);
+    }
+    return split_added(e, p, n, base_off, 2, split_and_bpe);
+}
+
+epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                                epd_tok_ids_t *out, char *err, size_t err_len)
+{
+    if (!tok || !out || (!text && len))
+        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "epd_tok_encode: NULL argument");
+    const uint8_t *p = (const uint8_t *)text;
+    size_t bad = tok_utf8_validate(p, len);
+    if (bad < len)
+        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+                        "text is not valid UTF-8: ill-formed byte 0x%02x at byte offset %zu",
+                        p[bad], bad);
+    if (len == 0) return EPD_TOK_OK;
+    enc_t e = {.tok = tok, .flags = flags, .out = out, .err = err, .err_len = err_len};
+    if (tok->re) {
+        e.md = pcre2_match_data_create_from_pattern(tok->re, NULL);
+        if (!e.md)
+            return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "epd_tok_encode: out of memory");
+    }
+    size_t before = out->len;
+    epd_tok_status_t st = split_added(&e, p, len, 0, 1, normalized_segment);
+    if (st == EPD_TOK_ERR_NOMEM) tok_errf(err, err_len, st, "epd_tok_encode: out of memory");
+    if (st) out->len = before;
+    tok_buf_fini(&e.norm);
+    pcre2_match_data_free(e.md);
+    return st;
+}

@@ -1,0 +1,181 @@
+/* Tokenizer internals shared by the tokenizer's files: the loaded tables, byte buffers, the hash
+ * maps behind the vocabulary and the merges, UTF-8 helpers and error formatting. */
+#ifndef EPD_TOK_INTERNAL_H
+#define EPD_TOK_INTERNAL_H
+
+#include "epd_tok.h"
+
+#include <pthread.h>
+#include <stdarg.h>
+
+#define PCRE2_CODE_UNIT_WIDTH 8
+#include <pcre2.h>
+
+/* A growable byte buffer. */
+typedef struct tok_buf {
+    uint8_t *p;
+    size_t len;
+    size_t cap;
+} tok_buf_t;
+
+int tok_buf_reserve(tok_buf_t *b, size_t extra);
+int tok_buf_append(tok_buf_t *b, const void *src, size_t n);
+void tok_buf_fini(tok_buf_t *b);
+
+int tok_ids_push(epd_tok_ids_t *v, int32_t id);
+
+/* Open-addressing map from a byte string (stored in a caller-owned pool) to an int32 value. */
+typedef struct tok_strmap_slot {
+    uint32_t hash; /* 0 marks an empty slot (real hashes are forced non-zero) */
+    uint32_t len;
+    uint32_t off; /* key = pool->p[off .. off+len) */
+    int32_t val;
+} tok_strmap_slot_t;
+
+typedef struct tok_strmap {
+    tok_strmap_slot_t *slots;
+    size_t mask;
+    size_t count;
+} tok_strmap_t;
+
+uint32_t tok_hash_bytes(const uint8_t *p, size_t n);
+int tok_strmap_init(tok_strmap_t *m, size_t expected);
+void tok_strmap_fini(tok_strmap_t *m);
+/* Inserts or overwrites. The key bytes must already be in pool at off. */
+int tok_strmap_put(tok_strmap_t *m, const tok_buf_t *pool, uint32_t off, uint32_t len, int32_t val);
+/* -1 when absent. */
+int32_t tok_strmap_get(const tok_strmap_t *m, const tok_buf_t *pool, const uint8_t *key,
+                       size_t len);
+
+/* Merge table: (left id, right id) -> (rank, merged id). Later duplicates overwrite earlier ones
+ * (what both tokenizers implementations do when a merges list repeats a pair). */
+typedef struct tok_pair_slot {
+    uint64_t key; /* left << 32 | right; TOK_PAIR_EMPTY when free */
+    uint32_t rank;
+    int32_t merged;
+} tok_pair_slot_t;
+
+#define TOK_PAIR_EMPTY UINT64_MAX
+
+typedef struct tok_pairmap {
+    tok_pair_slot_t *slots;
+    size_t mask;
+} tok_pairmap_t;
+
+int tok_pairmap_init(tok_pairmap_t *m, size_t expected);
+void tok_pairmap_fini(tok_pairmap_t *m);
+void tok_pairmap_put(tok_pairmap_t *m, int32_t left, int32_t right, uint32_t rank, int32_t merged);
+static inline const tok_pair_slot_t *tok_pairmap_get(const tok_pairmap_t *m, int32_t left,
+                                                     int32_t right)
+{
+    uint64_t key = (uint64_t)(uint32_t)left << 32 | (uint32_t)right;
+    uint64_t h = key * 0x9E3779B97F4A7C15ull;
+    size_t i = (size_t)(h >> 40) & m->mask;
+    for (;;) {
+        const tok_pair_slot_t *s = &m->slots[i];
+        if (s->key == key) return s;
+        if (s->key == TOK_PAIR_EMPTY) return NULL;
+        i = (i + 1) & m->mask;
+    }
+}
+
+/* Word cache: pre-token bytes -> ids, direct mapped (a colliding word replaces the old one), so
+ * memory stays bounded in a long-running daemon. */
+typedef struct tok_cache_entry {
+    uint32_t hash;
+    uint32_t klen;
+    uint32_t nids;
+    uint8_t *blob; /* key bytes, then nids int32 ids (aligned) */
+} tok_cache_entry_t;
+
+#define TOK_CACHE_SLOTS 16384
+#define TOK_CACHE_MAX_WORD 256 /* longer words are rare and not worth keeping */
+
+typedef struct tok_added {
+    uint32_t off; /* content bytes in tok->pool */
+    uint32_t len;
+    int32_t id;
+    bool special;
+    bool normalized; /* matched after normalization instead of on the raw text */
+} tok_added_t;
+
+enum tok_id_flags {
+    TOK_ID_PRESENT = 1u << 0,
+    TOK_ID_ADDED = 1u << 1,
+    TOK_ID_SPECIAL = 1u << 2,
+};
+
+struct epd_tok {
+    tok_buf_t pool; /* every byte string the tables point at */
+
+    /* ids: [n_ids] — the bytes an id decodes to (pool offsets) and its flags */
+    size_t n_ids;
+    uint32_t *id_off;
+    uint32_t *id_len;
+    uint8_t *id_flags;
+
+    tok_strmap_t vocab; /* raw bytes of a model token -> id */
+    int32_t byte_id[256];
+    tok_pairmap_t merges;
+    bool ignore_merges;
+
+    tok_added_t *added; /* sorted by descending length, so the first match is the longest */
+    size_t n_added;
+    uint8_t added_first[256]; /* bit 0: a raw-text token starts with this byte; bit 1: normalized */
+
+    bool nfc;
+    const void *nfc_norm; /* const UNormalizer2 * */
+
+    pcre2_code *re;
+
+    pthread_mutex_t cache_mu;
+    tok_cache_entry_t *cache; /* [TOK_CACHE_SLOTS] */
+
+    int32_t *eos;
+    size_t n_eos;
+    int32_t bos;
+    int32_t pad;
+    epd_tok_chat_kind_t chat;
+};
+
+/* Formats "<prefix>: <message>" into err (when err_len > 0) and returns st. */
+epd_tok_status_t tok_errf(char *err, size_t err_len, epd_tok_status_t st, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+
+/* GPT-2's byte-level alphabet: byte -> code point and back (-1 for code points outside it). */
+extern const uint16_t tok_byte_to_cp[256];
+int tok_cp_to_byte(uint32_t cp);
+
+/* Decodes one UTF-8 code point from valid UTF-8 (caller validated); returns its length. */
+size_t tok_utf8_decode(const uint8_t *p, uint32_t *cp);
+size_t tok_utf8_encode(uint32_t cp, uint8_t out[4]);
+/* Offset of the first ill-formed byte, or n when p[0..n) is well-formed UTF-8. */
+size_t tok_utf8_validate(const uint8_t *p, size_t n);
+/* Appends p[0..n) to out, each maximal ill-formed subpart replaced by U+FFFD. With final false
+ * an unfinished but so-far valid sequence at the end is left unconsumed. Returns bytes consumed
+ * or -1 on allocation failure. */
+ptrdiff_t tok_utf8_lossy(const uint8_t *p, size_t n, bool final, tok_buf_t *out);
+
+/* Parsing tokenizer.json (tok_load.c) and the two config files (tok_config.c). */
+epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char *err,
+                                         size_t err_len);
+epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
+                                  const char *generation_config_path, char *err, size_t err_len);
+epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *err,
+                               size_t err_len);
+
+/* Model-level BPE of one pre-token (tok_bpe.c): appends the ids of word[0..n). */
+epd_tok_status_t tok_bpe_word(const epd_tok_t *tok, const uint8_t *word, size_t n,
+                              epd_tok_ids_t *out);
+void tok_cache_clear(epd_tok_t *tok);
+
+/* NFC normalization (tok_norm.c). *out is NULL when the text is already NFC. */
+epd_tok_status_t tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
+                         char *err, size_t err_len);
+epd_tok_status_t tok_nfc_init(epd_tok_t *tok, char *err, size_t err_len);
+
+/* Chat template recognition (tok_chat.c); path names the file for messages. */
+epd_tok_status_t tok_chat_detect(const char *tmpl, const char *path, epd_tok_chat_kind_t *kind,
+                                 char *err, size_t err_len);
+
+#endif /* EPD_TOK_INTERNAL_H */
