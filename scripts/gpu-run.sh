@@ -70,6 +70,8 @@ EP_CUDA_HT_COPY=0 run_test ht_route_sm --steps 40
 T=$BUILD/tests/gpu/test_cuda_vs_cpu
 run_test cuda_vs_cpu
 EP_CUDA_HT_COPY=0 run_test cuda_vs_cpu_sm
+T=$BUILD/tests/gpu/test_cuda_ipc
+run_test ipc_processes
 T=$BUILD/tests/gpu/test_cuda_ll
 if python3 tests/gpu/check_torch.py "$OUT/fp8dump.bin" 512 >>"$OUT/tests.log" 2>&1; then
   note "torch fp8/bf16 cross-check" "PASS $(grep -o 'check_torch: [0-9]* rows' "$OUT/tests.log")"
