@@ -196,13 +196,18 @@ static int run_rank(int rank, int port, int ndev)
             }
     }
     {
-        ep_ht_dispatch_args_t ha = {.x = d_x, .num_tokens = 1, .topk_idx = d_idx, .stream = s};
-        ep_ht_dispatch_out_t ho = {.capacity = 1};
+        ep_ht_dispatch_args_t ha = {
+            .x = d_x, .num_tokens = 1, .topk_idx = d_idx, .topk_weights = d_w, .stream = s};
+        ep_ht_dispatch_out_t ho = {.capacity = TM * NR,
+                                   .recv_x = d_y,
+                                   .recv_topk_idx = (int32_t *)d_y,
+                                   .recv_topk_weights = (float *)d_y,
+                                   .num_recv_per_expert = (int32_t *)d_out};
         ep_ht_handle_t *hh = NULL;
         ep_status_t st = ep_ht_dispatch(g, &ha, &ho, &hh);
         if (st != EP_ERR_UNSUPPORTED) {
-            fprintf(stderr, "rank %d: HT across processes returned %d, expected %d\n", rank, st,
-                    EP_ERR_UNSUPPORTED);
+            fprintf(stderr, "rank %d: HT across processes returned %d, expected %d (%s)\n", rank,
+                    st, EP_ERR_UNSUPPORTED, ep_group_last_error(g));
             goto out;
         }
     }
