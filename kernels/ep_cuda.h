@@ -159,7 +159,8 @@ typedef struct epk_ht_dispatch_params {
     int32_t *recv_topk_idx; /* NULL: leave topk outputs untouched (cached dispatch) */
     float *recv_topk_w;
     int blocks;
-    int local_rows_only;  /* copy-engine path: move only this rank's own rows, metadata for all */
+    int local_rows_only;  /* copy-engine path: 1 move only this rank's own rows, 2 no rows at all
+                           * (metadata for every rank in both cases) */
     int ptrs_ready;       /* the count exchange already published the output addresses */
     int no_done;          /* leave the completion signal to epk_ht_done */
     uint64_t seq;         /* HT op number (same on every rank), selects the parity slots */

@@ -247,7 +247,9 @@ __global__ void __launch_bounds__(kThreads)
             }
         }
         const uint4 *src = (const uint4 *)((const uint8_t *)p.x + (size_t)t * row_bytes);
-        const uint64_t data_mask = p.local_rows_only ? mask & (1ull << c.rank) : mask;
+        const uint64_t data_mask = p.local_rows_only == 2 ? 0
+                                   : p.local_rows_only    ? mask & (1ull << c.rank)
+                                                          : mask;
         for (int v0 = 0; v0 < nvec && data_mask; v0 += 32 * kUnroll) {
             uint4 val[kUnroll];
 #pragma unroll

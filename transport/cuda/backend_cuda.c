@@ -560,12 +560,12 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
     const volatile epk_ht_info_t *info = c->info_host;
     const int N = info->n_recv, R = g->nranks, me = g->rank;
 
-    /* Copy-engine path: each run of consecutive tokens for a peer is one copy straight into
-     * that peer's recv_x; the SMs move only this rank's own rows and the small metadata. */
+    /* Copy-engine path: each run of consecutive tokens for a rank (this one included) is one
+     * copy straight into that rank's recv_x; the SMs move only the small metadata. */
     int ce = c->ht_copy;
     for (int d = 0; d < R && ce; ++d)
-        if (d != me && (info->nruns[d] < 0 ||
-                        (uint64_t)(info->base_at[d] + info->count_to[d]) > info->capacity[d]))
+        if (info->nruns[d] < 0 ||
+            (uint64_t)(info->base_at[d] + info->count_to[d]) > info->capacity[d])
             ce = 0;
     epk_ht_dispatch_params_t p = {
         .x = a->x,
@@ -580,7 +580,7 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
         .recv_topk_idx = out->recv_topk_idx,
         .recv_topk_w = out->recv_topk_weights,
         .blocks = c->ht_blocks,
-        .local_rows_only = ce,
+        .local_rows_only = ce ? 2 : 0,
         .ptrs_ready = 1,
         .no_done = ce,
         .seq = seq,
@@ -595,15 +595,21 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
             st = cuda_fail(g, e, "forking the copy stream");
             goto fail;
         }
+        if ((e = cudaStreamWaitEvent(c->ss, c->ev_fork, 0)) != cudaSuccess) {
+            st = cuda_fail(g, e, "forking the local copy stream");
+            goto fail;
+        }
+        /* peers' rows on the copy stream, this rank's own rows on the other one: two copy
+         * engines at once, no SM moves row data */
         for (int d = 0; d < R; ++d) {
-            if (d == me) continue;
+            cudaStream_t cstream = d == me ? c->ss : c->cs;
             int rows = 0;
             for (int i = 0; i < info->nruns[d]; ++i) {
                 const int first = info->runs[d][i][0], len = info->runs[d][i][1] - first + 1;
                 e = cudaMemcpyAsync((uint8_t *)(uintptr_t)info->recv_x[d] +
                                         (size_t)(info->base_at[d] + rows) * rb,
                                     (const uint8_t *)a->x + (size_t)first * rb, (size_t)len * rb,
-                                    cudaMemcpyDefault, c->cs);
+                                    cudaMemcpyDefault, cstream);
                 if (e != cudaSuccess) {
                     st = cuda_fail(g, e, "HT dispatch copy to a peer");
                     goto fail;
@@ -619,8 +625,10 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
         goto fail;
     if (ce) {
         if ((e = cudaEventRecord(c->ev_cs, c->cs)) != cudaSuccess ||
-            (e = cudaStreamWaitEvent(ms, c->ev_cs, 0)) != cudaSuccess) {
-            st = cuda_fail(g, e, "joining the copy stream");
+            (e = cudaEventRecord(c->ev_ss, c->ss)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_cs, 0)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_ss, 0)) != cudaSuccess) {
+            st = cuda_fail(g, e, "joining the copy streams");
             goto fail;
         }
         if ((st = launched(g, epk_ht_done(&c->ctx, (uint64_t)c->ht_blocks, p.done_target, 1, ms),
