@@ -1,0 +1,167 @@
+/* Device helpers shared by libep's kernels: system-scope release/acquire on peer memory, the
+ * bounded wait that reports a stalled peer, and the bf16 / fp8 e4m3 conversions (bit-exact with
+ * the plain-C reference twins: bf16 round-to-nearest-even, e4m3 saturating to +-448). */
+#ifndef EP_CUDA_COMMON_CUH
+#define EP_CUDA_COMMON_CUH
+
+#include "ep_cuda.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+#include <stdint.h>
+
+#define EPK_CHECK_LAUNCH() ((int)cudaGetLastError())
+
+__device__ __forceinline__ uint64_t epk_globaltimer()
+{
+    uint64_t t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+
+__device__ __forceinline__ uint64_t epk_ld_acquire_sys(const uint64_t *p)
+{
+    uint64_t v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ void epk_st_release_sys(uint64_t *p, uint64_t v)
+{
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+/* Adds v to a (possibly remote) counter after every store this thread has observed, including
+ * those of its block ordered before by __syncthreads() (the release is cumulative). */
+__device__ __forceinline__ void epk_red_release_sys(uint64_t *p, uint64_t v)
+{
+    asm volatile("red.release.sys.global.add.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ int epk_ld_volatile_host(const int *p)
+{
+    return *(const volatile int *)p;
+}
+
+__device__ __forceinline__ void epk_fail_raw(int *err, int code, int peer, int what)
+{
+    volatile int *e = err;
+    if (e[EPK_ERR_CODE] != 0) return;
+    e[EPK_ERR_PEER] = peer;
+    e[EPK_ERR_WHAT] = what;
+    __threadfence_system();
+    e[EPK_ERR_CODE] = code;
+    __threadfence_system();
+}
+
+/* Spins until *word >= target. Returns false (after recording who stalled) when timeout_ns of
+ * %globaltimer pass, or at once when another wait of the group already failed. */
+static __device__ __noinline__ bool epk_wait_ge_raw(int *err, unsigned long long timeout_ns,
+                                                    const uint64_t *word, uint64_t target, int peer,
+                                                    int what)
+{
+    if (epk_ld_acquire_sys(word) >= target) return true;
+    uint64_t start = epk_globaltimer();
+    for (unsigned spin = 1;; ++spin) {
+        if (epk_ld_acquire_sys(word) >= target) return true;
+        if ((spin & 255u) == 0) {
+            if (epk_ld_volatile_host(err + EPK_ERR_CODE) != 0) return false;
+            if (epk_globaltimer() - start > timeout_ns) {
+                epk_fail_raw(err, EPK_CODE_TIMEOUT, peer, what);
+                return false;
+            }
+        }
+    }
+}
+
+__device__ __forceinline__ bool epk_wait_ge(const epk_ctx_t &c, const uint64_t *word,
+                                            uint64_t target, int peer, int what)
+{
+    return epk_wait_ge_raw(c.err, c.timeout_ns, word, target, peer, what);
+}
+
+__device__ __forceinline__ bool epk_failed(const epk_ctx_t &c)
+{
+    return epk_ld_volatile_host(c.err + EPK_ERR_CODE) != 0;
+}
+
+__device__ __forceinline__ uint64_t *epk_at(const epk_ctx_t &c, int rank, size_t off)
+{
+    return (uint64_t *)(c.base[rank] + off);
+}
+
+/* bf16 bits -> float (exact). */
+__device__ __forceinline__ float epk_bf16_to_f(uint16_t b)
+{
+    return __uint_as_float((uint32_t)b << 16);
+}
+
+/* float -> bf16 bits, round to nearest even (NaN stays NaN). */
+__device__ __forceinline__ uint16_t epk_f_to_bf16(float f)
+{
+    __nv_bfloat16 h = __float2bfloat16_rn(f);
+    return *reinterpret_cast<uint16_t *>(&h);
+}
+
+/* float -> fp8 e4m3 bits, round to nearest even, saturating to +-448. */
+__device__ __forceinline__ uint8_t epk_f_to_e4m3(float f)
+{
+    return (uint8_t)__nv_cvt_float_to_fp8(f, __NV_SATFINITE, __NV_E4M3);
+}
+
+/* Two floats -> two packed e4m3 (lo in the low byte). */
+__device__ __forceinline__ uint16_t epk_f2_to_e4m3x2(float lo, float hi)
+{
+    return (uint16_t)__nv_cvt_float2_to_fp8x2(make_float2(lo, hi), __NV_SATFINITE, __NV_E4M3);
+}
+
+/* Unpacks 8 bf16 held in a uint4 into floats. */
+__device__ __forceinline__ void epk_unpack8(const uint4 &v, float *f)
+{
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+        f[2 * i] = __uint_as_float(w[i] << 16);
+        f[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ uint4 epk_pack8(const float *f)
+{
+    uint32_t w[4];
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+        w[i] = (uint32_t)epk_f_to_bf16(f[2 * i]) | ((uint32_t)epk_f_to_bf16(f[2 * i + 1]) << 16);
+    return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+/* Block-wide exclusive prefix sum of one int per thread (blockDim.x <= 1024, a multiple of 32).
+ * Returns the thread's exclusive prefix; *total gets the block's sum. Uses `sh` [32 + 1]. */
+__device__ __forceinline__ int epk_block_scan(int v, int *total, int *sh)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    int x = v;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        int y = __shfl_up_sync(0xffffffffu, x, o);
+        if (lane >= o) x += y;
+    }
+    if (lane == 31) sh[warp] = x;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        int run = 0;
+        for (int w = 0; w < nw; ++w) {
+            int t = sh[w];
+            sh[w] = run;
+            run += t;
+        }
+        sh[32] = run;
+    }
+    __syncthreads();
+    int r = sh[warp] + x - v;
+    *total = sh[32];
+    __syncthreads();
+    return r;
+}
+
+#endif /* EP_CUDA_COMMON_CUH */

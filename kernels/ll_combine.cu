@@ -1,0 +1,240 @@
+/* LL (decode) combine: each expert rank reduces the outputs of its local experts for a token
+ * (weighted by the routing weights that travelled with the dispatch) and sends ONE bf16 partial
+ * sum per (token, rank) back; the source rank adds the partials of the ranks its token visited.
+ *
+ * Send half (expert rank; block b handles tokens b, b + send_blocks, ... of every source s):
+ *   partial[h] = sum_{j: topk_idx[s][t][j] local} w[s][t][j] * expert_y[e_j][inv[s][t][j]][h]
+ *   -> comb at rank s: [src=rank][t][H] bf16 in this combine's buffer; then every block
+ *   releases +1 onto ll_cnt[buf][1][rank] of every peer.
+ *   When a source's dispatch carried no weights, that source sends its combine weights first
+ *   (block 0, into the dispatch meta) and signals ll_cnt[buf][2]; expert ranks wait for them.
+ * Receive half (source rank; block handles tokens b, b + recv_blocks, ...):
+ *   out[t][h] = bf16( sum over ranks d that token t visited, ascending, of partial_d[t][h] ).
+ */
+#include "ep_cuda_common.cuh"
+
+namespace
+{
+
+constexpr int kThreads = 256;
+constexpr int kRowsUnroll = 8; /* expert rows of one token loaded together */
+
+struct ll_state {
+    uint64_t seq[2][2];
+    unsigned fin[2][2];
+};
+
+__device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &p, int bid)
+{
+    const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts;
+    const int Tmax = c.ll_max_tokens, S = Tmax * R;
+    ll_state *st = (ll_state *)(c.base[c.rank] + c.lay.ll_state);
+    const size_t doff = c.lay.ll_buf + (size_t)p.disp_buf * c.lay.ll_buf_bytes;
+    const size_t coff = c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
+    uint8_t *dbuf = c.base[c.rank] + doff;
+    const int32_t *inv = (const int32_t *)(dbuf + c.lay.ll_inv);
+    const uint64_t seq = *(volatile uint64_t *)&st->seq[p.buf][1] + 1;
+    __shared__ int s_fail;
+
+    /* weights of this rank's tokens, for the expert ranks, when its dispatch had none */
+    const uint8_t *mymeta = dbuf + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes;
+    if (bid == 0) {
+        const int has_w = ((const int32_t *)mymeta)[1];
+        for (int d = 0; d < R && !has_w; ++d) {
+            float *mw = (float *)(c.base[d] + doff + c.lay.ll_meta +
+                                  (size_t)c.rank * c.lay.ll_meta_bytes + 16 + (size_t)Tmax * k * 4);
+            for (int i = threadIdx.x; i < p.num_tokens * k; i += blockDim.x)
+                mw[i] = p.topk_w[i];
+        }
+        __syncthreads();
+        if ((int)threadIdx.x < R) {
+            __threadfence_system();
+            epk_red_release_sys(
+                epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 2) * R + c.rank) * 8),
+                1);
+        }
+    }
+    if (threadIdx.x == 0) s_fail = 0;
+    __syncthreads();
+    if ((int)threadIdx.x < R) {
+        const uint8_t *meta = dbuf + c.lay.ll_meta + (size_t)threadIdx.x * c.lay.ll_meta_bytes;
+        if (!((const volatile int32_t *)meta)[1]) {
+            const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+                                  (size_t)(p.buf * 3 + 2) * R + threadIdx.x;
+            if (!epk_wait_ge(c, cnt, seq, threadIdx.x, EPK_WAIT_LL_WEIGHTS)) s_fail = 1;
+        }
+    }
+    __syncthreads();
+    if (s_fail) return;
+
+    __shared__ int s_e[EP_MAX_TOPK];
+    __shared__ int s_r[EP_MAX_TOPK];
+    __shared__ float s_w[EP_MAX_TOPK];
+    __shared__ int s_n;
+    /* (source, token) pairs spread over the blocks, one pair per block per round */
+    for (int q = bid; q < R * Tmax; q += p.send_blocks) {
+        const int s = q / Tmax, t = q - s * Tmax;
+        const uint8_t *meta = dbuf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes;
+        const int Ts = *(const volatile int32_t *)meta;
+        if (t >= Ts) continue;
+        const int32_t *midx = (const int32_t *)(meta + 16);
+        const float *mw = (const float *)(meta + 16 + (size_t)Tmax * k * 4);
+        if (threadIdx.x == 0) {
+            int n = 0;
+            for (int j = 0; j < k; ++j) {
+                const int e = midx[(size_t)t * k + j];
+                if (e >= c.rank * L && e < (c.rank + 1) * L) {
+                    s_e[n] = e - c.rank * L;
+                    s_r[n] = inv[((size_t)s * Tmax + t) * k + j];
+                    s_w[n] = mw[(size_t)t * k + j];
+                    ++n;
+                }
+            }
+            s_n = n;
+        }
+        __syncthreads();
+        const int n = s_n;
+        if (n > 0) {
+            uint4 *dst =
+                (uint4 *)(c.base[s] + coff + c.lay.ll_comb + ((size_t)c.rank * Tmax + t) * H * 2);
+            const uint4 *rows[kRowsUnroll];
+#pragma unroll
+            for (int i = 0; i < kRowsUnroll; ++i)
+                rows[i] = i < n ? (const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H)
+                                : nullptr;
+            for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
+                /* all rows' loads first, then the weighted sum in slot order */
+                uint4 y[kRowsUnroll];
+#pragma unroll
+                for (int i = 0; i < kRowsUnroll; ++i)
+                    if (i < n) y[i] = __ldg(rows[i] + v);
+                float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+#pragma unroll
+                for (int i = 0; i < kRowsUnroll; ++i) {
+                    if (i < n) {
+                        float f[8];
+                        epk_unpack8(y[i], f);
+#pragma unroll
+                        for (int qq = 0; qq < 8; ++qq)
+                            acc[qq] = fmaf(s_w[i], f[qq], acc[qq]);
+                    }
+                }
+                for (int i = kRowsUnroll; i < n; ++i) {
+                    float f[8];
+                    epk_unpack8(
+                        __ldg((const uint4 *)(p.expert_y + ((size_t)s_e[i] * S + s_r[i]) * H) + v),
+                        f);
+#pragma unroll
+                    for (int qq = 0; qq < 8; ++qq)
+                        acc[qq] = fmaf(s_w[i], f[qq], acc[qq]);
+                }
+                dst[v] = epk_pack8(acc);
+            }
+        }
+        __syncthreads();
+    }
+    __syncthreads();
+    if ((int)threadIdx.x < R) {
+        __threadfence_system();
+        epk_red_release_sys(
+            epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 1) * R + c.rank) * 8), 1);
+    }
+}
+
+__device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &p, int bid)
+{
+    const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts, Tmax = c.ll_max_tokens;
+    ll_state *st = (ll_state *)(c.base[c.rank] + c.lay.ll_state);
+    const uint8_t *cbuf = c.base[c.rank] + c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
+    __shared__ int s_fail;
+    __shared__ uint64_t s_mask;
+
+    const uint64_t seq = *(volatile uint64_t *)&st->seq[p.buf][1] + 1;
+    if (threadIdx.x == 0) s_fail = 0;
+    __syncthreads();
+    if ((int)threadIdx.x < R) {
+        const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+                              (size_t)(p.buf * 3 + 1) * R + threadIdx.x;
+        if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_COMBINE))
+            s_fail = 1;
+    }
+    __syncthreads();
+    if (s_fail) return;
+
+    for (int t = bid; t < p.num_tokens; t += p.recv_blocks) {
+        if (threadIdx.x == 0) {
+            uint64_t m = 0;
+            for (int j = 0; j < k; ++j) {
+                const int e = p.topk_idx[(size_t)t * k + j];
+                if (e >= 0) m |= 1ull << (e / L);
+            }
+            s_mask = m;
+        }
+        __syncthreads();
+        const uint64_t mask = s_mask;
+        for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
+            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+            for (int d0 = 0; d0 < R; d0 += 8) {
+                uint4 y[8];
+#pragma unroll
+                for (int i = 0; i < 8; ++i)
+                    if (d0 + i < R && (mask >> (d0 + i) & 1))
+                        y[i] = *((const uint4 *)(cbuf + c.lay.ll_comb +
+                                                 ((size_t)(d0 + i) * Tmax + t) * H * 2) +
+                                 v);
+#pragma unroll
+                for (int i = 0; i < 8; ++i) {
+                    if (d0 + i < R && (mask >> (d0 + i) & 1)) {
+                        float f[8];
+                        epk_unpack8(y[i], f);
+#pragma unroll
+                        for (int q = 0; q < 8; ++q)
+                            acc[q] += f[q];
+                    }
+                }
+            }
+            *((uint4 *)(p.out + (size_t)t * H) + v) = epk_pack8(acc);
+        }
+        __syncthreads();
+    }
+
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&st->fin[p.buf][1], 1u) == (unsigned)p.recv_blocks - 1) {
+            st->fin[p.buf][1] = 0;
+            st->seq[p.buf][1] = seq;
+            __threadfence();
+        }
+    }
+}
+
+__global__ void __launch_bounds__(kThreads, 2)
+    ll_combine_kernel(const epk_ctx_t c, const epk_ll_combine_params_t p, int mode)
+{
+    const int bid = blockIdx.x;
+    if (mode != 2 && bid < p.send_blocks) combine_send(c, p, bid);
+    if (mode != 1 && bid < p.recv_blocks) combine_recv(c, p, bid);
+}
+
+} // namespace
+
+extern "C" int epk_ll_combine(const epk_ctx_t *c, const epk_ll_combine_params_t *p, int mode,
+                              void *stream)
+{
+    int grid = mode == 1   ? p->send_blocks
+               : mode == 2 ? p->recv_blocks
+                           : (p->send_blocks > p->recv_blocks ? p->send_blocks : p->recv_blocks);
+    ll_combine_kernel<<<grid, kThreads, 0, (cudaStream_t)stream>>>(*c, *p, mode);
+    return EPK_CHECK_LAUNCH();
+}
+
+/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
+ * happens while another rank's kernel spins waiting for this one. */
+extern "C" int epk_preload_ll_combine(void)
+{
+    cudaFuncAttributes a;
+    cudaError_t e;
+    if ((e = cudaFuncGetAttributes(&a, ll_combine_kernel)) != cudaSuccess) return (int)e;
+    return 0;
+}

@@ -1,0 +1,285 @@
+/* LL (decode) dispatch: each token travels ONCE to every rank that hosts one of its experts
+ * (with the fp8 cast fused into the send), and the receiver fans it out to its local experts.
+ *
+ * Send half (block b of send_blocks handles tokens b, b + send_blocks, ...):
+ *   msg  at peer d: [src=rank][t] = fp8 x[H] + fp32 scales[H/128], or bf16 x[H]
+ *   meta at peer d: [src=rank] = {T, has_w}, topk_idx [T][k], topk_w [T][k]  (block 0)
+ *   then every block releases +1 onto counter ll_cnt[buf][0][rank] of every peer.
+ * Receive half (block handles local experts e, e + recv_blocks, ...): waits until every source
+ *   counter reaches seq * send_blocks, then for expert e scans the sources in rank order and
+ *   their tokens in index order, and copies each selected message into
+ *   recv_x [L][S][H] / recv_scales [L][S][H/128]; writes recv_count [L], recv_src_info [L][S],
+ *   recv_range [L][R][2] and the inverse map inv [R][Tmax][k] (row of (src, t, j)) that LL
+ *   combine uses. The last block to finish advances seq[buf][0].
+ */
+#include "ep_cuda_common.cuh"
+
+namespace
+{
+
+constexpr int kThreads = 256;
+
+struct ll_state {
+    uint64_t seq[2][2];
+    unsigned fin[2][2];
+};
+
+__device__ __forceinline__ ll_state *state_of(const epk_ctx_t &c)
+{
+    return (ll_state *)(c.base[c.rank] + c.lay.ll_state);
+}
+
+__device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t &p, int bid)
+{
+    const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts, T = p.num_tokens;
+    const size_t boff = c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
+    __shared__ uint64_t s_mask;
+
+    /* routing of every token to every rank (a receiver scans all of a source's tokens): each
+     * block writes the rows of the tokens it sends, thread (d, j) one id and one weight */
+    if (bid == 0 && (int)threadIdx.x < R) {
+        int32_t *hdr = (int32_t *)(c.base[threadIdx.x] + boff + c.lay.ll_meta +
+                                   (size_t)c.rank * c.lay.ll_meta_bytes);
+        hdr[0] = T;
+        hdr[1] = p.topk_w != nullptr;
+    }
+    for (int t = bid; t < T; t += p.send_blocks)
+        for (int i = threadIdx.x; i < R * k; i += blockDim.x) {
+            const int d = i / k, j = i - d * k;
+            uint8_t *meta = c.base[d] + boff + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes;
+            ((int32_t *)(meta + 16))[(size_t)t * k + j] = p.topk_idx[(size_t)t * k + j];
+            if (p.topk_w)
+                ((float *)(meta + 16 + (size_t)c.ll_max_tokens * k * 4))[(size_t)t * k + j] =
+                    p.topk_w[(size_t)t * k + j];
+        }
+
+    for (int t = bid; t < T; t += p.send_blocks) {
+        if (threadIdx.x == 0) {
+            uint64_t m = 0;
+            for (int j = 0; j < k; ++j) {
+                int e = p.topk_idx[(size_t)t * k + j];
+                if (e >= 0) m |= 1ull << (e / L);
+            }
+            s_mask = m;
+        }
+        __syncthreads();
+        const uint64_t mask = s_mask;
+        const uint16_t *xt = p.x + (size_t)t * H;
+        const size_t moff =
+            boff + c.lay.ll_msg + ((size_t)c.rank * c.ll_max_tokens + t) * c.lay.ll_msg_stride;
+        if (p.use_fp8) {
+            /* 8 lanes per 128-channel group, 16 channels (32 bytes in, 16 bytes out) per lane */
+            const int groups = H / 128;
+            for (int g0 = 0; g0 < groups; g0 += blockDim.x / 8) {
+                const int g = g0 + (int)(threadIdx.x >> 3), sub = threadIdx.x & 7;
+                float f[16];
+                float amax = 0.f;
+                if (g < groups) {
+                    const uint4 *src = (const uint4 *)(xt + g * 128 + sub * 16);
+                    uint4 v0 = __ldg(src), v1 = __ldg(src + 1);
+                    epk_unpack8(v0, f);
+                    epk_unpack8(v1, f + 8);
+#pragma unroll
+                    for (int i = 0; i < 16; ++i)
+                        amax = fmaxf(amax, fabsf(f[i]));
+                }
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 4));
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+                amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+                if (g < groups) {
+                    /* the reference's formula (kernels/fp8_quant_ref.h): scale = amax / 448,
+                     * optionally rounded up to a power of two, q = e4m3(x / scale), with
+                     * correctly rounded divisions */
+                    if (!(amax >= 1e-4f)) amax = 1e-4f;
+                    float sinv = __fdiv_rn(amax, 448.f);
+                    if (p.round_scale) {
+                        uint32_t u = __float_as_uint(sinv);
+                        if (u & 0x7fffffu) u = (u & 0xff800000u) + 0x800000u;
+                        sinv = __uint_as_float(u);
+                    }
+                    uint32_t w[4];
+#pragma unroll
+                    for (int i = 0; i < 4; ++i)
+                        w[i] = (uint32_t)epk_f2_to_e4m3x2(__fdiv_rn(f[4 * i], sinv),
+                                                          __fdiv_rn(f[4 * i + 1], sinv)) |
+                               ((uint32_t)epk_f2_to_e4m3x2(__fdiv_rn(f[4 * i + 2], sinv),
+                                                           __fdiv_rn(f[4 * i + 3], sinv))
+                                << 16);
+                    const uint4 q = make_uint4(w[0], w[1], w[2], w[3]);
+                    for (int d = 0; d < R; ++d) {
+                        if (!(mask >> d & 1)) continue;
+                        uint8_t *m = c.base[d] + moff;
+                        *(uint4 *)(m + g * 128 + sub * 16) = q;
+                        if (sub == 0) *(float *)(m + H + g * 4) = sinv;
+                    }
+                }
+            }
+        } else {
+            for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
+                const uint4 val = __ldg((const uint4 *)xt + v);
+                for (int d = 0; d < R; ++d)
+                    if (mask >> d & 1) *((uint4 *)(c.base[d] + moff) + v) = val;
+            }
+        }
+        __syncthreads();
+    }
+    __syncthreads();
+    if ((int)threadIdx.x < R) {
+        __threadfence_system();
+        epk_red_release_sys(
+            epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 0) * R + c.rank) * 8), 1);
+    }
+}
+
+__device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t &p, int bid)
+{
+    const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts;
+    const int Tmax = c.ll_max_tokens, S = Tmax * R;
+    uint8_t *buf = c.base[c.rank] + c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
+    ll_state *st = state_of(c);
+    __shared__ int s_fail;
+    __shared__ int s_scan[33];
+    __shared__ int s_tok[kThreads];
+    __shared__ int s_row[kThreads];
+
+    const uint64_t seq = *(volatile uint64_t *)&st->seq[p.buf][0] + 1;
+    if (threadIdx.x == 0) s_fail = 0;
+    __syncthreads();
+    if ((int)threadIdx.x < R) {
+        const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+                              (size_t)(p.buf * 3 + 0) * R + threadIdx.x;
+        if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_DISPATCH))
+            s_fail = 1;
+    }
+    __syncthreads();
+    if (s_fail) return;
+
+    const size_t row_bytes = p.use_fp8 ? (size_t)H : (size_t)H * 2;
+    uint8_t *recv_x = buf + c.lay.ll_recv_x;
+    float *recv_scales = (float *)(buf + c.lay.ll_recv_scales);
+    int32_t *recv_count = (int32_t *)(buf + c.lay.ll_recv_count);
+    int32_t *src_info = (int32_t *)(buf + c.lay.ll_src_info);
+    int32_t *range = (int32_t *)(buf + c.lay.ll_range);
+    int32_t *inv = (int32_t *)(buf + c.lay.ll_inv);
+
+    __shared__ int s_ts[EP_MAX_RANKS];
+    __shared__ int s_cnt[EP_MAX_RANKS];
+    if ((int)threadIdx.x < R)
+        s_ts[threadIdx.x] = *(const volatile int32_t *)(buf + c.lay.ll_meta +
+                                                        (size_t)threadIdx.x * c.lay.ll_meta_bytes);
+    __syncthreads();
+    for (int e = bid; e < L; e += p.recv_blocks) {
+        const int ge = c.rank * L + e;
+        if ((int)threadIdx.x < R) s_cnt[threadIdx.x] = 0;
+        int row = 0;
+        /* one scan over all sources: index i = s * Tmax + t, so rows come out ordered by
+         * (source rank, token) */
+        for (int i0 = 0; i0 < R * Tmax; i0 += blockDim.x) {
+            const int i = i0 + threadIdx.x, s = i / Tmax, t = i - s * Tmax;
+            int sel = 0;
+            const int32_t *midx = nullptr;
+            if (i < R * Tmax && t < s_ts[s]) {
+                midx =
+                    (const int32_t *)(buf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes + 16) +
+                    (size_t)t * k;
+                for (int j = 0; j < k; ++j)
+                    sel |= midx[j] == ge;
+            }
+            int tot;
+            const int pre = epk_block_scan(sel, &tot, s_scan);
+            if (sel) {
+                const int r = row + pre;
+                s_tok[pre] = i;
+                s_row[pre] = r;
+                src_info[(size_t)e * S + r] = t;
+                atomicAdd(&s_cnt[s], 1);
+                for (int j = 0; j < k; ++j)
+                    if (midx[j] == ge) inv[((size_t)s * Tmax + t) * k + j] = r;
+            }
+            __syncthreads();
+            /* copy the tot selected messages: all 16-byte vectors of all rows at once, eight
+             * independent loads in flight per thread before their stores */
+            const int nvec = (int)(row_bytes / 16), total = tot * nvec;
+            for (int q0 = threadIdx.x; q0 < total; q0 += 8 * blockDim.x) {
+                uint4 val[8];
+                uint4 *dst[8];
+#pragma unroll
+                for (int u = 0; u < 8; ++u) {
+                    const int q = q0 + u * blockDim.x;
+                    if (q < total) {
+                        const int n = q / nvec, v = q - n * nvec;
+                        const uint8_t *msg =
+                            buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                        val[u] = *((const uint4 *)msg + v);
+                        dst[u] = (uint4 *)(recv_x + ((size_t)e * S + s_row[n]) * row_bytes) + v;
+                    }
+                }
+#pragma unroll
+                for (int u = 0; u < 8; ++u)
+                    if (q0 + u * (int)blockDim.x < total) *dst[u] = val[u];
+            }
+            if (p.use_fp8) {
+                const int ns = H / 128;
+                for (int q = threadIdx.x; q < tot * ns; q += blockDim.x) {
+                    const int n = q / ns, g = q - n * ns;
+                    const uint8_t *msg =
+                        buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                    recv_scales[((size_t)e * S + s_row[n]) * ns + g] =
+                        ((const float *)(msg + H))[g];
+                }
+            }
+            row += tot;
+            __syncthreads();
+        }
+        if (threadIdx.x == 0) {
+            int first = 0;
+            for (int s = 0; s < R; ++s) {
+                range[((size_t)e * R + s) * 2] = first;
+                range[((size_t)e * R + s) * 2 + 1] = s_cnt[s];
+                first += s_cnt[s];
+            }
+            recv_count[e] = row;
+        }
+        __syncthreads();
+    }
+
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&st->fin[p.buf][0], 1u) == (unsigned)p.recv_blocks - 1) {
+            st->fin[p.buf][0] = 0;
+            st->seq[p.buf][0] = seq;
+            __threadfence();
+        }
+    }
+}
+
+__global__ void __launch_bounds__(kThreads, 2)
+    ll_dispatch_kernel(const epk_ctx_t c, const epk_ll_dispatch_params_t p, int mode)
+{
+    const int bid = blockIdx.x;
+    if (mode != 2 && bid < p.send_blocks) dispatch_send(c, p, bid);
+    if (mode != 1 && bid < p.recv_blocks) dispatch_recv(c, p, bid);
+}
+
+} // namespace
+
+extern "C" int epk_ll_dispatch(const epk_ctx_t *c, const epk_ll_dispatch_params_t *p, int mode,
+                               void *stream)
+{
+    int grid = mode == 1   ? p->send_blocks
+               : mode == 2 ? p->recv_blocks
+                           : (p->send_blocks > p->recv_blocks ? p->send_blocks : p->recv_blocks);
+    ll_dispatch_kernel<<<grid, kThreads, 0, (cudaStream_t)stream>>>(*c, *p, mode);
+    return EPK_CHECK_LAUNCH();
+}
+
+/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
+ * happens while another rank's kernel spins waiting for this one. */
+extern "C" int epk_preload_ll_dispatch(void)
+{
+    cudaFuncAttributes a;
+    cudaError_t e;
+    if ((e = cudaFuncGetAttributes(&a, ll_dispatch_kernel)) != cudaSuccess) return (int)e;
+    return 0;
+}

@@ -1,0 +1,259 @@
+/* GPU test of the cuda backend with ranks in SEPARATE processes (CUDA IPC handles instead of
+ * peer pointers): the parent forks one process per rank before touching CUDA; they meet through
+ * the TCP bootstrap. Every process derives every rank's inputs from the same seeds, so each can
+ * check its own outputs: LL dispatch counts, source info and fp8 rows (bit-exact with
+ * kernels/fp8_quant_ref.c), LL combine within two bf16 roundings; HT must refuse with
+ * EP_ERR_UNSUPPORTED (it needs the ranks in one process). Exit 77 (skipped) without a GPU. */
+#include "cuda_harness.h"
+#include "fp8_quant_ref.h"
+
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define NR 2
+#define E_ 16
+#define H_ 256
+#define K_ 4
+#define TM 24
+#define L_ (E_ / NR)
+#define S_ (TM * NR)
+#define STEPS 20
+
+static int T_of(int step, int r)
+{
+    return (step + r) % 5 == 0 ? 0 : 1 + (step * 7 + r * 3) % TM;
+}
+
+/* routing and data of rank r at a step: a function of (step, r) only */
+static void inputs(int step, int r, int32_t *idx, float *w, uint16_t *x)
+{
+    unsigned seed = 1000u * (unsigned)step + (unsigned)r + 1u;
+    for (int t = 0; t < TM; ++t) {
+        for (int j = 0; j < K_; ++j) {
+            int e, dup;
+            do {
+                e = (int)(rand_r(&seed) % E_);
+                dup = 0;
+                for (int q = 0; q < j; ++q)
+                    dup |= idx[t * K_ + q] == e;
+            } while (dup);
+            idx[t * K_ + j] = rand_r(&seed) % 6 == 0 ? -1 : e;
+            w[t * K_ + j] = (float)(rand_r(&seed) % 1000) / 999.f;
+        }
+        for (int h = 0; h < H_; ++h)
+            x[t * H_ + h] = h_f_to_bf16((float)(rand_r(&seed) % 2001) / 500.f - 2.f);
+    }
+}
+
+static uint16_t yval(int ge, int s, int t, int h)
+{
+    return h_f_to_bf16((float)((ge * 131 + s * 17 + t * 7 + h) % 61) / 16.f - 2.f);
+}
+
+static int sel(const int32_t *idx, int t, int ge)
+{
+    for (int j = 0; j < K_; ++j)
+        if (idx[t * K_ + j] == ge) return 1;
+    return 0;
+}
+
+static int run_rank(int rank, int port, int ndev)
+{
+    static int32_t idx[NR][TM * K_];
+    static float w[NR][TM * K_];
+    static uint16_t x[NR][TM * H_], y[L_ * S_ * H_], out[TM * H_];
+    static uint8_t rx[L_ * S_ * H_], q[H_];
+    static float sc[L_ * S_ * (H_ / 128)], qs[H_ / 128];
+    static int32_t cnt[L_], src[L_ * S_];
+    ep_tcp_bootstrap_t *tb = NULL;
+    ep_group_t *g = NULL;
+    cudaStream_t s = NULL;
+    uint16_t *d_x = NULL, *d_y = NULL, *d_out = NULL;
+    int32_t *d_idx = NULL;
+    float *d_w = NULL;
+    int rc = 1, step = -1;
+
+    if (cudaSetDevice(rank % ndev) != cudaSuccess) return 1;
+    if (ep_tcp_bootstrap_create("127.0.0.1", port, rank, NR, 20000, &tb) != EP_OK) {
+        fprintf(stderr, "rank %d: tcp bootstrap on port %d failed\n", rank, port);
+        return 1;
+    }
+    ep_bootstrap_t bs;
+    ep_tcp_bootstrap_get(tb, &bs);
+    ep_config_t cfg;
+    ep_config_init(&cfg);
+    cfg.backend = EP_BACKEND_CUDA;
+    cfg.num_experts = E_;
+    cfg.hidden = H_;
+    cfg.num_topk = K_;
+    cfg.ll_max_tokens = TM;
+    cfg.ht_max_tokens = TM;
+    cfg.num_sms = 4;
+    cfg.timeout_ms = 20000;
+    cfg.device = rank % ndev;
+    if (ep_group_create(&cfg, &bs, &g) != EP_OK) {
+        fprintf(stderr, "rank %d: ep_group_create: %s\n", rank, ep_group_last_error(NULL));
+        goto out;
+    }
+    if (cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking) != cudaSuccess ||
+        cudaMalloc((void **)&d_x, sizeof x[0]) != cudaSuccess ||
+        cudaMalloc((void **)&d_y, sizeof y) != cudaSuccess ||
+        cudaMalloc((void **)&d_out, sizeof out) != cudaSuccess ||
+        cudaMalloc((void **)&d_idx, sizeof idx[0]) != cudaSuccess ||
+        cudaMalloc((void **)&d_w, sizeof w[0]) != cudaSuccess)
+        goto out;
+
+    for (step = 0; step < STEPS; ++step) {
+        for (int r = 0; r < NR; ++r)
+            inputs(step, r, idx[r], w[r], x[r]);
+        const int T = T_of(step, rank);
+        if (cudaMemcpy(d_x, x[rank], sizeof x[0], cudaMemcpyHostToDevice) != cudaSuccess ||
+            cudaMemcpy(d_idx, idx[rank], sizeof idx[0], cudaMemcpyHostToDevice) != cudaSuccess ||
+            cudaMemcpy(d_w, w[rank], sizeof w[0], cudaMemcpyHostToDevice) != cudaSuccess)
+            goto out;
+        int exp_cnt[L_];
+        for (int e = 0; e < L_; ++e) {
+            int row = 0, ge = rank * L_ + e;
+            for (int r = 0; r < NR; ++r)
+                for (int t = 0; t < T_of(step, r); ++t)
+                    if (sel(idx[r], t, ge)) {
+                        for (int h = 0; h < H_; ++h)
+                            y[((size_t)e * S_ + row) * H_ + h] = yval(ge, r, t, h);
+                        ++row;
+                    }
+            exp_cnt[e] = row;
+        }
+        if (cudaMemcpy(d_y, y, sizeof y, cudaMemcpyHostToDevice) != cudaSuccess) goto out;
+        ep_ll_dispatch_args_t a = {.x = d_x,
+                                   .num_tokens = T,
+                                   .topk_idx = d_idx,
+                                   .topk_weights = d_w,
+                                   .use_fp8 = 1,
+                                   .use_hook = step & 1,
+                                   .stream = s};
+        ep_ll_dispatch_out_t o;
+        ep_ll_handle_t *hd;
+        ep_hook_t *hk = NULL;
+        if (ep_ll_dispatch(g, &a, &o, &hd, &hk) != EP_OK || (hk && ep_hook_run(hk) != EP_OK))
+            goto fail_op;
+        ep_ll_combine_args_t ca = {.handle = hd,
+                                   .expert_y = d_y,
+                                   .topk_idx = d_idx,
+                                   .topk_weights = d_w,
+                                   .out = d_out,
+                                   .stream = s};
+        if (ep_ll_combine(g, &ca, &hk) != EP_OK || cudaStreamSynchronize(s) != cudaSuccess)
+            goto fail_op;
+        if (cudaMemcpy(cnt, o.recv_count, sizeof cnt, cudaMemcpyDeviceToHost) != cudaSuccess ||
+            cudaMemcpy(src, o.recv_src_info, sizeof src, cudaMemcpyDeviceToHost) != cudaSuccess ||
+            cudaMemcpy(rx, o.recv_x, sizeof rx, cudaMemcpyDeviceToHost) != cudaSuccess ||
+            cudaMemcpy(sc, o.recv_scales, sizeof sc, cudaMemcpyDeviceToHost) != cudaSuccess ||
+            cudaMemcpy(out, d_out, sizeof out, cudaMemcpyDeviceToHost) != cudaSuccess)
+            goto out;
+        for (int e = 0; e < L_; ++e) {
+            if (cnt[e] != exp_cnt[e]) {
+                fprintf(stderr, "rank %d step %d: expert %d count %d, expected %d\n", rank, step, e,
+                        cnt[e], exp_cnt[e]);
+                goto out;
+            }
+            int row = 0, ge = rank * L_ + e;
+            for (int r = 0; r < NR; ++r)
+                for (int t = 0; t < T_of(step, r); ++t) {
+                    if (!sel(idx[r], t, ge)) continue;
+                    const size_t rr = (size_t)e * S_ + row;
+                    ep_fp8_quant_row_ref(&x[r][t * H_], H_, 0, q, qs);
+                    if (src[rr] != t || memcmp(q, rx + rr * H_, H_) ||
+                        memcmp(qs, sc + rr * (H_ / 128), sizeof qs)) {
+                        fprintf(stderr, "rank %d step %d: expert %d row %d differs\n", rank, step,
+                                e, row);
+                        goto out;
+                    }
+                    ++row;
+                }
+        }
+        for (int t = 0; t < T; ++t)
+            for (int h = 0; h < H_; ++h) {
+                double ref = 0, mag = 0;
+                for (int j = 0; j < K_; ++j) {
+                    const int ge = idx[rank][t * K_ + j];
+                    if (ge < 0) continue;
+                    const double v =
+                        (double)w[rank][t * K_ + j] * h_bf16_to_f(yval(ge, rank, t, h));
+                    ref += v;
+                    mag += fabs(v);
+                }
+                const double got = h_bf16_to_f(out[t * H_ + h]);
+                if (!(fabs(got - ref) <= 8e-3 * mag + 1e-6)) {
+                    fprintf(stderr, "rank %d step %d: out[%d][%d] = %g, reference %g\n", rank, step,
+                            t, h, got, ref);
+                    goto out;
+                }
+            }
+    }
+    {
+        ep_ht_dispatch_args_t ha = {
+            .x = d_x, .num_tokens = 1, .topk_idx = d_idx, .topk_weights = d_w, .stream = s};
+        ep_ht_dispatch_out_t ho = {.capacity = TM * NR,
+                                   .recv_x = d_y,
+                                   .recv_topk_idx = (int32_t *)d_y,
+                                   .recv_topk_weights = (float *)d_y,
+                                   .num_recv_per_expert = (int32_t *)d_out};
+        ep_ht_handle_t *hh = NULL;
+        ep_status_t st = ep_ht_dispatch(g, &ha, &ho, &hh);
+        if (st != EP_ERR_UNSUPPORTED) {
+            fprintf(stderr, "rank %d: HT across processes returned %d, expected %d (%s)\n", rank,
+                    st, EP_ERR_UNSUPPORTED, ep_group_last_error(g));
+            goto out;
+        }
+    }
+    printf("rank %d (pid %d): %d LL steps across processes ok\n", rank, (int)getpid(), STEPS);
+    rc = 0;
+    goto out;
+fail_op:
+    fprintf(stderr, "rank %d step %d: %s\n", rank, step, ep_group_last_error(g));
+out:
+    if (s) cudaStreamSynchronize(s);
+    ep_group_destroy(g);
+    cudaFree(d_x);
+    cudaFree(d_y);
+    cudaFree(d_out);
+    cudaFree(d_idx);
+    cudaFree(d_w);
+    if (s) cudaStreamDestroy(s);
+    ep_tcp_bootstrap_destroy(tb);
+    return rc;
+}
+
+int main(void)
+{
+    /* count devices in a child: the parent must not initialise CUDA before forking */
+    int ndev = 0;
+    pid_t probe = fork();
+    if (probe == 0) _exit(h_device_count() > 9 ? 9 : h_device_count());
+    int st = 0;
+    if (probe < 0 || waitpid(probe, &st, 0) != probe || !WIFEXITED(st)) return 1;
+    ndev = WEXITSTATUS(st);
+    if (ndev == 0) {
+        printf("SKIP: no CUDA device present\n");
+        return H_SKIP;
+    }
+    const int port = 20000 + (int)(getpid() % 20000);
+    pid_t pids[NR];
+    for (int r = 0; r < NR; ++r) {
+        pids[r] = fork();
+        if (pids[r] == 0) _exit(run_rank(r, port, ndev));
+        if (pids[r] < 0) return 1;
+    }
+    int failed = 0;
+    for (int r = 0; r < NR; ++r) {
+        if (waitpid(pids[r], &st, 0) != pids[r] || !WIFEXITED(st) || WEXITSTATUS(st) != 0)
+            failed = 1;
+    }
+    printf("%s\n", failed ? "FAILED" : "PASSED");
+    return failed;
+}

@@ -1,0 +1,788 @@
+/* libep's cuda backend (host side): one rank per GPU, driven by one host thread each. Owns the
+ * symmetric device buffer, its peers' addresses (peer access in one process, CUDA IPC across
+ * processes), the mapped error word the kernels report stalls through, LL handles and hooks,
+ * and HT handles. All compute and movement is in kernels/ (see kernels/ep_cuda.h). */
+#include "group.h"
+
+#include "ep_cuda.h"
+
+#include <cuda_runtime.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+struct cuda_ll_handle {
+    struct ep_ll_handle base;
+    int buf;
+    int num_tokens;
+};
+
+/* A pending receive half. */
+struct cuda_hook {
+    struct ep_hook base;
+    int kind; /* 1 dispatch, 2 combine */
+    int pending;
+    void *stream;
+    epk_ll_dispatch_params_t dp;
+    epk_ll_combine_params_t cp;
+};
+
+struct ht_scratch {
+    struct ht_scratch *next;
+    void *mem;
+    epk_ht_state_t st;
+};
+
+struct cuda_ht_handle {
+    struct ep_ht_handle base;
+    struct ht_scratch *sc;
+    int num_tokens;
+    int num_recv;
+    int32_t recv_from[EP_MAX_RANKS]; /* rows received from each rank (combine copies them back) */
+};
+
+/* Combine rows go back in this many copy-engine chunks, so summing overlaps the transfer. */
+#define HT_COMBINE_CHUNKS 4
+
+struct peer_info {
+    int pid;
+    int device;
+    int num_sms;
+    char host[64];
+    char busid[32];
+    uint64_t base;
+    cudaIpcMemHandle_t ipc;
+};
+
+typedef struct cuda_impl {
+    ep_bootstrap_t bs; /* kept for the barrier of destroy */
+    int connected;     /* create completed: destroy may wait for the peers */
+    int device;
+    int inproc;
+    epk_ctx_t ctx;
+    uint8_t *buf;
+    int *err_host, *err_dev;
+    epk_ht_info_t *info_host, *info_dev; /* mapped: what the HT count exchange found */
+    int ht_copy;                         /* HT moves bulk rows with the copy engines */
+    cudaStream_t cs, ss;                 /* copy-engine stream, signal stream */
+    cudaEvent_t ev_fork, ev_cs, ev_ss, ev_chunk[HT_COMBINE_CHUNKS];
+    uint64_t ht_comb_n; /* copy-engine combines so far (same on every rank) */
+    void *ipc_open[EP_MAX_RANKS];
+    int ll_disp_send, ll_disp_recv, ll_comb_send, ll_comb_recv, ht_blocks;
+    struct cuda_ll_handle handles[2];
+    struct cuda_hook hooks[2];
+    uint64_t ht_seq, ht_done;
+    pthread_mutex_t sc_lock;
+    struct ht_scratch *sc_free;
+} cuda_impl_t;
+
+static cuda_impl_t *impl_of(ep_group_t *g)
+{
+    return (cuda_impl_t *)g->impl;
+}
+
+static ep_status_t cuda_fail(ep_group_t *g, cudaError_t e, const char *what)
+{
+    return ep_group_fail(g, -1, EP_ERR_CUDA, "rank %d: %s failed: %s", g->rank, what,
+                         cudaGetErrorString(e));
+}
+
+/* Turns a kernel-reported stall (mapped error word) into a status. */
+static ep_status_t check_err(ep_group_t *g)
+{
+    cuda_impl_t *c = impl_of(g);
+    int code = ((volatile int *)c->err_host)[EPK_ERR_CODE];
+    if (code == EPK_CODE_OK) return EP_OK;
+    __sync_synchronize();
+    int peer = ((volatile int *)c->err_host)[EPK_ERR_PEER];
+    int what = ((volatile int *)c->err_host)[EPK_ERR_WHAT];
+    if (code == EPK_CODE_ABORT || atomic_load(&g->aborted))
+        return ep_group_fail(g, peer, EP_ERR_ABORTED, "rank %d: group aborted", g->rank);
+    return ep_group_fail(g, peer, EP_ERR_TIMEOUT,
+                         "rank %d: no signal from rank %d within %u ms (GPU wait: %s)", g->rank,
+                         peer, g->cfg.timeout_ms, epk_wait_name(what));
+}
+
+static ep_status_t set_device(ep_group_t *g)
+{
+    cudaError_t e = cudaSetDevice(impl_of(g)->device);
+    return e == cudaSuccess ? EP_OK : cuda_fail(g, e, "cudaSetDevice");
+}
+
+static int imin(int a, int b)
+{
+    return a < b ? a : b;
+}
+
+static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
+{
+    const ep_config_t *cfg = &g->cfg;
+    const int R = g->nranks;
+    struct peer_info me, *all = NULL;
+    cudaError_t e;
+    ep_status_t st;
+    int ndev = 0;
+
+    cuda_impl_t *c = calloc(1, sizeof *c);
+    if (!c) return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
+    g->impl = c;
+    pthread_mutex_init(&c->sc_lock, NULL);
+    if ((e = cudaGetDeviceCount(&ndev)) != cudaSuccess || ndev == 0) {
+        st = ep_group_fail(g, -1, EP_ERR_UNSUPPORTED, "rank %d: no CUDA device (%s)", g->rank,
+                           e == cudaSuccess ? "device count 0" : cudaGetErrorString(e));
+        goto fail;
+    }
+    c->device = cfg->device >= 0 ? cfg->device : g->rank % ndev;
+    if (c->device >= ndev) {
+        st = ep_group_fail(g, -1, EP_ERR_INVALID, "rank %d: config.device %d but only %d devices",
+                           g->rank, c->device, ndev);
+        goto fail;
+    }
+    if ((st = set_device(g)) != EP_OK) goto fail;
+    if (R > EP_MAX_RANKS) {
+        st = ep_group_fail(g, -1, EP_ERR_INVALID, "rank %d: %d ranks, at most %d", g->rank, R,
+                           EP_MAX_RANKS);
+        goto fail;
+    }
+
+    if ((e = (cudaError_t)epk_preload()) != cudaSuccess) {
+        st = cuda_fail(g, e, "loading the kernels");
+        goto fail;
+    }
+    epk_layout(&c->ctx.lay, cfg, R);
+    if ((e = cudaMalloc((void **)&c->buf, c->ctx.lay.total)) != cudaSuccess) {
+        st = ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: cudaMalloc of %zu bytes: %s", g->rank,
+                           c->ctx.lay.total, cudaGetErrorString(e));
+        c->buf = NULL;
+        goto fail;
+    }
+    if ((e = cudaMemset(c->buf, 0, c->ctx.lay.total)) != cudaSuccess) {
+        st = cuda_fail(g, e, "cudaMemset of the symmetric buffer");
+        goto fail;
+    }
+    if ((e = cudaHostAlloc((void **)&c->err_host, 64, cudaHostAllocMapped)) != cudaSuccess) {
+        c->err_host = NULL;
+        st = cuda_fail(g, e, "cudaHostAlloc of the error word");
+        goto fail;
+    }
+    memset(c->err_host, 0, 64);
+    if ((e = cudaHostGetDevicePointer((void **)&c->err_dev, c->err_host, 0)) != cudaSuccess) {
+        st = cuda_fail(g, e, "cudaHostGetDevicePointer");
+        goto fail;
+    }
+    if ((e = cudaHostAlloc((void **)&c->info_host, sizeof *c->info_host, cudaHostAllocMapped)) !=
+        cudaSuccess) {
+        c->info_host = NULL;
+        st = cuda_fail(g, e, "cudaHostAlloc of the HT exchange area");
+        goto fail;
+    }
+    memset(c->info_host, 0, sizeof *c->info_host);
+    if ((e = cudaHostGetDevicePointer((void **)&c->info_dev, c->info_host, 0)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&c->cs, cudaStreamNonBlocking)) != cudaSuccess ||
+        (e = cudaStreamCreateWithFlags(&c->ss, cudaStreamNonBlocking)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&c->ev_fork, cudaEventDisableTiming)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&c->ev_cs, cudaEventDisableTiming)) != cudaSuccess ||
+        (e = cudaEventCreateWithFlags(&c->ev_ss, cudaEventDisableTiming)) != cudaSuccess) {
+        st = cuda_fail(g, e, "creating the copy streams");
+        goto fail;
+    }
+    for (int i = 0; i < HT_COMBINE_CHUNKS; ++i)
+        if ((e = cudaEventCreateWithFlags(&c->ev_chunk[i], cudaEventDisableTiming)) !=
+            cudaSuccess) {
+            st = cuda_fail(g, e, "creating the copy events");
+            goto fail;
+        }
+
+    memset(&me, 0, sizeof me);
+    me.pid = (int)getpid();
+    me.device = c->device;
+    gethostname(me.host, sizeof me.host - 1);
+    if ((e = cudaDeviceGetAttribute(&me.num_sms, cudaDevAttrMultiProcessorCount, c->device)) !=
+            cudaSuccess ||
+        (e = cudaDeviceGetPCIBusId(me.busid, sizeof me.busid, c->device)) != cudaSuccess ||
+        (e = cudaIpcGetMemHandle(&me.ipc, c->buf)) != cudaSuccess) {
+        st = cuda_fail(g, e, "querying the device / cudaIpcGetMemHandle");
+        goto fail;
+    }
+    me.base = (uint64_t)(uintptr_t)c->buf;
+    all = calloc((size_t)R, sizeof *all);
+    if (!all) {
+        st = ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
+        goto fail;
+    }
+    int rc = bs->allgather(bs->ctx, &me, all, sizeof me, cfg->timeout_ms);
+    if (rc != 0) {
+        st = ep_group_fail(g, -1, EP_ERR_BOOTSTRAP, "rank %d: exchanging buffer addresses: %s",
+                           g->rank, ep_strerror((ep_status_t)rc));
+        goto fail;
+    }
+
+    c->inproc = 1;
+    {
+        /* EP_CUDA_HT_COPY=0 keeps HT row movement on the SMs (peer stores / loads) */
+        const char *ev = getenv("EP_CUDA_HT_COPY");
+        c->ht_copy = !(ev && ev[0] == '0');
+    }
+    int share = 1, sms = me.num_sms;
+    for (int r = 0; r < R; ++r) {
+        if (all[r].pid != me.pid || strcmp(all[r].host, me.host) != 0) c->inproc = 0;
+        int same = 0;
+        for (int q = 0; q < R; ++q)
+            same += strcmp(all[q].busid, all[r].busid) == 0;
+        share = same > share ? same : share;
+        sms = imin(sms, all[r].num_sms);
+    }
+    for (int r = 0; r < R; ++r) {
+        if (r == g->rank) {
+            c->ctx.base[r] = c->buf;
+            continue;
+        }
+        if (c->inproc) {
+            if (all[r].device != c->device) {
+                int can = 0;
+                cudaDeviceCanAccessPeer(&can, c->device, all[r].device);
+                if (!can) {
+                    st = ep_group_fail(g, r, EP_ERR_UNSUPPORTED,
+                                       "rank %d: device %d cannot access device %d of rank %d",
+                                       g->rank, c->device, all[r].device, r);
+                    goto fail;
+                }
+                e = cudaDeviceEnablePeerAccess(all[r].device, 0);
+                if (e == cudaErrorPeerAccessAlreadyEnabled) {
+                    cudaGetLastError();
+                } else if (e != cudaSuccess) {
+                    st = cuda_fail(g, e, "cudaDeviceEnablePeerAccess");
+                    goto fail;
+                }
+            }
+            c->ctx.base[r] = (uint8_t *)(uintptr_t)all[r].base;
+        } else {
+            e = cudaIpcOpenMemHandle(&c->ipc_open[r], all[r].ipc, cudaIpcMemLazyEnablePeerAccess);
+            if (e != cudaSuccess) {
+                c->ipc_open[r] = NULL;
+                st = ep_group_fail(g, r, EP_ERR_CUDA, "rank %d: opening rank %d's buffer: %s",
+                                   g->rank, r, cudaGetErrorString(e));
+                goto fail;
+            }
+            c->ctx.base[r] = c->ipc_open[r];
+        }
+    }
+
+    c->ctx.rank = g->rank;
+    c->ctx.nranks = R;
+    c->ctx.num_experts = cfg->num_experts;
+    c->ctx.local_experts = cfg->num_experts / R;
+    c->ctx.hidden = cfg->hidden;
+    c->ctx.topk = cfg->num_topk;
+    c->ctx.ll_max_tokens = cfg->ll_max_tokens;
+    c->ctx.ht_max_tokens = cfg->ht_max_tokens;
+    c->ctx.timeout_ns = (unsigned long long)cfg->timeout_ms * 1000000ull;
+    c->ctx.err = c->err_dev;
+
+    /* Block counts must agree on every rank (receivers count the senders' blocks): they derive
+     * from the config and the smallest device; ranks sharing a GPU split it so that every
+     * rank's kernels stay resident together. */
+    const int avail = sms / share > 0 ? sms / share : 1;
+    const int tmax = cfg->ll_max_tokens > 0 ? cfg->ll_max_tokens : 1;
+    /* two 256-thread LL blocks fit on one SM together (register use), so 2 * avail stay
+     * co-resident, which the one-launch mode needs */
+    c->ll_disp_send = imin(tmax, 2 * avail);
+    c->ll_disp_recv = imin(c->ctx.local_experts, 2 * avail);
+    c->ll_comb_send = imin(R * tmax, 2 * avail);
+    c->ll_comb_recv = imin(tmax, 2 * avail);
+    int nsms = cfg->num_sms > 0 ? cfg->num_sms : 24;
+    c->ht_blocks = imin(nsms, avail);
+
+    rc = bs->barrier(bs->ctx, cfg->timeout_ms);
+    if (rc != 0) {
+        st = ep_group_fail(g, -1, EP_ERR_BOOTSTRAP, "rank %d: barrier after connecting: %s",
+                           g->rank, ep_strerror((ep_status_t)rc));
+        goto fail;
+    }
+    free(all);
+    c->bs = *bs;
+    c->connected = 1;
+    return EP_OK;
+
+fail:
+    free(all);
+    return st;
+}
+
+static void cu_destroy(ep_group_t *g)
+{
+    cuda_impl_t *c = impl_of(g);
+    if (!c) return;
+    cudaSetDevice(c->device);
+    cudaDeviceSynchronize();
+    /* peers may still write into this buffer until they are done too */
+    if (c->connected) c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
+    for (int r = 0; r < EP_MAX_RANKS; ++r)
+        if (c->ipc_open[r]) cudaIpcCloseMemHandle(c->ipc_open[r]);
+    while (c->sc_free) {
+        struct ht_scratch *s = c->sc_free;
+        c->sc_free = s->next;
+        cudaFree(s->mem);
+        free(s);
+    }
+    if (c->buf) cudaFree(c->buf);
+    if (c->err_host) cudaFreeHost(c->err_host);
+    if (c->info_host) cudaFreeHost(c->info_host);
+    for (int i = 0; i < HT_COMBINE_CHUNKS; ++i)
+        if (c->ev_chunk[i]) cudaEventDestroy(c->ev_chunk[i]);
+    if (c->ev_fork) cudaEventDestroy(c->ev_fork);
+    if (c->ev_cs) cudaEventDestroy(c->ev_cs);
+    if (c->ev_ss) cudaEventDestroy(c->ev_ss);
+    if (c->cs) cudaStreamDestroy(c->cs);
+    if (c->ss) cudaStreamDestroy(c->ss);
+    pthread_mutex_destroy(&c->sc_lock);
+    free(c);
+    g->impl = NULL;
+}
+
+static ep_status_t launched(ep_group_t *g, int rc, const char *what)
+{
+    return rc == 0 ? EP_OK : cuda_fail(g, (cudaError_t)rc, what);
+}
+
+static ep_status_t cu_route(ep_group_t *g, const ep_route_params_t *p, const float *logits, int T,
+                            int32_t *topk_idx, float *topk_weights, void *stream)
+{
+    ep_status_t st = set_device(g);
+    if (st != EP_OK) return st;
+    return launched(g, epk_route(p, logits, T, topk_idx, topk_weights, stream), "route kernel");
+}
+
+static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_args_t *a,
+                                  ep_ll_dispatch_out_t *out, ep_ll_handle_t **handle,
+                                  ep_hook_t **hook)
+{
+    cuda_impl_t *c = impl_of(g);
+    ep_status_t st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if (c->hooks[buf].pending)
+        return ep_group_fail(g, -1, EP_ERR_STATE,
+                             "rank %d: LL buffer %d still has a receive hook that never ran",
+                             g->rank, buf);
+    epk_ll_dispatch_params_t p = {
+        .buf = buf,
+        .x = a->x,
+        .num_tokens = a->num_tokens,
+        .topk_idx = a->topk_idx,
+        .topk_w = a->topk_weights,
+        .use_fp8 = a->use_fp8,
+        .round_scale = a->round_scale,
+        .send_blocks = c->ll_disp_send,
+        .recv_blocks = c->ll_disp_recv,
+    };
+    int mode = a->use_hook ? 1 : 0;
+    epk_ll_dispatch_params_t lp = p;
+    if (mode == 0 && lp.recv_blocks < lp.send_blocks)
+        lp.recv_blocks = lp.send_blocks; /* one launch: every block receives (see kernels) */
+    if ((st = launched(g, epk_ll_dispatch(&c->ctx, &lp, mode, a->stream), "LL dispatch")) != EP_OK)
+        return st;
+
+    uint8_t *b = c->buf + c->ctx.lay.ll_buf + (size_t)buf * c->ctx.lay.ll_buf_bytes;
+    out->recv_x = b + c->ctx.lay.ll_recv_x;
+    out->recv_scales = a->use_fp8 ? (float *)(b + c->ctx.lay.ll_recv_scales) : NULL;
+    out->recv_count = (int32_t *)(b + c->ctx.lay.ll_recv_count);
+    out->recv_src_info = (int32_t *)(b + c->ctx.lay.ll_src_info);
+    out->recv_range = (int32_t *)(b + c->ctx.lay.ll_range);
+    c->handles[buf].base.group = g;
+    c->handles[buf].buf = buf;
+    c->handles[buf].num_tokens = a->num_tokens;
+    if (handle) *handle = &c->handles[buf].base;
+    if (a->use_hook) {
+        struct cuda_hook *h = &c->hooks[buf];
+        memset(h, 0, sizeof *h);
+        h->base.group = g;
+        h->kind = 1;
+        h->pending = 1;
+        h->stream = a->stream;
+        h->dp = p;
+        if (hook) *hook = &h->base;
+    } else if (hook) {
+        *hook = NULL;
+    }
+    return EP_OK;
+}
+
+static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_args_t *a,
+                                 ep_hook_t **hook)
+{
+    cuda_impl_t *c = impl_of(g);
+    ep_status_t st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if (c->hooks[buf].pending)
+        return ep_group_fail(g, -1, EP_ERR_STATE,
+                             "rank %d: LL buffer %d still has a receive hook that never ran",
+                             g->rank, buf);
+    const struct cuda_ll_handle *h = (const struct cuda_ll_handle *)a->handle;
+    if (!h || (h != &c->handles[0] && h != &c->handles[1]))
+        return ep_group_fail(g, -1, EP_ERR_INVALID,
+                             "rank %d: LL combine handle is not one of this group's", g->rank);
+    epk_ll_combine_params_t p = {
+        .buf = buf,
+        .disp_buf = h->buf,
+        .expert_y = a->expert_y,
+        .topk_idx = a->topk_idx,
+        .topk_w = a->topk_weights,
+        .num_tokens = h->num_tokens,
+        .out = a->out,
+        .send_blocks = c->ll_comb_send,
+        .recv_blocks = c->ll_comb_recv,
+    };
+    int mode = a->use_hook ? 1 : 0;
+    epk_ll_combine_params_t lp = p;
+    if (mode == 0 && lp.recv_blocks < lp.send_blocks) lp.recv_blocks = lp.send_blocks;
+    if ((st = launched(g, epk_ll_combine(&c->ctx, &lp, mode, a->stream), "LL combine")) != EP_OK)
+        return st;
+    if (a->use_hook) {
+        struct cuda_hook *hk = &c->hooks[buf];
+        memset(hk, 0, sizeof *hk);
+        hk->base.group = g;
+        hk->kind = 2;
+        hk->pending = 1;
+        hk->stream = a->stream;
+        hk->cp = p;
+        if (hook) *hook = &hk->base;
+    } else if (hook) {
+        *hook = NULL;
+    }
+    return EP_OK;
+}
+
+static ep_status_t cu_hook_run(ep_group_t *g, ep_hook_t *hook_base)
+{
+    cuda_impl_t *c = impl_of(g);
+    struct cuda_hook *hook = (struct cuda_hook *)hook_base;
+    ep_status_t st;
+    if (!hook || (hook != &c->hooks[0] && hook != &c->hooks[1]))
+        return ep_group_fail(g, -1, EP_ERR_INVALID, "rank %d: hook is not one of this group's",
+                             g->rank);
+    if (!hook->pending)
+        return ep_group_fail(g, -1, EP_ERR_STATE, "rank %d: hook already ran", g->rank);
+    hook->pending = 0;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if (hook->kind == 1)
+        return launched(g, epk_ll_dispatch(&c->ctx, &hook->dp, 2, hook->stream),
+                        "LL dispatch receive");
+    return launched(g, epk_ll_combine(&c->ctx, &hook->cp, 2, hook->stream), "LL combine receive");
+}
+
+static ep_status_t cu_layout(ep_group_t *g, const int32_t *topk_idx, int T, ep_ht_layout_t *l,
+                             void *stream)
+{
+    ep_status_t st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    return launched(g,
+                    epk_ht_layout(&impl_of(g)->ctx, topk_idx, T, l->num_tokens_per_rank,
+                                  l->num_tokens_per_expert, l->is_token_in_rank, stream),
+                    "dispatch layout");
+}
+
+static ep_status_t get_scratch(ep_group_t *g, struct ht_scratch **out)
+{
+    cuda_impl_t *c = impl_of(g);
+    const size_t R = (size_t)g->nranks,
+                 T = (size_t)(g->cfg.ht_max_tokens > 0 ? g->cfg.ht_max_tokens : 1);
+    pthread_mutex_lock(&c->sc_lock);
+    struct ht_scratch *s = c->sc_free;
+    if (s) c->sc_free = s->next;
+    pthread_mutex_unlock(&c->sc_lock);
+    if (!s) {
+        s = calloc(1, sizeof *s);
+        if (!s) return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
+        size_t bytes = (T * R + 3 * R + 1) * 4;
+        cudaError_t e = cudaMalloc(&s->mem, bytes);
+        if (e != cudaSuccess) {
+            free(s);
+            return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: cudaMalloc of HT scratch: %s",
+                                 g->rank, cudaGetErrorString(e));
+        }
+        int32_t *p = s->mem;
+        s->st.pos = p;
+        s->st.base_at = p + T * R;
+        s->st.recv_from = s->st.base_at + R;
+        s->st.n_recv = s->st.recv_from + R;
+    }
+    *out = s;
+    return EP_OK;
+}
+
+static void put_scratch(cuda_impl_t *c, struct ht_scratch *s)
+{
+    pthread_mutex_lock(&c->sc_lock);
+    s->next = c->sc_free;
+    c->sc_free = s;
+    pthread_mutex_unlock(&c->sc_lock);
+}
+
+static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
+                                  ep_ht_dispatch_out_t *out, ep_ht_handle_t **handle)
+{
+    cuda_impl_t *c = impl_of(g);
+    ep_status_t st;
+    struct ht_scratch *sc = NULL;
+    struct cuda_ht_handle *h = NULL;
+    cudaError_t e;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if (!c->inproc)
+        return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
+                             "rank %d: cuda HT ops need all ranks in one process", g->rank);
+    if ((st = get_scratch(g, &sc)) != EP_OK) return st;
+    h = calloc(1, sizeof *h);
+    if (!h) {
+        st = ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
+        goto fail;
+    }
+    const uint64_t seq = ++c->ht_seq;
+    const epk_ht_ptrs_t mine = {
+        .recv_x = (uint64_t)(uintptr_t)out->recv_x,
+        .recv_scales = (uint64_t)(uintptr_t)out->recv_scales,
+        .recv_topk_idx = (uint64_t)(uintptr_t)out->recv_topk_idx,
+        .recv_topk_w = (uint64_t)(uintptr_t)out->recv_topk_weights,
+        .capacity = (uint64_t)(out->capacity > 0 ? out->capacity : 0),
+    };
+    if ((st =
+             launched(g,
+                      epk_ht_prep(&c->ctx, &sc->st, a->topk_idx, a->num_tokens, a->expert_alignment,
+                                  out->num_recv_per_expert, c->info_dev, &mine, seq, a->stream),
+                      "HT count exchange")) != EP_OK)
+        goto fail;
+    if ((e = cudaStreamSynchronize((cudaStream_t)a->stream)) != cudaSuccess) {
+        st = cuda_fail(g, e, "cudaStreamSynchronize after the HT count exchange");
+        goto fail;
+    }
+    if ((st = check_err(g)) != EP_OK) goto fail;
+    const volatile epk_ht_info_t *info = c->info_host;
+    const int N = info->n_recv, R = g->nranks, me = g->rank;
+
+    /* Copy-engine path: each run of consecutive tokens for a rank (this one included) is one
+     * copy straight into that rank's recv_x; the SMs move only the small metadata. */
+    int ce = c->ht_copy;
+    for (int d = 0; d < R && ce; ++d)
+        if (info->nruns[d] < 0 ||
+            (uint64_t)(info->base_at[d] + info->count_to[d]) > info->capacity[d])
+            ce = 0;
+    epk_ht_dispatch_params_t p = {
+        .x = a->x,
+        .x_scales = a->x_scales,
+        .use_fp8 = a->use_fp8,
+        .num_tokens = a->num_tokens,
+        .topk_idx = a->topk_idx,
+        .topk_w = a->topk_weights,
+        .recv_x = out->recv_x,
+        .capacity = out->capacity,
+        .recv_scales = out->recv_scales,
+        .recv_topk_idx = out->recv_topk_idx,
+        .recv_topk_w = out->recv_topk_weights,
+        .blocks = c->ht_blocks,
+        .local_rows_only = ce ? 2 : 0,
+        .ptrs_ready = 1,
+        .no_done = ce,
+        .seq = seq,
+    };
+    c->ht_done += (uint64_t)c->ht_blocks;
+    p.done_target = c->ht_done;
+    cudaStream_t ms = (cudaStream_t)a->stream;
+    if (ce) {
+        const size_t rb = a->use_fp8 ? (size_t)g->cfg.hidden : (size_t)g->cfg.hidden * 2;
+        if ((e = cudaEventRecord(c->ev_fork, ms)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(c->cs, c->ev_fork, 0)) != cudaSuccess) {
+            st = cuda_fail(g, e, "forking the copy stream");
+            goto fail;
+        }
+        if ((e = cudaStreamWaitEvent(c->ss, c->ev_fork, 0)) != cudaSuccess) {
+            st = cuda_fail(g, e, "forking the local copy stream");
+            goto fail;
+        }
+        /* peers' rows on the copy stream, this rank's own rows on the other one: two copy
+         * engines at once, no SM moves row data */
+        for (int d = 0; d < R; ++d) {
+            cudaStream_t cstream = d == me ? c->ss : c->cs;
+            int rows = 0;
+            for (int i = 0; i < info->nruns[d]; ++i) {
+                const int first = info->runs[d][i][0], len = info->runs[d][i][1] - first + 1;
+                e = cudaMemcpyAsync((uint8_t *)(uintptr_t)info->recv_x[d] +
+                                        (size_t)(info->base_at[d] + rows) * rb,
+                                    (const uint8_t *)a->x + (size_t)first * rb, (size_t)len * rb,
+                                    cudaMemcpyDefault, cstream);
+                if (e != cudaSuccess) {
+                    st = cuda_fail(g, e, "HT dispatch copy to a peer");
+                    goto fail;
+                }
+                rows += len;
+            }
+        }
+    }
+    /* The transfer runs even when this rank lacks room (peers skip rows past the capacity it
+     * published), so that every rank stays in step. */
+    if ((st = launched(g, epk_ht_dispatch(&c->ctx, &sc->st, &p, a->stream), "HT dispatch")) !=
+        EP_OK)
+        goto fail;
+    if (ce) {
+        if ((e = cudaEventRecord(c->ev_cs, c->cs)) != cudaSuccess ||
+            (e = cudaEventRecord(c->ev_ss, c->ss)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_cs, 0)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_ss, 0)) != cudaSuccess) {
+            st = cuda_fail(g, e, "joining the copy streams");
+            goto fail;
+        }
+        if ((st = launched(g, epk_ht_done(&c->ctx, (uint64_t)c->ht_blocks, p.done_target, 1, ms),
+                           "HT dispatch completion")) != EP_OK)
+            goto fail;
+    }
+    if (N > out->capacity) {
+        st = ep_group_fail(g, -1, EP_ERR_INVALID,
+                           "rank %d: HT dispatch receives %d rows, out.capacity is %d", g->rank, N,
+                           out->capacity);
+        goto fail;
+    }
+    for (int s = 0; s < R; ++s)
+        h->recv_from[s] = info->recv_from[s];
+    out->num_recv_tokens = N;
+    h->base.group = g;
+    h->sc = sc;
+    h->num_tokens = a->num_tokens;
+    h->num_recv = N;
+    *handle = &h->base;
+    return EP_OK;
+
+fail:
+    free(h);
+    if (sc) put_scratch(c, sc);
+    return st;
+}
+
+static ep_status_t cu_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *hb,
+                                         const ep_ht_dispatch_args_t *a, ep_ht_dispatch_out_t *out)
+{
+    const struct cuda_ht_handle *h = (const struct cuda_ht_handle *)hb;
+    cuda_impl_t *c = impl_of(g);
+    ep_status_t st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if (h->num_recv > out->capacity)
+        return ep_group_fail(g, -1, EP_ERR_INVALID,
+                             "rank %d: cached HT dispatch receives %d rows, out.capacity is %d",
+                             g->rank, h->num_recv, out->capacity);
+    epk_ht_dispatch_params_t p = {
+        .x = a->x,
+        .x_scales = a->x_scales,
+        .use_fp8 = a->use_fp8,
+        .num_tokens = h->num_tokens,
+        .topk_idx = NULL,
+        .recv_x = out->recv_x,
+        .capacity = out->capacity,
+        .recv_scales = out->recv_scales,
+        .blocks = c->ht_blocks,
+        .seq = ++c->ht_seq,
+    };
+    c->ht_done += (uint64_t)c->ht_blocks;
+    p.done_target = c->ht_done;
+    if ((st = launched(g, epk_ht_dispatch(&c->ctx, &h->sc->st, &p, a->stream),
+                       "HT cached dispatch")) != EP_OK)
+        return st;
+    out->num_recv_tokens = h->num_recv;
+    return EP_OK;
+}
+
+static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const uint16_t *x,
+                                 uint16_t *out, void *stream)
+{
+    const struct cuda_ht_handle *h = (const struct cuda_ht_handle *)hb;
+    cuda_impl_t *c = impl_of(g);
+    ep_status_t st;
+    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    cudaStream_t ms = (cudaStream_t)stream;
+    cudaError_t e;
+    if (c->ht_copy) {
+        /* Copy-engine path: every rank copies the block of rows it received from source s
+         * (contiguous in x) back into s's staging area in chunks, each chunk announced on the
+         * signal stream; the source sums its copies as the chunks land. */
+        const int R = g->nranks, me = g->rank, H = g->cfg.hidden, NCH = HT_COMBINE_CHUNKS;
+        const uint64_t stage_base = c->ht_comb_n * (uint64_t)NCH;
+        c->ht_comb_n++;
+        if ((e = cudaEventRecord(c->ev_fork, ms)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(c->cs, c->ev_fork, 0)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(c->ss, c->ev_fork, 0)) != cudaSuccess)
+            return cuda_fail(g, e, "forking the copy streams");
+        for (int ch = 0; ch < NCH; ++ch) {
+            int base = 0;
+            for (int s = 0; s < R; ++s) {
+                const int n = h->recv_from[s];
+                const int r0 = (int)((long long)ch * n / NCH),
+                          r1 = (int)((long long)(ch + 1) * n / NCH);
+                if (s != me && r1 > r0) {
+                    e = cudaMemcpyAsync(c->ctx.base[s] + c->ctx.lay.ht_stage +
+                                            ((size_t)me * g->cfg.ht_max_tokens + r0) * H * 2,
+                                        x + (size_t)(base + r0) * H, (size_t)(r1 - r0) * H * 2,
+                                        cudaMemcpyDefault, c->cs);
+                    if (e != cudaSuccess) return cuda_fail(g, e, "HT combine copy to a peer");
+                }
+                base += n;
+            }
+            if ((e = cudaEventRecord(c->ev_chunk[ch], c->cs)) != cudaSuccess ||
+                (e = cudaStreamWaitEvent(c->ss, c->ev_chunk[ch], 0)) != cudaSuccess)
+                return cuda_fail(g, e, "ordering the combine signals");
+            if ((st = launched(g, epk_ht_stage_signal(&c->ctx, stage_base + ch + 1, c->ss),
+                               "HT combine signal")) != EP_OK)
+                return st;
+        }
+        if ((st = launched(g,
+                           epk_ht_combine_staged(&c->ctx, &h->sc->st, x, out, h->num_tokens,
+                                                 c->ht_blocks, NCH, stage_base, ms),
+                           "HT combine sum")) != EP_OK)
+            return st;
+        if ((e = cudaEventRecord(c->ev_cs, c->cs)) != cudaSuccess ||
+            (e = cudaEventRecord(c->ev_ss, c->ss)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_cs, 0)) != cudaSuccess ||
+            (e = cudaStreamWaitEvent(ms, c->ev_ss, 0)) != cudaSuccess)
+            return cuda_fail(g, e, "joining the copy streams");
+        return EP_OK;
+    }
+    const uint64_t seq = ++c->ht_seq;
+    c->ht_done += (uint64_t)c->ht_blocks;
+    return launched(g,
+                    epk_ht_combine(&c->ctx, &h->sc->st, x, out, h->num_tokens, c->ht_blocks, seq,
+                                   c->ht_done, stream),
+                    "HT combine");
+}
+
+static void cu_ht_handle_destroy(ep_ht_handle_t *hb)
+{
+    struct cuda_ht_handle *h = (struct cuda_ht_handle *)hb;
+    if (!h) return;
+    if (h->base.group && h->base.group->impl && h->sc) put_scratch(impl_of(h->base.group), h->sc);
+    free(h);
+}
+
+static void cu_abort(ep_group_t *g)
+{
+    cuda_impl_t *c = impl_of(g);
+    if (!c || !c->err_host) return;
+    volatile int *e = c->err_host;
+    if (e[EPK_ERR_CODE] == EPK_CODE_OK) {
+        e[EPK_ERR_PEER] = atomic_load(&g->failed_peer);
+        __sync_synchronize();
+        e[EPK_ERR_CODE] = EPK_CODE_ABORT;
+    }
+}
+
+const struct ep_backend_ops ep_backend_cuda_ops = {
+    .name = "cuda",
+    .create = cu_create,
+    .destroy = cu_destroy,
+    .route = cu_route,
+    .ll_dispatch = cu_ll_dispatch,
+    .ll_combine = cu_ll_combine,
+    .hook_run = cu_hook_run,
+    .get_dispatch_layout = cu_layout,
+    .ht_dispatch = cu_ht_dispatch,
+    .ht_dispatch_cached = cu_ht_dispatch_cached,
+    .ht_combine = cu_ht_combine,
+    .ht_handle_destroy = cu_ht_handle_destroy,
+    .abort = cu_abort,
+};
