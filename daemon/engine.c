@@ -1099,7 +1099,7 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
         rk->epcfg.backend = EP_BACKEND_CPU;
         rk->epcfg.transport = EP_TRANSPORT_AUTO;
         rk->epcfg.timeout_ms = (unsigned)e->timeout_ms;
-        epd_model_ep_config(&e->hf, e->max_batch_tokens, &rk->epcfg);
+        epd_model_ep_config(&e->hf, e->max_batch_tokens, 0, &rk->epcfg);
     }
 
     uv_async_init(e->loop, &e->async, on_async);
