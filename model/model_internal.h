@@ -50,11 +50,11 @@ struct epd_model {
     float *row_in, *row_out, *row_acc;     /* [H] */
     /* HT, for ht_cap = ep_ht_max_recv_tokens() received rows (NULL when HT is off) */
     int ht_cap;
-    uint16_t *ht_x;          /* [N][H] bf16 received activations */
-    int32_t *ht_idx;         /* [N][k] local expert ids, -1 for other ranks' experts */
-    float *ht_w;             /* [N][k] */
-    int32_t *ht_per_expert;  /* [L] */
-    uint16_t *ht_y;          /* [N][H] bf16 per-rank partial sums for the combine */
+    uint16_t *ht_x;         /* [N][H] bf16 received activations */
+    int32_t *ht_idx;        /* [N][k] local expert ids, -1 for other ranks' experts */
+    float *ht_w;            /* [N][k] */
+    int32_t *ht_per_expert; /* [L] */
+    uint16_t *ht_y;         /* [N][H] bf16 per-rank partial sums for the combine */
 };
 
 struct epd_seq {

@@ -110,8 +110,8 @@ static int moe_ht(epd_model_t *m, int layer, int rows, epd_err_t *err)
     if (st != EP_OK) return ep_fail(m, "ep_ht_dispatch", st, layer, err);
     int rc = 0;
     if (o.num_recv_tokens < 0 || o.num_recv_tokens > m->ht_cap) {
-        rc = epd_err_set(err, -EIO, "layer %d: libep reported %d received rows (at most %d)",
-                         layer, o.num_recv_tokens, m->ht_cap);
+        rc = epd_err_set(err, -EIO, "layer %d: libep reported %d received rows (at most %d)", layer,
+                         o.num_recv_tokens, m->ht_cap);
         goto out;
     }
     for (int n = 0; n < o.num_recv_tokens; n++) {

@@ -343,8 +343,8 @@ void epd_model_destroy(epd_model_t *m)
     free(m->embed);
     free(m->norm);
     free(m->inv_freq);
-    float *fs[] = {m->h,      m->xn,     m->q,      m->k,       m->v,
-                   m->att,    m->tmp,    m->scores, m->ffn_tmp, m->router_logits,
+    float *fs[] = {m->h,      m->xn,     m->q,       m->k,       m->v,
+                   m->att,    m->tmp,    m->scores,  m->ffn_tmp, m->router_logits,
                    m->topk_w, m->row_in, m->row_out, m->row_acc, m->ht_w};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++)
         free(fs[i]);

@@ -203,8 +203,8 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
         int32_t sizes[EP_MAX_RANKS], max = 0;
         int32_t me = mine;
         if ((rc = bs->allgather(bs->ctx, &me, sizes, sizeof(me), 20000)) != 0) {
-            rc = epd_err_set(err, -EIO, "rank %d: step %d: allgather of batch sizes: %s", r,
-                             step, ep_strerror((ep_status_t)rc));
+            rc = epd_err_set(err, -EIO, "rank %d: step %d: allgather of batch sizes: %s", r, step,
+                             ep_strerror((ep_status_t)rc));
             goto out;
         }
         for (int q = 0; q < R; q++)

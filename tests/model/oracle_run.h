@@ -35,10 +35,10 @@ void oracle_free(oracle_t *o);
 
 /* How a run batches. */
 typedef struct oracle_opts {
-    int chunk;    /* ll_max_tokens: tokens per rank of an LL step */
-    int prefill;  /* ht_max_tokens when above chunk (else HT is off): tokens per rank and step */
-    int ht_min;   /* the model's ht_min_tokens (0: chunk + 1) */
-    int stagger;  /* case c joins its rank's work at step c * stagger (0: all at once) */
+    int chunk;   /* ll_max_tokens: tokens per rank of an LL step */
+    int prefill; /* ht_max_tokens when above chunk (else HT is off): tokens per rank and step */
+    int ht_min;  /* the model's ht_min_tokens (0: chunk + 1) */
+    int stagger; /* case c joins its rank's work at step c * stagger (0: all at once) */
 } oracle_opts_t;
 
 /* What a run produced, for every case (filled for the cases of the ranks that ran them). */
