@@ -237,6 +237,16 @@ const epd_cfg_setting_t epd_cfg_settings[] = {
      .max = 65536,
      .def = 128,
      .doc = "Most tokens a rank feeds into one decode step (the LL dispatch bound)."},
+    {.path = "model.max_prefill_tokens",
+     .type = EPD_CFG_INT,
+     .flags = EPD_CFG_F_CLUSTER,
+     .offset = OFF(max_prefill_tokens),
+     .min = 0,
+     .max = 65536,
+     .def = 512,
+     .doc = "Most tokens a rank feeds into one prefill step: a step in which some rank has more "
+            "than `model.max_batch_tokens` tokens takes the HT dispatch path on every rank. At "
+            "or below `model.max_batch_tokens` (0) HT is off and prompts go in LL chunks."},
     {.path = "model.max_seq_len",
      .type = EPD_CFG_INT,
      .flags = EPD_CFG_F_CLUSTER,

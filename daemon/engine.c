@@ -4,10 +4,12 @@
  * Step protocol (every rank, every iteration):
  *   1. under the engine lock: sleep while the group is idle and nothing woke us; take new
  *      requests from this rank's inbox; note whether a wake arrived since the last iteration;
- *   2. allgather a control word {pending sequences, woke, stop, failed} over the bootstrap;
+ *   2. plan this rank's batch (decode tokens, then prompt chunks) and allgather a control word
+ *      {pending sequences, woke, stop, failed, planned tokens} over the bootstrap;
  *   3. all ranks see the same words and decide alike: stop; re-form the group (a rank failed);
  *      sleep (nothing pending anywhere and no fresh wake); or step, with zero tokens if this
- *      rank has none.
+ *      rank has none. The largest planned batch picks the step's MoE path for every rank: LL,
+ *      or HT when some rank prefills more than model.max_batch_tokens tokens.
  * A wake that lands after a rank's snapshot changes the generation that rank sleeps on, and a
  * wake seen by some ranks only is reported (woke) so that nobody sleeps on it: no rank is left
  * alone in a collective, and none misses a request. */
@@ -73,6 +75,7 @@ typedef struct ctl_word {
     int32_t purpose; /* CTL_JOIN or CTL_STEP */
     int32_t pending, woke, stop;
     int32_t failed; /* CTL_STEP: this rank's step failed; CTL_JOIN: a join_status */
+    int32_t tokens; /* CTL_STEP: tokens of this rank's planned batch */
 } ctl_word_t;
 
 #define CTL_JOIN 0x4a4f494e /* "JOIN": the last collective of every group formation */
@@ -109,8 +112,9 @@ struct rank {
     uint64_t last_gen;
     int fail_flag, reform;
     float *logits;
-    epd_batch_item_t *items;
+    epd_batch_item_t *items; /* the planned batch: n_items, prompt_tokens of tokens */
     int *item_req;
+    int n_items, tokens, prompt_tokens;
     ctl_word_t *ctl_all;
     uint64_t *exp_prev, *exp_now;
     int load_rc;
@@ -130,7 +134,8 @@ struct epd_engine {
     uv_timer_t rate_timer;
     int handles_open;
     char model_path[4096];
-    int R, rank_base, nranks, max_batch_tokens, max_seq_len, timeout_ms, max_queue;
+    int R, rank_base, nranks, max_batch_tokens, max_prefill_tokens, max_seq_len, timeout_ms,
+        max_queue;
     epd_metrics_t *metrics;
     epd_state_t *state;
     int state_id;
@@ -359,10 +364,15 @@ static void account_experts(rank_t *rk)
     }
 }
 
-static void step(rank_t *rk)
+/* Plans this rank's batch before the step's control word (which carries its size). */
+static void plan_step(rank_t *rk)
 {
     epd_engine_t *e = rk->e;
-    int budget = e->max_batch_tokens, n = 0;
+    /* with HT on, prompt chunks fill up to max_prefill_tokens (decode tokens alone stay below
+     * max_batch_tokens, see cap: LL) */
+    const int total =
+        e->max_prefill_tokens > e->max_batch_tokens ? e->max_prefill_tokens : e->max_batch_tokens;
+    int budget = total, n = 0;
     /* decode tokens first (latency of running sequences), then prefill chunks in arrival
      * order with what is left of the budget */
     for (int i = 0; i < rk->act_n && budget > 0; i++) {
@@ -383,10 +393,19 @@ static void step(rank_t *rk)
         budget -= c;
         prompt_tokens += c;
     }
+    rk->n_items = n;
+    rk->prompt_tokens = prompt_tokens;
+    rk->tokens = total - budget;
+}
 
+/* Runs the planned batch; step_max is the largest planned batch of any rank. */
+static void step(rank_t *rk, int step_max)
+{
+    epd_engine_t *e = rk->e;
+    int n = rk->n_items, prompt_tokens = rk->prompt_tokens;
     epd_err_t err = {0};
     int64_t t0 = now_ns();
-    int rc = epd_model_forward(rk->model, rk->items, n, rk->logits, &err);
+    int rc = epd_model_forward_step(rk->model, rk->items, n, step_max, rk->logits, &err);
     double dt = (double)(now_ns() - t0) * 1e-9;
     if (rk->local == 0) {
         epd_metric_observe(e->m_step, dt);
@@ -715,6 +734,8 @@ static void serve(rank_t *rk)
         snapshot(rk, idle, &w);
         admit_new(rk);
         w.pending += rk->act_n;
+        plan_step(rk);
+        w.tokens = rk->tokens;
         tag(rk, "engine: step control");
         int rc = rk->bs.allgather(rk->bs.ctx, &w, rk->ctl_all, sizeof(w), (unsigned)e->timeout_ms);
         int odd = -1; /* a rank that is not stepping (it joins a group being formed) */
@@ -737,13 +758,14 @@ static void serve(rank_t *rk)
             idle = 1;
             continue;
         }
-        int stop = 0, failed = 0, woke = 0;
+        int stop = 0, failed = 0, woke = 0, step_max = 0;
         long pending = 0;
         for (int i = 0; i < e->nranks; i++) {
             stop |= rk->ctl_all[i].stop;
             failed |= rk->ctl_all[i].failed;
             woke |= rk->ctl_all[i].woke;
             pending += rk->ctl_all[i].pending;
+            if (rk->ctl_all[i].tokens > step_max) step_max = rk->ctl_all[i].tokens;
         }
         if (stop) break;
         if (failed) {
@@ -756,7 +778,7 @@ static void serve(rank_t *rk)
             continue;
         }
         idle = 0;
-        step(rk);
+        step(rk, step_max);
     }
     fail_all(rk, 503, "the engine is stopping");
 }
@@ -1014,6 +1036,7 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
     e->on_loaded_arg = o->arg;
     e->R = cfg->ranks_per_node;
     e->max_batch_tokens = cfg->max_batch_tokens;
+    e->max_prefill_tokens = cfg->max_prefill_tokens;
     e->timeout_ms = cfg->ep_timeout_ms;
     e->max_queue = cfg->max_queued_requests;
     snprintf(e->model_path, sizeof(e->model_path), "%s", cfg->model_path);
@@ -1099,7 +1122,7 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
         rk->epcfg.backend = EP_BACKEND_CPU;
         rk->epcfg.transport = EP_TRANSPORT_AUTO;
         rk->epcfg.timeout_ms = (unsigned)e->timeout_ms;
-        epd_model_ep_config(&e->hf, e->max_batch_tokens, &rk->epcfg);
+        epd_model_ep_config(&e->hf, e->max_batch_tokens, e->max_prefill_tokens, &rk->epcfg);
     }
 
     uv_async_init(e->loop, &e->async, on_async);
@@ -1328,6 +1351,7 @@ cJSON *epd_engine_status_cjson(epd_engine_t *e)
         cJSON_AddNumberToObject(m, "vocab_size", c->vocab_size);
         cJSON_AddNumberToObject(m, "max_seq_len", e->max_seq_len);
         cJSON_AddNumberToObject(m, "max_batch_tokens", e->max_batch_tokens);
+        cJSON_AddNumberToObject(m, "max_prefill_tokens", e->max_prefill_tokens);
         cJSON *eos = cJSON_AddArrayToObject(m, "eos_token_ids");
         for (int i = 0; eos && i < e->info.num_eos; i++)
             cJSON_AddItemToArray(eos, cJSON_CreateNumber(e->info.eos[i]));

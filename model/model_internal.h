@@ -19,7 +19,11 @@ struct epd_model {
     epd_hf_config_t cfg;
     ep_group_t *group;
     int rank, nranks, local; /* local = experts per rank (L) */
-    int max_tokens;          /* per-call token bound = the group's ll_max_tokens */
+    int ll_tokens;           /* the group's ll_max_tokens: per-rank bound of an LL step */
+    int ht_tokens;           /* the group's ht_max_tokens: per-rank bound of an HT step (0: off) */
+    int ht_min;              /* a step whose largest rank batch has this many tokens takes HT */
+    int max_tokens;          /* max(ll_tokens, ht_tokens): rows of the scratch below */
+    uint64_t steps[2];       /* forward calls that took LL ([0]) and HT ([1]) */
     int max_seq_len;
     epd_model_placement_t placement;
     epd_model_mem_t mem;
@@ -42,8 +46,15 @@ struct epd_model {
     float *topk_w;                         /* [T][k] */
     uint16_t *xb;                          /* [T][H] bf16 dispatch input */
     uint16_t *comb;                        /* [T][H] bf16 combine output */
-    uint16_t *expert_y;                    /* [L][S][H] bf16, S = max_tokens * R */
-    float *row_in, *row_out;               /* [H] */
+    uint16_t *expert_y;                    /* LL: [L][S][H] bf16, S = ll_tokens * R */
+    float *row_in, *row_out, *row_acc;     /* [H] */
+    /* HT, for ht_cap = ep_ht_max_recv_tokens() received rows (NULL when HT is off) */
+    int ht_cap;
+    uint16_t *ht_x;         /* [N][H] bf16 received activations */
+    int32_t *ht_idx;        /* [N][k] local expert ids, -1 for other ranks' experts */
+    float *ht_w;            /* [N][k] */
+    int32_t *ht_per_expert; /* [L] */
+    uint16_t *ht_y;         /* [N][H] bf16 per-rank partial sums for the combine */
 };
 
 struct epd_seq {
@@ -55,7 +66,8 @@ struct epd_seq {
 /* kv_cache.c: room for `need` positions (grows geometrically up to max_seq_len). */
 int epd_seq_reserve(epd_seq_t *s, int need, epd_err_t *err);
 
-/* moe.c: h[T][H] += MoE(xn[T][H]) of layer l through libep (collective; T may be 0). */
-int epd_moe_forward(epd_model_t *m, int layer, int rows, epd_err_t *err);
+/* moe.c: h[T][H] += MoE(xn[T][H]) of layer l through libep's LL path, or its HT path if ht
+ * (collective, every rank on the same path; T may be 0). */
+int epd_moe_forward(epd_model_t *m, int layer, int rows, int ht, epd_err_t *err);
 
 #endif /* EPD_MODEL_INTERNAL_H */

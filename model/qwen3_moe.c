@@ -1,5 +1,6 @@
 /* Qwen3-MoE on one rank: loading (config, placement, fp32 conversion of the replicated weights
- * and of this rank's experts), memory accounting and the batched forward pass. */
+ * and of this rank's experts), memory accounting and the batched forward pass with its choice
+ * of libep path per step. */
 #include "model_internal.h"
 #include "ops.h"
 #include "safetensors.h"
@@ -10,12 +11,14 @@
 #include <stdlib.h>
 #include <string.h>
 
-void epd_model_ep_config(const epd_hf_config_t *cfg, int max_batch_tokens, ep_config_t *ep)
+void epd_model_ep_config(const epd_hf_config_t *cfg, int max_batch_tokens, int max_prefill_tokens,
+                         ep_config_t *ep)
 {
     ep->num_experts = cfg->num_experts;
     ep->hidden = cfg->hidden_size;
     ep->num_topk = cfg->num_experts_per_tok;
     ep->ll_max_tokens = max_batch_tokens;
+    ep->ht_max_tokens = max_prefill_tokens > max_batch_tokens ? max_prefill_tokens : 0;
 }
 
 static size_t replicated_floats(const epd_hf_config_t *c)
@@ -173,7 +176,7 @@ static int alloc_scratch(epd_model_t *m, epd_err_t *err)
     size_t inter =
         (size_t)(c->intermediate_size > c->moe_intermediate_size ? c->intermediate_size
                                                                  : c->moe_intermediate_size);
-    size_t S = T * (size_t)m->nranks;
+    size_t S = (size_t)m->ll_tokens * (size_t)m->nranks;
     m->h = malloc(sizeof(float) * T * H);
     m->xn = malloc(sizeof(float) * T * H);
     m->q = malloc(sizeof(float) * T * qd);
@@ -193,13 +196,26 @@ static int alloc_scratch(epd_model_t *m, epd_err_t *err)
     m->expert_y = malloc(sizeof(uint16_t) * (size_t)m->local * S * H);
     m->row_in = malloc(sizeof(float) * H);
     m->row_out = malloc(sizeof(float) * H);
+    m->row_acc = malloc(sizeof(float) * H);
     m->inv_freq = malloc(sizeof(float) * (size_t)(c->head_dim / 2));
     m->expert_tokens = calloc((size_t)c->num_experts, sizeof(uint64_t));
     if (!m->expert_tokens || !m->h || !m->xn || !m->q || !m->k || !m->v || !m->att || !m->tmp ||
         !m->scores || !m->ffn_tmp || !m->pos || !m->tok_item || !m->router_logits || !m->topk_idx ||
         !m->topk_w || !m->xb || !m->comb || !m->expert_y || !m->row_in || !m->row_out ||
-        !m->inv_freq)
+        !m->row_acc || !m->inv_freq)
         return epd_err_set(err, -ENOMEM, "out of memory for the scratch of %zu tokens", T);
+    if (m->ht_tokens > 0) {
+        size_t N = (size_t)ep_ht_max_recv_tokens(m->group), K = (size_t)c->num_experts_per_tok;
+        m->ht_cap = (int)N;
+        m->ht_x = malloc(sizeof(uint16_t) * N * H);
+        m->ht_idx = malloc(sizeof(int32_t) * N * K);
+        m->ht_w = malloc(sizeof(float) * N * K);
+        m->ht_per_expert = malloc(sizeof(int32_t) * (size_t)m->local);
+        m->ht_y = malloc(sizeof(uint16_t) * N * H);
+        if (!m->ht_x || !m->ht_idx || !m->ht_w || !m->ht_per_expert || !m->ht_y)
+            return epd_err_set(err, -ENOMEM,
+                               "out of memory for the HT buffers of %zu received tokens", N);
+    }
     epd_rope_inv_freq(m->inv_freq, c->head_dim, c->rope_theta);
     return 0;
 }
@@ -218,6 +234,11 @@ static int check_group(epd_model_t *m, epd_err_t *err)
     if (g->ll_max_tokens < 1)
         return epd_err_set(err, -EINVAL, "EP group has LL disabled (ll_max_tokens %d)",
                            g->ll_max_tokens);
+    if (g->ht_max_tokens > 0 && g->ht_max_tokens < g->ll_max_tokens)
+        return epd_err_set(err, -EINVAL,
+                           "EP group's ht_max_tokens %d is below its ll_max_tokens %d: an HT step "
+                           "must carry at least what an LL step does",
+                           g->ht_max_tokens, g->ll_max_tokens);
     return 0;
 }
 
@@ -242,7 +263,17 @@ int epd_model_load(const epd_model_opts_t *o, epd_model_t **out, epd_err_t *err)
     }
     if ((rc = epd_hf_config_load(path, &m->cfg, err)) || (rc = check_group(m, err))) goto fail;
     const epd_hf_config_t *c = &m->cfg;
-    m->max_tokens = ep_group_config(o->group)->ll_max_tokens;
+    m->ll_tokens = ep_group_config(o->group)->ll_max_tokens;
+    m->ht_tokens = ep_group_config(o->group)->ht_max_tokens;
+    m->max_tokens = m->ht_tokens > m->ll_tokens ? m->ht_tokens : m->ll_tokens;
+    if (o->ht_min_tokens < 0 || o->ht_min_tokens > m->ll_tokens + 1) {
+        rc = epd_err_set(err, -EINVAL,
+                         "ht_min_tokens %d is not in 1..%d (ll_max_tokens + 1; 0 for that): "
+                         "steps below it go through LL",
+                         o->ht_min_tokens, m->ll_tokens + 1);
+        goto fail;
+    }
+    m->ht_min = o->ht_min_tokens ? o->ht_min_tokens : m->ll_tokens + 1;
     m->max_seq_len = o->max_seq_len > 0 ? o->max_seq_len : c->max_position_embeddings;
     if (o->placement) {
         if (o->placement->num_experts != c->num_experts || o->placement->nranks != m->nranks) {
@@ -312,9 +343,9 @@ void epd_model_destroy(epd_model_t *m)
     free(m->embed);
     free(m->norm);
     free(m->inv_freq);
-    float *fs[] = {m->h,      m->xn,     m->q,      m->k,       m->v,
-                   m->att,    m->tmp,    m->scores, m->ffn_tmp, m->router_logits,
-                   m->topk_w, m->row_in, m->row_out};
+    float *fs[] = {m->h,      m->xn,     m->q,       m->k,       m->v,
+                   m->att,    m->tmp,    m->scores,  m->ffn_tmp, m->router_logits,
+                   m->topk_w, m->row_in, m->row_out, m->row_acc, m->ht_w};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++)
         free(fs[i]);
     free(m->pos);
@@ -323,6 +354,10 @@ void epd_model_destroy(epd_model_t *m)
     free(m->xb);
     free(m->comb);
     free(m->expert_y);
+    free(m->ht_x);
+    free(m->ht_idx);
+    free(m->ht_per_expert);
+    free(m->ht_y);
     free(m->expert_tokens);
     epd_model_placement_fini(&m->placement);
     free(m);
@@ -340,7 +375,23 @@ void epd_model_mem(const epd_model_t *m, epd_model_mem_t *mem)
 
 int epd_model_max_batch_tokens(const epd_model_t *m)
 {
+    return m->ll_tokens;
+}
+
+int epd_model_max_prefill_tokens(const epd_model_t *m)
+{
     return m->max_tokens;
+}
+
+epd_moe_path_t epd_model_step_path(const epd_model_t *m, int step_max_tokens)
+{
+    return m->ht_tokens > 0 && step_max_tokens >= m->ht_min ? EPD_MOE_HT : EPD_MOE_LL;
+}
+
+void epd_model_path_counts(const epd_model_t *m, uint64_t counts[2])
+{
+    counts[0] = m->steps[0];
+    counts[1] = m->steps[1];
 }
 
 int epd_model_set_group(epd_model_t *m, ep_group_t *group, epd_err_t *err)
@@ -350,10 +401,13 @@ int epd_model_set_group(epd_model_t *m, ep_group_t *group, epd_err_t *err)
         return epd_err_set(err, -EINVAL,
                            "new EP group is rank %d of %d; the model was loaded as rank %d of %d",
                            ep_group_rank(group), ep_group_size(group), m->rank, m->nranks);
-    if (ep_group_config(group)->ll_max_tokens != m->max_tokens)
+    if (ep_group_config(group)->ll_max_tokens != m->ll_tokens ||
+        ep_group_config(group)->ht_max_tokens != m->ht_tokens)
         return epd_err_set(err, -EINVAL,
-                           "new EP group has ll_max_tokens %d; the model's scratch is for %d",
-                           ep_group_config(group)->ll_max_tokens, m->max_tokens);
+                           "new EP group has ll_max_tokens %d and ht_max_tokens %d; the model's "
+                           "scratch is for %d and %d",
+                           ep_group_config(group)->ll_max_tokens,
+                           ep_group_config(group)->ht_max_tokens, m->ll_tokens, m->ht_tokens);
     ep_group_t *old = m->group;
     m->group = group;
     int rc = check_group(m, err);
@@ -368,8 +422,8 @@ void epd_model_expert_tokens(const epd_model_t *m, uint64_t *counts)
 
 /* ---- forward ------------------------------------------------------------------------------ */
 
-static int check_items(epd_model_t *m, const epd_batch_item_t *items, int n, int *total,
-                       epd_err_t *err)
+static int check_items(epd_model_t *m, const epd_batch_item_t *items, int n, int bound,
+                       const char *path, int *total, epd_err_t *err)
 {
     int T = 0;
     if (n < 0 || (n > 0 && !items))
@@ -389,10 +443,11 @@ static int check_items(epd_model_t *m, const epd_batch_item_t *items, int n, int
         for (int p = 0; p < i; p++)
             if (items[p].seq == it->seq)
                 return epd_err_set(err, -EINVAL, "forward: items %d and %d share a sequence", p, i);
-        if (it->num_tokens > m->max_tokens - T)
+        if (it->num_tokens > bound - T)
             return epd_err_set(err, -E2BIG,
-                               "forward: more than %d tokens in one call on rank %d (item %d)",
-                               m->max_tokens, m->rank, i);
+                               "forward: more than %d tokens in one call on rank %d (item %d; "
+                               "%s)",
+                               bound, m->rank, i, path);
         T += it->num_tokens;
         int rc = epd_seq_reserve(it->seq, it->seq->len + it->num_tokens, err);
         if (rc) return rc;
@@ -433,8 +488,9 @@ static void attention_block(epd_model_t *m, const epd_batch_item_t *items, int l
         m->h[i] += m->tmp[i];
 }
 
-int epd_model_forward(epd_model_t *m, const epd_batch_item_t *items, int n, float *logits,
-                      epd_err_t *err)
+/* bound: this rank's tokens for this step; path: how it was set, for the message. */
+static int forward(epd_model_t *m, const epd_batch_item_t *items, int n, int ht, int bound,
+                   const char *path, float *logits, epd_err_t *err)
 {
     const epd_hf_config_t *c = &m->cfg;
     const int H = c->hidden_size;
@@ -442,7 +498,7 @@ int epd_model_forward(epd_model_t *m, const epd_batch_item_t *items, int n, floa
     epd_err_t bad;
     /* Bad input on this rank still joins every MoE exchange, with zero tokens, so that the
      * other ranks' step completes instead of timing out; the error is returned afterwards. */
-    int bad_rc = check_items(m, items, n, &T, &bad);
+    int bad_rc = check_items(m, items, n, bound, path, &T, &bad);
     if (bad_rc) {
         n = 0;
         T = 0;
@@ -459,7 +515,7 @@ int epd_model_forward(epd_model_t *m, const epd_batch_item_t *items, int n, floa
         attention_block(m, items, l, T);
         epd_rmsnorm(m->xn, m->h, w->post_norm, T, H, (float)c->rms_norm_eps);
         if (w->is_moe) {
-            int rc = epd_moe_forward(m, l, T, err);
+            int rc = epd_moe_forward(m, l, T, ht, err);
             if (rc) return rc;
         } else {
             for (int t = 0; t < T; t++)
@@ -469,6 +525,7 @@ int epd_model_forward(epd_model_t *m, const epd_batch_item_t *items, int n, floa
                 m->h[i] += m->tmp[i];
         }
     }
+    m->steps[ht]++;
     if (bad_rc) {
         if (err) *err = bad;
         return bad_rc;
@@ -483,4 +540,22 @@ int epd_model_forward(epd_model_t *m, const epd_batch_item_t *items, int n, floa
         o++;
     }
     return 0;
+}
+
+int epd_model_forward_step(epd_model_t *m, const epd_batch_item_t *items, int n,
+                           int step_max_tokens, float *logits, epd_err_t *err)
+{
+    char path[96];
+    int ht = epd_model_step_path(m, step_max_tokens) == EPD_MOE_HT;
+    int bound = ht ? m->ht_tokens : m->ll_tokens;
+    if (step_max_tokens < bound) bound = step_max_tokens < 0 ? 0 : step_max_tokens;
+    snprintf(path, sizeof(path), "%s step, largest rank batch %d", ht ? "HT" : "LL",
+             step_max_tokens);
+    return forward(m, items, n, ht, bound, path, logits, err);
+}
+
+int epd_model_forward(epd_model_t *m, const epd_batch_item_t *items, int n, float *logits,
+                      epd_err_t *err)
+{
+    return forward(m, items, n, 0, m->ll_tokens, "LL step", logits, err);
 }

@@ -974,6 +974,7 @@ static void test_fingerprint_known_answer(void **state)
                          "model.placement=\"contiguous\"\n"
                          "model.expert_map=[]\n"
                          "model.max_batch_tokens=128\n"
+                         "model.max_prefill_tokens=512\n"
                          "model.max_seq_len=4096\n";
     uint8_t want[32], got[32];
     unsigned int n = 0;

@@ -88,15 +88,21 @@ typedef struct gen_state {
     epd_seq_t *seq;
 } gen_state_t;
 
-/* Packs one step's batch: each sequence in order adds its next prefill chunk or its one decode
- * token while the chunk budget lasts. Returns the item count; item i belongs to st[map[i]]. */
-static int plan(const oracle_t *o, gen_state_t *st, int n, int chunk, epd_batch_item_t *items,
-                int *map)
+static int budget_of(const oracle_opts_t *op)
 {
-    int budget = chunk, k = 0;
+    return op->prefill > op->chunk ? op->prefill : op->chunk;
+}
+
+/* Packs step `step`'s batch: each sequence that has joined adds, in order, its next prefill
+ * chunk or its one decode token while the budget lasts. Returns the item count; item i belongs
+ * to st[map[i]]. */
+static int plan(const oracle_t *o, gen_state_t *st, int n, const oracle_opts_t *op, int step,
+                epd_batch_item_t *items, int *map)
+{
+    int budget = budget_of(op), k = 0;
     for (int i = 0; i < n && budget > 0; i++) {
         const oracle_case_t *oc = &o->cases[st[i].c];
-        if (st[i].gen == o->new_tokens) continue;
+        if (st[i].gen == o->new_tokens || step < st[i].c * op->stagger) continue;
         epd_batch_item_t *it = &items[k];
         it->seq = st[i].seq;
         if (st[i].fed < oc->prompt_len) {
@@ -116,7 +122,7 @@ static int plan(const oracle_t *o, gen_state_t *st, int n, int chunk, epd_batch_
 }
 
 /* Steps rank r needs for its cases (the plan replayed on lengths alone). */
-static int steps_for_rank(const oracle_t *o, int r, int R, int chunk)
+static int steps_for_rank(const oracle_t *o, int r, int R, const oracle_opts_t *op)
 {
     gen_state_t st[ORACLE_MAX_CASES];
     epd_batch_item_t items[ORACLE_MAX_CASES];
@@ -124,8 +130,11 @@ static int steps_for_rank(const oracle_t *o, int r, int R, int chunk)
     for (int c = r; c < o->num_cases; c += R)
         st[n++] = (gen_state_t){.c = c};
     for (;;) {
-        int k = plan(o, st, n, chunk, items, map);
-        if (k == 0) return steps;
+        int left = 0;
+        for (int i = 0; i < n; i++)
+            left += st[i].gen < o->new_tokens;
+        if (!left) return steps;
+        int k = plan(o, st, n, op, steps, items, map);
         steps++;
         for (int i = 0; i < k; i++) {
             gen_state_t *s = &st[map[i]];
@@ -137,7 +146,7 @@ static int steps_for_rank(const oracle_t *o, int r, int R, int chunk)
 
 int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs,
                     ep_transport_kind_t transport, const epd_model_placement_t *placement,
-                    int chunk, oracle_result_t *res, epd_err_t *err)
+                    const oracle_opts_t *op, oracle_result_t *res, epd_err_t *err)
 {
     int rc = 0, r = bs->rank, R = bs->nranks, n = 0;
     char path[1024];
@@ -153,12 +162,16 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
     ep_config_init(&cfg);
     cfg.transport = transport;
     cfg.timeout_ms = 20000;
-    epd_model_ep_config(&hf, chunk, &cfg);
+    epd_model_ep_config(&hf, op->chunk, op->prefill, &cfg);
     ep_status_t es = ep_group_create(&cfg, bs, &g);
     if (es != EP_OK)
         return epd_err_set(err, -EIO, "rank %d: ep_group_create: %s (%s)", r, ep_strerror(es),
                            ep_group_last_error(NULL));
-    epd_model_opts_t opts = {.dir = dir, .group = g, .placement = placement, .max_seq_len = 64};
+    epd_model_opts_t opts = {.dir = dir,
+                             .group = g,
+                             .placement = placement,
+                             .max_seq_len = 64,
+                             .ht_min_tokens = op->ht_min};
     if ((rc = epd_model_load(&opts, &m, err))) goto out;
     epd_model_mem(m, &res->mem);
     for (int c = r; c < o->num_cases; c += R) {
@@ -168,7 +181,7 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
     }
     int steps = 0;
     for (int q = 0; q < R; q++) {
-        int s = steps_for_rank(o, q, R, chunk);
+        int s = steps_for_rank(o, q, R, op);
         steps = s > steps ? s : steps;
     }
     logits = malloc(sizeof(float) * (size_t)o->vocab * ORACLE_MAX_CASES);
@@ -179,13 +192,30 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
     for (int step = 0; step < steps; step++) {
         epd_batch_item_t items[ORACLE_MAX_CASES];
         int map[ORACLE_MAX_CASES];
-        int k = plan(o, st, n, chunk, items, map);
+        int k = plan(o, st, n, op, step, items, map), mine = 0, prompt = 0;
         for (int i = 0; i < k; i++) {
             gen_state_t *s = &st[map[i]];
             if (!items[i].tokens) items[i].tokens = &res->tokens[s->c][s->gen - 1];
+            mine += items[i].num_tokens;
+            prompt |= s->fed < o->cases[s->c].prompt_len;
         }
+        /* the step's agreement: every rank learns every rank's batch size */
+        int32_t sizes[EP_MAX_RANKS], max = 0;
+        int32_t me = mine;
+        if ((rc = bs->allgather(bs->ctx, &me, sizes, sizeof(me), 20000)) != 0) {
+            rc = epd_err_set(err, -EIO, "rank %d: step %d: allgather of batch sizes: %s", r, step,
+                             ep_strerror((ep_status_t)rc));
+            goto out;
+        }
+        for (int q = 0; q < R; q++)
+            max = sizes[q] > max ? sizes[q] : max;
+        int ht = epd_model_step_path(m, max) == EPD_MOE_HT;
+        res->steps_ht += ht;
+        res->steps_ll += !ht;
+        res->ht_decode_only += ht && k > 0 && !prompt;
+        res->ht_idle += ht && k == 0;
         /* a rank out of work still joins the step with zero items */
-        if ((rc = epd_model_forward(m, items, k, logits, err))) goto out;
+        if ((rc = epd_model_forward_step(m, items, k, max, logits, err))) goto out;
         for (int i = 0, row = 0; i < k; i++) {
             gen_state_t *s = &st[map[i]];
             if (s->fed < o->cases[s->c].prompt_len) s->fed += items[i].num_tokens;
@@ -195,6 +225,17 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
             res->tokens[s->c][s->gen] = epd_argmax(lg, o->vocab);
             s->gen++;
         }
+    }
+    uint64_t counts[2];
+    epd_model_path_counts(m, counts);
+    if (counts[EPD_MOE_LL] != (uint64_t)res->steps_ll ||
+        counts[EPD_MOE_HT] != (uint64_t)res->steps_ht) {
+        rc = epd_err_set(err, -EPROTO,
+                         "rank %d: the model took LL %llu and HT %llu times; the steps' sizes "
+                         "called for %d and %d",
+                         r, (unsigned long long)counts[EPD_MOE_LL],
+                         (unsigned long long)counts[EPD_MOE_HT], res->steps_ll, res->steps_ht);
+        goto out;
     }
     for (int i = 0; i < n; i++)
         if (st[i].gen != o->new_tokens) {

@@ -6,6 +6,7 @@
 #include "test_util.h"
 
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <stdarg.h>
 #include <stddef.h>
@@ -51,7 +52,7 @@ static char *ckpt_with_config(const char *from, const char *to)
 
 static ep_inproc_world_t *g_world; /* of the current one-rank group */
 
-static ep_group_t *one_rank_group(int topk, int max_tokens)
+static ep_group_t *one_rank_group_ht(int topk, int max_tokens, int ht_tokens)
 {
     ep_inproc_world_t *w;
     assert_int_equal(ep_inproc_world_create(1, &w), EP_OK);
@@ -64,9 +65,15 @@ static ep_group_t *one_rank_group(int topk, int max_tokens)
     c.hidden = 128;
     c.num_topk = topk;
     c.ll_max_tokens = max_tokens;
+    c.ht_max_tokens = ht_tokens;
     ep_group_t *g = NULL;
     assert_int_equal(ep_group_create(&c, &bs, &g), EP_OK);
     return g;
+}
+
+static ep_group_t *one_rank_group(int topk, int max_tokens)
+{
+    return one_rank_group_ht(topk, max_tokens, 0);
 }
 
 static void one_rank_group_destroy(ep_group_t *g)
@@ -191,6 +198,75 @@ static void test_bad_forward_one_rank(void **state)
     one_rank_group_destroy(g);
 }
 
+/* The step's path and its bounds: HT above the LL bound, the step's agreed size enforced, a bad
+ * ht_min_tokens or an HT bound below the LL one refused at load. */
+static void test_step_paths(void **state)
+{
+    (void)state;
+    ep_group_t *g = one_rank_group_ht(4, 8, 6);
+    expect_load_error(EPD_ORACLE_DIR, g, -EINVAL, "ht_max_tokens 6 is below its ll_max_tokens 8");
+    one_rank_group_destroy(g);
+    g = one_rank_group_ht(4, 8, 16);
+    epd_model_opts_t o = {
+        .dir = EPD_ORACLE_DIR, .group = g, .max_seq_len = 64, .ht_min_tokens = 10};
+    epd_model_t *m = NULL;
+    epd_err_t err;
+    assert_int_equal(epd_model_load(&o, &m, &err), -EINVAL);
+    assert_non_null(strstr(err.msg, "ht_min_tokens 10 is not in 1..9"));
+    o.ht_min_tokens = 0;
+    assert_int_equal(epd_model_load(&o, &m, &err), 0);
+    assert_int_equal(epd_model_max_batch_tokens(m), 8);
+    assert_int_equal(epd_model_max_prefill_tokens(m), 16);
+    assert_int_equal(epd_model_step_path(m, 8), EPD_MOE_LL);
+    assert_int_equal(epd_model_step_path(m, 9), EPD_MOE_HT);
+    epd_seq_t *s;
+    assert_int_equal(epd_seq_create(m, &s, &err), 0);
+    int32_t toks[17] = {0};
+    for (int i = 0; i < 17; i++)
+        toks[i] = 3 * i + 1;
+    float logits[384];
+    /* more tokens than the step's agreed largest batch */
+    epd_batch_item_t it = {.seq = s, .tokens = toks, .num_tokens = 12, .want_logits = 1};
+    assert_int_equal(epd_model_forward_step(m, &it, 1, 11, logits, &err), -E2BIG);
+    assert_non_null(strstr(err.msg, "more than 11 tokens in one call on rank 0 (item 0; HT step"));
+    /* more than the HT bound */
+    it.num_tokens = 17;
+    assert_int_equal(epd_model_forward_step(m, &it, 1, 17, logits, &err), -E2BIG);
+    assert_non_null(strstr(err.msg, "more than 16 tokens"));
+    /* the LL-only form keeps the LL bound */
+    it.num_tokens = 12;
+    assert_int_equal(epd_model_forward(m, &it, 1, logits, &err), -E2BIG);
+    assert_int_equal(epd_seq_len(s), 0);
+    uint64_t counts[2];
+    epd_model_path_counts(m, counts); /* a refused batch still joined its step's path */
+    assert_int_equal(counts[EPD_MOE_LL], 1);
+    assert_int_equal(counts[EPD_MOE_HT], 2);
+    /* 12 tokens through HT, then the same 12 by LL in chunks of 8 + 4: the same greedy token,
+     * logits within the bf16 rounding of the exchange */
+    assert_int_equal(epd_model_forward_step(m, &it, 1, 12, logits, &err), 0);
+    epd_seq_t *s2;
+    assert_int_equal(epd_seq_create(m, &s2, &err), 0);
+    float ll[384];
+    epd_batch_item_t a = {.seq = s2, .tokens = toks, .num_tokens = 8};
+    epd_batch_item_t b = {.seq = s2, .tokens = toks + 8, .num_tokens = 4, .want_logits = 1};
+    assert_int_equal(epd_model_forward_step(m, &a, 1, 8, NULL, &err), 0);
+    assert_int_equal(epd_model_forward_step(m, &b, 1, 4, ll, &err), 0);
+    epd_model_path_counts(m, counts);
+    assert_int_equal(counts[EPD_MOE_LL], 3);
+    assert_int_equal(counts[EPD_MOE_HT], 3);
+    int am = 0, bm = 0;
+    for (int v = 0; v < 384; v++) {
+        if (logits[v] > logits[am]) am = v;
+        if (ll[v] > ll[bm]) bm = v;
+        assert_true(fabsf(logits[v] - ll[v]) < 0.03f);
+    }
+    assert_int_equal(am, bm);
+    epd_seq_destroy(s);
+    epd_seq_destroy(s2);
+    epd_model_destroy(m);
+    one_rank_group_destroy(g);
+}
+
 /* Two ranks; rank 0's batch is bad. Both return (no timeout), rank 1 with its logits. */
 typedef struct two {
     ep_inproc_world_t *w;
@@ -267,6 +343,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_checkpoint_mismatch),
         cmocka_unit_test(test_bad_forward_one_rank),
+        cmocka_unit_test(test_step_paths),
         cmocka_unit_test(test_bad_rank_joins_step),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);

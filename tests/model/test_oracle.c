@@ -1,17 +1,29 @@
 /* The model against transformers (oracle/expected.json, made by make_oracle.py): greedy tokens
  * equal, logits within LOGIT_TOL, with 1, 2 and 4 ranks as threads of this process over libep's
  * shm wire, with an explicit (scattered) expert placement, and with 2 and 4 ranks as forked
- * processes over libep's tcp wire. The EP split must change
- * nothing: every run's logits are bit-identical to the 1-rank run.
+ * processes over libep's tcp wire.
+ *
+ * LL only (prompts in chunks of CHUNK): the EP split must change nothing, every run's logits
+ * are bit-identical to the 1-rank run. HT for prefill (prompts in one step of up to PREFILL
+ * tokens, through libep's HT path whenever a rank's batch exceeds CHUNK): the same checks
+ * against transformers with 1, 2 and 4 ranks, threads or processes (processes bit-identical to
+ * threads of the same rank count; across rank counts HT rounds different partial sums, see
+ * model/moe.c); every step through HT, decode included; and staggered arrivals, where one rank
+ * prefills a long prompt while the others only decode or have nothing, so that all must take HT
+ * together (each rank counts its own paths, and the model's counts must match the plan).
  *
  * Tolerance. transformers computes in fp32 throughout; our MoE blocks send activations to the
  * experts as bf16 and get the weighted sum back as bf16 (libep's LL contract), a relative
  * rounding of ~2^-9 at each MoE input and output. Measured on this checkpoint (logits spread
  * over about +-4): max |logit - reference| = 0.0117 over all 4 x 16 rows of 384 logits, the same
- * for every rank count. The bound LOGIT_TOL is about 2.5 times that. Checked by mutation: the
- * k_norm weights swapped for q_norm's, a RoPE sign flipped, each token sent to a neighbouring
- * expert, top-k weights not renormalised, the attention scale 1/hd, and scaling the dense MLP's
- * output by 1.01 or the attention output by 1.003 each break the bound (by 0.03 to 0.4). */
+ * for every rank count. HT rounds each rank's partial sum of its experts (instead of each expert
+ * output) to bf16 and the sum of the partials once more: the same order of error, measured
+ * 0.0117 / 0.0103 / 0.0106 with HT prefill on 1 / 2 / 4 ranks, 0.0085 with every step through
+ * HT, 0.0120 with staggered prompts. The bound LOGIT_TOL is about 2.5 times the largest. Checked by
+ * mutation: the k_norm weights swapped for q_norm's, a RoPE sign flipped, each token sent to a
+ * neighbouring expert, top-k weights not renormalised, the attention scale 1/hd, and scaling the
+ * dense MLP's output by 1.01 or the attention output by 1.003 each break the bound (by 0.03 to
+ * 0.4). */
 #include "oracle_run.h"
 
 #include <arpa/inet.h>
@@ -35,12 +47,21 @@
 #include <cmocka.h>
 
 #define LOGIT_TOL 0.03f
-#define CHUNK 8 /* LL tokens per rank and step: prompts of 11 and 19 take 2 and 3 chunks */
+#define CHUNK 8    /* LL tokens per rank and step: prompts of 11 and 19 take 2 and 3 chunks */
+#define PREFILL 40 /* HT tokens per rank and step: all four prompts (37 tokens) fit one step */
 
 static oracle_t g_oracle;
+static const oracle_opts_t LL_ONLY = {.chunk = CHUNK};
+static const oracle_opts_t HT_PREFILL = {.chunk = CHUNK, .prefill = PREFILL};
+
+/* Per rank: steps on each path, HT steps with only decode tokens and with none. */
+typedef struct paths {
+    int ll[4], ht[4], decode_only[4], idle[4];
+} paths_t;
 
 typedef struct run {
     int R;
+    const oracle_opts_t *opts;
     const epd_model_placement_t *placement;
     ep_inproc_world_t *world;
     oracle_result_t res[4]; /* per rank (each writes its own cases into res[rank]) */
@@ -59,16 +80,19 @@ static void *rank_main(void *p)
     ep_bootstrap_t bs;
     ep_inproc_bootstrap(a->run->world, a->rank, &bs);
     a->run->rc[a->rank] =
-        oracle_run_rank(EPD_ORACLE_DIR, &g_oracle, &bs, EP_TRANSPORT_AUTO, a->run->placement, CHUNK,
-                        &a->run->res[a->rank], &a->run->err[a->rank]);
+        oracle_run_rank(EPD_ORACLE_DIR, &g_oracle, &bs, EP_TRANSPORT_AUTO, a->run->placement,
+                        a->run->opts, &a->run->res[a->rank], &a->run->err[a->rank]);
     return NULL;
 }
 
-/* Runs the workload on R threads; *out gets every case's tokens and logits. */
-static void run_ranks(int R, const epd_model_placement_t *placement, oracle_result_t *out)
+/* Runs the workload on R threads; *out gets every case's tokens and logits, *paths (if given)
+ * each rank's path counts. */
+static void run_ranks(int R, const oracle_opts_t *opts, const epd_model_placement_t *placement,
+                      oracle_result_t *out, paths_t *paths)
 {
     run_t *run = calloc(1, sizeof(*run));
     run->R = R;
+    run->opts = opts;
     run->placement = placement;
     assert_int_equal(ep_inproc_world_create(R, &run->world), EP_OK);
     const oracle_t *o = &g_oracle;
@@ -88,6 +112,12 @@ static void run_ranks(int R, const epd_model_placement_t *placement, oracle_resu
     for (int c = 0; c < o->num_cases; c++)
         memcpy(out->tokens[c], run->res[c % R].tokens[c], sizeof(out->tokens[c]));
     out->mem = run->res[0].mem;
+    for (int r = 0; paths && r < R; r++) {
+        paths->ll[r] = run->res[r].steps_ll;
+        paths->ht[r] = run->res[r].steps_ht;
+        paths->decode_only[r] = run->res[r].ht_decode_only;
+        paths->idle[r] = run->res[r].ht_idle;
+    }
     ep_inproc_world_destroy(run->world);
     free(run);
 }
@@ -149,7 +179,9 @@ static void test_one_rank(void **state)
 {
     (void)state;
     g_one_rank = alloc_result();
-    run_ranks(1, NULL, g_one_rank);
+    paths_t p;
+    run_ranks(1, &LL_ONLY, NULL, g_one_rank, &p);
+    assert_int_equal(p.ht[0], 0);
     check_against_reference(g_one_rank, "1 rank");
     assert_int_equal(g_one_rank->mem.local_experts, 16);
 }
@@ -158,7 +190,10 @@ static void test_ranks(int R, const epd_model_placement_t *placement, const char
 {
     assert_non_null(g_one_rank);
     oracle_result_t *res = alloc_result();
-    run_ranks(R, placement, res);
+    paths_t p;
+    run_ranks(R, &LL_ONLY, placement, res, &p);
+    for (int r = 0; r < R; r++)
+        assert_int_equal(p.ht[r], 0);
     check_against_reference(res, what);
     check_identical(g_one_rank, res, what);
     /* each rank holds E / R experts: the expert bytes shrink with R */
@@ -203,6 +238,7 @@ typedef struct shared {
     int rc[4];
     char msg[4][EPD_ERR_MSG_MAX];
     epd_model_mem_t mem[4];
+    paths_t paths;
     int32_t tokens[ORACLE_MAX_CASES][ORACLE_MAX_NEW];
     float logits[]; /* [cases][new_tokens][vocab] */
 } shared_t;
@@ -219,7 +255,7 @@ static int free_port(void)
     return port;
 }
 
-static int tcp_rank(shared_t *sh, int rank, int R, int port)
+static int tcp_rank(shared_t *sh, int rank, int R, int port, const oracle_opts_t *opts)
 {
     const oracle_t *o = &g_oracle;
     oracle_result_t res;
@@ -236,7 +272,7 @@ static int tcp_rank(shared_t *sh, int rank, int R, int port)
     ep_bootstrap_t bs;
     ep_tcp_bootstrap_get(b, &bs);
     epd_err_t err = {0};
-    int rc = oracle_run_rank(EPD_ORACLE_DIR, o, &bs, EP_TRANSPORT_TCP, NULL, CHUNK, &res, &err);
+    int rc = oracle_run_rank(EPD_ORACLE_DIR, o, &bs, EP_TRANSPORT_TCP, NULL, opts, &res, &err);
     ep_tcp_bootstrap_destroy(b);
     if (rc) {
         snprintf(sh->msg[rank], EPD_ERR_MSG_MAX, "%s", err.msg);
@@ -245,10 +281,17 @@ static int tcp_rank(shared_t *sh, int rank, int R, int port)
     for (int c = rank; c < o->num_cases; c += R)
         memcpy(sh->tokens[c], res.tokens[c], sizeof(sh->tokens[c]));
     sh->mem[rank] = res.mem;
+    sh->paths.ll[rank] = res.steps_ll;
+    sh->paths.ht[rank] = res.steps_ht;
+    sh->paths.decode_only[rank] = res.ht_decode_only;
+    sh->paths.idle[rank] = res.ht_idle;
     return 0;
 }
 
-static void test_tcp(int R)
+/* Runs the workload on R forked processes over tcp and checks it against transformers and,
+ * bit for bit, against `same` (a run of the same rank count and options in threads). */
+static void test_tcp(int R, const oracle_opts_t *opts, const oracle_result_t *same,
+                     const char *label, paths_t *paths)
 {
     const oracle_t *o = &g_oracle;
     size_t nlog = (size_t)o->num_cases * o->new_tokens * o->vocab;
@@ -263,7 +306,7 @@ static void test_tcp(int R)
     for (int r = 0; r < R; r++) {
         pid[r] = fork();
         assert_true(pid[r] >= 0);
-        if (pid[r] == 0) _exit(tcp_rank(sh, r, R, port));
+        if (pid[r] == 0) _exit(tcp_rank(sh, r, R, port, opts));
     }
     /* every child is reaped; one still running at the limit is killed (a hang is a failure) */
     struct timespec t0, now;
@@ -301,11 +344,12 @@ static void test_tcp(int R)
                sizeof(float) * o->new_tokens * o->vocab);
     }
     res->mem = sh->mem[0];
+    if (paths) *paths = sh->paths;
     munmap(sh, bytes);
-    char what[64];
-    snprintf(what, sizeof(what), "%d processes over tcp", R);
+    char what[96];
+    snprintf(what, sizeof(what), "%d processes over tcp%s", R, label);
     check_against_reference(res, what);
-    check_identical(g_one_rank, res, what);
+    check_identical(same, res, what);
     assert_int_equal(res->mem.local_experts, 16 / R);
     free_result(res);
 }
@@ -314,14 +358,146 @@ static void test_tcp_two_processes(void **state)
 {
     (void)state;
     assert_non_null(g_one_rank);
-    test_tcp(2);
+    paths_t p;
+    test_tcp(2, &LL_ONLY, g_one_rank, "", &p);
+    assert_int_equal(p.ht[0] + p.ht[1], 0);
 }
 
 static void test_tcp_four_processes(void **state)
 {
     (void)state;
     assert_non_null(g_one_rank);
-    test_tcp(4);
+    test_tcp(4, &LL_ONLY, g_one_rank, "", NULL);
+}
+
+/* ---- HT for prefill ------------------------------------------------------------------------ */
+
+static oracle_result_t *g_ht[5]; /* HT_PREFILL runs in threads, by rank count */
+
+/* Every rank took the same path in every step (each counts its own). */
+static void check_agreement(const paths_t *p, int R, const char *what)
+{
+    for (int r = 1; r < R; r++)
+        if (p->ll[r] != p->ll[0] || p->ht[r] != p->ht[0])
+            fail_msg("%s: rank %d took LL %d and HT %d times, rank 0 %d and %d", what, r, p->ll[r],
+                     p->ht[r], p->ll[0], p->ht[0]);
+}
+
+static void test_ht(int R)
+{
+    char what[64];
+    snprintf(what, sizeof(what), "%d rank(s), HT prefill", R);
+    g_ht[R] = alloc_result();
+    paths_t p;
+    run_ranks(R, &HT_PREFILL, NULL, g_ht[R], &p);
+    check_agreement(&p, R, what);
+    /* the prompts go in the first step, through HT (a rank has up to 37 tokens); the decode
+     * steps (one token per sequence, at most 4 per rank) through LL */
+    assert_int_equal(p.ht[0], 1);
+    assert_true(p.ll[0] >= g_oracle.new_tokens - 1);
+    check_against_reference(g_ht[R], what);
+}
+
+static void test_ht_one_rank(void **state)
+{
+    (void)state;
+    test_ht(1);
+}
+
+static void test_ht_two_ranks(void **state)
+{
+    (void)state;
+    test_ht(2);
+}
+
+static void test_ht_four_ranks(void **state)
+{
+    (void)state;
+    test_ht(4);
+}
+
+static void test_ht_tcp(int R)
+{
+    assert_non_null(g_ht[R]);
+    paths_t p;
+    test_tcp(R, &HT_PREFILL, g_ht[R], ", HT prefill", &p);
+    check_agreement(&p, R, "tcp, HT prefill");
+    assert_int_equal(p.ht[0], 1);
+}
+
+static void test_ht_tcp_two_processes(void **state)
+{
+    (void)state;
+    test_ht_tcp(2);
+}
+
+static void test_ht_tcp_four_processes(void **state)
+{
+    (void)state;
+    test_ht_tcp(4);
+}
+
+/* ht_min_tokens 1: every step with a token anywhere goes through HT, decode included. */
+static void test_ht_every_step(void **state)
+{
+    (void)state;
+    const oracle_opts_t opts = {.chunk = CHUNK, .prefill = PREFILL, .ht_min = 1};
+    oracle_result_t *res = alloc_result();
+    paths_t p;
+    run_ranks(2, &opts, NULL, res, &p);
+    check_agreement(&p, 2, "2 ranks, HT every step");
+    assert_int_equal(p.ll[0], 0);
+    assert_int_equal(p.ht[0], g_oracle.new_tokens);
+    check_against_reference(res, "2 ranks, HT every step");
+    free_result(res);
+}
+
+/* Staggered arrivals (case c joins at step 3c, case c on rank c % R): a rank prefills a prompt
+ * of 11 or 19 tokens while the others decode (or, with 4 ranks, one has nothing yet); the short
+ * prompts (6 and 1 tokens) go through LL. */
+static void check_mixed(const paths_t *p, int R, const char *what)
+{
+    check_agreement(p, R, what);
+    int decode_only = 0, idle = 0;
+    for (int r = 0; r < R; r++) {
+        decode_only += p->decode_only[r];
+        idle += p->idle[r];
+    }
+    if (p->ht[0] != 2 || p->ll[0] < 2 || decode_only < R - 1 || (R == 4 && idle < 1))
+        fail_msg("%s: HT %d and LL %d steps, %d HT steps with only decode tokens on a rank, %d "
+                 "with none: not the mixed steps planned",
+                 what, p->ht[0], p->ll[0], decode_only, idle);
+}
+
+static const oracle_opts_t MIXED = {.chunk = CHUNK, .prefill = PREFILL, .stagger = 3};
+
+static void test_ht_mixed(int R)
+{
+    char what[64];
+    snprintf(what, sizeof(what), "%d ranks, staggered prompts", R);
+    oracle_result_t *res = alloc_result();
+    paths_t p;
+    run_ranks(R, &MIXED, NULL, res, &p);
+    check_mixed(&p, R, what);
+    check_against_reference(res, what);
+    if (R == 2) {
+        paths_t q;
+        test_tcp(2, &MIXED, res, ", staggered prompts", &q);
+        check_mixed(&q, 2, "2 processes over tcp, staggered prompts");
+    }
+    free_result(res);
+}
+
+static void test_ht_mixed_two_ranks(void **state)
+{
+    (void)state;
+    test_ht_mixed(2);
+}
+
+static void test_ht_mixed_four_ranks(void **state)
+{
+    (void)state;
+    test_ht_mixed(4);
 }
 
 static int setup(void **state)
@@ -339,6 +515,8 @@ static int teardown(void **state)
 {
     (void)state;
     if (g_one_rank) free_result(g_one_rank);
+    for (int r = 0; r < 5; r++)
+        if (g_ht[r]) free_result(g_ht[r]);
     oracle_free(&g_oracle);
     return 0;
 }
@@ -346,9 +524,20 @@ static int teardown(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_one_rank),          cmocka_unit_test(test_two_ranks),
-        cmocka_unit_test(test_four_ranks),        cmocka_unit_test(test_explicit_placement),
-        cmocka_unit_test(test_tcp_two_processes), cmocka_unit_test(test_tcp_four_processes),
+        cmocka_unit_test(test_one_rank),
+        cmocka_unit_test(test_two_ranks),
+        cmocka_unit_test(test_four_ranks),
+        cmocka_unit_test(test_explicit_placement),
+        cmocka_unit_test(test_tcp_two_processes),
+        cmocka_unit_test(test_tcp_four_processes),
+        cmocka_unit_test(test_ht_one_rank),
+        cmocka_unit_test(test_ht_two_ranks),
+        cmocka_unit_test(test_ht_four_ranks),
+        cmocka_unit_test(test_ht_tcp_two_processes),
+        cmocka_unit_test(test_ht_tcp_four_processes),
+        cmocka_unit_test(test_ht_every_step),
+        cmocka_unit_test(test_ht_mixed_two_ranks),
+        cmocka_unit_test(test_ht_mixed_four_ranks),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }
