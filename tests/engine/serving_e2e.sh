@@ -25,7 +25,8 @@ fail() {
 }
 CURL=(curl -s -m 20)
 
-# start_epd RANKS MAX_BATCH_TOKENS: a daemon on a free port, ready (READY via /readyz)
+# start_epd RANKS MAX_BATCH_TOKENS [MAX_PREFILL_TOKENS]: a daemon on a free port, ready
+# (READY via /readyz)
 start_epd() {
     local attempt i
     for attempt in 1 2 3 4 5; do
@@ -35,7 +36,7 @@ start_epd() {
   "node": {"id": 0, "name": "serving-e2e"},
   "http": {"listen": {"host": "127.0.0.1", "port": $PORT}},
   "compute": {"backend": "cpu", "ranks_per_node": $1},
-  "model": {"path": "$ORACLE", "max_batch_tokens": $2, "max_seq_len": 512},
+  "model": {"path": "$ORACLE", "max_batch_tokens": $2, "max_prefill_tokens": ${3:-512}, "max_seq_len": 512},
   "timeouts": {"shutdown_ms": 3000},
   "log": {"level": "info"}
 }
@@ -83,8 +84,9 @@ NCASES=$(wc -l <"$WORK/cases")
 NEW=16
 
 for R in "${RANKS[@]}"; do
-    # a batch bound below the longest prompt (19 tokens), so that prefill runs in chunks
-    start_epd "$R" 8
+    # a batch bound below the longest prompt (19 tokens): prompts go through HT prefill steps,
+    # except with 2 ranks, where HT is off (max_prefill_tokens 0) and prefill runs in LL chunks
+    start_epd "$R" 8 $((R == 2 ? 0 : 512))
 
     # ---- greedy completions equal transformers' tokens, JSON and SSE ----
     c=0
