@@ -57,24 +57,9 @@ void api_count(epd_api_t *a, const char *endpoint, int status)
 
 void api_send_json(epd_http_res_t *res, int status, cJSON *doc)
 {
-    char *text = doc ? cJSON_PrintUnformatted(doc) : NULL;
-    if (!text) {
-        static const char oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":"
-                                  "\"server_error\",\"param\":null,\"code\":null}}\n";
-        epd_http_respond(res, 500, "application/json", oom, sizeof(oom) - 1);
-        return;
-    }
-    size_t n = strlen(text);
-    char *body = malloc(n + 2);
-    if (body) {
-        memcpy(body, text, n);
-        body[n] = '\n';
-        epd_http_respond(res, status, "application/json", body, n + 1);
-        free(body);
-    } else {
-        epd_http_respond(res, status, "application/json", text, n);
-    }
-    cJSON_free(text);
+    static const char oom[] = "{\"error\":{\"message\":\"out of memory\",\"type\":"
+                              "\"server_error\",\"param\":null,\"code\":null}}\n";
+    epd_http_respond_json(res, status, doc, 500, oom);
 }
 
 static const char *error_type(int status)

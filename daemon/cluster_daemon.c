@@ -136,23 +136,7 @@ static int diff_settings(void *ctx, const void *peer, size_t len, char *why, siz
 
 static void respond_json(epd_http_res_t *res, int status, cJSON *doc)
 {
-    char *text = doc ? cJSON_PrintUnformatted(doc) : NULL;
-    if (!text) {
-        static const char oom[] = "{\"error\":\"out of memory\"}\n";
-        epd_http_respond(res, 503, "application/json", oom, sizeof oom - 1);
-        return;
-    }
-    size_t n = strlen(text);
-    char *body = malloc(n + 2);
-    if (body) {
-        memcpy(body, text, n);
-        body[n] = '\n';
-        epd_http_respond(res, status, "application/json", body, n + 1);
-        free(body);
-    } else {
-        epd_http_respond(res, status, "application/json", text, n);
-    }
-    cJSON_free(text);
+    epd_http_respond_json(res, status, doc, 503, EPD_HTTP_OOM_JSON);
 }
 
 static int local_ranks(const epd_config_t *cfg)

@@ -70,23 +70,7 @@ static void usage(FILE *out)
 
 static void respond_json(epd_http_res_t *res, int status, cJSON *doc)
 {
-    char *text = doc ? cJSON_PrintUnformatted(doc) : NULL;
-    if (!text) {
-        static const char oom[] = "{\"error\":\"out of memory\"}\n";
-        epd_http_respond(res, 503, "application/json", oom, sizeof(oom) - 1);
-        return;
-    }
-    size_t n = strlen(text);
-    char *body = malloc(n + 2);
-    if (body) {
-        memcpy(body, text, n);
-        body[n] = '\n';
-        epd_http_respond(res, status, "application/json", body, n + 1);
-    } else {
-        epd_http_respond(res, status, "application/json", text, n);
-    }
-    free(body);
-    cJSON_free(text);
+    epd_http_respond_json(res, status, doc, 503, EPD_HTTP_OOM_JSON);
 }
 
 static void h_healthz(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)

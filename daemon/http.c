@@ -4,6 +4,7 @@
 #include "http.h"
 
 #include <errno.h>
+#include <cjson/cJSON.h>
 #include <http_parser.h>
 #include <limits.h>
 #include <netdb.h>
@@ -389,6 +390,27 @@ int epd_http_respond(epd_http_res_t *res, int status, const char *content_type, 
     }
     res->started = 1;
     res_finish(res);
+    return rc;
+}
+
+int epd_http_respond_json(epd_http_res_t *res, int status, const cJSON *doc, int oom_status,
+                          const char *oom_body)
+{
+    char *text = doc ? cJSON_PrintUnformatted(doc) : NULL;
+    if (!text)
+        return epd_http_respond(res, oom_status, "application/json", oom_body, strlen(oom_body));
+    size_t n = strlen(text);
+    char *body = malloc(n + 2);
+    int rc;
+    if (body) {
+        memcpy(body, text, n);
+        body[n] = '\n';
+        rc = epd_http_respond(res, status, "application/json", body, n + 1);
+        free(body);
+    } else {
+        rc = epd_http_respond(res, status, "application/json", text, n);
+    }
+    cJSON_free(text);
     return rc;
 }
 

@@ -80,6 +80,13 @@ int epd_http_res_header(epd_http_res_t *res, const char *name, const char *value
  * away (res is finished all the same), -EINVAL if the response had already started. */
 int epd_http_respond(epd_http_res_t *res, int status, const char *content_type, const char *body,
                      size_t len);
+/* Sends `doc` as application/json (one line, then a newline) and finishes `res`. If doc is
+ * NULL or cannot be printed (out of memory), sends `oom_status` with `oom_body` instead.
+ * Returns as epd_http_respond. */
+struct cJSON;
+#define EPD_HTTP_OOM_JSON "{\"error\":\"out of memory\"}\n"
+int epd_http_respond_json(epd_http_res_t *res, int status, const struct cJSON *doc, int oom_status,
+                          const char *oom_body);
 /* Streaming: headers now (chunked transfer-encoding for HTTP/1.1; HTTP/1.0 gets the raw body
  * and a close), then chunks, then the end, which finishes `res`. stream_write returns
  * -ENOBUFS while more than EPD_HTTP_MAX_PENDING_WRITE bytes wait to be sent, -ECONNRESET once
