@@ -15,8 +15,8 @@ struct ep_group {
     int nranks;
     int num_local_experts;
     const struct ep_backend_ops *ops;
-    void *impl;          /* backend state */
-    int ll_next_buf;     /* the LL buffer the next LL op uses (0/1) */
+    void *impl;      /* backend state */
+    int ll_next_buf; /* the LL buffer the next LL op uses (0/1) */
     _Atomic int aborted;
     _Atomic int failed_peer;
     pthread_mutex_t err_lock;

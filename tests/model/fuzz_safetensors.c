@@ -13,8 +13,7 @@
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     int fd = memfd_create("fuzz.safetensors", 0);
-    if (fd < 0)
-        return 0;
+    if (fd < 0) return 0;
     if (size && write(fd, data, size) != (ssize_t)size) {
         close(fd);
         return 0;
@@ -27,8 +26,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (int i = 0; i < epd_st_file_count(f); i++) {
             const epd_st_tensor_t *t = epd_st_file_tensor(f, i);
             float *dst = malloc(sizeof(float) * (size_t)(t->numel ? t->numel : 1));
-            if (dst)
-                epd_st_to_f32(t, dst);
+            if (dst) epd_st_to_f32(t, dst);
             free(dst);
             if (epd_st_file_find(f, t->name) != t)
                 abort(); /* every listed tensor must be found by its name */

@@ -147,7 +147,7 @@ typedef struct ep_route_params {
     float routed_scaling_factor; /* multiplies the final weights (1.0 if unused) */
     int num_groups;              /* SIGMOID_GROUP: experts split into this many groups */
     int topk_groups;             /* SIGMOID_GROUP: groups kept per token */
-    const float *bias;           /* SIGMOID_GROUP: [E] correction bias, selection only; may be NULL */
+    const float *bias; /* SIGMOID_GROUP: [E] correction bias, selection only; may be NULL */
 } ep_route_params_t;
 
 /* logits: [T][E] fp32 -> topk_idx [T][k], topk_weights [T][k]; ties go to the lower expert id.
@@ -155,8 +155,8 @@ typedef struct ep_route_params {
 ep_status_t ep_route_host(const ep_route_params_t *p, const float *logits, int num_tokens,
                           int32_t *topk_idx, float *topk_weights);
 /* Same, in the group's memory space (device memory on the cuda backend). */
-ep_status_t ep_route(ep_group_t *g, const ep_route_params_t *p, const float *logits,
-                     int num_tokens, int32_t *topk_idx, float *topk_weights, void *stream);
+ep_status_t ep_route(ep_group_t *g, const ep_route_params_t *p, const float *logits, int num_tokens,
+                     int32_t *topk_idx, float *topk_weights, void *stream);
 
 /* ---- receive hook ------------------------------------------------------------------------- */
 
@@ -175,13 +175,13 @@ ep_status_t ep_hook_run(ep_hook_t *hook);
 typedef struct ep_ll_handle ep_ll_handle_t; /* owned by the group, lives as long as its outputs */
 
 typedef struct ep_ll_dispatch_args {
-    const uint16_t *x;          /* [T][H] bf16 */
-    int num_tokens;             /* T, 0..ll_max_tokens */
-    const int32_t *topk_idx;    /* [T][k] */
-    const float *topk_weights;  /* [T][k]; may be NULL (then combine must be given them) */
-    int use_fp8;                /* send e4m3 + one fp32 scale per 128 channels */
-    int round_scale;            /* fp8: round scales up to powers of two */
-    int use_hook;               /* return after the send half, *hook receives the rest */
+    const uint16_t *x;         /* [T][H] bf16 */
+    int num_tokens;            /* T, 0..ll_max_tokens */
+    const int32_t *topk_idx;   /* [T][k] */
+    const float *topk_weights; /* [T][k]; may be NULL (then combine must be given them) */
+    int use_fp8;               /* send e4m3 + one fp32 scale per 128 channels */
+    int round_scale;           /* fp8: round scales up to powers of two */
+    int use_hook;              /* return after the send half, *hook receives the rest */
     void *stream;
 } ep_ll_dispatch_args_t;
 
@@ -225,8 +225,8 @@ ep_status_t ep_get_dispatch_layout(ep_group_t *g, const int32_t *topk_idx, int n
 typedef struct ep_ht_handle ep_ht_handle_t; /* owned by the caller: ep_ht_handle_destroy */
 
 typedef struct ep_ht_dispatch_args {
-    const void *x;             /* [T][H] bf16, or fp8 e4m3 when use_fp8 */
-    const float *x_scales;     /* [T][H/128] fp8 only */
+    const void *x;         /* [T][H] bf16, or fp8 e4m3 when use_fp8 */
+    const float *x_scales; /* [T][H/128] fp8 only */
     int use_fp8;
     int num_tokens;            /* T, 0..ht_max_tokens */
     const int32_t *topk_idx;   /* [T][k] */
@@ -239,12 +239,12 @@ typedef struct ep_ht_dispatch_args {
  * enough). Rows are ordered by (source rank, source token index), each token once per rank. */
 typedef struct ep_ht_dispatch_out {
     int capacity;
-    void *recv_x;               /* [N][H] bf16 or fp8 */
-    float *recv_scales;         /* [N][H/128] fp8 only */
-    int32_t *recv_topk_idx;     /* [N][k] local expert ids, -1 for experts of other ranks */
-    float *recv_topk_weights;   /* [N][k]; 0 where recv_topk_idx is -1 */
+    void *recv_x;                 /* [N][H] bf16 or fp8 */
+    float *recv_scales;           /* [N][H/128] fp8 only */
+    int32_t *recv_topk_idx;       /* [N][k] local expert ids, -1 for experts of other ranks */
+    float *recv_topk_weights;     /* [N][k]; 0 where recv_topk_idx is -1 */
     int32_t *num_recv_per_expert; /* [L], aligned if expert_alignment > 1 */
-    int num_recv_tokens;        /* N, set by the call */
+    int num_recv_tokens;          /* N, set by the call */
 } ep_ht_dispatch_out_t;
 
 int ep_ht_max_recv_tokens(const ep_group_t *g);
@@ -256,8 +256,8 @@ ep_status_t ep_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a, ep_ht_
 ep_status_t ep_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *h,
                                   const ep_ht_dispatch_args_t *a, ep_ht_dispatch_out_t *out);
 /* x: [N][H] bf16 rows as received; out[t] = sum of the copies of token t, on its source rank. */
-ep_status_t ep_ht_combine(ep_group_t *g, const ep_ht_handle_t *h, const uint16_t *x,
-                          uint16_t *out, void *stream);
+ep_status_t ep_ht_combine(ep_group_t *g, const ep_ht_handle_t *h, const uint16_t *x, uint16_t *out,
+                          void *stream);
 void ep_ht_handle_destroy(ep_ht_handle_t *h);
 
 #ifdef __cplusplus
