@@ -15,7 +15,11 @@
  * Errors. Every wait is bounded by timeout_ns of %globaltimer. A wait that times out writes
  * err[EPK_ERR_PEER] (the rank it waited for), err[EPK_ERR_WHAT] (which wait) and then
  * err[EPK_ERR_CODE] = EPK_CODE_TIMEOUT into mapped host memory and the kernel returns. Any
- * nonzero code (also EPK_CODE_ABORT written by the host) makes every other wait give up too.
+ * nonzero code (also EPK_CODE_ABORT written by the host, or EPK_CODE_PEER written by the proxy
+ * when the wire lost a peer) makes every other wait give up too.
+ *
+ * Proxy path (tcp/rdma transport): see epk_ring_t below; counters then live in the host window
+ * and the signal of a block is a command instead of a remote red.add.
  */
 #ifndef EP_CUDA_H
 #define EP_CUDA_H
@@ -31,7 +35,7 @@ extern "C" {
 
 /* err[] words (mapped host memory, int32). */
 enum { EPK_ERR_CODE = 0, EPK_ERR_PEER = 1, EPK_ERR_WHAT = 2, EPK_ERR_WORDS = 4 };
-enum { EPK_CODE_OK = 0, EPK_CODE_TIMEOUT = 1, EPK_CODE_ABORT = 2 };
+enum { EPK_CODE_OK = 0, EPK_CODE_TIMEOUT = 1, EPK_CODE_ABORT = 2, EPK_CODE_PEER = 3 };
 /* Which wait timed out (err[EPK_ERR_WHAT]). */
 enum {
     EPK_WAIT_LL_DISPATCH = 1,
@@ -40,29 +44,41 @@ enum {
     EPK_WAIT_HT_COUNTS = 4,
     EPK_WAIT_HT_PTRS = 5,
     EPK_WAIT_HT_DONE = 6,
+    EPK_WAIT_RING = 7, /* a free slot of the proxy's command ring */
 };
 const char *epk_wait_name(int what);
 
-/* Byte offsets of everything inside one rank's symmetric buffer. Filled by epk_layout(). */
+/* Byte offsets of everything inside one rank's symmetric buffer. Filled by epk_layout().
+ *
+ * The buffer has two parts. The WINDOW [0, win_total) holds everything peers write (counters,
+ * LL token messages and combine rows, HT exchange areas); the LOCAL part [win_total, total) holds
+ * what only this rank's kernels touch (LL sequence state, the LL outputs). Kernels reach their
+ * own window at ctx.win and the local part at ctx.base[rank], both with these offsets. Over
+ * NVLink both are the one device buffer (win == base[rank]); on the proxy path (tcp/rdma
+ * transport) the window is pinned host memory that the wire reads and writes. */
 typedef struct epk_layout {
-    /* control: uint64 counters written by peers */
-    size_t ll_cnt;  /* [2 buf][3 phase][R src]: dispatch data, combine data, combine weights */
-    size_t ht_cnt;  /* uint64 words: [2 parity][R src] count flags, [2][R] pointer flags,
-                     * [R] done counters, [R] combine staging progress (copy-engine path) */
-    size_t ht_rows; /* [2 parity][R src] epk_ht_row_t (counts + expert counts) */
-    size_t ht_ptrs; /* [2 parity][R src] epk_ht_ptrs_t */
-    /* local state (never written by peers) */
-    size_t ll_state; /* uint64 seq[2 buf][2 phase], uint32 fin[2 buf][2 phase] */
+    /* window: uint64 counters written by peers */
+    size_t ll_cnt;   /* [2 buf][3 phase][R src]: dispatch data, combine data, combine weights */
+    size_t ht_cnt;   /* uint64 words: [2 parity][R src] count flags, [2][R] pointer flags,
+                      * [R] done counters, [R] combine staging progress (copy-engine path) */
+    size_t ht_rows;  /* [2 parity][R src] epk_ht_row_t (counts + expert counts) */
+    size_t ht_ptrs;  /* [2 parity][R src] epk_ht_ptrs_t */
     size_t ht_stage; /* [R src][ht_max_tokens][H] bf16: combine rows copied back by peers */
-    /* per LL buffer b: ll_buf + b * ll_buf_bytes */
-    size_t ll_buf;
-    size_t ll_buf_bytes;
-    /* offsets inside one LL buffer */
+    /* window part of LL buffer b: ll_win + b * ll_win_bytes */
+    size_t ll_win;
+    size_t ll_win_bytes;
     size_t ll_meta;       /* [R src] epk_ll_meta: {T, has_w}, idx [Tmax][k], w [Tmax][k] */
     size_t ll_meta_bytes; /* per source */
     size_t ll_msg;        /* [R src][Tmax][msg_stride] token messages (fp8 x + scales, or bf16) */
     size_t ll_msg_stride;
-    size_t ll_comb;        /* [R src][Tmax][H] bf16 partial sums sent back by expert ranks */
+    size_t ll_comb; /* [R src][Tmax][H] bf16 partial sums sent back by expert ranks */
+    size_t ll_send; /* proxy path: [R dst][Tmax][H] bf16 combine rows waiting for the wire */
+    size_t win_total;
+    /* local */
+    size_t ll_state; /* uint64 seq[2 buf][2 phase], uint32 fin[2 buf][2 phase], sfin[2][2] */
+    /* local part of LL buffer b: ll_loc + b * ll_loc_bytes */
+    size_t ll_loc;
+    size_t ll_loc_bytes;
     size_t ll_inv;         /* [R src][Tmax][k] int32: row of (token, j) in its local expert */
     size_t ll_recv_x;      /* [L][S][H] fp8 or bf16 (sized for bf16) */
     size_t ll_recv_scales; /* [L][S][H/128] fp32 */
@@ -71,6 +87,35 @@ typedef struct epk_layout {
     size_t ll_range;       /* [L][R][2] int32 */
     size_t total;
 } epk_layout_t;
+
+/* ---- the proxy path's command ring -------------------------------------------------------- *
+ * With the tcp or rdma transport, peers are not reachable by stores. A kernel writes what a peer
+ * should receive into its own window (at the offset it has in the peer's window, or in a send
+ * area) and appends a command to a ring in mapped host memory; a host proxy thread
+ * (transport/cuda/proxy.c) executes the commands in ring order through the wire, which
+ * delivers a signal to a peer after every earlier put to that peer.
+ *
+ * Producers (any GPU thread): slot = atomicAdd(tail, 1); wait while slot - *head >= slots;
+ * write the command; fence (system); then write seq = slot + 1 (low 32 bits). The proxy reads
+ * slot `head % slots` once its seq says so, runs it, and publishes head + 1. */
+enum { EPK_CMD_PUT = 1, EPK_CMD_SIGNAL_ADD = 2, EPK_CMD_SIGNAL_SET = 3 };
+typedef struct epk_cmd {
+    uint64_t a;   /* PUT: offset in this rank's window; SIGNAL: the value */
+    uint64_t b;   /* offset in the peer's window */
+    uint32_t len; /* PUT: bytes */
+    uint16_t peer;
+    uint8_t op;
+    uint8_t pad;
+    uint32_t seq; /* slot number + 1 (low 32 bits), written last */
+    uint32_t pad2;
+} epk_cmd_t;
+
+typedef struct epk_ring {
+    epk_cmd_t *slots;         /* device alias of mapped host memory */
+    unsigned long long *tail; /* device memory: slots handed out so far */
+    const uint64_t *head;     /* device alias of the mapped word the proxy advances */
+    uint32_t nslots;          /* a power of two */
+} epk_ring_t;
 
 typedef struct epk_ht_ptrs {
     uint64_t recv_x, recv_scales, recv_topk_idx, recv_topk_w, combine_x;
@@ -84,11 +129,16 @@ typedef struct epk_ctx {
     int ll_max_tokens, ht_max_tokens;
     unsigned long long timeout_ns;
     int *err;                    /* mapped host memory, EPK_ERR_WORDS int32 */
-    uint8_t *base[EP_MAX_RANKS]; /* every rank's buffer as seen from this device */
+    uint8_t *base[EP_MAX_RANKS]; /* every rank's buffer as seen from this device (NVLink); on
+                                  * the proxy path only base[rank] (local part) is set */
+    uint8_t *win;                /* this rank's window (see epk_layout_t) */
+    int proxy;                   /* peers are reached through the command ring */
+    epk_ring_t ring;
     epk_layout_t lay;
 } epk_ctx_t;
 
-void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks);
+/* proxy: lay out for the proxy path (adds the LL send area, no HT areas: HT needs NVLink). */
+void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks, int proxy);
 /* Loads every kernel on the current device (call once per device before the first launch). */
 int epk_preload(void);
 

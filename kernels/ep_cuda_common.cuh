@@ -164,4 +164,75 @@ __device__ __forceinline__ int epk_block_scan(int v, int *total, int *sh)
     return r;
 }
 
+/* ---- LL sequence state (local part of the buffer, kernels/ep_cuda.h) ---------------------- */
+struct epk_ll_state {
+    uint64_t seq[2][2];  /* [buf][dispatch, combine]: ops completed on that buffer */
+    unsigned fin[2][2];  /* receive blocks finished in the current op */
+    unsigned sfin[2][2]; /* proxy path: send blocks finished in the current op */
+};
+
+__device__ __forceinline__ epk_ll_state *epk_ll_state_of(const epk_ctx_t &c)
+{
+    return (epk_ll_state *)(c.base[c.rank] + c.lay.ll_state);
+}
+
+/* ---- proxy path (kernels/ep_cuda.h, epk_ring_t) ------------------------------------------ */
+
+/* Where this rank's stores meant for rank d go: d's window over NVLink; on the proxy path its
+ * own window, from which the proxy's puts copy the bytes out. */
+__device__ __forceinline__ uint8_t *epk_dst(const epk_ctx_t &c, int d)
+{
+    return c.proxy ? c.win : c.base[d];
+}
+
+/* Appends one command (one thread). Gives up, returning false, when the group already failed or
+ * the ring stays full for timeout_ns (recorded as a stalled ring: the proxy is not draining). */
+static __device__ __noinline__ bool epk_ring_push(const epk_ctx_t &c, int op, int peer, uint64_t a,
+                                                  uint64_t b, uint32_t len)
+{
+    const unsigned long long slot = atomicAdd(c.ring.tail, 1ull);
+    if (slot - epk_ld_acquire_sys(c.ring.head) >= c.ring.nslots) {
+        const uint64_t start = epk_globaltimer();
+        for (unsigned spin = 1; slot - epk_ld_acquire_sys(c.ring.head) >= c.ring.nslots; ++spin) {
+            if ((spin & 255u) == 0) {
+                if (epk_failed(c)) return false;
+                if (epk_globaltimer() - start > c.timeout_ns) {
+                    epk_fail_raw(c.err, EPK_CODE_TIMEOUT, c.rank, EPK_WAIT_RING);
+                    return false;
+                }
+            }
+        }
+    }
+    epk_cmd_t *cmd = c.ring.slots + (slot & (c.ring.nslots - 1));
+    volatile uint64_t *w = (volatile uint64_t *)cmd;
+    w[0] = a;
+    w[1] = b;
+    w[2] = (uint64_t)len | (uint64_t)peer << 32 | (uint64_t)op << 48;
+    __threadfence_system();
+    *(volatile uint32_t *)&cmd->seq = (uint32_t)(slot + 1);
+    return true;
+}
+
+/* Proxy path: adds v to a counter of this rank's own window that no one else writes (the
+ * counter of messages from itself), after this thread's earlier stores, without an atomic on
+ * host memory. */
+__device__ __forceinline__ void epk_self_add(const epk_ctx_t &c, size_t off, uint64_t v)
+{
+    uint64_t *p = (uint64_t *)(c.win + off);
+    __threadfence_system();
+    epk_st_release_sys(p, *(volatile uint64_t *)p + v);
+}
+
+/* Proxy path: the block's thread 0 learns whether its block is the last of `blocks` to finish
+ * the send half (then it resets the count for the next op). Every block's stores and commands
+ * come before the last block's, which therefore issues the signals. */
+__device__ __forceinline__ bool epk_last_sender(unsigned *count, unsigned blocks)
+{
+    __threadfence_system();
+    if (atomicAdd(count, 1u) != blocks - 1) return false;
+    *count = 0;
+    __threadfence();
+    return true;
+}
+
 #endif /* EP_CUDA_COMMON_CUH */

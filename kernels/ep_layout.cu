@@ -21,34 +21,35 @@ extern "C" const char *epk_wait_name(int what)
         return "HT buffer addresses";
     case EPK_WAIT_HT_DONE:
         return "HT transfer completion";
+    case EPK_WAIT_RING:
+        return "a free slot of the proxy command ring (the proxy thread is not draining it)";
     default:
         return "unknown wait";
     }
 }
 
-extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks)
+extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks, int proxy)
 {
     const size_t R = (size_t)nranks, E = (size_t)cfg->num_experts, L = E / R;
     const size_t H = (size_t)cfg->hidden, k = (size_t)cfg->num_topk;
     const size_t T = cfg->ll_max_tokens > 0 ? (size_t)cfg->ll_max_tokens : 0;
     const size_t S = T * R;
+    const size_t Tht = cfg->ht_max_tokens > 0 && !proxy ? (size_t)cfg->ht_max_tokens : 0;
     size_t off = 0;
 
+    /* window: what peers write */
     lay->ll_cnt = off;
     off = align_up(off + 2 * 3 * R * 8, 256);
     lay->ht_cnt = off;
     off = align_up(off + 6 * R * 8, 256);
     lay->ht_rows = off;
-    off = align_up(off + 2 * R * align_up((R + E) * 4, 16), 256);
+    off = align_up(off + (proxy ? 0 : 2 * R * align_up((R + E) * 4, 16)), 256);
     lay->ht_ptrs = off;
-    off = align_up(off + 2 * R * sizeof(epk_ht_ptrs_t), 256);
-    lay->ll_state = off;
-    off = align_up(off + 64, 256);
+    off = align_up(off + (proxy ? 0 : 2 * R * sizeof(epk_ht_ptrs_t)), 256);
     lay->ht_stage = off;
-    off =
-        align_up(off + R * (size_t)(cfg->ht_max_tokens > 0 ? cfg->ht_max_tokens : 0) * H * 2, 4096);
+    off = align_up(off + R * Tht * H * 2, 4096);
 
-    /* one LL buffer */
+    /* window part of one LL buffer */
     size_t b = 0;
     lay->ll_meta_bytes = align_up(16 + T * k * 8, 256);
     lay->ll_meta = b;
@@ -58,6 +59,17 @@ extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks
     b = align_up(b + R * T * lay->ll_msg_stride, 256);
     lay->ll_comb = b;
     b = align_up(b + R * T * H * 2, 256);
+    lay->ll_send = b;
+    b = align_up(b + (proxy ? R * T * H * 2 : 0), 256);
+    lay->ll_win_bytes = T > 0 ? b : 0;
+    lay->ll_win = off;
+    off = align_up(off + 2 * lay->ll_win_bytes, 4096);
+    lay->win_total = off;
+
+    /* local */
+    lay->ll_state = off;
+    off = align_up(off + 64, 256);
+    b = 0;
     lay->ll_inv = b;
     b = align_up(b + R * T * k * 4, 256);
     lay->ll_recv_x = b;
@@ -70,9 +82,9 @@ extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks
     b = align_up(b + L * S * 4, 256);
     lay->ll_range = b;
     b = align_up(b + L * R * 8, 256);
-    lay->ll_buf_bytes = T > 0 ? b : 0;
-    lay->ll_buf = off;
-    off += 2 * lay->ll_buf_bytes;
+    lay->ll_loc_bytes = T > 0 ? b : 0;
+    lay->ll_loc = off;
+    off += 2 * lay->ll_loc_bytes;
     lay->total = align_up(off, 4096);
 }
 

@@ -8,6 +8,9 @@
  *   releases +1 onto ll_cnt[buf][1][rank] of every peer.
  *   When a source's dispatch carried no weights, that source sends its combine weights first
  *   (block 0, into the dispatch meta) and signals ll_cnt[buf][2]; expert ranks wait for them.
+ *   Proxy path (tcp/rdma transport): a partial sum for rank s is stored in this rank's send
+ *   area [s][t] and a put command copies it to [rank][t] of s's comb; the last block to finish
+ *   adds send_blocks to every peer's counter (a command, delivered after the puts).
  * Receive half (source rank; block handles tokens b, b + recv_blocks, ...):
  *   out[t][h] = bf16( sum over ranks d that token t visited, ascending, of partial_d[t][h] ).
  */
@@ -19,47 +22,53 @@ namespace
 constexpr int kThreads = 256;
 constexpr int kRowsUnroll = 8; /* expert rows of one token loaded together */
 
-struct ll_state {
-    uint64_t seq[2][2];
-    unsigned fin[2][2];
-};
-
 __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &p, int bid)
 {
     const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts;
     const int Tmax = c.ll_max_tokens, S = Tmax * R;
-    ll_state *st = (ll_state *)(c.base[c.rank] + c.lay.ll_state);
-    const size_t doff = c.lay.ll_buf + (size_t)p.disp_buf * c.lay.ll_buf_bytes;
-    const size_t coff = c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
-    uint8_t *dbuf = c.base[c.rank] + doff;
-    const int32_t *inv = (const int32_t *)(dbuf + c.lay.ll_inv);
+    epk_ll_state *st = epk_ll_state_of(c);
+    const size_t doff = c.lay.ll_win + (size_t)p.disp_buf * c.lay.ll_win_bytes;
+    const size_t coff = c.lay.ll_win + (size_t)p.buf * c.lay.ll_win_bytes;
+    const uint8_t *dwin = c.win + doff;
+    const int32_t *inv = (const int32_t *)(c.base[c.rank] + c.lay.ll_loc +
+                                           (size_t)p.disp_buf * c.lay.ll_loc_bytes + c.lay.ll_inv);
     const uint64_t seq = *(volatile uint64_t *)&st->seq[p.buf][1] + 1;
     __shared__ int s_fail;
 
     /* weights of this rank's tokens, for the expert ranks, when its dispatch had none */
-    const uint8_t *mymeta = dbuf + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes;
+    const size_t mw_off =
+        doff + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes + 16 + (size_t)Tmax * k * 4;
     if (bid == 0) {
-        const int has_w = ((const int32_t *)mymeta)[1];
-        for (int d = 0; d < R && !has_w; ++d) {
-            float *mw = (float *)(c.base[d] + doff + c.lay.ll_meta +
-                                  (size_t)c.rank * c.lay.ll_meta_bytes + 16 + (size_t)Tmax * k * 4);
+        const int has_w =
+            ((const int32_t *)(dwin + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes))[1];
+        for (int d = 0; d < (c.proxy ? 1 : R) && !has_w; ++d) {
+            float *mw = (float *)(epk_dst(c, d) + mw_off);
             for (int i = threadIdx.x; i < p.num_tokens * k; i += blockDim.x)
                 mw[i] = p.topk_w[i];
         }
         __syncthreads();
-        if ((int)threadIdx.x < R) {
+        const size_t wcnt_off = c.lay.ll_cnt + ((size_t)(p.buf * 3 + 2) * R + c.rank) * 8;
+        if (!c.proxy && (int)threadIdx.x < R) {
             __threadfence_system();
-            epk_red_release_sys(
-                epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 2) * R + c.rank) * 8),
-                1);
+            epk_red_release_sys(epk_at(c, threadIdx.x, wcnt_off), 1);
+        } else if (c.proxy && threadIdx.x == 0) {
+            __threadfence_system();
+            for (int d = 0; d < R; ++d) {
+                if (d == c.rank) continue;
+                if (!has_w && p.num_tokens > 0)
+                    epk_ring_push(c, EPK_CMD_PUT, d, mw_off, mw_off,
+                                  (uint32_t)((size_t)p.num_tokens * k * 4));
+                epk_ring_push(c, EPK_CMD_SIGNAL_ADD, d, 1, wcnt_off, 0);
+            }
+            epk_self_add(c, wcnt_off, 1);
         }
     }
     if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) {
-        const uint8_t *meta = dbuf + c.lay.ll_meta + (size_t)threadIdx.x * c.lay.ll_meta_bytes;
+        const uint8_t *meta = dwin + c.lay.ll_meta + (size_t)threadIdx.x * c.lay.ll_meta_bytes;
         if (!((const volatile int32_t *)meta)[1]) {
-            const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+            const uint64_t *cnt = (const uint64_t *)(c.win + c.lay.ll_cnt) +
                                   (size_t)(p.buf * 3 + 2) * R + threadIdx.x;
             if (!epk_wait_ge(c, cnt, seq, threadIdx.x, EPK_WAIT_LL_WEIGHTS)) s_fail = 1;
         }
@@ -74,7 +83,7 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
     /* (source, token) pairs spread over the blocks, one pair per block per round */
     for (int q = bid; q < R * Tmax; q += p.send_blocks) {
         const int s = q / Tmax, t = q - s * Tmax;
-        const uint8_t *meta = dbuf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes;
+        const uint8_t *meta = dwin + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes;
         const int Ts = *(const volatile int32_t *)meta;
         if (t >= Ts) continue;
         const int32_t *midx = (const int32_t *)(meta + 16);
@@ -94,9 +103,13 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
         }
         __syncthreads();
         const int n = s_n;
+        /* where the row goes: rank s's comb [rank][t], or on the proxy path this rank's send
+         * area [s][t] (own comb for s == rank) */
+        const size_t comb_off = coff + c.lay.ll_comb + ((size_t)c.rank * Tmax + t) * H * 2;
+        const size_t send_off = coff + c.lay.ll_send + ((size_t)s * Tmax + t) * H * 2;
+        const bool via_ring = c.proxy && s != c.rank;
         if (n > 0) {
-            uint4 *dst =
-                (uint4 *)(c.base[s] + coff + c.lay.ll_comb + ((size_t)c.rank * Tmax + t) * H * 2);
+            uint4 *dst = (uint4 *)(via_ring ? c.win + send_off : epk_dst(c, s) + comb_off);
             const uint4 *rows[kRowsUnroll];
 #pragma unroll
             for (int i = 0; i < kRowsUnroll; ++i)
@@ -132,20 +145,32 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
             }
         }
         __syncthreads();
+        if (via_ring && n > 0 && threadIdx.x == 0) {
+            __threadfence_system();
+            epk_ring_push(c, EPK_CMD_PUT, s, send_off, comb_off, (uint32_t)H * 2);
+        }
     }
     __syncthreads();
-    if ((int)threadIdx.x < R) {
-        __threadfence_system();
-        epk_red_release_sys(
-            epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 1) * R + c.rank) * 8), 1);
+    const size_t cnt_off = c.lay.ll_cnt + ((size_t)(p.buf * 3 + 1) * R + c.rank) * 8;
+    if (!c.proxy) {
+        if ((int)threadIdx.x < R) {
+            __threadfence_system();
+            epk_red_release_sys(epk_at(c, threadIdx.x, cnt_off), 1);
+        }
+        return;
+    }
+    if (threadIdx.x == 0 && epk_last_sender(&st->sfin[p.buf][1], (unsigned)p.send_blocks)) {
+        for (int d = 0; d < R; ++d)
+            if (d != c.rank) epk_ring_push(c, EPK_CMD_SIGNAL_ADD, d, (uint64_t)p.send_blocks, cnt_off, 0);
+        epk_self_add(c, cnt_off, (uint64_t)p.send_blocks);
     }
 }
 
 __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &p, int bid)
 {
     const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts, Tmax = c.ll_max_tokens;
-    ll_state *st = (ll_state *)(c.base[c.rank] + c.lay.ll_state);
-    const uint8_t *cbuf = c.base[c.rank] + c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
+    epk_ll_state *st = epk_ll_state_of(c);
+    const uint8_t *cbuf = c.win + c.lay.ll_win + (size_t)p.buf * c.lay.ll_win_bytes;
     __shared__ int s_fail;
     __shared__ uint64_t s_mask;
 
@@ -153,7 +178,7 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
     if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) {
-        const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+        const uint64_t *cnt = (const uint64_t *)(c.win + c.lay.ll_cnt) +
                               (size_t)(p.buf * 3 + 1) * R + threadIdx.x;
         if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_COMBINE))
             s_fail = 1;

@@ -5,6 +5,10 @@
  *   msg  at peer d: [src=rank][t] = fp8 x[H] + fp32 scales[H/128], or bf16 x[H]
  *   meta at peer d: [src=rank] = {T, has_w}, topk_idx [T][k], topk_w [T][k]  (block 0)
  *   then every block releases +1 onto counter ll_cnt[buf][0][rank] of every peer.
+ *   Proxy path (tcp/rdma transport): the message and meta rows go to this rank's own window
+ *   (where they sit at the offsets they have in every peer's window); per token, one put command
+ *   per destination rank; the last block to finish puts the meta and adds send_blocks to every
+ *   peer's counter (a command, delivered after the puts).
  * Receive half (block handles local experts e, e + recv_blocks, ...): waits until every source
  *   counter reaches seq * send_blocks, then for expert e scans the sources in rank order and
  *   their tokens in index order, and copies each selected message into
@@ -19,34 +23,26 @@ namespace
 
 constexpr int kThreads = 256;
 
-struct ll_state {
-    uint64_t seq[2][2];
-    unsigned fin[2][2];
-};
-
-__device__ __forceinline__ ll_state *state_of(const epk_ctx_t &c)
-{
-    return (ll_state *)(c.base[c.rank] + c.lay.ll_state);
-}
-
 __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t &p, int bid)
 {
     const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts, T = p.num_tokens;
-    const size_t boff = c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
+    const size_t boff = c.lay.ll_win + (size_t)p.buf * c.lay.ll_win_bytes;
+    const size_t meta_off = boff + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes;
+    /* ranks written by stores: all of them, or only the own window on the proxy path */
+    const int nd = c.proxy ? 1 : R;
     __shared__ uint64_t s_mask;
 
     /* routing of every token to every rank (a receiver scans all of a source's tokens): each
      * block writes the rows of the tokens it sends, thread (d, j) one id and one weight */
-    if (bid == 0 && (int)threadIdx.x < R) {
-        int32_t *hdr = (int32_t *)(c.base[threadIdx.x] + boff + c.lay.ll_meta +
-                                   (size_t)c.rank * c.lay.ll_meta_bytes);
+    if (bid == 0 && (int)threadIdx.x < nd) {
+        int32_t *hdr = (int32_t *)(epk_dst(c, threadIdx.x) + meta_off);
         hdr[0] = T;
         hdr[1] = p.topk_w != nullptr;
     }
     for (int t = bid; t < T; t += p.send_blocks)
-        for (int i = threadIdx.x; i < R * k; i += blockDim.x) {
+        for (int i = threadIdx.x; i < nd * k; i += blockDim.x) {
             const int d = i / k, j = i - d * k;
-            uint8_t *meta = c.base[d] + boff + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes;
+            uint8_t *meta = epk_dst(c, d) + meta_off;
             ((int32_t *)(meta + 16))[(size_t)t * k + j] = p.topk_idx[(size_t)t * k + j];
             if (p.topk_w)
                 ((float *)(meta + 16 + (size_t)c.ll_max_tokens * k * 4))[(size_t)t * k + j] =
@@ -64,6 +60,8 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
         }
         __syncthreads();
         const uint64_t mask = s_mask;
+        /* destinations written by stores (the proxy's puts copy from the own window) */
+        const uint64_t smask = c.proxy ? 1ull << c.rank : mask;
         const uint16_t *xt = p.x + (size_t)t * H;
         const size_t moff =
             boff + c.lay.ll_msg + ((size_t)c.rank * c.ll_max_tokens + t) * c.lay.ll_msg_stride;
@@ -107,8 +105,8 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                                 << 16);
                     const uint4 q = make_uint4(w[0], w[1], w[2], w[3]);
                     for (int d = 0; d < R; ++d) {
-                        if (!(mask >> d & 1)) continue;
-                        uint8_t *m = c.base[d] + moff;
+                        if (!(smask >> d & 1)) continue;
+                        uint8_t *m = epk_dst(c, d) + moff;
                         *(uint4 *)(m + g * 128 + sub * 16) = q;
                         if (sub == 0) *(float *)(m + H + g * 4) = sinv;
                     }
@@ -118,16 +116,38 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
             for (int v = threadIdx.x; v < H / 8; v += blockDim.x) {
                 const uint4 val = __ldg((const uint4 *)xt + v);
                 for (int d = 0; d < R; ++d)
-                    if (mask >> d & 1) *((uint4 *)(c.base[d] + moff) + v) = val;
+                    if (smask >> d & 1) *((uint4 *)(epk_dst(c, d) + moff) + v) = val;
             }
         }
         __syncthreads();
+        if (c.proxy && (int)threadIdx.x < R && (int)threadIdx.x != c.rank &&
+            (mask >> threadIdx.x & 1)) {
+            __threadfence_system();
+            epk_ring_push(c, EPK_CMD_PUT, threadIdx.x, moff, moff,
+                          p.use_fp8 ? (uint32_t)(H + H / 32) : (uint32_t)(2 * H));
+        }
     }
     __syncthreads();
-    if ((int)threadIdx.x < R) {
-        __threadfence_system();
-        epk_red_release_sys(
-            epk_at(c, threadIdx.x, c.lay.ll_cnt + ((size_t)(p.buf * 3 + 0) * R + c.rank) * 8), 1);
+    const size_t cnt_off = c.lay.ll_cnt + ((size_t)(p.buf * 3 + 0) * R + c.rank) * 8;
+    if (!c.proxy) {
+        if ((int)threadIdx.x < R) {
+            __threadfence_system();
+            epk_red_release_sys(epk_at(c, threadIdx.x, cnt_off), 1);
+        }
+        return;
+    }
+    if (threadIdx.x == 0 &&
+        epk_last_sender(&epk_ll_state_of(c)->sfin[p.buf][0], (unsigned)p.send_blocks)) {
+        const size_t idx_bytes = 16 + (size_t)T * k * 4, w_off = 16 + (size_t)c.ll_max_tokens * k * 4;
+        for (int d = 0; d < R; ++d) {
+            if (d == c.rank) continue;
+            epk_ring_push(c, EPK_CMD_PUT, d, meta_off, meta_off, (uint32_t)idx_bytes);
+            if (p.topk_w && T > 0)
+                epk_ring_push(c, EPK_CMD_PUT, d, meta_off + w_off, meta_off + w_off,
+                              (uint32_t)((size_t)T * k * 4));
+            epk_ring_push(c, EPK_CMD_SIGNAL_ADD, d, (uint64_t)p.send_blocks, cnt_off, 0);
+        }
+        epk_self_add(c, cnt_off, (uint64_t)p.send_blocks);
     }
 }
 
@@ -135,8 +155,9 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
 {
     const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts;
     const int Tmax = c.ll_max_tokens, S = Tmax * R;
-    uint8_t *buf = c.base[c.rank] + c.lay.ll_buf + (size_t)p.buf * c.lay.ll_buf_bytes;
-    ll_state *st = state_of(c);
+    const uint8_t *wbuf = c.win + c.lay.ll_win + (size_t)p.buf * c.lay.ll_win_bytes;
+    uint8_t *lbuf = c.base[c.rank] + c.lay.ll_loc + (size_t)p.buf * c.lay.ll_loc_bytes;
+    epk_ll_state *st = epk_ll_state_of(c);
     __shared__ int s_fail;
     __shared__ int s_scan[33];
     __shared__ int s_tok[kThreads];
@@ -146,7 +167,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) {
-        const uint64_t *cnt = (const uint64_t *)(c.base[c.rank] + c.lay.ll_cnt) +
+        const uint64_t *cnt = (const uint64_t *)(c.win + c.lay.ll_cnt) +
                               (size_t)(p.buf * 3 + 0) * R + threadIdx.x;
         if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_DISPATCH))
             s_fail = 1;
@@ -155,17 +176,17 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     if (s_fail) return;
 
     const size_t row_bytes = p.use_fp8 ? (size_t)H : (size_t)H * 2;
-    uint8_t *recv_x = buf + c.lay.ll_recv_x;
-    float *recv_scales = (float *)(buf + c.lay.ll_recv_scales);
-    int32_t *recv_count = (int32_t *)(buf + c.lay.ll_recv_count);
-    int32_t *src_info = (int32_t *)(buf + c.lay.ll_src_info);
-    int32_t *range = (int32_t *)(buf + c.lay.ll_range);
-    int32_t *inv = (int32_t *)(buf + c.lay.ll_inv);
+    uint8_t *recv_x = lbuf + c.lay.ll_recv_x;
+    float *recv_scales = (float *)(lbuf + c.lay.ll_recv_scales);
+    int32_t *recv_count = (int32_t *)(lbuf + c.lay.ll_recv_count);
+    int32_t *src_info = (int32_t *)(lbuf + c.lay.ll_src_info);
+    int32_t *range = (int32_t *)(lbuf + c.lay.ll_range);
+    int32_t *inv = (int32_t *)(lbuf + c.lay.ll_inv);
 
     __shared__ int s_ts[EP_MAX_RANKS];
     __shared__ int s_cnt[EP_MAX_RANKS];
     if ((int)threadIdx.x < R)
-        s_ts[threadIdx.x] = *(const volatile int32_t *)(buf + c.lay.ll_meta +
+        s_ts[threadIdx.x] = *(const volatile int32_t *)(wbuf + c.lay.ll_meta +
                                                         (size_t)threadIdx.x * c.lay.ll_meta_bytes);
     __syncthreads();
     for (int e = bid; e < L; e += p.recv_blocks) {
@@ -180,7 +201,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
             const int32_t *midx = nullptr;
             if (i < R * Tmax && t < s_ts[s]) {
                 midx =
-                    (const int32_t *)(buf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes + 16) +
+                    (const int32_t *)(wbuf + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes + 16) +
                     (size_t)t * k;
                 for (int j = 0; j < k; ++j)
                     sel |= midx[j] == ge;
@@ -209,7 +230,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                     if (q < total) {
                         const int n = q / nvec, v = q - n * nvec;
                         const uint8_t *msg =
-                            buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                            wbuf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
                         val[u] = *((const uint4 *)msg + v);
                         dst[u] = (uint4 *)(recv_x + ((size_t)e * S + s_row[n]) * row_bytes) + v;
                     }
@@ -223,7 +244,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                 for (int q = threadIdx.x; q < tot * ns; q += blockDim.x) {
                     const int n = q / ns, g = q - n * ns;
                     const uint8_t *msg =
-                        buf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                        wbuf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
                     recv_scales[((size_t)e * S + s_row[n]) * ns + g] =
                         ((const float *)(msg + H))[g];
                 }

@@ -53,3 +53,11 @@ ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int pe
         nanosleep(&ts, NULL);
     }
 }
+
+ep_status_t ep_wire_put_local(ep_wire_t *w, int peer, size_t remote_off, size_t local_off,
+                              size_t len)
+{
+    if (w->ops->put_local) return w->ops->put_local(w, peer, remote_off, local_off, len);
+    if (local_off > w->bytes || len > w->bytes - local_off) return EP_ERR_INVALID;
+    return w->ops->put(w, peer, remote_off, w->local + local_off, len);
+}

@@ -28,6 +28,12 @@ struct ep_wire_ops {
     /* Copy len bytes from src into peer's buffer at remote_off. May return before the data
      * left; src may be reused on return. peer == own rank copies locally. */
     ep_status_t (*put)(ep_wire_t *w, int peer, size_t remote_off, const void *src, size_t len);
+    /* Optional. Copy len bytes of this rank's own buffer at local_off into peer's buffer at
+     * remote_off without a staging copy: the range must stay unchanged until a signal issued
+     * after it has been seen by the peer (or flush returned). NULL: ep_wire_put_local() puts
+     * from the buffer with put(). */
+    ep_status_t (*put_local)(ep_wire_t *w, int peer, size_t remote_off, size_t local_off,
+                             size_t len);
     /* Atomically SET or ADD `value` to the 64-bit word at remote_off in peer's buffer, after
      * all earlier puts to that peer. */
     ep_status_t (*signal)(ep_wire_t *w, int peer, size_t remote_off, uint64_t value,
@@ -62,6 +68,10 @@ ep_status_t ep_wire_shm_create(const ep_config_t *cfg, int rank, int nranks, ep_
 ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
 /* transport/rdma/wire_rdma.c (built when libibverbs and librdmacm are found: EP_HAVE_RDMA). */
 ep_status_t ep_wire_rdma_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
+
+/* put_local when the wire has it, else put from this rank's buffer. */
+ep_status_t ep_wire_put_local(ep_wire_t *w, int peer, size_t remote_off, size_t local_off,
+                              size_t len);
 
 /* Waits until the 64-bit word at local_off of this rank's buffer is >= target (acquire), or
  * the wire's timeout passes, a peer fails or the group is aborted. `peer` is the rank expected

@@ -1,10 +1,16 @@
 /* libep's cuda backend (host side): one rank per GPU, driven by one host thread each. Owns the
  * symmetric device buffer, its peers' addresses (peer access in one process, CUDA IPC across
  * processes), the mapped error word the kernels report stalls through, LL handles and hooks,
- * and HT handles. All compute and movement is in kernels/ (see kernels/ep_cuda.h). */
+ * and HT handles. All compute and movement is in kernels/ (see kernels/ep_cuda.h).
+ *
+ * With the tcp or rdma transport (ranks on different nodes) peers are not reachable by stores:
+ * the buffer's window (what peers write) is pinned host memory that a wire reads and writes, the
+ * kernels append put/signal commands to a ring in mapped host memory, and a proxy thread
+ * (proxy.c) runs them through the wire. LL ops only; HT needs NVLink. */
 #include "group.h"
 
 #include "ep_cuda.h"
+#include "proxy.h"
 
 #include <cuda_runtime.h>
 #include <pthread.h>
@@ -64,6 +70,14 @@ typedef struct cuda_impl {
     epk_ctx_t ctx;
     uint8_t *buf;
     int *err_host, *err_dev;
+    /* proxy path (tcp/rdma transport) */
+    int proxy;
+    ep_wire_t *wire;
+    ep_cuda_proxy_t px;
+    uint8_t *win_host;                   /* the window, pinned and mapped */
+    epk_cmd_t *ring_host;                /* the command ring, pinned and mapped */
+    uint64_t *head_host;                 /* the proxy's head word, pinned and mapped */
+    unsigned long long *tail_dev;        /* commands handed out (device memory) */
     epk_ht_info_t *info_host, *info_dev; /* mapped: what the HT count exchange found */
     int ht_copy;                         /* HT moves bulk rows with the copy engines */
     cudaStream_t cs, ss;                 /* copy-engine stream, signal stream */
@@ -100,6 +114,16 @@ static ep_status_t check_err(ep_group_t *g)
     int what = ((volatile int *)c->err_host)[EPK_ERR_WHAT];
     if (code == EPK_CODE_ABORT || atomic_load(&g->aborted))
         return ep_group_fail(g, peer, EP_ERR_ABORTED, "rank %d: group aborted", g->rank);
+    if (code == EPK_CODE_PEER) {
+        const char *why = c->px.error[0]                 ? c->px.error
+                          : c->wire && c->wire->error[0] ? c->wire->error
+                                                         : "the proxy reported a failure";
+        return ep_group_fail(g, peer, EP_ERR_PEER, "%s", why);
+    }
+    if (what == EPK_WAIT_RING)
+        return ep_group_fail(g, -1, EP_ERR_TIMEOUT,
+                             "rank %d: the proxy's command ring stayed full for %u ms", g->rank,
+                             g->cfg.timeout_ms);
     return ep_group_fail(g, peer, EP_ERR_TIMEOUT,
                          "rank %d: no signal from rank %d within %u ms (GPU wait: %s)", g->rank,
                          peer, g->cfg.timeout_ms, epk_wait_name(what));
@@ -114,6 +138,73 @@ static ep_status_t set_device(ep_group_t *g)
 static int imin(int a, int b)
 {
     return a < b ? a : b;
+}
+
+/* Commands the ring holds (a power of two): an LL op issues about one per token and peer. */
+#define PROXY_RING_SLOTS 8192
+
+/* Mapped pinned host memory: *host for the CPU, *dev for the kernels. */
+static ep_status_t host_mapped(ep_group_t *g, size_t bytes, void **host, void **dev,
+                               const char *what)
+{
+    cudaError_t e = cudaHostAlloc(host, bytes, cudaHostAllocMapped | cudaHostAllocPortable);
+    if (e != cudaSuccess) {
+        *host = NULL;
+        return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: cudaHostAlloc of %zu bytes (%s): %s",
+                             g->rank, bytes, what, cudaGetErrorString(e));
+    }
+    memset(*host, 0, bytes);
+    if ((e = cudaHostGetDevicePointer(dev, *host, 0)) != cudaSuccess)
+        return cuda_fail(g, e, "cudaHostGetDevicePointer");
+    return EP_OK;
+}
+
+/* Proxy path: the window in pinned host memory, the command ring, and the wire. */
+static ep_status_t proxy_setup(ep_group_t *g)
+{
+    cuda_impl_t *c = impl_of(g);
+    void *dev;
+    ep_status_t st;
+    cudaError_t e;
+    if ((st = host_mapped(g, c->ctx.lay.win_total, (void **)&c->win_host, &dev, "the window")))
+        return st;
+    c->ctx.win = dev;
+    if ((st = host_mapped(g, PROXY_RING_SLOTS * sizeof(epk_cmd_t), (void **)&c->ring_host, &dev,
+                          "the command ring")))
+        return st;
+    c->ctx.ring.slots = dev;
+    if ((st = host_mapped(g, 64, (void **)&c->head_host, &dev, "the ring head"))) return st;
+    c->ctx.ring.head = dev;
+    c->ctx.ring.nslots = PROXY_RING_SLOTS;
+    if ((e = cudaMalloc((void **)&c->tail_dev, sizeof *c->tail_dev)) != cudaSuccess) {
+        c->tail_dev = NULL;
+        return cuda_fail(g, e, "cudaMalloc of the ring tail");
+    }
+    if ((e = cudaMemset(c->tail_dev, 0, sizeof *c->tail_dev)) != cudaSuccess)
+        return cuda_fail(g, e, "cudaMemset of the ring tail");
+    c->ctx.ring.tail = c->tail_dev;
+    c->ctx.proxy = 1;
+
+    if (g->cfg.transport == EP_TRANSPORT_RDMA) {
+#ifdef EP_HAVE_RDMA
+        st = ep_wire_rdma_create(&g->cfg, g->rank, g->nranks, &c->wire);
+#else
+        st = EP_ERR_UNSUPPORTED;
+#endif
+    } else {
+#ifdef EP_HAVE_TCP
+        st = ep_wire_tcp_create(&g->cfg, g->rank, g->nranks, &c->wire);
+#else
+        st = EP_ERR_UNSUPPORTED;
+#endif
+    }
+    if (st) {
+        c->wire = NULL;
+        return ep_group_fail(g, -1, st, "rank %d: creating the %s wire failed (%s)", g->rank,
+                             ep_transport_name(g->cfg.transport), ep_strerror(st));
+    }
+    if (atomic_load(&g->aborted)) atomic_store(&c->wire->aborted, 1);
+    return EP_OK;
 }
 
 static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
@@ -151,17 +242,31 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         st = cuda_fail(g, e, "loading the kernels");
         goto fail;
     }
-    epk_layout(&c->ctx.lay, cfg, R);
-    if ((e = cudaMalloc((void **)&c->buf, c->ctx.lay.total)) != cudaSuccess) {
+    c->proxy = cfg->transport == EP_TRANSPORT_TCP || cfg->transport == EP_TRANSPORT_RDMA;
+    if (cfg->transport == EP_TRANSPORT_SHM) {
+        st = ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
+                           "config.transport shm: the cuda backend reaches its peers over nvlink "
+                           "(auto), or through a proxy over tcp or rdma");
+        goto fail;
+    }
+    epk_layout(&c->ctx.lay, cfg, R, c->proxy);
+    /* proxy path: the device holds only the local part; its base sits win_total below the
+     * allocation so that the layout's offsets stay the same (kernels add >= win_total) */
+    const size_t dev_bytes = c->proxy ? c->ctx.lay.total - c->ctx.lay.win_total : c->ctx.lay.total;
+    if ((e = cudaMalloc((void **)&c->buf, dev_bytes)) != cudaSuccess) {
         st = ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: cudaMalloc of %zu bytes: %s", g->rank,
-                           c->ctx.lay.total, cudaGetErrorString(e));
+                           dev_bytes, cudaGetErrorString(e));
         c->buf = NULL;
         goto fail;
     }
-    if ((e = cudaMemset(c->buf, 0, c->ctx.lay.total)) != cudaSuccess) {
+    if ((e = cudaMemset(c->buf, 0, dev_bytes)) != cudaSuccess) {
         st = cuda_fail(g, e, "cudaMemset of the symmetric buffer");
         goto fail;
     }
+    if (c->proxy && (st = proxy_setup(g)) != EP_OK) goto fail;
+    c->ctx.base[g->rank] =
+        c->proxy ? (uint8_t *)((uintptr_t)c->buf - c->ctx.lay.win_total) : c->buf;
+    if (!c->proxy) c->ctx.win = c->buf;
     if ((e = cudaHostAlloc((void **)&c->err_host, 64, cudaHostAllocMapped)) != cudaSuccess) {
         c->err_host = NULL;
         st = cuda_fail(g, e, "cudaHostAlloc of the error word");
@@ -234,11 +339,9 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         share = same > share ? same : share;
         sms = imin(sms, all[r].num_sms);
     }
-    for (int r = 0; r < R; ++r) {
-        if (r == g->rank) {
-            c->ctx.base[r] = c->buf;
-            continue;
-        }
+    if (c->proxy) c->inproc = 0; /* HT needs peer pointers */
+    for (int r = 0; r < R && !c->proxy; ++r) {
+        if (r == g->rank) continue;
         if (c->inproc) {
             if (all[r].device != c->device) {
                 int can = 0;
@@ -280,6 +383,25 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
     c->ctx.ht_max_tokens = cfg->ht_max_tokens;
     c->ctx.timeout_ns = (unsigned long long)cfg->timeout_ms * 1000000ull;
     c->ctx.err = c->err_dev;
+    if (c->proxy) {
+        /* the wire exchanges its endpoints through the bootstrap, then the proxy starts */
+        if ((st = c->wire->ops->connect(c->wire, bs, c->win_host, c->ctx.lay.win_total))) {
+            int fp = atomic_load(&c->wire->failed_peer);
+            st = ep_group_fail(g, fp >= 0 && fp < R ? fp : -1, st,
+                               "rank %d: connecting the %s wire: %s", g->rank, c->wire->ops->name,
+                               c->wire->error[0] ? c->wire->error : ep_strerror(st));
+            goto fail;
+        }
+        c->px.wire = c->wire;
+        c->px.slots = c->ring_host;
+        c->px.head = (_Atomic uint64_t *)c->head_host;
+        c->px.nslots = PROXY_RING_SLOTS;
+        c->px.err = c->err_host;
+        if ((st = ep_cuda_proxy_start(&c->px)) != EP_OK) {
+            st = ep_group_fail(g, -1, st, "rank %d: starting the proxy thread failed", g->rank);
+            goto fail;
+        }
+    }
 
     /* Block counts must agree on every rank (receivers count the senders' blocks): they derive
      * from the config and the smallest device; ranks sharing a GPU split it so that every
@@ -317,8 +439,20 @@ static void cu_destroy(ep_group_t *g)
     if (!c) return;
     cudaSetDevice(c->device);
     cudaDeviceSynchronize();
+    if (c->proxy && c->connected && c->px.running) {
+        /* every command the kernels issued goes out before the peers are told we are done */
+        unsigned long long tail = 0;
+        if (cudaMemcpy(&tail, c->tail_dev, sizeof tail, cudaMemcpyDeviceToHost) == cudaSuccess)
+            ep_cuda_proxy_drain(&c->px, tail, g->cfg.timeout_ms);
+    }
     /* peers may still write into this buffer until they are done too */
     if (c->connected) c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
+    ep_cuda_proxy_stop(&c->px);
+    if (c->wire) c->wire->ops->destroy(c->wire);
+    if (c->win_host) cudaFreeHost(c->win_host);
+    if (c->ring_host) cudaFreeHost(c->ring_host);
+    if (c->head_host) cudaFreeHost(c->head_host);
+    if (c->tail_dev) cudaFree(c->tail_dev);
     for (int r = 0; r < EP_MAX_RANKS; ++r)
         if (c->ipc_open[r]) cudaIpcCloseMemHandle(c->ipc_open[r]);
     while (c->sc_free) {
@@ -384,7 +518,7 @@ static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_a
     if ((st = launched(g, epk_ll_dispatch(&c->ctx, &lp, mode, a->stream), "LL dispatch")) != EP_OK)
         return st;
 
-    uint8_t *b = c->buf + c->ctx.lay.ll_buf + (size_t)buf * c->ctx.lay.ll_buf_bytes;
+    uint8_t *b = c->ctx.base[g->rank] + c->ctx.lay.ll_loc + (size_t)buf * c->ctx.lay.ll_loc_bytes;
     out->recv_x = b + c->ctx.lay.ll_recv_x;
     out->recv_scales = a->use_fp8 ? (float *)(b + c->ctx.lay.ll_recv_scales) : NULL;
     out->recv_count = (int32_t *)(b + c->ctx.lay.ll_recv_count);
@@ -529,6 +663,11 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
     struct cuda_ht_handle *h = NULL;
     cudaError_t e;
     if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if (c->proxy)
+        return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
+                             "rank %d: cuda HT ops need NVLink peer access; over the %s transport "
+                             "the cuda backend runs LL ops only",
+                             g->rank, ep_transport_name(g->cfg.transport));
     if (!c->inproc)
         return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
                              "rank %d: cuda HT ops need all ranks in one process", g->rank);

@@ -548,6 +548,7 @@ static const struct ep_wire_ops rdma_ops = {
     .name = "rdma",
     .connect = wire_connect,
     .put = wire_put,
+    .put_local = ep_wire_rdma_put_local,
     .signal = wire_signal,
     .flush = wire_flush,
     .destroy = wire_destroy,

@@ -1,9 +1,18 @@
-/* GPU test of the cuda backend with ranks in SEPARATE processes (CUDA IPC handles instead of
- * peer pointers): the parent forks one process per rank before touching CUDA; they meet through
- * the TCP bootstrap. Every process derives every rank's inputs from the same seeds, so each can
- * check its own outputs: LL dispatch counts, source info and fp8 rows (bit-exact with
- * kernels/fp8_quant_ref.c), LL combine within two bf16 roundings; HT must refuse with
- * EP_ERR_UNSUPPORTED (it needs the ranks in one process). Exit 77 (skipped) without a GPU. */
+/* GPU test of the cuda backend with ranks in SEPARATE processes: the parent forks one process
+ * per rank before touching CUDA; they meet through the TCP bootstrap.
+ *
+ *   --transport nvlink (default): CUDA IPC handles instead of peer pointers;
+ *   --transport tcp | rdma: the internode path, every process treated as its own node: kernels
+ *     write put/signal commands into the command ring, the proxy thread runs them over the wire.
+ *   --kill: the last rank exits without a word after step 5; rank 0's next LL op must fail
+ *     naming it, within the timeout (and without a hang).
+ *
+ * Every process derives every rank's inputs from the same seeds, so each checks its own outputs
+ * against a reference computed here: LL dispatch counts, source info and fp8 rows (bit-exact
+ * with kernels/fp8_quant_ref.c), LL combine within two bf16 roundings; HT must refuse with
+ * EP_ERR_UNSUPPORTED (it needs the ranks in one process and NVLink). Steps alternate fp8/bf16,
+ * with and without the receive hook, with and without dispatch weights. NR (ranks) is a
+ * compile-time constant (default 2). Exit 77 (skipped) without a GPU. */
 #include "cuda_harness.h"
 #include "fp8_quant_ref.h"
 
@@ -13,16 +22,23 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/wait.h>
+#include <time.h>
 #include <unistd.h>
 
+#ifndef NR
 #define NR 2
-#define E_ 16
+#endif
+#define E_ (8 * NR)
 #define H_ 256
 #define K_ 4
 #define TM 24
 #define L_ (E_ / NR)
 #define S_ (TM * NR)
-#define STEPS 20
+
+static int g_steps = 40;
+static ep_transport_kind_t g_transport = EP_TRANSPORT_AUTO;
+static int g_kill;
+#define KILL_STEP 5
 
 static int T_of(int step, int r)
 {
@@ -67,7 +83,7 @@ static int run_rank(int rank, int port, int ndev)
     static int32_t idx[NR][TM * K_];
     static float w[NR][TM * K_];
     static uint16_t x[NR][TM * H_], y[L_ * S_ * H_], out[TM * H_];
-    static uint8_t rx[L_ * S_ * H_], q[H_];
+    static uint8_t rx[L_ * S_ * H_ * 2], q[H_];
     static float sc[L_ * S_ * (H_ / 128)], qs[H_ / 128];
     static int32_t cnt[L_], src[L_ * S_];
     ep_tcp_bootstrap_t *tb = NULL;
@@ -94,8 +110,9 @@ static int run_rank(int rank, int port, int ndev)
     cfg.ll_max_tokens = TM;
     cfg.ht_max_tokens = TM;
     cfg.num_sms = 4;
-    cfg.timeout_ms = 20000;
+    cfg.timeout_ms = g_kill ? 3000 : 20000;
     cfg.device = rank % ndev;
+    cfg.transport = g_transport;
     if (ep_group_create(&cfg, &bs, &g) != EP_OK) {
         fprintf(stderr, "rank %d: ep_group_create: %s\n", rank, ep_group_last_error(NULL));
         goto out;
@@ -108,7 +125,13 @@ static int run_rank(int rank, int port, int ndev)
         cudaMalloc((void **)&d_w, sizeof w[0]) != cudaSuccess)
         goto out;
 
-    for (step = 0; step < STEPS; ++step) {
+    for (step = 0; step < g_steps; ++step) {
+        const int fp8 = step % 3 != 2, with_w = step % 4 != 3;
+        if (g_kill && step == KILL_STEP + 1 && rank == NR - 1) {
+            printf("rank %d: exiting without a word before step %d\n", rank, step);
+            fflush(NULL);
+            _exit(0);
+        }
         for (int r = 0; r < NR; ++r)
             inputs(step, r, idx[r], w[r], x[r]);
         const int T = T_of(step, rank);
@@ -129,30 +152,53 @@ static int run_rank(int rank, int port, int ndev)
             exp_cnt[e] = row;
         }
         if (cudaMemcpy(d_y, y, sizeof y, cudaMemcpyHostToDevice) != cudaSuccess) goto out;
+        struct timespec t0;
+        clock_gettime(CLOCK_MONOTONIC, &t0);
         ep_ll_dispatch_args_t a = {.x = d_x,
                                    .num_tokens = T,
                                    .topk_idx = d_idx,
-                                   .topk_weights = d_w,
-                                   .use_fp8 = 1,
+                                   .topk_weights = with_w ? d_w : NULL,
+                                   .use_fp8 = fp8,
                                    .use_hook = step & 1,
                                    .stream = s};
         ep_ll_dispatch_out_t o;
         ep_ll_handle_t *hd;
         ep_hook_t *hk = NULL;
-        if (ep_ll_dispatch(g, &a, &o, &hd, &hk) != EP_OK || (hk && ep_hook_run(hk) != EP_OK))
-            goto fail_op;
+        ep_status_t st = ep_ll_dispatch(g, &a, &o, &hd, &hk);
+        if (st == EP_OK && hk) st = ep_hook_run(hk);
         ep_ll_combine_args_t ca = {.handle = hd,
                                    .expert_y = d_y,
                                    .topk_idx = d_idx,
                                    .topk_weights = d_w,
                                    .out = d_out,
                                    .stream = s};
-        if (ep_ll_combine(g, &ca, &hk) != EP_OK || cudaStreamSynchronize(s) != cudaSuccess)
-            goto fail_op;
+        if (st == EP_OK) st = ep_ll_combine(g, &ca, &hk);
+        if (st == EP_OK && cudaStreamSynchronize(s) != cudaSuccess) goto out;
+        /* a failure in the last kernels surfaces at the next call */
+        if (st == EP_OK && g_kill && step == KILL_STEP + 1)
+            st = ep_ll_dispatch(g, &a, &o, &hd, &hk);
+        if (g_kill && step == KILL_STEP + 1) {
+            struct timespec t1;
+            clock_gettime(CLOCK_MONOTONIC, &t1);
+            const double ms = (t1.tv_sec - t0.tv_sec) * 1e3 + (t1.tv_nsec - t0.tv_nsec) / 1e6;
+            printf("rank %d: after rank %d died: status %d (%s), failed peer %d, %.0f ms: %s\n",
+                   rank, NR - 1, st, ep_strerror(st), ep_group_failed_peer(g), ms,
+                   ep_group_last_error(g));
+            if (st == EP_OK || (rank == 0 && ep_group_failed_peer(g) != NR - 1) ||
+                ms > 3000 + 2000) {
+                fprintf(stderr, "rank %d: kill test FAILED\n", rank);
+                goto out;
+            }
+            rc = 0;
+            goto out;
+        }
+        if (st != EP_OK) goto fail_op;
         if (cudaMemcpy(cnt, o.recv_count, sizeof cnt, cudaMemcpyDeviceToHost) != cudaSuccess ||
             cudaMemcpy(src, o.recv_src_info, sizeof src, cudaMemcpyDeviceToHost) != cudaSuccess ||
-            cudaMemcpy(rx, o.recv_x, sizeof rx, cudaMemcpyDeviceToHost) != cudaSuccess ||
-            cudaMemcpy(sc, o.recv_scales, sizeof sc, cudaMemcpyDeviceToHost) != cudaSuccess ||
+            cudaMemcpy(rx, o.recv_x, fp8 ? sizeof rx / 2 : sizeof rx, cudaMemcpyDeviceToHost) !=
+                cudaSuccess ||
+            (fp8 &&
+             cudaMemcpy(sc, o.recv_scales, sizeof sc, cudaMemcpyDeviceToHost) != cudaSuccess) ||
             cudaMemcpy(out, d_out, sizeof out, cudaMemcpyDeviceToHost) != cudaSuccess)
             goto out;
         for (int e = 0; e < L_; ++e) {
@@ -166,9 +212,15 @@ static int run_rank(int rank, int port, int ndev)
                 for (int t = 0; t < T_of(step, r); ++t) {
                     if (!sel(idx[r], t, ge)) continue;
                     const size_t rr = (size_t)e * S_ + row;
-                    ep_fp8_quant_row_ref(&x[r][t * H_], H_, 0, q, qs);
-                    if (src[rr] != t || memcmp(q, rx + rr * H_, H_) ||
-                        memcmp(qs, sc + rr * (H_ / 128), sizeof qs)) {
+                    int same;
+                    if (fp8) {
+                        ep_fp8_quant_row_ref(&x[r][t * H_], H_, 0, q, qs);
+                        same = !memcmp(q, rx + rr * H_, H_) &&
+                               !memcmp(qs, sc + rr * (H_ / 128), sizeof qs);
+                    } else {
+                        same = !memcmp(&x[r][t * H_], rx + rr * H_ * 2, H_ * 2);
+                    }
+                    if (src[rr] != t || !same) {
                         fprintf(stderr, "rank %d step %d: expert %d row %d differs\n", rank, step,
                                 e, row);
                         goto out;
@@ -211,7 +263,8 @@ static int run_rank(int rank, int port, int ndev)
             goto out;
         }
     }
-    printf("rank %d (pid %d): %d LL steps across processes ok\n", rank, (int)getpid(), STEPS);
+    printf("rank %d (pid %d): %d LL steps across processes over %s ok\n", rank, (int)getpid(),
+           g_steps, ep_transport_name(g_transport));
     rc = 0;
     goto out;
 fail_op:
@@ -229,8 +282,25 @@ out:
     return rc;
 }
 
-int main(void)
+int main(int argc, char **argv)
 {
+    for (int i = 1; i < argc; ++i) {
+        if (!strcmp(argv[i], "--transport") && i + 1 < argc) {
+            const char *t = argv[++i];
+            g_transport = !strcmp(t, "tcp")    ? EP_TRANSPORT_TCP
+                          : !strcmp(t, "rdma") ? EP_TRANSPORT_RDMA
+                                               : EP_TRANSPORT_AUTO;
+        } else if (!strcmp(argv[i], "--steps") && i + 1 < argc) {
+            g_steps = atoi(argv[++i]);
+        } else if (!strcmp(argv[i], "--kill")) {
+            g_kill = 1;
+        } else {
+            fprintf(stderr, "usage: %s [--transport nvlink|tcp|rdma] [--steps N] [--kill]\n",
+                    argv[0]);
+            return 2;
+        }
+    }
+    if (g_kill && g_steps < KILL_STEP + 2) g_steps = KILL_STEP + 2;
     /* count devices in a child: the parent must not initialise CUDA before forking */
     int ndev = 0;
     pid_t probe = fork();
@@ -246,7 +316,11 @@ int main(void)
     pid_t pids[NR];
     for (int r = 0; r < NR; ++r) {
         pids[r] = fork();
-        if (pids[r] == 0) _exit(run_rank(r, port, ndev));
+        if (pids[r] == 0) {
+            const int rc = run_rank(r, port, ndev);
+            fflush(NULL);
+            _exit(rc);
+        }
         if (pids[r] < 0) return 1;
     }
     int failed = 0;
