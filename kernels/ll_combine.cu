@@ -161,7 +161,8 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
     }
     if (threadIdx.x == 0 && epk_last_sender(&st->sfin[p.buf][1], (unsigned)p.send_blocks)) {
         for (int d = 0; d < R; ++d)
-            if (d != c.rank) epk_ring_push(c, EPK_CMD_SIGNAL_ADD, d, (uint64_t)p.send_blocks, cnt_off, 0);
+            if (d != c.rank)
+                epk_ring_push(c, EPK_CMD_SIGNAL_ADD, d, (uint64_t)p.send_blocks, cnt_off, 0);
         epk_self_add(c, cnt_off, (uint64_t)p.send_blocks);
     }
 }
@@ -178,8 +179,8 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
     if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) {
-        const uint64_t *cnt = (const uint64_t *)(c.win + c.lay.ll_cnt) +
-                              (size_t)(p.buf * 3 + 1) * R + threadIdx.x;
+        const uint64_t *cnt =
+            (const uint64_t *)(c.win + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 1) * R + threadIdx.x;
         if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_COMBINE))
             s_fail = 1;
     }

@@ -138,7 +138,8 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     }
     if (threadIdx.x == 0 &&
         epk_last_sender(&epk_ll_state_of(c)->sfin[p.buf][0], (unsigned)p.send_blocks)) {
-        const size_t idx_bytes = 16 + (size_t)T * k * 4, w_off = 16 + (size_t)c.ll_max_tokens * k * 4;
+        const size_t idx_bytes = 16 + (size_t)T * k * 4,
+                     w_off = 16 + (size_t)c.ll_max_tokens * k * 4;
         for (int d = 0; d < R; ++d) {
             if (d == c.rank) continue;
             epk_ring_push(c, EPK_CMD_PUT, d, meta_off, meta_off, (uint32_t)idx_bytes);
@@ -167,8 +168,8 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     if (threadIdx.x == 0) s_fail = 0;
     __syncthreads();
     if ((int)threadIdx.x < R) {
-        const uint64_t *cnt = (const uint64_t *)(c.win + c.lay.ll_cnt) +
-                              (size_t)(p.buf * 3 + 0) * R + threadIdx.x;
+        const uint64_t *cnt =
+            (const uint64_t *)(c.win + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 0) * R + threadIdx.x;
         if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_DISPATCH))
             s_fail = 1;
     }
