@@ -101,20 +101,40 @@ if [ $BENCH = 1 ]; then
     done
   done
   EB=$BUILD/transport/ep-bench
-  # ep-bench drives every rank on the legacy default stream: with several ranks on ONE GPU
-  # that stream serialises them into a deadlock, so it runs only with a GPU per rank.
-  if [ -x $EB ] && [ "$NGPU" -ge 2 ]; then
-    for args in "--mode ll --fp8" "--mode ll --fp8 --hook" "--mode ht --bf16" "--mode ht --fp8"; do
-      echo "==== ep-bench --backend cuda $args" >>"$OUT/ep-bench.log"
-      timeout 90 $EB --backend cuda --iters 30 --timeout-ms 5000 $args >>"$OUT/ep-bench.log" 2>&1 ||
-        echo "ep-bench $args rc $?" >>"$OUT/ep-bench.log"
+  # Ranks as threads of one process, each on its own stream (on a one-GPU machine both ranks
+  # share it and split its SMs): nvlink (peer stores), and the internode path (kernels ->
+  # command ring -> proxy thread -> tcp wire over loopback; LL only).
+  for tr in nvlink tcp; do
+    for args in "--mode ll --fp8" "--mode ll --fp8 --hook" "--mode ll --bf16" \
+                "--mode ht --bf16" "--mode ht --fp8"; do
+      [ $tr = tcp ] && [[ $args == *ht* ]] && continue
+      echo "==== ep-bench --backend cuda --transport $tr $args" >>"$OUT/ep-bench.log"
+      timeout 90 $EB --backend cuda --transport $tr --iters 30 --timeout-ms 5000 $args \
+        >>"$OUT/ep-bench.log" 2>&1 || echo "ep-bench $tr $args rc $?" >>"$OUT/ep-bench.log"
     done
-  fi
+  done
+  # Two processes, one rank each, over CUDA IPC (nvlink) and over the internode path. On a
+  # one-GPU machine both processes share the GPU and their kernels take turns (time slices of
+  # the two CUDA contexts), so these figures are functional only.
+  for tr in nvlink tcp; do
+    for args in "--mode ll --fp8" "--mode ll --bf16"; do
+      port=$((29000 + RANDOM % 2000))
+      echo "==== ep-bench 2 processes --backend cuda --transport $tr $args" >>"$OUT/ep-bench-mp.log"
+      for r in 1 0; do
+        timeout 120 $EB --backend cuda --transport $tr --rank $r --nranks 2 \
+          --bootstrap 127.0.0.1:$port --iters 30 --timeout-ms 20000 $args \
+          >"$OUT/mp-$r.log" 2>&1 &
+      done
+      wait
+      cat "$OUT/mp-0.log" "$OUT/mp-1.log" >>"$OUT/ep-bench-mp.log"
+      rm -f "$OUT/mp-0.log" "$OUT/mp-1.log"
+    done
+  done
 fi
 
 echo
 echo "==== logs: $OUT ($NGPU GPU(s): $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 [ $BENCH = 1 ] && { sed -n '/^ep-cuda-bench/,/^====/p' "$OUT/bench.log" | grep -v '^$';
   grep -E '^==== HT|GB/s' "$OUT/bench.log" | tail -12;
-  grep -sE '^====|^LL|^HT|median' "$OUT/ep-bench.log"; }
+  grep -sE '^====|^LL|^HT|median' "$OUT/ep-bench.log" "$OUT/ep-bench-mp.log"; }
 printf '%s\n' "${SUMMARY[@]}"

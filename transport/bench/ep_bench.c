@@ -120,12 +120,15 @@ static void mem_copy(const struct opts *o, void *dst, const void *src, size_t n,
     memcpy(dst, src, n);
 }
 
-static void sync_stream(const struct opts *o)
+/* Waits for the rank's own stream only: ranks that share a GPU must not wait for each other's
+ * kernels (a peer's kernel may be waiting for this rank's next op). */
+static void sync_stream(const struct opts *o, void *stream)
 {
 #ifdef EP_HAVE_CUDA
-    if (on_gpu(o)) cudaDeviceSynchronize();
+    if (on_gpu(o)) cudaStreamSynchronize((cudaStream_t)stream);
 #endif
     (void)o;
+    (void)stream;
 }
 
 /* ---- one rank ----------------------------------------------------------------------------- */
@@ -190,6 +193,7 @@ static int bench_rank(struct rank_arg *ra)
     float *h_w = malloc(sizeof(float) * (size_t)T * k);
     uint16_t *h_x = malloc(2 * (size_t)T * H);
     void *x = NULL, *idx = NULL, *w = NULL, *y = NULL, *out = NULL, *xs = NULL;
+    void *stream = NULL; /* cuda: this rank's own non-blocking stream */
     ep_ht_layout_t lay = {0};
     ep_ht_dispatch_out_t ho = {0};
     ep_ht_handle_t *hh = NULL;
@@ -202,6 +206,15 @@ static int bench_rank(struct rank_arg *ra)
         int n = 0;
         cudaGetDeviceCount(&n);
         cudaSetDevice(n ? rank % n : 0);
+        cudaStream_t cs;
+        if (cudaStreamCreateWithFlags(&cs, cudaStreamNonBlocking) != cudaSuccess) {
+            fprintf(stderr, "ep-bench: rank %d: cudaStreamCreateWithFlags failed\n", rank);
+            free(h_idx);
+            free(h_w);
+            free(h_x);
+            return 1;
+        }
+        stream = cs;
     }
 #endif
     gen_routing(o, rank, T, h_idx, h_w);
@@ -255,14 +268,15 @@ static int bench_rank(struct rank_arg *ra)
                                         .topk_idx = idx,
                                         .topk_weights = w,
                                         .use_fp8 = o->fp8,
-                                        .use_hook = o->hook};
+                                        .use_hook = o->hook,
+                                        .stream = stream};
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
             double t0 = now_s();
             TRY(ep_ll_dispatch(g, &da, &dout, &h, &hook));
-            sync_stream(o);
+            sync_stream(o, stream);
             double t1 = now_s();
             if (o->hook) TRY(ep_hook_run(hook));
-            sync_stream(o);
+            sync_stream(o, stream);
             double t2 = now_s();
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
             ep_ll_combine_args_t ca = {.handle = h,
@@ -270,13 +284,14 @@ static int bench_rank(struct rank_arg *ra)
                                        .topk_idx = idx,
                                        .topk_weights = w,
                                        .out = out,
-                                       .use_hook = o->hook};
+                                       .use_hook = o->hook,
+                                       .stream = stream};
             double t3 = now_s();
             TRY(ep_ll_combine(g, &ca, &hook));
-            sync_stream(o);
+            sync_stream(o, stream);
             double t4 = now_s();
             if (o->hook) TRY(ep_hook_run(hook));
-            sync_stream(o);
+            sync_stream(o, stream);
             double t5 = now_s();
             if (it < 0) continue;
             RECORD(T_LL_DISP, t2 - t0);
@@ -341,26 +356,27 @@ static int bench_rank(struct rank_arg *ra)
                                        .use_fp8 = use_fp8,
                                        .num_tokens = T,
                                        .topk_idx = idx,
-                                       .topk_weights = w};
+                                       .topk_weights = w,
+                                       .stream = stream};
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
             double t0 = now_s();
-            TRY(ep_get_dispatch_layout(g, idx, T, &lay, NULL));
-            sync_stream(o);
+            TRY(ep_get_dispatch_layout(g, idx, T, &lay, stream));
+            sync_stream(o, stream);
             double t1 = now_s();
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
             double t2 = now_s();
             TRY(ep_ht_dispatch(g, &a, &ho, &hh));
-            sync_stream(o);
+            sync_stream(o, stream);
             double t3 = now_s();
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
             double t4 = now_s();
             TRY(ep_ht_dispatch_cached(g, hh, &a, &ho));
-            sync_stream(o);
+            sync_stream(o, stream);
             double t5 = now_s();
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
             double t6 = now_s();
-            TRY(ep_ht_combine(g, hh, yb, out, NULL));
-            sync_stream(o);
+            TRY(ep_ht_combine(g, hh, yb, out, stream));
+            sync_stream(o, stream);
             double t7 = now_s();
             recv_rows = ho.num_recv_tokens;
             ep_ht_handle_destroy(hh);
@@ -398,6 +414,9 @@ out:
     free(h_idx);
     free(h_w);
     free(h_x);
+#ifdef EP_HAVE_CUDA
+    if (stream) cudaStreamDestroy((cudaStream_t)stream);
+#endif
     return rc;
 }
 
