@@ -10,6 +10,9 @@ if(NOT TARGET epd_cluster)
     ${CMAKE_CURRENT_LIST_DIR}/ctl_frame.c
     ${CMAKE_CURRENT_LIST_DIR}/ctl_auth.c
     ${CMAKE_CURRENT_LIST_DIR}/cluster.c
+    ${CMAKE_CURRENT_LIST_DIR}/cluster_link.c
+    ${CMAKE_CURRENT_LIST_DIR}/cluster_peer.c
+    ${CMAKE_CURRENT_LIST_DIR}/cluster_coord.c
     ${CMAKE_CURRENT_LIST_DIR}/cluster_boot.c)
   target_include_directories(epd_cluster PUBLIC
     ${CMAKE_CURRENT_LIST_DIR}

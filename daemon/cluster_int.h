@@ -1,5 +1,7 @@
-/* Internal state of the cluster module, shared by cluster.c (links, membership, health) and
- * cluster_boot.c (libep bootstrap through the coordinator). Not a public interface. */
+/* Internal state of the cluster module, shared by its files: cluster.c (lifecycle, accessors,
+ * status), cluster_link.c (links), cluster_peer.c (HELLO, peer state, heartbeats, health),
+ * cluster_coord.c (coordinator, rank table, readiness) and cluster_boot.c (libep bootstrap
+ * through the coordinator). Not a public interface. */
 #ifndef EPD_CLUSTER_INT_H
 #define EPD_CLUSTER_INT_H
 
@@ -9,6 +11,11 @@
 
 typedef struct cl_conn cl_conn_t;
 typedef struct cl_boot cl_boot_t;
+
+/* Reconnect backoff: starts small so a restarted peer is found quickly, doubles, and stays
+ * well below the heartbeat timeout so a rejoin never waits for a long backoff. */
+#define RETRY_INITIAL_MS 100
+#define RETRY_MAX_MS 1000
 
 typedef struct cl_nodeinfo {
     int id;
@@ -117,10 +124,68 @@ struct epd_cluster {
     cl_boot_t *boot;
 };
 
-/* cluster.c, for cluster_boot.c */
+struct cl_conn {
+    uv_tcp_t tcp;
+    epd_cluster_t *c;
+    cl_peer_t *peer;
+    int outbound;
+    int authed;
+    int hello_rx;
+    int closing;
+    int linked; /* on c->conns */
+    uint64_t started_ms;
+    epd_ctl_decoder_t dec;
+    epd_ctl_auth_t auth;
+    uv_connect_t creq;
+    uv_shutdown_t sreq;
+    char remote[64];
+    cl_conn_t *next;
+    cl_conn_t *prev;
+};
+
+static inline uint64_t cl_now_ms(const epd_cluster_t *c)
+{
+    return uv_now(c->loop);
+}
+
+/* cluster.c */
+cl_peer_t *cl_peer_by_id(const epd_cluster_t *c, int id);
+void cl_handle_closed(epd_cluster_t *c); /* a handle counted in c->handles finished closing */
+
+/* cluster_link.c */
+int cl_raw_write(cl_conn_t *cn, const uint8_t *p, size_t n);
+int cl_conn_send_buf(cl_conn_t *cn, epd_ctl_buf_t *b); /* sends and resets b */
 int cl_send_node(epd_cluster_t *c, int node_id, epd_ctl_buf_t *frame);
+void cl_reject_conn(cl_conn_t *cn, epd_ctl_reject_t r, const char *detail);
+void cl_conn_unlink(epd_cluster_t *c, cl_conn_t *cn);
+void cl_on_conn_closed(uv_handle_t *h);
+void cl_conn_close(cl_conn_t *cn);
+void cl_on_shutdown(uv_shutdown_t *req, int status);
+void cl_start_connect(epd_cluster_t *c, cl_peer_t *p);
+void cl_schedule_retry(cl_peer_t *p, epd_cluster_t *c);
+void cl_on_connection(uv_stream_t *server, int status);
+
+/* cluster_peer.c */
+void cl_peer_metric(epd_cluster_t *c, cl_peer_t *p);
+void cl_set_peer_state(epd_cluster_t *c, cl_peer_t *p, epd_peer_state_t s, const char *reason);
+void cl_send_hello(cl_conn_t *cn);
+void cl_on_hello(cl_conn_t *cn, const epd_ctl_msg_t *m);
+void cl_on_heartbeat(cl_conn_t *cn, const epd_ctl_msg_t *m);
+void cl_on_heartbeat_ack(cl_conn_t *cn, const epd_ctl_msg_t *m);
+void cl_on_tick(uv_timer_t *t);
+
+/* cluster_coord.c */
+void cl_nodeinfo_free(cl_nodeinfo_t *n);
+void cl_table_clear(cl_table_t *t);
 const cl_nodeinfo_t *cl_table_node(const epd_cluster_t *c, int node_id, int *index);
-void cl_handle_closed(epd_cluster_t *c);
+int cl_in_table(const epd_cluster_t *c, int id);
+void cl_parse_nodeinfo(const uint8_t *p, uint32_t len, cl_nodeinfo_t *n);
+void cl_on_rank_table(cl_conn_t *cn, const epd_ctl_msg_t *m);
+void cl_on_table_ack(cl_conn_t *cn, const epd_ctl_msg_t *m);
+void cl_on_commit(cl_conn_t *cn, const epd_ctl_msg_t *m);
+void cl_update_readiness(epd_cluster_t *c);
+/* Runs after every membership event (see cluster_coord.c). */
+void cl_evaluate(epd_cluster_t *c);
 
 /* cluster_boot.c */
 int cl_boot_create(epd_cluster_t *c, int local_ranks, cl_boot_t **out);

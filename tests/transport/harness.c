@@ -139,3 +139,18 @@ uint16_t rand_bf16(rng_t *r, int emin, int emax)
     int e = rng_int(r, emin, emax) + 127;
     return (uint16_t)((rng_next(r) & 1) << 15 | (uint32_t)e << 7 | (rng_next(r) & 0x7f));
 }
+
+static float bf16_val[65536];
+static pthread_once_t bf16_once = PTHREAD_ONCE_INIT;
+
+static void bf16_table(void)
+{
+    for (int b = 0; b < 65536; b++)
+        bf16_val[b] = ref_bf16_value((uint16_t)b);
+}
+
+const float *ref_bf16_table(void)
+{
+    pthread_once(&bf16_once, bf16_table);
+    return bf16_val;
+}

@@ -1,5 +1,6 @@
 /* Test harness for libep: ranks as threads with the inproc bootstrap, a seeded generator,
- * and naive number-format references written independently of kernels/numeric_ref.c. */
+ * and naive number-format references written independently of kernels/numeric_ref.c. The naive
+ * LL / HT references of the op tests are in op_ref.h. */
 #ifndef EP_TEST_HARNESS_H
 #define EP_TEST_HARNESS_H
 
@@ -30,5 +31,8 @@ double ref_fp8_value(uint8_t b); /* NaN for 0x7f / 0xff */
 uint8_t ref_fp8_round(float f);  /* RNE, saturating at +-448, NaN -> 0x7f */
 /* A random bf16 with exponent in [emin, emax] and random sign and mantissa. */
 uint16_t rand_bf16(rng_t *r, int emin, int emax);
+/* ref_bf16_value of every pattern, tabulated on first use (a test that forks its ranks calls
+ * it before forking, so that they inherit the table). */
+const float *ref_bf16_table(void);
 
 #endif /* EP_TEST_HARNESS_H */

@@ -1,17 +1,14 @@
 /* Smoke test of ep-bench's multi-process mode: two ep-bench processes (--rank/--nranks/
  * --bootstrap, tcp wire) on loopback with a small shape must exit 0 within a deadline and print
  * their result tables. No timing is checked. argv[1] is the ep-bench executable. */
-#include "mp_world.h"
+#include "fork_world.h"
 
 #include <setjmp.h>
-#include <signal.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <cmocka.h>
@@ -45,68 +42,43 @@ static char *slurp(FILE *f)
     return s;
 }
 
+struct bench_arg {
+    const char *const *extra;
+    FILE *outs[NRANKS];
+};
+
+/* Rank `rank`'s process of the world: ep-bench with its stdout in outs[rank]. */
+static int exec_bench(int rank, int nranks, int port, void *arg)
+{
+    const struct bench_arg *b = arg;
+    char bootstrap[64], r[16], n[16];
+    snprintf(bootstrap, sizeof bootstrap, "127.0.0.1:%d", port);
+    snprintf(r, sizeof r, "%d", rank);
+    snprintf(n, sizeof n, "%d", nranks);
+    const char *argv[64] = {bench_path, "--rank",      r,    "--nranks", n, "--bootstrap",
+                            bootstrap,  "--transport", "tcp"};
+    int a = 9;
+    for (int i = 0; b->extra[i] && a < 63; i++)
+        argv[a++] = b->extra[i];
+    argv[a] = NULL;
+    dup2(fileno(b->outs[rank]), STDOUT_FILENO);
+    execv(bench_path, (char *const *)argv);
+    fprintf(stderr, "exec %s failed\n", bench_path);
+    _exit(127);
+}
+
 /* Runs NRANKS ep-bench processes with the given extra arguments (NULL-terminated). */
 static void run_bench(const char *const *extra, struct run *res)
 {
-    pid_t pids[NRANKS];
-    FILE *outs[NRANKS];
-    pid_t parent = getpid();
-    int port = mp_free_port();
-    assert_true(port > 0);
-    char bootstrap[64];
-    snprintf(bootstrap, sizeof bootstrap, "127.0.0.1:%d", port);
-    fflush(stdout);
-    fflush(stderr);
+    struct bench_arg b = {.extra = extra};
     for (int r = 0; r < NRANKS; r++) {
-        outs[r] = tmpfile();
-        assert_non_null(outs[r]);
-        char rank[16], n[16];
-        snprintf(rank, sizeof rank, "%d", r);
-        snprintf(n, sizeof n, "%d", NRANKS);
-        const char *argv[64] = {bench_path,    "--rank",  rank,          "--nranks", n,
-                                "--bootstrap", bootstrap, "--transport", "tcp"};
-        int a = 9;
-        for (int i = 0; extra[i] && a < 63; i++)
-            argv[a++] = extra[i];
-        argv[a] = NULL;
-        pids[r] = fork();
-        assert_true(pids[r] >= 0);
-        if (pids[r] == 0) {
-            prctl(PR_SET_PDEATHSIG, SIGKILL);
-            if (getppid() != parent) _exit(127);
-            dup2(fileno(outs[r]), STDOUT_FILENO);
-            execv(bench_path, (char *const *)argv);
-            fprintf(stderr, "exec %s failed\n", bench_path);
-            _exit(127);
-        }
-        res->status[r] = MP_HUNG;
+        b.outs[r] = tmpfile();
+        assert_non_null(b.outs[r]);
     }
-    uint64_t until = mp_now_ms() + LIMIT_MS;
-    int left = NRANKS;
-    while (left) {
-        for (int r = 0; r < NRANKS; r++) {
-            int ws;
-            if (pids[r] > 0 && waitpid(pids[r], &ws, WNOHANG) == pids[r]) {
-                res->status[r] = WIFEXITED(ws) ? WEXITSTATUS(ws) : MP_SIGNALED(WTERMSIG(ws));
-                pids[r] = 0;
-                left--;
-            }
-        }
-        if (left && mp_now_ms() > until)
-            for (int r = 0; r < NRANKS; r++)
-                if (pids[r] > 0) {
-                    fprintf(stderr, "ep-bench rank %d still running after %u ms: killed\n", r,
-                            LIMIT_MS);
-                    kill(pids[r], SIGKILL);
-                    waitpid(pids[r], NULL, 0);
-                    pids[r] = 0;
-                    left--;
-                }
-        if (left) usleep(5000);
-    }
+    world_run(NRANKS, exec_bench, &b, LIMIT_MS, res->status);
     for (int r = 0; r < NRANKS; r++) {
-        res->out[r] = slurp(outs[r]);
-        fclose(outs[r]);
+        res->out[r] = slurp(b.outs[r]);
+        fclose(b.outs[r]);
         printf("---- ep-bench rank %d (status %d)\n%s", r, res->status[r],
                res->out[r] ? res->out[r] : "");
     }

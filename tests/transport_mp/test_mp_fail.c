@@ -4,7 +4,7 @@
  * makes the next op time out naming it; a rank whose config differs (hidden, or another setting
  * that must agree) makes ep_group_create fail on every rank with a message naming it. */
 #include "harness.h"
-#include "mp_world.h"
+#include "fork_world.h"
 
 #include <setjmp.h>
 #include <signal.h>
@@ -18,7 +18,7 @@
 
 #define FAIL(...)                                                                                  \
     do {                                                                                           \
-        fprintf(stderr, "rank %d: %s:%d: ", mp_rank, __FILE__, __LINE__);                          \
+        fprintf(stderr, "rank %d: %s:%d: ", world_rank, __FILE__, __LINE__);                       \
         fprintf(stderr, __VA_ARGS__);                                                              \
         fputc('\n', stderr);                                                                       \
         rc = 1;                                                                                    \
@@ -93,7 +93,7 @@ static int kill_rank(int rank, int nranks, const ep_bootstrap_t *bs, void *arg)
         FAIL("out of memory");
 
     ep_config_t cfg;
-    mp_config(&cfg, E_PER_RANK * nranks, HIDDEN, TOPK, MAX_T, MAX_T, c->timeout_ms);
+    world_ep_config(&cfg, E_PER_RANK * nranks, HIDDEN, TOPK, MAX_T, MAX_T, c->timeout_ms);
     ep_status_t st = ep_group_create(&cfg, bs, &g);
     if (st) FAIL("ep_group_create: %s: %s", ep_strerror(st), ep_group_last_error(NULL));
 
@@ -125,7 +125,7 @@ static int kill_rank(int rank, int nranks, const ep_bootstrap_t *bs, void *arg)
     if (rank == c->victim) raise(c->stop ? SIGSTOP : SIGKILL);
 
     for (int attempt = 0; attempt < 2; attempt++) {
-        uint64_t t0 = mp_now_ms();
+        uint64_t t0 = world_now_ms();
         const char *what = "";
         if (c->next == NEXT_LL_DISPATCH || attempt == 1) {
             ep_ll_dispatch_args_t da = {
@@ -146,7 +146,7 @@ static int kill_rank(int rank, int nranks, const ep_bootstrap_t *bs, void *arg)
             st = ep_ht_dispatch(g, &a, &ho, &hd);
             what = "ep_ht_dispatch";
         }
-        uint64_t took = mp_now_ms() - t0;
+        uint64_t took = world_now_ms() - t0;
         const char *msg = ep_group_last_error(g);
         int peer = ep_group_failed_peer(g);
         if (attempt == 0)
@@ -190,9 +190,9 @@ static void run_kill(const struct kill_case *c)
     int status[EP_MAX_RANKS];
     printf("%s case: R=%d victim=%d after %d steps, next op %d, timeout %u ms\n",
            c->stop ? "stop" : "kill", c->R, c->victim, c->steps, (int)c->next, c->timeout_ms);
-    mp_run_reap(c->R, kill_rank, (void *)c, 20000, c->stop ? c->victim : -1, status);
+    world_run_ep_reap(c->R, kill_rank, (void *)c, 20000, c->stop ? c->victim : -1, status);
     for (int r = 0; r < c->R; r++) {
-        int want = r == c->victim ? MP_SIGNALED(SIGKILL) : 0;
+        int want = r == c->victim ? WORLD_SIGNALED(SIGKILL) : 0;
         if (status[r] != want)
             fprintf(stderr, "rank %d ended with status %d, want %d\n", r, status[r], want);
         assert_int_equal(status[r], want);
@@ -255,7 +255,7 @@ static int mismatch_rank(int rank, int nranks, const ep_bootstrap_t *bs, void *a
     int rc = 0, v = rank == c->odd ? c->other : c->base;
     ep_group_t *g = NULL;
     ep_config_t cfg;
-    mp_config(&cfg, 4 * nranks, 256, 2, 8, 8, c->timeout_ms);
+    world_ep_config(&cfg, 4 * nranks, 256, 2, 8, 8, c->timeout_ms);
     if (!strcmp(c->field, "hidden"))
         cfg.hidden = v;
     else if (!strcmp(c->field, "num_topk"))
@@ -265,9 +265,9 @@ static int mismatch_rank(int rank, int nranks, const ep_bootstrap_t *bs, void *a
     else
         FAIL("unknown field %s", c->field);
 
-    uint64_t t0 = mp_now_ms();
+    uint64_t t0 = world_now_ms();
     ep_status_t st = ep_group_create(&cfg, bs, &g);
-    uint64_t took = mp_now_ms() - t0;
+    uint64_t took = world_now_ms() - t0;
     const char *msg = ep_group_last_error(NULL);
     int peer = ep_group_failed_peer(NULL);
     printf("rank %d: ep_group_create with %s %d: %s in %llu ms: %s\n", rank, c->field, v,
@@ -302,7 +302,7 @@ static void run_mismatch(const struct mismatch_case *c)
     int status[EP_MAX_RANKS];
     printf("mismatch case: R=%d, rank %d has %s %d, the others %d\n", c->R, c->odd, c->field,
            c->other, c->base);
-    assert_int_equal(mp_run(c->R, mismatch_rank, (void *)c, 20000, status), 0);
+    assert_int_equal(world_run_ep(c->R, mismatch_rank, (void *)c, 20000, status), 0);
 }
 
 static void mismatched_hidden(void **state)

@@ -1,7 +1,7 @@
 /* tcp bootstrap: allgather of distinct blobs and barriers across forked ranks, a rank that never
  * starts, a rank that skips a collective, ranks that call different collectives, and a stray
  * connection to rank 0's listener. */
-#include "world.h"
+#include "tcp_test.h"
 
 #include "ep.h"
 

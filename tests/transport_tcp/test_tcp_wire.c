@@ -2,7 +2,7 @@
  * signal; receivers compare against an expectation rebuilt from the same seed. Also large puts,
  * puts to self, ordering of many small puts, a peer that dies, a peer that dies while the mesh
  * is built, stray connections to a listener, and malformed frames from a fake rank. */
-#include "world.h"
+#include "tcp_test.h"
 
 #include "wire_tcp.h"
 

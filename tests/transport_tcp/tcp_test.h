@@ -1,30 +1,14 @@
-/* Test harness for the tcp transport tests: runs one function per rank in forked processes on
- * loopback and collects how each ended. A rank reports a failure by returning non-zero after
- * printing what went wrong (cmocka's asserts only work in the parent process). */
-#ifndef TCP_WORLD_H
-#define TCP_WORLD_H
+/* Helpers of the tcp transport tests, which run their ranks in a forked world
+ * (tests/transport/fork_world.h): a CHECK that fails the rank, and the tests' deterministic
+ * source of sizes, offsets and bytes. */
+#ifndef TCP_TEST_H
+#define TCP_TEST_H
+
+#include "fork_world.h"
 
 #include <stddef.h>
 #include <stdint.h>
 #include <stdio.h>
-#include <time.h>
-
-typedef int (*world_fn)(int rank, int nranks, int port, void *arg);
-
-/* Exit status of a rank killed by signal s. */
-#define WORLD_SIGNALED(s) (128 + (s))
-/* Status of a rank the harness had to kill because the world ran past its time limit. */
-#define WORLD_HUNG 255
-
-/* Picks a free loopback port (bound and released: good enough for tests on one host). */
-int world_free_port(void);
-/* Forks nranks processes running fn(rank, nranks, port, arg); waits for all of them, killing
- * those still running after limit_ms. status[r] receives each rank's exit code,
- * WORLD_SIGNALED(sig) or WORLD_HUNG. */
-void world_run(int nranks, world_fn fn, void *arg, unsigned limit_ms, int *status);
-
-/* The rank of the calling process, for messages. */
-extern int world_rank;
 
 #define CHECK(cond, ...)                                                                           \
     do {                                                                                           \
@@ -55,11 +39,4 @@ static inline void world_fill(uint64_t *s, uint8_t *dst, size_t len)
     }
 }
 
-static inline uint64_t world_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
-}
-
-#endif /* TCP_WORLD_H */
+#endif /* TCP_TEST_H */
