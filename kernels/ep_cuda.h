@@ -70,7 +70,7 @@ typedef struct epk_layout {
     size_t ll_meta;       /* [R src] epk_ll_meta: {T, has_w}, idx [Tmax][k], w [Tmax][k] */
     size_t ll_meta_bytes; /* per source */
     size_t ll_msg;        /* [R src][Tmax][msg_stride] token messages (fp8 x + scales, or bf16) */
-    size_t ll_msg_stride;
+    size_t ll_msg_stride; /* room per message; an op packs its messages at its own stride */
     size_t ll_comb; /* [R src][Tmax][H] bf16 partial sums sent back by expert ranks */
     size_t ll_send; /* proxy path: [R dst][Tmax][H] bf16 combine rows waiting for the wire */
     size_t win_total;

@@ -23,6 +23,15 @@ namespace
 
 constexpr int kThreads = 256;
 
+/* Bytes between two token messages: the message itself (fp8 x + scales, or bf16 x) rounded up
+ * to 16, so that a source's consecutive tokens are one contiguous range (the proxy merges their
+ * puts, which carry whole strides). */
+__device__ __forceinline__ size_t msg_stride(const epk_ctx_t &c, const epk_ll_dispatch_params_t &p)
+{
+    const size_t n = p.use_fp8 ? (size_t)c.hidden + (size_t)c.hidden / 32 : (size_t)c.hidden * 2;
+    return (n + 15) & ~(size_t)15;
+}
+
 __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t &p, int bid)
 {
     const int H = c.hidden, k = c.topk, R = c.nranks, L = c.local_experts, T = p.num_tokens;
@@ -64,7 +73,7 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
         const uint64_t smask = c.proxy ? 1ull << c.rank : mask;
         const uint16_t *xt = p.x + (size_t)t * H;
         const size_t moff =
-            boff + c.lay.ll_msg + ((size_t)c.rank * c.ll_max_tokens + t) * c.lay.ll_msg_stride;
+            boff + c.lay.ll_msg + ((size_t)c.rank * c.ll_max_tokens + t) * msg_stride(c, p);
         if (p.use_fp8) {
             /* 8 lanes per 128-channel group, 16 channels (32 bytes in, 16 bytes out) per lane */
             const int groups = H / 128;
@@ -123,8 +132,7 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
         if (c.proxy && (int)threadIdx.x < R && (int)threadIdx.x != c.rank &&
             (mask >> threadIdx.x & 1)) {
             __threadfence_system();
-            epk_ring_push(c, EPK_CMD_PUT, threadIdx.x, moff, moff,
-                          p.use_fp8 ? (uint32_t)(H + H / 32) : (uint32_t)(2 * H));
+            epk_ring_push(c, EPK_CMD_PUT, threadIdx.x, moff, moff, (uint32_t)msg_stride(c, p));
         }
     }
     __syncthreads();
@@ -177,6 +185,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     if (s_fail) return;
 
     const size_t row_bytes = p.use_fp8 ? (size_t)H : (size_t)H * 2;
+    const size_t stride = msg_stride(c, p);
     uint8_t *recv_x = lbuf + c.lay.ll_recv_x;
     float *recv_scales = (float *)(lbuf + c.lay.ll_recv_scales);
     int32_t *recv_count = (int32_t *)(lbuf + c.lay.ll_recv_count);
@@ -230,8 +239,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                     const int q = q0 + u * blockDim.x;
                     if (q < total) {
                         const int n = q / nvec, v = q - n * nvec;
-                        const uint8_t *msg =
-                            wbuf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                        const uint8_t *msg = wbuf + c.lay.ll_msg + (size_t)s_tok[n] * stride;
                         val[u] = *((const uint4 *)msg + v);
                         dst[u] = (uint4 *)(recv_x + ((size_t)e * S + s_row[n]) * row_bytes) + v;
                     }
@@ -244,8 +252,7 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                 const int ns = H / 128;
                 for (int q = threadIdx.x; q < tot * ns; q += blockDim.x) {
                     const int n = q / ns, g = q - n * ns;
-                    const uint8_t *msg =
-                        wbuf + c.lay.ll_msg + (size_t)s_tok[n] * c.lay.ll_msg_stride;
+                    const uint8_t *msg = wbuf + c.lay.ll_msg + (size_t)s_tok[n] * stride;
                     recv_scales[((size_t)e * S + s_row[n]) * ns + g] =
                         ((const float *)(msg + H))[g];
                 }

@@ -61,8 +61,6 @@ static void run(ep_cuda_proxy_t *p, const epk_cmd_t *c)
     switch (c->op) {
     case EPK_CMD_PUT:
         st = ep_wire_put_local(w, c->peer, c->b, c->a, c->len);
-        atomic_fetch_add_explicit(&p->puts, 1, memory_order_relaxed);
-        atomic_fetch_add_explicit(&p->put_bytes, c->len, memory_order_relaxed);
         if (st) {
             snprintf(what, sizeof what, "put of %u bytes to rank %u", (unsigned)c->len,
                      (unsigned)c->peer);
@@ -73,7 +71,6 @@ static void run(ep_cuda_proxy_t *p, const epk_cmd_t *c)
     case EPK_CMD_SIGNAL_SET:
         st = w->ops->signal(w, c->peer, c->b, c->a,
                             c->op == EPK_CMD_SIGNAL_ADD ? EP_SIGNAL_ADD : EP_SIGNAL_SET);
-        atomic_fetch_add_explicit(&p->signals, 1, memory_order_relaxed);
         if (st) {
             snprintf(what, sizeof what, "signal to rank %u", (unsigned)c->peer);
             refuse(p, c->peer, st, what);
@@ -86,17 +83,37 @@ static void run(ep_cuda_proxy_t *p, const epk_cmd_t *c)
     }
 }
 
+/* Puts merged into one wire put at most (a decode step's messages to one peer are one range). */
+#define MERGE_MAX (4u << 20)
+
+/* Whether put c continues put p: same peer, and contiguous on both sides. */
+static int continues(const epk_cmd_t *p, const epk_cmd_t *c)
+{
+    return c->op == EPK_CMD_PUT && p->peer == c->peer && p->a + p->len == c->a &&
+           p->b + p->len == c->b && p->len + c->len <= MERGE_MAX;
+}
+
 static void *proxy_main(void *arg)
 {
     ep_cuda_proxy_t *p = arg;
     ep_wire_t *w = p->wire;
     uint64_t head = atomic_load(p->head);
     unsigned idle = 0;
+    /* A put held back while the next commands may extend it; it goes out before any other
+     * command and whenever the ring runs dry, so ring order is kept. */
+    epk_cmd_t pend;
+    int have_pend = 0;
 
     while (!atomic_load_explicit(&p->stop, memory_order_relaxed)) {
         epk_cmd_t *slot = &p->slots[head & (p->nslots - 1)];
         uint32_t seq = __atomic_load_n(&slot->seq, __ATOMIC_ACQUIRE);
         if (seq != (uint32_t)(head + 1)) {
+            if (have_pend) {
+                run(p, &pend);
+                have_pend = 0;
+                atomic_store_explicit(&p->done, head, memory_order_release);
+                continue;
+            }
             if (atomic_load_explicit(&w->failed_peer, memory_order_acquire) >= 0) {
                 int fp = atomic_load(&w->failed_peer);
                 report(p, fp < w->nranks ? fp : -1);
@@ -113,11 +130,23 @@ static void *proxy_main(void *arg)
         /* the GPU wrote the fields before seq (fence, system scope) */
         epk_cmd_t c;
         memcpy(&c, (const void *)slot, sizeof c);
-        run(p, &c);
         ++head;
-        atomic_store_explicit(p->head, head, memory_order_release);
+        atomic_store_explicit(p->head, head, memory_order_release); /* the slot is free */
+        if (have_pend && continues(&pend, &c)) {
+            pend.len += c.len;
+            continue;
+        }
+        if (have_pend) run(p, &pend);
+        have_pend = 0;
+        if (c.op == EPK_CMD_PUT) {
+            pend = c;
+            have_pend = 1;
+            continue;
+        }
+        run(p, &c);
         atomic_store_explicit(&p->done, head, memory_order_release);
     }
+    if (have_pend) run(p, &pend);
     return NULL;
 }
 

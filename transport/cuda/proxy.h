@@ -20,8 +20,7 @@ typedef struct ep_cuda_proxy {
     pthread_t thread;
     int running;
     _Atomic int stop;
-    /* counters (read by anyone, written by the thread) */
-    _Atomic uint64_t done, puts, put_bytes, signals;
+    _Atomic uint64_t done; /* commands executed (written by the thread) */
     /* the first command the wire refused, e.g. "rank 0: proxy: put of 7232 bytes to rank 1
      * failed: ..." (written once, before err[] says EPK_CODE_PEER) */
     char error[512];
