@@ -64,6 +64,12 @@ typedef struct epk_layout {
     size_t ht_rows;  /* [2 parity][R src] epk_ht_row_t (counts + expert counts) */
     size_t ht_ptrs;  /* [2 parity][R src] epk_ht_ptrs_t */
     size_t ht_stage; /* [R src][ht_max_tokens][H] bf16: combine rows copied back by peers */
+    /* proxy path: HT rows travel as packed blocks of ht_blk bytes, one per peer: x rows (bf16
+     * or fp8) at 0, fp32 scales at ht_seg_s, local topk ids at ht_seg_i, weights at ht_seg_w;
+     * combine rows (bf16) at 0. */
+    size_t ht_xfer; /* [2 parity of the transfer][R src] blocks received */
+    size_t ht_send; /* [R dst] blocks waiting for the wire */
+    size_t ht_blk, ht_seg_s, ht_seg_i, ht_seg_w;
     /* window part of LL buffer b: ll_win + b * ll_win_bytes */
     size_t ll_win;
     size_t ll_win_bytes;
@@ -71,8 +77,8 @@ typedef struct epk_layout {
     size_t ll_meta_bytes; /* per source */
     size_t ll_msg;        /* [R src][Tmax][msg_stride] token messages (fp8 x + scales, or bf16) */
     size_t ll_msg_stride; /* room per message; an op packs its messages at its own stride */
-    size_t ll_comb; /* [R src][Tmax][H] bf16 partial sums sent back by expert ranks */
-    size_t ll_send; /* proxy path: [R dst][Tmax][H] bf16 combine rows waiting for the wire */
+    size_t ll_comb;       /* [R src][Tmax][H] bf16 partial sums sent back by expert ranks */
+    size_t ll_send;       /* proxy path: [R dst][Tmax][H] bf16 combine rows waiting for the wire */
     size_t win_total;
     /* local */
     size_t ll_state; /* uint64 seq[2 buf][2 phase], uint32 fin[2 buf][2 phase], sfin[2][2] */
@@ -137,7 +143,8 @@ typedef struct epk_ctx {
     epk_layout_t lay;
 } epk_ctx_t;
 
-/* proxy: lay out for the proxy path (adds the LL send area, no HT areas: HT needs NVLink). */
+/* proxy: lay out for the proxy path (adds the LL send area and the HT transfer blocks instead of
+ * the NVLink HT areas). */
 void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks, int proxy);
 /* Loads every kernel on the current device (call once per device before the first launch). */
 int epk_preload(void);
@@ -230,6 +237,30 @@ int epk_ht_combine_staged(const epk_ctx_t *c, const epk_ht_state_t *st, const ui
                           void *stream);
 int epk_ht_combine(const epk_ctx_t *c, const epk_ht_state_t *st, const uint16_t *x, uint16_t *out,
                    int T, int blocks, uint64_t seq, uint64_t done_target, void *stream);
+
+/* HT on the proxy path (kernels/ht_proxy.cu): the host exchanges counts and blocks through the
+ * wire; these kernels pack this rank's rows per destination and sum the returned copies. */
+typedef struct epk_ht_pack_params {
+    const void *x;         /* [T][H] bf16 or fp8 */
+    const float *x_scales; /* fp8 */
+    int use_fp8, num_tokens;
+    const int32_t *topk_idx; /* NULL: pack no routing (cached dispatch) */
+    const float *topk_w;     /* may be NULL (weights 0) */
+    const int32_t *pos;      /* [T][R] row of token t among the rows to rank d, or -1 */
+    uint8_t *pack;           /* block d at pack + d * lay.ht_blk (d != rank) */
+    /* this rank's own rows go straight to its outputs, at row0 + pos (below capacity) */
+    void *recv_x;
+    float *recv_scales;
+    int32_t *recv_topk_idx;
+    float *recv_topk_w;
+    int row0, capacity;
+    int blocks;
+} epk_ht_pack_params_t;
+int epk_ht_pack(const epk_ctx_t *c, const epk_ht_pack_params_t *p, void *stream);
+/* out[t] = bf16(sum over ranks d ascending with pos[t][d] >= 0 of the row: x[row0 + pos] for
+ * d == rank, else row pos of block d of `stage` (bf16 rows of H at the block's start)). */
+int epk_ht_sum(const epk_ctx_t *c, const int32_t *pos, int T, const uint16_t *x, int row0,
+               const uint8_t *stage, uint16_t *out, int blocks, void *stream);
 
 /* ---- routing ------------------------------------------------------------------------------ */
 int epk_route(const ep_route_params_t *p, const float *logits, int T, int32_t *topk_idx,

@@ -43,11 +43,20 @@ extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks
     lay->ht_cnt = off;
     off = align_up(off + 6 * R * 8, 256);
     lay->ht_rows = off;
-    off = align_up(off + (proxy ? 0 : 2 * R * align_up((R + E) * 4, 16)), 256);
+    off = align_up(off + 2 * R * align_up((R + E) * 4, 16), 256);
     lay->ht_ptrs = off;
     off = align_up(off + (proxy ? 0 : 2 * R * sizeof(epk_ht_ptrs_t)), 256);
     lay->ht_stage = off;
     off = align_up(off + R * Tht * H * 2, 4096);
+    const size_t Tpx = cfg->ht_max_tokens > 0 && proxy ? (size_t)cfg->ht_max_tokens : 0;
+    lay->ht_seg_s = align_up(Tpx * H * 2, 256);
+    lay->ht_seg_i = lay->ht_seg_s + align_up(Tpx * (H / 128) * 4, 256);
+    lay->ht_seg_w = lay->ht_seg_i + align_up(Tpx * k * 4, 256);
+    lay->ht_blk = Tpx > 0 ? align_up(lay->ht_seg_w + Tpx * k * 4, 4096) : 0;
+    lay->ht_xfer = off;
+    off += 2 * R * lay->ht_blk;
+    lay->ht_send = off;
+    off += R * lay->ht_blk;
 
     /* window part of one LL buffer */
     size_t b = 0;
@@ -92,12 +101,13 @@ extern "C" int epk_preload_ll_dispatch(void);
 extern "C" int epk_preload_ll_combine(void);
 extern "C" int epk_preload_ht(void);
 extern "C" int epk_preload_route(void);
+extern "C" int epk_preload_ht_proxy(void);
 
 extern "C" int epk_preload(void)
 {
     int rc;
     if ((rc = epk_preload_ll_dispatch()) || (rc = epk_preload_ll_combine()) ||
-        (rc = epk_preload_ht()) || (rc = epk_preload_route()))
+        (rc = epk_preload_ht()) || (rc = epk_preload_route()) || (rc = epk_preload_ht_proxy()))
         return rc;
     return 0;
 }

@@ -102,12 +102,11 @@ if [ $BENCH = 1 ]; then
   done
   EB=$BUILD/transport/ep-bench
   # Ranks as threads of one process, each on its own stream (on a one-GPU machine both ranks
-  # share it and split its SMs): nvlink (peer stores), and the internode path (kernels ->
-  # command ring -> proxy thread -> tcp wire over loopback; LL only).
+  # share it and split its SMs): nvlink (peer stores), and the internode path (LL: kernels ->
+  # command ring -> proxy thread -> tcp wire over loopback; HT: host-driven block transfers).
   for tr in nvlink tcp; do
     for args in "--mode ll --fp8" "--mode ll --fp8 --hook" "--mode ll --bf16" \
                 "--mode ht --bf16" "--mode ht --fp8"; do
-      [ $tr = tcp ] && [[ $args == *ht* ]] && continue
       echo "==== ep-bench --backend cuda --transport $tr $args" >>"$OUT/ep-bench.log"
       timeout 90 $EB --backend cuda --transport $tr --iters 30 --timeout-ms 5000 $args \
         >>"$OUT/ep-bench.log" 2>&1 || echo "ep-bench $tr $args rc $?" >>"$OUT/ep-bench.log"

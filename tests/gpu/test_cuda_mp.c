@@ -9,9 +9,12 @@
  *
  * Every process derives every rank's inputs from the same seeds, so each checks its own outputs
  * against a reference computed here: LL dispatch counts, source info and fp8 rows (bit-exact
- * with kernels/fp8_quant_ref.c), LL combine within two bf16 roundings; HT must refuse with
- * EP_ERR_UNSUPPORTED (it needs the ranks in one process and NVLink). Steps alternate fp8/bf16,
- * with and without the receive hook, with and without dispatch weights. NR (ranks) is a
+ * with kernels/fp8_quant_ref.c), LL combine within two bf16 roundings. Steps alternate
+ * fp8/bf16, with and without the receive hook, with and without dispatch weights. HT: over
+ * nvlink it must refuse with EP_ERR_UNSUPPORTED (it needs the ranks in one process); over
+ * tcp/rdma 12 steps of dispatch (bf16/fp8 input, expert alignment, weights or none, and once an
+ * output one row too small on rank 0, which must fail with EP_ERR_INVALID while every rank stays
+ * in step), cached dispatch and combine, all bit-exact against the reference. NR (ranks) is a
  * compile-time constant (default 2). Exit 77 (skipped) without a GPU. */
 #include "cuda_harness.h"
 #include "fp8_quant_ref.h"
@@ -76,6 +79,206 @@ static int sel(const int32_t *idx, int t, int ge)
     for (int j = 0; j < K_; ++j)
         if (idx[t * K_ + j] == ge) return 1;
     return 0;
+}
+
+/* Rows rank `me` must receive in an HT dispatch, in order: (source, token) with an expert on me. */
+static int ht_expected(int step, int me, int32_t idx[NR][TM * K_], int *src, int *tok)
+{
+    int n = 0;
+    for (int r = 0; r < NR; ++r)
+        for (int t = 0; t < T_of(step, r); ++t) {
+            int on = 0;
+            for (int j = 0; j < K_; ++j)
+                on |= idx[r][t * K_ + j] >= me * L_ && idx[r][t * K_ + j] < (me + 1) * L_;
+            if (on) {
+                src[n] = r;
+                tok[n] = t;
+                ++n;
+            }
+        }
+    return n;
+}
+
+/* HT over the internode path: dispatch (bf16 or fp8 input, expert alignment on some steps, one
+ * step where rank 0 passes too small an output), cached dispatch of new data along the same
+ * routes, and combine, each checked against the reference built here; returns 0 when all hold. */
+static int ht_steps(ep_group_t *g, int rank, cudaStream_t s, int nsteps)
+{
+    enum { CAP = TM * NR, NS = H_ / 128 };
+    static int32_t idx[NR][TM * K_];
+    static float w[NR][TM * K_];
+    static uint16_t x[NR][TM * H_], x2[NR][TM * H_], y[CAP * H_], out[TM * H_];
+    static uint8_t q[NR][TM * H_], rx[CAP * H_ * 2];
+    static float qs[NR][TM * NS], rs[CAP * NS], rw[CAP * K_];
+    static int32_t ri[CAP * K_], nrpe[L_];
+    static int src[CAP], tok[CAP];
+    void *d_x = NULL, *d_rx = NULL;
+    float *d_xs = NULL, *d_rs = NULL, *d_w = NULL, *d_rw = NULL;
+    int32_t *d_idx = NULL, *d_ri = NULL, *d_nrpe = NULL;
+    uint16_t *d_y = NULL, *d_out = NULL;
+    ep_ht_handle_t *hh = NULL;
+    int rc = 1, step = 0;
+#define HT_CK(cond, ...)                                                                           \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "rank %d HT step %d: ", rank, step);                                   \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fputc('\n', stderr);                                                                   \
+            goto out;                                                                              \
+        }                                                                                          \
+    } while (0)
+#define CU(call) HT_CK((call) == cudaSuccess, "%s failed", #call)
+    CU(cudaMalloc(&d_x, TM * H_ * 2));
+    CU(cudaMalloc((void **)&d_xs, sizeof qs[0]));
+    CU(cudaMalloc((void **)&d_idx, sizeof idx[0]));
+    CU(cudaMalloc((void **)&d_w, sizeof w[0]));
+    CU(cudaMalloc(&d_rx, sizeof rx));
+    CU(cudaMalloc((void **)&d_rs, sizeof rs));
+    CU(cudaMalloc((void **)&d_ri, sizeof ri));
+    CU(cudaMalloc((void **)&d_rw, sizeof rw));
+    CU(cudaMalloc((void **)&d_nrpe, sizeof nrpe));
+    CU(cudaMalloc((void **)&d_y, sizeof y));
+    CU(cudaMalloc((void **)&d_out, sizeof out));
+    for (step = 0; step < nsteps; ++step) {
+        const int fp8 = step & 1, align = step % 3 == 2 ? 4 : 0, squeeze = step == 5;
+        const size_t rb = fp8 ? H_ : H_ * 2;
+        for (int r = 0; r < NR; ++r) {
+            inputs(1000 + step, r, idx[r], w[r], x[r]);
+            inputs(2000 + step, r, idx[r] /* same routes below */, w[r], x2[r]);
+            inputs(1000 + step, r, idx[r], w[r], x[r]);
+            for (int t = 0; t < TM; ++t)
+                ep_fp8_quant_row_ref(&x[r][t * H_], H_, 0, &q[r][t * H_], &qs[r][t * NS]);
+        }
+        const int T = T_of(step, rank);
+        /* rank 0 is squeezed when it receives rows at all (every rank knows) */
+        const int squeezed = squeeze && ht_expected(step, 0, idx, src, tok) > 0;
+        const int n_exp = ht_expected(step, rank, idx, src, tok);
+        CU(cudaMemcpy(d_x, fp8 ? (void *)q[rank] : (void *)x[rank], TM * rb,
+                      cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(d_xs, qs[rank], sizeof qs[0], cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(d_idx, idx[rank], sizeof idx[0], cudaMemcpyHostToDevice));
+        CU(cudaMemcpy(d_w, w[rank], sizeof w[0], cudaMemcpyHostToDevice));
+        /* cudaMemcpy from pageable memory may return before its DMA landed, and the legacy
+         * stream does not order work on a non-blocking stream: wait for the uploads */
+        CU(cudaDeviceSynchronize());
+        ep_ht_dispatch_args_t a = {.x = d_x,
+                                   .x_scales = d_xs,
+                                   .use_fp8 = fp8,
+                                   .num_tokens = T,
+                                   .topk_idx = d_idx,
+                                   .topk_weights = step % 4 == 3 ? NULL : d_w,
+                                   .expert_alignment = align,
+                                   .stream = s};
+        ep_ht_dispatch_out_t o = {.capacity = squeezed && rank == 0 ? n_exp - 1 : CAP,
+                                  .recv_x = d_rx,
+                                  .recv_scales = d_rs,
+                                  .recv_topk_idx = d_ri,
+                                  .recv_topk_weights = d_rw,
+                                  .num_recv_per_expert = d_nrpe};
+        ep_status_t st = ep_ht_dispatch(g, &a, &o, &hh);
+        if (o.capacity < CAP) {
+            HT_CK(st == EP_ERR_INVALID, "too small an output: status %d, expected %d (%s)", st,
+                  EP_ERR_INVALID, ep_group_last_error(g));
+            HT_CK(strstr(ep_group_last_error(g), "capacity") != NULL, "message: %s",
+                  ep_group_last_error(g));
+            continue; /* every rank stayed in step: the next op runs normally */
+        }
+        HT_CK(st == EP_OK, "dispatch: %s", ep_group_last_error(g));
+        if (squeezed) { /* rank 0 has no handle: no cached dispatch or combine this step */
+            ep_ht_handle_destroy(hh);
+            hh = NULL;
+            continue;
+        }
+        HT_CK(o.num_recv_tokens == n_exp, "received %d rows, expected %d", o.num_recv_tokens,
+              n_exp);
+        CU(cudaMemcpy(rx, d_rx, (size_t)n_exp * rb, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(rs, d_rs, sizeof rs, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(ri, d_ri, sizeof ri, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(rw, d_rw, sizeof rw, cudaMemcpyDeviceToHost));
+        CU(cudaMemcpy(nrpe, d_nrpe, sizeof nrpe, cudaMemcpyDeviceToHost));
+        for (int e = 0; e < L_; ++e) {
+            int m = 0;
+            for (int r = 0; r < NR; ++r)
+                for (int t = 0; t < T_of(step, r); ++t)
+                    m += sel(idx[r], t, rank * L_ + e);
+            if (align > 1) m = (m + align - 1) / align * align;
+            HT_CK(nrpe[e] == m, "num_recv_per_expert[%d] = %d, expected %d", e, nrpe[e], m);
+        }
+        for (int n = 0; n < n_exp; ++n) {
+            const int r = src[n], t = tok[n];
+            const void *want = fp8 ? (const void *)&q[r][t * H_] : (const void *)&x[r][t * H_];
+            HT_CK(!memcmp(rx + (size_t)n * rb, want, rb), "row %d (rank %d token %d) differs", n, r,
+                  t);
+            if (fp8)
+                HT_CK(!memcmp(&rs[n * NS], &qs[r][t * NS], NS * 4), "scales of row %d differ", n);
+            for (int j = 0; j < K_; ++j) {
+                const int e = idx[r][t * K_ + j];
+                const int li = e >= rank * L_ && e < (rank + 1) * L_ ? e - rank * L_ : -1;
+                const float wv = li >= 0 && step % 4 != 3 ? w[r][t * K_ + j] : 0.f;
+                HT_CK(ri[n * K_ + j] == li && rw[n * K_ + j] == wv,
+                      "row %d topk %d: (%d, %g), expected (%d, %g)", n, j, ri[n * K_ + j],
+                      rw[n * K_ + j], li, wv);
+            }
+        }
+        /* cached: new bf16 data along the same routes */
+        CU(cudaMemcpy(d_x, x2[rank], TM * H_ * 2, cudaMemcpyHostToDevice));
+        CU(cudaDeviceSynchronize());
+        ep_ht_dispatch_args_t a2 = {.x = d_x, .num_tokens = T, .stream = s};
+        o.num_recv_tokens = -1;
+        HT_CK(ep_ht_dispatch_cached(g, hh, &a2, &o) == EP_OK, "cached: %s", ep_group_last_error(g));
+        HT_CK(o.num_recv_tokens == n_exp, "cached: %d rows", o.num_recv_tokens);
+        CU(cudaMemcpy(rx, d_rx, (size_t)n_exp * H_ * 2, cudaMemcpyDeviceToHost));
+        for (int n = 0; n < n_exp; ++n)
+            HT_CK(!memcmp(rx + (size_t)n * H_ * 2, &x2[src[n]][tok[n] * H_], H_ * 2),
+                  "cached row %d (rank %d token %d) differs", n, src[n], tok[n]);
+        /* combine: this rank returns f(row) = bf16(x2 * (3 rank + 2)); token t's source gets the
+         * sum over the ranks it visited, ascending, in fp32 */
+        for (int n = 0; n < n_exp; ++n)
+            for (int h = 0; h < H_; ++h)
+                y[(size_t)n * H_ + h] =
+                    h_f_to_bf16(h_bf16_to_f(x2[src[n]][tok[n] * H_ + h]) * (float)(3 * rank + 2));
+        CU(cudaMemcpy(d_y, y, (size_t)n_exp * H_ * 2, cudaMemcpyHostToDevice));
+        CU(cudaDeviceSynchronize());
+        HT_CK(ep_ht_combine(g, hh, d_y, d_out, s) == EP_OK, "combine: %s", ep_group_last_error(g));
+        CU(cudaStreamSynchronize(s));
+        CU(cudaMemcpy(out, d_out, (size_t)T * H_ * 2, cudaMemcpyDeviceToHost));
+        for (int t = 0; t < T; ++t)
+            for (int h = 0; h < H_; ++h) {
+                float acc = 0.f;
+                for (int d = 0; d < NR; ++d) {
+                    int on = 0;
+                    for (int j = 0; j < K_; ++j)
+                        on |=
+                            idx[rank][t * K_ + j] >= d * L_ && idx[rank][t * K_ + j] < (d + 1) * L_;
+                    if (on)
+                        acc += h_bf16_to_f(
+                            h_f_to_bf16(h_bf16_to_f(x2[rank][t * H_ + h]) * (float)(3 * d + 2)));
+                }
+                HT_CK(out[t * H_ + h] == h_f_to_bf16(acc),
+                      "combine out[%d][%d] = %g (%.3f x the token's value), expected %g", t, h,
+                      h_bf16_to_f(out[t * H_ + h]),
+                      h_bf16_to_f(out[t * H_ + h]) / h_bf16_to_f(x2[rank][t * H_ + h]), acc);
+            }
+        ep_ht_handle_destroy(hh);
+        hh = NULL;
+    }
+    rc = 0;
+out:
+    ep_ht_handle_destroy(hh);
+    cudaFree(d_x);
+    cudaFree(d_xs);
+    cudaFree(d_idx);
+    cudaFree(d_w);
+    cudaFree(d_rx);
+    cudaFree(d_rs);
+    cudaFree(d_ri);
+    cudaFree(d_rw);
+    cudaFree(d_nrpe);
+    cudaFree(d_y);
+    cudaFree(d_out);
+    return rc;
+#undef CU
+#undef HT_CK
 }
 
 static int run_rank(int rank, int port, int ndev)
@@ -151,7 +354,9 @@ static int run_rank(int rank, int port, int ndev)
                     }
             exp_cnt[e] = row;
         }
-        if (cudaMemcpy(d_y, y, sizeof y, cudaMemcpyHostToDevice) != cudaSuccess) goto out;
+        if (cudaMemcpy(d_y, y, sizeof y, cudaMemcpyHostToDevice) != cudaSuccess ||
+            cudaDeviceSynchronize() != cudaSuccess) /* the uploads, before stream s reads them */
+            goto out;
         struct timespec t0;
         clock_gettime(CLOCK_MONOTONIC, &t0);
         ep_ll_dispatch_args_t a = {.x = d_x,
@@ -247,7 +452,7 @@ static int run_rank(int rank, int port, int ndev)
                 }
             }
     }
-    {
+    if (g_transport == EP_TRANSPORT_AUTO) {
         ep_ht_dispatch_args_t ha = {
             .x = d_x, .num_tokens = 1, .topk_idx = d_idx, .topk_weights = d_w, .stream = s};
         ep_ht_dispatch_out_t ho = {.capacity = TM * NR,
@@ -262,9 +467,12 @@ static int run_rank(int rank, int port, int ndev)
                     st, EP_ERR_UNSUPPORTED, ep_group_last_error(g));
             goto out;
         }
+    } else if (ht_steps(g, rank, s, 12)) {
+        goto out;
     }
-    printf("rank %d (pid %d): %d LL steps across processes over %s ok\n", rank, (int)getpid(),
-           g_steps, ep_transport_name(g_transport));
+    printf("rank %d (pid %d): %d LL steps%s across processes over %s ok\n", rank, (int)getpid(),
+           g_steps, g_transport == EP_TRANSPORT_AUTO ? "" : " and 12 HT steps",
+           ep_transport_name(g_transport));
     rc = 0;
     goto out;
 fail_op:

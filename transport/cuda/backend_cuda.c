@@ -6,11 +6,10 @@
  * With the tcp or rdma transport (ranks on different nodes) peers are not reachable by stores:
  * the buffer's window (what peers write) is pinned host memory that a wire reads and writes, the
  * kernels append put/signal commands to a ring in mapped host memory, and a proxy thread
- * (proxy.c) runs them through the wire. LL ops only; HT needs NVLink. */
+ * (proxy.c) runs them through the wire. HT ops there are driven from the host (ht_proxy.c). */
 #include "group.h"
 
-#include "ep_cuda.h"
-#include "proxy.h"
+#include "cuda_impl.h"
 
 #include <cuda_runtime.h>
 #include <pthread.h>
@@ -19,92 +18,8 @@
 #include <string.h>
 #include <unistd.h>
 
-struct cuda_ll_handle {
-    struct ep_ll_handle base;
-    int buf;
-    int num_tokens;
-};
-
-/* A pending receive half. */
-struct cuda_hook {
-    struct ep_hook base;
-    int kind; /* 1 dispatch, 2 combine */
-    int pending;
-    void *stream;
-    epk_ll_dispatch_params_t dp;
-    epk_ll_combine_params_t cp;
-};
-
-struct ht_scratch {
-    struct ht_scratch *next;
-    void *mem;
-    epk_ht_state_t st;
-};
-
-struct cuda_ht_handle {
-    struct ep_ht_handle base;
-    struct ht_scratch *sc;
-    int num_tokens;
-    int num_recv;
-    int32_t recv_from[EP_MAX_RANKS]; /* rows received from each rank (combine copies them back) */
-};
-
-/* Combine rows go back in this many copy-engine chunks, so summing overlaps the transfer. */
-#define HT_COMBINE_CHUNKS 4
-
-struct peer_info {
-    int pid;
-    int device;
-    int num_sms;
-    char host[64];
-    char busid[32];
-    uint64_t base;
-    cudaIpcMemHandle_t ipc;
-};
-
-typedef struct cuda_impl {
-    ep_bootstrap_t bs; /* kept for the barrier of destroy */
-    int connected;     /* create completed: destroy may wait for the peers */
-    int device;
-    int inproc;
-    epk_ctx_t ctx;
-    uint8_t *buf;
-    int *err_host, *err_dev;
-    /* proxy path (tcp/rdma transport) */
-    int proxy;
-    ep_wire_t *wire;
-    ep_cuda_proxy_t px;
-    uint8_t *win_host;                   /* the window, pinned and mapped */
-    epk_cmd_t *ring_host;                /* the command ring, pinned and mapped */
-    uint64_t *head_host;                 /* the proxy's head word, pinned and mapped */
-    unsigned long long *tail_dev;        /* commands handed out (device memory) */
-    epk_ht_info_t *info_host, *info_dev; /* mapped: what the HT count exchange found */
-    int ht_copy;                         /* HT moves bulk rows with the copy engines */
-    cudaStream_t cs, ss;                 /* copy-engine stream, signal stream */
-    cudaEvent_t ev_fork, ev_cs, ev_ss, ev_chunk[HT_COMBINE_CHUNKS];
-    uint64_t ht_comb_n; /* copy-engine combines so far (same on every rank) */
-    void *ipc_open[EP_MAX_RANKS];
-    int ll_disp_send, ll_disp_recv, ll_comb_send, ll_comb_recv, ht_blocks;
-    struct cuda_ll_handle handles[2];
-    struct cuda_hook hooks[2];
-    uint64_t ht_seq, ht_done;
-    pthread_mutex_t sc_lock;
-    struct ht_scratch *sc_free;
-} cuda_impl_t;
-
-static cuda_impl_t *impl_of(ep_group_t *g)
-{
-    return (cuda_impl_t *)g->impl;
-}
-
-static ep_status_t cuda_fail(ep_group_t *g, cudaError_t e, const char *what)
-{
-    return ep_group_fail(g, -1, EP_ERR_CUDA, "rank %d: %s failed: %s", g->rank, what,
-                         cudaGetErrorString(e));
-}
-
 /* Turns a kernel-reported stall (mapped error word) into a status. */
-static ep_status_t check_err(ep_group_t *g)
+ep_status_t cuda_check_err(ep_group_t *g)
 {
     cuda_impl_t *c = impl_of(g);
     int code = ((volatile int *)c->err_host)[EPK_ERR_CODE];
@@ -129,7 +44,7 @@ static ep_status_t check_err(ep_group_t *g)
                          peer, g->cfg.timeout_ms, epk_wait_name(what));
 }
 
-static ep_status_t set_device(ep_group_t *g)
+ep_status_t cuda_set_device(ep_group_t *g)
 {
     cudaError_t e = cudaSetDevice(impl_of(g)->device);
     return e == cudaSuccess ? EP_OK : cuda_fail(g, e, "cudaSetDevice");
@@ -184,6 +99,22 @@ static ep_status_t proxy_setup(ep_group_t *g)
         return cuda_fail(g, e, "cudaMemset of the ring tail");
     c->ctx.ring.tail = c->tail_dev;
     c->ctx.proxy = 1;
+    if (c->ctx.lay.ht_blk) {
+        /* HT over the wire (ht_proxy.c): device pack/stage blocks, pinned routing scratch */
+        const size_t T = (size_t)g->cfg.ht_max_tokens, R = (size_t)g->nranks;
+        const size_t pack = R * c->ctx.lay.ht_blk;
+        if ((e = cudaMalloc((void **)&c->ht_pack, pack)) != cudaSuccess) {
+            c->ht_pack = NULL;
+            return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: cudaMalloc of %zu bytes (HT): %s",
+                                 g->rank, pack, cudaGetErrorString(e));
+        }
+        if ((e = cudaHostAlloc((void **)&c->ht_idx_host, T * g->cfg.num_topk * 4, 0)) !=
+                cudaSuccess ||
+            (e = cudaHostAlloc((void **)&c->ht_pos_host, T * R * 4, 0)) != cudaSuccess ||
+            (e = cudaHostAlloc((void **)&c->ht_nrpe_host, (size_t)g->cfg.num_experts / R * 4, 0)) !=
+                cudaSuccess)
+            return cuda_fail(g, e, "cudaHostAlloc of the HT routing scratch");
+    }
 
     if (g->cfg.transport == EP_TRANSPORT_RDMA) {
 #ifdef EP_HAVE_RDMA
@@ -231,7 +162,7 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
                            g->rank, c->device, ndev);
         goto fail;
     }
-    if ((st = set_device(g)) != EP_OK) goto fail;
+    if ((st = cuda_set_device(g)) != EP_OK) goto fail;
     if (R > EP_MAX_RANKS) {
         st = ep_group_fail(g, -1, EP_ERR_INVALID, "rank %d: %d ranks, at most %d", g->rank, R,
                            EP_MAX_RANKS);
@@ -453,6 +384,10 @@ static void cu_destroy(ep_group_t *g)
     if (c->ring_host) cudaFreeHost(c->ring_host);
     if (c->head_host) cudaFreeHost(c->head_host);
     if (c->tail_dev) cudaFree(c->tail_dev);
+    if (c->ht_pack) cudaFree(c->ht_pack);
+    if (c->ht_idx_host) cudaFreeHost(c->ht_idx_host);
+    if (c->ht_pos_host) cudaFreeHost(c->ht_pos_host);
+    if (c->ht_nrpe_host) cudaFreeHost(c->ht_nrpe_host);
     for (int r = 0; r < EP_MAX_RANKS; ++r)
         if (c->ipc_open[r]) cudaIpcCloseMemHandle(c->ipc_open[r]);
     while (c->sc_free) {
@@ -476,7 +411,7 @@ static void cu_destroy(ep_group_t *g)
     g->impl = NULL;
 }
 
-static ep_status_t launched(ep_group_t *g, int rc, const char *what)
+ep_status_t cuda_launched(ep_group_t *g, int rc, const char *what)
 {
     return rc == 0 ? EP_OK : cuda_fail(g, (cudaError_t)rc, what);
 }
@@ -484,9 +419,10 @@ static ep_status_t launched(ep_group_t *g, int rc, const char *what)
 static ep_status_t cu_route(ep_group_t *g, const ep_route_params_t *p, const float *logits, int T,
                             int32_t *topk_idx, float *topk_weights, void *stream)
 {
-    ep_status_t st = set_device(g);
+    ep_status_t st = cuda_set_device(g);
     if (st != EP_OK) return st;
-    return launched(g, epk_route(p, logits, T, topk_idx, topk_weights, stream), "route kernel");
+    return cuda_launched(g, epk_route(p, logits, T, topk_idx, topk_weights, stream),
+                         "route kernel");
 }
 
 static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_args_t *a,
@@ -495,7 +431,7 @@ static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_a
 {
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
     if (c->hooks[buf].pending)
         return ep_group_fail(g, -1, EP_ERR_STATE,
                              "rank %d: LL buffer %d still has a receive hook that never ran",
@@ -515,7 +451,8 @@ static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_a
     epk_ll_dispatch_params_t lp = p;
     if (mode == 0 && lp.recv_blocks < lp.send_blocks)
         lp.recv_blocks = lp.send_blocks; /* one launch: every block receives (see kernels) */
-    if ((st = launched(g, epk_ll_dispatch(&c->ctx, &lp, mode, a->stream), "LL dispatch")) != EP_OK)
+    if ((st = cuda_launched(g, epk_ll_dispatch(&c->ctx, &lp, mode, a->stream), "LL dispatch")) !=
+        EP_OK)
         return st;
 
     uint8_t *b = c->ctx.base[g->rank] + c->ctx.lay.ll_loc + (size_t)buf * c->ctx.lay.ll_loc_bytes;
@@ -548,7 +485,7 @@ static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_arg
 {
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
     if (c->hooks[buf].pending)
         return ep_group_fail(g, -1, EP_ERR_STATE,
                              "rank %d: LL buffer %d still has a receive hook that never ran",
@@ -571,7 +508,8 @@ static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_arg
     int mode = a->use_hook ? 1 : 0;
     epk_ll_combine_params_t lp = p;
     if (mode == 0 && lp.recv_blocks < lp.send_blocks) lp.recv_blocks = lp.send_blocks;
-    if ((st = launched(g, epk_ll_combine(&c->ctx, &lp, mode, a->stream), "LL combine")) != EP_OK)
+    if ((st = cuda_launched(g, epk_ll_combine(&c->ctx, &lp, mode, a->stream), "LL combine")) !=
+        EP_OK)
         return st;
     if (a->use_hook) {
         struct cuda_hook *hk = &c->hooks[buf];
@@ -599,25 +537,26 @@ static ep_status_t cu_hook_run(ep_group_t *g, ep_hook_t *hook_base)
     if (!hook->pending)
         return ep_group_fail(g, -1, EP_ERR_STATE, "rank %d: hook already ran", g->rank);
     hook->pending = 0;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
     if (hook->kind == 1)
-        return launched(g, epk_ll_dispatch(&c->ctx, &hook->dp, 2, hook->stream),
-                        "LL dispatch receive");
-    return launched(g, epk_ll_combine(&c->ctx, &hook->cp, 2, hook->stream), "LL combine receive");
+        return cuda_launched(g, epk_ll_dispatch(&c->ctx, &hook->dp, 2, hook->stream),
+                             "LL dispatch receive");
+    return cuda_launched(g, epk_ll_combine(&c->ctx, &hook->cp, 2, hook->stream),
+                         "LL combine receive");
 }
 
 static ep_status_t cu_layout(ep_group_t *g, const int32_t *topk_idx, int T, ep_ht_layout_t *l,
                              void *stream)
 {
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
-    return launched(g,
-                    epk_ht_layout(&impl_of(g)->ctx, topk_idx, T, l->num_tokens_per_rank,
-                                  l->num_tokens_per_expert, l->is_token_in_rank, stream),
-                    "dispatch layout");
+    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
+    return cuda_launched(g,
+                         epk_ht_layout(&impl_of(g)->ctx, topk_idx, T, l->num_tokens_per_rank,
+                                       l->num_tokens_per_expert, l->is_token_in_rank, stream),
+                         "dispatch layout");
 }
 
-static ep_status_t get_scratch(ep_group_t *g, struct ht_scratch **out)
+ep_status_t cuda_get_scratch(ep_group_t *g, struct ht_scratch **out)
 {
     cuda_impl_t *c = impl_of(g);
     const size_t R = (size_t)g->nranks,
@@ -646,7 +585,7 @@ static ep_status_t get_scratch(ep_group_t *g, struct ht_scratch **out)
     return EP_OK;
 }
 
-static void put_scratch(cuda_impl_t *c, struct ht_scratch *s)
+void cuda_put_scratch(cuda_impl_t *c, struct ht_scratch *s)
 {
     pthread_mutex_lock(&c->sc_lock);
     s->next = c->sc_free;
@@ -662,20 +601,22 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
     struct ht_scratch *sc = NULL;
     struct cuda_ht_handle *h = NULL;
     cudaError_t e;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
-    if (c->proxy)
-        return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
-                             "rank %d: cuda HT ops need NVLink peer access; over the %s transport "
-                             "the cuda backend runs LL ops only",
-                             g->rank, ep_transport_name(g->cfg.transport));
-    if (!c->inproc)
+    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
+    if (!c->proxy && !c->inproc)
         return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
                              "rank %d: cuda HT ops need all ranks in one process", g->rank);
-    if ((st = get_scratch(g, &sc)) != EP_OK) return st;
+    if ((st = cuda_get_scratch(g, &sc)) != EP_OK) return st;
     h = calloc(1, sizeof *h);
     if (!h) {
         st = ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
         goto fail;
+    }
+    h->sc = sc;
+    if (c->proxy) {
+        if ((st = cuda_ht_dispatch_proxy(g, a, out, h, 0)) != EP_OK) goto fail;
+        h->base.group = g;
+        *handle = &h->base;
+        return EP_OK;
     }
     const uint64_t seq = ++c->ht_seq;
     const epk_ht_ptrs_t mine = {
@@ -685,17 +626,17 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
         .recv_topk_w = (uint64_t)(uintptr_t)out->recv_topk_weights,
         .capacity = (uint64_t)(out->capacity > 0 ? out->capacity : 0),
     };
-    if ((st =
-             launched(g,
-                      epk_ht_prep(&c->ctx, &sc->st, a->topk_idx, a->num_tokens, a->expert_alignment,
-                                  out->num_recv_per_expert, c->info_dev, &mine, seq, a->stream),
-                      "HT count exchange")) != EP_OK)
+    if ((st = cuda_launched(g,
+                            epk_ht_prep(&c->ctx, &sc->st, a->topk_idx, a->num_tokens,
+                                        a->expert_alignment, out->num_recv_per_expert, c->info_dev,
+                                        &mine, seq, a->stream),
+                            "HT count exchange")) != EP_OK)
         goto fail;
     if ((e = cudaStreamSynchronize((cudaStream_t)a->stream)) != cudaSuccess) {
         st = cuda_fail(g, e, "cudaStreamSynchronize after the HT count exchange");
         goto fail;
     }
-    if ((st = check_err(g)) != EP_OK) goto fail;
+    if ((st = cuda_check_err(g)) != EP_OK) goto fail;
     const volatile epk_ht_info_t *info = c->info_host;
     const int N = info->n_recv, R = g->nranks, me = g->rank;
 
@@ -759,7 +700,7 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
     }
     /* The transfer runs even when this rank lacks room (peers skip rows past the capacity it
      * published), so that every rank stays in step. */
-    if ((st = launched(g, epk_ht_dispatch(&c->ctx, &sc->st, &p, a->stream), "HT dispatch")) !=
+    if ((st = cuda_launched(g, epk_ht_dispatch(&c->ctx, &sc->st, &p, a->stream), "HT dispatch")) !=
         EP_OK)
         goto fail;
     if (ce) {
@@ -770,8 +711,9 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
             st = cuda_fail(g, e, "joining the copy streams");
             goto fail;
         }
-        if ((st = launched(g, epk_ht_done(&c->ctx, (uint64_t)c->ht_blocks, p.done_target, 1, ms),
-                           "HT dispatch completion")) != EP_OK)
+        if ((st = cuda_launched(g,
+                                epk_ht_done(&c->ctx, (uint64_t)c->ht_blocks, p.done_target, 1, ms),
+                                "HT dispatch completion")) != EP_OK)
             goto fail;
     }
     if (N > out->capacity) {
@@ -792,7 +734,7 @@ static ep_status_t cu_ht_dispatch(ep_group_t *g, const ep_ht_dispatch_args_t *a,
 
 fail:
     free(h);
-    if (sc) put_scratch(c, sc);
+    if (sc) cuda_put_scratch(c, sc);
     return st;
 }
 
@@ -802,11 +744,12 @@ static ep_status_t cu_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *hb
     const struct cuda_ht_handle *h = (const struct cuda_ht_handle *)hb;
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
     if (h->num_recv > out->capacity)
         return ep_group_fail(g, -1, EP_ERR_INVALID,
                              "rank %d: cached HT dispatch receives %d rows, out.capacity is %d",
                              g->rank, h->num_recv, out->capacity);
+    if (c->proxy) return cuda_ht_dispatch_proxy(g, a, out, (struct cuda_ht_handle *)h, 1);
     epk_ht_dispatch_params_t p = {
         .x = a->x,
         .x_scales = a->x_scales,
@@ -821,8 +764,8 @@ static ep_status_t cu_ht_dispatch_cached(ep_group_t *g, const ep_ht_handle_t *hb
     };
     c->ht_done += (uint64_t)c->ht_blocks;
     p.done_target = c->ht_done;
-    if ((st = launched(g, epk_ht_dispatch(&c->ctx, &h->sc->st, &p, a->stream),
-                       "HT cached dispatch")) != EP_OK)
+    if ((st = cuda_launched(g, epk_ht_dispatch(&c->ctx, &h->sc->st, &p, a->stream),
+                            "HT cached dispatch")) != EP_OK)
         return st;
     out->num_recv_tokens = h->num_recv;
     return EP_OK;
@@ -834,7 +777,8 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const 
     const struct cuda_ht_handle *h = (const struct cuda_ht_handle *)hb;
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = check_err(g)) != EP_OK || (st = set_device(g)) != EP_OK) return st;
+    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
+    if (c->proxy) return cuda_ht_combine_proxy(g, h, x, out, stream);
     cudaStream_t ms = (cudaStream_t)stream;
     cudaError_t e;
     if (c->ht_copy) {
@@ -866,14 +810,14 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const 
             if ((e = cudaEventRecord(c->ev_chunk[ch], c->cs)) != cudaSuccess ||
                 (e = cudaStreamWaitEvent(c->ss, c->ev_chunk[ch], 0)) != cudaSuccess)
                 return cuda_fail(g, e, "ordering the combine signals");
-            if ((st = launched(g, epk_ht_stage_signal(&c->ctx, stage_base + ch + 1, c->ss),
-                               "HT combine signal")) != EP_OK)
+            if ((st = cuda_launched(g, epk_ht_stage_signal(&c->ctx, stage_base + ch + 1, c->ss),
+                                    "HT combine signal")) != EP_OK)
                 return st;
         }
-        if ((st = launched(g,
-                           epk_ht_combine_staged(&c->ctx, &h->sc->st, x, out, h->num_tokens,
-                                                 c->ht_blocks, NCH, stage_base, ms),
-                           "HT combine sum")) != EP_OK)
+        if ((st = cuda_launched(g,
+                                epk_ht_combine_staged(&c->ctx, &h->sc->st, x, out, h->num_tokens,
+                                                      c->ht_blocks, NCH, stage_base, ms),
+                                "HT combine sum")) != EP_OK)
             return st;
         if ((e = cudaEventRecord(c->ev_cs, c->cs)) != cudaSuccess ||
             (e = cudaEventRecord(c->ev_ss, c->ss)) != cudaSuccess ||
@@ -884,17 +828,18 @@ static ep_status_t cu_ht_combine(ep_group_t *g, const ep_ht_handle_t *hb, const 
     }
     const uint64_t seq = ++c->ht_seq;
     c->ht_done += (uint64_t)c->ht_blocks;
-    return launched(g,
-                    epk_ht_combine(&c->ctx, &h->sc->st, x, out, h->num_tokens, c->ht_blocks, seq,
-                                   c->ht_done, stream),
-                    "HT combine");
+    return cuda_launched(g,
+                         epk_ht_combine(&c->ctx, &h->sc->st, x, out, h->num_tokens, c->ht_blocks,
+                                        seq, c->ht_done, stream),
+                         "HT combine");
 }
 
 static void cu_ht_handle_destroy(ep_ht_handle_t *hb)
 {
     struct cuda_ht_handle *h = (struct cuda_ht_handle *)hb;
     if (!h) return;
-    if (h->base.group && h->base.group->impl && h->sc) put_scratch(impl_of(h->base.group), h->sc);
+    if (h->base.group && h->base.group->impl && h->sc)
+        cuda_put_scratch(impl_of(h->base.group), h->sc);
     free(h);
 }
 
@@ -902,6 +847,7 @@ static void cu_abort(ep_group_t *g)
 {
     cuda_impl_t *c = impl_of(g);
     if (!c || !c->err_host) return;
+    if (c->wire) atomic_store(&c->wire->aborted, 1); /* host waits of HT on the proxy path */
     volatile int *e = c->err_host;
     if (e[EPK_ERR_CODE] == EPK_CODE_OK) {
         e[EPK_ERR_PEER] = atomic_load(&g->failed_peer);
