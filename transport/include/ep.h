@@ -47,9 +47,9 @@ typedef enum ep_backend { EP_BACKEND_CPU = 0, EP_BACKEND_CUDA = 1 } ep_backend_t
 typedef enum ep_transport_kind {
     EP_TRANSPORT_AUTO = 0, /* shm for ranks of one process, tcp otherwise (cpu); nvlink (cuda) */
     EP_TRANSPORT_SHM,      /* ranks are threads of one process and share memory directly */
-    EP_TRANSPORT_TCP,      /* one-sided put + signal over sockets */
+    EP_TRANSPORT_TCP,      /* one-sided put + signal over sockets (cuda: through the proxy) */
     EP_TRANSPORT_NVLINK,   /* CUDA peer access / IPC between GPUs of one node */
-    EP_TRANSPORT_RDMA,     /* ibverbs RC queue pairs driven by CPU proxies */
+    EP_TRANSPORT_RDMA,     /* ibverbs RC queue pairs driven by CPU proxies (docs/rdma.md) */
 } ep_transport_kind_t;
 
 const char *ep_backend_name(ep_backend_t b);
