@@ -22,55 +22,6 @@
 
 #define SEED 0xc0ffee1234ull
 
-struct rank_ctx {
-    ep_tcp_bootstrap_t *bso;
-    ep_bootstrap_t bs;
-    ep_wire_t *w;
-    uint8_t *buf;
-    size_t bytes;
-};
-
-static int rank_setup(int rank, int n, int port, size_t bytes, unsigned timeout_ms,
-                      struct rank_ctx *c)
-{
-    memset(c, 0, sizeof *c);
-    ep_status_t st = ep_tcp_bootstrap_create("127.0.0.1", port, rank, n, 10000, &c->bso);
-    CHECK(st == EP_OK, "bootstrap: %d %s", st, ep_tcp_bootstrap_last_error());
-    ep_tcp_bootstrap_get(c->bso, &c->bs);
-    ep_config_t cfg;
-    memset(&cfg, 0, sizeof cfg);
-    cfg.tcp_host = "127.0.0.1";
-    cfg.timeout_ms = timeout_ms;
-    st = ep_wire_tcp_create(&cfg, rank, n, &c->w);
-    CHECK(st == EP_OK, "wire create: %d", st);
-    c->bytes = bytes;
-    c->buf = aligned_alloc(64, (bytes + 63) / 64 * 64);
-    CHECK(c->buf != NULL, "out of memory");
-    memset(c->buf, 0, bytes);
-    return 0;
-}
-
-static int rank_connect(struct rank_ctx *c)
-{
-    ep_status_t st = c->w->ops->connect(c->w, &c->bs, c->buf, c->bytes);
-    CHECK(st == EP_OK, "connect: %d %s", st, c->w->error);
-    return 0;
-}
-
-static void rank_teardown(struct rank_ctx *c)
-{
-    if (c->w) c->w->ops->destroy(c->w);
-    ep_tcp_bootstrap_destroy(c->bso);
-    free(c->buf);
-}
-
-static int barrier(struct rank_ctx *c)
-{
-    int rc = c->bs.barrier(c->bs.ctx, 10000);
-    CHECK(rc == 0, "barrier: %d %s", rc, ep_tcp_bootstrap_last_error());
-    return 0;
-}
-
 /* ---- random puts, SET and ADD signals ----------------------------------------------------- */
 
 /* Layout: region[src] of REGION bytes per source rank (puts of different sources never

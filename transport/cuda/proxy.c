@@ -162,14 +162,25 @@ ep_status_t ep_cuda_proxy_start(ep_cuda_proxy_t *p)
 
 ep_status_t ep_cuda_proxy_drain(ep_cuda_proxy_t *p, uint64_t tail, unsigned timeout_ms)
 {
-    const uint64_t limit = now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    /* After a failure the proxy still serves the peers that are alive, so their commands are
+     * waited for too; but a kernel that gave up on a full ring leaves a slot it never wrote,
+     * so once the group has failed, a pause without progress ends the wait. */
+    const uint64_t start = now_ns(), limit = start + (uint64_t)timeout_ms * 1000000ull;
+    uint64_t seen = atomic_load(&p->done), moved = start;
     while (atomic_load_explicit(&p->done, memory_order_acquire) < tail) {
-        if (!p->running || p->err[EPK_ERR_CODE] != EPK_CODE_OK) return EP_ERR_PEER;
-        if (now_ns() > limit) return EP_ERR_TIMEOUT;
+        const uint64_t t = now_ns(), done = atomic_load(&p->done);
+        if (done != seen) {
+            seen = done;
+            moved = t;
+        }
+        if (!p->running) return EP_ERR_STATE;
+        if (p->err[EPK_ERR_CODE] != EPK_CODE_OK && t - moved > 200000000ull) return EP_ERR_PEER;
+        if (t > limit) return EP_ERR_TIMEOUT;
         struct timespec ts = {0, 50000};
         nanosleep(&ts, NULL);
     }
-    return p->wire->ops->flush(p->wire);
+    ep_status_t st = p->wire->ops->flush(p->wire);
+    return p->err[EPK_ERR_CODE] != EPK_CODE_OK ? EP_ERR_PEER : st;
 }
 
 void ep_cuda_proxy_stop(ep_cuda_proxy_t *p)

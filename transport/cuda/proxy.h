@@ -29,7 +29,9 @@ typedef struct ep_cuda_proxy {
 /* Starts the thread; slots/head/nslots/wire/err must be set. */
 ep_status_t ep_cuda_proxy_start(ep_cuda_proxy_t *p);
 /* Waits until the proxy has executed `tail` commands (every command the kernels issued), then
- * until the wire has handed them to the network; EP_ERR_TIMEOUT after timeout_ms. */
+ * until the wire has handed them to the network; EP_ERR_TIMEOUT after timeout_ms. After a
+ * failure it still waits for the commands (those to live peers go out) and returns
+ * EP_ERR_PEER. */
 ep_status_t ep_cuda_proxy_drain(ep_cuda_proxy_t *p, uint64_t tail, unsigned timeout_ms);
 void ep_cuda_proxy_stop(ep_cuda_proxy_t *p);
 
