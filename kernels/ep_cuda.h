@@ -81,7 +81,7 @@ typedef struct epk_layout {
     size_t ll_send;       /* proxy path: [R dst][Tmax][H] bf16 combine rows waiting for the wire */
     size_t win_total;
     /* local */
-    size_t ll_state; /* uint64 seq[2 buf][2 phase], uint32 fin[2 buf][2 phase], sfin[2][2] */
+    size_t ll_state; /* struct epk_ll_state (kernels/ep_cuda_common.cuh), 128 bytes */
     /* local part of LL buffer b: ll_loc + b * ll_loc_bytes */
     size_t ll_loc;
     size_t ll_loc_bytes;

@@ -58,11 +58,12 @@ __device__ __forceinline__ void epk_fail_raw(int *err, int code, int peer, int w
  * %globaltimer pass, or at once when another wait of the group already failed. */
 static __device__ __noinline__ bool epk_wait_ge_raw(int *err, unsigned long long timeout_ns,
                                                     const uint64_t *word, uint64_t target, int peer,
-                                                    int what)
+                                                    int what, unsigned nap_ns = 0)
 {
     if (epk_ld_acquire_sys(word) >= target) return true;
     uint64_t start = epk_globaltimer();
     for (unsigned spin = 1;; ++spin) {
+        if (nap_ns) __nanosleep(nap_ns);
         if (epk_ld_acquire_sys(word) >= target) return true;
         if ((spin & 255u) == 0) {
             if (epk_ld_volatile_host(err + EPK_ERR_CODE) != 0) return false;
@@ -74,10 +75,13 @@ static __device__ __noinline__ bool epk_wait_ge_raw(int *err, unsigned long long
     }
 }
 
+/* On the proxy path the words live in host memory: every poll is a read across PCIe, and many
+ * blocks polling tightly slow down the stores the sending blocks make over the same link, so
+ * they nap between polls. */
 __device__ __forceinline__ bool epk_wait_ge(const epk_ctx_t &c, const uint64_t *word,
                                             uint64_t target, int peer, int what)
 {
-    return epk_wait_ge_raw(c.err, c.timeout_ns, word, target, peer, what);
+    return epk_wait_ge_raw(c.err, c.timeout_ns, word, target, peer, what, c.proxy ? 500 : 0);
 }
 
 __device__ __forceinline__ bool epk_failed(const epk_ctx_t &c)
@@ -164,12 +168,55 @@ __device__ __forceinline__ int epk_block_scan(int v, int *total, int *sh)
     return r;
 }
 
+/* One warp writes dst[0..H) = bf16(sum over ranks d = 0..R-1, in that order, in fp32, of the
+ * bf16 row row_of(d)), skipping ranks for which row_of returns nullptr. Each lane issues the
+ * loads of U vectors together before adding them. The HT combines (NVLink pull, copy-engine
+ * staged, proxy path) all sum this way, so their results agree bit for bit. */
+template <int U, typename RowOf>
+__device__ __forceinline__ void epk_warp_sum_rows(uint4 *dst, int H, int R, RowOf row_of)
+{
+    const int nvec = H / 8, lane = threadIdx.x & 31;
+    for (int v0 = 0; v0 < nvec; v0 += 32 * U) {
+        float acc[U][8];
+#pragma unroll
+        for (int u = 0; u < U; ++u)
+#pragma unroll
+            for (int q = 0; q < 8; ++q)
+                acc[u][q] = 0.f;
+        for (int d = 0; d < R; ++d) {
+            const uint4 *src = row_of(d);
+            if (!src) continue;
+            uint4 val[U];
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                const int v = v0 + u * 32 + lane;
+                if (v < nvec) val[u] = src[v];
+            }
+#pragma unroll
+            for (int u = 0; u < U; ++u) {
+                float f[8];
+                epk_unpack8(val[u], f);
+#pragma unroll
+                for (int q = 0; q < 8; ++q)
+                    acc[u][q] += f[q];
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+            const int v = v0 + u * 32 + lane;
+            if (v < nvec) dst[v] = epk_pack8(acc[u]);
+        }
+    }
+}
+
 /* ---- LL sequence state (local part of the buffer, kernels/ep_cuda.h) ---------------------- */
 struct epk_ll_state {
     uint64_t seq[2][2];  /* [buf][dispatch, combine]: ops completed on that buffer */
     unsigned fin[2][2];  /* receive blocks finished in the current op */
     unsigned sfin[2][2]; /* proxy path: send blocks finished in the current op */
+    uint64_t gate[2][2]; /* proxy path: op whose data block 0 saw arrive (epk_wait_all) */
 };
+static_assert(sizeof(epk_ll_state) <= 128, "the layout reserves 128 bytes");
 
 __device__ __forceinline__ epk_ll_state *epk_ll_state_of(const epk_ctx_t &c)
 {
@@ -211,6 +258,30 @@ static __device__ __noinline__ bool epk_ring_push(const epk_ctx_t &c, int op, in
     __threadfence_system();
     *(volatile uint32_t *)&cmd->seq = (uint32_t)(slot + 1);
     return true;
+}
+
+/* The receive halves' wait: until counters[s] >= target for every source s (thread s of the
+ * block waits for source s). On the proxy path the counters are in host memory and every poll
+ * crosses PCIe, so only block 0 polls them and then opens `gate` (device memory) to `seq` for
+ * the other blocks. Returns false (every thread) when the wait failed. */
+__device__ __forceinline__ bool epk_wait_all(const epk_ctx_t &c, const uint64_t *counters,
+                                             uint64_t target, uint64_t *gate, uint64_t seq,
+                                             int what, int *s_fail)
+{
+    const int R = c.nranks;
+    if (threadIdx.x == 0) *s_fail = 0;
+    __syncthreads();
+    if ((!c.proxy || blockIdx.x == 0) && (int)threadIdx.x < R)
+        if (!epk_wait_ge(c, counters + threadIdx.x, target, threadIdx.x, what)) *s_fail = 1;
+    __syncthreads();
+    if (c.proxy && !*s_fail && threadIdx.x == 0) {
+        if (blockIdx.x == 0)
+            epk_st_release_sys(gate, seq);
+        else if (!epk_wait_ge_raw(c.err, c.timeout_ns, gate, seq, c.rank, what))
+            *s_fail = 1;
+    }
+    __syncthreads();
+    return !*s_fail;
 }
 
 /* Proxy path: adds v to a counter of this rank's own window that no one else writes (the

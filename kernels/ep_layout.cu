@@ -77,7 +77,7 @@ extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks
 
     /* local */
     lay->ll_state = off;
-    off = align_up(off + 64, 256);
+    off = align_up(off + 128, 256);
     b = 0;
     lay->ll_inv = b;
     b = align_up(b + R * T * k * 4, 256);

@@ -341,7 +341,7 @@ __global__ void __launch_bounds__(kThreads)
         }
     __syncthreads();
     const uint8_t *stage = c.base[me] + c.lay.ht_stage;
-    const int nvec = H / 8, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int warps = blockDim.x >> 5;
     constexpr int U = 2 * kUnroll;
     for (int ch = 0; ch < nch; ++ch) {
         if ((int)threadIdx.x < R && (int)threadIdx.x != me)
@@ -360,42 +360,12 @@ __global__ void __launch_bounds__(kThreads)
                 }
             }
             if (round != ch) continue;
-            uint4 *dst = (uint4 *)(out + (size_t)t * H);
-            for (int v0 = 0; v0 < nvec; v0 += 32 * U) {
-                float acc[U][8];
-#pragma unroll
-                for (int u = 0; u < U; ++u)
-#pragma unroll
-                    for (int q = 0; q < 8; ++q)
-                        acc[u][q] = 0.f;
-                for (int d = 0; d < R; ++d) {
-                    const int r = st.pos[(size_t)t * R + d];
-                    if (r < 0) continue;
-                    const uint4 *src =
-                        d == me
-                            ? (const uint4 *)(x + (size_t)(s_base[me] + r) * H)
-                            : (const uint4 *)(stage + ((size_t)d * c.ht_max_tokens + r) * H * 2);
-                    uint4 val[U];
-#pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        const int v = v0 + u * 32 + lane;
-                        if (v < nvec) val[u] = src[v];
-                    }
-#pragma unroll
-                    for (int u = 0; u < U; ++u) {
-                        float f[8];
-                        epk_unpack8(val[u], f);
-#pragma unroll
-                        for (int q = 0; q < 8; ++q)
-                            acc[u][q] += f[q];
-                    }
-                }
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const int v = v0 + u * 32 + lane;
-                    if (v < nvec) dst[v] = epk_pack8(acc[u]);
-                }
-            }
+            epk_warp_sum_rows<U>((uint4 *)(out + (size_t)t * H), H, R, [&](int d) -> const uint4 * {
+                const int r = st.pos[(size_t)t * R + d];
+                if (r < 0) return nullptr;
+                return d == me ? (const uint4 *)(x + (size_t)(s_base[me] + r) * H)
+                               : (const uint4 *)(stage + ((size_t)d * c.ht_max_tokens + r) * H * 2);
+            });
         }
     }
 }
@@ -411,43 +381,15 @@ __global__ void __launch_bounds__(kThreads)
     if ((int)threadIdx.x < R) s_base[threadIdx.x] = st.base_at[threadIdx.x];
     if (!exchange_ptrs(c, mine, seq, s_ptrs)) return;
 
-    const int nvec = H / 8, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int warps = blockDim.x >> 5;
     constexpr int U = 2 * kUnroll;
     for (int t = blockIdx.x * warps + (threadIdx.x >> 5); t < T; t += gridDim.x * warps) {
-        uint4 *dst = (uint4 *)(out + (size_t)t * H);
-        for (int v0 = 0; v0 < nvec; v0 += 32 * U) {
-            float acc[U][8];
-#pragma unroll
-            for (int u = 0; u < U; ++u)
-#pragma unroll
-                for (int q = 0; q < 8; ++q)
-                    acc[u][q] = 0.f;
-            for (int d = 0; d < R; ++d) {
-                const int r = st.pos[(size_t)t * R + d];
-                if (r < 0) continue;
-                const uint4 *src = (const uint4 *)((const uint16_t *)s_ptrs[d].combine_x +
-                                                   (size_t)(s_base[d] + r) * H);
-                uint4 val[U];
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    const int v = v0 + u * 32 + lane;
-                    if (v < nvec) val[u] = src[v];
-                }
-#pragma unroll
-                for (int u = 0; u < U; ++u) {
-                    float f[8];
-                    epk_unpack8(val[u], f);
-#pragma unroll
-                    for (int q = 0; q < 8; ++q)
-                        acc[u][q] += f[q];
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < U; ++u) {
-                const int v = v0 + u * 32 + lane;
-                if (v < nvec) dst[v] = epk_pack8(acc[u]);
-            }
-        }
+        epk_warp_sum_rows<U>((uint4 *)(out + (size_t)t * H), H, R, [&](int d) -> const uint4 * {
+            const int r = st.pos[(size_t)t * R + d];
+            if (r < 0) return nullptr;
+            return (const uint4 *)((const uint16_t *)s_ptrs[d].combine_x +
+                                   (size_t)(s_base[d] + r) * H);
+        });
     }
     signal_done_and_wait(c, done_target);
 }

@@ -70,25 +70,14 @@ __global__ void __launch_bounds__(kThreads)
                   const uint8_t *stage, uint16_t *out)
 {
     const int R = c.nranks, H = c.hidden, me = c.rank;
-    const int nvec = H / 8, lane = threadIdx.x & 31, warps = blockDim.x >> 5;
+    const int warps = blockDim.x >> 5;
     for (int t = blockIdx.x * warps + (threadIdx.x >> 5); t < T; t += gridDim.x * warps) {
-        uint4 *dst = (uint4 *)(out + (size_t)t * H);
-        for (int v = lane; v < nvec; v += 32) {
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            for (int d = 0; d < R; ++d) {
-                const int r = pos[(size_t)t * R + d];
-                if (r < 0) continue;
-                const uint4 *src =
-                    d == me ? (const uint4 *)(x + (size_t)(row0 + r) * H)
-                            : (const uint4 *)(stage + (size_t)d * c.lay.ht_blk + (size_t)r * H * 2);
-                float f[8];
-                epk_unpack8(src[v], f);
-#pragma unroll
-                for (int q = 0; q < 8; ++q)
-                    acc[q] += f[q];
-            }
-            dst[v] = epk_pack8(acc);
-        }
+        epk_warp_sum_rows<8>((uint4 *)(out + (size_t)t * H), H, R, [&](int d) -> const uint4 * {
+            const int r = pos[(size_t)t * R + d];
+            if (r < 0) return nullptr;
+            return d == me ? (const uint4 *)(x + (size_t)(row0 + r) * H)
+                           : (const uint4 *)(stage + (size_t)d * c.lay.ht_blk + (size_t)r * H * 2);
+        });
     }
 }
 

@@ -8,9 +8,10 @@
  *   releases +1 onto ll_cnt[buf][1][rank] of every peer.
  *   When a source's dispatch carried no weights, that source sends its combine weights first
  *   (block 0, into the dispatch meta) and signals ll_cnt[buf][2]; expert ranks wait for them.
- *   Proxy path (tcp/rdma transport): a partial sum for rank s is stored in this rank's send
- *   area [s][t] and a put command copies it to [rank][t] of s's comb; the last block to finish
- *   adds send_blocks to every peer's counter (a command, delivered after the puts).
+ *   Proxy path (tcp/rdma transport): each block takes a contiguous range of pairs; a partial
+ *   sum for rank s is stored in this rank's send area [s][t], and one put command per block and
+ *   rank copies the block's rows to [rank][t...] of s's comb; the last block to finish adds
+ *   send_blocks to every peer's counter (a command, delivered after the puts).
  * Receive half (source rank; block handles tokens b, b + recv_blocks, ...):
  *   out[t][h] = bf16( sum over ranks d that token t visited, ascending, of partial_d[t][h] ).
  */
@@ -80,22 +81,40 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
     __shared__ int s_r[EP_MAX_TOPK];
     __shared__ float s_w[EP_MAX_TOPK];
     __shared__ int s_n;
-    /* (source, token) pairs spread over the blocks, one pair per block per round */
-    for (int q = bid; q < R * Tmax; q += p.send_blocks) {
+    /* (source, token) pairs q = s * Tmax + t spread over the blocks, one pair per block per
+     * round (NVLink), or one contiguous range of pairs per block (proxy path: a block's rows for
+     * a rank then leave as one put) */
+    const int chunk = c.proxy ? (R * Tmax + p.send_blocks - 1) / p.send_blocks : 1;
+    const int q_begin = c.proxy ? bid * chunk : bid;
+    const int q_end = c.proxy ? min(R * Tmax, q_begin + chunk) : R * Tmax;
+    /* the meta lives in the window (host memory on the proxy path): each value is read once, by
+     * as many threads at a time as possible */
+    __shared__ int s_T[EP_MAX_RANKS];
+    __shared__ int s_mi[EP_MAX_TOPK], s_mr[EP_MAX_TOPK];
+    __shared__ float s_mw[EP_MAX_TOPK];
+    if ((int)threadIdx.x < R)
+        s_T[threadIdx.x] = *(const volatile int32_t *)(dwin + c.lay.ll_meta +
+                                                       (size_t)threadIdx.x * c.lay.ll_meta_bytes);
+    __syncthreads();
+    for (int q = q_begin; q < q_end; q += c.proxy ? 1 : p.send_blocks) {
         const int s = q / Tmax, t = q - s * Tmax;
+        if (t >= s_T[s]) continue;
         const uint8_t *meta = dwin + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes;
-        const int Ts = *(const volatile int32_t *)meta;
-        if (t >= Ts) continue;
-        const int32_t *midx = (const int32_t *)(meta + 16);
-        const float *mw = (const float *)(meta + 16 + (size_t)Tmax * k * 4);
+        if ((int)threadIdx.x < k) {
+            const int j = threadIdx.x;
+            s_mi[j] = ((const int32_t *)(meta + 16))[(size_t)t * k + j];
+            s_mw[j] = ((const float *)(meta + 16 + (size_t)Tmax * k * 4))[(size_t)t * k + j];
+            s_mr[j] = inv[((size_t)s * Tmax + t) * k + j];
+        }
+        __syncthreads();
         if (threadIdx.x == 0) {
             int n = 0;
             for (int j = 0; j < k; ++j) {
-                const int e = midx[(size_t)t * k + j];
+                const int e = s_mi[j];
                 if (e >= c.rank * L && e < (c.rank + 1) * L) {
                     s_e[n] = e - c.rank * L;
-                    s_r[n] = inv[((size_t)s * Tmax + t) * k + j];
-                    s_w[n] = mw[(size_t)t * k + j];
+                    s_r[n] = s_mr[j];
+                    s_w[n] = s_mw[j];
                     ++n;
                 }
             }
@@ -145,12 +164,24 @@ __device__ void combine_send(const epk_ctx_t &c, const epk_ll_combine_params_t &
             }
         }
         __syncthreads();
-        if (via_ring && n > 0 && threadIdx.x == 0) {
-            __threadfence_system();
-            epk_ring_push(c, EPK_CMD_PUT, s, send_off, comb_off, (uint32_t)H * 2);
-        }
     }
     __syncthreads();
+    if (c.proxy && (int)threadIdx.x < R && (int)threadIdx.x != c.rank && q_begin < q_end) {
+        /* thread s: this block's rows for rank s, tokens [lo, hi) below s's T, as one put (rows
+         * of tokens that did not visit this rank travel too, and are never read) */
+        const int s = threadIdx.x;
+        const int lo = max(q_begin, s * Tmax) - s * Tmax;
+        const int Ts =
+            *(const volatile int32_t *)(dwin + c.lay.ll_meta + (size_t)s * c.lay.ll_meta_bytes);
+        const int hi = min(min(q_end, (s + 1) * Tmax) - s * Tmax, Ts);
+        if (lo < hi) {
+            __threadfence_system();
+            epk_ring_push(c, EPK_CMD_PUT, s, coff + c.lay.ll_send + ((size_t)s * Tmax + lo) * H * 2,
+                          coff + c.lay.ll_comb + ((size_t)c.rank * Tmax + lo) * H * 2,
+                          (uint32_t)((size_t)(hi - lo) * H * 2));
+        }
+    }
+    __syncthreads(); /* every put of this block is in the ring before it counts as done */
     const size_t cnt_off = c.lay.ll_cnt + ((size_t)(p.buf * 3 + 1) * R + c.rank) * 8;
     if (!c.proxy) {
         if ((int)threadIdx.x < R) {
@@ -176,16 +207,10 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
     __shared__ uint64_t s_mask;
 
     const uint64_t seq = *(volatile uint64_t *)&st->seq[p.buf][1] + 1;
-    if (threadIdx.x == 0) s_fail = 0;
-    __syncthreads();
-    if ((int)threadIdx.x < R) {
-        const uint64_t *cnt =
-            (const uint64_t *)(c.win + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 1) * R + threadIdx.x;
-        if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_COMBINE))
-            s_fail = 1;
-    }
-    __syncthreads();
-    if (s_fail) return;
+    if (!epk_wait_all(c, (const uint64_t *)(c.win + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 1) * R,
+                      seq * (uint64_t)p.send_blocks, &st->gate[p.buf][1], seq, EPK_WAIT_LL_COMBINE,
+                      &s_fail))
+        return;
 
     for (int t = bid; t < p.num_tokens; t += p.recv_blocks) {
         if (threadIdx.x == 0) {

@@ -5,10 +5,11 @@
  *   msg  at peer d: [src=rank][t] = fp8 x[H] + fp32 scales[H/128], or bf16 x[H]
  *   meta at peer d: [src=rank] = {T, has_w}, topk_idx [T][k], topk_w [T][k]  (block 0)
  *   then every block releases +1 onto counter ll_cnt[buf][0][rank] of every peer.
- *   Proxy path (tcp/rdma transport): the message and meta rows go to this rank's own window
- *   (where they sit at the offsets they have in every peer's window); per token, one put command
- *   per destination rank; the last block to finish puts the meta and adds send_blocks to every
- *   peer's counter (a command, delivered after the puts).
+ *   Proxy path (tcp/rdma transport): each block takes a contiguous range of tokens; the message
+ *   and meta rows go to this rank's own window (where they sit at the offsets they have in every
+ *   peer's window); one put command per destination rank and run of consecutive tokens that go
+ *   there; the last block to finish puts the meta and adds send_blocks to every peer's counter
+ *   (a command, delivered after the puts).
  * Receive half (block handles local experts e, e + recv_blocks, ...): waits until every source
  *   counter reaches seq * send_blocks, then for expert e scans the sources in rank order and
  *   their tokens in index order, and copies each selected message into
@@ -39,6 +40,11 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     const size_t meta_off = boff + c.lay.ll_meta + (size_t)c.rank * c.lay.ll_meta_bytes;
     /* ranks written by stores: all of them, or only the own window on the proxy path */
     const int nd = c.proxy ? 1 : R;
+    /* tokens of this block: every send_blocks-th (NVLink), or one contiguous range (proxy
+     * path: its messages to a rank then leave as a few ranges instead of one put per token) */
+    const int chunk = c.proxy ? (T + p.send_blocks - 1) / p.send_blocks : 1;
+    const int t_begin = c.proxy ? bid * chunk : bid;
+    const int t_end = c.proxy ? min(T, t_begin + chunk) : T, t_step = c.proxy ? 1 : p.send_blocks;
     __shared__ uint64_t s_mask;
 
     /* routing of every token to every rank (a receiver scans all of a source's tokens): each
@@ -48,7 +54,7 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
         hdr[0] = T;
         hdr[1] = p.topk_w != nullptr;
     }
-    for (int t = bid; t < T; t += p.send_blocks)
+    for (int t = t_begin; t < t_end; t += t_step)
         for (int i = threadIdx.x; i < nd * k; i += blockDim.x) {
             const int d = i / k, j = i - d * k;
             uint8_t *meta = epk_dst(c, d) + meta_off;
@@ -58,7 +64,7 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
                     p.topk_w[(size_t)t * k + j];
         }
 
-    for (int t = bid; t < T; t += p.send_blocks) {
+    for (int t = t_begin; t < t_end; t += t_step) {
         if (threadIdx.x == 0) {
             uint64_t m = 0;
             for (int j = 0; j < k; ++j) {
@@ -129,13 +135,30 @@ __device__ void dispatch_send(const epk_ctx_t &c, const epk_ll_dispatch_params_t
             }
         }
         __syncthreads();
-        if (c.proxy && (int)threadIdx.x < R && (int)threadIdx.x != c.rank &&
-            (mask >> threadIdx.x & 1)) {
-            __threadfence_system();
-            epk_ring_push(c, EPK_CMD_PUT, threadIdx.x, moff, moff, (uint32_t)msg_stride(c, p));
-        }
     }
     __syncthreads();
+    if (c.proxy && (int)threadIdx.x < R && (int)threadIdx.x != c.rank && t_begin < t_end) {
+        /* thread d: one put per run of consecutive tokens that go to rank d */
+        const int d = threadIdx.x;
+        const size_t stride = msg_stride(c, p);
+        const size_t base = boff + c.lay.ll_msg + (size_t)c.rank * c.ll_max_tokens * stride;
+        __threadfence_system();
+        int run = -1;
+        for (int t = t_begin; t <= t_end; ++t) {
+            bool on = false;
+            for (int j = 0; t < t_end && j < k && !on; ++j) {
+                const int e = p.topk_idx[(size_t)t * k + j];
+                on = e >= d * L && e < (d + 1) * L;
+            }
+            if (on && run < 0) run = t;
+            if (!on && run >= 0) {
+                epk_ring_push(c, EPK_CMD_PUT, d, base + run * stride, base + run * stride,
+                              (uint32_t)((t - run) * stride));
+                run = -1;
+            }
+        }
+    }
+    __syncthreads(); /* every put of this block is in the ring before it counts as done */
     const size_t cnt_off = c.lay.ll_cnt + ((size_t)(p.buf * 3 + 0) * R + c.rank) * 8;
     if (!c.proxy) {
         if ((int)threadIdx.x < R) {
@@ -173,16 +196,10 @@ __device__ void dispatch_recv(const epk_ctx_t &c, const epk_ll_dispatch_params_t
     __shared__ int s_row[kThreads];
 
     const uint64_t seq = *(volatile uint64_t *)&st->seq[p.buf][0] + 1;
-    if (threadIdx.x == 0) s_fail = 0;
-    __syncthreads();
-    if ((int)threadIdx.x < R) {
-        const uint64_t *cnt =
-            (const uint64_t *)(c.win + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 0) * R + threadIdx.x;
-        if (!epk_wait_ge(c, cnt, seq * (uint64_t)p.send_blocks, threadIdx.x, EPK_WAIT_LL_DISPATCH))
-            s_fail = 1;
-    }
-    __syncthreads();
-    if (s_fail) return;
+    if (!epk_wait_all(c, (const uint64_t *)(c.win + c.lay.ll_cnt) + (size_t)(p.buf * 3 + 0) * R,
+                      seq * (uint64_t)p.send_blocks, &st->gate[p.buf][0], seq, EPK_WAIT_LL_DISPATCH,
+                      &s_fail))
+        return;
 
     const size_t row_bytes = p.use_fp8 ? (size_t)H : (size_t)H * 2;
     const size_t stride = msg_stride(c, p);
