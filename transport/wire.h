@@ -5,7 +5,8 @@
  * A signal is delivered after every put issued before it to the same peer (the receiver that
  * sees the signal sees the data). The receiver waits by polling its own buffer with
  * ep_wire_wait(). Implementations: wire_shm.c (threads of one process, plain memory),
- * wire_tcp.c (sockets and a progress thread); the rdma transport adds a verbs one.
+ * wire_tcp.c and wire_tcp_data.c (sockets and a progress thread); the rdma transport adds a
+ * verbs one.
  */
 #ifndef EP_WIRE_H
 #define EP_WIRE_H
