@@ -55,8 +55,10 @@ static int imin(int a, int b)
     return a < b ? a : b;
 }
 
-/* Commands the ring holds (a power of two): an LL op issues about one per token and peer. */
+/* Commands the ring holds (a power of two): an LL op issues a few per send block and peer. */
 #define PROXY_RING_SLOTS 8192
+/* LL send blocks on the proxy path (each takes a contiguous range of tokens or rows). */
+#define PROXY_SEND_BLOCKS 16
 
 /* Mapped pinned host memory: *host for the CPU, *dev for the kernels. */
 static ep_status_t host_mapped(ep_group_t *g, size_t bytes, void **host, void **dev,
@@ -341,9 +343,11 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
     const int tmax = cfg->ll_max_tokens > 0 ? cfg->ll_max_tokens : 1;
     /* two 256-thread LL blocks fit on one SM together (register use), so 2 * avail stay
      * co-resident, which the one-launch mode needs */
-    c->ll_disp_send = imin(tmax, 2 * avail);
+    /* the proxy path gives each send block a contiguous range whose rows leave as one put, so
+     * fewer, larger ranges mean fewer commands and system-scope fences */
+    c->ll_disp_send = imin(tmax, c->proxy ? PROXY_SEND_BLOCKS : 2 * avail);
     c->ll_disp_recv = imin(c->ctx.local_experts, 2 * avail);
-    c->ll_comb_send = imin(R * tmax, 2 * avail);
+    c->ll_comb_send = imin(R * tmax, c->proxy ? PROXY_SEND_BLOCKS : 2 * avail);
     c->ll_comb_recv = imin(tmax, 2 * avail);
     int nsms = cfg->num_sms > 0 ? cfg->num_sms : 24;
     c->ht_blocks = imin(nsms, avail);
