@@ -110,12 +110,15 @@ static ep_status_t proxy_setup(ep_group_t *g)
             return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: cudaMalloc of %zu bytes (HT): %s",
                                  g->rank, pack, cudaGetErrorString(e));
         }
-        if ((e = cudaHostAlloc((void **)&c->ht_idx_host, T * g->cfg.num_topk * 4, 0)) !=
-                cudaSuccess ||
-            (e = cudaHostAlloc((void **)&c->ht_pos_host, T * R * 4, 0)) != cudaSuccess ||
-            (e = cudaHostAlloc((void **)&c->ht_nrpe_host, (size_t)g->cfg.num_experts / R * 4, 0)) !=
-                cudaSuccess)
-            return cuda_fail(g, e, "cudaHostAlloc of the HT routing scratch");
+        void **scratch[3] = {(void **)&c->ht_idx_host, (void **)&c->ht_pos_host,
+                             (void **)&c->ht_nrpe_host};
+        const size_t bytes[3] = {T * g->cfg.num_topk * 4, T * R * 4,
+                                 (size_t)g->cfg.num_experts / R * 4};
+        for (int i = 0; i < 3; ++i)
+            if ((e = cudaHostAlloc(scratch[i], bytes[i], 0)) != cudaSuccess) {
+                *scratch[i] = NULL;
+                return cuda_fail(g, e, "cudaHostAlloc of the HT routing scratch");
+            }
     }
 
     if (g->cfg.transport == EP_TRANSPORT_RDMA) {
@@ -272,7 +275,7 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         share = same > share ? same : share;
         sms = imin(sms, all[r].num_sms);
     }
-    if (c->proxy) c->inproc = 0; /* HT needs peer pointers */
+    if (c->proxy) c->inproc = 0; /* no peer pointers on the proxy path */
     for (int r = 0; r < R && !c->proxy; ++r) {
         if (r == g->rank) continue;
         if (c->inproc) {
