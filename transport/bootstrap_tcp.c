@@ -10,6 +10,7 @@
  */
 #define _GNU_SOURCE /* accept4 */
 #include "ep.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <netdb.h>
@@ -72,16 +73,9 @@ static ep_status_t bs_fail(ep_status_t st, const char *fmt, ...)
     return st;
 }
 
-static uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static uint64_t deadline_after(unsigned ms)
 {
-    return now_ns() + (uint64_t)ms * 1000000ull;
+    return ep_now_ns() + (uint64_t)ms * 1000000ull;
 }
 
 /* Rank 0 gives up a little before the others, so that its verdict (which rank is missing)
@@ -93,7 +87,7 @@ static uint64_t root_deadline_after(unsigned ms)
 
 static int ms_until(uint64_t deadline)
 {
-    uint64_t t = now_ns();
+    uint64_t t = ep_now_ns();
     if (t >= deadline) return 0;
     uint64_t ms = (deadline - t + 999999) / 1000000;
     return ms > 1000000 ? 1000000 : (int)ms;

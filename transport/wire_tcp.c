@@ -9,6 +9,7 @@
  */
 #define _GNU_SOURCE /* accept4, pipe2 */
 #include "wire_tcp_int.h"
+#include "clock.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -145,7 +146,7 @@ void tcp_accept_pending(struct wire_tcp *t, unsigned hello_ms)
         struct pending_conn *pc = &t->pend[t->npend++];
         memset(pc, 0, sizeof *pc);
         pc->fd = fd;
-        pc->deadline_ns = now_ns() + (uint64_t)hello_ms * 1000000ull;
+        pc->deadline_ns = ep_now_ns() + (uint64_t)hello_ms * 1000000ull;
         snprintf(pc->addr, sizeof pc->addr, "%s", addr);
     }
 }
@@ -209,7 +210,7 @@ int tcp_serve_pending(struct wire_tcp *t, int i, int mesh_open)
 
 void tcp_expire_pending(struct wire_tcp *t)
 {
-    uint64_t now = now_ns();
+    uint64_t now = ep_now_ns();
     for (int i = 0; i < t->npend;) {
         if (now >= t->pend[i].deadline_ns) {
             record_refusal(t, t->pend[i].fd,
@@ -298,7 +299,7 @@ static void out_retry(struct outgoing *o, const char *what, int err)
     o->fd = -1;
     o->st = OUT_IDLE;
     o->got = 0;
-    o->retry_at = now_ns() + CONNECT_RETRY_MS * 1000000ull;
+    o->retry_at = ep_now_ns() + CONNECT_RETRY_MS * 1000000ull;
     snprintf(o->last_error, sizeof o->last_error, "%s: %s", what, err ? strerror(err) : "closed");
 }
 
@@ -308,7 +309,7 @@ static ep_status_t out_step(struct wire_tcp *t, int i, struct outgoing *o, short
 {
     struct tcp_peer *p = &t->peers[i];
     if (o->st == OUT_IDLE) {
-        if (now_ns() < o->retry_at) return EP_OK;
+        if (ep_now_ns() < o->retry_at) return EP_OK;
         o->fd = socket(p->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (o->fd < 0)
             return ep_wire_fail(&t->base, i, EP_ERR_IO, "rank %d: socket() for rank %d: %s",
@@ -383,13 +384,13 @@ static ep_status_t build_mesh(struct wire_tcp *t)
     for (int i = 0; i < n; i++)
         out[i].fd = -1;
 
-    uint64_t deadline = now_ns() + (uint64_t)w->timeout_ms * 1000000ull;
+    uint64_t deadline = ep_now_ns() + (uint64_t)w->timeout_ms * 1000000ull;
     for (;;) {
         int missing = 0;
         for (int i = 0; i < n; i++)
             missing += i != me && atomic_load(&t->peers[i].state) != PEER_UP;
         if (!missing) break;
-        if (now_ns() >= deadline) {
+        if (ep_now_ns() >= deadline) {
             char list[160] = "";
             size_t len = 0;
             int first = -1;
@@ -579,6 +580,28 @@ static ep_status_t open_listener(struct wire_tcp *t, const char *host, int port)
     return EP_OK;
 }
 
+/* Sends the BYE frame, waiting up to ms for room in the socket (its buffer may still be full
+ * of the data just drained into it). */
+static void send_bye(int fd, unsigned ms)
+{
+    uint8_t bye[EP_TCP_FRAME_BYTES] = {0};
+    put_u32(bye, EP_TCP_FRAME_BYE);
+    const uint64_t until = ep_now_ns() + (uint64_t)ms * 1000000ull;
+    size_t sent = 0;
+    while (sent < sizeof bye) {
+        ssize_t r = send(fd, bye + sent, sizeof bye - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (r > 0) {
+            sent += (size_t)r;
+            continue;
+        }
+        if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) return;
+        const int left = ms_until(until);
+        if (left == 0) return;
+        struct pollfd pfd = {.fd = fd, .events = POLLOUT};
+        poll(&pfd, 1, left);
+    }
+}
+
 static void tcp_destroy(ep_wire_t *w)
 {
     struct wire_tcp *t = tcp_of(w);
@@ -596,23 +619,19 @@ static void tcp_destroy(ep_wire_t *w)
             int s = atomic_load(&p->state);
             if (i == w->rank || (s != PEER_UP && s != PEER_CLOSED)) continue;
             pthread_mutex_lock(&p->tx_lock);
-            if (tcp_drain_queue_blocking(t, i, linger) == EP_OK) {
-                uint8_t bye[EP_TCP_FRAME_BYTES] = {0};
-                put_u32(bye, EP_TCP_FRAME_BYE);
-                send(p->fd, bye, sizeof bye, MSG_NOSIGNAL | MSG_DONTWAIT);
-                p->bye_sent = 1;
-            }
+            if (tcp_drain_queue_blocking(t, i, linger) == EP_OK) send_bye(p->fd, linger);
+            p->bye_sent = 1;
             shutdown(p->fd, SHUT_WR);
             pthread_mutex_unlock(&p->tx_lock);
         }
-        uint64_t until = now_ns() + (uint64_t)linger * 1000000ull;
+        uint64_t until = ep_now_ns() + (uint64_t)linger * 1000000ull;
         for (;;) {
             int open = 0;
             for (int i = 0; i < n; i++)
                 open += i != w->rank && t->peers[i].fd >= 0 &&
                         atomic_load(&t->peers[i].state) == PEER_UP &&
                         !atomic_load(&t->peers[i].rx_done);
-            if (!open || now_ns() >= until) break;
+            if (!open || ep_now_ns() >= until) break;
             struct timespec ts = {0, 1000000};
             nanosleep(&ts, NULL);
         }
@@ -710,7 +729,7 @@ ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_
         goto fail;
     }
     if (getrandom(&t->my_nonce, sizeof t->my_nonce, 0) != (ssize_t)sizeof t->my_nonce)
-        t->my_nonce = now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t;
+        t->my_nonce = ep_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t;
     if ((st = open_listener(t, host, cfg->tcp_port)) != EP_OK) {
         create_fail(st, "%s", t->base.error);
         goto fail;

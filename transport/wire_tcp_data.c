@@ -10,6 +10,7 @@
  * put payloads are received straight into the symmetric buffer.
  */
 #include "wire_tcp_int.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -158,7 +159,7 @@ static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, co
             goto out;
         }
     }
-    uint64_t deadline = now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
+    uint64_t deadline = ep_now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
     for (;;) {
         int progressed = 0;
         if (p->q_len) {
@@ -186,7 +187,7 @@ static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, co
             p->q_cap = p->q ? TX_QUEUE_BYTES : 0;
         }
         if (progressed) {
-            deadline = now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
+            deadline = ep_now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
             continue;
         }
         struct pollfd pfd = {.fd = p->fd, .events = POLLOUT};
@@ -271,14 +272,14 @@ ep_status_t tcp_signal(ep_wire_t *w, int peer, size_t remote_off, uint64_t value
 ep_status_t tcp_drain_queue_blocking(struct wire_tcp *t, int peer, unsigned timeout_ms)
 {
     struct tcp_peer *p = &t->peers[peer];
-    uint64_t deadline = now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    uint64_t deadline = ep_now_ns() + (uint64_t)timeout_ms * 1000000ull;
     while (p->q_len) {
         ep_status_t st = peer_unusable(t, peer);
         if (st != EP_OK) return st;
         ssize_t r = queue_drain_nb(p);
         if (r < 0) return send_error(t, peer, r);
         if (r > 0) {
-            deadline = now_ns() + (uint64_t)timeout_ms * 1000000ull;
+            deadline = ep_now_ns() + (uint64_t)timeout_ms * 1000000ull;
             continue;
         }
         int ms = ms_until(deadline);

@@ -6,6 +6,7 @@
 #define EP_WIRE_TCP_INT_H
 
 #include "wire_tcp.h"
+#include "clock.h"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -82,16 +83,9 @@ struct wire_tcp {
 
 /* ---- small helpers ------------------------------------------------------------------------ */
 
-static inline uint64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
-}
-
 static inline int ms_until(uint64_t deadline)
 {
-    uint64_t t = now_ns();
+    uint64_t t = ep_now_ns();
     if (t >= deadline) return 0;
     uint64_t ms = (deadline - t + 999999) / 1000000;
     return ms > 1000000 ? 1000000 : (int)ms;

@@ -81,8 +81,6 @@ static inline struct wire_rdma *rdma_of(ep_wire_t *w)
     return (struct wire_rdma *)w;
 }
 
-uint64_t rdma_now_ns(void);
-
 /* Marks `peer` failed (first failure wins for the wire's error), moves its QP to the error
  * state so that posted work completes; returns st. */
 ep_status_t rdma_peer_fail(struct wire_rdma *r, int peer, ep_status_t st, const char *fmt, ...)
