@@ -69,6 +69,9 @@ ep_status_t ep_wire_shm_create(const ep_config_t *cfg, int rank, int nranks, ep_
 ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
 /* transport/rdma/wire_rdma.c (built when libibverbs and librdmacm are found: EP_HAVE_RDMA). */
 ep_status_t ep_wire_rdma_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
+/* Before connect: unless the options name a device or a near= device, prefer the NICs nearest
+ * the PCI device pci_bus_id ("0000:1b:00.0", the rank's GPU) in the PCIe tree. */
+void ep_wire_rdma_prefer_near(ep_wire_t *w, const char *pci_bus_id);
 
 /* put_local when the wire has it, else put from this rank's buffer. */
 ep_status_t ep_wire_put_local(ep_wire_t *w, int peer, size_t remote_off, size_t local_off,

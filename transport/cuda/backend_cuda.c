@@ -124,6 +124,14 @@ static ep_status_t proxy_setup(ep_group_t *g)
     if (g->cfg.transport == EP_TRANSPORT_RDMA) {
 #ifdef EP_HAVE_RDMA
         st = ep_wire_rdma_create(&g->cfg, g->rank, g->nranks, &c->wire);
+        /* the NIC nearest this GPU (sysfs spells the bus id in lower case) */
+        char bus[32];
+        unsigned dom, b, dv, fn;
+        if (st == EP_OK && cudaDeviceGetPCIBusId(bus, sizeof bus, c->device) == cudaSuccess &&
+            sscanf(bus, "%x:%x:%x.%x", &dom, &b, &dv, &fn) == 4) {
+            snprintf(bus, sizeof bus, "%04x:%02x:%02x.%x", dom, b, dv, fn);
+            ep_wire_rdma_prefer_near(c->wire, bus);
+        }
 #else
         st = EP_ERR_UNSUPPORTED;
 #endif

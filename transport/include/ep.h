@@ -101,8 +101,9 @@ typedef struct ep_config {
     int device;           /* cuda: device ordinal for this rank (-1: rank % device count) */
     const char *tcp_host; /* tcp: address to listen on and advertise (default 127.0.0.1) */
     int tcp_port;         /* tcp: port to listen on (0: ephemeral) */
-    /* rdma: "key=value,..." settings (device, port, gid_index, mtu, tc, cm, addr, sq_depth,
-     * stage_kb; docs/rdma.md); NULL: the environment variable EP_RDMA_OPTIONS, else automatic */
+    /* rdma: "key=value,..." settings (device, port, gid_index, mtu, tc, cm, addr, near,
+     * sq_depth, stage_kb; docs/rdma.md); NULL: the environment variable EP_RDMA_OPTIONS, else
+     * automatic */
     const char *rdma_options;
 } ep_config_t;
 

@@ -5,7 +5,10 @@
  * Settings: ep_config_t.rdma_options, else the environment variable EP_RDMA_OPTIONS, a list
  * "key=value,key=value" (every key optional, automatic when absent):
  *   device=NAME    verbs device (rxe0, mlx5_0 ...); auto: the active ports of all devices in
- *                  name order, rank r takes port r % count
+ *                  name order, rank r takes port r % count; with near=, the ports of the devices
+ *                  nearest that PCI device (rank r % their count)
+ *   near=BUSID     PCI bus id (0000:1b:00.0) of the device the rank's data lives on: its GPU.
+ *                  The cuda backend adds it itself when no device is named.
  *   port=N         port of that device (auto: its first active port)
  *   gid_index=N    GID table index (auto: RoCE v2 with an IPv4-mapped address, else the first
  *                  RoCE v2 GID, else index 0; InfiniBand ports use the LID)
@@ -38,6 +41,7 @@ struct rdma_opts {
     int tc;
     int use_cm;
     char addr[RDMA_NAME_MAX]; /* "" = auto */
+    char near[RDMA_NAME_MAX]; /* PCI bus id to be near; "" = none */
     int sq_depth;
     size_t stage_bytes;
 };
@@ -63,6 +67,15 @@ struct rdma_port_sel {
  * GID. Returns the opened context (caller closes) or NULL with err filled. */
 struct ibv_context *rdma_select(const struct rdma_opts *o, int rank, struct rdma_port_sel *sel,
                                 char *err, size_t errlen);
+
+/* PCI distance between the PCI device `bus_id` (0000:1b:00.0) and verbs device `ibdev`: the
+ * number of bridges between them in the PCIe tree, from their paths under
+ * <sysfs>/devices (sysfs: "/sys", or a test's tree). -1 when either is not a PCI device there
+ * (a software device such as rxe, an unknown bus id). */
+int rdma_pci_distance(const char *sysfs, const char *bus_id, const char *ibdev);
+/* Of n verbs device names, the indices of those nearest bus_id (ties all kept, in the given
+ * order) into `out`; returns their count, or 0 when none has a known distance. */
+int rdma_nearest(const char *sysfs, const char *bus_id, const char *const *names, int n, int *out);
 
 /* Registers [addr, addr+len) for the given access: through dmabuf_fd (GPU memory exported with
  * cuMemGetHandleForAddressRange) when >= 0, else as host memory. */

@@ -4,6 +4,7 @@
 
 #include <arpa/inet.h>
 #include <errno.h>
+#include <limits.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,11 +46,14 @@ int rdma_opts_parse(const char *s, struct rdma_opts *o, char *err, size_t errlen
         const char *k = item, *v = eq + 1;
         long x = 0;
         const char *why = NULL;
-        if (!strcmp(k, "device") || !strcmp(k, "addr")) {
+        if (!strcmp(k, "device") || !strcmp(k, "addr") || !strcmp(k, "near")) {
             if (!*v || strlen(v) >= RDMA_NAME_MAX)
                 why = "empty or too long";
             else
-                snprintf(!strcmp(k, "device") ? o->device : o->addr, RDMA_NAME_MAX, "%s", v);
+                snprintf(!strcmp(k, "device") ? o->device
+                         : !strcmp(k, "addr") ? o->addr
+                                              : o->near,
+                         RDMA_NAME_MAX, "%s", v);
             if (!why && !strcmp(k, "addr")) {
                 struct in_addr a;
                 if (inet_pton(AF_INET, v, &a) != 1) why = "not an IPv4 address";
@@ -77,7 +81,8 @@ int rdma_opts_parse(const char *s, struct rdma_opts *o, char *err, size_t errlen
             if (parse_int(v, 64, 1048576, &x)) why = "not in 64..1048576";
             o->stage_bytes = (size_t)x << 10;
         } else {
-            why = "unknown key (device, port, gid_index, mtu, tc, cm, addr, sq_depth, stage_kb)";
+            why = "unknown key (device, port, gid_index, mtu, tc, cm, addr, near, sq_depth, "
+                  "stage_kb)";
         }
         if (why) {
             snprintf(err, errlen, "rdma option '%s=%s': %s", k, v, why);
@@ -170,6 +175,53 @@ static int pick_gid(struct ibv_context *ctx, const struct ibv_port_attr *pa,
     return 0;
 }
 
+/* The PCI path of a sysfs link ("/sys/devices/pci0000:00/0000:00:01.0/0000:1b:00.0"), or -1. */
+static int pci_path(const char *link, char *out, size_t len)
+{
+    char *real = realpath(link, NULL);
+    if (!real) return -1;
+    int ok = strstr(real, "/devices/pci") != NULL && strlen(real) < len;
+    if (ok) snprintf(out, len, "%s", real);
+    free(real);
+    return ok ? 0 : -1;
+}
+
+int rdma_pci_distance(const char *sysfs, const char *bus_id, const char *ibdev)
+{
+    char link[PATH_MAX], a[PATH_MAX], b[PATH_MAX];
+    snprintf(link, sizeof link, "%s/bus/pci/devices/%s", sysfs, bus_id);
+    if (pci_path(link, a, sizeof a)) return -1;
+    snprintf(link, sizeof link, "%s/class/infiniband/%s/device", sysfs, ibdev);
+    if (pci_path(link, b, sizeof b)) return -1;
+    /* path components below the deepest common ancestor, on both sides */
+    char *sa = NULL, *sb = NULL;
+    const char *ca[64], *cb[64];
+    int na = 0, nb = 0;
+    for (char *t = strtok_r(a, "/", &sa); t && na < 64; t = strtok_r(NULL, "/", &sa))
+        ca[na++] = t;
+    for (char *t = strtok_r(b, "/", &sb); t && nb < 64; t = strtok_r(NULL, "/", &sb))
+        cb[nb++] = t;
+    int common = 0;
+    while (common < na && common < nb && !strcmp(ca[common], cb[common]))
+        ++common;
+    return (na - common) + (nb - common);
+}
+
+int rdma_nearest(const char *sysfs, const char *bus_id, const char *const *names, int n, int *out)
+{
+    int best = -1, count = 0;
+    for (int i = 0; i < n; ++i) {
+        const int d = rdma_pci_distance(sysfs, bus_id, names[i]);
+        if (d < 0) continue;
+        if (best < 0 || d < best) {
+            best = d;
+            count = 0;
+        }
+        if (d == best) out[count++] = i;
+    }
+    return count;
+}
+
 static int cmp_dev(const void *a, const void *b)
 {
     return strcmp(ibv_get_device_name(*(struct ibv_device *const *)a),
@@ -230,9 +282,18 @@ struct ibv_context *rdma_select(const struct rdma_opts *o, int rank, struct rdma
                      o->device[0] ? o->device : "any device", names);
         goto out;
     }
-    /* Ranks of one node spread over its NICs; with a GPU, the NIC nearest it by PCI topology
-     * will take precedence here (cuda backend). */
-    struct cand c = cands[rank % nc];
+    /* Ranks of one node spread over its NICs; with near= (a GPU's bus id), over the ports of the
+     * devices nearest that GPU in the PCIe tree, when the topology is known. */
+    int pick = rank % nc;
+    if (o->near[0] && !o->device[0]) {
+        const char *cn[64];
+        int near_idx[64];
+        for (int i = 0; i < nc; ++i)
+            cn[i] = ibv_get_device_name(list[cands[i].dev]);
+        const int nn = rdma_nearest("/sys", o->near, cn, nc, near_idx);
+        if (nn > 0) pick = near_idx[rank % nn];
+    }
+    struct cand c = cands[pick];
     snprintf(sel->name, sizeof sel->name, "%s", ibv_get_device_name(list[c.dev]));
     sel->port = c.port;
     ctx = ibv_open_device(list[c.dev]);

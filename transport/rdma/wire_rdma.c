@@ -548,6 +548,13 @@ static const struct ep_wire_ops rdma_ops = {
     .destroy = wire_destroy,
 };
 
+void ep_wire_rdma_prefer_near(ep_wire_t *w, const char *pci_bus_id)
+{
+    struct wire_rdma *r = rdma_of(w);
+    if (!r->opts.device[0] && !r->opts.near[0] && pci_bus_id && *pci_bus_id)
+        snprintf(r->opts.near, sizeof r->opts.near, "%s", pci_bus_id);
+}
+
 ep_status_t ep_wire_rdma_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out)
 {
     char err[200];
