@@ -74,6 +74,7 @@ EP_CUDA_HT_COPY=0 run_test cuda_vs_cpu_sm
 T=$BUILD/tests/gpu/test_cuda_mp
 run_test mp_nvlink_ipc --steps 40
 run_test mp_tcp_proxy --transport tcp --steps 200
+EP_CUDA_RING_SLOTS=16 run_test mp_tcp_small_ring --transport tcp --steps 60
 run_test mp_tcp_kill --transport tcp --kill
 run_test mp_nvlink_kill --kill
 T=$BUILD/tests/gpu/test_cuda_mp3

@@ -55,8 +55,19 @@ static int imin(int a, int b)
     return a < b ? a : b;
 }
 
-/* Commands the ring holds (a power of two): an LL op issues a few per send block and peer. */
+/* Commands the ring holds (a power of two): an LL op issues a few per send block and peer.
+ * EP_CUDA_RING_SLOTS (a power of two, 16..65536) overrides it: tests make the ring small so that
+ * kernels wait on a full ring. */
 #define PROXY_RING_SLOTS 8192
+
+static uint32_t ring_slots(void)
+{
+    const char *v = getenv("EP_CUDA_RING_SLOTS");
+    char *end;
+    unsigned long n = v ? strtoul(v, &end, 10) : 0;
+    if (!v || *end || n < 16 || n > 65536 || (n & (n - 1))) return PROXY_RING_SLOTS;
+    return (uint32_t)n;
+}
 /* LL send blocks on the proxy path (each takes a contiguous range of tokens or rows). */
 #define PROXY_SEND_BLOCKS 16
 
@@ -86,13 +97,13 @@ static ep_status_t proxy_setup(ep_group_t *g)
     if ((st = host_mapped(g, c->ctx.lay.win_total, (void **)&c->win_host, &dev, "the window")))
         return st;
     c->ctx.win = dev;
-    if ((st = host_mapped(g, PROXY_RING_SLOTS * sizeof(epk_cmd_t), (void **)&c->ring_host, &dev,
+    c->ctx.ring.nslots = ring_slots();
+    if ((st = host_mapped(g, c->ctx.ring.nslots * sizeof(epk_cmd_t), (void **)&c->ring_host, &dev,
                           "the command ring")))
         return st;
     c->ctx.ring.slots = dev;
     if ((st = host_mapped(g, 64, (void **)&c->head_host, &dev, "the ring head"))) return st;
     c->ctx.ring.head = dev;
-    c->ctx.ring.nslots = PROXY_RING_SLOTS;
     if ((e = cudaMalloc((void **)&c->tail_dev, sizeof *c->tail_dev)) != cudaSuccess) {
         c->tail_dev = NULL;
         return cuda_fail(g, e, "cudaMalloc of the ring tail");
@@ -339,7 +350,7 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         c->px.wire = c->wire;
         c->px.slots = c->ring_host;
         c->px.head = (_Atomic uint64_t *)c->head_host;
-        c->px.nslots = PROXY_RING_SLOTS;
+        c->px.nslots = c->ctx.ring.nslots;
         c->px.err = c->err_host;
         if ((st = ep_cuda_proxy_start(&c->px)) != EP_OK) {
             st = ep_group_fail(g, -1, st, "rank %d: starting the proxy thread failed", g->rank);
