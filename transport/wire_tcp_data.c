@@ -122,6 +122,15 @@ static ep_status_t peer_unusable(struct wire_tcp *t, int peer)
     return EP_ERR_PEER; /* the failure was recorded when it happened */
 }
 
+/* The peer's send queue, allocated on first need; without memory the caller simply waits for
+ * the socket instead. Caller holds tx_lock. */
+static void queue_alloc(struct tcp_peer *p)
+{
+    if (p->q) return;
+    p->q = malloc(TX_QUEUE_BYTES);
+    p->q_cap = p->q ? TX_QUEUE_BYTES : 0;
+}
+
 /* Sends one frame (header + payload) to peer, in order with every earlier frame to it. */
 static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, const uint8_t *pay,
                             size_t plen)
@@ -138,10 +147,7 @@ static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, co
         goto out;
     }
     if (plen <= COALESCE_MAX) {
-        if (!p->q) {
-            p->q = malloc(TX_QUEUE_BYTES);
-            p->q_cap = p->q ? TX_QUEUE_BYTES : 0;
-        }
+        queue_alloc(p);
         if (p->q && total <= p->q_cap - p->q_len) {
             queue_push(p, hdr, hlen);
             queue_push(p, pay, plen);
@@ -181,11 +187,7 @@ static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, co
         }
         size_t left = total - sent;
         if (left == 0 || (p->q && left <= p->q_cap - p->q_len)) break;
-        if (!p->q) {
-            /* Allocated on first need; without memory the caller simply waits for the socket. */
-            p->q = malloc(TX_QUEUE_BYTES);
-            p->q_cap = p->q ? TX_QUEUE_BYTES : 0;
-        }
+        queue_alloc(p);
         if (progressed) {
             deadline = ep_now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
             continue;
