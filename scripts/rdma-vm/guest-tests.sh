@@ -53,6 +53,10 @@ if [ $# -eq 0 ]; then
     for n in 2 4; do
         run "ep_ops_${n}ranks" "$build/tests/rdma/test_rdma_ep" "$n"
     done
+    # the cuda backend's proxy thread (no GPU needed) driving the verbs wire
+    if [ -x "$build/tests/transport_tcp/test_cuda_proxy" ]; then
+        run proxy_over_verbs env EP_TEST_WIRE=rdma "$build/tests/transport_tcp/test_cuda_proxy"
+    fi
     if [ -x "$build/transport/ep-bench" ]; then
         run bench_ll_2ranks "$here/bench.sh" "$build" ll 2
         run bench_ht_2ranks "$here/bench.sh" "$build" ht 2
