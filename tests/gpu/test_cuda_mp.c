@@ -143,8 +143,8 @@ static int ht_steps(ep_group_t *g, int rank, cudaStream_t s, int nsteps)
         const int fp8 = step & 1, align = step % 3 == 2 ? 4 : 0, squeeze = step == 5;
         const size_t rb = fp8 ? H_ : H_ * 2;
         for (int r = 0; r < NR; ++r) {
-            inputs(1000 + step, r, idx[r], w[r], x[r]);
-            inputs(2000 + step, r, idx[r] /* same routes below */, w[r], x2[r]);
+            /* x2: new data for the cached dispatch (its routing is overwritten next) */
+            inputs(2000 + step, r, idx[r], w[r], x2[r]);
             inputs(1000 + step, r, idx[r], w[r], x[r]);
             for (int t = 0; t < TM; ++t)
                 ep_fp8_quant_row_ref(&x[r][t * H_], H_, 0, &q[r][t * H_], &qs[r][t * NS]);
