@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "epctl_cluster.h"
+#include "epctl_common.h"
 #include "epd_config.h"
 #include "httpclient.h"
 
@@ -82,16 +83,6 @@ static void usage_ready(FILE *out)
             "  --timeout MS    bound on each request (default %d)\n"
             "\n%s",
             DEFAULT_TIMEOUT_MS, exit_codes);
-}
-
-static int parse_int(const char *s, int lo, int hi, int *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || *end || end == s || v < lo || v > hi) return -1;
-    *out = (int)v;
-    return 0;
 }
 
 /* ---- config check ---- */
@@ -203,12 +194,6 @@ static int fetch_json(const char *node, const char *path, int timeout_ms, int *s
     return EXIT_OK;
 }
 
-static const char *jstr(const cJSON *o, const char *k)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    return cJSON_IsString(v) ? v->valuestring : "-";
-}
-
 static void print_reasons(const cJSON *reasons, FILE *out)
 {
     const cJSON *r;
@@ -234,8 +219,7 @@ static int cmd_status(int argc, char **argv)
             node = optarg;
             break;
         case 't':
-            if (parse_int(optarg, 1, 3600000, &timeout)) {
-                fprintf(stderr, "epctl status: --timeout '%s' is not 1..3600000 ms\n", optarg);
+            if (epctl_opt_int("status", "timeout", optarg, 1, 3600000, "ms", &timeout)) {
                 return EXIT_USAGE;
             }
             break;
@@ -276,20 +260,21 @@ static int cmd_status(int argc, char **argv)
         const cJSON *up = cJSON_GetObjectItemCaseSensitive(doc, "uptime_seconds");
         printf("%-12s %s\n", "node", node);
         printf("%-12s %d\n", "id", cJSON_IsNumber(id) ? id->valueint : -1);
-        printf("%-12s %s\n", "name", jstr(n, "name"));
-        printf("%-12s %s\n", "cluster", jstr(n, "cluster"));
-        printf("%-12s %s (%s)\n", "version", jstr(doc, "version"), jstr(doc, "commit"));
+        printf("%-12s %s\n", "name", epctl_jstr(n, "name", "-"));
+        printf("%-12s %s\n", "cluster", epctl_jstr(n, "cluster", "-"));
+        printf("%-12s %s (%s)\n", "version", epctl_jstr(doc, "version", "-"),
+               epctl_jstr(doc, "commit", "-"));
         printf("%-12s %.0f s\n", "uptime", cJSON_IsNumber(up) ? up->valuedouble : 0.0);
-        printf("%-12s %s\n", "state", jstr(doc, "state"));
+        printf("%-12s %s\n", "state", epctl_jstr(doc, "state", "-"));
         printf("%-12s %s\n", "ready", ready ? "yes" : "no");
         const cJSON *comps = cJSON_GetObjectItemCaseSensitive(doc, "components"), *c;
         if (cJSON_GetArraySize(comps) > 0) {
             printf("\n%-16s %-4s %s\n", "COMPONENT", "OK", "REASON");
             cJSON_ArrayForEach(c, comps)
             {
-                printf("%-16s %-4s %s\n", jstr(c, "name"),
+                printf("%-16s %-4s %s\n", epctl_jstr(c, "name", "-"),
                        cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(c, "ok")) ? "yes" : "no",
-                       jstr(c, "reason"));
+                       epctl_jstr(c, "reason", "-"));
             }
         }
         epctl_cluster_print(node, timeout, stdout);
@@ -297,13 +282,6 @@ static int cmd_status(int argc, char **argv)
     cJSON_Delete(doc);
     free(raw);
     return ready ? EXIT_OK : EXIT_NOT_READY;
-}
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 static int cmd_ready(int argc, char **argv)
@@ -322,14 +300,12 @@ static int cmd_ready(int argc, char **argv)
             node = optarg;
             break;
         case 'w':
-            if (parse_int(optarg, 0, 86400, &wait_s)) {
-                fprintf(stderr, "epctl ready: --wait '%s' is not 0..86400 seconds\n", optarg);
+            if (epctl_opt_int("ready", "wait", optarg, 0, 86400, "seconds", &wait_s)) {
                 return EXIT_USAGE;
             }
             break;
         case 't':
-            if (parse_int(optarg, 1, 3600000, &timeout)) {
-                fprintf(stderr, "epctl ready: --timeout '%s' is not 1..3600000 ms\n", optarg);
+            if (epctl_opt_int("ready", "timeout", optarg, 1, 3600000, "ms", &timeout)) {
                 return EXIT_USAGE;
             }
             break;
@@ -346,7 +322,7 @@ static int cmd_ready(int argc, char **argv)
         usage_ready(stderr);
         return EXIT_USAGE;
     }
-    long long deadline = now_ms() + (long long)wait_s * 1000;
+    long long deadline = epctl_now_ms() + (long long)wait_s * 1000;
     for (;;) {
         int status = 0;
         cJSON *doc = NULL;
@@ -359,7 +335,7 @@ static int cmd_ready(int argc, char **argv)
             cJSON_Delete(doc);
             return EXIT_OK;
         }
-        if (now_ms() >= deadline) {
+        if (epctl_now_ms() >= deadline) {
             if (rc == EXIT_OK) {
                 printf("%s: not ready\n", node);
                 print_reasons(cJSON_GetObjectItemCaseSensitive(doc, "reasons"), stdout);

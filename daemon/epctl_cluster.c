@@ -2,6 +2,7 @@
  * table and peer health for `status`, `drain` and `down`. Everything goes over each node's
  * HTTP API (/readyz, /v1/cluster, /v1/admin/...), every request bounded by a timeout. */
 #include "epctl_cluster.h"
+#include "epctl_common.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -18,23 +19,6 @@ enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2, EXIT_NOT_READY = 3 };
 
 #define UP_MAX_NODES 256
 #define CLUSTER_FILE_MAX (4u << 20)
-
-static long long mono_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int parse_int(const char *s, int lo, int hi, int *out)
-{
-    char *end;
-    errno = 0;
-    long v = strtol(s, &end, 10);
-    if (errno || *end || end == s || v < lo || v > hi) return -1;
-    *out = (int)v;
-    return 0;
-}
 
 /* GET/POST node+path; 0 with *status and *doc (may be NULL when the body is not JSON), or -1
  * with err filled. */
@@ -55,12 +39,6 @@ static int request(const char *node, const char *method, const char *path, int t
     *doc = cJSON_ParseWithLength(resp.body, resp.body_len);
     epd_http_response_free(&resp);
     return 0;
-}
-
-static const char *jstr(const cJSON *o, const char *k, const char *dflt)
-{
-    const cJSON *v = cJSON_GetObjectItemCaseSensitive(o, k);
-    return cJSON_IsString(v) ? v->valuestring : dflt;
 }
 
 static double jnum(const cJSON *o, const char *k, double dflt)
@@ -91,7 +69,7 @@ int epctl_cluster_print(const char *node, int timeout_ms, FILE *out)
             cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(doc, "formed")) ? " (formed)"
                                                                           : " (not formed)");
     fprintf(out, "%-12s %.0f\n", "coordinator", jnum(doc, "coordinator", -1));
-    const char *reason = jstr(doc, "reason", "");
+    const char *reason = epctl_jstr(doc, "reason", "");
     if (*reason) fprintf(out, "%-12s %s\n", "reason", reason);
     if (cJSON_IsObject(t)) {
         fprintf(out, "\nRANK TABLE epoch %.0f, %.0f ranks%s\n", jnum(t, "epoch", 0),
@@ -109,15 +87,15 @@ int epctl_cluster_print(const char *node, int timeout_ms, FILE *out)
             size_t gl = 0;
             cJSON_ArrayForEach(g, cJSON_GetObjectItemCaseSensitive(n, "gpus"))
             {
-                const char *pci = jstr(g, "pci_bus_id", "");
+                const char *pci = epctl_jstr(g, "pci_bus_id", "");
                 if (gl < sizeof gpus)
                     gl += (size_t)snprintf(gpus + gl, sizeof gpus - gl, "%s%.0f%s%s%s",
                                            gl ? "," : "", jnum(g, "ordinal", -1), *pci ? "(" : "",
                                            pci, *pci ? ")" : "");
             }
             fprintf(out, "%-6.0f %-10s %-20.20s %-22.22s %s\n", jnum(n, "node_id", -1), ranks,
-                    jstr(n, "hostname", jstr(n, "name", "-")), jstr(n, "http", "-"),
-                    *gpus ? gpus : "-");
+                    epctl_jstr(n, "hostname", epctl_jstr(n, "name", "-")),
+                    epctl_jstr(n, "http", "-"), *gpus ? gpus : "-");
         }
     } else {
         fprintf(out, "\nRANK TABLE none yet\n");
@@ -134,7 +112,8 @@ int epctl_cluster_print(const char *node, int timeout_ms, FILE *out)
             v = cJSON_GetObjectItemCaseSensitive(p, "rtt_ms");
             if (cJSON_IsNumber(v)) snprintf(rtt, sizeof rtt, "%.3f ms", v->valuedouble);
             fprintf(out, "%-6.0f %-22.22s %-8s %-10s %-10s %s\n", jnum(p, "node_id", -1),
-                    jstr(p, "address", "-"), jstr(p, "state", "-"), hb, rtt, jstr(p, "reason", ""));
+                    epctl_jstr(p, "address", "-"), epctl_jstr(p, "state", "-"), hb, rtt,
+                    epctl_jstr(p, "reason", ""));
         }
     }
     cJSON_Delete(doc);
@@ -158,8 +137,7 @@ static int admin(const char *what, int argc, char **argv)
             node = optarg;
             break;
         case 't':
-            if (parse_int(optarg, 1, 3600000, &timeout)) {
-                fprintf(stderr, "epctl %s: --timeout '%s' is not 1..3600000 ms\n", what, optarg);
+            if (epctl_opt_int(what, "timeout", optarg, 1, 3600000, "ms", &timeout)) {
                 return EXIT_USAGE;
             }
             break;
@@ -188,7 +166,7 @@ static int admin(const char *what, int argc, char **argv)
         return EXIT_RUNTIME;
     }
     int ok = status >= 200 && status < 300;
-    printf("%s: %s\n", node, ok ? jstr(doc, "state", "ok") : "refused");
+    printf("%s: %s\n", node, ok ? epctl_jstr(doc, "state", "ok") : "refused");
     if (!ok) fprintf(stderr, "epctl %s: %s%s answered %d\n", what, node, path, status);
     cJSON_Delete(doc);
     return ok ? EXIT_OK : EXIT_RUNTIME;
@@ -302,7 +280,7 @@ static int load_cluster_file(const char *path, up_node_t **out, int *count, char
             }
         nodes[i].id = id->valueint;
         snprintf(nodes[i].http, sizeof nodes[i].http, "%s", http->valuestring);
-        snprintf(nodes[i].name, sizeof nodes[i].name, "%s", jstr(e, "name", ""));
+        snprintf(nodes[i].name, sizeof nodes[i].name, "%s", epctl_jstr(e, "name", ""));
         nodes[i].first_rank = -1;
     }
     rc = 0;
@@ -376,7 +354,7 @@ static void print_progress(up_node_t *n, long long t0)
              n->ready ? "yes" : "no", n->why[0] ? ": " : "", n->why);
     if (strcmp(line, n->last_line) == 0) return;
     snprintf(n->last_line, sizeof n->last_line, "%s", line);
-    printf("[%6.1fs] %s\n", (double)(mono_ms() - t0) / 1000.0, line);
+    printf("[%6.1fs] %s\n", (double)(epctl_now_ms() - t0) / 1000.0, line);
     fflush(stdout);
 }
 
@@ -392,20 +370,17 @@ int epctl_cmd_up(int argc, char **argv)
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (opt) {
         case 'd':
-            if (parse_int(optarg, 1, 86400, &deadline_s)) {
-                fprintf(stderr, "epctl up: --deadline '%s' is not 1..86400 seconds\n", optarg);
+            if (epctl_opt_int("up", "deadline", optarg, 1, 86400, "seconds", &deadline_s)) {
                 return EXIT_USAGE;
             }
             break;
         case 't':
-            if (parse_int(optarg, 1, 600000, &timeout)) {
-                fprintf(stderr, "epctl up: --timeout '%s' is not 1..600000 ms\n", optarg);
+            if (epctl_opt_int("up", "timeout", optarg, 1, 600000, "ms", &timeout)) {
                 return EXIT_USAGE;
             }
             break;
         case 'i':
-            if (parse_int(optarg, 10, 60000, &interval)) {
-                fprintf(stderr, "epctl up: --interval '%s' is not 10..60000 ms\n", optarg);
+            if (epctl_opt_int("up", "interval", optarg, 10, 60000, "ms", &interval)) {
                 return EXIT_USAGE;
             }
             break;
@@ -439,7 +414,7 @@ int epctl_cmd_up(int argc, char **argv)
         fprintf(stderr, "epctl up: %s\n", err);
         return EXIT_USAGE;
     }
-    long long t0 = mono_ms(), deadline = t0 + (long long)deadline_s * 1000;
+    long long t0 = epctl_now_ms(), deadline = t0 + (long long)deadline_s * 1000;
     int all_ready = 0;
     for (;;) {
         all_ready = 1;
@@ -453,7 +428,7 @@ int epctl_cmd_up(int argc, char **argv)
             for (int i = 1; i < n; i++)
                 if (nodes[i].epoch != nodes[0].epoch) all_ready = 0;
         }
-        if (all_ready || mono_ms() >= deadline) break;
+        if (all_ready || epctl_now_ms() >= deadline) break;
         usleep((useconds_t)interval * 1000);
     }
     int rc = EXIT_OK;
