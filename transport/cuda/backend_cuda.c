@@ -451,17 +451,26 @@ static ep_status_t cu_route(ep_group_t *g, const ep_route_params_t *p, const flo
                          "route kernel");
 }
 
+/* What every LL op checks first: no kernel-reported failure, the device, and no receive hook
+ * still pending on the buffer the op is about to overwrite. */
+static ep_status_t ll_start(ep_group_t *g, int buf)
+{
+    ep_status_t st;
+    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
+    if (impl_of(g)->hooks[buf].pending)
+        return ep_group_fail(g, -1, EP_ERR_STATE,
+                             "rank %d: LL buffer %d still has a receive hook that never ran",
+                             g->rank, buf);
+    return EP_OK;
+}
+
 static ep_status_t cu_ll_dispatch(ep_group_t *g, int buf, const ep_ll_dispatch_args_t *a,
                                   ep_ll_dispatch_out_t *out, ep_ll_handle_t **handle,
                                   ep_hook_t **hook)
 {
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
-    if (c->hooks[buf].pending)
-        return ep_group_fail(g, -1, EP_ERR_STATE,
-                             "rank %d: LL buffer %d still has a receive hook that never ran",
-                             g->rank, buf);
+    if ((st = ll_start(g, buf)) != EP_OK) return st;
     epk_ll_dispatch_params_t p = {
         .buf = buf,
         .x = a->x,
@@ -511,11 +520,7 @@ static ep_status_t cu_ll_combine(ep_group_t *g, int buf, const ep_ll_combine_arg
 {
     cuda_impl_t *c = impl_of(g);
     ep_status_t st;
-    if ((st = cuda_check_err(g)) != EP_OK || (st = cuda_set_device(g)) != EP_OK) return st;
-    if (c->hooks[buf].pending)
-        return ep_group_fail(g, -1, EP_ERR_STATE,
-                             "rank %d: LL buffer %d still has a receive hook that never ran",
-                             g->rank, buf);
+    if ((st = ll_start(g, buf)) != EP_OK) return st;
     const struct cuda_ll_handle *h = (const struct cuda_ll_handle *)a->handle;
     if (!h || (h != &c->handles[0] && h != &c->handles[1]))
         return ep_group_fail(g, -1, EP_ERR_INVALID,
