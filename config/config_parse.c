@@ -365,20 +365,30 @@ static void set_enum(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const
     report(c, path, "expected one of %s, got %s", allowed, SHOW(v));
 }
 
-static void set_int_list(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const char *path,
-                         void *base)
+/* The length of array v for list setting s, or -1 after reporting why not (not an array of
+ * `what`, or more than s->cap entries). */
+static int bounded_array(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const char *path,
+                         const char *what)
 {
     if (!cJSON_IsArray(v)) {
-        report(c, path, "expected an array of integers, got %s", SHOW(v));
-        return;
+        report(c, path, "expected an array of %s, got %s", what, SHOW(v));
+        return -1;
     }
     int n = 0;
     for (const cJSON *e = v->child; e; e = e->next)
         n++;
     if ((size_t)n > s->cap) {
         report(c, path, "too many entries: %d, at most %zu", n, s->cap);
-        return;
+        return -1;
     }
+    return n;
+}
+
+static void set_int_list(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const char *path,
+                         void *base)
+{
+    const int n = bounded_array(c, s, v, path, "integers");
+    if (n < 0) return;
     int *arr = (int *)((char *)base + s->offset);
     int i = 0, errors = total_errors(c);
     for (const cJSON *e = v->child; e; e = e->next, i++) {
@@ -408,17 +418,8 @@ static void walk_object(ctx_t *c, const cJSON *obj, const epd_cfg_setting_t *tab
 static void set_obj_list(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const char *path,
                          void *base)
 {
-    if (!cJSON_IsArray(v)) {
-        report(c, path, "expected an array of objects, got %s", SHOW(v));
-        return;
-    }
-    int n = 0;
-    for (const cJSON *e = v->child; e; e = e->next)
-        n++;
-    if ((size_t)n > s->cap) {
-        report(c, path, "too many entries: %d, at most %zu", n, s->cap);
-        return;
-    }
+    const int n = bounded_array(c, s, v, path, "objects");
+    if (n < 0) return;
     char *arr = (char *)base + s->offset;
     int i = 0;
     for (const cJSON *e = v->child; e; e = e->next, i++) {
