@@ -19,34 +19,6 @@ static const char *jtype(const cJSON *v)
     return "an object";
 }
 
-static epd_tok_status_t parse_file(const char *path, cJSON **root, char *err, size_t err_len)
-{
-    char *text = NULL;
-    size_t len = 0;
-    epd_tok_status_t st = tok_read_file(path, &text, &len, err, err_len);
-    if (st) return st;
-    const char *end = NULL;
-    *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
-    if (!*root) {
-        size_t off = end ? (size_t)(end - text) : 0;
-        if (!end && cJSON_GetErrorPtr()) off = (size_t)(cJSON_GetErrorPtr() - text);
-        size_t line = 1;
-        for (size_t i = 0; i < off && i < len; i++)
-            line += text[i] == '\n';
-        free(text);
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                        "%s: not valid JSON: syntax error at byte %zu (line %zu)", path, off, line);
-    }
-    free(text);
-    if (!cJSON_IsObject(*root)) {
-        cJSON_Delete(*root);
-        *root = NULL;
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: the top level must be a JSON object",
-                        path);
-    }
-    return EPD_TOK_OK;
-}
-
 /* A special token named in tokenizer_config.json: a string, an AddedToken object with
  * "content", or null/absent (-1). */
 static epd_tok_status_t token_field(const epd_tok_t *tok, const cJSON *root, const char *key,
@@ -95,7 +67,7 @@ static epd_tok_status_t load_generation_config(epd_tok_t *tok, const char *path,
                                                char *err, size_t err_len)
 {
     cJSON *root = NULL;
-    epd_tok_status_t st = parse_file(path, &root, err, err_len);
+    epd_tok_status_t st = tok_parse_json_file(path, &root, err, err_len);
     if (st) return st;
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
     *have_eos = false;
@@ -131,7 +103,7 @@ static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, 
                                               char *err, size_t err_len)
 {
     cJSON *root = NULL;
-    epd_tok_status_t st = parse_file(path, &root, err, err_len);
+    epd_tok_status_t st = tok_parse_json_file(path, &root, err, err_len);
     int32_t eos;
     if (st) return st;
     if ((st = token_field(tok, root, "eos_token", path, &eos, err, err_len)) ||

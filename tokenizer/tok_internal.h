@@ -5,6 +5,7 @@
 
 #include "epd_tok.h"
 
+#include <cJSON.h>
 #include <pthread.h>
 #include <stdarg.h>
 
@@ -163,6 +164,9 @@ epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_p
                                   const char *generation_config_path, char *err, size_t err_len);
 epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *err,
                                size_t err_len);
+/* Reads and parses a JSON file whose top level must be an object; a syntax error names the byte
+ * offset and line. */
+epd_tok_status_t tok_parse_json_file(const char *path, cJSON **root, char *err, size_t err_len);
 
 /* Model-level BPE of one pre-token (tok_bpe.c): appends the ids of word[0..n). */
 epd_tok_status_t tok_bpe_word(const epd_tok_t *tok, const uint8_t *word, size_t n,

@@ -87,12 +87,11 @@ fail_io:;
                     e ? strerror(e) : "short read");
 }
 
-/* Parses a JSON file; a syntax error names the byte offset and line. */
-static epd_tok_status_t parse_json_file(jctx_t *c, cJSON **root)
+epd_tok_status_t tok_parse_json_file(const char *path, cJSON **root, char *err, size_t err_len)
 {
     char *text = NULL;
     size_t len = 0;
-    epd_tok_status_t st = tok_read_file(c->file, &text, &len, c->err, c->err_len);
+    epd_tok_status_t st = tok_read_file(path, &text, &len, err, err_len);
     if (st) return st;
     const char *end = NULL;
     *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
@@ -103,16 +102,15 @@ static epd_tok_status_t parse_json_file(jctx_t *c, cJSON **root)
         for (size_t i = 0; i < off && i < len; i++)
             line += text[i] == '\n';
         free(text);
-        return tok_errf(c->err, c->err_len, EPD_TOK_ERR_PARSE,
-                        "%s: not valid JSON: syntax error at byte %zu (line %zu)", c->file, off,
-                        line);
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                        "%s: not valid JSON: syntax error at byte %zu (line %zu)", path, off, line);
     }
     free(text);
     if (!cJSON_IsObject(*root)) {
         cJSON_Delete(*root);
         *root = NULL;
-        return tok_errf(c->err, c->err_len, EPD_TOK_ERR_PARSE,
-                        "%s: the top level must be a JSON object", c->file);
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: the top level must be a JSON object",
+                        path);
     }
     return EPD_TOK_OK;
 }
@@ -625,7 +623,7 @@ epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char 
     jctx_t c = {.file = path, .err = err, .err_len = err_len};
     cJSON *root = NULL;
     tok_buf_t tmp = {0};
-    epd_tok_status_t st = parse_json_file(&c, &root);
+    epd_tok_status_t st = tok_parse_json_file(c.file, &root, c.err, c.err_len);
     if (st) return st;
     static const char *const nulls[] = {"truncation", "padding"};
     for (size_t i = 0; i < 2; i++) {
