@@ -14,6 +14,7 @@
  * prompts gives one choice per prompt, and prompt i samples with seed + i. */
 #define _GNU_SOURCE /* memmem */
 #include "api_openai.h"
+#include "epd_clock.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -38,13 +39,6 @@
 /* OpenAI's limit on stop sequences, and a bound on their length. */
 #define MAX_STOP 4
 #define MAX_STOP_BYTES 512
-
-static double mono_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 void api_count(epd_api_t *a, const char *endpoint, int status)
 {
@@ -848,7 +842,7 @@ static void finish_response(completion_t *c)
         }
         c->res = NULL;
         api_count(a, endpoint_of(c), status);
-        epd_metric_observe(a->m_dur, mono_s() - c->t0);
+        epd_metric_observe(a->m_dur, epd_now_s() - c->t0);
     }
     completion_free(c);
 }
@@ -922,7 +916,7 @@ static void make_id(epd_api_t *a, const char *prefix, char *out, size_t len)
 static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res, int chat)
 {
     const char *ep = chat ? EP_CHAT : EP_COMPLETIONS;
-    double t0 = mono_s();
+    double t0 = epd_now_s();
     const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
     if (!a->engine) {
         api_send_error(a, ep, res, 503, "this node serves no model (model.path is empty)", NULL,

@@ -10,18 +10,12 @@
 #include <time.h>
 
 #include "api_internal.h"
+#include "epd_clock.h"
 #include "log.h"
 
 #define SUB "api"
 #define EP_TOKENIZE "/tokenize"
 #define EP_DETOKENIZE "/detokenize"
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 /* ---- loading ------------------------------------------------------------------------------ */
 
@@ -52,7 +46,7 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
                  model_dir);
         return;
     }
-    double t0 = now_s();
+    double t0 = epd_now_s();
     char err[1024] = "";
     epd_tok_t *tok = NULL;
     epd_tok_status_t st = epd_tok_load_dir(model_dir, &tok, err, sizeof(err));
@@ -76,7 +70,7 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
     }
     a->tok = tok;
     a->tok_state = TOK_LOADED;
-    a->tok_load_s = now_s() - t0;
+    a->tok_load_s = epd_now_s() - t0;
     if (epd_tok_chat_kind(tok) == EPD_TOK_CHAT_QWEN3) {
         a->chat_ok = 1;
     } else if (!a->chat_err[0]) {

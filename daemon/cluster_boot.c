@@ -12,6 +12,7 @@
  * message naming both points, rather than exchanging data they would misread.
  */
 #include "cluster_int.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <inttypes.h>
@@ -532,13 +533,7 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
     if (o->count == b->local_ranks && b->async_open) uv_async_send(&b->async);
     pthread_mutex_unlock(&b->mu);
 
-    clock_gettime(CLOCK_MONOTONIC, &dl);
-    dl.tv_sec += timeout_ms / 1000;
-    dl.tv_nsec += (long)(timeout_ms % 1000) * 1000000L;
-    if (dl.tv_nsec >= 1000000000L) {
-        dl.tv_sec++;
-        dl.tv_nsec -= 1000000000L;
-    }
+    epd_deadline_after(&dl, timeout_ms);
     pthread_mutex_lock(&b->mu);
     int rc = 0;
     while (!r->done && rc != ETIMEDOUT)
@@ -585,13 +580,7 @@ int cl_boot_get(cl_boot_t *b, int local_rank, unsigned generation, unsigned wait
         snprintf(err, errlen, "local rank %d out of 0..%d", local_rank, b->local_ranks - 1);
         return EP_ERR_INVALID;
     }
-    clock_gettime(CLOCK_MONOTONIC, &dl);
-    dl.tv_sec += wait_ms / 1000;
-    dl.tv_nsec += (long)(wait_ms % 1000) * 1000000L;
-    if (dl.tv_nsec >= 1000000000L) {
-        dl.tv_sec++;
-        dl.tv_nsec -= 1000000000L;
-    }
+    epd_deadline_after(&dl, wait_ms);
     pthread_mutex_lock(&b->mu);
     int rc = 0;
     while ((!b->formed || b->first_rank < 0) && !b->closed && wait_ms && rc != ETIMEDOUT)

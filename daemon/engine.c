@@ -486,7 +486,7 @@ int epd_engine_submit(epd_engine_t *e, const epd_gen_params_t *p, epd_engine_cb 
         return -EINVAL;
     }
     memcpy(r->prompt, p->prompt, sizeof(int32_t) * (size_t)p->prompt_len);
-    r->t_submit_ns = now_ns();
+    r->t_submit_ns = epd_now_ns();
 
     pthread_mutex_lock(&e->mu);
     if (!atomic_load(&e->ready)) { /* a re-formation began since the check above */

@@ -8,6 +8,7 @@
 #define EPD_ENGINE_INT_H
 
 #include "hf_config.h"
+#include "epd_clock.h"
 #include "placement.h"
 #include "qwen3_moe.h"
 #include "sampler.h"
@@ -152,13 +153,6 @@ struct epd_engine {
     double rate_ring[RATE_WINDOW_S + 1];
     int rate_n;
 };
-
-static inline int64_t now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
-}
 
 static inline void sleep_ms(int ms)
 {

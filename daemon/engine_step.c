@@ -16,6 +16,7 @@
  * wake seen by some ranks only is reported (woke) so that nobody sleeps on it: no rank is left
  * alone in a collective, and none misses a request. */
 #include "engine_int.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -29,17 +30,6 @@
 
 /* Idle ranks re-check the stop flag this often (a wake or stop signals them at once anyway). */
 #define IDLE_RECHECK_MS 1000
-
-static void deadline_after(struct timespec *ts, unsigned ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
 
 /* ---- requests on a rank ------------------------------------------------------------------- */
 
@@ -163,9 +153,9 @@ static void step(rank_t *rk, int step_max)
     epd_engine_t *e = rk->e;
     int n = rk->n_items, prompt_tokens = rk->prompt_tokens;
     epd_err_t err = {0};
-    int64_t t0 = now_ns();
+    int64_t t0 = epd_now_ns();
     int rc = epd_model_forward_step(rk->model, rk->items, n, step_max, rk->logits, &err);
-    double dt = (double)(now_ns() - t0) * 1e-9;
+    double dt = (double)(epd_now_ns() - t0) * 1e-9;
     if (rk->local == 0) {
         epd_metric_observe(e->m_step, dt);
         pthread_mutex_lock(&e->mu);
@@ -200,7 +190,8 @@ static void step(rank_t *rk, int step_max)
         int32_t tok = epd_sampler_pick(&r->sampler, lg);
         r->out[r->ngen++] = tok;
         generated++;
-        if (r->ngen == 1) epd_metric_observe(e->m_ttft, (double)(now_ns() - r->t_submit_ns) * 1e-9);
+        if (r->ngen == 1)
+            epd_metric_observe(e->m_ttft, (double)(epd_now_ns() - r->t_submit_ns) * 1e-9);
         if (r->stream) eng_post(e, r, 0, tok, r->ngen - 1);
         if (is_eos(e, r, tok))
             finalize(rk, r, EPD_FINISH_STOP, 0, NULL);
@@ -220,7 +211,7 @@ static void snapshot(rank_t *rk, int idle, ctl_word_t *w)
     pthread_mutex_lock(&e->mu);
     while (idle && e->gen == rk->last_gen && !e->stop) {
         struct timespec dl;
-        deadline_after(&dl, IDLE_RECHECK_MS);
+        epd_deadline_after(&dl, IDLE_RECHECK_MS);
         pthread_cond_timedwait(&e->cv, &e->mu, &dl);
     }
     w->woke = e->gen != rk->last_gen;

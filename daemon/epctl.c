@@ -10,6 +10,7 @@
 #include <unistd.h>
 
 #include "epctl_cluster.h"
+#include "epd_clock.h"
 #include "epctl_common.h"
 #include "epd_config.h"
 #include "httpclient.h"
@@ -322,7 +323,7 @@ static int cmd_ready(int argc, char **argv)
         usage_ready(stderr);
         return EXIT_USAGE;
     }
-    long long deadline = epctl_now_ms() + (long long)wait_s * 1000;
+    long long deadline = epd_now_ms() + (long long)wait_s * 1000;
     for (;;) {
         int status = 0;
         cJSON *doc = NULL;
@@ -335,7 +336,7 @@ static int cmd_ready(int argc, char **argv)
             cJSON_Delete(doc);
             return EXIT_OK;
         }
-        if (epctl_now_ms() >= deadline) {
+        if (epd_now_ms() >= deadline) {
             if (rc == EXIT_OK) {
                 printf("%s: not ready\n", node);
                 print_reasons(cJSON_GetObjectItemCaseSensitive(doc, "reasons"), stdout);

@@ -2,6 +2,7 @@
  * table and peer health for `status`, `drain` and `down`. Everything goes over each node's
  * HTTP API (/readyz, /v1/cluster, /v1/admin/...), every request bounded by a timeout. */
 #include "epctl_cluster.h"
+#include "epd_clock.h"
 #include "epctl_common.h"
 
 #include <cjson/cJSON.h>
@@ -354,7 +355,7 @@ static void print_progress(up_node_t *n, long long t0)
              n->ready ? "yes" : "no", n->why[0] ? ": " : "", n->why);
     if (strcmp(line, n->last_line) == 0) return;
     snprintf(n->last_line, sizeof n->last_line, "%s", line);
-    printf("[%6.1fs] %s\n", (double)(epctl_now_ms() - t0) / 1000.0, line);
+    printf("[%6.1fs] %s\n", (double)(epd_now_ms() - t0) / 1000.0, line);
     fflush(stdout);
 }
 
@@ -414,7 +415,7 @@ int epctl_cmd_up(int argc, char **argv)
         fprintf(stderr, "epctl up: %s\n", err);
         return EXIT_USAGE;
     }
-    long long t0 = epctl_now_ms(), deadline = t0 + (long long)deadline_s * 1000;
+    long long t0 = epd_now_ms(), deadline = t0 + (long long)deadline_s * 1000;
     int all_ready = 0;
     for (;;) {
         all_ready = 1;
@@ -428,7 +429,7 @@ int epctl_cmd_up(int argc, char **argv)
             for (int i = 1; i < n; i++)
                 if (nodes[i].epoch != nodes[0].epoch) all_ready = 0;
         }
-        if (all_ready || epctl_now_ms() >= deadline) break;
+        if (all_ready || epd_now_ms() >= deadline) break;
         usleep((useconds_t)interval * 1000);
     }
     int rc = EXIT_OK;

@@ -1,5 +1,6 @@
 /* epctl's shared helpers (epctl_common.h). */
 #include "epctl_common.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -18,13 +19,6 @@ int epctl_opt_int(const char *cmd, const char *name, const char *v, int lo, int 
     }
     *out = (int)x;
     return 0;
-}
-
-long long epctl_now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
 }
 
 const char *epctl_jstr(const cJSON *o, const char *k, const char *dflt)

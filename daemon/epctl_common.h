@@ -1,5 +1,5 @@
 /* What epctl's command files (epctl.c, epctl_cluster.c) share: integer options with the one
- * error message they all give, the monotonic clock their waits use, and JSON field access. */
+ * error message they all give, and JSON field access (their clock: epd_clock.h). */
 #ifndef EPD_EPCTL_COMMON_H
 #define EPD_EPCTL_COMMON_H
 
@@ -9,8 +9,6 @@
  * "epctl CMD: --NAME 'V' is not LO..HI UNIT" on stderr and returns -1. */
 int epctl_opt_int(const char *cmd, const char *name, const char *v, int lo, int hi,
                   const char *unit, int *out);
-/* Milliseconds on the monotonic clock. */
-long long epctl_now_ms(void);
 /* The string field k of o, or dflt. */
 const char *epctl_jstr(const cJSON *o, const char *k, const char *dflt);
 

@@ -1,5 +1,6 @@
 /* The blocking HTTP client (see httpclient.h): non-blocking socket + poll with one deadline. */
 #include "httpclient.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -23,13 +24,6 @@ typedef struct client {
     char field[32];
     size_t field_len;
 } client_t;
-
-static long long now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static int on_header_field(http_parser *p, const char *at, size_t len)
 {
@@ -121,7 +115,7 @@ int epd_http_parse_hostport(const char *s, char *host, size_t hostlen, int *port
 static int wait_fd(int fd, short events, long long deadline)
 {
     for (;;) {
-        long long left = deadline - now_ms();
+        long long left = deadline - epd_now_ms();
         if (left <= 0) return -ETIMEDOUT;
         struct pollfd pfd = {.fd = fd, .events = events};
         int r = poll(&pfd, 1, (int)left);
@@ -135,7 +129,7 @@ int epd_http_request(const char *host, int port, const char *method, const char 
                      const char *body, size_t body_len, int timeout_ms, epd_http_response_t *resp,
                      char *err, size_t errlen)
 {
-    long long deadline = now_ms() + timeout_ms;
+    long long deadline = epd_now_ms() + timeout_ms;
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai = NULL;
     char portstr[16], *req = NULL;
     int fd = -1, rc;

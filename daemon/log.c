@@ -1,6 +1,7 @@
 /* The log module: formats one line per call and writes it to stderr (or a chosen fd) with a
  * single write(2), so lines from several threads never interleave; and the rate limiter. */
 #include "log.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <stdatomic.h>
@@ -187,10 +188,8 @@ void epd_log_ratelimited(epd_ratelimit_t *rl, epd_log_level_t level, const char 
                          const char *fmt, ...)
 {
     if ((int)level > atomic_load(&g_level)) return;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
     uint64_t dropped = 0;
-    if (!epd_ratelimit_check(rl, (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec, &dropped)) return;
+    if (!epd_ratelimit_check(rl, epd_now_ns(), &dropped)) return;
     char msg[EPD_LOG_LINE_MAX];
     va_list ap;
     va_start(ap, fmt);

@@ -1,17 +1,11 @@
 /* Standard process metrics (see procstats.h). */
 #include "procstats.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <stdio.h>
 #include <time.h>
 #include <unistd.h>
-
-static unsigned long long mono_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (unsigned long long)ts.tv_sec * 1000000000ull + (unsigned long long)ts.tv_nsec;
-}
 
 int epd_procstats_init(epd_procstats_t *ps, epd_metrics_t *m, const char *version,
                        const char *commit, const char *backend)
@@ -26,7 +20,7 @@ int epd_procstats_init(epd_procstats_t *ps, epd_metrics_t *m, const char *versio
     clock_gettime(CLOCK_REALTIME, &ts);
     ps->m = m;
     ps->start_wall = (double)ts.tv_sec + (double)ts.tv_nsec / 1e9;
-    ps->start_mono_ns = mono_ns();
+    ps->start_mono_ns = (unsigned long long)epd_now_ns();
     epd_metric_t *info =
         epd_metrics_gauge(m, "epd_build_info", "Build of this epd (always 1).", lab);
     epd_metric_t *start =
@@ -47,7 +41,7 @@ int epd_procstats_init(epd_procstats_t *ps, epd_metrics_t *m, const char *versio
 
 double epd_procstats_uptime(const epd_procstats_t *ps)
 {
-    return (double)(mono_ns() - ps->start_mono_ns) / 1e9;
+    return (double)((unsigned long long)epd_now_ns() - ps->start_mono_ns) / 1e9;
 }
 
 void epd_procstats_update(epd_procstats_t *ps)

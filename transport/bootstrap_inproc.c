@@ -1,6 +1,7 @@
 /* In-process bootstrap: ranks are threads of one process sharing an ep_inproc_world_t;
  * allgather and barrier are rendezvous on a mutex and condition variable, with a timeout. */
 #include "ep.h"
+#include "clock.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -66,17 +67,6 @@ void ep_inproc_world_destroy(ep_inproc_world_t *w)
     free(w);
 }
 
-static void deadline_after(struct timespec *ts, unsigned ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 static int inproc_allgather(void *ctx, const void *in, void *out, size_t len, unsigned timeout_ms)
 {
     struct rank_ctx *rc = ctx;
@@ -86,7 +76,7 @@ static int inproc_allgather(void *ctx, const void *in, void *out, size_t len, un
     struct timespec deadline;
     int st = EP_OK;
 
-    deadline_after(&deadline, timeout_ms);
+    ep_deadline_after(&deadline, timeout_ms);
     pthread_mutex_lock(&w->mu);
     uint64_t my_gen = w->gen[me];
     struct slot *s = &w->slot[my_gen & 1];

@@ -23,6 +23,7 @@
 #include <cmocka.h>
 
 #include "api_openai.h"
+#include "epd_clock.h"
 #include "engine.h"
 #include "epd_config.h"
 #include "http.h"
@@ -90,17 +91,6 @@ struct harness {
     int held, release;
 };
 
-static void deadline_after(struct timespec *ts, unsigned ms)
-{
-    clock_gettime(CLOCK_MONOTONIC, ts);
-    ts->tv_sec += ms / 1000;
-    ts->tv_nsec += (long)(ms % 1000) * 1000000L;
-    if (ts->tv_nsec >= 1000000000L) {
-        ts->tv_sec++;
-        ts->tv_nsec -= 1000000000L;
-    }
-}
-
 /* After a completed collective: the armed rank stays here, as a thread that stopped answering. */
 static void maybe_hold(hrank_t *hr)
 {
@@ -111,7 +101,7 @@ static void maybe_hold(hrank_t *hr)
         h->held = 1;
         pthread_cond_broadcast(&h->cv);
         struct timespec dl;
-        deadline_after(&dl, HOLD_MAX_MS);
+        epd_deadline_after(&dl, HOLD_MAX_MS);
         while (!h->release)
             if (pthread_cond_timedwait(&h->cv, &h->mu, &dl) == ETIMEDOUT) break;
         h->held = 0;
@@ -174,7 +164,7 @@ typedef int (*pred_fn)(harness_t *h, void *arg);
 static void run_until(harness_t *h, pred_fn pred, void *arg, const char *what)
 {
     struct timespec now, dl;
-    deadline_after(&dl, WAIT_MS);
+    epd_deadline_after(&dl, WAIT_MS);
     while (!pred(h, arg)) {
         clock_gettime(CLOCK_MONOTONIC, &now);
         if (now.tv_sec > dl.tv_sec || (now.tv_sec == dl.tv_sec && now.tv_nsec > dl.tv_nsec))
