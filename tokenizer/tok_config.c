@@ -8,17 +8,6 @@
 #include <string.h>
 #include <unistd.h>
 
-static const char *jtype(const cJSON *v)
-{
-    if (!v) return "missing";
-    if (cJSON_IsNull(v)) return "null";
-    if (cJSON_IsBool(v)) return "a boolean";
-    if (cJSON_IsNumber(v)) return "a number";
-    if (cJSON_IsString(v)) return "a string";
-    if (cJSON_IsArray(v)) return "an array";
-    return "an object";
-}
-
 /* A special token named in tokenizer_config.json: a string, an AddedToken object with
  * "content", or null/absent (-1). */
 static epd_tok_status_t token_field(const epd_tok_t *tok, const cJSON *root, const char *key,
@@ -34,11 +23,13 @@ static epd_tok_status_t token_field(const epd_tok_t *tok, const cJSON *root, con
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(v, "content");
         if (!cJSON_IsString(c))
             return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                            "%s: %s.content: expected a string, got %s", path, key, jtype(c));
+                            "%s: %s.content: expected a string, got %s", path, key,
+                            tok_json_type(c));
         content = c->valuestring;
     } else {
         return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                        "%s: %s: expected a string or an object, got %s", path, key, jtype(v));
+                        "%s: %s: expected a string or an object, got %s", path, key,
+                        tok_json_type(v));
     }
     *id = epd_tok_token_id(tok, content);
     if (*id < 0)
@@ -52,7 +43,7 @@ static epd_tok_status_t check_gen_id(const epd_tok_t *tok, const cJSON *v, const
 {
     if (!cJSON_IsNumber(v))
         return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: %s: expected an integer, got %s",
-                        path, jpath, jtype(v));
+                        path, jpath, tok_json_type(v));
     double d = v->valuedouble;
     if (d < 0 || d >= (double)tok->n_ids || d != (double)(int32_t)d ||
         !(tok->id_flags[(int32_t)d] & TOK_ID_PRESENT))
@@ -150,7 +141,8 @@ static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, 
         }
     } else if (tmpl && !cJSON_IsNull(tmpl)) {
         st = tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                      "%s: chat_template: expected a string or a list, got %s", path, jtype(tmpl));
+                      "%s: chat_template: expected a string or a list, got %s", path,
+                      tok_json_type(tmpl));
         goto out;
     }
     if (text) st = tok_chat_detect(text, path, &tok->chat, err, err_len);

@@ -166,6 +166,8 @@ epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *
                                size_t err_len);
 /* Reads and parses a JSON file whose top level must be an object; a syntax error names the byte
  * offset and line. */
+/* How an error message names a JSON value's type ("missing", "null", "a number", ...). */
+const char *tok_json_type(const cJSON *v);
 epd_tok_status_t tok_parse_json_file(const char *path, cJSON **root, char *err, size_t err_len);
 
 /* Model-level BPE of one pre-token (tok_bpe.c): appends the ids of word[0..n). */

@@ -48,7 +48,7 @@ static epd_tok_status_t jerr(jctx_t *c, epd_tok_status_t st, const char *jpath, 
     return tok_errf(c->err, c->err_len, st, "%s: %s: %s", c->file, jpath, msg);
 }
 
-static const char *jtype(const cJSON *v)
+const char *tok_json_type(const cJSON *v)
 {
     if (!v) return "missing";
     if (cJSON_IsNull(v)) return "null";
@@ -127,7 +127,7 @@ static epd_tok_status_t get_bool(jctx_t *c, const cJSON *obj, const char *key, c
         return EPD_TOK_OK;
     }
     if (!cJSON_IsBool(v))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a boolean, got %s", jtype(v));
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a boolean, got %s", tok_json_type(v));
     *out = cJSON_IsTrue(v);
     return EPD_TOK_OK;
 }
@@ -140,7 +140,7 @@ static epd_tok_status_t get_str(jctx_t *c, const cJSON *obj, const char *key, co
     char p[256];
     snprintf(p, sizeof(p), "%s%s%s", path, *path ? "." : "", key);
     if (!cJSON_IsString(v))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(v));
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", tok_json_type(v));
     *out = v->valuestring;
     return EPD_TOK_OK;
 }
@@ -154,7 +154,7 @@ static epd_tok_status_t require_empty_str(jctx_t *c, const cJSON *obj, const cha
     char p[256], q[96];
     snprintf(p, sizeof(p), "%s.%s", path, key);
     if (!cJSON_IsString(v))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(v));
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", tok_json_type(v));
     quote(q, sizeof(q), v->valuestring);
     return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p, "unsupported %s (supported: \"\" or null)", q);
 }
@@ -179,11 +179,11 @@ static epd_tok_status_t check_type(jctx_t *c, const cJSON *obj, const char *path
 {
     char p[256], q[96];
     if (!cJSON_IsObject(obj))
-        return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an object, got %s", jtype(obj));
+        return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an object, got %s", tok_json_type(obj));
     snprintf(p, sizeof(p), "%s.type", path);
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(obj, "type");
     if (!cJSON_IsString(t))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", jtype(t));
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", tok_json_type(t));
     for (size_t i = 0; supported[i]; i++) {
         if (strcmp(t->valuestring, supported[i]) == 0) {
             *type_out = supported[i];
@@ -236,7 +236,7 @@ static epd_tok_status_t nomem(jctx_t *c, const char *what)
 static epd_tok_status_t check_id(jctx_t *c, const cJSON *v, const char *path, int32_t *id)
 {
     if (!cJSON_IsNumber(v))
-        return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an integer id, got %s", jtype(v));
+        return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an integer id, got %s", tok_json_type(v));
     double d = v->valuedouble;
     if (d < 0 || d >= TOK_MAX_ID || d != (double)(int32_t)d)
         return jerr(c, EPD_TOK_ERR_PARSE, path, "id %g is not an integer in [0, %d)", d,
@@ -255,7 +255,7 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
     const cJSON *dropout = cJSON_GetObjectItemCaseSensitive(model, "dropout");
     if (dropout && !cJSON_IsNull(dropout))
         return jerr(c, EPD_TOK_ERR_UNSUPPORTED, "model.dropout", "unsupported %s (supported: null)",
-                    jtype(dropout));
+                    tok_json_type(dropout));
     if ((st = require_empty_str(c, model, "continuing_subword_prefix", "model")) ||
         (st = require_empty_str(c, model, "end_of_word_suffix", "model")) ||
         (st = require_false(c, model, "byte_fallback", "model")) ||
@@ -266,14 +266,14 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     if (!cJSON_IsObject(vocab))
         return jerr(c, EPD_TOK_ERR_PARSE, "model.vocab", "expected an object, got %s",
-                    jtype(vocab));
+                    tok_json_type(vocab));
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (!cJSON_IsArray(merges))
         return jerr(c, EPD_TOK_ERR_PARSE, "model.merges", "expected an array, got %s",
-                    jtype(merges));
+                    tok_json_type(merges));
     if (added && !cJSON_IsNull(added) && !cJSON_IsArray(added))
         return jerr(c, EPD_TOK_ERR_PARSE, "added_tokens", "expected an array, got %s",
-                    jtype(added));
+                    tok_json_type(added));
 
     /* The id space covers the vocabulary and the added tokens. */
     int32_t max_id = -1;
@@ -296,7 +296,7 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
         snprintf(p, sizeof(p), "added_tokens[%zu].id", ai);
         if (!cJSON_IsObject(v)) {
             snprintf(p, sizeof(p), "added_tokens[%zu]", ai);
-            return jerr(c, EPD_TOK_ERR_PARSE, p, "expected an object, got %s", jtype(v));
+            return jerr(c, EPD_TOK_ERR_PARSE, p, "expected an object, got %s", tok_json_type(v));
         }
         if ((st = check_id(c, cJSON_GetObjectItemCaseSensitive(v, "id"), p, &id))) return st;
         if (id > max_id) max_id = id;
@@ -378,7 +378,7 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
             parts[1] = cJSON_GetArrayItem(v, 1)->valuestring;
         } else {
             st = jerr(c, EPD_TOK_ERR_PARSE, p, "expected \"a b\" or [\"a\", \"b\"], got %s",
-                      jtype(v));
+                      tok_json_type(v));
             break;
         }
         int32_t ids[2];
@@ -490,7 +490,7 @@ static epd_tok_status_t load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *
     char p[256];
     snprintf(p, sizeof(p), "%s.normalizers", path);
     if (!cJSON_IsArray(list))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected an array, got %s", jtype(list));
+        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected an array, got %s", tok_json_type(list));
     size_t i = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, list)
@@ -521,7 +521,7 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
         const cJSON *list = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
         if (!cJSON_IsArray(list))
             return jerr(c, EPD_TOK_ERR_PARSE, "pre_tokenizer.pretokenizers",
-                        "expected an array, got %s", jtype(list));
+                        "expected an array, got %s", tok_json_type(list));
         n = (size_t)cJSON_GetArraySize(list);
         if (n < 1 || n > 2)
             return jerr(
@@ -558,7 +558,8 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
             const cJSON *pat = cJSON_GetObjectItemCaseSensitive(items[i], "pattern");
             snprintf(p2, sizeof(p2), "%s.pattern", p);
             if (!cJSON_IsObject(pat))
-                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected an object, got %s", jtype(pat));
+                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected an object, got %s",
+                            tok_json_type(pat));
             const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
             if (!rx) {
                 return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
@@ -566,7 +567,8 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
             }
             snprintf(p2, sizeof(p2), "%s.pattern.Regex", p);
             if (!cJSON_IsString(rx))
-                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected a string, got %s", jtype(rx));
+                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected a string, got %s",
+                            tok_json_type(rx));
             int errcode;
             PCRE2_SIZE erroff;
             tok->re = pcre2_compile((PCRE2_SPTR)rx->valuestring, PCRE2_ZERO_TERMINATED,
@@ -630,7 +632,7 @@ epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char 
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, nulls[i]);
         if (v && !cJSON_IsNull(v)) {
             st = jerr(&c, EPD_TOK_ERR_UNSUPPORTED, nulls[i], "unsupported %s (supported: null)",
-                      jtype(v));
+                      tok_json_type(v));
             goto fail;
         }
     }
