@@ -104,7 +104,7 @@ typedef struct epk_layout {
  * Producers (any GPU thread): slot = atomicAdd(tail, 1); wait while slot - *head >= slots;
  * write the command; fence (system); then write seq = slot + 1 (low 32 bits). The proxy reads
  * slot `head % slots` once its seq says so, runs it, and publishes head + 1. */
-enum { EPK_CMD_PUT = 1, EPK_CMD_SIGNAL_ADD = 2, EPK_CMD_SIGNAL_SET = 3 };
+enum { EPK_CMD_PUT = 1, EPK_CMD_SIGNAL_ADD = 2 };
 typedef struct epk_cmd {
     uint64_t a;   /* PUT: offset in this rank's window; SIGNAL: the value */
     uint64_t b;   /* offset in the peer's window */

@@ -62,9 +62,7 @@ static void run(ep_cuda_proxy_t *p, const epk_cmd_t *c)
         }
         break;
     case EPK_CMD_SIGNAL_ADD:
-    case EPK_CMD_SIGNAL_SET:
-        st = w->ops->signal(w, c->peer, c->b, c->a,
-                            c->op == EPK_CMD_SIGNAL_ADD ? EP_SIGNAL_ADD : EP_SIGNAL_SET);
+        st = w->ops->signal(w, c->peer, c->b, c->a, EP_SIGNAL_ADD);
         if (st) {
             snprintf(what, sizeof what, "signal to rank %u", (unsigned)c->peer);
             refuse(p, c->peer, st, what);
