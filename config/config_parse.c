@@ -1,6 +1,7 @@
 /* Loading a config: file checks, JSON parsing (cJSON), the table-driven walk that applies and
- * validates every setting, the cross-setting rules and the file-system checks; every error
- * is collected (never only the first), each naming the origin and the JSON path. */
+ * validates every setting, the defaults and the entry points; every error is collected (never
+ * only the first), each naming the origin and the JSON path. The cross-setting rules and the
+ * file-system checks are in config_rules.c. */
 #include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -15,29 +16,16 @@
 
 #include <cjson/cJSON.h>
 
-#include "config_table.h"
+#include "config_int.h"
 
-#define PATH_BUF 640    /* display paths: "cluster.peers[255]." + an escaped key */
 #define SHOW_MAX 40     /* longest string shown in "got ..." before it is cut */
 #define KEY_SHOW_MAX 64 /* longest key shown in a path */
 #define SUGGEST_MAX 64  /* keys longer than this get no "did you mean" */
 #define NEAR_BYTES 12   /* bytes shown on each side of a JSON syntax error */
 
-struct epd_cfg_check_ctx {
-    const char *origin;
-    unsigned flags;
-    epd_config_errors_t *errs;
-    unsigned char *bad;      /* [epd_cfg_num_settings]: the setting had an error */
-    unsigned char *present;  /* [epd_cfg_num_settings]: the setting appeared in the text */
-    unsigned char *peer_bad; /* [EPD_CFG_MAX_PEERS]: the cluster.peers element had an error */
-};
-typedef struct epd_cfg_check_ctx ctx_t;
-
 /* snprintf for paths and messages built from bounded pieces: a cut is acceptable (the text
  * only names things), so it goes through vsnprintf, which -Wformat-truncation leaves alone. */
-static int bprintf(char *out, size_t cap, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int bprintf(char *out, size_t cap, const char *fmt, ...)
+int cfg_bprintf(char *out, size_t cap, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
@@ -99,9 +87,7 @@ static char *format(const char *fmt, ...)
 }
 
 /* "ORIGIN: PATH: message", or "ORIGIN: message" without a path. */
-static void report(ctx_t *c, const char *path, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static void report(ctx_t *c, const char *path, const char *fmt, ...)
+void cfg_report(ctx_t *c, const char *path, const char *fmt, ...)
 {
     if (errors_full(c)) {
         c->errs->dropped++;
@@ -127,21 +113,21 @@ static void escape(char *out, size_t cap, const char *s, size_t len, size_t max)
     size_t o = 0;
     for (size_t i = 0; i < len && o + 5 < cap; i++) {
         if (i == max) {
-            bprintf(out + o, cap - o, "...");
+            cfg_bprintf(out + o, cap - o, "...");
             return;
         }
         unsigned char ch = (unsigned char)s[i];
         int w;
         if (ch == '"' || ch == '\\')
-            w = bprintf(out + o, cap - o, "\\%c", ch);
+            w = cfg_bprintf(out + o, cap - o, "\\%c", ch);
         else if (ch == '\n')
-            w = bprintf(out + o, cap - o, "\\n");
+            w = cfg_bprintf(out + o, cap - o, "\\n");
         else if (ch == '\t')
-            w = bprintf(out + o, cap - o, "\\t");
+            w = cfg_bprintf(out + o, cap - o, "\\t");
         else if (ch < 0x20 || ch == 0x7f)
-            w = bprintf(out + o, cap - o, "\\x%02x", ch);
+            w = cfg_bprintf(out + o, cap - o, "\\x%02x", ch);
         else
-            w = bprintf(out + o, cap - o, "%c", ch);
+            w = cfg_bprintf(out + o, cap - o, "%c", ch);
         if (w < 0) break;
         o += (size_t)w;
     }
@@ -154,25 +140,25 @@ static const char *show(const cJSON *v, char *buf, size_t cap)
     if (cJSON_IsString(v)) {
         char tmp[4 * SHOW_MAX + 8];
         escape(tmp, sizeof(tmp), v->valuestring, strlen(v->valuestring), SHOW_MAX);
-        bprintf(buf, cap, "\"%s\"", tmp);
+        cfg_bprintf(buf, cap, "\"%s\"", tmp);
     } else if (cJSON_IsNumber(v)) {
         double d = v->valuedouble;
         if (d == floor(d) && fabs(d) < 1e15)
-            bprintf(buf, cap, "%.0f", d);
+            cfg_bprintf(buf, cap, "%.0f", d);
         else
-            bprintf(buf, cap, "%.15g", d);
+            cfg_bprintf(buf, cap, "%.15g", d);
     } else if (cJSON_IsTrue(v)) {
-        bprintf(buf, cap, "true");
+        cfg_bprintf(buf, cap, "true");
     } else if (cJSON_IsFalse(v)) {
-        bprintf(buf, cap, "false");
+        cfg_bprintf(buf, cap, "false");
     } else if (cJSON_IsNull(v)) {
-        bprintf(buf, cap, "null");
+        cfg_bprintf(buf, cap, "null");
     } else if (cJSON_IsArray(v)) {
-        bprintf(buf, cap, "an array");
+        cfg_bprintf(buf, cap, "an array");
     } else if (cJSON_IsObject(v)) {
-        bprintf(buf, cap, "an object");
+        cfg_bprintf(buf, cap, "an object");
     } else {
-        bprintf(buf, cap, "an invalid value");
+        cfg_bprintf(buf, cap, "an invalid value");
     }
     return buf;
 }
@@ -231,7 +217,7 @@ static bool suggest(const epd_cfg_setting_t *tab, int n, const char *rel, const 
         size_t longer = strlen(key) > strlen(name) ? strlen(key) : strlen(name);
         if (d <= 2 && d * 4 <= longer && d < best) {
             best = d;
-            bprintf(out, cap, "%s", name);
+            cfg_bprintf(out, cap, "%s", name);
         }
     }
     return best != (size_t)-1;
@@ -239,7 +225,7 @@ static bool suggest(const epd_cfg_setting_t *tab, int n, const char *rel, const 
 
 /* ---- setters, one per type ---- */
 
-static int setting_index(const epd_cfg_setting_t *s)
+int cfg_setting_index(const epd_cfg_setting_t *s)
 {
     if (s >= epd_cfg_settings && s < epd_cfg_settings + epd_cfg_num_settings)
         return (int)(s - epd_cfg_settings);
@@ -257,7 +243,7 @@ static void set_int(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const 
                     void *base)
 {
     if (!integral_in(v, s->min, s->max)) {
-        report(c, path, "expected an integer %lld..%lld, got %s", s->min, s->max, SHOW(v));
+        cfg_report(c, path, "expected an integer %lld..%lld, got %s", s->min, s->max, SHOW(v));
         return;
     }
     if (s->type == EPD_CFG_SIZE)
@@ -296,30 +282,30 @@ static void set_string(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, con
                        void *base)
 {
     if (!cJSON_IsString(v)) {
-        report(c, path, "expected a string, got %s", SHOW(v));
+        cfg_report(c, path, "expected a string, got %s", SHOW(v));
         return;
     }
     const char *str = v->valuestring;
     size_t len = strlen(str);
     if (len < (size_t)s->min) {
-        report(c, path, "must not be empty");
+        cfg_report(c, path, "must not be empty");
         return;
     }
     if (len > (size_t)s->max) {
-        report(c, path, "string too long: %zu bytes, at most %lld", len, s->max);
+        cfg_report(c, path, "string too long: %zu bytes, at most %lld", len, s->max);
         return;
     }
     for (size_t i = 0; i < len; i++) {
         if (!char_ok(s->charset, (unsigned char)str[i])) {
             char ch[8];
             escape(ch, sizeof(ch), str + i, 1, 1);
-            report(c, path, "invalid character '%s' at offset %zu of %s (allowed: %s)", ch, i,
-                   SHOW(v), charset_doc(s->charset));
+            cfg_report(c, path, "invalid character '%s' at offset %zu of %s (allowed: %s)", ch, i,
+                       SHOW(v), charset_doc(s->charset));
             return;
         }
     }
     if (s->charset == EPD_CFG_CHARS_PATH && len > 0 && str[0] != '/') {
-        report(c, path, "expected an absolute path (the daemon runs from /), got %s", SHOW(v));
+        cfg_report(c, path, "expected an absolute path (the daemon runs from /), got %s", SHOW(v));
         return;
     }
     char *dst = (char *)base + s->offset;
@@ -332,7 +318,7 @@ static void enum_list(const epd_cfg_setting_t *s, char *out, size_t cap)
     size_t o = 0;
     out[0] = '\0';
     for (int i = 0; i < s->num_names && o < cap; i++) {
-        int w = bprintf(out + o, cap - o, "%s\"%s\"", i ? ", " : "", s->names[i]);
+        int w = cfg_bprintf(out + o, cap - o, "%s\"%s\"", i ? ", " : "", s->names[i]);
         if (w < 0) break;
         o += (size_t)w;
     }
@@ -355,14 +341,14 @@ static void set_enum(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const
             size_t d = osa_distance(v->valuestring, s->names[i]);
             if (strcasecmp(v->valuestring, s->names[i]) == 0 ||
                 (d <= 2 && d * 4 <= strlen(s->names[i]))) {
-                bprintf(near, sizeof(near), "%s", s->names[i]);
-                report(c, path, "expected one of %s, got %s; did you mean \"%s\"?", allowed,
-                       SHOW(v), near);
+                cfg_bprintf(near, sizeof(near), "%s", s->names[i]);
+                cfg_report(c, path, "expected one of %s, got %s; did you mean \"%s\"?", allowed,
+                           SHOW(v), near);
                 return;
             }
         }
     }
-    report(c, path, "expected one of %s, got %s", allowed, SHOW(v));
+    cfg_report(c, path, "expected one of %s, got %s", allowed, SHOW(v));
 }
 
 /* The length of array v for list setting s, or -1 after reporting why not (not an array of
@@ -371,14 +357,14 @@ static int bounded_array(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, c
                          const char *what)
 {
     if (!cJSON_IsArray(v)) {
-        report(c, path, "expected an array of %s, got %s", what, SHOW(v));
+        cfg_report(c, path, "expected an array of %s, got %s", what, SHOW(v));
         return -1;
     }
     int n = 0;
     for (const cJSON *e = v->child; e; e = e->next)
         n++;
     if ((size_t)n > s->cap) {
-        report(c, path, "too many entries: %d, at most %zu", n, s->cap);
+        cfg_report(c, path, "too many entries: %d, at most %zu", n, s->cap);
         return -1;
     }
     return n;
@@ -393,9 +379,9 @@ static void set_int_list(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, c
     int i = 0, errors = total_errors(c);
     for (const cJSON *e = v->child; e; e = e->next, i++) {
         char ep[PATH_BUF];
-        bprintf(ep, sizeof(ep), "%s[%d]", path, i);
+        cfg_bprintf(ep, sizeof(ep), "%s[%d]", path, i);
         if (!integral_in(e, s->min, s->max)) {
-            report(c, ep, "expected an integer %lld..%lld, got %s", s->min, s->max, SHOW(e));
+            cfg_report(c, ep, "expected an integer %lld..%lld, got %s", s->min, s->max, SHOW(e));
             arr[i] = -1;
             continue;
         }
@@ -403,7 +389,7 @@ static void set_int_list(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, c
         if (s->flags & EPD_CFG_F_DISTINCT) {
             for (int j = 0; j < i; j++) {
                 if (arr[j] == arr[i]) {
-                    report(c, ep, "duplicate value %d (also %s[%d])", arr[i], path, j);
+                    cfg_report(c, ep, "duplicate value %d (also %s[%d])", arr[i], path, j);
                     break;
                 }
             }
@@ -425,12 +411,12 @@ static void set_obj_list(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, c
     for (const cJSON *e = v->child; e; e = e->next, i++) {
         char ep[PATH_BUF];
         int errors = total_errors(c);
-        bprintf(ep, sizeof(ep), "%s[%d]", path, i);
+        cfg_bprintf(ep, sizeof(ep), "%s[%d]", path, i);
         if (!cJSON_IsObject(e)) {
-            report(c, ep, "expected an object, got %s", SHOW(e));
+            cfg_report(c, ep, "expected an object, got %s", SHOW(e));
         } else {
             char prefix[PATH_BUF];
-            bprintf(prefix, sizeof(prefix), "%s.", ep);
+            cfg_bprintf(prefix, sizeof(prefix), "%s.", ep);
             walk_object(c, e, s->fields, s->num_fields, "", prefix, arr + (size_t)i * s->elem_size);
         }
         /* Only cluster.peers is an object list; its elements' health feeds the peer rules. */
@@ -468,7 +454,7 @@ static void mark_bad_below(ctx_t *c, const epd_cfg_setting_t *tab, int n, const 
 {
     size_t rl = strlen(rel);
     for (int i = 0; i < n; i++) {
-        int idx = setting_index(&tab[i]);
+        int idx = cfg_setting_index(&tab[i]);
         if (idx >= 0 && strncmp(tab[i].path, rel, rl) == 0) c->bad[idx] = 1;
     }
 }
@@ -487,7 +473,7 @@ static void walk_object(ctx_t *c, const cJSON *obj, const epd_cfg_setting_t *tab
         size_t kl = strlen(key);
         char shown[4 * KEY_SHOW_MAX + 8], path[PATH_BUF];
         escape(shown, sizeof(shown), key, kl, KEY_SHOW_MAX);
-        bprintf(path, sizeof(path), "%s%s", disp, shown);
+        cfg_bprintf(path, sizeof(path), "%s%s", disp, shown);
 
         int child = -1;
         bool leaf = false;
@@ -506,23 +492,24 @@ static void walk_object(ctx_t *c, const cJSON *obj, const epd_cfg_setting_t *tab
         if (child < 0) {
             char near[SUGGEST_MAX + 1];
             if (errors_full(c))
-                report(c, path, "unknown key");
+                cfg_report(c, path, "unknown key");
             else if (strchr(key, '.'))
-                report(c, path, "unknown key (nest sections as objects: {\"a\": {\"b\": ...}})");
+                cfg_report(c, path,
+                           "unknown key (nest sections as objects: {\"a\": {\"b\": ...}})");
             else if (suggest(tab, n, rel, key, near, sizeof(near)))
-                report(c, path, "unknown key; did you mean '%s'?", near);
+                cfg_report(c, path, "unknown key; did you mean '%s'?", near);
             else
-                report(c, path, "unknown key");
+                cfg_report(c, path, "unknown key");
             continue;
         }
         if (seen[child]) {
-            report(c, path, "duplicate key");
+            cfg_report(c, path, "duplicate key");
             continue;
         }
         seen[child] = 1;
 
         if (leaf) {
-            int idx = setting_index(&tab[child]);
+            int idx = cfg_setting_index(&tab[child]);
             int errors = total_errors(c);
             apply(c, &tab[child], m, path, base);
             if (idx >= 0) {
@@ -531,10 +518,10 @@ static void walk_object(ctx_t *c, const cJSON *obj, const epd_cfg_setting_t *tab
             }
         } else {
             char sub_rel[PATH_BUF], sub_disp[PATH_BUF];
-            bprintf(sub_rel, sizeof(sub_rel), "%s%s.", rel, key);
-            bprintf(sub_disp, sizeof(sub_disp), "%s.", path);
+            cfg_bprintf(sub_rel, sizeof(sub_rel), "%s%s.", rel, key);
+            cfg_bprintf(sub_disp, sizeof(sub_disp), "%s.", path);
             if (!cJSON_IsObject(m)) {
-                report(c, path, "expected an object, got %s", SHOW(m));
+                cfg_report(c, path, "expected an object, got %s", SHOW(m));
                 mark_bad_below(c, tab, n, sub_rel);
                 continue;
             }
@@ -548,209 +535,10 @@ static void walk_object(ctx_t *c, const cJSON *obj, const epd_cfg_setting_t *tab
             strchr(p + rl, '.') || seen[i])
             continue;
         char path[PATH_BUF];
-        bprintf(path, sizeof(path), "%s%s", disp, p + rl);
-        report(c, path, "missing (required)");
-        int idx = setting_index(&tab[i]);
+        cfg_bprintf(path, sizeof(path), "%s%s", disp, p + rl);
+        cfg_report(c, path, "missing (required)");
+        int idx = cfg_setting_index(&tab[i]);
         if (idx >= 0) c->bad[idx] = 1;
-    }
-}
-
-/* ---- cross-setting rules ---- */
-
-static bool ok(ctx_t *c, const char *path)
-{
-    int idx = setting_index(epd_cfg_find(path));
-    return idx >= 0 && !c->bad[idx];
-}
-
-static bool present(ctx_t *c, const char *path)
-{
-    int idx = setting_index(epd_cfg_find(path));
-    return idx >= 0 && c->present[idx];
-}
-
-static void rule_heartbeat(ctx_t *c, epd_config_t *cfg)
-{
-    if (!ok(c, "timeouts.heartbeat_interval_ms") || !ok(c, "timeouts.heartbeat_timeout_ms")) return;
-    if (cfg->heartbeat_timeout_ms <= cfg->heartbeat_interval_ms)
-        report(c, "timeouts.heartbeat_timeout_ms",
-               "must exceed timeouts.heartbeat_interval_ms (%d), got %d",
-               cfg->heartbeat_interval_ms, cfg->heartbeat_timeout_ms);
-}
-
-static void rule_gpus(ctx_t *c, epd_config_t *cfg)
-{
-    if (!ok(c, "compute.backend") || !ok(c, "compute.gpus")) return;
-    if (cfg->backend == EPD_BACKEND_CUDA && cfg->num_gpus == 0)
-        report(c, "compute.gpus", "backend \"cuda\" needs at least one GPU");
-    if (cfg->backend == EPD_BACKEND_CPU && cfg->num_gpus > 0)
-        report(c, "compute.gpus", "only used with backend \"cuda\" (backend is \"cpu\")");
-}
-
-static void rule_ranks(ctx_t *c, epd_config_t *cfg)
-{
-    if (!ok(c, "compute.backend") || !ok(c, "compute.gpus") || !ok(c, "compute.ranks_per_node") ||
-        cfg->backend != EPD_BACKEND_CUDA || cfg->num_gpus == 0)
-        return;
-    if (present(c, "compute.ranks_per_node") && cfg->ranks_per_node != cfg->num_gpus)
-        report(c, "compute.ranks_per_node",
-               "with backend \"cuda\" it is the number of compute.gpus (%d), got %d", cfg->num_gpus,
-               cfg->ranks_per_node);
-    cfg->ranks_per_node = cfg->num_gpus;
-}
-
-static void rule_transport(ctx_t *c, epd_config_t *cfg)
-{
-    if (!ok(c, "compute.transport") || cfg->transport != EPD_TRANSPORT_NVLINK) return;
-    if (ok(c, "compute.backend") && cfg->backend != EPD_BACKEND_CUDA)
-        report(c, "compute.transport", "\"nvlink\" needs backend \"cuda\"");
-    if (cfg->num_peers > 0)
-        report(c, "compute.transport",
-               "\"nvlink\" joins the GPUs of one node; with cluster.peers use \"rdma\" or "
-               "\"tcp\"");
-}
-
-static void rule_placement(ctx_t *c, epd_config_t *cfg)
-{
-    if (!ok(c, "model.placement") || !ok(c, "model.expert_map")) return;
-    if (cfg->placement == EPD_PLACEMENT_EXPLICIT && cfg->num_expert_map == 0)
-        report(c, "model.expert_map",
-               "placement \"explicit\" needs an expert map (the rank of each expert)");
-    if (cfg->placement == EPD_PLACEMENT_CONTIGUOUS && cfg->num_expert_map > 0)
-        report(c, "model.expert_map", "only used with placement \"explicit\"");
-}
-
-static bool wildcard(const char *host)
-{
-    return strcmp(host, "0.0.0.0") == 0 || strcmp(host, "::") == 0;
-}
-
-static void rule_peers(ctx_t *c, epd_config_t *cfg)
-{
-    bool own_id = ok(c, "node.id");
-    bool own_addr = ok(c, "cluster.listen.host") && ok(c, "cluster.listen.port");
-    for (int i = 0; i < cfg->num_peers; i++) {
-        if (c->peer_bad[i]) continue;
-        const epd_peer_t *p = &cfg->peers[i];
-        char path[PATH_BUF];
-        bprintf(path, sizeof(path), "cluster.peers[%d].id", i);
-        if (own_id && p->node_id == cfg->node_id)
-            report(c, path, "%d is this node's own node.id", p->node_id);
-        for (int j = 0; j < i; j++) {
-            if (!c->peer_bad[j] && cfg->peers[j].node_id == p->node_id) {
-                report(c, path, "duplicate peer id %d (also cluster.peers[%d])", p->node_id, j);
-                break;
-            }
-        }
-        bprintf(path, sizeof(path), "cluster.peers[%d]", i);
-        for (int j = 0; j < i; j++) {
-            const epd_peer_t *q = &cfg->peers[j];
-            if (!c->peer_bad[j] && q->addr.port == p->addr.port &&
-                strcasecmp(q->addr.host, p->addr.host) == 0) {
-                report(c, path, "duplicate address %s:%d (also cluster.peers[%d])", p->addr.host,
-                       p->addr.port, j);
-                break;
-            }
-        }
-        if (own_addr && p->addr.port == cfg->listen.port &&
-            strcasecmp(p->addr.host, cfg->listen.host) == 0)
-            report(c, path, "address %s:%d is this node's own cluster.listen", p->addr.host,
-                   p->addr.port);
-    }
-}
-
-static void rule_secret(ctx_t *c, epd_config_t *cfg)
-{
-    /* num_peers counts the entries even where one of them had an error */
-    if (ok(c, "cluster.secret_file") && cfg->num_peers > 0 && cfg->secret_file[0] == '\0')
-        report(c, "cluster.secret_file", "required when cluster.peers is not empty");
-}
-
-static void rule_ports(ctx_t *c, epd_config_t *cfg)
-{
-    if (!ok(c, "http.listen.host") || !ok(c, "http.listen.port") || !ok(c, "cluster.listen.host") ||
-        !ok(c, "cluster.listen.port"))
-        return;
-    const epd_addr_t *h = &cfg->http, *l = &cfg->listen;
-    if (h->port == l->port &&
-        (strcasecmp(h->host, l->host) == 0 || wildcard(h->host) || wildcard(l->host)))
-        report(c, "http.listen.port", "%d is also cluster.listen.port on an overlapping address",
-               h->port);
-}
-
-const epd_cfg_rule_t epd_cfg_rules[] = {
-    {rule_heartbeat, "`timeouts.heartbeat_timeout_ms` must exceed "
-                     "`timeouts.heartbeat_interval_ms`."},
-    {rule_gpus, "Backend `cuda` needs at least one entry in `compute.gpus`; backend `cpu` takes "
-                "none."},
-    {rule_ranks, "With backend `cuda`, `compute.ranks_per_node` is the number of GPUs (if given, "
-                 "it must equal it)."},
-    {rule_transport, "Transport `nvlink` needs backend `cuda` and no `cluster.peers` (it joins "
-                     "the GPUs of one node)."},
-    {rule_placement, "Placement `explicit` needs `model.expert_map`; `contiguous` takes none."},
-    {rule_peers, "Peers have distinct ids and distinct host:port addresses, none equal to this "
-                 "node's `node.id` or `cluster.listen`."},
-    {rule_secret, "`cluster.secret_file` is required when `cluster.peers` is not empty."},
-    {rule_ports, "`http.listen` and `cluster.listen` must not share a port on overlapping "
-                 "addresses."},
-};
-const int epd_cfg_num_rules = (int)(sizeof(epd_cfg_rules) / sizeof(epd_cfg_rules[0]));
-
-/* ---- file-system checks (model.path, cluster.secret_file) ---- */
-
-static void check_dir(ctx_t *c, const char *path, const char *dir)
-{
-    struct stat st;
-    if (stat(dir, &st) != 0) {
-        report(c, path, "cannot access \"%s\": %s", dir, strerror(errno));
-        return;
-    }
-    if (!S_ISDIR(st.st_mode)) {
-        report(c, path, "\"%s\" is not a directory", dir);
-        return;
-    }
-    if (access(dir, R_OK | X_OK) != 0)
-        report(c, path, "directory \"%s\" is not readable: %s", dir, strerror(errno));
-}
-
-static void check_secret(ctx_t *c, const char *path, const char *file)
-{
-    struct stat st;
-    if (stat(file, &st) != 0) {
-        report(c, path, "cannot access \"%s\": %s", file, strerror(errno));
-        return;
-    }
-    if (!S_ISREG(st.st_mode)) {
-        report(c, path, "\"%s\" is not a regular file", file);
-        return;
-    }
-    if ((st.st_mode & 077) != 0) {
-        report(c, path, "\"%s\" has mode %04o; a secret must be readable by its owner only (0600)",
-               file, (unsigned)(st.st_mode & 07777));
-        return;
-    }
-    int fd = open(file, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        report(c, path, "cannot read \"%s\": %s", file, strerror(errno));
-        return;
-    }
-    close(fd);
-    if (st.st_size < EPD_CFG_SECRET_MIN_BYTES)
-        report(c, path, "\"%s\" holds %lld bytes; a secret needs at least %d", file,
-               (long long)st.st_size, EPD_CFG_SECRET_MIN_BYTES);
-}
-
-static void check_files(ctx_t *c, epd_config_t *cfg)
-{
-    for (int i = 0; i < epd_cfg_num_settings; i++) {
-        const epd_cfg_setting_t *s = &epd_cfg_settings[i];
-        if (!(s->flags & (EPD_CFG_F_FS_DIR | EPD_CFG_F_FS_SECRET)) || c->bad[i]) continue;
-        const char *value = (const char *)cfg + s->offset;
-        if (value[0] == '\0') continue;
-        if (s->flags & EPD_CFG_F_FS_DIR)
-            check_dir(c, s->path, value);
-        else
-            check_secret(c, s->path, value);
     }
 }
 
@@ -772,14 +560,14 @@ static void set_default(const epd_cfg_setting_t *s, void *base)
         if (s->flags & EPD_CFG_F_HOSTNAME) {
             char host[256] = {0};
             if (gethostname(host, sizeof(host) - 1) != 0 || host[0] == '\0')
-                bprintf(host, sizeof(host), "localhost");
+                cfg_bprintf(host, sizeof(host), "localhost");
             /* keep only what node.name accepts, so that the default always validates */
             size_t o = 0;
             for (size_t i = 0; host[i] && o < s->cap - 1 && o < (size_t)s->max; i++)
                 if (char_ok(s->charset, (unsigned char)host[i])) p[o++] = host[i];
-            if (o == 0) bprintf(p, s->cap, "localhost");
+            if (o == 0) cfg_bprintf(p, s->cap, "localhost");
         } else if (s->def_str) {
-            bprintf(p, s->cap, "%s", s->def_str);
+            cfg_bprintf(p, s->cap, "%s", s->def_str);
         }
         break;
     case EPD_CFG_INT_LIST:
@@ -809,7 +597,7 @@ static int ctx_init(ctx_t *c, const char *origin, unsigned flags, epd_config_err
     c->present = calloc((size_t)epd_cfg_num_settings, 1);
     c->peer_bad = calloc(EPD_CFG_MAX_PEERS, 1);
     if (!c->bad || !c->present || !c->peer_bad) {
-        report(c, NULL, "out of memory");
+        cfg_report(c, NULL, "out of memory");
         return -1;
     }
     return 0;
@@ -832,19 +620,19 @@ static void parse_text(ctx_t *c, const char *json, size_t len, epd_config_t *cfg
     while (ws < len && isspace((unsigned char)json[ws]))
         ws++;
     if (ws == len) {
-        report(c, NULL, "file is empty (expected a JSON object)");
+        cfg_report(c, NULL, "file is empty (expected a JSON object)");
         goto out;
     }
     if (len > EPD_CFG_MAX_FILE_BYTES) {
-        report(c, NULL, "%zu bytes, larger than the limit of %u bytes", len,
-               EPD_CFG_MAX_FILE_BYTES);
+        cfg_report(c, NULL, "%zu bytes, larger than the limit of %u bytes", len,
+                   EPD_CFG_MAX_FILE_BYTES);
         goto out;
     }
     const char *nul = memchr(json, '\0', len);
     /* cJSON reads NUL-terminated text: copy it so that the input needs no terminator */
     buf = malloc(len + 1);
     if (!buf) {
-        report(c, NULL, "out of memory");
+        cfg_report(c, NULL, "out of memory");
         goto out;
     }
     memcpy(buf, json, len);
@@ -896,14 +684,14 @@ static void parse_text(ctx_t *c, const char *json, size_t len, epd_config_t *cfg
         goto out;
     }
     if (!cJSON_IsObject(root)) {
-        report(c, NULL, "expected a JSON object at the top level, got %s", SHOW(root));
+        cfg_report(c, NULL, "expected a JSON object at the top level, got %s", SHOW(root));
         goto out;
     }
 
     walk_object(c, root, epd_cfg_settings, epd_cfg_num_settings, "", "", cfg);
     for (int i = 0; i < epd_cfg_num_rules; i++)
         epd_cfg_rules[i].check(c, cfg);
-    if (!(c->flags & EPD_CONFIG_SKIP_FS_CHECKS)) check_files(c, cfg);
+    if (!(c->flags & EPD_CONFIG_SKIP_FS_CHECKS)) cfg_check_files(c, cfg);
 out:
     cJSON_Delete(root);
     free(buf);
@@ -916,7 +704,7 @@ int epd_config_parse_ex(const char *json, size_t len, const char *origin, unsign
     epd_config_defaults(cfg);
     if (ctx_init(&c, origin, flags, errs) == 0) {
         if (!json && len > 0)
-            report(&c, NULL, "no text given");
+            cfg_report(&c, NULL, "no text given");
         else
             parse_text(&c, json ? json : "", len, cfg);
     }
@@ -941,34 +729,34 @@ int epd_config_load_ex(const char *path, unsigned flags, epd_config_t *cfg,
     if (ctx_init(&c, path, flags, errs) != 0) goto out;
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        report(&c, NULL, "cannot open: %s", strerror(errno));
+        cfg_report(&c, NULL, "cannot open: %s", strerror(errno));
         goto out;
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        report(&c, NULL, "cannot stat: %s", strerror(errno));
+        cfg_report(&c, NULL, "cannot stat: %s", strerror(errno));
         goto out;
     }
     if (!S_ISREG(st.st_mode)) {
-        report(&c, NULL, "not a regular file");
+        cfg_report(&c, NULL, "not a regular file");
         goto out;
     }
     if (st.st_size > (off_t)EPD_CFG_MAX_FILE_BYTES) {
-        report(&c, NULL, "%lld bytes, larger than the limit of %u bytes", (long long)st.st_size,
-               EPD_CFG_MAX_FILE_BYTES);
+        cfg_report(&c, NULL, "%lld bytes, larger than the limit of %u bytes", (long long)st.st_size,
+                   EPD_CFG_MAX_FILE_BYTES);
         goto out;
     }
     /* read up to one byte past the limit: the file may have grown since fstat */
     buf = malloc(EPD_CFG_MAX_FILE_BYTES + 1);
     if (!buf) {
-        report(&c, NULL, "out of memory");
+        cfg_report(&c, NULL, "out of memory");
         goto out;
     }
     while (len <= EPD_CFG_MAX_FILE_BYTES) {
         ssize_t r = read(fd, buf + len, EPD_CFG_MAX_FILE_BYTES + 1 - len);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) {
-            report(&c, NULL, "cannot read: %s", strerror(errno));
+            cfg_report(&c, NULL, "cannot read: %s", strerror(errno));
             goto out;
         }
         if (r == 0) break;
