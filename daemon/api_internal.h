@@ -1,5 +1,6 @@
 /* Shared between the inference API's files (api_openai.c: completions, chat, models;
- * api_text.c: the tokenizer, chat messages, /tokenize, /detokenize). Not a public header. */
+ * api_validate.c: validating completion and chat requests; api_text.c: the tokenizer, chat
+ * messages, /tokenize, /detokenize). Not a public header. */
 #ifndef EPD_API_INTERNAL_H
 #define EPD_API_INTERNAL_H
 
@@ -38,10 +39,41 @@ typedef struct verr {
     const char *code;
 } verr_t;
 
+/* ---- api_validate.c ---- */
+
+/* Prompts one request may carry (one choice each). */
+#define MAX_PROMPTS 64
+/* OpenAI's limit on stop sequences. */
+#define MAX_STOP 4
+
+typedef struct creq {
+    int chat;
+    int nprompts;
+    int32_t *ids[MAX_PROMPTS];
+    int len[MAX_PROMPTS];
+    int max_tokens; /* -1: not given */
+    double temperature, top_p;
+    int top_k;
+    int have_seed;
+    uint64_t seed;
+    int stream, include_usage;
+    int nstop;
+    char *stop[MAX_STOP];
+} creq_t;
+
+/* Validates a completions (chat = 0) or chat request body into q (api_creq_free it, also
+ * after an error); else v says why. */
+int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_info_t *info,
+                      int chat, creq_t *q, verr_t *v);
+void api_creq_free(creq_t *q);
+/* Fills v and returns -1. */
 int api_bad(verr_t *v, int status, const char *param, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
 const char *api_type_name(const cJSON *v);
 int api_is_int(const cJSON *v);
+
+/* ---- api_openai.c ---- */
+
 void api_send_json(epd_http_res_t *res, int status, cJSON *doc);
 void api_send_error(epd_api_t *a, const char *endpoint, epd_http_res_t *res, int status,
                     const char *msg, const char *param, const char *code);
