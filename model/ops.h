@@ -46,6 +46,13 @@ void epd_rope_apply(float *x, const int32_t *pos, int rows, int heads, int head_
 void epd_attention_token(float *out, const float *q, const float *k, const float *v, int len,
                          int heads, int kv_heads, int hd, float *scores);
 
+/* attention.c: the same over a paged cache: k_pool, v_pool: [num_blocks][block_size][kv_heads][hd]
+ * (one layer); position j of the sequence lives in block blocks[j / block_size] at row
+ * j % block_size. The reference twin of the GPU's paged attention (model/cuda/attention.cu). */
+void epd_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool,
+                         const int32_t *blocks, int block_size, int len, int heads, int kv_heads,
+                         int hd, float *scores);
+
 /* swiglu.c: y[T][H] = down(silu(gate(x)) * up(x)) for x[T][H]; gate, up: [I][H], down: [H][I];
  * tmp: scratch [2][I]. */
 void epd_swiglu(float *y, const float *x, const float *gate, const float *up, const float *down,
