@@ -35,6 +35,9 @@ struct ep_backend_ops {
 
     /* Abort: make the backend's waits return EP_ERR_ABORTED (thread-safe). */
     void (*abort)(ep_group_t *g);
+    /* Optional: a failure that work already enqueued reported since (cuda: a kernel's error
+     * word), without enqueuing anything. */
+    ep_status_t (*check)(ep_group_t *g);
 };
 
 extern const struct ep_backend_ops ep_backend_cpu_ops;

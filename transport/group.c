@@ -345,6 +345,8 @@ int ep_group_failed_peer(const ep_group_t *g)
     return g ? atomic_load(&((ep_group_t *)g)->failed_peer) : tls_failed_peer;
 }
 
+static ep_status_t aborted_status(ep_group_t *g);
+
 void ep_group_abort(ep_group_t *g, int peer)
 {
     /* Any thread may abort, so only atomics are written here; the thread that owns the group
@@ -353,6 +355,13 @@ void ep_group_abort(ep_group_t *g, int peer)
     atomic_store(&g->failed_peer, peer >= 0 && peer < g->nranks ? peer : -1);
     if (atomic_exchange(&g->aborted, 1)) return;
     if (g->ops->abort) g->ops->abort(g);
+}
+
+ep_status_t ep_group_check(ep_group_t *g)
+{
+    if (!g) return EP_ERR_INVALID;
+    if (atomic_load(&g->aborted)) return aborted_status(g);
+    return g->ops->check ? g->ops->check(g) : EP_OK;
 }
 
 static ep_status_t aborted_status(ep_group_t *g)

@@ -901,4 +901,5 @@ const struct ep_backend_ops ep_backend_cuda_ops = {
     .ht_combine = cu_ht_combine,
     .ht_handle_destroy = cu_ht_handle_destroy,
     .abort = cu_abort,
+    .check = cuda_check_err,
 };

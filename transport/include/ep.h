@@ -132,6 +132,11 @@ int ep_group_failed_peer(const ep_group_t *g);
 /* Makes every current and future wait of this group return EP_ERR_ABORTED (thread-safe; the
  * daemon calls it when the control plane marks a peer down). */
 void ep_group_abort(ep_group_t *g, int peer);
+/* The failure, if any, that work already enqueued on this group has reported so far (a kernel
+ * that timed out waiting for a peer, an abort), without enqueuing anything: for callers that
+ * replay LL ops inside CUDA graphs, where no libep call runs on the host to notice it. EP_OK
+ * otherwise; call it after synchronising the stream. */
+ep_status_t ep_group_check(ep_group_t *g);
 
 /* ---- routing ------------------------------------------------------------------------------ */
 

@@ -1,0 +1,258 @@
+/* The CUDA model's weights: this rank's tensors of the table (tensors.h) read from the mmapped
+ * safetensors files, converted to bf16 (norms and routers fp32) into pinned staging buffers and
+ * copied to the GPU asynchronously, two buffers in flight, so conversion, disk reads and copies
+ * overlap; or random weights made on the GPU for benchmarks. */
+#include "cuda_model.h"
+#include "ops.h"
+#include "safetensors.h"
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define STAGE_BYTES (64u << 20)
+#define NSTAGE 2
+
+typedef struct loader {
+    cu_model_t *m;
+    epd_err_t *err;
+    char *stage[NSTAGE];
+    cudaEvent_t done[NSTAGE];
+    int used[NSTAGE];
+    int next;
+    uint64_t total, landed, reported;
+} loader_t;
+
+static float f16_to_f32(uint16_t h)
+{
+    uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1f, f = h & 0x3ff, u;
+    if (e == 0x1f) {
+        u = s | 0x7f800000u | (f << 13); /* inf, NaN */
+    } else if (e) {
+        u = s | ((e + 112) << 23) | (f << 13);
+    } else if (f) { /* subnormal: normalise */
+        int sh = 0;
+        while (!(f & 0x400)) {
+            f <<= 1;
+            sh++;
+        }
+        u = s | ((uint32_t)(113 - sh) << 23) | ((f & 0x3ff) << 13);
+    } else {
+        u = s;
+    }
+    float out;
+    memcpy(&out, &u, 4);
+    return out;
+}
+
+static float src_f32(const epd_st_tensor_t *t, size_t i)
+{
+    const unsigned char *d = t->data;
+    switch (t->dtype) {
+    case EPD_ST_BF16: {
+        uint16_t v;
+        memcpy(&v, d + 2 * i, 2);
+        return epd_bf16_to_f32(v);
+    }
+    case EPD_ST_F16: {
+        uint16_t v;
+        memcpy(&v, d + 2 * i, 2);
+        return f16_to_f32(v);
+    }
+    default: {
+        float v;
+        memcpy(&v, d + 4 * i, 4);
+        return v;
+    }
+    }
+}
+
+/* Converts elements [i0, i0 + n) of t into dst as bf16 (esize 2) or fp32 (esize 4). */
+static void convert(const epd_st_tensor_t *t, size_t i0, size_t n, void *dst, int esize)
+{
+    if (esize == 2 && t->dtype == EPD_ST_BF16) {
+        memcpy(dst, (const char *)t->data + 2 * i0, 2 * n);
+    } else if (esize == 4 && t->dtype == EPD_ST_F32) {
+        memcpy(dst, (const char *)t->data + 4 * i0, 4 * n);
+    } else if (esize == 2) {
+        uint16_t *o = dst;
+        for (size_t i = 0; i < n; i++)
+            o[i] = epd_f32_to_bf16(src_f32(t, i0 + i));
+    } else {
+        float *o = dst;
+        for (size_t i = 0; i < n; i++)
+            o[i] = src_f32(t, i0 + i);
+    }
+}
+
+/* Streams tensor t (already shape-checked) to dst on the GPU. */
+static int upload(loader_t *ld, const epd_st_tensor_t *t, void *dst, int esize)
+{
+    cu_model_t *m = ld->m;
+    size_t n = (size_t)t->numel, per = STAGE_BYTES / (size_t)esize;
+    for (size_t i0 = 0; i0 < n; i0 += per) {
+        size_t c = n - i0 < per ? n - i0 : per;
+        int b = ld->next;
+        ld->next = (b + 1) % NSTAGE;
+        int rc;
+        if (ld->used[b] &&
+            (rc = cu_check(cudaEventSynchronize(ld->done[b]), "weights upload", ld->err)))
+            return rc;
+        convert(t, i0, c, ld->stage[b], esize);
+        if ((rc = cu_check(cudaMemcpyAsync((char *)dst + i0 * (size_t)esize, ld->stage[b],
+                                           c * (size_t)esize, cudaMemcpyHostToDevice, m->stream),
+                           "weights upload", ld->err)) ||
+            (rc = cu_check(cudaEventRecord(ld->done[b], m->stream), "cudaEventRecord", ld->err)))
+            return rc;
+        ld->used[b] = 1;
+        ld->landed += c * (size_t)esize;
+        if (m->opts.progress && (ld->landed - ld->reported >= (256u << 20) || ld->landed == ld->total)) {
+            ld->reported = ld->landed;
+            m->opts.progress(m->opts.progress_arg, ld->landed, ld->total);
+        }
+    }
+    return 0;
+}
+
+/* Where the tensor goes on this rank (NULL: another rank's expert) and its element size. */
+static void *destination(cu_model_t *m, const epd_model_placement_t *pl, const epd_tensor_desc_t *d,
+                         int *esize)
+{
+    const epd_hf_config_t *f = &m->cfg;
+    size_t H = (size_t)f->hidden_size, hd = (size_t)f->head_dim;
+    size_t I = (size_t)f->moe_intermediate_size, Id = (size_t)f->intermediate_size;
+    cu_layer_t *w = d->layer >= 0 ? &m->layers[d->layer] : NULL;
+    *esize = 2;
+    switch (d->role) {
+    case EPD_W_EMBED: return m->embed;
+    case EPD_W_LM_HEAD: return m->lm_head;
+    case EPD_W_FINAL_NORM: *esize = 4; return m->final_norm;
+    case EPD_W_INPUT_NORM: *esize = 4; return w->input_norm;
+    case EPD_W_POST_NORM: *esize = 4; return w->post_norm;
+    case EPD_W_Q_NORM: *esize = 4; return w->q_norm;
+    case EPD_W_K_NORM: *esize = 4; return w->k_norm;
+    case EPD_W_ROUTER: *esize = 4; return w->router;
+    case EPD_W_Q: return w->qkv;
+    case EPD_W_K: return w->qkv + (size_t)m->q_dim * H;
+    case EPD_W_V:
+        return w->qkv + ((size_t)m->q_dim + (size_t)f->num_key_value_heads * hd) * H;
+    case EPD_W_O: return w->o;
+    case EPD_W_DENSE_GATE: return w->gate_up;
+    case EPD_W_DENSE_UP: return w->gate_up + Id * H;
+    case EPD_W_DENSE_DOWN: return w->down;
+    case EPD_W_EXPERT_GATE:
+    case EPD_W_EXPERT_UP:
+    case EPD_W_EXPERT_DOWN: {
+        int slot = pl ? pl->slot_of[d->expert] : d->expert;
+        if (slot / m->local != m->rank) return NULL;
+        size_t l = (size_t)(slot % m->local);
+        if (d->role == EPD_W_EXPERT_GATE) return w->gate_up + l * 2 * I * H;
+        if (d->role == EPD_W_EXPERT_UP) return w->gate_up + l * 2 * I * H + I * H;
+        return w->down + l * H * I;
+    }
+    }
+    return NULL;
+}
+
+static int check_shape(loader_t *ld, const epd_st_tensor_t *t, const epd_tensor_desc_t *d)
+{
+    int ok = t->ndim == d->ndim;
+    for (int i = 0; ok && i < d->ndim; i++)
+        ok = t->shape[i] == d->shape[i];
+    if (ok) return 0;
+    char got[96] = "", want[96] = "";
+    for (int i = 0; i < t->ndim && i < 4; i++)
+        snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%lld", i ? ", " : "",
+                 (long long)t->shape[i]);
+    for (int i = 0; i < d->ndim; i++)
+        snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%lld", i ? ", " : "",
+                 (long long)d->shape[i]);
+    return epd_err_set(ld->err, -EINVAL, "%s: tensor '%s' has shape [%s], config.json implies [%s]",
+                       epd_st_file_path(t->file), d->name, got, want);
+}
+
+int cu_load_weights(cu_model_t *m, const epd_model_placement_t *pl, epd_err_t *err)
+{
+    epd_tensor_desc_t *tab = NULL;
+    int n = 0, rc;
+    epd_st_ckpt_t *ck = NULL;
+    loader_t ld = {.m = m, .err = err};
+    if ((rc = epd_tensor_table(&m->cfg, &tab, &n, err))) return rc;
+    if ((rc = epd_st_ckpt_open(m->opts.dir, &ck, err))) goto out;
+    /* find and check every tensor first: a broken checkpoint fails before any copy */
+    for (int i = 0; i < n; i++) {
+        const epd_st_tensor_t *t = epd_st_ckpt_find(ck, tab[i].name);
+        if (!t) {
+            rc = epd_err_set(err, -ENOENT, "%s: the checkpoint has no tensor '%s'", m->opts.dir,
+                             tab[i].name);
+            goto out;
+        }
+        if ((rc = check_shape(&ld, t, &tab[i]))) goto out;
+        int es;
+        if (destination(m, pl, &tab[i], &es)) ld.total += (uint64_t)t->numel * (uint64_t)es;
+    }
+    for (int b = 0; b < NSTAGE; b++) {
+        if ((rc = cu_check(cudaMallocHost((void **)&ld.stage[b], STAGE_BYTES), "pinned staging",
+                           err)) ||
+            (rc = cu_check(cudaEventCreateWithFlags(&ld.done[b], cudaEventDisableTiming),
+                           "cudaEventCreate", err)))
+            goto out;
+    }
+    for (int i = 0; i < n; i++) {
+        int es;
+        void *dst = destination(m, pl, &tab[i], &es);
+        if (!dst) continue;
+        if ((rc = upload(&ld, epd_st_ckpt_find(ck, tab[i].name), dst, es))) goto out;
+    }
+    rc = cu_check(cudaStreamSynchronize(m->stream), "weights upload", err);
+out:
+    for (int b = 0; b < NSTAGE; b++) {
+        if (ld.done[b]) {
+            cudaEventSynchronize(ld.done[b]);
+            cudaEventDestroy(ld.done[b]);
+        }
+        cudaFreeHost(ld.stage[b]);
+    }
+    epd_st_ckpt_close(ck);
+    free(tab);
+    return rc;
+}
+
+int cu_random_weights(cu_model_t *m, uint64_t seed, epd_err_t *err)
+{
+    const epd_hf_config_t *f = &m->cfg;
+    size_t H = (size_t)f->hidden_size, V = (size_t)f->vocab_size, hd = (size_t)f->head_dim;
+    size_t E = (size_t)f->num_experts, L = (size_t)m->local, I = (size_t)f->moe_intermediate_size;
+    size_t Id = (size_t)f->intermediate_size;
+    const float a = 0.0346f; /* uniform of standard deviation 0.02, transformers' init */
+    cudaStream_t s = m->stream;
+    int e = 0;
+#define BF(p, n) (e = e ? e : epd_cu_fill_uniform_bf16((p), (n), seed++, -a, a, s))
+#define ONE(p, n) (e = e ? e : epd_cu_fill_uniform_f32((p), (n), seed++, 1.0f, 1.0f, s))
+    BF(m->embed, V * H);
+    if (m->lm_head != m->embed) BF(m->lm_head, V * H);
+    ONE(m->final_norm, H);
+    for (int l = 0; l < f->num_hidden_layers; l++) {
+        cu_layer_t *w = &m->layers[l];
+        ONE(w->input_norm, H);
+        ONE(w->post_norm, H);
+        ONE(w->q_norm, hd);
+        ONE(w->k_norm, hd);
+        BF(w->qkv, (size_t)m->qkv_dim * H);
+        BF(w->o, H * (size_t)m->q_dim);
+        if (w->is_moe) {
+            if (!e) e = epd_cu_fill_uniform_f32(w->router, E * H, seed++, -a, a, s);
+            BF(w->gate_up, L * 2 * I * H);
+            BF(w->down, L * H * I);
+        } else {
+            BF(w->gate_up, 2 * Id * H);
+            BF(w->down, H * Id);
+        }
+    }
+#undef BF
+#undef ONE
+    int rc = cu_check((cudaError_t)e, "random weights", err);
+    if (!rc) rc = cu_check(cudaStreamSynchronize(s), "random weights", err);
+    return rc;
+}
