@@ -23,14 +23,10 @@ nvidia-smi --query-gpu=index,name,memory.total,clocks.sm --format=csv >"$OUT/gpu
 nvidia-smi topo -m >>"$OUT/gpus.txt" 2>&1
 NGPU=$(nvidia-smi -L 2>/dev/null | wc -l)
 
-# The machine has no cmocka (tests/transport needs it to configure): unpack the carried
-# Debian packages (.deps/, fetched with apt-get download libcmocka0 libcmocka-dev) into a prefix.
-if ! pkg-config --exists cmocka 2>/dev/null && ls .deps/libcmocka*.deb >/dev/null 2>&1; then
-  P=/tmp/epdeps
-  for f in .deps/libcmocka*.deb; do dpkg -x "$f" $P; done
-  sed -i "s|-L/usr/|-L$P/usr/|; s|-I/usr/|-I$P/usr/|" $P/usr/lib/x86_64-linux-gnu/pkgconfig/cmocka.pc
-  export PKG_CONFIG_PATH=$P/usr/lib/x86_64-linux-gnu/pkgconfig
-  export LD_LIBRARY_PATH=$P/usr/lib/x86_64-linux-gnu${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+# The machine has no cmocka (tests/transport needs it to configure): unpack the carried Debian
+# packages (.deps/, fetched here with scripts/gpu-deps.sh) into a prefix (scripts/gpu-env.sh).
+if ! pkg-config --exists cmocka 2>/dev/null && ls .deps/*.deb >/dev/null 2>&1; then
+  source scripts/gpu-env.sh
 fi
 
 # Build from a copy that holds only what the GPU work needs (libep, kernels, their tests): the
