@@ -1,0 +1,153 @@
+/* Plain-C twins of the MoE kernels (moe.cu); semantics in moe_ref.h. */
+#include "moe_ref.h"
+
+#include "numeric_ref.h"
+#include "ops.h"
+
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+
+#define FP8_BLOCK 128 /* channels per fp8 scale (EP_FP8_BLOCK) */
+
+int epd_ref_route_fixup(int32_t *topk_idx, float *topk_w, int T, int k, int E,
+                        const int32_t *n_valid, const int32_t *slot_of,
+                        unsigned long long *expert_tokens)
+{
+    if (T < 0 || k <= 0 || E <= 0) return -EINVAL;
+    for (int t = 0; t < T; t++)
+        for (int j = 0; j < k; j++) {
+            size_t i = (size_t)t * k + j;
+            int32_t e = topk_idx[i];
+            if ((n_valid && t >= *n_valid) || e < 0 || e >= E) {
+                topk_idx[i] = -1;
+                topk_w[i] = 0.0f;
+                continue;
+            }
+            if (expert_tokens) expert_tokens[e]++;
+            if (slot_of) topk_idx[i] = slot_of[e];
+        }
+    return 0;
+}
+
+int epd_ref_moe_local_dispatch(uint16_t *packed, int32_t *counts, int32_t *offsets,
+                               int32_t *row_of, const uint16_t *x, const int32_t *topk_idx, int T,
+                               int k, int E, int H)
+{
+    if (T < 0 || k <= 0 || E <= 0 || H <= 0 || H % 8) return -EINVAL;
+    for (int e = 0; e < E; e++)
+        counts[e] = 0;
+    for (size_t i = 0; i < (size_t)T * k; i++) {
+        int32_t e = topk_idx[i];
+        if (e >= 0 && e < E) counts[e]++;
+    }
+    int32_t run = 0;
+    for (int e = 0; e < E; e++) {
+        offsets[e] = run;
+        run += counts[e];
+    }
+    int32_t *next = calloc((size_t)E, sizeof *next);
+    if (!next) return -ENOMEM;
+    for (size_t i = 0; i < (size_t)T * k; i++) {
+        int32_t e = topk_idx[i];
+        if (e < 0 || e >= E) {
+            row_of[i] = -1;
+            continue;
+        }
+        int32_t row = offsets[e] + next[e]++;
+        row_of[i] = row;
+        memcpy(packed + (size_t)row * H, x + (i / k) * H, (size_t)H * sizeof *x);
+    }
+    free(next);
+    return 0;
+}
+
+int epd_ref_moe_local_combine(float *h, const uint16_t *y, const int32_t *row_of,
+                              const float *topk_w, int T, int k, int H)
+{
+    if (T < 0 || k <= 0 || H <= 0 || H % 8) return -EINVAL;
+    for (int t = 0; t < T; t++)
+        for (int c = 0; c < H; c++) {
+            float s = 0.0f;
+            for (int j = 0; j < k; j++) {
+                int32_t r = row_of[(size_t)t * k + j];
+                if (r < 0) continue;
+                float p = topk_w[(size_t)t * k + j] * epd_bf16_to_f32(y[(size_t)r * H + c]);
+                s += p;
+            }
+            h[(size_t)t * H + c] += s;
+        }
+    return 0;
+}
+
+static int rows_of(const int32_t *counts, int l, int max_rows)
+{
+    int n = counts[l];
+    return n < 0 ? 0 : (n > max_rows ? max_rows : n);
+}
+
+static float dot_bf16(const float *x, const uint16_t *w, int n)
+{
+    float s = 0.0f;
+    for (int i = 0; i < n; i++)
+        s += x[i] * epd_bf16_to_f32(w[i]);
+    return s;
+}
+
+static int shape_ok(int L, int H, int I, int max_rows, const int32_t *offsets, int stride)
+{
+    return L >= 0 && H > 0 && I > 0 && H % 16 == 0 && I % 16 == 0 && max_rows >= 0 &&
+           (offsets || stride >= max_rows);
+}
+
+int epd_ref_expert_gate_up(uint16_t *act, const void *x, const float *x_scales,
+                           const int32_t *counts, const int32_t *offsets, int stride,
+                           const uint16_t *w_gate_up, int L, int H, int I, int max_rows)
+{
+    if (!shape_ok(L, H, I, max_rows, offsets, stride) || (x_scales && H % FP8_BLOCK))
+        return -EINVAL;
+    float *xr = malloc((size_t)H * sizeof *xr);
+    if (!xr) return -ENOMEM;
+    for (int l = 0; l < L; l++) {
+        const int n = rows_of(counts, l, max_rows);
+        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
+        const uint16_t *wl = w_gate_up + (size_t)l * 2 * I * H;
+        for (int r = 0; r < n; r++) {
+            const size_t row = base + r;
+            for (int c = 0; c < H; c++)
+                xr[c] = x_scales ? ep_fp8_e4m3_to_float(((const uint8_t *)x)[row * H + c]) *
+                                       x_scales[row * (H / FP8_BLOCK) + c / FP8_BLOCK]
+                                 : epd_bf16_to_f32(((const uint16_t *)x)[row * H + c]);
+            for (int i = 0; i < I; i++) {
+                float g = dot_bf16(xr, wl + (size_t)i * H, H);
+                float u = dot_bf16(xr, wl + (size_t)(I + i) * H, H);
+                act[row * I + i] = epd_f32_to_bf16(g / (1.0f + expf(-g)) * u);
+            }
+        }
+    }
+    free(xr);
+    return 0;
+}
+
+int epd_ref_expert_down(uint16_t *y, const uint16_t *act, const int32_t *counts,
+                        const int32_t *offsets, int stride, const uint16_t *w_down, int L, int H,
+                        int I, int max_rows)
+{
+    if (!shape_ok(L, H, I, max_rows, offsets, stride)) return -EINVAL;
+    float *ar = malloc((size_t)I * sizeof *ar);
+    if (!ar) return -ENOMEM;
+    for (int l = 0; l < L; l++) {
+        const int n = rows_of(counts, l, max_rows);
+        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
+        const uint16_t *wl = w_down + (size_t)l * H * I;
+        for (int r = 0; r < n; r++) {
+            const size_t row = base + r;
+            for (int i = 0; i < I; i++)
+                ar[i] = epd_bf16_to_f32(act[row * I + i]);
+            for (int c = 0; c < H; c++)
+                y[row * H + c] = epd_f32_to_bf16(dot_bf16(ar, wl + (size_t)c * I, I));
+        }
+    }
+    free(ar);
+    return 0;
+}
