@@ -176,9 +176,9 @@ __global__ void __launch_bounds__(kNormThreads)
 
 /* ---- attention: split kernel ----------------------------------------------------------------- */
 
-constexpr int kWarps = 4;  /* warps per split block */
-constexpr int kHeads = 8;  /* query heads per split block (hi rows 0-7, lo rows 8-15) */
-constexpr int kTile = 16;  /* positions per warp step: two n8 tiles of scores, one k16 of P.V */
+constexpr int kWarps = 4; /* warps per split block */
+constexpr int kHeads = 8; /* query heads per split block (hi rows 0-7, lo rows 8-15) */
+constexpr int kTile = 16; /* positions per warp step: two n8 tiles of scores, one k16 of P.V */
 constexpr int kMergeWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -469,7 +469,8 @@ extern "C" int epd_cu_qk_norm_rope_store(const float *qkv, const float *q_norm, 
                                          float eps, float *q_out, uint16_t *k_cache,
                                          uint16_t *v_cache, epd_stream_t stream)
 {
-    if (T < 0 || nh <= 0 || nkv <= 0 || hd <= 0 || hd > kMaxHd || hd % 2) return cudaErrorInvalidValue;
+    if (T < 0 || nh <= 0 || nkv <= 0 || hd <= 0 || hd > kMaxHd || hd % 2)
+        return cudaErrorInvalidValue;
     if (T == 0) return cudaSuccess;
     qk_norm_rope_store_kernel<<<T, kNormThreads, 0, (cudaStream_t)stream>>>(
         qkv, q_norm, k_norm, inv_freq, pos, slot, nh, nkv, hd, eps, q_out, k_cache, v_cache);
@@ -483,10 +484,10 @@ extern "C" size_t epd_cu_attention_workspace(int T, int nh, int hd, int max_spli
 }
 
 extern "C" int epd_cu_attention(uint16_t *out, const float *q, const uint16_t *k_cache,
-                                const uint16_t *v_cache, const int32_t *block_table,
-                                int max_blocks, const int32_t *seq_idx, const int32_t *pos, int T,
-                                int nh, int nkv, int hd, int block_size, int split_len,
-                                int max_splits, void *workspace, epd_stream_t stream)
+                                const uint16_t *v_cache, const int32_t *block_table, int max_blocks,
+                                const int32_t *seq_idx, const int32_t *pos, int T, int nh, int nkv,
+                                int hd, int block_size, int split_len, int max_splits,
+                                void *workspace, epd_stream_t stream)
 {
     if (T < 0 || nh <= 0 || nkv <= 0 || nh % nkv || !hd_supported(hd) || block_size <= 0 ||
         split_len <= 0 || max_splits <= 0 || max_splits > 65535 || max_blocks <= 0 ||
@@ -504,14 +505,24 @@ extern "C" int epd_cu_attention(uint16_t *out, const float *q, const uint16_t *k
     const float scale_log2 = 1.0f / sqrtf((float)hd) * kLog2e;
     const dim3 grid((unsigned)T, (unsigned)max_splits, (unsigned)(nkv * per_kv));
 #define EPD_ATTN_LAUNCH(HD)                                                                        \
-    launch_split<HD>(grid, st, q, k_cache, v_cache, block_table, max_blocks, seq_idx, pos, nh,    \
+    launch_split<HD>(grid, st, q, k_cache, v_cache, block_table, max_blocks, seq_idx, pos, nh,     \
                      nkv, block_size, bs_shift, split_len, max_len, scale_log2, ws_acc, ws_ml)
     switch (hd) {
-    case 16: EPD_ATTN_LAUNCH(16); break;
-    case 32: EPD_ATTN_LAUNCH(32); break;
-    case 64: EPD_ATTN_LAUNCH(64); break;
-    case 128: EPD_ATTN_LAUNCH(128); break;
-    default: EPD_ATTN_LAUNCH(256); break;
+    case 16:
+        EPD_ATTN_LAUNCH(16);
+        break;
+    case 32:
+        EPD_ATTN_LAUNCH(32);
+        break;
+    case 64:
+        EPD_ATTN_LAUNCH(64);
+        break;
+    case 128:
+        EPD_ATTN_LAUNCH(128);
+        break;
+    default:
+        EPD_ATTN_LAUNCH(256);
+        break;
     }
 #undef EPD_ATTN_LAUNCH
     int err = (int)cudaGetLastError();

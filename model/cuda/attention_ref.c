@@ -50,8 +50,8 @@ void epd_attention_ref(float *out, const float *q, const float *k_pool, const fl
             continue;
         }
         epd_attention_paged(ot, q + (size_t)t * n, k_pool, v_pool,
-                            block_table + (size_t)seq_idx[t] * max_blocks, block_size, (int)len,
-                            nh, nkv, hd, scores);
+                            block_table + (size_t)seq_idx[t] * max_blocks, block_size, (int)len, nh,
+                            nkv, hd, scores);
     }
 }
 

@@ -81,10 +81,12 @@ static int check_norm_rope(int hd, int nh, int nkv, int T)
     const size_t rowlen = (size_t)nkv * hd, cache_n = (size_t)rows * rowlen;
     float *qkv = malloc(sizeof(float) * T * heads * hd), *qn = malloc(sizeof(float) * hd);
     float *kn = malloc(sizeof(float) * hd), *inv = malloc(sizeof(float) * hd / 2);
-    float *q_ref = malloc(sizeof(float) * T * nh * hd), *q_gpu = malloc(sizeof(float) * T * nh * hd);
+    float *q_ref = malloc(sizeof(float) * T * nh * hd),
+          *q_gpu = malloc(sizeof(float) * T * nh * hd);
     uint16_t *k_ref = malloc(2 * cache_n), *v_ref = malloc(2 * cache_n);
     uint16_t *k_gpu = malloc(2 * cache_n), *v_gpu = malloc(2 * cache_n);
-    int32_t *pos = malloc(4 * (size_t)T), *slot = malloc(4 * (size_t)T), *perm = malloc(4 * (size_t)rows);
+    int32_t *pos = malloc(4 * (size_t)T), *slot = malloc(4 * (size_t)T),
+            *perm = malloc(4 * (size_t)rows);
     float *d_qkv = NULL, *d_qn = NULL, *d_kn = NULL, *d_inv = NULL, *d_q = NULL;
     int32_t *d_pos = NULL, *d_slot = NULL;
     uint16_t *d_k = NULL, *d_v = NULL;
@@ -203,7 +205,8 @@ static int check_attention(shape_t sh, int graph)
     }
     const int pool = total + 5;
     const size_t cache_n = (size_t)pool * bs * row;
-    uint16_t *kc = malloc(2 * cache_n), *vc = malloc(2 * cache_n), *out_gpu = malloc(2 * (size_t)T * n);
+    uint16_t *kc = malloc(2 * cache_n), *vc = malloc(2 * cache_n),
+             *out_gpu = malloc(2 * (size_t)T * n);
     float *kf = malloc(4 * cache_n), *vf = malloc(4 * cache_n), *q = malloc(4 * (size_t)T * n);
     float *want = malloc(4 * (size_t)T * n), *scores = malloc(4 * 2048);
     int32_t *table = malloc(4 * (size_t)NSEQ * max_blocks), *perm = malloc(4 * (size_t)pool);
@@ -233,7 +236,8 @@ static int check_attention(shape_t sh, int graph)
                 const float v = urand(1.0f);
                 kc[at + i] = epd_f32_to_bf16(urand(2.0f));
                 vc[at + i] = epd_f32_to_bf16(v);
-                if (fabsf(epd_bf16_to_f32(vc[at + i])) > vmax) vmax = fabsf(epd_bf16_to_f32(vc[at + i]));
+                if (fabsf(epd_bf16_to_f32(vc[at + i])) > vmax)
+                    vmax = fabsf(epd_bf16_to_f32(vc[at + i]));
             }
         }
     }
@@ -271,8 +275,8 @@ static int check_attention(shape_t sh, int graph)
                 pos2[t] = pos[t] > 0 ? pos[t] - 1 : 0;
             CK(cudaMemcpy(d_pos, pos2, sizeof(pos2), cudaMemcpyHostToDevice));
             CK(cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal));
-            int e = epd_cu_attention(d_out, d_q, d_k, d_v, d_table, max_blocks, d_seq, d_pos, T,
-                                     nh, nkv, hd, bs, sl, ms, d_ws, st);
+            int e = epd_cu_attention(d_out, d_q, d_k, d_v, d_table, max_blocks, d_seq, d_pos, T, nh,
+                                     nkv, hd, bs, sl, ms, d_ws, st);
             CK(cudaStreamEndCapture(st, &g));
             CK(e);
             CK(cudaGraphInstantiate(&ge, g, 0));
@@ -280,13 +284,13 @@ static int check_attention(shape_t sh, int graph)
             CK(cudaMemcpyAsync(d_pos, pos, sizeof(pos), cudaMemcpyHostToDevice, st));
             CK(cudaGraphLaunch(ge, st));
         } else {
-            CK(epd_cu_attention(d_out, d_q, d_k, d_v, d_table, max_blocks, d_seq, d_pos, T, nh,
-                                nkv, hd, bs, sl, ms, d_ws, st));
+            CK(epd_cu_attention(d_out, d_q, d_k, d_v, d_table, max_blocks, d_seq, d_pos, T, nh, nkv,
+                                hd, bs, sl, ms, d_ws, st));
         }
         CK(cudaStreamSynchronize(st));
         CK(cudaMemcpy(out_gpu, d_out, 2 * (size_t)T * n, cudaMemcpyDeviceToHost));
-        epd_attention_ref(want, q, kf, vf, table, max_blocks, seq, pos, T, nh, nkv, hd, bs,
-                          sl * ms, scores);
+        epd_attention_ref(want, q, kf, vf, table, max_blocks, seq, pos, T, nh, nkv, hd, bs, sl * ms,
+                          scores);
         double worst = 0, worst_rel = 0;
         for (int t = 0; t < T; t++)
             for (int i = 0; i < n; i++) {
@@ -295,8 +299,9 @@ static int check_attention(shape_t sh, int graph)
                 const double e = fabs((double)a - b);
                 /* one bf16 rounding of the output, plus the kernel's fp32 sums in other orders */
                 const double tol = ldexp(fabs(b), -8) + 2e-3 * vmax;
-                EXPECT(e <= tol, "hd %d nh %d nkv %d bs %d split_len %d: token %d (seq %d pos %d) "
-                                 "[%d]: %.6g vs %.6g",
+                EXPECT(e <= tol,
+                       "hd %d nh %d nkv %d bs %d split_len %d: token %d (seq %d pos %d) "
+                       "[%d]: %.6g vs %.6g",
                        hd, nh, nkv, bs, sl, t, seq[t], pos[t], i, a, b);
                 if (e > worst) worst = e;
                 if (e / vmax > worst_rel) worst_rel = e / vmax;
@@ -350,7 +355,8 @@ static int bench_decode(int T, int len, int split_len)
     const int nh = 32, nkv = 4, hd = 128, bs = 16, iters = 50;
     const int nb = (len + bs - 1) / bs, ms = (len + split_len - 1) / split_len;
     const size_t cache_n = (size_t)T * nb * bs * nkv * hd;
-    int32_t *table = malloc(4 * (size_t)T * nb), *seq = malloc(4 * (size_t)T), *pos = malloc(4 * (size_t)T);
+    int32_t *table = malloc(4 * (size_t)T * nb), *seq = malloc(4 * (size_t)T),
+            *pos = malloc(4 * (size_t)T);
     uint16_t *d_k = NULL, *d_v = NULL, *d_out = NULL;
     float *d_q = NULL;
     int32_t *d_table = NULL, *d_seq = NULL, *d_pos = NULL;
@@ -424,8 +430,8 @@ int main(int argc, char **argv)
     failed |= check_norm_rope(128, 32, 4, 33);
     failed |= check_norm_rope(256, 4, 1, 5);
     static const shape_t shapes[] = {
-        {16, 4, 2, 16},  {16, 8, 8, 1},   {32, 8, 1, 16},  {32, 6, 2, 7},   {64, 12, 1, 16},
-        {64, 4, 4, 16},  {128, 32, 4, 16}, {128, 16, 2, 1}, {128, 64, 4, 16}, {256, 4, 2, 16},
+        {16, 4, 2, 16}, {16, 8, 8, 1},    {32, 8, 1, 16},  {32, 6, 2, 7},    {64, 12, 1, 16},
+        {64, 4, 4, 16}, {128, 32, 4, 16}, {128, 16, 2, 1}, {128, 64, 4, 16}, {256, 4, 2, 16},
     };
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
         failed |= check_attention(shapes[i], 0);

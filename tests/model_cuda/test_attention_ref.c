@@ -153,8 +153,8 @@ static void check_paged(int hd, int nh, int nkv, int bs, int len0, int len1)
     if (len0 > 1) {
         int32_t s0 = 0, p0 = len0 - 1;
         float *qt = q + (size_t)T * n, *ot = out + (size_t)T * n;
-        epd_attention_ref(ot, qt, kp, vp, table, max_blocks, &s0, &p0, 1, nh, nkv, hd, bs,
-                          len0 - 1, scores);
+        epd_attention_ref(ot, qt, kp, vp, table, max_blocks, &s0, &p0, 1, nh, nkv, hd, bs, len0 - 1,
+                          scores);
         epd_attention_token(want, qt, kc[0], vc[0], len0 - 1, nh, nkv, hd, scores);
         for (int i = 0; i < n; i++)
             assert_true(fabsf(ot[i] - want[i]) <= 1e-6f * fabsf(want[i]) + 1e-30f);
@@ -221,9 +221,9 @@ static void check_norm_rope(int hd, int nh, int nkv, int T)
     }
     memset(kc, 0xff, sizeof(uint16_t) * rows * rowlen);
     memset(vc, 0xff, sizeof(uint16_t) * rows * rowlen);
-    assert_int_equal(epd_qk_norm_rope_store_ref(qkv, qn, kn, inv, pos, slot, T, nh, nkv, hd, eps,
-                                                qo, kc, vc),
-                     0);
+    assert_int_equal(
+        epd_qk_norm_rope_store_ref(qkv, qn, kn, inv, pos, slot, T, nh, nkv, hd, eps, qo, kc, vc),
+        0);
     for (int t = 0; t < T; t++) {
         const float *x = qkv + (size_t)t * heads * hd;
         for (int h = 0; h < nh + nkv; h++) {
@@ -241,7 +241,8 @@ static void check_norm_rope(int hd, int nh, int nkv, int T)
                 const double ang = (double)((float)pos[t] * inv[j]);
                 const double a = w[j] * x[(size_t)h * hd + j] * r;
                 const double b = w[j + half] * x[(size_t)h * hd + j + half] * r;
-                const double y = i < half ? a * cos(ang) - b * sin(ang) : b * cos(ang) + a * sin(ang);
+                const double y =
+                    i < half ? a * cos(ang) - b * sin(ang) : b * cos(ang) + a * sin(ang);
                 assert_true(fabs(head[i] - y) <= 1e-5 * (1 + fabs(y)));
                 if (is_q) {
                     const float got = qo[((size_t)t * nh + h) * hd + i];
