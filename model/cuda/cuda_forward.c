@@ -251,7 +251,7 @@ static void pick_splits(const cu_model_t *m, int T, int ctx, int *split_len, int
     int units = T * m->cfg.num_key_value_heads;
     int want = (264 + units - 1) / units;
     int sl = ctx / (want > 0 ? want : 1);
-    int p = 32;
+    int p = 64; /* the kernel walks 64 positions per block pass */
     while (p * 2 <= sl)
         p *= 2;
     sl = p;
@@ -275,10 +275,10 @@ static int stage_inputs(cu_model_t *m, const epd_step_t *s, int Tpad, int Mpad, 
         h->seq_idx[t] = q;
         h->slot[t] = s->block_table[(size_t)q * s->max_blocks + p / bs] * bs + p % bs;
     }
-    for (int t = s->num_tokens; t < Tpad; t++) { /* padding: attends position 0 of sequence 0 */
+    for (int t = s->num_tokens; t < Tpad; t++) { /* padding: no KV store, no attention */
         h->tokens[t] = 0;
         h->pos[t] = 0;
-        h->seq_idx[t] = 0;
+        h->seq_idx[t] = -1;
         h->slot[t] = -1;
     }
     int cols = s->max_blocks < m->max_blocks ? s->max_blocks : m->max_blocks;
