@@ -167,6 +167,10 @@ static int register_metrics(epd_engine_t *e)
                                          NULL);
     e->m_reform = epd_metrics_counter(m, "epd_engine_group_reforms_total",
                                       "Times the EP group was re-formed after a failure.", NULL);
+    e->m_preempt = epd_metrics_counter(m, "epd_engine_preemptions_total",
+                                       "Running requests preempted (KV blocks freed, requeued) "
+                                       "because a rank's KV pool ran short.",
+                                       NULL);
     static const double batch_b[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096};
     e->m_batch = epd_metrics_histogram(m, "epd_step_batch_tokens",
                                        "Tokens in one lockstep step on rank 0 of this node "
@@ -174,7 +178,7 @@ static int register_metrics(epd_engine_t *e)
                                        NULL, batch_b, (int)(sizeof(batch_b) / sizeof(batch_b[0])));
     e->m_expert = calloc((size_t)e->hf.num_experts, sizeof(*e->m_expert));
     if (!e->m_step || !e->m_queue || !e->m_active || !e->m_gen || !e->m_prompt || !e->m_ttft ||
-        !e->m_rate || !e->m_step_fail || !e->m_reform || !e->m_batch || !e->m_expert)
+        !e->m_rate || !e->m_step_fail || !e->m_reform || !e->m_batch || !e->m_preempt || !e->m_expert)
         return -ENOMEM;
     for (int x = 0; x < e->hf.num_experts; x++) {
         char lab[32];

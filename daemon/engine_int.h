@@ -156,7 +156,7 @@ struct epd_engine {
     int info_ok;
 
     epd_metric_t *m_step, *m_queue, *m_active, *m_gen, *m_prompt, *m_ttft, *m_rate;
-    epd_metric_t *m_step_fail, *m_reform, *m_batch;
+    epd_metric_t *m_step_fail, *m_reform, *m_batch, *m_preempt;
     epd_backend_t backend;
     int max_seqs;   /* model.max_seqs_per_rank */
     int *gpus;      /* compute.gpus (cuda), [R] */

@@ -151,6 +151,7 @@ static int preempt_last(rank_t *rk)
     r->seq = NULL;
     r->fed = 0;
     rk->preemptions++;
+    epd_metric_add(rk->e->m_preempt, 1);
     EPD_DEBUG(SUB, "rank %d: KV pool short (%d of %d blocks free): request preempted after %d "
               "tokens, requeued",
               rk->grank, epd_model_kv_blocks_free(rk->model),
