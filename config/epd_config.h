@@ -79,10 +79,10 @@ typedef struct epd_config {
     epd_placement_t placement;              /* model.placement: "contiguous" | "explicit" */
     int expert_map[EPD_CFG_MAX_EXPERT_MAP]; /* model.expert_map[e] = rank (explicit) */
     int num_expert_map;
-    int max_batch_tokens;    /* model.max_batch_tokens: LL bound per rank */
-    int max_prefill_tokens;  /* model.max_prefill_tokens: HT bound per rank (off if <= LL's) */
-    int max_seq_len;         /* model.max_seq_len */
-    int max_queued_requests; /* model.max_queued_requests: waiting for a rank; beyond -> 429 */
+    int max_batch_tokens;      /* model.max_batch_tokens: LL bound per rank */
+    int max_prefill_tokens;    /* model.max_prefill_tokens: HT bound per rank (off if <= LL's) */
+    int max_seq_len;           /* model.max_seq_len */
+    int max_queued_requests;   /* model.max_queued_requests: waiting for a rank; beyond -> 429 */
     int kv_block_size;         /* model.kv_block_size: tokens per KV block */
     double kv_memory_fraction; /* model.kv_memory_fraction: of free GPU memory for KV (cuda) */
     int kv_blocks;             /* model.kv_blocks: KV pool per rank (0: automatic) */

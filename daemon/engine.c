@@ -178,7 +178,8 @@ static int register_metrics(epd_engine_t *e)
                                        NULL, batch_b, (int)(sizeof(batch_b) / sizeof(batch_b[0])));
     e->m_expert = calloc((size_t)e->hf.num_experts, sizeof(*e->m_expert));
     if (!e->m_step || !e->m_queue || !e->m_active || !e->m_gen || !e->m_prompt || !e->m_ttft ||
-        !e->m_rate || !e->m_step_fail || !e->m_reform || !e->m_batch || !e->m_preempt || !e->m_expert)
+        !e->m_rate || !e->m_step_fail || !e->m_reform || !e->m_batch || !e->m_preempt ||
+        !e->m_expert)
         return -ENOMEM;
     for (int x = 0; x < e->hf.num_experts; x++) {
         char lab[32];
@@ -613,9 +614,8 @@ cJSON *epd_engine_status_cjson(epd_engine_t *e)
         cJSON_AddNumberToObject(pl, "experts_per_rank", e->placement.local);
         cJSON *ranks = cJSON_AddArrayToObject(pl, "by_rank");
         epd_model_mem_t est;
-        epd_model_mem_estimate(c, e->nranks,
-                               e->backend == EPD_BACKEND_CUDA ? EPD_MODEL_CUDA : EPD_MODEL_CPU,
-                               &est);
+        epd_model_mem_estimate(
+            c, e->nranks, e->backend == EPD_BACKEND_CUDA ? EPD_MODEL_CUDA : EPD_MODEL_CPU, &est);
         for (int r = 0; ranks && r < e->nranks; r++) {
             cJSON *o = cJSON_CreateObject();
             if (!o) break;

@@ -1,8 +1,8 @@
 /* The serving engine of epd: loads the checkpoint on this node's ranks (one thread per rank),
  * joins them into the EP group, and runs lockstep steps (prefill + decode, continuous batching,
- * sampling in the model) for the requests that the HTTP API submits from the libuv loop. A step whose largest
- * rank batch exceeds model.max_batch_tokens takes libep's HT path (prompts in chunks of up to
- * model.max_prefill_tokens); other steps take the LL path.
+ * sampling in the model) for the requests that the HTTP API submits from the libuv loop. A step
+ * whose largest rank batch exceeds model.max_batch_tokens takes libep's HT path (prompts in chunks
+ * of up to model.max_prefill_tokens); other steps take the LL path.
  *
  * Threads: the loop submits and cancels; each rank thread owns the sequences placed on it and
  * calls the model; results come back to the loop through a uv_async_t (no libuv call is made

@@ -318,9 +318,9 @@ static int rank_load(rank_t *rk)
                                        "Blocks of a rank's paged KV cache.", lab);
     rk->m_kv_free = epd_metrics_gauge(e->metrics, "epd_kv_blocks_free",
                                       "Free blocks of a rank's paged KV cache.", lab);
-    rk->m_kv_bytes = epd_metrics_gauge(e->metrics, "epd_model_kv_bytes",
-                                       "Bytes a rank's KV cache holds (cpu: allocated so far).",
-                                       lab);
+    rk->m_kv_bytes =
+        epd_metrics_gauge(e->metrics, "epd_model_kv_bytes",
+                          "Bytes a rank's KV cache holds (cpu: allocated so far).", lab);
     epd_metric_set(rk->m_kv_total, mem.kv_blocks_total);
     epd_metric_set(rk->m_kv_free, mem.kv_blocks_free);
     epd_metric_set(rk->m_kv_bytes, (double)mem.kv_bytes);

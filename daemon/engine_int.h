@@ -31,7 +31,7 @@ struct epd_engine_req {
     epd_engine_t *e;
     epd_engine_cb cb;
     void *arg;
-    int32_t *toks; /* [prompt_len + max_tokens]: the prompt, then the generated tokens */
+    int32_t *toks;   /* [prompt_len + max_tokens]: the prompt, then the generated tokens */
     int32_t *prompt; /* = toks */
     int prompt_len, max_tokens, stream;
     int num_stop_ids;
@@ -100,8 +100,8 @@ struct rank {
     int n_items, tokens, prompt_tokens;
     ctl_word_t *ctl_all;
     uint64_t *exp_prev, *exp_now;
-    uint64_t preemptions;  /* rank thread writes, status reads (approximate) */
-    epd_model_mem_t mem;   /* under e->mu: after the load and each step, for status */
+    uint64_t preemptions; /* rank thread writes, status reads (approximate) */
+    epd_model_mem_t mem;  /* under e->mu: after the load and each step, for status */
     epd_metric_t *m_kv_total, *m_kv_free, *m_kv_bytes, *m_ws_bytes;
     /* load progress, from the loading thread; read by status */
     _Atomic uint64_t load_done, load_total;
@@ -158,8 +158,8 @@ struct epd_engine {
     epd_metric_t *m_step, *m_queue, *m_active, *m_gen, *m_prompt, *m_ttft, *m_rate;
     epd_metric_t *m_step_fail, *m_reform, *m_batch, *m_preempt;
     epd_backend_t backend;
-    int max_seqs;   /* model.max_seqs_per_rank */
-    int *gpus;      /* compute.gpus (cuda), [R] */
+    int max_seqs; /* model.max_seqs_per_rank */
+    int *gpus;    /* compute.gpus (cuda), [R] */
     int kv_block_size, kv_blocks, kv_memory_fraction_set;
     double kv_memory_fraction;
     int cuda_graphs, fp8_dispatch;

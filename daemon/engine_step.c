@@ -152,10 +152,11 @@ static int preempt_last(rank_t *rk)
     r->fed = 0;
     rk->preemptions++;
     epd_metric_add(rk->e->m_preempt, 1);
-    EPD_DEBUG(SUB, "rank %d: KV pool short (%d of %d blocks free): request preempted after %d "
+    EPD_DEBUG(SUB,
+              "rank %d: KV pool short (%d of %d blocks free): request preempted after %d "
               "tokens, requeued",
-              rk->grank, epd_model_kv_blocks_free(rk->model),
-              epd_model_kv_blocks_total(rk->model), r->ngen);
+              rk->grank, epd_model_kv_blocks_free(rk->model), epd_model_kv_blocks_total(rk->model),
+              r->ngen);
     pthread_mutex_lock(&e->mu);
     r->next = rk->inbox_head;
     rk->inbox_head = r;

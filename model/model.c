@@ -264,8 +264,8 @@ int epd_model_load(const epd_model_opts_t *o, epd_model_t **out, epd_err_t *err)
     m->max_seq_len = o->max_seq_len > 0 ? o->max_seq_len : m->cfg.max_position_embeddings;
     m->max_seqs = o->max_seqs > 0 ? o->max_seqs : MAX_SEQS_DEFAULT;
     m->block_size = o->kv_block_size > 0 ? o->kv_block_size : EPD_KV_BLOCK_DEFAULT;
-    if (o->max_seqs < 0 || o->kv_block_size < 0 || o->kv_blocks < 0 ||
-        o->kv_memory_fraction < 0 || o->kv_memory_fraction > 1 || m->max_seq_len < 1) {
+    if (o->max_seqs < 0 || o->kv_block_size < 0 || o->kv_blocks < 0 || o->kv_memory_fraction < 0 ||
+        o->kv_memory_fraction > 1 || m->max_seq_len < 1) {
         rc = epd_err_set(err, -EINVAL,
                          "model options: max_seqs %d, kv_block_size %d, kv_blocks %d, "
                          "kv_memory_fraction %g, max_seq_len %d: none may be negative (and the "
@@ -437,9 +437,8 @@ static int reserve(epd_model_t *m, const epd_batch_item_t *items, int n, epd_err
         need += epd_model_kv_blocks_for(m, s->len + items[i].num_tokens) - s->nblocks;
     }
     if (need > m->heap_n)
-        return epd_err_set(err, -ENOSPC,
-                           "KV cache: the batch needs %ld more blocks, %d free of %d", need,
-                           m->heap_n, m->num_blocks);
+        return epd_err_set(err, -ENOSPC, "KV cache: the batch needs %ld more blocks, %d free of %d",
+                           need, m->heap_n, m->num_blocks);
     for (int i = 0; i < n; i++) {
         epd_seq_t *s = items[i].seq;
         m->grew[i] = s->nblocks;

@@ -25,7 +25,7 @@ typedef struct epd_cpu_model {
     int max_tokens;          /* max(ll_tokens, ht_tokens): rows of the scratch below */
     int max_seq_len;
     const epd_model_placement_t *placement; /* model.c's, outlives this */
-    epd_model_mem_t mem;     /* weights, kv and workspace bytes */
+    epd_model_mem_t mem;                    /* weights, kv and workspace bytes */
     uint64_t *expert_tokens; /* [E] tokens routed to each global expert, all MoE layers */
 
     float *embed;   /* [V][H] */

@@ -18,24 +18,39 @@ static float **weight_slot(epd_cpu_model_t *m, const epd_tensor_desc_t *t)
 {
     epd_layer_w_t *w = t->layer >= 0 ? &m->layers[t->layer] : NULL;
     switch (t->role) {
-    case EPD_W_EMBED: return &m->embed;
-    case EPD_W_FINAL_NORM: return &m->norm;
-    case EPD_W_LM_HEAD: return &m->lm_head;
-    case EPD_W_INPUT_NORM: return &w->input_norm;
-    case EPD_W_POST_NORM: return &w->post_norm;
-    case EPD_W_Q: return &w->q;
-    case EPD_W_K: return &w->k;
-    case EPD_W_V: return &w->v;
-    case EPD_W_O: return &w->o;
-    case EPD_W_Q_NORM: return &w->q_norm;
-    case EPD_W_K_NORM: return &w->k_norm;
-    case EPD_W_ROUTER: return &w->router;
+    case EPD_W_EMBED:
+        return &m->embed;
+    case EPD_W_FINAL_NORM:
+        return &m->norm;
+    case EPD_W_LM_HEAD:
+        return &m->lm_head;
+    case EPD_W_INPUT_NORM:
+        return &w->input_norm;
+    case EPD_W_POST_NORM:
+        return &w->post_norm;
+    case EPD_W_Q:
+        return &w->q;
+    case EPD_W_K:
+        return &w->k;
+    case EPD_W_V:
+        return &w->v;
+    case EPD_W_O:
+        return &w->o;
+    case EPD_W_Q_NORM:
+        return &w->q_norm;
+    case EPD_W_K_NORM:
+        return &w->k_norm;
+    case EPD_W_ROUTER:
+        return &w->router;
     case EPD_W_DENSE_GATE:
-    case EPD_W_EXPERT_GATE: return &w->gate;
+    case EPD_W_EXPERT_GATE:
+        return &w->gate;
     case EPD_W_DENSE_UP:
-    case EPD_W_EXPERT_UP: return &w->up;
+    case EPD_W_EXPERT_UP:
+        return &w->up;
     case EPD_W_DENSE_DOWN:
-    case EPD_W_EXPERT_DOWN: return &w->down;
+    case EPD_W_EXPERT_DOWN:
+        return &w->down;
     }
     return NULL;
 }
@@ -57,8 +72,7 @@ static int load_tensor(epd_cpu_model_t *m, const epd_st_ckpt_t *ck, const epd_te
     if (epd_tensor_is_expert(t)) {
         /* the layer's local experts in one array each, in slot order */
         if (!*slot && !(*slot = malloc(bytes * (size_t)m->local)))
-            return epd_err_set(err, -ENOMEM, "out of memory for the experts of layer %d",
-                               t->layer);
+            return epd_err_set(err, -ENOMEM, "out of memory for the experts of layer %d", t->layer);
         dst = *slot + (size_t)(m->placement->slot_of[t->expert] % m->local) * epd_tensor_elems(t);
         m->mem.expert_bytes += bytes;
     } else {
@@ -387,10 +401,10 @@ static void cpu_destroy(void *impl)
     free(m->embed);
     free(m->norm);
     free(m->inv_freq);
-    float *fs[] = {m->h,          m->xn,     m->q,        m->k,          m->v,
-                   m->att,        m->tmp,    m->scores,   m->ffn_tmp,    m->router_logits,
-                   m->topk_w,     m->row_in, m->row_out,  m->row_acc,    m->ht_w,
-                   m->logit_row,  m->sample_tmp};
+    float *fs[] = {m->h,         m->xn,        m->q,       m->k,       m->v,
+                   m->att,       m->tmp,       m->scores,  m->ffn_tmp, m->router_logits,
+                   m->topk_w,    m->row_in,    m->row_out, m->row_acc, m->ht_w,
+                   m->logit_row, m->sample_tmp};
     for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++)
         free(fs[i]);
     free(m->topk_idx);

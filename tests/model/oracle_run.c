@@ -261,8 +261,10 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
         st[i].seq = NULL;
     }
     if (epd_model_kv_blocks_free(m) != epd_model_kv_blocks_total(m)) {
-        rc = epd_err_set(err, -EPROTO, "rank %d: %d of %d KV blocks free after every sequence "
-                         "ended", r, epd_model_kv_blocks_free(m), epd_model_kv_blocks_total(m));
+        rc = epd_err_set(err, -EPROTO,
+                         "rank %d: %d of %d KV blocks free after every sequence "
+                         "ended",
+                         r, epd_model_kv_blocks_free(m), epd_model_kv_blocks_total(m));
         goto out;
     }
 out:

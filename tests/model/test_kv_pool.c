@@ -68,8 +68,8 @@ static int feed(epd_model_t *m, epd_seq_t *s, int n, epd_err_t *err)
     int32_t toks[16];
     for (int i = 0; i < n; i++)
         toks[i] = 5 + i;
-    epd_batch_item_t it = {.seq = s, .tokens = toks, .num_tokens = n, .want_logits = 1,
-                           .sample = GREEDY};
+    epd_batch_item_t it = {
+        .seq = s, .tokens = toks, .num_tokens = n, .want_logits = 1, .sample = GREEDY};
     int32_t next;
     return epd_model_forward(m, &it, 1, &next, NULL, err);
 }
@@ -176,8 +176,8 @@ static void test_lowest_first_and_position_independent(void **state)
     assert_int_equal(epd_seq_create(m, &z, &err), 0);
     assert_int_equal(epd_seq_create(m, &w, &err), 0);
     int32_t toks[6] = {11, 22, 33, 44, 55, 66};
-    epd_batch_item_t it = {.seq = x, .tokens = toks, .num_tokens = 6, .want_logits = 1,
-                           .sample = GREEDY};
+    epd_batch_item_t it = {
+        .seq = x, .tokens = toks, .num_tokens = 6, .want_logits = 1, .sample = GREEDY};
     float ref[384], got[384];
     int32_t next;
     assert_int_equal(epd_model_forward(m, &it, 1, &next, ref, &err), 0); /* x: 0, 1 */
@@ -186,7 +186,7 @@ static void test_lowest_first_and_position_independent(void **state)
     assert_int_equal(feed(m, y, 8, &err), 0); /* y: 2, 3 */
     epd_model_mem(m, &mem);
     assert_int_equal(mem.kv_bytes, 4 * mem.kv_block_bytes);
-    epd_seq_destroy(x); /* 0, 1 free again */
+    epd_seq_destroy(x);                       /* 0, 1 free again */
     assert_int_equal(feed(m, z, 8, &err), 0); /* z: 0, 1 again, not 4, 5 */
     epd_model_mem(m, &mem);
     assert_int_equal(mem.kv_bytes, 4 * mem.kv_block_bytes);

@@ -163,13 +163,15 @@ static void test_bad_forward_one_rank(void **state)
     int32_t toks[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
     float logits[384];
 
-    epd_batch_item_t big = {.seq = s, .tokens = toks, .num_tokens = 9, .want_logits = 1, .sample = GREEDY};
+    epd_batch_item_t big = {
+        .seq = s, .tokens = toks, .num_tokens = 9, .want_logits = 1, .sample = GREEDY};
     assert_int_equal(epd_model_forward(m, &big, 1, NULL, logits, &err), -E2BIG);
     assert_non_null(strstr(err.msg, "more than 8 tokens in one call on rank 0"));
     assert_int_equal(epd_seq_len(s), 0);
 
     int32_t bad[2] = {5, 384};
-    epd_batch_item_t oov = {.seq = s, .tokens = bad, .num_tokens = 2, .want_logits = 1, .sample = GREEDY};
+    epd_batch_item_t oov = {
+        .seq = s, .tokens = bad, .num_tokens = 2, .want_logits = 1, .sample = GREEDY};
     assert_int_equal(epd_model_forward(m, &oov, 1, NULL, logits, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "item 0 token 1: id 384 outside the vocabulary (0..383)"));
     assert_int_equal(epd_seq_len(s), 0);
@@ -182,16 +184,19 @@ static void test_bad_forward_one_rank(void **state)
     /* the KV cache bound: 8 + 4 fit in 12, 1 more does not */
     epd_batch_item_t a = {.seq = s, .tokens = toks, .num_tokens = 8};
     assert_int_equal(epd_model_forward(m, &a, 1, NULL, NULL, &err), 0);
-    epd_batch_item_t b = {.seq = s, .tokens = toks, .num_tokens = 4, .want_logits = 1, .sample = GREEDY};
+    epd_batch_item_t b = {
+        .seq = s, .tokens = toks, .num_tokens = 4, .want_logits = 1, .sample = GREEDY};
     assert_int_equal(epd_model_forward(m, &b, 1, NULL, logits, &err), 0);
     assert_int_equal(epd_seq_len(s), 12);
-    epd_batch_item_t c = {.seq = s, .tokens = toks, .num_tokens = 1, .want_logits = 1, .sample = GREEDY};
+    epd_batch_item_t c = {
+        .seq = s, .tokens = toks, .num_tokens = 1, .want_logits = 1, .sample = GREEDY};
     assert_int_equal(epd_model_forward(m, &c, 1, NULL, logits, &err), -ERANGE);
     assert_non_null(strstr(err.msg, "sequence of 13 tokens exceeds max_seq_len 12"));
     /* truncating frees positions: recomputing the last token gives the same logits */
     float again[384];
     epd_seq_truncate(s, 11);
-    epd_batch_item_t d = {.seq = s, .tokens = toks + 3, .num_tokens = 1, .want_logits = 1, .sample = GREEDY};
+    epd_batch_item_t d = {
+        .seq = s, .tokens = toks + 3, .num_tokens = 1, .want_logits = 1, .sample = GREEDY};
     assert_int_equal(epd_model_forward(m, &d, 1, NULL, again, &err), 0);
     assert_memory_equal(logits, again, sizeof(logits));
     /* zero items is a valid step (a rank without work) */
@@ -229,7 +234,8 @@ static void test_step_paths(void **state)
         toks[i] = 3 * i + 1;
     float logits[384];
     /* more tokens than the step's agreed largest batch */
-    epd_batch_item_t it = {.seq = s, .tokens = toks, .num_tokens = 12, .want_logits = 1, .sample = GREEDY};
+    epd_batch_item_t it = {
+        .seq = s, .tokens = toks, .num_tokens = 12, .want_logits = 1, .sample = GREEDY};
     assert_int_equal(epd_model_forward_step(m, &it, 1, 11, NULL, logits, &err), -E2BIG);
     assert_non_null(strstr(err.msg, "more than 11 tokens in one call on rank 0 (item 0; HT step"));
     /* more than the HT bound */
@@ -251,7 +257,8 @@ static void test_step_paths(void **state)
     assert_int_equal(epd_seq_create(m, &s2, &err), 0);
     float ll[384];
     epd_batch_item_t a = {.seq = s2, .tokens = toks, .num_tokens = 8};
-    epd_batch_item_t b = {.seq = s2, .tokens = toks + 8, .num_tokens = 4, .want_logits = 1, .sample = GREEDY};
+    epd_batch_item_t b = {
+        .seq = s2, .tokens = toks + 8, .num_tokens = 4, .want_logits = 1, .sample = GREEDY};
     assert_int_equal(epd_model_forward_step(m, &a, 1, 8, NULL, NULL, &err), 0);
     assert_int_equal(epd_model_forward_step(m, &b, 1, 4, NULL, ll, &err), 0);
     epd_model_path_counts(m, counts);
@@ -306,8 +313,11 @@ static void *two_rank(void *p)
     if (epd_model_load(&o, &m, &t->err[a->rank]) || epd_seq_create(m, &s, &t->err[a->rank]))
         goto out;
     int32_t good[3] = {7, 8, 9}, bad[3] = {7, -1, 9};
-    epd_batch_item_t it = {
-        .seq = s, .tokens = a->rank == 0 ? bad : good, .num_tokens = 3, .want_logits = 1, .sample = GREEDY};
+    epd_batch_item_t it = {.seq = s,
+                           .tokens = a->rank == 0 ? bad : good,
+                           .num_tokens = 3,
+                           .want_logits = 1,
+                           .sample = GREEDY};
     t->rc[a->rank] = epd_model_forward(m, &it, 1, NULL, t->logits[a->rank], &t->err[a->rank]);
     t->len_after[a->rank] = epd_seq_len(s);
     /* the next step works on both ranks: the failed one left the group in lockstep */
