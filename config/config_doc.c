@@ -19,6 +19,10 @@ static const char *type_name(const epd_cfg_setting_t *s)
         return "array of integers";
     case EPD_CFG_OBJ_LIST:
         return "array of objects";
+    case EPD_CFG_BOOL:
+        return "boolean";
+    case EPD_CFG_NUMBER:
+        return "number";
     }
     return "?";
 }
@@ -54,6 +58,12 @@ static void print_default(FILE *f, const epd_cfg_setting_t *s)
     case EPD_CFG_INT_LIST:
     case EPD_CFG_OBJ_LIST:
         fputs("`[]`", f);
+        break;
+    case EPD_CFG_BOOL:
+        fputs(s->def ? "`true`" : "`false`", f);
+        break;
+    case EPD_CFG_NUMBER:
+        fprintf(f, "`%g`", s->fdef);
         break;
     }
 }
@@ -96,6 +106,12 @@ static void print_allowed(FILE *f, const epd_cfg_setting_t *s)
         break;
     case EPD_CFG_OBJ_LIST:
         fprintf(f, "up to %zu entries", s->cap);
+        break;
+    case EPD_CFG_BOOL:
+        fputs("`true`, `false`", f);
+        break;
+    case EPD_CFG_NUMBER:
+        fprintf(f, "%s%g, %g]", (s->flags & EPD_CFG_F_OPEN_MIN) ? "(" : "[", s->fmin, s->fmax);
         break;
     }
 }

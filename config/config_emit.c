@@ -52,6 +52,10 @@ cJSON *epd_cfg_emit(const epd_cfg_setting_t *s, const void *base)
         return cJSON_CreateNumber((double)*(const size_t *)p);
     case EPD_CFG_STRING:
         return cJSON_CreateString(p);
+    case EPD_CFG_BOOL:
+        return cJSON_CreateBool(*(const int *)p);
+    case EPD_CFG_NUMBER:
+        return cJSON_CreateNumber(*(const double *)p);
     case EPD_CFG_ENUM: {
         const char *n = epd_cfg_enum_name(s, *(const int *)p);
         return cJSON_CreateString(n ? n : "?");

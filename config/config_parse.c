@@ -252,6 +252,29 @@ static void set_int(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const 
         *(int *)((char *)base + s->offset) = (int)v->valuedouble;
 }
 
+static void set_bool(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const char *path,
+                     void *base)
+{
+    if (!cJSON_IsBool(v)) {
+        cfg_report(c, path, "expected true or false, got %s", SHOW(v));
+        return;
+    }
+    *(int *)((char *)base + s->offset) = cJSON_IsTrue(v);
+}
+
+static void set_number(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const char *path,
+                       void *base)
+{
+    int open = (s->flags & EPD_CFG_F_OPEN_MIN) != 0;
+    double x = cJSON_IsNumber(v) ? v->valuedouble : 0;
+    if (!cJSON_IsNumber(v) || !(open ? x > s->fmin : x >= s->fmin) || !(x <= s->fmax)) {
+        cfg_report(c, path, "expected a number in %s%g, %g], got %s", open ? "(" : "[", s->fmin,
+                   s->fmax, SHOW(v));
+        return;
+    }
+    *(double *)((char *)base + s->offset) = x;
+}
+
 static bool char_ok(epd_cfg_charset_t cs, unsigned char ch)
 {
     switch (cs) {
@@ -445,6 +468,12 @@ static void apply(ctx_t *c, const epd_cfg_setting_t *s, const cJSON *v, const ch
     case EPD_CFG_OBJ_LIST:
         set_obj_list(c, s, v, path, base);
         break;
+    case EPD_CFG_BOOL:
+        set_bool(c, s, v, path, base);
+        break;
+    case EPD_CFG_NUMBER:
+        set_number(c, s, v, path, base);
+        break;
     }
 }
 
@@ -550,7 +579,11 @@ static void set_default(const epd_cfg_setting_t *s, void *base)
     switch (s->type) {
     case EPD_CFG_INT:
     case EPD_CFG_ENUM:
+    case EPD_CFG_BOOL:
         *(int *)p = (int)s->def;
+        break;
+    case EPD_CFG_NUMBER:
+        *(double *)p = s->fdef;
         break;
     case EPD_CFG_SIZE:
         *(size_t *)p = (size_t)s->def;

@@ -17,6 +17,8 @@ typedef enum epd_cfg_type {
     EPD_CFG_ENUM,     /* int-valued C enum, spelled as one of `names` */
     EPD_CFG_INT_LIST, /* int[cap] + int count, each element in [min, max] */
     EPD_CFG_OBJ_LIST, /* array of structs (elem_size bytes) described by `fields` */
+    EPD_CFG_BOOL,     /* int 0/1, spelled true/false; default in `def` */
+    EPD_CFG_NUMBER,   /* double in [fmin, fmax] ((fmin, fmax] with F_OPEN_MIN); default fdef */
 } epd_cfg_type_t;
 
 typedef enum epd_cfg_charset {
@@ -27,24 +29,26 @@ typedef enum epd_cfg_charset {
 } epd_cfg_charset_t;
 
 enum {
-    EPD_CFG_F_CLUSTER = 1u << 0,  /* must be equal on every node: part of the fingerprint */
-    EPD_CFG_F_REQUIRED = 1u << 1, /* no default: must be present (list element fields) */
-    EPD_CFG_F_DISTINCT = 1u << 2, /* INT_LIST: no value twice */
-    EPD_CFG_F_HOSTNAME = 1u << 3, /* STRING: the default is this machine's host name */
-    EPD_CFG_F_FS_DIR = 1u << 4,   /* STRING path: a readable directory (if not empty) */
-    EPD_CFG_F_FS_SECRET = 1u << 5 /* STRING path: a readable owner-only file (if not empty) */
+    EPD_CFG_F_CLUSTER = 1u << 0,   /* must be equal on every node: part of the fingerprint */
+    EPD_CFG_F_REQUIRED = 1u << 1,  /* no default: must be present (list element fields) */
+    EPD_CFG_F_DISTINCT = 1u << 2,  /* INT_LIST: no value twice */
+    EPD_CFG_F_HOSTNAME = 1u << 3,  /* STRING: the default is this machine's host name */
+    EPD_CFG_F_FS_DIR = 1u << 4,    /* STRING path: a readable directory (if not empty) */
+    EPD_CFG_F_FS_SECRET = 1u << 5, /* STRING path: a readable owner-only file (if not empty) */
+    EPD_CFG_F_OPEN_MIN = 1u << 6   /* NUMBER: fmin itself is not allowed */
 };
 
 typedef struct epd_cfg_setting {
     const char *path; /* dotted JSON path; for list element fields relative to the element */
     epd_cfg_type_t type;
     unsigned flags;
-    size_t offset;       /* of the value in the containing struct */
-    size_t cap;          /* STRING: buffer bytes incl. NUL; lists: most entries */
-    size_t count_offset; /* lists: offset of the int entry count */
-    long long min, max;  /* INT, SIZE: value; STRING: length; INT_LIST: each element */
-    long long def;       /* INT, SIZE, ENUM: default value */
-    const char *def_str; /* STRING: default */
+    size_t offset;           /* of the value in the containing struct */
+    size_t cap;              /* STRING: buffer bytes incl. NUL; lists: most entries */
+    size_t count_offset;     /* lists: offset of the int entry count */
+    long long min, max;      /* INT, SIZE: value; STRING: length; INT_LIST: each element */
+    long long def;           /* INT, SIZE, ENUM, BOOL: default value */
+    double fmin, fmax, fdef; /* NUMBER: bounds and default */
+    const char *def_str;     /* STRING: default */
     epd_cfg_charset_t charset;
     const char *const *names; /* ENUM: spellings, parallel to values */
     const int *values;

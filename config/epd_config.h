@@ -79,10 +79,16 @@ typedef struct epd_config {
     epd_placement_t placement;              /* model.placement: "contiguous" | "explicit" */
     int expert_map[EPD_CFG_MAX_EXPERT_MAP]; /* model.expert_map[e] = rank (explicit) */
     int num_expert_map;
-    int max_batch_tokens;    /* model.max_batch_tokens: LL bound per rank */
-    int max_prefill_tokens;  /* model.max_prefill_tokens: HT bound per rank (off if <= LL's) */
-    int max_seq_len;         /* model.max_seq_len */
-    int max_queued_requests; /* model.max_queued_requests: waiting for a rank; beyond -> 429 */
+    int max_batch_tokens;      /* model.max_batch_tokens: LL bound per rank */
+    int max_prefill_tokens;    /* model.max_prefill_tokens: HT bound per rank (off if <= LL's) */
+    int max_seq_len;           /* model.max_seq_len */
+    int max_queued_requests;   /* model.max_queued_requests: waiting for a rank; beyond -> 429 */
+    int kv_block_size;         /* model.kv_block_size: tokens per KV block */
+    double kv_memory_fraction; /* model.kv_memory_fraction: of free GPU memory for KV (cuda) */
+    int kv_blocks;             /* model.kv_blocks: KV pool per rank (0: automatic) */
+    int max_seqs_per_rank;     /* model.max_seqs_per_rank: sequences a rank runs at once */
+    int cuda_graphs;           /* model.cuda_graphs: replay decode steps as CUDA graphs */
+    int fp8_dispatch;          /* model.fp8_dispatch: LL activations as fp8 (cuda) */
     /* timeouts */
     int connect_timeout_ms;    /* timeouts.connect_ms */
     int heartbeat_interval_ms; /* timeouts.heartbeat_interval_ms */

@@ -610,7 +610,7 @@ static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res,
         for (int i = 0; i < info->num_eos; i++)
             c->eos[c->neos++] = info->eos[i];
     }
-    int submit_rc = 0;
+    int submit_rc = 0, gp_prompt_len = 0, gp_max_tokens = 0;
     for (int i = 0; i < q.nprompts; i++) {
         choice_t *ch = &c->ch[i];
         ch->c = c;
@@ -624,7 +624,12 @@ static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res,
         if (mt < 0) { /* not given: OpenAI's default, within what the context leaves */
             mt = info->max_seq_len - q.len[i];
             if (!chat && mt > DEFAULT_MAX_TOKENS) mt = DEFAULT_MAX_TOKENS;
+            /* nor more than a rank's KV pool holds (prompt + completion - 1 positions) */
+            long room = (long)info->kv_blocks * info->kv_block_size - q.len[i] + 1;
+            if (info->kv_block_size > 0 && mt > room) mt = room > 1 ? (int)room : 1;
         }
+        gp_prompt_len = q.len[i];
+        gp_max_tokens = mt;
         epd_gen_params_t gp = {.prompt = q.ids[i],
                                .prompt_len = q.len[i],
                                .max_tokens = mt,
@@ -641,6 +646,22 @@ static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res,
         c->remaining++;
     }
     api_creq_free(&q);
+    if (submit_rc == -E2BIG) {
+        /* the KV pool of a rank could never hold this request, even alone */
+        const epd_engine_info_t *ki = epd_engine_info(a->engine);
+        char kmsg[256];
+        snprintf(kmsg, sizeof(kmsg),
+                 "prompt + max_tokens needs %d KV blocks, the pool has %d (blocks of %d "
+                 "tokens; model.kv_blocks)",
+                 epd_engine_kv_blocks_for(a->engine, gp_prompt_len, gp_max_tokens),
+                 ki ? ki->kv_blocks : 0, ki ? ki->kv_block_size : 0);
+        api_send_error(a, ep, res, 400, kmsg, "max_tokens", NULL);
+        c->res = NULL;
+        for (int i = 0; i < c->n; i++)
+            epd_engine_cancel(c->ch[i].er);
+        if (c->remaining == 0) completion_free(c);
+        return;
+    }
     if (submit_rc) {
         int st = submit_rc == -EAGAIN ? 429 : submit_rc == -EBUSY ? 503 : 500;
         const char *msg = submit_rc == -EAGAIN

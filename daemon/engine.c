@@ -47,10 +47,8 @@ void eng_post(epd_engine_t *e, epd_engine_req_t *r, int final, int32_t token, in
 static void free_req(epd_engine_req_t *r)
 {
     if (!r) return;
-    epd_sampler_fini(&r->sampler);
     epd_seq_destroy(r->seq);
-    free(r->prompt);
-    free(r->out);
+    free(r->toks);
     free(r);
 }
 
@@ -169,9 +167,19 @@ static int register_metrics(epd_engine_t *e)
                                          NULL);
     e->m_reform = epd_metrics_counter(m, "epd_engine_group_reforms_total",
                                       "Times the EP group was re-formed after a failure.", NULL);
+    e->m_preempt = epd_metrics_counter(m, "epd_engine_preemptions_total",
+                                       "Running requests preempted (KV blocks freed, requeued) "
+                                       "because a rank's KV pool ran short.",
+                                       NULL);
+    static const double batch_b[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096};
+    e->m_batch = epd_metrics_histogram(m, "epd_step_batch_tokens",
+                                       "Tokens in one lockstep step on rank 0 of this node "
+                                       "(decode tokens and prompt chunks).",
+                                       NULL, batch_b, (int)(sizeof(batch_b) / sizeof(batch_b[0])));
     e->m_expert = calloc((size_t)e->hf.num_experts, sizeof(*e->m_expert));
     if (!e->m_step || !e->m_queue || !e->m_active || !e->m_gen || !e->m_prompt || !e->m_ttft ||
-        !e->m_rate || !e->m_step_fail || !e->m_reform || !e->m_expert)
+        !e->m_rate || !e->m_step_fail || !e->m_reform || !e->m_batch || !e->m_preempt ||
+        !e->m_expert)
         return -ENOMEM;
     for (int x = 0; x < e->hf.num_experts; x++) {
         char lab[32];
@@ -219,11 +227,11 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
     epd_err_t err = {0};
     int rc;
     *out = NULL;
-    if (cfg->backend != EPD_BACKEND_CPU) {
+    if (cfg->backend == EPD_BACKEND_CUDA && cfg->num_gpus < cfg->ranks_per_node) {
         snprintf(errbuf, errlen,
-                 "compute.backend \"%s\": the engine runs on the cpu backend only so far",
-                 epd_backend_name(cfg->backend));
-        return -ENOTSUP;
+                 "compute.backend \"cuda\": %d rank(s) per node but %d GPU(s) in compute.gpus",
+                 cfg->ranks_per_node, cfg->num_gpus);
+        return -EINVAL;
     }
     if (cfg->max_queued_requests < 1) {
         snprintf(errbuf, errlen, "model.max_queued_requests is %d; it must be at least 1",
@@ -252,6 +260,13 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
     e->max_prefill_tokens = cfg->max_prefill_tokens;
     e->timeout_ms = cfg->ep_timeout_ms;
     e->max_queue = cfg->max_queued_requests;
+    e->backend = cfg->backend;
+    e->max_seqs = cfg->max_seqs_per_rank > 0 ? cfg->max_seqs_per_rank : 64;
+    e->kv_block_size = cfg->kv_block_size;
+    e->kv_blocks = cfg->kv_blocks;
+    e->kv_memory_fraction = cfg->kv_memory_fraction;
+    e->cuda_graphs = cfg->cuda_graphs;
+    e->fp8_dispatch = cfg->fp8_dispatch;
     snprintf(e->model_path, sizeof(e->model_path), "%s", cfg->model_path);
     if (o->cluster) {
         e->cluster = *o->cluster;
@@ -323,8 +338,9 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
         rc = -ENOMEM;
         goto fail_early;
     }
+    /* the rank's decode tokens leave at least one token of every step to prefill */
     int cap = e->max_batch_tokens > 1 ? e->max_batch_tokens - 1 : 1;
-    if (cap > EPD_ENGINE_MAX_SEQS_PER_RANK) cap = EPD_ENGINE_MAX_SEQS_PER_RANK;
+    if (cap > e->max_seqs) cap = e->max_seqs;
     for (int i = 0; i < e->R; i++) {
         rank_t *rk = &e->ranks[i];
         rk->e = e;
@@ -332,8 +348,16 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
         rk->grank = e->rank_base + i;
         rk->cap = cap;
         ep_config_init(&rk->epcfg);
-        rk->epcfg.backend = EP_BACKEND_CPU;
-        rk->epcfg.transport = EP_TRANSPORT_AUTO;
+        if (e->backend == EPD_BACKEND_CUDA) {
+            /* one GPU per rank; two ranks may share one (compute.gpus [0, 0]) */
+            rk->epcfg.backend = EP_BACKEND_CUDA;
+            rk->epcfg.transport = EP_TRANSPORT_NVLINK;
+            rk->epcfg.device = cfg->gpus[i];
+            rk->epcfg.num_sms = cfg->num_sms;
+        } else {
+            rk->epcfg.backend = EP_BACKEND_CPU;
+            rk->epcfg.transport = EP_TRANSPORT_AUTO;
+        }
         rk->epcfg.timeout_ms = (unsigned)e->timeout_ms;
         epd_model_ep_config(&e->hf, e->max_batch_tokens, e->max_prefill_tokens, &rk->epcfg);
     }
@@ -403,7 +427,7 @@ void epd_engine_destroy(epd_engine_t *e)
                 snprintf(r->error, sizeof(r->error), "the engine is stopping");
                 deliver(e, &(out_ev_t){r, 1, 0, 0});
             }
-        free(rk->logits);
+        free(rk->next);
         free(rk->items);
         free(rk->item_req);
         free(rk->act);
@@ -463,6 +487,12 @@ int epd_engine_submit(epd_engine_t *e, const epd_gen_params_t *p, epd_engine_cb 
     if (p->num_stop_ids < 0 || p->num_stop_ids > EPD_ENGINE_MAX_EOS ||
         (p->num_stop_ids > 0 && !p->stop_ids))
         return -EINVAL;
+    epd_sample_params_t sp = {
+        .temperature = p->temperature, .top_p = p->top_p, .top_k = p->top_k, .seed = p->seed};
+    if (epd_sample_check(&sp, NULL) != 0) return -EINVAL;
+    /* a request that could never fit a rank's pool, even alone */
+    if (epd_engine_kv_blocks_for(e, p->prompt_len, p->max_tokens) > e->info.kv_blocks)
+        return -E2BIG;
     epd_engine_req_t *r = calloc(1, sizeof(*r));
     if (!r) return -ENOMEM;
     r->num_stop_ids = p->num_stop_ids;
@@ -474,17 +504,14 @@ int epd_engine_submit(epd_engine_t *e, const epd_gen_params_t *p, epd_engine_cb 
     r->prompt_len = p->prompt_len;
     r->max_tokens = p->max_tokens;
     r->stream = p->stream;
-    r->prompt = malloc(sizeof(int32_t) * (size_t)p->prompt_len);
-    r->out = malloc(sizeof(int32_t) * (size_t)p->max_tokens);
-    epd_sampling_t sp = {.temperature = p->temperature, .top_p = p->top_p, .top_k = p->top_k};
-    if (!r->prompt || !r->out) {
+    r->sample = sp;
+    r->toks = malloc(sizeof(int32_t) * ((size_t)p->prompt_len + (size_t)p->max_tokens));
+    if (!r->toks) {
         free_req(r);
         return -ENOMEM;
     }
-    if (epd_sampler_init(&r->sampler, &sp, p->seed, e->hf.vocab_size, NULL) != 0) {
-        free_req(r);
-        return -EINVAL;
-    }
+    r->prompt = r->toks;
+    r->out = r->toks + p->prompt_len;
     memcpy(r->prompt, p->prompt, sizeof(int32_t) * (size_t)p->prompt_len);
     r->t_submit_ns = epd_now_ns();
 
@@ -519,6 +546,14 @@ int epd_engine_submit(epd_engine_t *e, const epd_gen_params_t *p, epd_engine_cb 
     return 0;
 }
 
+int epd_engine_kv_blocks_for(const epd_engine_t *e, int prompt_len, int max_tokens)
+{
+    int bs = e->info.kv_block_size > 0 ? e->info.kv_block_size : 1;
+    /* the last generated token is never fed back */
+    long len = (long)prompt_len + max_tokens - 1;
+    return len <= 0 ? 0 : (int)((len + bs - 1) / bs);
+}
+
 void epd_engine_cancel(epd_engine_req_t *r)
 {
     if (!r) return;
@@ -539,8 +574,11 @@ cJSON *epd_engine_status_cjson(epd_engine_t *e)
     snprintf(last, sizeof(last), "%s", e->last_failure);
     snprintf(lmsg, sizeof(lmsg), "%s", e->load_msg);
     int per_rank[EP_MAX_RANKS] = {0};
+    epd_model_mem_t *rmem = calloc((size_t)e->R, sizeof(*rmem));
     for (int i = 0; i < e->R && i < EP_MAX_RANKS; i++)
         per_rank[i] = e->ranks[i].nactive;
+    for (int i = 0; rmem && i < e->R; i++)
+        rmem[i] = e->ranks[i].mem;
     pthread_mutex_unlock(&e->mu);
 
     cJSON_AddStringToObject(doc, "state",
@@ -576,7 +614,8 @@ cJSON *epd_engine_status_cjson(epd_engine_t *e)
         cJSON_AddNumberToObject(pl, "experts_per_rank", e->placement.local);
         cJSON *ranks = cJSON_AddArrayToObject(pl, "by_rank");
         epd_model_mem_t est;
-        epd_model_mem_estimate(c, e->nranks, &est);
+        epd_model_mem_estimate(
+            c, e->nranks, e->backend == EPD_BACKEND_CUDA ? EPD_MODEL_CUDA : EPD_MODEL_CPU, &est);
         for (int r = 0; ranks && r < e->nranks; r++) {
             cJSON *o = cJSON_CreateObject();
             if (!o) break;
@@ -588,14 +627,38 @@ cJSON *epd_engine_status_cjson(epd_engine_t *e)
             int local = r - e->rank_base;
             int here = local >= 0 && local < e->R;
             cJSON_AddBoolToObject(o, "on_this_node", here);
-            /* every rank holds the same shapes; the estimate is exact for the cpu backend */
+            /* every rank holds the same shapes; the estimate counts the loaders' table */
+            cJSON_AddStringToObject(o, "backend", epd_backend_name(e->backend));
             cJSON_AddNumberToObject(o, "expert_bytes", (double)est.expert_bytes);
             cJSON_AddNumberToObject(o, "replicated_bytes", (double)est.replicated_bytes);
             if (here && local < EP_MAX_RANKS)
                 cJSON_AddNumberToObject(o, "active_sequences", per_rank[local]);
+            if (here) {
+                const rank_t *rk = &e->ranks[local];
+                cJSON *ld = cJSON_AddObjectToObject(o, "load");
+                if (ld) {
+                    cJSON_AddNumberToObject(ld, "bytes_done", (double)atomic_load(&rk->load_done));
+                    cJSON_AddNumberToObject(ld, "bytes_total",
+                                            (double)atomic_load(&rk->load_total));
+                }
+            }
+            if (here && rmem && rmem[local].kv_block_size > 0) {
+                const epd_model_mem_t *mm = &rmem[local];
+                cJSON *kv = cJSON_AddObjectToObject(o, "kv");
+                if (kv) {
+                    cJSON_AddNumberToObject(kv, "blocks_total", mm->kv_blocks_total);
+                    cJSON_AddNumberToObject(kv, "blocks_free", mm->kv_blocks_free);
+                    cJSON_AddNumberToObject(kv, "block_size", mm->kv_block_size);
+                    cJSON_AddNumberToObject(kv, "block_bytes", (double)mm->kv_block_bytes);
+                    cJSON_AddNumberToObject(kv, "bytes", (double)mm->kv_bytes);
+                    cJSON_AddNumberToObject(kv, "preemptions", (double)e->ranks[local].preemptions);
+                }
+                cJSON_AddNumberToObject(o, "workspace_bytes", (double)mm->workspace_bytes);
+            }
             cJSON_AddItemToArray(ranks, o);
         }
     }
+    free(rmem);
     cJSON_AddNumberToObject(doc, "queue_depth", queued);
     cJSON_AddNumberToObject(doc, "max_queue", e->max_queue);
     cJSON_AddNumberToObject(doc, "active_sequences", active);

@@ -1,8 +1,8 @@
 /* The serving engine of epd: loads the checkpoint on this node's ranks (one thread per rank),
  * joins them into the EP group, and runs lockstep steps (prefill + decode, continuous batching,
- * sampling) for the requests that the HTTP API submits from the libuv loop. A step whose largest
- * rank batch exceeds model.max_batch_tokens takes libep's HT path (prompts in chunks of up to
- * model.max_prefill_tokens); other steps take the LL path.
+ * sampling in the model) for the requests that the HTTP API submits from the libuv loop. A step
+ * whose largest rank batch exceeds model.max_batch_tokens takes libep's HT path (prompts in chunks
+ * of up to model.max_prefill_tokens); other steps take the LL path.
  *
  * Threads: the loop submits and cancels; each rank thread owns the sequences placed on it and
  * calls the model; results come back to the loop through a uv_async_t (no libuv call is made
@@ -23,10 +23,6 @@
 
 struct cJSON;
 
-/* Sequences one rank runs at once (each holds a KV cache of up to max_seq_len positions). The
- * rank's decode tokens also leave at least one token of every step to prefill, so the bound is
- * min(this, max_batch_tokens - 1). */
-#define EPD_ENGINE_MAX_SEQS_PER_RANK 64
 /* EOS ids read from config.json's eos_token_id (an id or a list). */
 #define EPD_ENGINE_MAX_EOS 8
 
@@ -91,6 +87,8 @@ typedef struct epd_engine_info {
     int num_eos;
     int32_t eos[EPD_ENGINE_MAX_EOS];
     long long created; /* unix time of the load */
+    int kv_block_size; /* tokens per KV block */
+    int kv_blocks;     /* KV blocks of the smallest pool of this node's ranks */
 } epd_engine_info_t;
 
 /* NULL until loaded. */
@@ -139,10 +137,19 @@ typedef struct epd_engine_event {
 typedef void (*epd_engine_cb)(void *arg, const epd_engine_event_t *ev);
 
 /* From the loop. Returns 0, -EBUSY (not ready: loading, or re-forming the group), -EAGAIN
- * (queue full), -EINVAL (bad parameters; the API validates first) or -ENOMEM. cb gets exactly
- * one final event for an accepted request. */
+ * (queue full), -EINVAL (bad parameters; the API validates first), -E2BIG (prompt + max_tokens
+ * need more KV blocks than a rank's whole pool: epd_engine_kv_blocks_for says how many) or
+ * -ENOMEM. cb gets exactly one final event for an accepted request.
+ *
+ * KV: a rank admits a queued request when its pool has free blocks for the prompt (+1 token)
+ * beyond what its running sequences need next; when decode growth needs more blocks than are
+ * free, the most recently admitted requests are preempted (their blocks freed) and requeued at
+ * the front, to prefill prompt + generated tokens again later (tokens already delivered are not
+ * delivered twice). */
 int epd_engine_submit(epd_engine_t *e, const epd_gen_params_t *p, epd_engine_cb cb, void *arg,
                       epd_engine_req_t **out);
+/* KV blocks a request of prompt_len + max_tokens tokens needs at most (after the load). */
+int epd_engine_kv_blocks_for(const epd_engine_t *e, int prompt_len, int max_tokens);
 /* From the loop: ends the request as soon as its rank sees it (its KV cache is freed); the
  * final event (EPD_FINISH_CANCELLED, or whatever came first) still arrives. */
 void epd_engine_cancel(epd_engine_req_t *r);

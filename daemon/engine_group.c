@@ -244,6 +244,20 @@ int eng_reform(rank_t *rk)
 
 /* ---- the rank thread ---------------------------------------------------------------------- */
 
+/* Load progress of one rank, from its loading thread: for status, and a log line every 10%. */
+static void on_progress(void *arg, uint64_t done, uint64_t total)
+{
+    rank_t *rk = arg;
+    atomic_store(&rk->load_done, done);
+    atomic_store(&rk->load_total, total);
+    int decile = total ? (int)(done * 10 / total) : 10;
+    if (decile > rk->load_decile) {
+        rk->load_decile = decile;
+        EPD_INFO(SUB, "rank %d: loaded %d%% of its weights (%llu of %llu bytes)", rk->grank,
+                 decile * 10, (unsigned long long)done, (unsigned long long)total);
+    }
+}
+
 /* The first formation, steps 1-3: the group, the model on it, the rank's buffers. */
 static int rank_load(rank_t *rk)
 {
@@ -251,23 +265,37 @@ static int rank_load(rank_t *rk)
     epd_err_t err = {0};
     int rc = create_group(rk, &rk->group, rk->load_msg, sizeof(rk->load_msg));
     if (rc) return rc;
-    epd_model_opts_t mo = {.dir = e->model_path,
-                           .group = rk->group,
-                           .placement = e->explicit_placement ? &e->placement : NULL,
-                           .max_seq_len = e->max_seq_len};
+    epd_model_opts_t mo = {
+        .dir = e->model_path,
+        .group = rk->group,
+        .placement = e->explicit_placement ? &e->placement : NULL,
+        .max_seq_len = e->max_seq_len,
+        .backend = e->backend == EPD_BACKEND_CUDA ? EPD_MODEL_CUDA : EPD_MODEL_CPU,
+        .device = e->backend == EPD_BACKEND_CUDA ? rk->epcfg.device : 0,
+        .max_seqs = rk->cap,
+        .kv_block_size = e->kv_block_size,
+        .kv_blocks = e->kv_blocks,
+        .kv_memory_fraction = e->kv_memory_fraction,
+        .fp8_dispatch = e->fp8_dispatch,
+        .no_graphs = !e->cuda_graphs,
+        .progress = on_progress,
+        .progress_arg = rk,
+    };
     if ((rc = epd_model_load(&mo, &rk->model, &err)) != 0) {
         snprintf(rk->load_msg, sizeof(rk->load_msg), "rank %d: %s", rk->grank, err.msg);
         return rc;
     }
-    size_t V = (size_t)e->hf.vocab_size, B = (size_t)e->max_batch_tokens;
-    rk->logits = malloc(sizeof(float) * V * B);
+    /* a step has at most max_prefill_tokens items (one token each at least) */
+    size_t B = (size_t)(e->max_prefill_tokens > e->max_batch_tokens ? e->max_prefill_tokens
+                                                                    : e->max_batch_tokens);
+    rk->next = malloc(sizeof(int32_t) * B);
     rk->items = calloc(B, sizeof(*rk->items));
     rk->item_req = calloc(B, sizeof(int));
     rk->act = calloc((size_t)rk->cap, sizeof(*rk->act));
     rk->fin = calloc((size_t)rk->cap, sizeof(*rk->fin));
     rk->exp_prev = calloc((size_t)e->hf.num_experts, sizeof(uint64_t));
     rk->exp_now = calloc((size_t)e->hf.num_experts, sizeof(uint64_t));
-    if (!rk->logits || !rk->items || !rk->item_req || !rk->act || !rk->fin || !rk->exp_prev ||
+    if (!rk->next || !rk->items || !rk->item_req || !rk->act || !rk->fin || !rk->exp_prev ||
         !rk->exp_now) {
         snprintf(rk->load_msg, sizeof(rk->load_msg), "rank %d: out of memory for the engine",
                  rk->grank);
@@ -283,6 +311,26 @@ static int rank_load(rank_t *rk)
     epd_metric_set(epd_metrics_gauge(e->metrics, "epd_model_replicated_bytes",
                                      "Bytes of replicated (non-expert) weights a rank holds.", lab),
                    (double)mem.replicated_bytes);
+    epd_metric_set(epd_metrics_gauge(e->metrics, "epd_model_workspace_bytes",
+                                     "Bytes of activations and scratch a rank holds.", lab),
+                   (double)mem.workspace_bytes);
+    rk->m_kv_total = epd_metrics_gauge(e->metrics, "epd_kv_blocks_total",
+                                       "Blocks of a rank's paged KV cache.", lab);
+    rk->m_kv_free = epd_metrics_gauge(e->metrics, "epd_kv_blocks_free",
+                                      "Free blocks of a rank's paged KV cache.", lab);
+    rk->m_kv_bytes =
+        epd_metrics_gauge(e->metrics, "epd_model_kv_bytes",
+                          "Bytes a rank's KV cache holds (cpu: allocated so far).", lab);
+    epd_metric_set(rk->m_kv_total, mem.kv_blocks_total);
+    epd_metric_set(rk->m_kv_free, mem.kv_blocks_free);
+    epd_metric_set(rk->m_kv_bytes, (double)mem.kv_bytes);
+    pthread_mutex_lock(&e->mu);
+    rk->mem = mem;
+    /* what a request may need at most: the smallest pool of this node's ranks */
+    if (e->info.kv_blocks == 0 || mem.kv_blocks_total < e->info.kv_blocks)
+        e->info.kv_blocks = mem.kv_blocks_total;
+    e->info.kv_block_size = mem.kv_block_size;
+    pthread_mutex_unlock(&e->mu);
     return 0;
 }
 

@@ -10,8 +10,7 @@
 #include "hf_config.h"
 #include "epd_clock.h"
 #include "placement.h"
-#include "qwen3_moe.h"
-#include "sampler.h"
+#include "model.h"
 
 #include "engine.h"
 
@@ -32,18 +31,21 @@ struct epd_engine_req {
     epd_engine_t *e;
     epd_engine_cb cb;
     void *arg;
-    int32_t *prompt;
+    int32_t *toks;   /* [prompt_len + max_tokens]: the prompt, then the generated tokens */
+    int32_t *prompt; /* = toks */
     int prompt_len, max_tokens, stream;
     int num_stop_ids;
     int32_t stop_ids[EPD_ENGINE_MAX_EOS];
-    epd_sampler_t sampler;
+    epd_sample_params_t sample; /* counter set per step (r->ngen) */
     atomic_int cancelled;
     epd_engine_req_t *next; /* inbox link */
     int64_t t_submit_ns;
     /* owned by the rank thread until the final event */
     epd_seq_t *seq;
+    /* fed: tokens of toks in the sequence; the request wants its next token once all of
+     * toks[0 .. prompt_len + ngen) are (after a preemption it prefills them again) */
     int fed, ngen, done;
-    int32_t *out; /* [max_tokens] */
+    int32_t *out; /* = toks + prompt_len: [max_tokens] */
     epd_finish_t finish;
     int status;
     char error[512];
@@ -92,12 +94,18 @@ struct rank {
     int fin_n;
     uint64_t last_gen;
     int fail_flag, reform;
-    float *logits;
+    int32_t *next;           /* [max_batch_tokens] sampled tokens of a step */
     epd_batch_item_t *items; /* the planned batch: n_items, prompt_tokens of tokens */
     int *item_req;
     int n_items, tokens, prompt_tokens;
     ctl_word_t *ctl_all;
     uint64_t *exp_prev, *exp_now;
+    uint64_t preemptions; /* rank thread writes, status reads (approximate) */
+    epd_model_mem_t mem;  /* under e->mu: after the load and each step, for status */
+    epd_metric_t *m_kv_total, *m_kv_free, *m_kv_bytes, *m_ws_bytes;
+    /* load progress, from the loading thread; read by status */
+    _Atomic uint64_t load_done, load_total;
+    int load_decile;
     int load_rc;
     char load_msg[MSG_MAX];
 };
@@ -148,7 +156,13 @@ struct epd_engine {
     int info_ok;
 
     epd_metric_t *m_step, *m_queue, *m_active, *m_gen, *m_prompt, *m_ttft, *m_rate;
-    epd_metric_t *m_step_fail, *m_reform;
+    epd_metric_t *m_step_fail, *m_reform, *m_batch, *m_preempt;
+    epd_backend_t backend;
+    int max_seqs; /* model.max_seqs_per_rank */
+    int *gpus;    /* compute.gpus (cuda), [R] */
+    int kv_block_size, kv_blocks, kv_memory_fraction_set;
+    double kv_memory_fraction;
+    int cuda_graphs, fp8_dispatch;
     epd_metric_t **m_expert; /* [E] */
     double rate_ring[RATE_WINDOW_S + 1];
     int rate_n;

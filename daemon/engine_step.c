@@ -1,6 +1,7 @@
-/* The rank thread's lockstep loop: admitting requests from the rank's inbox, planning the
- * rank's batch (decode tokens, then prompt chunks), the step's control word, the forward step,
- * sampling, and ending requests (their final events go to the loop through engine.c). Forming
+/* The rank thread's lockstep loop: admitting requests from the rank's inbox by free KV blocks,
+ * planning the rank's batch (decode tokens, then prompt chunks; preempting the most recent
+ * requests when the KV pool runs short), the step's control word, the forward step (which
+ * samples), and ending requests (their final events go to the loop through engine.c). Forming
  * the group the steps run on is engine_group.c's.
  *
  * Step protocol (every rank, every iteration):
@@ -113,38 +114,129 @@ static void account_experts(rank_t *rk)
     }
 }
 
-/* Plans this rank's batch before the step's control word (which carries its size). */
-static void plan_step(rank_t *rk)
+/* ---- KV blocks: planning, admission, preemption ------------------------------------------ */
+
+/* Tokens the request's sequence must hold before its next token can be sampled. */
+static int ctx_len(const epd_engine_req_t *r)
+{
+    return r->prompt_len + r->ngen;
+}
+
+/* Blocks the request's sequence must add to hold len positions. */
+static int grow_blocks(const rank_t *rk, const epd_engine_req_t *r, int len)
+{
+    int have = r->seq ? epd_seq_blocks(r->seq) : 0;
+    int need = epd_model_kv_blocks_for(rk->model, len) - have;
+    return need > 0 ? need : 0;
+}
+
+/* Blocks the running requests need before their next token (+1 for the step after). */
+static int running_need(const rank_t *rk)
+{
+    int need = 0;
+    for (int i = 0; i < rk->act_n; i++)
+        if (!rk->act[i]->done) need += grow_blocks(rk, rk->act[i], ctx_len(rk->act[i]) + 1);
+    return need;
+}
+
+/* Moves the most recently admitted request back to the front of the inbox, its blocks freed;
+ * it keeps its generated tokens and prefills prompt + those again when admitted anew. 0 if no
+ * request can be preempted (one running at most: it fits alone, see epd_engine_submit). */
+static int preempt_last(rank_t *rk)
+{
+    epd_engine_t *e = rk->e;
+    if (rk->act_n < 2) return 0;
+    epd_engine_req_t *r = rk->act[--rk->act_n];
+    epd_seq_destroy(r->seq);
+    r->seq = NULL;
+    r->fed = 0;
+    rk->preemptions++;
+    epd_metric_add(rk->e->m_preempt, 1);
+    EPD_DEBUG(SUB,
+              "rank %d: KV pool short (%d of %d blocks free): request preempted after %d "
+              "tokens, requeued",
+              rk->grank, epd_model_kv_blocks_free(rk->model), epd_model_kv_blocks_total(rk->model),
+              r->ngen);
+    pthread_mutex_lock(&e->mu);
+    r->next = rk->inbox_head;
+    rk->inbox_head = r;
+    if (!rk->inbox_tail) rk->inbox_tail = r;
+    rk->inbox_n++;
+    e->queued++;
+    rk->nactive--;
+    e->active--;
+    epd_metric_set(e->m_queue, e->queued);
+    epd_metric_set(e->m_active, e->active);
+    pthread_mutex_unlock(&e->mu);
+    return 1;
+}
+
+static epd_batch_item_t item_of(epd_engine_req_t *r, int c)
+{
+    epd_batch_item_t it = {r->seq, r->toks + r->fed, c, r->fed + c == ctx_len(r), r->sample};
+    it.sample.counter = (uint64_t)r->ngen;
+    return it;
+}
+
+/* One try at this rank's batch: decode tokens first (latency of running sequences), then
+ * prefill chunks in admission order with what is left of the token budget and of the free KV
+ * blocks. Returns 1 when the free blocks cannot carry the decode tokens or nothing at all. */
+static int plan_once(rank_t *rk)
 {
     epd_engine_t *e = rk->e;
     /* with HT on, prompt chunks fill up to max_prefill_tokens (decode tokens alone stay below
      * max_batch_tokens, see cap: LL) */
     const int total =
         e->max_prefill_tokens > e->max_batch_tokens ? e->max_prefill_tokens : e->max_batch_tokens;
-    int budget = total, n = 0;
-    /* decode tokens first (latency of running sequences), then prefill chunks in arrival
-     * order with what is left of the budget */
+    const int bs = epd_model_kv_block_size(rk->model);
+    int budget = total, n = 0, avail = epd_model_kv_blocks_free(rk->model);
+    rk->n_items = rk->prompt_tokens = rk->tokens = 0;
     for (int i = 0; i < rk->act_n && budget > 0; i++) {
         epd_engine_req_t *r = rk->act[i];
-        if (r->fed < r->prompt_len) continue;
-        rk->items[n] = (epd_batch_item_t){r->seq, &r->out[r->ngen - 1], 1, 1};
+        if (ctx_len(r) - r->fed != 1) continue;
+        int g = grow_blocks(rk, r, r->fed + 1);
+        if (g > avail) return 1;
+        avail -= g;
+        rk->items[n] = item_of(r, 1);
         rk->item_req[n++] = i;
         budget--;
     }
     int prompt_tokens = 0;
     for (int i = 0; i < rk->act_n && budget > 0; i++) {
         epd_engine_req_t *r = rk->act[i];
-        if (r->fed >= r->prompt_len) continue;
-        int c = r->prompt_len - r->fed < budget ? r->prompt_len - r->fed : budget;
-        rk->items[n] =
-            (epd_batch_item_t){r->seq, r->prompt + r->fed, c, r->fed + c == r->prompt_len};
+        if (ctx_len(r) - r->fed <= 1) continue;
+        int c = ctx_len(r) - r->fed < budget ? ctx_len(r) - r->fed : budget;
+        int room = (epd_seq_blocks(r->seq) + avail) * bs - r->fed;
+        if (c > room) c = room;
+        if (c <= 0) continue;
+        avail -= grow_blocks(rk, r, r->fed + c);
+        rk->items[n] = item_of(r, c);
         rk->item_req[n++] = i;
         budget -= c;
         prompt_tokens += c;
     }
+    if (n == 0 && rk->act_n > 0) return 1;
     rk->n_items = n;
     rk->prompt_tokens = prompt_tokens;
     rk->tokens = total - budget;
+    return 0;
+}
+
+/* Plans this rank's batch before the step's control word (which carries its size), preempting
+ * the most recent requests while the KV pool cannot carry the running ones. */
+static void plan_step(rank_t *rk)
+{
+    while (plan_once(rk))
+        if (!preempt_last(rk)) {
+            /* one request that the pool cannot carry: refused at submit, so not expected */
+            for (int i = 0; i < rk->act_n; i++)
+                finalize(rk, rk->act[i], EPD_FINISH_ERROR, 500,
+                         "rank %d: the KV cache (%d blocks of %d tokens) cannot hold this "
+                         "request",
+                         rk->grank, epd_model_kv_blocks_total(rk->model),
+                         epd_model_kv_block_size(rk->model));
+            compact(rk);
+        }
 }
 
 /* Runs the planned batch; step_max is the largest planned batch of any rank. */
@@ -154,14 +246,16 @@ static void step(rank_t *rk, int step_max)
     int n = rk->n_items, prompt_tokens = rk->prompt_tokens;
     epd_err_t err = {0};
     int64_t t0 = epd_now_ns();
-    int rc = epd_model_forward_step(rk->model, rk->items, n, step_max, rk->logits, &err);
+    int rc = epd_model_forward_step(rk->model, rk->items, n, step_max, rk->next, NULL, &err);
     double dt = (double)(epd_now_ns() - t0) * 1e-9;
     if (rk->local == 0) {
         epd_metric_observe(e->m_step, dt);
+        epd_metric_observe(e->m_batch, rk->tokens);
         pthread_mutex_lock(&e->mu);
         e->steps++;
         pthread_mutex_unlock(&e->mu);
     }
+    epd_metric_set(rk->m_kv_free, epd_model_kv_blocks_free(rk->model));
     if (rc) {
         /* the EP exchange failed (timeout, peer gone, aborted): the group must be re-formed;
          * anything else is a bad batch on this rank that the other ranks did not notice */
@@ -183,11 +277,9 @@ static void step(rank_t *rk, int step_max)
     int generated = 0;
     for (int i = 0, row = 0; i < n; i++) {
         epd_engine_req_t *r = rk->act[rk->item_req[i]];
-        int prefill = r->fed < r->prompt_len;
-        if (prefill) r->fed += rk->items[i].num_tokens;
+        r->fed += rk->items[i].num_tokens;
         if (!rk->items[i].want_logits) continue;
-        const float *lg = rk->logits + (size_t)row++ * (size_t)e->hf.vocab_size;
-        int32_t tok = epd_sampler_pick(&r->sampler, lg);
+        int32_t tok = rk->next[row++];
         r->out[r->ngen++] = tok;
         generated++;
         if (r->ngen == 1)
@@ -200,6 +292,13 @@ static void step(rank_t *rk, int step_max)
     }
     if (generated) epd_metric_add(e->m_gen, generated);
     compact(rk);
+    epd_model_mem_t mem;
+    epd_model_mem(rk->model, &mem);
+    epd_metric_set(rk->m_kv_free, mem.kv_blocks_free);
+    epd_metric_set(rk->m_kv_bytes, (double)mem.kv_bytes);
+    pthread_mutex_lock(&e->mu);
+    rk->mem = mem;
+    pthread_mutex_unlock(&e->mu);
 }
 
 /* ---- the rank thread ---------------------------------------------------------------------- */
@@ -216,8 +315,14 @@ static void snapshot(rank_t *rk, int idle, ctl_word_t *w)
     }
     w->woke = e->gen != rk->last_gen;
     rk->last_gen = e->gen;
+    /* admission by free KV blocks: the request's context (+1 token) beyond what the running
+     * ones need next; with nothing running the oldest always goes (it fits, see submit) */
+    int avail = epd_model_kv_blocks_free(rk->model) - running_need(rk);
     while (rk->inbox_head && rk->act_n < rk->cap) {
         epd_engine_req_t *r = rk->inbox_head;
+        int need = epd_model_kv_blocks_for(rk->model, ctx_len(r) + 1);
+        if (need > avail && rk->act_n > 0 && !atomic_load(&r->cancelled)) break;
+        avail -= need;
         rk->inbox_head = r->next;
         if (!rk->inbox_head) rk->inbox_tail = NULL;
         r->next = NULL;

@@ -1,8 +1,9 @@
-/* The model's internal state, shared by qwen3_moe.c (load, forward), kv_cache.c and moe.c. */
+/* The cpu implementation's state (fp32 plain C on the host), shared by qwen3_moe.c (load, KV
+ * storage, forward) and moe.c (the MoE block). Not a public interface. */
 #ifndef EPD_MODEL_INTERNAL_H
 #define EPD_MODEL_INTERNAL_H
 
-#include "qwen3_moe.h"
+#include "model_impl.h"
 
 typedef struct epd_layer_w {
     float *input_norm;      /* [H] */
@@ -15,18 +16,16 @@ typedef struct epd_layer_w {
                                 order; dense: [Id][H], [Id][H], [H][Id] */
 } epd_layer_w_t;
 
-struct epd_model {
+typedef struct epd_cpu_model {
     epd_hf_config_t cfg;
     ep_group_t *group;
     int rank, nranks, local; /* local = experts per rank (L) */
     int ll_tokens;           /* the group's ll_max_tokens: per-rank bound of an LL step */
     int ht_tokens;           /* the group's ht_max_tokens: per-rank bound of an HT step (0: off) */
-    int ht_min;              /* a step whose largest rank batch has this many tokens takes HT */
     int max_tokens;          /* max(ll_tokens, ht_tokens): rows of the scratch below */
-    uint64_t steps[2];       /* forward calls that took LL ([0]) and HT ([1]) */
     int max_seq_len;
-    epd_model_placement_t placement;
-    epd_model_mem_t mem;
+    const epd_model_placement_t *placement; /* model.c's, outlives this */
+    epd_model_mem_t mem;                    /* weights, kv and workspace bytes */
     uint64_t *expert_tokens; /* [E] tokens routed to each global expert, all MoE layers */
 
     float *embed;   /* [V][H] */
@@ -35,12 +34,17 @@ struct epd_model {
     epd_layer_w_t *layers;
     float *inv_freq; /* [hd/2] */
 
+    /* paged KV: per layer [kv_cap][block_size][nkv][hd]; blocks 0..kv_cap-1 exist so far (the
+     * pool hands out the lowest ids first, so storage grows with the blocks in use) */
+    int block_size, num_blocks, kv_cap;
+    float **k_pool, **v_pool; /* [layers] */
+
     /* scratch for max_tokens rows */
     float *h, *xn, *q, *k, *v, *att, *tmp; /* [T][H] [T][H] [T][nh*hd] [T][nkv*hd] x2
                                               [T][nh*hd] [T][max(H, ...)] */
     float *scores;                         /* [max_seq_len] */
     float *ffn_tmp;                        /* [2][max(I, Id)] */
-    int32_t *pos, *tok_item;               /* [T] */
+    float *logit_row, *sample_tmp;         /* [V] */
     float *router_logits;                  /* [T][E] */
     int32_t *topk_idx;                     /* [T][k] libep slot ids */
     float *topk_w;                         /* [T][k] */
@@ -55,19 +59,10 @@ struct epd_model {
     float *ht_w;            /* [N][k] */
     int32_t *ht_per_expert; /* [L] */
     uint16_t *ht_y;         /* [N][H] bf16 per-rank partial sums for the combine */
-};
-
-struct epd_seq {
-    const epd_model_t *m;
-    int len, cap;
-    float **k, **v; /* [layers] -> [cap][nkv][hd] */
-};
-
-/* kv_cache.c: room for `need` positions (grows geometrically up to max_seq_len). */
-int epd_seq_reserve(epd_seq_t *s, int need, epd_err_t *err);
+} epd_cpu_model_t;
 
 /* moe.c: h[T][H] += MoE(xn[T][H]) of layer l through libep's LL path, or its HT path if ht
  * (collective, every rank on the same path; T may be 0). */
-int epd_moe_forward(epd_model_t *m, int layer, int rows, int ht, epd_err_t *err);
+int epd_moe_forward(epd_cpu_model_t *m, int layer, int rows, int ht, epd_err_t *err);
 
 #endif /* EPD_MODEL_INTERNAL_H */

@@ -22,7 +22,7 @@
 #include <errno.h>
 #include <string.h>
 
-static int ep_fail(epd_model_t *m, const char *op, ep_status_t st, int layer, epd_err_t *err)
+static int ep_fail(epd_cpu_model_t *m, const char *op, ep_status_t st, int layer, epd_err_t *err)
 {
     int peer = ep_group_failed_peer(m->group);
     return epd_err_set(err, st == EP_ERR_TIMEOUT ? -ETIMEDOUT : -EIO,
@@ -32,14 +32,14 @@ static int ep_fail(epd_model_t *m, const char *op, ep_status_t st, int layer, ep
 }
 
 /* One expert (local slot l) on one fp32 row: m->row_out[H]. */
-static void run_expert(epd_model_t *m, const epd_layer_w_t *w, int l, const float *x)
+static void run_expert(epd_cpu_model_t *m, const epd_layer_w_t *w, int l, const float *x)
 {
     const int H = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
     epd_swiglu(m->row_out, x, w->gate + (size_t)l * I * H, w->up + (size_t)l * I * H,
                w->down + (size_t)l * H * I, 1, H, I, m->ffn_tmp);
 }
 
-static int moe_ll(epd_model_t *m, int layer, int rows, epd_err_t *err)
+static int moe_ll(epd_cpu_model_t *m, int layer, int rows, epd_err_t *err)
 {
     const epd_layer_w_t *w = &m->layers[layer];
     const int H = m->cfg.hidden_size;
@@ -87,7 +87,7 @@ static int moe_ll(epd_model_t *m, int layer, int rows, epd_err_t *err)
     return 0;
 }
 
-static int moe_ht(epd_model_t *m, int layer, int rows, epd_err_t *err)
+static int moe_ht(epd_cpu_model_t *m, int layer, int rows, epd_err_t *err)
 {
     const epd_layer_w_t *w = &m->layers[layer];
     const int H = m->cfg.hidden_size, K = m->cfg.num_experts_per_tok;
@@ -147,7 +147,7 @@ out:
     return rc;
 }
 
-int epd_moe_forward(epd_model_t *m, int layer, int rows, int ht, epd_err_t *err)
+int epd_moe_forward(epd_cpu_model_t *m, int layer, int rows, int ht, epd_err_t *err)
 {
     const epd_hf_config_t *c = &m->cfg;
     const epd_layer_w_t *w = &m->layers[layer];
@@ -168,7 +168,7 @@ int epd_moe_forward(epd_model_t *m, int layer, int rows, int ht, epd_err_t *err)
                            ep_group_last_error(NULL));
     for (int i = 0; i < rows * K; i++) {
         m->expert_tokens[m->topk_idx[i]]++;
-        m->topk_idx[i] = m->placement.slot_of[m->topk_idx[i]];
+        m->topk_idx[i] = m->placement->slot_of[m->topk_idx[i]];
     }
     for (size_t i = 0; i < (size_t)rows * H; i++)
         m->xb[i] = epd_f32_to_bf16(m->xn[i]);

@@ -391,12 +391,18 @@ static const bad_case_t bad_cases[] = {
      SKIP_FS,
      1,
      {"bad.json: cluster.peers: too many entries: 257, at most 256"}},
-    {"duplicate GPUs",
-     "{\"compute\": {\"backend\": \"cuda\", \"gpus\": [0, 1, 0]}}",
+    {"KV settings out of range",
+     "{\"model\": {\"kv_block_size\": 0, \"kv_memory_fraction\": 0, \"kv_blocks\": -1, "
+     "\"max_seqs_per_rank\": 0, \"cuda_graphs\": 1, \"fp8_dispatch\": \"no\"}}",
      0,
      0,
-     1,
-     {"bad.json: compute.gpus[2]: duplicate value 0 (also compute.gpus[0])"}},
+     6,
+     {"bad.json: model.kv_block_size: expected an integer 1..1024, got 0",
+      "bad.json: model.kv_memory_fraction: expected a number in (0, 1], got 0",
+      "bad.json: model.kv_blocks: expected an integer 0..1073741824, got -1",
+      "bad.json: model.max_seqs_per_rank: expected an integer 1..4096, got 0",
+      "bad.json: model.cuda_graphs: expected true or false, got 1",
+      "bad.json: model.fp8_dispatch: expected true or false, got \"no\""}},
     {"GPU ordinal out of range",
      "{\"compute\": {\"backend\": \"cuda\", \"gpus\": [64]}}",
      0,
@@ -511,12 +517,12 @@ static const bad_case_t bad_cases[] = {
     {"errors in peers and rules together",
      "{\"cluster\": {\"peers\": [" PEER(1, 7420) ", " PEER(1, 0) ", " PEER(
          2, 7420) "]}, "
-                  "\"compute\": {\"backend\": \"cuda\", \"gpus\": [3, 3]}}",
+                  "\"compute\": {\"backend\": \"cuda\", \"gpus\": [3, 64]}}",
      0,
      0,
      3,
      {"bad.json: cluster.peers[1].port: expected an integer 1..65535, got 0",
-      "bad.json: compute.gpus[1]: duplicate value 3 (also compute.gpus[0])",
+      "bad.json: compute.gpus[1]: expected an integer 0..63, got 64",
       "bad.json: cluster.secret_file: required when cluster.peers is not empty"}},
 };
 
@@ -787,6 +793,12 @@ static void test_defaults(void **state)
     assert_int_equal(cfg.max_batch_tokens, 128);
     assert_int_equal(cfg.max_seq_len, 4096);
     assert_int_equal(cfg.max_queued_requests, 256);
+    assert_int_equal(cfg.kv_block_size, 16);
+    assert_true(cfg.kv_memory_fraction == 0.9);
+    assert_int_equal(cfg.kv_blocks, 0);
+    assert_int_equal(cfg.max_seqs_per_rank, 64);
+    assert_int_equal(cfg.cuda_graphs, 1);
+    assert_int_equal(cfg.fp8_dispatch, 0);
     assert_int_equal(cfg.connect_timeout_ms, 5000);
     assert_int_equal(cfg.heartbeat_interval_ms, 1000);
     assert_int_equal(cfg.heartbeat_timeout_ms, 5000);
@@ -798,6 +810,16 @@ static void test_defaults(void **state)
     epd_config_t d;
     epd_config_defaults(&d);
     assert_memory_equal(&d, &cfg, sizeof(cfg));
+
+    /* two ranks may share a GPU */
+    const char *shared = "{\"compute\": {\"backend\": \"cuda\", \"transport\": \"nvlink\", "
+                         "\"gpus\": [0, 0]}, \"model\": {\"kv_memory_fraction\": 0.5, "
+                         "\"cuda_graphs\": false}}";
+    assert_int_equal(epd_config_parse(shared, strlen(shared), "shared.json", &cfg, &errs), 0);
+    epd_config_errors_free(&errs);
+    assert_int_equal(cfg.ranks_per_node, 2);
+    assert_true(cfg.kv_memory_fraction == 0.5);
+    assert_int_equal(cfg.cuda_graphs, 0);
 
     assert_string_equal(epd_backend_name(EPD_BACKEND_CUDA), "cuda");
     assert_string_equal(epd_transport_name(EPD_TRANSPORT_RDMA), "rdma");
@@ -1080,7 +1102,7 @@ static void test_doc_matches_defaults(void **state)
         "| `http.listen.host` | string | `\"127.0.0.1\"` |",
         "| `http.listen.port` | integer | `8080` |",
         "| `compute.backend` | string | `\"cpu\"` | `cpu`, `cuda` | yes |",
-        "| `compute.gpus` | array of integers | `[]` | up to 16 entries, each 0..63, distinct |",
+        "| `compute.gpus` | array of integers | `[]` | up to 16 entries, each 0..63 |",
         "| `timeouts.heartbeat_timeout_ms` | integer | `5000` | 20..3600000 ms |",
         "| `log.level` | string | `\"info\"` | `error`, `warn`, `info`, `debug` |",
     };

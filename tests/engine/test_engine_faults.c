@@ -1,7 +1,8 @@
 /* The engine's failure paths, in-process through the full HTTP path (in-memory connections):
  * a peer marked down in the middle of a step (epd_engine_peer_down, what the control plane
  * calls), a rank that stops answering (the step times out within timeouts.ep_op_ms), and the
- * queue limit (model.max_queued_requests -> 429 with Retry-After).
+ * queue limit (model.max_queued_requests -> 429 with Retry-After), and a KV pool so small that
+ * concurrent requests preempt each other (every one still gets transformers' greedy tokens).
  *
  * The test plays the control plane: its epd_engine_cluster_t bootstrap wraps libep's
  * in-process one and can hold one rank's thread right after a collective (the per-step control
@@ -179,7 +180,10 @@ static int p_loaded(harness_t *h, void *arg)
     return h->loaded;
 }
 
-static harness_t *harness_create(int ranks, int ep_op_ms, int max_queued)
+/* kv_block_size, kv_blocks: 0 for the defaults; prefill: model.max_prefill_tokens (-1: the
+ * default) */
+static harness_t *harness_create_kv(int ranks, int ep_op_ms, int max_queued, int kv_block_size,
+                                    int kv_blocks, int prefill)
 {
     harness_t *h = calloc(1, sizeof(*h));
     assert_non_null(h);
@@ -191,6 +195,9 @@ static harness_t *harness_create(int ranks, int ep_op_ms, int max_queued)
     h->cfg.max_seq_len = 512;
     h->cfg.ep_timeout_ms = ep_op_ms;
     h->cfg.max_queued_requests = max_queued;
+    if (kv_block_size) h->cfg.kv_block_size = kv_block_size;
+    if (kv_blocks) h->cfg.kv_blocks = kv_blocks;
+    if (prefill >= 0) h->cfg.max_prefill_tokens = prefill;
     h->hold_rank = -1;
     pthread_mutex_init(&h->mu, NULL);
     pthread_condattr_t ca;
@@ -229,6 +236,11 @@ static harness_t *harness_create(int ranks, int ep_op_ms, int max_queued)
     run_until(h, p_loaded, NULL, "the model to load");
     assert_int_equal(h->load_status, 0);
     return h;
+}
+
+static harness_t *harness_create(int ranks, int ep_op_ms, int max_queued)
+{
+    return harness_create_kv(ranks, ep_op_ms, max_queued, 0, 0, -1);
 }
 
 static void harness_destroy(harness_t *h)
@@ -446,6 +458,19 @@ static void check_greedy(harness_t *h)
     cJSON_Delete(exp);
 }
 
+/* got[c] (token ids as JSON) equal transformers' tokens of case c. */
+static void check_greedy_cases(char got[][4096], int n)
+{
+    cJSON *exp = load_expected();
+    const cJSON *c = cJSON_GetObjectItem(exp, "cases")->child;
+    for (int i = 0; i < n && c; i++, c = c->next) {
+        const cJSON *want = cJSON_GetObjectItem(c, "tokens");
+        if (strcmp(got[i], ids_json(want, 1 << 20)))
+            fail_msg("case %d: %s, transformers %s", i, got[i], ids_json(want, 1 << 20));
+    }
+    cJSON_Delete(exp);
+}
+
 /* ---- the tests ---- */
 
 /* What the control plane does when a peer's heartbeats stop, from its own thread. */
@@ -596,6 +621,77 @@ static void test_queue_limit_429(void **state)
     harness_destroy(h);
 }
 
+/* Submits every oracle case at once (greedy, its expected length) and fills got[c] with the
+ * token ids each completion returned, as JSON text. */
+static int submit_all_cases(harness_t *h, char got[][4096], int max_cases)
+{
+    cJSON *exp = load_expected();
+    const cJSON *cases = cJSON_GetObjectItem(exp, "cases");
+    client_t cl[8];
+    int n = 0;
+    for (const cJSON *c = cases ? cases->child : NULL; c && n < max_cases && n < 8;
+         c = c->next, n++) {
+        char body[4096];
+        snprintf(body, sizeof(body), "{\"prompt\":%s,\"max_tokens\":%d,\"temperature\":0}",
+                 ids_json(cJSON_GetObjectItem(c, "prompt"), 1 << 20),
+                 cJSON_GetArraySize(cJSON_GetObjectItem(c, "tokens")));
+        post(h, &cl[n], body);
+    }
+    for (int i = 0; i < n; i++) {
+        run_until(h, p_response, &cl[i], "a completion");
+        if (status_of(&cl[i]) != 200) fail_msg("case %d: %s", i, cl[i].buf);
+        cJSON *doc = body_json(&cl[i]);
+        const cJSON *ids = cJSON_GetObjectItem(
+            cJSON_GetArrayItem(cJSON_GetObjectItem(doc, "choices"), 0), "token_ids");
+        snprintf(got[i], 4096, "%s", ids_json(ids, 1 << 20));
+        cJSON_Delete(doc);
+        client_close(&cl[i]);
+    }
+    cJSON_Delete(exp);
+    return n;
+}
+
+/* KV blocks of 4 tokens, a pool of 12: the four oracle cases need 26 blocks together (7, 9, 6
+ * and 4) but each fits alone, so running requests are preempted and re-prefilled as decode
+ * grows them. Every request completes with the tokens of a run with the default (large) pool,
+ * which are transformers' greedy tokens. LL only (model.max_prefill_tokens 0), so that a
+ * re-prefilled context computes exactly what its decode steps did. A request that no pool of
+ * 12 blocks can hold is refused with 400. */
+static void test_kv_preemption(void **state)
+{
+    (void)state;
+    char big[8][4096], tiny[8][4096];
+    harness_t *h = harness_create_kv(1, 10000, 16, 4, 0, 0);
+    int n = submit_all_cases(h, big, 8);
+    assert_int_equal(metric(h, "epd_engine_preemptions_total"), 0);
+    harness_destroy(h);
+
+    h = harness_create_kv(1, 10000, 16, 4, 12, 0);
+    assert_int_equal(metric(h, "epd_kv_blocks_total{rank=\"0\"}"), 12);
+    assert_int_equal(submit_all_cases(h, tiny, 8), n);
+    for (int i = 0; i < n; i++)
+        if (strcmp(big[i], tiny[i]))
+            fail_msg("case %d: %s with a pool of 12 blocks, %s with the default pool", i, tiny[i],
+                     big[i]);
+    if (!(metric(h, "epd_engine_preemptions_total") > 0))
+        fail_msg("no request was preempted: the pool was not short");
+    assert_int_equal(metric(h, "epd_kv_blocks_free{rank=\"0\"}"), 12);
+    assert_int_equal(metric(h, "epd_engine_active_sequences"), 0);
+    assert_int_equal(metric(h, "epd_engine_queue_depth"), 0);
+
+    client_t c;
+    post(h, &c, "{\"prompt\":[24,25,26],\"max_tokens\":64}");
+    run_until(h, p_response, &c, "the refusal");
+    assert_int_equal(status_of(&c), 400);
+    cJSON *doc = body_json(&c);
+    if (!strstr(error_message(doc), "prompt + max_tokens needs 17 KV blocks, the pool has 12"))
+        fail_msg("400 message: %s", error_message(doc));
+    cJSON_Delete(doc);
+    client_close(&c);
+    harness_destroy(h);
+    check_greedy_cases(big, n);
+}
+
 /* A config built without the table's defaults: a clear error, no engine. */
 static void test_queue_limit_validated(void **state)
 {
@@ -623,6 +719,7 @@ int main(void)
         cmocka_unit_test(test_queue_limit_429),
         cmocka_unit_test(test_peer_down_fails_step_and_reforms),
         cmocka_unit_test(test_stalled_rank_times_out_and_reforms),
+        cmocka_unit_test(test_kv_preemption),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

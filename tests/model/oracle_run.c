@@ -1,7 +1,6 @@
 /* The oracle workload: reading expected.json and one rank's greedy generation of its cases. */
 #include "oracle_run.h"
 #include "safetensors.h"
-#include "sampler.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -115,6 +114,7 @@ static int plan(const oracle_t *o, gen_state_t *st, int n, const oracle_opts_t *
             it->tokens = NULL; /* the caller points it at the last generated token */
             it->want_logits = 1;
         }
+        it->sample = (epd_sample_params_t){.top_p = 1, .counter = (uint64_t)st[i].gen};
         budget -= it->num_tokens;
         map[k++] = i;
     }
@@ -171,7 +171,9 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
                              .group = g,
                              .placement = placement,
                              .max_seq_len = 64,
-                             .ht_min_tokens = op->ht_min};
+                             .ht_min_tokens = op->ht_min,
+                             .kv_block_size = op->kv_block_size,
+                             .kv_blocks = op->kv_blocks};
     if ((rc = epd_model_load(&opts, &m, err))) goto out;
     epd_model_mem(m, &res->mem);
     for (int c = r; c < o->num_cases; c += R) {
@@ -215,15 +217,26 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
         res->ht_decode_only += ht && k > 0 && !prompt;
         res->ht_idle += ht && k == 0;
         /* a rank out of work still joins the step with zero items */
-        if ((rc = epd_model_forward_step(m, items, k, max, logits, err))) goto out;
+        int32_t next[ORACLE_MAX_CASES];
+        if ((rc = epd_model_forward_step(m, items, k, max, next, logits, err))) goto out;
         for (int i = 0, row = 0; i < k; i++) {
             gen_state_t *s = &st[map[i]];
             if (s->fed < o->cases[s->c].prompt_len) s->fed += items[i].num_tokens;
             if (!items[i].want_logits) continue;
             const float *lg = logits + (size_t)row++ * o->vocab;
             memcpy(res->logits[s->c] + (size_t)s->gen * o->vocab, lg, sizeof(float) * o->vocab);
-            res->tokens[s->c][s->gen] = epd_argmax(lg, o->vocab);
-            s->gen++;
+            if (next[row - 1] != epd_sample_argmax(lg, o->vocab)) {
+                rc = epd_err_set(err, -EPROTO,
+                                 "rank %d: case %d token %d: the model sampled %d, the argmax of "
+                                 "its logits is %d",
+                                 r, s->c, s->gen, next[row - 1], epd_sample_argmax(lg, o->vocab));
+                goto out;
+            }
+            res->tokens[s->c][s->gen] = next[row - 1];
+            if (++s->gen == o->new_tokens) { /* done: its blocks go back to the pool */
+                epd_seq_destroy(s->seq);
+                s->seq = NULL;
+            }
         }
     }
     uint64_t counts[2];
@@ -243,6 +256,17 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
                              r, st[i].c, st[i].gen, o->new_tokens, steps);
             goto out;
         }
+    for (int i = 0; i < n; i++) {
+        epd_seq_destroy(st[i].seq);
+        st[i].seq = NULL;
+    }
+    if (epd_model_kv_blocks_free(m) != epd_model_kv_blocks_total(m)) {
+        rc = epd_err_set(err, -EPROTO,
+                         "rank %d: %d of %d KV blocks free after every sequence "
+                         "ended",
+                         r, epd_model_kv_blocks_free(m), epd_model_kv_blocks_total(m));
+        goto out;
+    }
 out:
     free(logits);
     for (int i = 0; i < n; i++)

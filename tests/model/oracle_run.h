@@ -9,7 +9,7 @@
 
 #include "model_err.h"
 #include "placement.h"
-#include "qwen3_moe.h"
+#include "model.h"
 
 #include <stdint.h>
 
@@ -39,6 +39,8 @@ typedef struct oracle_opts {
     int prefill; /* ht_max_tokens when above chunk (else HT is off): tokens per rank and step */
     int ht_min;  /* the model's ht_min_tokens (0: chunk + 1) */
     int stagger; /* case c joins its rank's work at step c * stagger (0: all at once) */
+    int kv_block_size; /* the model's (0: its default) */
+    int kv_blocks;     /* the pool's size (0: the default, room for every sequence) */
 } oracle_opts_t;
 
 /* What a run produced, for every case (filled for the cases of the ranks that ran them). */
@@ -52,7 +54,9 @@ typedef struct oracle_result {
 } oracle_result_t;
 
 /* One rank: creates the group (ep_config from the model and opts), loads the model from dir,
- * generates its cases greedily, writes tokens/logits of its cases into res. Every rank must
+ * generates its cases greedily (the model samples with temperature 0; its tokens must be the
+ * argmax of the logits it returns), frees each case's sequence as it ends, and checks that the
+ * KV pool is whole again at the end; writes tokens/logits of its cases into res. Every rank must
  * call it with the same arguments except bs and res. */
 int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs,
                     ep_transport_kind_t transport, const epd_model_placement_t *placement,

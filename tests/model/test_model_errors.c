@@ -1,7 +1,7 @@
 /* The model's refusals: checkpoints that do not match their config (a missing expert tensor, a
  * wrong shape), a group that does not match the model, and bad forward calls; a rank with a bad
  * batch still joins the step so that its peers finish theirs instead of timing out. */
-#include "qwen3_moe.h"
+#include "model.h"
 #include "safetensors.h"
 #include "test_util.h"
 
@@ -49,6 +49,9 @@ static char *ckpt_with_config(const char *from, const char *to)
     free(w);
     return dir;
 }
+
+/* greedy sampling (a zeroed epd_sample_params_t has top_p 0, which is refused) */
+static const epd_sample_params_t GREEDY = {.top_p = 1};
 
 static ep_inproc_world_t *g_world; /* of the current one-rank group */
 
@@ -160,39 +163,44 @@ static void test_bad_forward_one_rank(void **state)
     int32_t toks[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
     float logits[384];
 
-    epd_batch_item_t big = {.seq = s, .tokens = toks, .num_tokens = 9, .want_logits = 1};
-    assert_int_equal(epd_model_forward(m, &big, 1, logits, &err), -E2BIG);
+    epd_batch_item_t big = {
+        .seq = s, .tokens = toks, .num_tokens = 9, .want_logits = 1, .sample = GREEDY};
+    assert_int_equal(epd_model_forward(m, &big, 1, NULL, logits, &err), -E2BIG);
     assert_non_null(strstr(err.msg, "more than 8 tokens in one call on rank 0"));
     assert_int_equal(epd_seq_len(s), 0);
 
     int32_t bad[2] = {5, 384};
-    epd_batch_item_t oov = {.seq = s, .tokens = bad, .num_tokens = 2, .want_logits = 1};
-    assert_int_equal(epd_model_forward(m, &oov, 1, logits, &err), -EINVAL);
+    epd_batch_item_t oov = {
+        .seq = s, .tokens = bad, .num_tokens = 2, .want_logits = 1, .sample = GREEDY};
+    assert_int_equal(epd_model_forward(m, &oov, 1, NULL, logits, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "item 0 token 1: id 384 outside the vocabulary (0..383)"));
     assert_int_equal(epd_seq_len(s), 0);
 
     epd_batch_item_t twice[2] = {{.seq = s, .tokens = toks, .num_tokens = 1},
                                  {.seq = s, .tokens = toks, .num_tokens = 1}};
-    assert_int_equal(epd_model_forward(m, twice, 2, logits, &err), -EINVAL);
+    assert_int_equal(epd_model_forward(m, twice, 2, NULL, logits, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "items 0 and 1 share a sequence"));
 
     /* the KV cache bound: 8 + 4 fit in 12, 1 more does not */
     epd_batch_item_t a = {.seq = s, .tokens = toks, .num_tokens = 8};
-    assert_int_equal(epd_model_forward(m, &a, 1, NULL, &err), 0);
-    epd_batch_item_t b = {.seq = s, .tokens = toks, .num_tokens = 4, .want_logits = 1};
-    assert_int_equal(epd_model_forward(m, &b, 1, logits, &err), 0);
+    assert_int_equal(epd_model_forward(m, &a, 1, NULL, NULL, &err), 0);
+    epd_batch_item_t b = {
+        .seq = s, .tokens = toks, .num_tokens = 4, .want_logits = 1, .sample = GREEDY};
+    assert_int_equal(epd_model_forward(m, &b, 1, NULL, logits, &err), 0);
     assert_int_equal(epd_seq_len(s), 12);
-    epd_batch_item_t c = {.seq = s, .tokens = toks, .num_tokens = 1, .want_logits = 1};
-    assert_int_equal(epd_model_forward(m, &c, 1, logits, &err), -ERANGE);
+    epd_batch_item_t c = {
+        .seq = s, .tokens = toks, .num_tokens = 1, .want_logits = 1, .sample = GREEDY};
+    assert_int_equal(epd_model_forward(m, &c, 1, NULL, logits, &err), -ERANGE);
     assert_non_null(strstr(err.msg, "sequence of 13 tokens exceeds max_seq_len 12"));
     /* truncating frees positions: recomputing the last token gives the same logits */
     float again[384];
     epd_seq_truncate(s, 11);
-    epd_batch_item_t d = {.seq = s, .tokens = toks + 3, .num_tokens = 1, .want_logits = 1};
-    assert_int_equal(epd_model_forward(m, &d, 1, again, &err), 0);
+    epd_batch_item_t d = {
+        .seq = s, .tokens = toks + 3, .num_tokens = 1, .want_logits = 1, .sample = GREEDY};
+    assert_int_equal(epd_model_forward(m, &d, 1, NULL, again, &err), 0);
     assert_memory_equal(logits, again, sizeof(logits));
     /* zero items is a valid step (a rank without work) */
-    assert_int_equal(epd_model_forward(m, NULL, 0, NULL, &err), 0);
+    assert_int_equal(epd_model_forward(m, NULL, 0, NULL, NULL, &err), 0);
     epd_seq_destroy(s);
     epd_model_destroy(m);
     one_rank_group_destroy(g);
@@ -226,16 +234,17 @@ static void test_step_paths(void **state)
         toks[i] = 3 * i + 1;
     float logits[384];
     /* more tokens than the step's agreed largest batch */
-    epd_batch_item_t it = {.seq = s, .tokens = toks, .num_tokens = 12, .want_logits = 1};
-    assert_int_equal(epd_model_forward_step(m, &it, 1, 11, logits, &err), -E2BIG);
+    epd_batch_item_t it = {
+        .seq = s, .tokens = toks, .num_tokens = 12, .want_logits = 1, .sample = GREEDY};
+    assert_int_equal(epd_model_forward_step(m, &it, 1, 11, NULL, logits, &err), -E2BIG);
     assert_non_null(strstr(err.msg, "more than 11 tokens in one call on rank 0 (item 0; HT step"));
     /* more than the HT bound */
     it.num_tokens = 17;
-    assert_int_equal(epd_model_forward_step(m, &it, 1, 17, logits, &err), -E2BIG);
+    assert_int_equal(epd_model_forward_step(m, &it, 1, 17, NULL, logits, &err), -E2BIG);
     assert_non_null(strstr(err.msg, "more than 16 tokens"));
     /* the LL-only form keeps the LL bound */
     it.num_tokens = 12;
-    assert_int_equal(epd_model_forward(m, &it, 1, logits, &err), -E2BIG);
+    assert_int_equal(epd_model_forward(m, &it, 1, NULL, logits, &err), -E2BIG);
     assert_int_equal(epd_seq_len(s), 0);
     uint64_t counts[2];
     epd_model_path_counts(m, counts); /* a refused batch still joined its step's path */
@@ -243,14 +252,15 @@ static void test_step_paths(void **state)
     assert_int_equal(counts[EPD_MOE_HT], 2);
     /* 12 tokens through HT, then the same 12 by LL in chunks of 8 + 4: the same greedy token,
      * logits within the bf16 rounding of the exchange */
-    assert_int_equal(epd_model_forward_step(m, &it, 1, 12, logits, &err), 0);
+    assert_int_equal(epd_model_forward_step(m, &it, 1, 12, NULL, logits, &err), 0);
     epd_seq_t *s2;
     assert_int_equal(epd_seq_create(m, &s2, &err), 0);
     float ll[384];
     epd_batch_item_t a = {.seq = s2, .tokens = toks, .num_tokens = 8};
-    epd_batch_item_t b = {.seq = s2, .tokens = toks + 8, .num_tokens = 4, .want_logits = 1};
-    assert_int_equal(epd_model_forward_step(m, &a, 1, 8, NULL, &err), 0);
-    assert_int_equal(epd_model_forward_step(m, &b, 1, 4, ll, &err), 0);
+    epd_batch_item_t b = {
+        .seq = s2, .tokens = toks + 8, .num_tokens = 4, .want_logits = 1, .sample = GREEDY};
+    assert_int_equal(epd_model_forward_step(m, &a, 1, 8, NULL, NULL, &err), 0);
+    assert_int_equal(epd_model_forward_step(m, &b, 1, 4, NULL, ll, &err), 0);
     epd_model_path_counts(m, counts);
     assert_int_equal(counts[EPD_MOE_LL], 3);
     assert_int_equal(counts[EPD_MOE_HT], 3);
@@ -303,13 +313,16 @@ static void *two_rank(void *p)
     if (epd_model_load(&o, &m, &t->err[a->rank]) || epd_seq_create(m, &s, &t->err[a->rank]))
         goto out;
     int32_t good[3] = {7, 8, 9}, bad[3] = {7, -1, 9};
-    epd_batch_item_t it = {
-        .seq = s, .tokens = a->rank == 0 ? bad : good, .num_tokens = 3, .want_logits = 1};
-    t->rc[a->rank] = epd_model_forward(m, &it, 1, t->logits[a->rank], &t->err[a->rank]);
+    epd_batch_item_t it = {.seq = s,
+                           .tokens = a->rank == 0 ? bad : good,
+                           .num_tokens = 3,
+                           .want_logits = 1,
+                           .sample = GREEDY};
+    t->rc[a->rank] = epd_model_forward(m, &it, 1, NULL, t->logits[a->rank], &t->err[a->rank]);
     t->len_after[a->rank] = epd_seq_len(s);
     /* the next step works on both ranks: the failed one left the group in lockstep */
     it.tokens = good;
-    int rc = epd_model_forward(m, &it, 1, t->logits[a->rank], &t->err[a->rank]);
+    int rc = epd_model_forward(m, &it, 1, NULL, t->logits[a->rank], &t->err[a->rank]);
     if (rc) t->rc[a->rank] = rc;
 out:
     epd_seq_destroy(s);

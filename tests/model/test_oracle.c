@@ -500,6 +500,46 @@ static void test_ht_mixed_four_ranks(void **state)
     test_ht_mixed(4);
 }
 
+/* ---- the paged KV cache ------------------------------------------------------------------- */
+
+/* Blocks of one position each: every position in its own block, scattered over the pool. */
+static void test_kv_block_size_one(void **state)
+{
+    (void)state;
+    assert_non_null(g_one_rank);
+    const oracle_opts_t opts = {.chunk = CHUNK, .kv_block_size = 1};
+    oracle_result_t *res = alloc_result();
+    run_ranks(2, &opts, NULL, res, NULL);
+    check_against_reference(res, "2 ranks, KV blocks of 1 position");
+    check_identical(g_one_rank, res, "2 ranks, KV blocks of 1 position");
+    assert_int_equal(res->mem.kv_block_size, 1);
+    free_result(res);
+}
+
+/* Blocks of 16 in a pool of TINY_POOL blocks, less than the cases need together: staggered
+ * cases take the blocks that ended ones gave back (the run checks the pool is whole at the
+ * end). */
+#define TINY_POOL 5
+static void test_kv_tiny_pool(void **state)
+{
+    (void)state;
+    assert_non_null(g_one_rank);
+    const oracle_t *o = &g_oracle;
+    int need = 0; /* blocks of 16 the cases hold at their longest, all together */
+    for (int c = 0; c < o->num_cases; c++)
+        need += (o->cases[c].prompt_len + o->new_tokens - 1 + 15) / 16;
+    assert_true(need > TINY_POOL);
+    const oracle_opts_t opts = {
+        .chunk = CHUNK, .stagger = 10, .kv_block_size = 16, .kv_blocks = TINY_POOL};
+    oracle_result_t *res = alloc_result();
+    run_ranks(1, &opts, NULL, res, NULL);
+    check_against_reference(res, "1 rank, a pool of 5 KV blocks of 16");
+    check_identical(g_one_rank, res, "1 rank, a pool of 5 KV blocks of 16");
+    assert_int_equal(res->mem.kv_blocks_total, TINY_POOL);
+    assert_int_equal(res->mem.kv_block_size, 16);
+    free_result(res);
+}
+
 static int setup(void **state)
 {
     (void)state;
@@ -538,6 +578,8 @@ int main(void)
         cmocka_unit_test(test_ht_every_step),
         cmocka_unit_test(test_ht_mixed_two_ranks),
         cmocka_unit_test(test_ht_mixed_four_ranks),
+        cmocka_unit_test(test_kv_block_size_one),
+        cmocka_unit_test(test_kv_tiny_pool),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

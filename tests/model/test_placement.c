@@ -1,7 +1,7 @@
 /* Expert placement: contiguous and explicit maps, their libep slot numbering, refusals, and the
  * per-rank weight bytes reported for a config. */
 #include "placement.h"
-#include "qwen3_moe.h"
+#include "model.h"
 
 #include <errno.h>
 #include <stdarg.h>
@@ -76,7 +76,7 @@ static void test_bytes_per_rank(void **state)
     size_t expert = 3 * 96 * H;
     for (int R = 1; R <= 4; R *= 2) {
         epd_model_mem_t m;
-        epd_model_mem_estimate(&c, R, &m);
+        epd_model_mem_estimate(&c, R, EPD_MODEL_CPU, &m);
         assert_int_equal(m.local_experts, 16 / R);
         assert_int_equal(m.replicated_bytes, repl * 4);
         assert_int_equal(m.expert_bytes, 2 * (16 / R) * expert * 4);
