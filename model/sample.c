@@ -63,12 +63,13 @@ static float kth_threshold(const float *p, int V, int k)
 }
 
 /* The largest t with sum(p >= t) >= target (p already 0 where dropped). */
-static float mass_threshold(const float *p, int V, float target)
+static float mass_threshold(const float *p, int V, double target)
 {
     uint32_t lo = 0, hi = 0x3f800001u;
     while (hi - lo > 1) {
         uint32_t mid = lo + (hi - lo) / 2;
-        float t = bits_f(mid), s = 0;
+        float t = bits_f(mid);
+        double s = 0;
         for (int i = 0; i < V; i++)
             if (p[i] >= t) s += p[i];
         if (s >= target)
@@ -86,6 +87,7 @@ int32_t epd_sample_ref(const float *x, int V, const epd_sample_params_t *sp, flo
     float mx = x[am];
     if (!(mx == mx) || isinf(mx)) return am; /* all NaN, or an infinite logit */
     float inv_t = 1.0f / sp->temperature;
+    if (isinf(inv_t)) return am; /* a subnormal temperature: the limit is greedy (0 * inf: NaN) */
     for (int i = 0; i < V; i++)
         p[i] = x[i] == x[i] ? expf((x[i] - mx) * inv_t) : 0.0f;
     if (sp->top_k > 0 && sp->top_k < V) {
@@ -94,24 +96,24 @@ int32_t epd_sample_ref(const float *x, int V, const epd_sample_params_t *sp, flo
             if (p[i] < t) p[i] = 0;
     }
     if (sp->top_p < 1) {
-        float z = 0;
+        double z = 0;
         for (int i = 0; i < V; i++)
             z += p[i];
-        float t = mass_threshold(p, V, sp->top_p * z);
+        float t = mass_threshold(p, V, (double)sp->top_p * z);
         for (int i = 0; i < V; i++)
             if (p[i] < t) p[i] = 0;
     }
-    float s = 0;
+    double s = 0;
     for (int i = 0; i < V; i++)
         s += p[i];
-    double u = epd_sample_uniform(sp->seed, sp->counter) * (double)s;
-    float acc = 0;
+    double u = epd_sample_uniform(sp->seed, sp->counter) * s;
+    double acc = 0;
     int32_t last = am;
     for (int i = 0; i < V; i++) {
         if (p[i] <= 0) continue;
         acc += p[i];
         last = i;
-        if ((double)acc > u) return i;
+        if (acc > u) return i;
     }
     return last;
 }

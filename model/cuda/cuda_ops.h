@@ -1,4 +1,4 @@
-/* The CUDA model's kernels (the .cu files of model/cuda/, sm_90a), as extern "C" launchers that the forward
+/* The CUDA model's kernels (model/cuda/, sm_90a), as extern "C" launchers that the forward
  * (cuda_model.c) calls. Every launcher enqueues on `stream` and returns a cudaError_t as int (0:
  * success); none synchronises with the host, and none reads a count from the host that the
  * device computed (counts are read on the device), so a decode step can be captured into a
