@@ -338,6 +338,17 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
         rc = -ENOMEM;
         goto fail_early;
     }
+    /* the cuda model runs several ranks' prefill through LL in chunks (its HT path is not
+     * wired yet); a one-rank group takes whole prefill steps locally */
+    if (e->backend == EPD_BACKEND_CUDA && e->nranks > 1 &&
+        e->max_prefill_tokens > e->max_batch_tokens) {
+        EPD_INFO(SUB,
+                 "compute.backend cuda with %d ranks: prompts prefill through LL in chunks of "
+                 "model.max_batch_tokens (%d); model.max_prefill_tokens (%d) applies to one-rank "
+                 "groups",
+                 e->nranks, e->max_batch_tokens, e->max_prefill_tokens);
+        e->max_prefill_tokens = e->max_batch_tokens;
+    }
     /* the rank's decode tokens leave at least one token of every step to prefill */
     int cap = e->max_batch_tokens > 1 ? e->max_batch_tokens - 1 : 1;
     if (cap > e->max_seqs) cap = e->max_seqs;
@@ -351,7 +362,10 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
         if (e->backend == EPD_BACKEND_CUDA) {
             /* one GPU per rank; two ranks may share one (compute.gpus [0, 0]) */
             rk->epcfg.backend = EP_BACKEND_CUDA;
-            rk->epcfg.transport = EP_TRANSPORT_NVLINK;
+            /* ranks of this node over NVLink; several nodes through the proxy path */
+            rk->epcfg.transport = !e->have_cluster                        ? EP_TRANSPORT_NVLINK
+                                  : cfg->transport == EPD_TRANSPORT_RDMA ? EP_TRANSPORT_RDMA
+                                                                         : EP_TRANSPORT_TCP;
             rk->epcfg.device = cfg->gpus[i];
             rk->epcfg.num_sms = cfg->num_sms;
         } else {

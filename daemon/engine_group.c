@@ -258,6 +258,15 @@ static void on_progress(void *arg, uint64_t done, uint64_t total)
     }
 }
 
+/* Ranks of this node on the GPU of rank rk (compute.gpus may repeat an ordinal). */
+static int gpu_share(const epd_engine_t *e, const rank_t *rk)
+{
+    int n = 0;
+    for (int i = 0; i < e->R; i++)
+        n += e->ranks[i].epcfg.device == rk->epcfg.device;
+    return n > 0 ? n : 1;
+}
+
 /* The first formation, steps 1-3: the group, the model on it, the rank's buffers. */
 static int rank_load(rank_t *rk)
 {
@@ -276,6 +285,7 @@ static int rank_load(rank_t *rk)
         .kv_block_size = e->kv_block_size,
         .kv_blocks = e->kv_blocks,
         .kv_memory_fraction = e->kv_memory_fraction,
+        .gpu_share = gpu_share(e, rk),
         .fp8_dispatch = e->fp8_dispatch,
         .no_graphs = !e->cuda_graphs,
         .progress = on_progress,

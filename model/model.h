@@ -45,11 +45,13 @@ typedef struct epd_model_opts {
     int max_seqs;       /* sequences a step may carry at once on this rank (0: 64) */
     int kv_block_size;  /* tokens per KV block (0: EPD_KV_BLOCK_DEFAULT) */
     /* KV pool size. cpu: kv_blocks (0: enough for max_seqs sequences of max_seq_len; host
-     * memory is taken block by block as sequences grow). cuda: kv_blocks if > 0, else
-     * kv_memory_fraction (0: 0.9) of the GPU memory that is free after the weights and the
-     * workspace. */
+     * memory is taken block by block as sequences grow). cuda: kv_blocks if > 0, else what is
+     * left of this rank's share of the GPU, kv_memory_fraction (0: 0.9) of its total memory
+     * divided among the gpu_share ranks that use it (0: 1), once its weights and workspace are
+     * counted (and never more than is free). */
     int kv_blocks;
     double kv_memory_fraction;
+    int gpu_share;
     int fp8_dispatch; /* cuda, LL: send activations as fp8 e4m3 (+ scales), else bf16 */
     int no_graphs;    /* cuda: run decode steps eagerly instead of replaying CUDA graphs */
     /* Load progress (may be NULL): called from the loading thread as bytes of weights land. */

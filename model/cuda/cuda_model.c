@@ -279,8 +279,11 @@ static int ops_kv_init(void *impl, int block_size, int *num_blocks, epd_err_t *e
         size_t free_b = 0, total_b = 0;
         if ((rc = cu_check(cudaMemGetInfo(&free_b, &total_b), "cudaMemGetInfo", err))) return rc;
         double frac = m->opts.kv_memory_fraction > 0 ? m->opts.kv_memory_fraction : 0.9;
-        /* graphs and cuBLAS take a little more as they come: keep 512 MiB aside */
-        double usable = (double)free_b * frac - 512.0 * 1048576.0;
+        int share = m->opts.gpu_share > 0 ? m->opts.gpu_share : 1;
+        double mine = (double)total_b * frac / share - (double)(m->weights_bytes + m->ws_bytes);
+        /* graphs and cuBLAS take a little more as they come: keep 512 MiB of the free aside */
+        double usable = (double)free_b - 512.0 * 1048576.0;
+        if (mine < usable) usable = mine;
         n = usable > 0 ? (int)(usable / (double)m->kv_block_bytes) : 0;
         if (n < 1)
             return epd_err_set(err, -ENOMEM,
@@ -385,11 +388,16 @@ static int cu_create(const epd_model_opts_t *o, const epd_hf_config_t *cfg, cu_m
                          "model.max_batch_tokens when it has several ranks: set "
                          "model.max_prefill_tokens to at most model.max_batch_tokens (%d)",
                          m->ll_tokens);
-    else if (cfg->hidden_size % 128 || cfg->head_dim % 16 || cfg->head_dim > 256)
+    else if (cfg->hidden_size % (o->fp8_dispatch ? 128 : 16) ||
+             (cfg->head_dim != 16 && cfg->head_dim != 32 && cfg->head_dim != 64 &&
+              cfg->head_dim != 128 && cfg->head_dim != 256) ||
+             cfg->moe_intermediate_size % 16 || cfg->num_attention_heads % cfg->num_key_value_heads)
         rc = epd_err_set(err, -ENOTSUP,
-                         "the cuda model needs hidden_size a multiple of 128 and head_dim a "
-                         "multiple of 16 up to 256 (config.json has %d and %d)",
-                         cfg->hidden_size, cfg->head_dim);
+                         "the cuda model needs hidden_size a multiple of %d, head_dim 16, 32, "
+                         "64, 128 or 256 and moe_intermediate_size a multiple of 16 (config.json "
+                         "has %d, %d and %d)",
+                         o->fp8_dispatch ? 128 : 16, cfg->hidden_size, cfg->head_dim,
+                         cfg->moe_intermediate_size);
     if (!rc) rc = cu_model_alloc(m, err);
     if (rc) {
         cu_model_free(m);

@@ -162,6 +162,10 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
     ep_config_init(&cfg);
     cfg.transport = transport;
     cfg.timeout_ms = 20000;
+    if (op->backend == EPD_MODEL_CUDA) {
+        cfg.backend = EP_BACKEND_CUDA;
+        cfg.device = op->device;
+    }
     epd_model_ep_config(&hf, op->chunk, op->prefill, &cfg);
     ep_status_t es = ep_group_create(&cfg, bs, &g);
     if (es != EP_OK)
@@ -173,7 +177,11 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
                              .max_seq_len = 64,
                              .ht_min_tokens = op->ht_min,
                              .kv_block_size = op->kv_block_size,
-                             .kv_blocks = op->kv_blocks};
+                             .kv_blocks = op->kv_blocks,
+                             .backend = op->backend,
+                             .device = op->device,
+                             .no_graphs = op->no_graphs,
+                             .fp8_dispatch = op->fp8_dispatch};
     if ((rc = epd_model_load(&opts, &m, err))) goto out;
     epd_model_mem(m, &res->mem);
     for (int c = r; c < o->num_cases; c += R) {

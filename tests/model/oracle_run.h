@@ -41,6 +41,10 @@ typedef struct oracle_opts {
     int stagger; /* case c joins its rank's work at step c * stagger (0: all at once) */
     int kv_block_size; /* the model's (0: its default) */
     int kv_blocks;     /* the pool's size (0: the default, room for every sequence) */
+    epd_model_backend_t backend; /* EPD_MODEL_CPU or EPD_MODEL_CUDA (the group follows it) */
+    int device;                  /* cuda: the GPU of every rank (they share it) */
+    int no_graphs;               /* cuda: eager decode steps */
+    int fp8_dispatch;            /* cuda: LL dispatch in fp8 */
 } oracle_opts_t;
 
 /* What a run produced, for every case (filled for the cases of the ranks that ran them). */
