@@ -7,7 +7,8 @@
 #   scripts/quickstart.sh [CONFIG]
 #
 # Without CONFIG it serves a tiny Qwen3-MoE checkpoint (random weights, Qwen3's real tokenizer)
-# on the cpu backend with 2 ranks on 127.0.0.1:8080.
+# on 127.0.0.1:8080: on the cuda backend (GPU 0) where a GPU and nvcc are found, else on the cpu
+# backend with 2 ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=$PWD
@@ -43,12 +44,18 @@ if [ -z "$config" ]; then
         ckpt=$root/tests/model/oracle
         text=0
     fi
+    # a GPU machine serves on the cuda backend (one rank on GPU 0), others on the cpu backend
+    if [ $cuda = ON ]; then
+        compute='{ "backend": "cuda", "gpus": [0] }'
+    else
+        compute='{ "backend": "cpu", "ranks_per_node": 2 }'
+    fi
     config=build/quickstart.json
     cat >"$config" <<JSON
 {
   "node": { "id": 0, "name": "quickstart" },
   "http": { "listen": { "host": "127.0.0.1", "port": $port } },
-  "compute": { "backend": "cpu", "ranks_per_node": 2 },
+  "compute": $compute,
   "model": { "path": "$ckpt", "max_batch_tokens": 32, "max_seq_len": 512 },
   "log": { "level": "info" }
 }
