@@ -21,14 +21,30 @@
 #   bench      build-gpu-serve/model/cuda/model-bench ARGS... (the ARGS after --), tee'd to
 #              $OUT/bench.txt
 #   torch      python3 scripts/bench_torch_peer.py $TORCH_ARGS, tee'd to $OUT/torch.txt
+#   soak       tests/engine/soak_http.py against that epd (started if serve did not run) for
+#              $SOAK_SECONDS (default 60): random arrivals, long and short prompts, cancellations,
+#              an exhausted KV pool (with soak among the stages, the epd gets model.kv_blocks
+#              $SOAK_KV_BLOCKS, default 64, so serve's http_check runs on that small pool too;
+#              0 keeps the config's pool); --rate $SOAK_RATE (24), --concurrency
+#              $SOAK_CONCURRENCY (32), --expect-preemption, $SOAK_ARGS; nvidia-smi memory.used
+#              before and after it (epd still running) must agree within $SOAK_MEM_SLACK_MIB (64);
+#              output in $OUT/soak.txt
 #   sanitize   compute-sanitizer --tool memcheck on $SANITIZE_CMD (a shell command line), by
-#              default on model-bench ARGS... (the ARGS after --)
+#              default on model-bench ARGS... (the ARGS after --). With SANITIZE_EPD=1 it is epd
+#              itself that runs under the sanitizer instead (see below) and this stage runs the
+#              short soak against it
+# SANITIZE_EPD=1: whichever stage starts epd starts it under `compute-sanitizer --tool memcheck
+# --leak-check full` (rate 4, concurrency 8 for the soak unless SOAK_RATE/SOAK_CONCURRENCY say
+# otherwise); at the end epd gets SIGTERM (up to $SANITIZE_STOP_WAIT s, default 180, to exit)
+# and its log ($OUT/epd.log) must end with the sanitizer's "ERROR SUMMARY: 0 errors".
 # Settings: OUT, EPD_MODEL, EPD_CONFIG, EPD_EXPECTED, EPD_READY_TIMEOUT (s, default 300),
 # EPD_SERVE_BACKEND=cpu (serve on the cpu backend: checks the stage itself while the cuda
 # engine is not there), EPD_CALL_BUDGET (s the whole call may take, default 570: every stage's
 # timeout is cut to what is left), <STAGE>_TIMEOUT (BUILD, TESTS, SERVE, HTTPBENCH, BENCH, TORCH,
-# SANITIZE; seconds).
+# SOAK, SANITIZE; seconds).
 # Example: scripts/gpu-serve.sh tests serve bench -- --batch 1,8,64,256 --context 1024
+#          scripts/gpu-serve.sh serve soak
+#          SANITIZE_EPD=1 SOAK_SECONDS=20 scripts/gpu-serve.sh serve sanitize
 set -u
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
@@ -50,12 +66,24 @@ while [ $# -gt 0 ]; do
     case $1 in
     --no-build) DO_BUILD=0 ;;
     --) shift; PASS=("$@"); break ;;
-    tests | serve | httpbench | bench | torch | sanitize) STAGES+=("$1") ;;
+    tests | serve | httpbench | bench | torch | soak | sanitize) STAGES+=("$1") ;;
     -h | --help) usage ;;
     *) echo "gpu-serve: unknown stage or option '$1'" >&2; usage ;;
     esac
     shift
 done
+
+# the soak's small KV pool applies to the epd of this call when soak runs (or the sanitized soak)
+SANITIZE_EPD=${SANITIZE_EPD:-0}
+KV_BLOCKS=
+for s in "${STAGES[@]}"; do
+    if [ "$s" = soak ] || { [ "$s" = sanitize ] && [ "$SANITIZE_EPD" = 1 ]; }; then
+        KV_BLOCKS=${SOAK_KV_BLOCKS:-64}
+    fi
+done
+# a sanitized epd takes a while to stop (the leak check): the stages leave it that much time
+STOP_RESERVE=0
+[ "$SANITIZE_EPD" = 1 ] && STOP_RESERVE=60
 
 SUMMARY=()
 note() { SUMMARY+=("$(printf '%-28s %s' "$1" "$2")"); echo "gpu-serve: $1: $2" >&2; }
@@ -64,7 +92,7 @@ left() { echo $((BUDGET - (SECONDS - T_START))); }
 # summary); prints 0 when too little is left to start it
 stage_timeout() {
     local t=$1 l
-    l=$(($(left) - 15))
+    l=$(($(left) - 15 - STOP_RESERVE))
     [ "$l" -lt "$t" ] && t=$l
     [ "$t" -lt 10 ] && t=0
     echo "$t"
@@ -80,22 +108,58 @@ summary() {
 }
 
 EPD_PID=
+EPD_SANITIZED=0
+# the epd process under compute-sanitizer (its child, or a grandchild): the one to signal
+sanitized_epd() {
+    local c g
+    for c in $(pgrep -P "$EPD_PID" 2>/dev/null); do
+        if [ "$(cat "/proc/$c/comm" 2>/dev/null)" = epd ]; then echo "$c"; return; fi
+        for g in $(pgrep -P "$c" 2>/dev/null); do
+            if [ "$(cat "/proc/$g/comm" 2>/dev/null)" = epd ]; then echo "$g"; return; fi
+        done
+    done
+}
 stop_epd() { # stops the epd this script started; notes how it ended
     [ -n "$EPD_PID" ] || return 0
+    local target=$EPD_PID wait_s=10 rc
+    if [ "$EPD_SANITIZED" = 1 ]; then
+        wait_s=${SANITIZE_STOP_WAIT:-180}
+        [ "$wait_s" -gt $(($(left) - 5)) ] && wait_s=$(($(left) - 5))
+        [ "$wait_s" -lt 10 ] && wait_s=10
+        target=$(sanitized_epd)
+        [ -n "$target" ] || target=$EPD_PID
+    fi
     if kill -0 "$EPD_PID" 2>/dev/null; then
-        kill -TERM "$EPD_PID" 2>/dev/null
-        for _ in $(seq 1 100); do kill -0 "$EPD_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -TERM "$target" 2>/dev/null
+        for _ in $(seq 1 $((wait_s * 10))); do kill -0 "$EPD_PID" 2>/dev/null || break; sleep 0.1; done
         if kill -0 "$EPD_PID" 2>/dev/null; then
-            kill -KILL "$EPD_PID" 2>/dev/null
-            note "epd shutdown" "FAIL (still running 10 s after SIGTERM: killed)"
+            kill -KILL "$target" "$EPD_PID" 2>/dev/null
+            wait "$EPD_PID" 2>/dev/null
+            note "epd shutdown" "FAIL (still running $wait_s s after SIGTERM: killed)"
+            rc=137
         else
             wait "$EPD_PID"
-            local rc=$?
-            if [ $rc = 0 ]; then note "epd shutdown" "ok (SIGTERM, exit 0)"; else note "epd shutdown" "FAIL (exit $rc)"; fi
+            rc=$?
+            case $rc in
+            0) note "epd shutdown" "ok (SIGTERM, exit 0)" ;;
+            86) note "epd shutdown" "ok (SIGTERM; the sanitizer's exit code 86: memcheck errors)" ;;
+            *) note "epd shutdown" "FAIL (exit $rc)" ;;
+            esac
         fi
     else
         wait "$EPD_PID"
-        note "epd" "FAIL (had exited by itself, rc $?; see epd.log)"
+        rc=$?
+        note "epd" "FAIL (had exited by itself, rc $rc; see epd.log)"
+    fi
+    if [ "$EPD_SANITIZED" = 1 ]; then
+        local s
+        s=$(grepl 'ERROR SUMMARY' "$OUT/epd.log")
+        if [ "$rc" = 0 ] && grep -aq '^========= ERROR SUMMARY: 0 errors' "$OUT/epd.log"; then
+            note "epd memcheck" "PASS ($s)"
+        else
+            note "epd memcheck" "FAIL (rc $rc, ${s:-no ERROR SUMMARY in epd.log})"
+            grep -a -m 10 '^========= ' "$OUT/epd.log"
+        fi
     fi
     EPD_PID=
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader >>"$OUT/gpu-mem.txt" 2>&1
@@ -179,9 +243,9 @@ write_config() { # writes $OUT/serve.json from the example config (or a minimal 
     local cfg=${EPD_CONFIG:-$ROOT/config/examples/single-gpu.json}
     [ -f "$cfg" ] || { echo "gpu-serve: $cfg not found: using a minimal one-GPU config" >&2; cfg=; }
     PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    python3 - "$cfg" "$OUT/serve.json" "$MODEL_DIR" "$PORT" "${EPD_SERVE_BACKEND:-}" <<'PY'
+    python3 - "$cfg" "$OUT/serve.json" "$MODEL_DIR" "$PORT" "${EPD_SERVE_BACKEND:-}" "$KV_BLOCKS" <<'PY'
 import json, sys
-src, dst, model, port, backend = sys.argv[1:6]
+src, dst, model, port, backend, kv_blocks = sys.argv[1:7]
 if src:
     with open(src) as f:
         c = json.load(f)
@@ -192,6 +256,8 @@ else:
          "log": {"level": "info"}}
 c.setdefault("model", {})["path"] = model
 c.setdefault("http", {})["listen"] = {"host": "127.0.0.1", "port": int(port)}
+if kv_blocks and int(kv_blocks) > 0:  # the soak's small KV pool: preemption happens
+    c["model"]["kv_blocks"] = int(kv_blocks)
 if backend == "cpu":  # the stage's own check while the cuda engine is not there
     comp = c.setdefault("compute", {})
     for k in ("gpus", "transport", "num_sms"):
@@ -217,7 +283,17 @@ start_epd() { # starts epd once; 0 when /readyz answered 200
     fi
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader >"$OUT/gpu-mem.txt" 2>&1
     local t0=$SECONDS wait_s=${EPD_READY_TIMEOUT:-300} code=0
-    "$BUILD/daemon/epd" -c "$OUT/serve.json" >"$OUT/epd.log" 2>&1 &
+    if [ "$SANITIZE_EPD" = 1 ]; then
+        local cs
+        cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+        [ -x "$cs" ] || { note "epd start" "FAIL (SANITIZE_EPD=1: no compute-sanitizer)"; return 1; }
+        EPD_SANITIZED=1
+        # --error-exitcode tells memcheck's findings apart from epd's own exit status
+        "$cs" --tool memcheck --leak-check full --error-exitcode 86 \
+            "$BUILD/daemon/epd" -c "$OUT/serve.json" >"$OUT/epd.log" 2>&1 &
+    else
+        "$BUILD/daemon/epd" -c "$OUT/serve.json" >"$OUT/epd.log" 2>&1 &
+    fi
     EPD_PID=$!
     local deadline=$((SECONDS + wait_s))
     while [ $SECONDS -lt $deadline ] && [ "$(left)" -gt 20 ]; do
@@ -246,7 +322,7 @@ PY
         tail -20 "$OUT/epd.log"
         return 1
     fi
-    note "epd ready" "ok in $((SECONDS - t0))s (port $PORT, $MODEL_DIR)"
+    note "epd ready" "ok in $((SECONDS - t0))s (port $PORT, $MODEL_DIR${KV_BLOCKS:+, kv_blocks $KV_BLOCKS}$([ "$EPD_SANITIZED" = 1 ] && echo ', under memcheck'))"
     python3 -c 'import json,sys,urllib.request; print(json.dumps(json.load(urllib.request.urlopen(sys.argv[1])), indent=1))' \
         "http://127.0.0.1:$PORT/v1/status" >"$OUT/status.json" 2>&1
     return 0
@@ -323,8 +399,75 @@ stage_torch() {
     if [ "$rc" = 0 ]; then note "torch peer" "ok (torch.txt)"; else note "torch peer" "FAIL rc $rc (torch.txt)"; fi
 }
 
+# memory.used of every GPU: "INDEX:MIB ..."
+gpu_mem() {
+    nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits 2>/dev/null |
+        tr -d ' ' | tr ',\n' ': ' | sed 's/ $//'
+}
+
+stage_soak() {
+    start_epd || return
+    local t secs log=$OUT/soak.txt m0 m1
+    t=$(stage_timeout "${SOAK_TIMEOUT:-$((${SOAK_SECONDS:-60} + 240))}")
+    [ "$t" = 0 ] && { note soak "SKIP (call budget spent)"; return; }
+    # the arrivals stop in time for the drain (requests of up to 120 s) and the pairs' runs
+    secs=${SOAK_SECONDS:-60}
+    [ "$secs" -gt $((t - 150)) ] && secs=$((t - 150))
+    [ "$secs" -lt 5 ] && { note soak "SKIP (${t}s left: too little for a soak)"; return; }
+    local rate=${SOAK_RATE:-24} conc=${SOAK_CONCURRENCY:-32} pairs=6
+    [ "$EPD_SANITIZED" = 1 ] && rate=${SOAK_RATE:-4} conc=${SOAK_CONCURRENCY:-8} pairs=2
+    m0=$(gpu_mem)
+    {
+        echo "==== $(date -u +%FT%TZ) soak: ${secs}s, kv_blocks ${KV_BLOCKS:-config}$([ "$EPD_SANITIZED" = 1 ] && echo ', epd under memcheck')"
+        echo "GPU memory.used before (index MiB): $m0"
+    } >"$log"
+    # shellcheck disable=SC2086
+    timeout -k 10 "$t" python3 tests/engine/soak_http.py --url "http://127.0.0.1:$PORT" \
+        --seconds "$secs" --rate "$rate" --concurrency "$conc" --pairs "$pairs" --expect-preemption \
+        ${SOAK_ARGS:-} 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    sleep 1
+    m1=$(gpu_mem)
+    echo "GPU memory.used after (index MiB):  $m1" >>"$log"
+    # every GPU back to its figure (within the slack)
+    local mem
+    mem=$(python3 - "$m0" "$m1" "${SOAK_MEM_SLACK_MIB:-64}" <<'PY'
+import sys
+a, b, slack = sys.argv[1].split(), sys.argv[2].split(), int(sys.argv[3])
+if not a or len(a) != len(b):
+    print("FAIL no nvidia-smi figures"); sys.exit()
+bad = []
+for x, y in zip(a, b):
+    i, u0 = x.split(":")
+    u1 = y.split(":")[1]
+    if abs(int(u1) - int(u0)) > slack:
+        bad.append(f"GPU {i} {u0} -> {u1} MiB")
+print(("FAIL " + ", ".join(bad)) if bad else "ok " + " ".join(b))
+PY
+)
+    echo "GPU memory check (slack ${SOAK_MEM_SLACK_MIB:-64} MiB): $mem" >>"$log"
+    local j
+    j=$(grep -a '^JSON ' "$log" | tail -1 | cut -c6- | python3 -c '
+import json, sys
+d = json.load(sys.stdin)
+print("%s requests: %s ok, %s cancelled, %s refused, %s failed; %s steps, %s preemptions, KV after %s"
+      % (d["requests"], d["ok"], d["cancelled_streams"] + d["abandoned_plain"],
+         d["refused_400_oversize"] + d["refused_429_503"], d["failed"], d["steps"], d["preemptions"],
+         d["kv_after"]))' 2>/dev/null)
+    if [ "$rc" = 0 ]; then note soak "PASS ($j)"; else note soak "FAIL rc $rc ${j:+($j)}"; fi
+    case $mem in
+    ok*) note "soak GPU memory" "ok (before $m0, after $m1 MiB)" ;;
+    *) note "soak GPU memory" "$mem" ;;
+    esac
+}
+
 stage_sanitize() {
     local cs t cmd
+    if [ "$SANITIZE_EPD" = 1 ]; then
+        # epd itself runs under memcheck: a short soak; the verdict comes at its shutdown
+        stage_soak
+        return
+    fi
     cs=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
     [ -x "$cs" ] || { note sanitize "FAIL (no compute-sanitizer)"; return; }
     if [ -n "${SANITIZE_CMD:-}" ]; then
