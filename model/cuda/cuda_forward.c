@@ -151,11 +151,17 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
         .topk_idx = m->topk_idx,
         .topk_weights = m->topk_w,
         .use_fp8 = m->opts.fp8_dispatch,
+        .use_hook = 1,
         .stream = m->stream,
     };
     ep_ll_dispatch_out_t dout;
     ep_ll_handle_t *handle = NULL;
-    ep_status_t es = ep_ll_dispatch(m->group, &da, &dout, &handle, NULL);
+    ep_hook_t *hook = NULL;
+    /* send half, then the receive half at once: two launches, but no kernel that sends and
+     * then waits with its whole grid resident, which ranks sharing a GPU (or any kernel on
+     * another stream of it) can starve into the timeout (docs/cuda-notes.md) */
+    ep_status_t es = ep_ll_dispatch(m->group, &da, &dout, &handle, &hook);
+    if (es == EP_OK) es = ep_hook_run(hook);
     if (es != EP_OK) return ep_fail(m, "ep_ll_dispatch", es, l, err);
     const int S = m->ll_tokens * m->nranks;
     mark(m, capturing, PH_EXPERTS);
@@ -172,9 +178,11 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
         .topk_idx = m->topk_idx,
         .topk_weights = m->topk_w,
         .out = m->moe_out,
+        .use_hook = 1,
         .stream = m->stream,
     };
-    es = ep_ll_combine(m->group, &ca, NULL);
+    es = ep_ll_combine(m->group, &ca, &hook);
+    if (es == EP_OK) es = ep_hook_run(hook);
     if (es != EP_OK) return ep_fail(m, "ep_ll_combine", es, l, err);
     *delta = m->moe_out;
     return 0;

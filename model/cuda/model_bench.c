@@ -128,9 +128,12 @@ static void *rank_main(void *p)
         .fp8_dispatch = o->fp8,
         .no_graphs = o->no_graphs,
     };
+    /* blocks: each decode sequence holds nd, the prefill sequence (row 0, reused) np */
     const int bsz = EPD_KV_BLOCK_DEFAULT, nb = (max_len + bsz - 1) / bsz;
+    const int nd = (o->ctx + o->steps + 16 + bsz - 1) / bsz, np = (o->prefill + 1 + bsz - 1) / bsz;
+    const int kv_blocks = maxB * nd > np ? maxB * nd : np;
     cu_model_t *m = NULL;
-    if (epd_cuda_model_create_random(&mo, c, 1234 + (uint64_t)a->rank, maxB * nb, &m, &err)) {
+    if (epd_cuda_model_create_random(&mo, c, 1234 + (uint64_t)a->rank, kv_blocks, &m, &err)) {
         fprintf(stderr, "model-bench: rank %d: %s\n", a->rank, err.msg);
         a->rc = 1;
         ep_group_destroy(g);
@@ -165,8 +168,8 @@ static void *rank_main(void *p)
     int32_t *next = calloc((size_t)maxB, 4);
     double *times = calloc((size_t)o->steps, sizeof(double));
     for (int q = 0; q < maxB; q++)
-        for (int j = 0; j < nb; j++)
-            b.block_table[(size_t)q * nb + j] = q * nb + j;
+        for (int j = 0; j < nd; j++)
+            b.block_table[(size_t)q * nb + j] = q * nd + j;
     int rc = 0;
     for (int bi = 0; bi < o->nbatches && !rc; bi++) {
         int B = o->batches[bi];
@@ -221,6 +224,8 @@ static void *rank_main(void *p)
     /* prefill: one prompt in chunks of the model's largest step */
     if (!rc && o->prefill > 0) {
         int chunk = m->max_tokens < o->prefill ? m->max_tokens : o->prefill;
+        for (int j = 0; j < np; j++)
+            b.block_table[j] = j;
         double t0 = 0;
         int done = 0;
         pthread_barrier_wait(a->bar);
