@@ -428,6 +428,11 @@ int main(int argc, char **argv)
                                          {"version", no_argument, NULL, 'V'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
+    /* CUDA loads kernels lazily by default, and a first launch may wait for the device to go
+     * idle: with ranks sharing a GPU (or libep's receive kernels waiting for a peer) that can be
+     * never. Load every module when CUDA starts instead (before any CUDA call; an operator's
+     * own setting wins). */
+    setenv("CUDA_MODULE_LOADING", "EAGER", 0);
     daemon_t d = {.config_path = EPD_DEFAULT_CONFIG};
     int check = 0, opt;
     epd_log_init(argv[0]);

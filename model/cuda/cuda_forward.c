@@ -34,7 +34,7 @@
         if (r_) return r_;                                                                      \
     } while (0)
 
-enum { PH_ATTN = 0, PH_EXPERTS = 1, PH_EXCHANGE = 2, PH_REST = 3 };
+enum { PH_NORM, PH_ATTN_GEMM, PH_ATTN, PH_EXPERTS, PH_EXCHANGE, PH_REST };
 #define MAX_MARKS 2048
 
 /* phase marks of a profiled step */
@@ -203,10 +203,12 @@ static int run_layers(cu_model_t *m, int T, int M, int split_len, int max_splits
     for (int l = 0; l < f->num_hidden_layers; l++) {
         const cu_layer_t *w = &m->layers[l];
         if (T > 0) {
-            mark(m, capturing, PH_ATTN);
+            mark(m, capturing, PH_NORM);
             TRY_CU(epd_cu_add_rmsnorm(m->h, delta, w->input_norm, eps, T, H, NULL, m->xn_bf16, st),
                    "input norm");
+            mark(m, capturing, PH_ATTN_GEMM);
             TRY(gemm_bf16(m, m->qkv, m->xn_bf16, w->qkv, T, m->qkv_dim, H, 0.0f, err));
+            mark(m, capturing, PH_ATTN);
             TRY_CU(epd_cu_qk_norm_rope_store(m->qkv, w->q_norm, w->k_norm, m->inv_freq, m->in.pos,
                                              m->in.slot, T, nh, nkv, hd, eps, m->q, w->k_cache,
                                              w->v_cache, st),
@@ -215,7 +217,9 @@ static int run_layers(cu_model_t *m, int T, int M, int split_len, int max_splits
                                     m->max_blocks, m->in.seq_idx, m->in.pos, T, nh, nkv, hd,
                                     m->block_size, split_len, max_splits, m->attn_ws, st),
                    "attention");
+            mark(m, capturing, PH_ATTN_GEMM);
             TRY(gemm_bf16(m, m->h, m->att, w->o, T, H, m->q_dim, 1.0f, err));
+            mark(m, capturing, PH_NORM);
             TRY_CU(epd_cu_add_rmsnorm(m->h, NULL, w->post_norm, eps, T, H,
                                       w->is_moe ? m->xn_f32 : NULL, m->xn_bf16, st),
                    "post-attention norm");

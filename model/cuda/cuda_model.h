@@ -100,10 +100,12 @@ typedef struct cu_model {
     cu_graph_t graphs[EPD_CU_MAX_GRAPHS];
     int num_graphs;
     uint64_t eager_steps, graph_steps;
-    /* phase timing (EPD_CUDA_PROFILE=1, eager steps only): attention, experts, exchange,
-     * rest, in ms, summed */
+    /* phase timing (EPD_CUDA_PROFILE=1, or model-bench --profile; eager steps only), in ms,
+     * summed: norms, attention GEMMs (qkv, o), attention proper (q/k norm, RoPE, KV store,
+     * paged attention), expert GEMMs (and dense MLPs), routing + exchange (router, top-k,
+     * dispatch/combine or local packing), lm_head + sampling + embedding */
     int profile;
-    double phase_ms[4];
+    double phase_ms[6];
     uint64_t profiled_steps;
 } cu_model_t;
 

@@ -213,10 +213,11 @@ static void *rank_main(void *p)
                    lim / med * 100);
             if (o->profile && m->profiled_steps) {
                 double n = (double)m->profiled_steps;
-                printf("|   phases (eager, profiled) | attention %.2f ms | experts %.2f ms | "
-                       "routing+exchange %.2f ms | rest %.2f ms | | | |\n",
+                printf("|   phases, ms (eager, profiled) | norms %.2f | attn GEMMs %.2f | "
+                       "attention %.2f | experts %.2f | routing+exchange %.2f | lm_head, "
+                       "sampling, rest %.2f |\n",
                        m->phase_ms[0] / n, m->phase_ms[1] / n, m->phase_ms[2] / n,
-                       m->phase_ms[3] / n);
+                       m->phase_ms[3] / n, m->phase_ms[4] / n, m->phase_ms[5] / n);
             }
             fflush(stdout);
         }
@@ -346,6 +347,7 @@ int main(int argc, char **argv)
                         "dividing the experts, steps and ctx >= 1\n", o.max_batch);
         return 2;
     }
+    setenv("CUDA_MODULE_LOADING", "EAGER", 0); /* as epd does: see daemon/epd.c */
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
         fprintf(stderr, "model-bench: no CUDA device present\n");

@@ -168,6 +168,7 @@ static size_t gpu_free(void)
 
 int main(void)
 {
+    setenv("CUDA_MODULE_LOADING", "EAGER", 0); /* as epd does: see daemon/epd.c */
     int ndev = 0;
     if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
         printf("SKIP: no CUDA device present\n");
