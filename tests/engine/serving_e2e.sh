@@ -230,6 +230,20 @@ for R in "${RANKS[@]}"; do
     [ "$(metric 'epd_request_duration_seconds_count{endpoint="/v1/completions"}')" -gt 10 ] || fail "no request histogram"
     "${CURL[@]}" "$BASE/metrics" | grep -q '^epd_generated_tokens_per_second ' || fail "no tokens/s gauge"
     "${CURL[@]}" "$BASE/metrics" | grep -q '^epd_engine_queue_depth 0' || fail "queue depth gauge"
+    # the KV pool: per rank in /v1/status and /metrics, whole again once nothing runs; the load
+    # progress at its end; tokens per step in a histogram
+    [ "$(grep -o '"kv":{"blocks_total":[0-9]*,"blocks_free":[0-9]*' "$WORK/st" |
+        awk -F'[:,]' '$3 == $5 && $3 > 0' | wc -l)" = "$R" ] ||
+        fail "status: KV blocks per rank not all free: $(grep -o '"kv":{[^}]*}' "$WORK/st")"
+    [ "$(grep -o '"load":{"bytes_done":[0-9]*,"bytes_total":[0-9]*' "$WORK/st" |
+        awk -F'[:,]' '$3 == $5 && $3 > 0' | wc -l)" = "$R" ] || fail "status: load progress"
+    for ((r = 0; r < R; r++)); do
+        total=$(metric "epd_kv_blocks_total{rank=\"$r\"}")
+        [ "$total" -gt 0 ] && [ "$(metric "epd_kv_blocks_free{rank=\"$r\"}")" = "$total" ] ||
+            fail "epd_kv_blocks_free/total{rank=$r}"
+        [ "$(metric "epd_model_workspace_bytes{rank=\"$r\"}")" -gt 0 ] || fail "workspace gauge"
+    done
+    [ "$(metric epd_step_batch_tokens_count)" -gt 16 ] || fail "no batch-size histogram"
     stop_epd
     echo "ranks_per_node $R: ok"
 done
