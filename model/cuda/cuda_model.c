@@ -67,10 +67,9 @@ static void carve_weights(cu_model_t *m, carver_t *c)
         w->is_moe = epd_hf_layer_is_moe(f, l);
         if (w->is_moe) {
             w->router = carve(c, E * H * 4);
-            size_t e0 = c->used;
             w->gate_up = carve(c, L * 2 * I * H * 2);
             w->down = carve(c, L * H * I * 2);
-            experts += c->used - e0;
+            experts += L * 3 * I * H * 2;
         } else {
             w->router = NULL;
             w->gate_up = carve(c, 2 * Id * H * 2);
@@ -166,6 +165,16 @@ int cu_model_alloc(cu_model_t *m, epd_err_t *err)
     carver_t c = {0};
     carve_weights(m, &c);
     size_t wbytes = c.used;
+    /* what the rank holds, counted by the tensor table (the allocation adds alignment only) */
+    epd_model_mem_t est;
+    epd_model_mem_estimate(f, m->nranks, EPD_MODEL_CUDA, &est);
+    if (est.replicated_bytes + est.expert_bytes > wbytes || est.expert_bytes != m->expert_bytes)
+        return epd_err_set(err, -EPROTO,
+                           "cuda model: its weight layout (%zu bytes, experts %zu) disagrees with "
+                           "the tensor table (replicated %zu, experts %zu)",
+                           wbytes, m->expert_bytes, est.replicated_bytes, est.expert_bytes);
+    m->replicated_bytes = est.replicated_bytes;
+    m->expert_bytes = est.expert_bytes;
     size_t free_b = 0, total_b = 0;
     cudaMemGetInfo(&free_b, &total_b);
     carver_t cw = {0};
@@ -179,6 +188,7 @@ int cu_model_alloc(cu_model_t *m, epd_err_t *err)
     if ((rc = cu_check(cudaMalloc(&m->weights_block, wbytes), "weights", err))) return rc;
     c = (carver_t){.base = m->weights_block};
     carve_weights(m, &c);
+    m->replicated_bytes = est.replicated_bytes;
     if ((rc = cu_check(cudaMalloc(&m->ws_block, cw.used), "workspace", err))) return rc;
     cw = (carver_t){.base = m->ws_block};
     carve_workspace(m, &cw);
