@@ -98,8 +98,7 @@ ep_status_t ep_wire_allgather(ep_wire_t *w, size_t off, uint64_t call, const voi
             return ep_wire_fail(w, (int)s, EP_ERR_PEER,
                                 "rank %d: allgather call %llu: rank %zu's slot holds call %llu "
                                 "(the ranks' calls are out of step)",
-                                w->rank, (unsigned long long)call, s,
-                                (unsigned long long)h.call);
+                                w->rank, (unsigned long long)call, s, (unsigned long long)h.call);
         if (h.len != len)
             return ep_wire_fail(w, (int)s, EP_ERR_INVALID,
                                 "rank %d: allgather call %llu: rank %zu gave %u bytes, this rank "
