@@ -486,6 +486,7 @@ cJSON *epd_cluster_status_json(const epd_cluster_t *c)
     cJSON_AddNumberToObject(o, "coordinator", c->coordinator);
     cJSON_AddNumberToObject(o, "first_rank", epd_cluster_first_rank(c));
     cJSON_AddNumberToObject(o, "local_ranks", c->opts.local_ranks);
+    cJSON_AddNumberToObject(o, "bootstrap_collectives", (double)cl_boot_collectives(c->boot));
     if (c->table.valid) {
         cJSON *t = cJSON_AddObjectToObject(o, "rank_table");
         cJSON_AddNumberToObject(t, "epoch", (double)c->table.epoch);

@@ -16,6 +16,7 @@
 
 #include <errno.h>
 #include <inttypes.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -89,6 +90,9 @@ struct cl_boot {
     uv_async_t async;
     int async_open;
     int closed; /* the control plane stopped: waits end at once */
+    /* collectives (allgathers and barriers) local ranks entered, for /v1/cluster: flat while
+     * the engine steps on the data plane */
+    _Atomic uint64_t collectives;
 };
 
 static void free_ops(cl_boot_t *b)
@@ -427,6 +431,11 @@ static void gather_add(cl_boot_t *b, int from, uint64_t epoch, uint64_t seq, uin
     }
 }
 
+uint64_t cl_boot_collectives(const cl_boot_t *b)
+{
+    return b ? atomic_load(&((cl_boot_t *)b)->collectives) : 0;
+}
+
 void cl_boot_on_contrib(cl_boot_t *b, int from, const epd_ctl_msg_t *m)
 {
     uint64_t epoch, seq;
@@ -476,6 +485,7 @@ static int boot_allgather(void *ctx, const void *in, void *out, size_t len, unsi
     struct timespec dl;
     int st;
 
+    atomic_fetch_add(&b->collectives, 1);
     pthread_mutex_lock(&b->mu);
     if (!b->formed || b->epoch != r->epoch) {
         snprintf(last_error, sizeof last_error,

@@ -198,6 +198,8 @@ void cl_boot_set_epoch(cl_boot_t *b, uint64_t epoch, int formed, int first_rank,
 /* Fails every waiter (a peer went down). */
 void cl_boot_abort(cl_boot_t *b, const char *why);
 void cl_boot_on_contrib(cl_boot_t *b, int from, const epd_ctl_msg_t *m);
+/* Collectives the local ranks entered so far (any thread). */
+uint64_t cl_boot_collectives(const cl_boot_t *b);
 void cl_boot_on_result(cl_boot_t *b, const epd_ctl_msg_t *m);
 int cl_boot_get(cl_boot_t *b, int local_rank, unsigned generation, unsigned wait_ms,
                 ep_bootstrap_t *out, char *err, size_t errlen);

@@ -167,6 +167,16 @@ static int register_metrics(epd_engine_t *e)
                                          NULL);
     e->m_reform = epd_metrics_counter(m, "epd_engine_group_reforms_total",
                                       "Times the EP group was re-formed after a failure.", NULL);
+    e->m_ctl_data = epd_metrics_counter(m, "epd_engine_step_control_total",
+                                        "Step control words rank 0 of this node exchanged, by "
+                                        "plane: the EP group's data plane, or the bootstrap (the "
+                                        "control plane in a cluster).",
+                                        "plane=\"data\"");
+    e->m_ctl_boot = epd_metrics_counter(m, "epd_engine_step_control_total",
+                                        "Step control words rank 0 of this node exchanged, by "
+                                        "plane: the EP group's data plane, or the bootstrap (the "
+                                        "control plane in a cluster).",
+                                        "plane=\"bootstrap\"");
     e->m_preempt = epd_metrics_counter(m, "epd_engine_preemptions_total",
                                        "Running requests preempted (KV blocks freed, requeued) "
                                        "because a rank's KV pool ran short.",
@@ -179,7 +189,7 @@ static int register_metrics(epd_engine_t *e)
     e->m_expert = calloc((size_t)e->hf.num_experts, sizeof(*e->m_expert));
     if (!e->m_step || !e->m_queue || !e->m_active || !e->m_gen || !e->m_prompt || !e->m_ttft ||
         !e->m_rate || !e->m_step_fail || !e->m_reform || !e->m_batch || !e->m_preempt ||
-        !e->m_expert)
+        !e->m_ctl_data || !e->m_ctl_boot || !e->m_expert)
         return -ENOMEM;
     for (int x = 0; x < e->hf.num_experts; x++) {
         char lab[32];
@@ -583,6 +593,8 @@ cJSON *epd_engine_status_cjson(epd_engine_t *e)
     pthread_mutex_lock(&e->mu);
     int loaded = e->loaded, failed = e->load_failed, queued = e->queued, active = e->active;
     unsigned long long steps = e->steps, fails = e->step_failures, reforms = e->reforms;
+    unsigned long long ctl_data = atomic_load(&e->ctl_data),
+                       ctl_boot = atomic_load(&e->ctl_bootstrap);
     char last[MSG_MAX], lmsg[MSG_MAX];
     long long last_t = e->last_failure_time;
     snprintf(last, sizeof(last), "%s", e->last_failure);
@@ -679,6 +691,11 @@ cJSON *epd_engine_status_cjson(epd_engine_t *e)
     cJSON_AddNumberToObject(doc, "steps", (double)steps);
     cJSON_AddNumberToObject(doc, "step_failures", (double)fails);
     cJSON_AddNumberToObject(doc, "group_reforms", (double)reforms);
+    cJSON *ctl = cJSON_AddObjectToObject(doc, "step_control");
+    if (ctl) {
+        cJSON_AddNumberToObject(ctl, "data_plane", (double)ctl_data);
+        cJSON_AddNumberToObject(ctl, "bootstrap", (double)ctl_boot);
+    }
     if (last[0]) {
         cJSON *lf = cJSON_AddObjectToObject(doc, "last_failure");
         if (lf) {

@@ -38,7 +38,8 @@ typedef struct epd_engine_cluster {
     /* Fills the bootstrap of local rank `local` (global rank rank_base + local), from that
      * rank's thread; called once before the first group and again before every re-formed
      * group (`epoch` counts them from 0). The bootstrap's allgather also carries the engine's
-     * per-step control word, so it must stay usable until the next call. Returns 0 or a
+     * per-step control word where the EP group has no data-plane allgather
+     * (ep_group_allgather), so it must stay usable until the next call. Returns 0 or a
      * negative errno value with a message in err. */
     int (*bootstrap)(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out, char *err,
                      size_t errlen);
@@ -47,7 +48,10 @@ typedef struct epd_engine_cluster {
     void (*wake_peers)(void *ctx);
     /* Optional: names the collectives a rank runs through `bs` from now on ("engine: join",
      * "libep: group creation", ...), from that rank's thread, so that ranks found at different
-     * points of the protocol are reported as such. `what` is a string literal. */
+     * points of the protocol are reported as such. `what` is a string literal. Also called
+     * with "engine: step" as a rank starts a step's forward pass, once every rank agreed on the
+     * step (its exchanges run on libep's data plane; the next bootstrap collective is tagged
+     * anew). */
     void (*purpose)(void *ctx, const ep_bootstrap_t *bs, const char *what);
     void *ctx;
 } epd_engine_cluster_t;

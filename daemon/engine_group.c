@@ -232,6 +232,7 @@ int eng_reform(rank_t *rk)
             if (ready) set_ready(e);
             rk->reform = 0;
             rk->fail_flag = 0;
+            rk->ctl_on_bootstrap = 0;
             return 0;
         }
         destroy_group(rk, g);
@@ -274,6 +275,7 @@ static int rank_load(rank_t *rk)
     epd_err_t err = {0};
     int rc = create_group(rk, &rk->group, rk->load_msg, sizeof(rk->load_msg));
     if (rc) return rc;
+    rk->ctl_on_bootstrap = 0;
     epd_model_opts_t mo = {
         .dir = e->model_path,
         .group = rk->group,

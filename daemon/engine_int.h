@@ -94,6 +94,9 @@ struct rank {
     int fin_n;
     uint64_t last_gen;
     int fail_flag, reform;
+    /* this group has no data-plane allgather (EP_ERR_UNSUPPORTED): its step words go through
+     * the bootstrap; cleared whenever a group is formed */
+    int ctl_on_bootstrap;
     int32_t *next;           /* [max_batch_tokens] sampled tokens of a step */
     epd_batch_item_t *items; /* the planned batch: n_items, prompt_tokens of tokens */
     int *item_req;
@@ -145,6 +148,8 @@ struct epd_engine {
     char load_msg[MSG_MAX];
     atomic_int ready;
     uint64_t steps, step_failures, reforms;
+    /* step control words exchanged by rank 0 of this node, by plane (engine_step.c) */
+    _Atomic uint64_t ctl_data, ctl_bootstrap;
     char last_failure[MSG_MAX];
     long long last_failure_time;
 
@@ -156,7 +161,7 @@ struct epd_engine {
     int info_ok;
 
     epd_metric_t *m_step, *m_queue, *m_active, *m_gen, *m_prompt, *m_ttft, *m_rate;
-    epd_metric_t *m_step_fail, *m_reform, *m_batch, *m_preempt;
+    epd_metric_t *m_step_fail, *m_reform, *m_batch, *m_preempt, *m_ctl_data, *m_ctl_boot;
     epd_backend_t backend;
     int max_seqs; /* model.max_seqs_per_rank */
     int *gpus;    /* compute.gpus (cuda), [R] */

@@ -8,7 +8,9 @@
  *   1. under the engine lock: sleep while the group is idle and nothing woke us; take new
  *      requests from this rank's inbox; note whether a wake arrived since the last iteration;
  *   2. plan this rank's batch (decode tokens, then prompt chunks) and allgather a control word
- *      {pending sequences, woke, stop, failed, planned tokens} over the bootstrap;
+ *      {pending sequences, woke, stop, failed, planned tokens} on the group's data plane
+ *      (ep_group_allgather), or over the bootstrap where the group has no such path (see
+ *      exchange());
  *   3. all ranks see the same words and decide alike: stop; re-form the group (a rank failed);
  *      sleep (nothing pending anywhere and no fresh wake); or step, with zero tokens if this
  *      rank has none. The largest planned batch picks the step's MoE path for every rank: LL,
@@ -303,6 +305,44 @@ static void step(rank_t *rk, int step_max)
 
 /* ---- the rank thread ---------------------------------------------------------------------- */
 
+/* Step 2's allgather. On the group's data plane a word costs what one small EP op costs; over
+ * the bootstrap, in a cluster, it is a round trip through every node's event loop and the
+ * control plane, which a GPU decode step of a few ms cannot afford. Either is one collective of
+ * every rank of the group, entered at the same point of the protocol, so what the comment at the
+ * top says of sleeping and waking holds for both; every rank of a group finds the same plane
+ * (libep answers EP_ERR_UNSUPPORTED, before sending anything, alike on every rank of a
+ * configuration without the path). The join and group formation stay on the bootstrap. A
+ * failure of either is a lost lockstep: the caller fails the step's requests and re-forms. 0, or
+ * a negative ep_status_t with msg saying why (naming the rank at fault where libep knows it). */
+static int exchange(rank_t *rk, const ctl_word_t *w, char *msg, size_t len)
+{
+    epd_engine_t *e = rk->e;
+    if (!rk->ctl_on_bootstrap) {
+        ep_status_t st = ep_group_allgather(rk->group, w, rk->ctl_all, sizeof(*w));
+        if (st != EP_ERR_UNSUPPORTED) {
+            if (st)
+                snprintf(msg, len, "%s (%.700s)", ep_strerror(st), ep_group_last_error(rk->group));
+            else if (rk->local == 0) {
+                atomic_fetch_add(&e->ctl_data, 1);
+                epd_metric_add(e->m_ctl_data, 1);
+            }
+            return st;
+        }
+        EPD_INFO(SUB, "rank %d: %.700s; step control words go through the bootstrap", rk->grank,
+                 ep_group_last_error(rk->group));
+        rk->ctl_on_bootstrap = 1;
+    }
+    eng_tag(rk, "engine: step control");
+    int rc = rk->bs.allgather(rk->bs.ctx, w, rk->ctl_all, sizeof(*w), (unsigned)e->timeout_ms);
+    if (rc)
+        snprintf(msg, len, "%s", ep_strerror((ep_status_t)rc));
+    else if (rk->local == 0) {
+        atomic_fetch_add(&e->ctl_bootstrap, 1);
+        epd_metric_add(e->m_ctl_boot, 1);
+    }
+    return rc;
+}
+
 /* Step 1 of the protocol: sleep while idle, admit requests, snapshot the control word. */
 static void snapshot(rank_t *rk, int idle, ctl_word_t *w)
 {
@@ -368,16 +408,16 @@ void eng_serve(rank_t *rk)
         w.pending += rk->act_n;
         plan_step(rk);
         w.tokens = rk->tokens;
-        eng_tag(rk, "engine: step control");
-        int rc = rk->bs.allgather(rk->bs.ctx, &w, rk->ctl_all, sizeof(w), (unsigned)e->timeout_ms);
+        char why[MSG_MAX];
+        int rc = exchange(rk, &w, why, sizeof(why));
         int odd = -1; /* a rank that is not stepping (it joins a group being formed) */
         for (int i = 0; !rc && odd < 0 && i < e->nranks; i++)
             if (rk->ctl_all[i].purpose != CTL_STEP) odd = i;
         if (rc || odd >= 0) {
             char msg[MSG_MAX];
             if (rc)
-                snprintf(msg, sizeof(msg), "rank %d lost lockstep with the other ranks: %s",
-                         rk->grank, ep_strerror((ep_status_t)rc));
+                snprintf(msg, sizeof(msg), "rank %d lost lockstep with the other ranks: %.900s",
+                         rk->grank, why);
             else
                 snprintf(msg, sizeof(msg),
                          "rank %d lost lockstep with the other ranks: rank %d sent %s where a "
@@ -410,6 +450,7 @@ void eng_serve(rank_t *rk)
             continue;
         }
         idle = 0;
+        eng_tag(rk, "engine: step");
         step(rk, step_max);
     }
     fail_all(rk, 503, "the engine is stopping");

@@ -56,6 +56,9 @@ const char *epk_wait_name(int what);
  * own window at ctx.win and the local part at ctx.base[rank], both with these offsets. Over
  * NVLink both are the one device buffer (win == base[rank]); on the proxy path (tcp/rdma
  * transport) the window is pinned host memory that the wire reads and writes. */
+/* Bytes of the proxy path's allgather region for R ranks (= EP_WIRE_AG_BYTES(R)). */
+#define EPK_AG_BYTES(R) ((size_t)(R) * (8 + 2 * (64 + EP_ALLGATHER_MAX)))
+
 typedef struct epk_layout {
     /* window: uint64 counters written by peers */
     size_t ll_cnt;   /* [2 buf][3 phase][R src]: dispatch data, combine data, combine weights */
@@ -70,6 +73,9 @@ typedef struct epk_layout {
     size_t ht_xfer; /* [2 parity of the transfer][R src] blocks received */
     size_t ht_send; /* [R dst] blocks waiting for the wire */
     size_t ht_blk, ht_seg_s, ht_seg_i, ht_seg_w;
+    /* proxy path: ep_group_allgather's words and slots, EPK_AG_BYTES(R) (transport/wire.h's
+     * ep_wire_allgather; the host alone reads and writes them) */
+    size_t ag;
     /* window part of LL buffer b: ll_win + b * ll_win_bytes */
     size_t ll_win;
     size_t ll_win_bytes;

@@ -57,6 +57,8 @@ extern "C" void epk_layout(epk_layout_t *lay, const ep_config_t *cfg, int nranks
     off += 2 * R * lay->ht_blk;
     lay->ht_send = off;
     off += R * lay->ht_blk;
+    lay->ag = off;
+    off = align_up(off + (proxy ? EPK_AG_BYTES(R) : 0), 256);
 
     /* window part of one LL buffer */
     size_t b = 0;

@@ -33,6 +33,10 @@ struct ep_backend_ops {
                               uint16_t *out, void *stream);
     void (*ht_handle_destroy)(ep_ht_handle_t *h);
 
+    /* Optional: ep_group_allgather of host control words (len checked by group.c). NULL, or
+     * EP_ERR_UNSUPPORTED before anything is sent: the configuration has no such path. */
+    ep_status_t (*allgather)(ep_group_t *g, const void *in, void *out, size_t len);
+
     /* Abort: make the backend's waits return EP_ERR_ABORTED (thread-safe). */
     void (*abort)(ep_group_t *g);
     /* Optional: a failure that work already enqueued reported since (cuda: a kernel's error

@@ -45,7 +45,8 @@ int ep_cpu_layout(const ep_config_t *cfg, int nranks, struct cpu_layout *lo)
             return -1;
     }
     if (grow(&acc, R, lo->ht_slot, &lo->ht_disp_off) ||
-        grow(&acc, R, lo->ht_comb_slot, &lo->ht_comb_off))
+        grow(&acc, R, lo->ht_comb_slot, &lo->ht_comb_off) ||
+        grow(&acc, 1, EP_WIRE_AG_BYTES(R), &lo->ag_off))
         return -1;
     lo->total = acc;
     return 0;
@@ -249,6 +250,7 @@ static ep_status_t cpu_create(ep_group_t *g, const ep_bootstrap_t *bs)
     }
     /* Only the words need zeros; data regions are written before they are read. */
     memset(c->buf + c->lo.words_off, 0, (size_t)CPU_CH_COUNT * 2 * R * sizeof(uint64_t));
+    memset(c->buf + c->lo.ag_off, 0, R * sizeof(uint64_t));
     for (int i = 0; i < CPU_CH_COUNT; i++) {
         struct cpu_chan *ch = &c->ch[i];
         ch->sig_off = c->lo.words_off + (size_t)i * 2 * R * 8;
@@ -314,6 +316,13 @@ static ep_status_t cpu_route(ep_group_t *g, const ep_route_params_t *p, const fl
     return EP_OK;
 }
 
+static ep_status_t cpu_allgather(ep_group_t *g, const void *in, void *out, size_t len)
+{
+    struct cpu_impl *c = g->impl;
+    ep_status_t st = ep_wire_allgather(c->wire, c->lo.ag_off, ++c->ag_call, in, out, len);
+    return st ? cpu_wire_error(g, st) : EP_OK;
+}
+
 const struct ep_backend_ops ep_backend_cpu_ops = {
     .name = "cpu",
     .create = cpu_create,
@@ -327,5 +336,6 @@ const struct ep_backend_ops ep_backend_cpu_ops = {
     .ht_dispatch_cached = cpu_ht_dispatch_cached,
     .ht_combine = cpu_ht_combine,
     .ht_handle_destroy = cpu_ht_handle_destroy,
+    .allgather = cpu_allgather,
     .abort = cpu_abort,
 };

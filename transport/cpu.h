@@ -14,6 +14,7 @@
  *               ht_row = align16(4 + 8k) header {int32 src token, int32 topk_idx[k],
  *               float weights[k]} + data (as for LL)
  *   ht_comb     [R src][Mh][H] bf16: the copies of this rank's tokens, in send order per rank
+ *   ag          EP_WIRE_AG_BYTES(R): ep_group_allgather's words and slots (wire.h)
  *
  * Channel protocol (one channel per region, every LL/HT op is collective): an op bumps the
  * channel's sequence number s on every rank; a sender first waits until each destination has
@@ -48,6 +49,7 @@ struct cpu_layout {
     size_t ll_disp_off[2], ll_comb_off[2];
     size_t ht_hdr, ht_row, ht_slot;
     size_t ht_disp_off, ht_comb_off, ht_comb_slot;
+    size_t ag_off;
     size_t total;
 };
 
@@ -113,7 +115,8 @@ struct cpu_impl {
     uint8_t *buf; /* symmetric buffer, lo.total bytes */
     struct cpu_chan ch[CPU_CH_COUNT];
     struct cpu_ll_buf ll[2];
-    uint8_t *stage; /* one staged row */
+    uint8_t *stage;   /* one staged row */
+    uint64_t ag_call; /* ep_group_allgather calls so far (the same on every rank) */
 };
 
 /* Channel steps (see the protocol above); failures are recorded on the group. */

@@ -593,6 +593,25 @@ void ep_ht_handle_destroy(ep_ht_handle_t *h)
     if (h && h->group) h->group->ops->ht_handle_destroy(h);
 }
 
+/* ---- control words ------------------------------------------------------------------------ */
+
+ep_status_t ep_group_allgather(ep_group_t *g, const void *in, void *out, size_t len)
+{
+    static const char op[] = "ep_group_allgather";
+    ep_status_t st;
+    if (!g) return EP_ERR_INVALID;
+    if ((st = check_entry(g))) return st;
+    NEED(g, op, in);
+    NEED(g, op, out);
+    if (len < 1 || len > EP_ALLGATHER_MAX)
+        return INVALID(g, "%s: len %zu is not in 1..%d (EP_ALLGATHER_MAX)", op, len,
+                       EP_ALLGATHER_MAX);
+    if (!g->ops->allgather)
+        return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED, "%s: the %s backend has no data-plane path",
+                             op, g->ops->name);
+    return done(g, g->ops->allgather(g, in, out, len));
+}
+
 /* ---- routing ------------------------------------------------------------------------------ */
 
 static int check_route(const ep_route_params_t *p, const float *logits, int T, const int32_t *idx,

@@ -82,6 +82,20 @@ ep_status_t ep_wire_put_local(ep_wire_t *w, int peer, size_t remote_off, size_t 
  * to write the word; it is named in the error. */
 ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int peer);
 
+/* ep_group_allgather over a wire (the cpu backend, and the cuda backend's proxy path and
+ * in-process path). Region at `off` of every rank's buffer, EP_WIRE_AG_BYTES(R) bytes:
+ *   sig   [R src] uint64: the number of the last call whose slot src has put here
+ *   slot  [2 parity][R src] EP_WIRE_AG_SLOT bytes: {uint64 call, uint32 len, pad} + data
+ * Call n (1, 2, ... the same on every rank) puts this rank's slot into parity n & 1 of every
+ * peer's region, SETs its sig word there to n, then waits for every peer's word to reach n and
+ * reads that peer's slot. No acknowledgements are needed: a rank puts call n + 2's slot only
+ * after its call n + 1 saw every peer's word reach n + 1, which a peer SETs only after its call
+ * n read every slot of parity n & 1. A peer's mismatched len or call number fails the wire. */
+#define EP_WIRE_AG_SLOT (64 + EP_ALLGATHER_MAX)
+#define EP_WIRE_AG_BYTES(R) ((size_t)(R) * (8 + 2 * EP_WIRE_AG_SLOT))
+ep_status_t ep_wire_allgather(ep_wire_t *w, size_t off, uint64_t call, const void *in, void *out,
+                              size_t len);
+
 /* Records the first failure of the wire (thread-safe); returns st. */
 ep_status_t ep_wire_fail(ep_wire_t *w, int peer, ep_status_t st, const char *fmt, ...)
     __attribute__((format(printf, 4, 5)));

@@ -78,6 +78,14 @@ epoch_of() { # node: the cluster epoch it reports
     "${CURL[@]}" -o "$WORK/st$1" "http://127.0.0.1:${HTTP[$1]}/v1/cluster" &&
         "$UTIL" jget "$WORK/st$1" epoch
 }
+boot_of() { # node: collectives its ranks ran through the control plane's bootstrap
+    "${CURL[@]}" -o "$WORK/bc$1" "http://127.0.0.1:${HTTP[$1]}/v1/cluster" &&
+        "$UTIL" jget "$WORK/bc$1" bootstrap_collectives
+}
+step_ctl_of() { # node plane: step control words its rank 0 exchanged on that plane
+    "${CURL[@]}" -o "$WORK/sc$1" "http://127.0.0.1:${HTTP[$1]}/v1/status" &&
+        "$UTIL" jget "$WORK/sc$1" "engine.step_control.$2"
+}
 active_of() { # node: sequences its engine is running
     "${CURL[@]}" "http://127.0.0.1:${HTTP[$1]}/metrics" | sed -n 's/^epd_engine_active_sequences //p'
 }
@@ -89,6 +97,23 @@ check_greedy 0
 check_greedy 1
 "${CURL[@]}" -o "$WORK/st" "http://127.0.0.1:${HTTP[1]}/v1/cluster"
 [ "$("$UTIL" jget "$WORK/st" rank_table.nranks)" = 4 ] || fail "expected 4 ranks in the table"
+
+# ---- the steps' control words travel on libep's data plane, not through the control plane:
+# the nodes' bootstrap collectives stay flat while both nodes generate ----
+for ((i = 0; i < N; i++)); do
+    BC[i]=$(boot_of "$i") || fail "no bootstrap_collectives from node $i"
+    SD[i]=$(step_ctl_of "$i" data_plane) || fail "no step_control from node $i"
+done
+check_greedy 0
+check_greedy 1
+for ((i = 0; i < N; i++)); do
+    b=$(boot_of "$i") d=$(step_ctl_of "$i" data_plane) s=$(step_ctl_of "$i" bootstrap)
+    [ "$b" = "${BC[i]}" ] ||
+        fail "node $i: ${BC[i]} -> $b bootstrap collectives while generating (want none)"
+    [ "$d" -gt "${SD[i]}" ] || fail "node $i: no step control word on the data plane (${SD[i]} -> $d)"
+    [ "$s" = 0 ] || fail "node $i: $s step control words went through the bootstrap"
+    echo "node $i: $((d - SD[i])) step control words on the data plane, bootstrap collectives flat at $b"
+done
 
 E0=$(epoch_of 0) || fail "no epoch from node 0"
 
@@ -122,7 +147,13 @@ code=$(curl -s -m 10 -o "$WORK/r" -w '%{http_code}' -d '{"prompt":[1,2,3],"max_t
 [ "$code" = 503 ] ||
     fail "node 0 answered $code with its peer dead (want 503, not a completion or a hang): $(cat "$WORK/r")"
 [ $(($(date +%s%3N) - T0)) -lt 5000 ] || fail "the failed request took more than 5 s"
-grep -q "rank 2 is down: node 1" "$WORK/n0.log" || fail "node 0's engine was not told that node 1 went down"
+# (the engine may have failed over on its own first: its data plane saw the socket close; the
+# control plane's notice follows within the heartbeat timeout)
+for ((k = 0; k < 100; k++)); do
+    grep -q "rank 2 is down: node 1" "$WORK/n0.log" && break
+    sleep 0.05
+done
+[ $k -lt 100 ] || fail "node 0's engine was not told that node 1 went down"
 
 # ---- node 1 restarts: one EP group again, at a new epoch, serving transformers' tokens ----
 start_node 1

@@ -5,10 +5,11 @@
  * concurrent requests preempt each other (every one still gets transformers' greedy tokens).
  *
  * The test plays the control plane: its epd_engine_cluster_t bootstrap wraps libep's
- * in-process one and can hold one rank's thread right after a collective (the per-step control
- * word), which is how a rank "stops answering" while its peers are already inside the step's
- * MoE exchange. After each failure the engine must re-form the group and serve greedy tokens
- * equal to transformers' (tests/model/oracle/expected.json, read here). */
+ * in-process one, and its purpose hook can hold one rank's thread as it starts a step ("engine:
+ * step", once every rank agreed on the step through the step's control word, which travels on
+ * libep's data plane), which is how a rank "stops answering" while its peers are already inside
+ * the step's MoE exchange. After each failure the engine must re-form the group and serve greedy
+ * tokens equal to transformers' (tests/model/oracle/expected.json, read here). */
 #include <errno.h>
 #include <pthread.h>
 #include <setjmp.h>
@@ -92,7 +93,7 @@ struct harness {
     int held, release;
 };
 
-/* After a completed collective: the armed rank stays here, as a thread that stopped answering. */
+/* As a step starts: the armed rank stays here, as a thread that stopped answering. */
 static void maybe_hold(hrank_t *hr)
 {
     harness_t *h = hr->h;
@@ -111,20 +112,22 @@ static void maybe_hold(hrank_t *hr)
     pthread_mutex_unlock(&h->mu);
 }
 
-static int hold_allgather(void *ctx, const void *in, void *out, size_t len, unsigned timeout_ms)
+static int h_allgather(void *ctx, const void *in, void *out, size_t len, unsigned timeout_ms)
 {
     hrank_t *hr = ctx;
-    int rc = hr->inner.allgather(hr->inner.ctx, in, out, len, timeout_ms);
-    if (rc == 0) maybe_hold(hr);
-    return rc;
+    return hr->inner.allgather(hr->inner.ctx, in, out, len, timeout_ms);
 }
 
-static int hold_barrier(void *ctx, unsigned timeout_ms)
+static int h_barrier(void *ctx, unsigned timeout_ms)
 {
     hrank_t *hr = ctx;
-    int rc = hr->inner.barrier(hr->inner.ctx, timeout_ms);
-    if (rc == 0) maybe_hold(hr);
-    return rc;
+    return hr->inner.barrier(hr->inner.ctx, timeout_ms);
+}
+
+static void h_purpose(void *ctx, const ep_bootstrap_t *bs, const char *what)
+{
+    (void)ctx;
+    if (!strcmp(what, "engine: step")) maybe_hold(bs->ctx);
 }
 
 static int h_bootstrap(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out, char *err,
@@ -141,8 +144,8 @@ static int h_bootstrap(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out
     *out = (ep_bootstrap_t){.rank = local,
                             .nranks = h->cfg.ranks_per_node,
                             .ctx = hr,
-                            .allgather = hold_allgather,
-                            .barrier = hold_barrier};
+                            .allgather = h_allgather,
+                            .barrier = h_barrier};
     return 0;
 }
 
@@ -208,8 +211,8 @@ static harness_t *harness_create_kv(int ranks, int ep_op_ms, int max_queued, int
     for (int i = 0; i < ranks; i++)
         h->hr[i] = (hrank_t){h, i, {0}};
     assert_int_equal(ep_inproc_world_create(ranks, &h->world), EP_OK);
-    h->cl =
-        (epd_engine_cluster_t){.rank_base = 0, .nranks = ranks, .bootstrap = h_bootstrap, .ctx = h};
+    h->cl = (epd_engine_cluster_t){
+        .rank_base = 0, .nranks = ranks, .bootstrap = h_bootstrap, .purpose = h_purpose, .ctx = h};
 
     assert_int_equal(uv_loop_init(&h->loop), 0);
     uv_timer_init(&h->loop, &h->tick);

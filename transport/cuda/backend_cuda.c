@@ -162,6 +162,35 @@ static ep_status_t proxy_setup(ep_group_t *g)
     return EP_OK;
 }
 
+_Static_assert(EPK_AG_BYTES(3) == EP_WIRE_AG_BYTES(3), "kernels/ep_cuda.h and wire.h differ");
+
+/* Ranks that are threads of one process: ep_group_allgather over an shm wire on a small host
+ * buffer of their own (the device buffers are for the kernels). Collective: every rank decided
+ * inproc alike from the same exchange. */
+static ep_status_t ag_setup(ep_group_t *g, const ep_bootstrap_t *bs)
+{
+    cuda_impl_t *c = impl_of(g);
+    const size_t bytes = (EP_WIRE_AG_BYTES(g->nranks) + 63) / 64 * 64;
+    ep_status_t st = ep_wire_shm_create(&g->cfg, g->rank, g->nranks, &c->ag_wire);
+    if (st) {
+        c->ag_wire = NULL;
+        return ep_group_fail(g, -1, st, "rank %d: creating the allgather's shm wire: %s", g->rank,
+                             ep_strerror(st));
+    }
+    if (atomic_load(&g->aborted)) atomic_store(&c->ag_wire->aborted, 1);
+    c->ag_buf = aligned_alloc(64, bytes);
+    if (!c->ag_buf)
+        return ep_group_fail(g, -1, EP_ERR_NOMEM, "rank %d: out of host memory", g->rank);
+    memset(c->ag_buf, 0, bytes);
+    if ((st = c->ag_wire->ops->connect(c->ag_wire, bs, c->ag_buf, bytes))) {
+        int fp = atomic_load(&c->ag_wire->failed_peer);
+        return ep_group_fail(g, fp >= 0 && fp < g->nranks ? fp : -1, st,
+                             "rank %d: connecting the allgather's shm wire: %s", g->rank,
+                             c->ag_wire->error);
+    }
+    return EP_OK;
+}
+
 static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
 {
     const ep_config_t *cfg = &g->cfg;
@@ -328,6 +357,8 @@ static ep_status_t cu_create(ep_group_t *g, const ep_bootstrap_t *bs)
         }
     }
 
+    if (c->inproc && (st = ag_setup(g, bs)) != EP_OK) goto fail;
+
     c->ctx.rank = g->rank;
     c->ctx.nranks = R;
     c->ctx.num_experts = cfg->num_experts;
@@ -406,6 +437,13 @@ static void cu_destroy(ep_group_t *g)
     if (c->connected) c->bs.barrier(c->bs.ctx, g->cfg.timeout_ms);
     ep_cuda_proxy_stop(&c->px);
     if (c->wire) c->wire->ops->destroy(c->wire);
+    if (c->ag_wire) {
+        /* the shm wire frees the buffer once no rank can write into it any more */
+        c->ag_wire->ops->release_buffer(c->ag_wire, c->ag_buf);
+        c->ag_wire->ops->destroy(c->ag_wire);
+    } else {
+        free(c->ag_buf);
+    }
     if (c->win_host) cudaFreeHost(c->win_host);
     if (c->ring_host) cudaFreeHost(c->ring_host);
     if (c->head_host) cudaFreeHost(c->head_host);
@@ -874,11 +912,26 @@ static void cu_ht_handle_destroy(ep_ht_handle_t *hb)
     free(h);
 }
 
+static ep_status_t cu_allgather(ep_group_t *g, const void *in, void *out, size_t len)
+{
+    cuda_impl_t *c = impl_of(g);
+    ep_wire_t *w = c->proxy ? c->wire : c->ag_wire;
+    if (!w)
+        return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
+                             "ep_group_allgather: the cuda backend's ranks are in several "
+                             "processes over nvlink (CUDA IPC), with no host path between them");
+    ep_status_t st = ep_wire_allgather(w, c->proxy ? c->ctx.lay.ag : 0, ++c->ag_call, in, out, len);
+    if (st == EP_OK || st == EP_ERR_ABORTED) return st;
+    int fp = atomic_load(&w->failed_peer);
+    return ep_group_fail(g, fp >= 0 && fp < g->nranks ? fp : -1, st, "%s", w->error);
+}
+
 static void cu_abort(ep_group_t *g)
 {
     cuda_impl_t *c = impl_of(g);
     if (!c || !c->err_host) return;
     if (c->wire) atomic_store(&c->wire->aborted, 1); /* host waits of HT on the proxy path */
+    if (c->ag_wire) atomic_store(&c->ag_wire->aborted, 1);
     volatile int *e = c->err_host;
     if (e[EPK_ERR_CODE] == EPK_CODE_OK) {
         e[EPK_ERR_PEER] = atomic_load(&g->failed_peer);
@@ -900,6 +953,7 @@ const struct ep_backend_ops ep_backend_cuda_ops = {
     .ht_dispatch_cached = cu_ht_dispatch_cached,
     .ht_combine = cu_ht_combine,
     .ht_handle_destroy = cu_ht_handle_destroy,
+    .allgather = cu_allgather,
     .abort = cu_abort,
     .check = cuda_check_err,
 };

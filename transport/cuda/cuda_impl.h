@@ -91,6 +91,12 @@ typedef struct cuda_impl {
     uint64_t ht_xfer_n;    /* HT data transfers so far (every HT op is one; same on all) */
     pthread_mutex_t sc_lock;
     struct ht_scratch *sc_free;
+    /* ep_group_allgather: over c->wire at ctx.lay.ag on the proxy path; over ag_wire, an shm
+     * wire on the host buffer ag_buf (EP_WIRE_AG_BYTES(R)), when the ranks are threads of one
+     * process (nvlink); neither with ranks in several processes over nvlink (unsupported) */
+    ep_wire_t *ag_wire;
+    uint8_t *ag_buf;
+    uint64_t ag_call;
 } cuda_impl_t;
 
 static inline cuda_impl_t *impl_of(ep_group_t *g)

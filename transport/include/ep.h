@@ -138,6 +138,22 @@ void ep_group_abort(ep_group_t *g, int peer);
  * otherwise; call it after synchronising the stream. */
 ep_status_t ep_group_check(ep_group_t *g);
 
+/* ---- control words ------------------------------------------------------------------------ */
+
+#define EP_ALLGATHER_MAX 64 /* bytes one rank contributes to ep_group_allgather at most */
+
+/* Collective: gathers `len` bytes (1..EP_ALLGATHER_MAX, the same on every rank) from every rank
+ * into out[nranks * len], in rank order, over the group's data plane (the wire of the cpu
+ * backend; on the cuda backend a host exchange between the threads of one process, or the proxy's
+ * wire across processes) rather than the bootstrap: for a word per step that the ranks must agree
+ * on. `in` and `out` are host memory on every backend; the call returns once out is complete.
+ * Every rank calls it the same number of times (like LL ops; its order relative to the other ops
+ * does not matter). Waits are bounded by timeout_ms; a timeout names the rank that did not answer
+ * (ep_group_failed_peer) and leaves the group failed. EP_ERR_UNSUPPORTED, with nothing sent, on a
+ * configuration without such a path (the cuda backend's ranks in several processes over nvlink):
+ * every rank of the group gets it alike, and the caller keeps using its bootstrap. */
+ep_status_t ep_group_allgather(ep_group_t *g, const void *in, void *out, size_t len);
+
 /* ---- routing ------------------------------------------------------------------------------ */
 
 typedef enum ep_route_kind {
