@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "api_internal.h"
+#include "sample.h"
 
 /* A bound on the length of one stop sequence. */
 #define MAX_STOP_BYTES 512
@@ -62,6 +63,12 @@ static int parse_ids(const cJSON *arr, const char *path, int vocab, int32_t **ou
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
     if (!ids) return bad(v, 500, NULL, NULL, "out of memory");
     for (const cJSON *t = arr->child; t; t = t->next, i++) {
+        if (cJSON_IsNumber(t) && !isfinite(t->valuedouble)) {
+            free(ids);
+            return bad(v, 400, "prompt", NULL,
+                       "%s[%d]: token id %g is outside the vocabulary (0..%d)", path, i,
+                       t->valuedouble, vocab - 1);
+        }
         if (!is_int(t)) {
             free(ids);
             return bad(v, 400, "prompt", NULL,
@@ -173,10 +180,10 @@ static int get_number(const cJSON *f, const char *name, double lo, double hi, in
                       double *out, verr_t *v)
 {
     if (!f || cJSON_IsNull(f)) return 0;
-    if (!cJSON_IsNumber(f) || !isfinite(f->valuedouble))
+    if (!cJSON_IsNumber(f))
         return bad(v, 400, name, NULL, "'%s' must be a number, not %s", name, type_name(f));
-    double x = f->valuedouble;
-    if ((lo_open ? x <= lo : x < lo) || x > hi)
+    double x = f->valuedouble; /* a literal beyond a double (1e400) parses as +-inf */
+    if (!isfinite(x) || (lo_open ? x <= lo : x < lo) || x > hi)
         return bad(v, 400, name, NULL, "'%s' is %g; it must be in %s%g, %g]", name, x,
                    lo_open ? "(" : "[", lo, hi);
     *out = x;
@@ -215,6 +222,29 @@ static int unsupported(const cJSON *f, verr_t *v)
         neutral |= cJSON_IsString(f) && !strcmp(f->valuestring, "none");
     if (neutral) return 0;
     return bad(v, 400, k, NULL, "'%s' is not supported by this server (leave it out)", k);
+}
+
+/* The sampler's own rules (epd_sample_check) on the values it will get, 32-bit floats: a value
+ * in range as a double may not be as a float (top_p 1e-46 rounds to 0). */
+static int check_sampling(const creq_t *q, verr_t *v)
+{
+    epd_sample_params_t sp = {
+        .temperature = (float)q->temperature, .top_p = (float)q->top_p, .top_k = q->top_k};
+    if (q->top_p > 0 && !(sp.top_p > 0))
+        return bad(v, 400, "top_p", NULL,
+                   "'top_p' is %g, which is 0 as the 32-bit float the sampler uses; it must be "
+                   "in (0, 1] and at least 1e-45",
+                   q->top_p);
+    epd_err_t se;
+    if (epd_sample_check(&sp, &se) == 0) return 0;
+    /* the sampler's message starts with the parameter's name */
+    static const char *const names[] = {"temperature", "top_p", "top_k"};
+    const char *param = NULL;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (!strncmp(se.msg, names[i], strlen(names[i])) && se.msg[strlen(names[i])] == ':')
+            param = names[i];
+    return bad(v, 400, param, NULL, "'%s' is refused by the sampler: %.900s",
+               param ? param : "sampling", se.msg);
 }
 
 int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_info_t *info,
@@ -260,13 +290,21 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
             if (get_bool(f, k, &add_gen, v)) return -1;
         } else if (!strcmp(k, "max_tokens") || (chat && !strcmp(k, "max_completion_tokens"))) {
             if (cJSON_IsNull(f)) continue;
-            if (!is_int(f))
-                return bad(v, 400, k, NULL, "'%s' must be an integer, not %s", k,
-                           cJSON_IsNumber(f) ? "a fraction" : type_name(f));
+            if (!cJSON_IsNumber(f))
+                return bad(v, 400, k, NULL, "'%s' must be an integer, not %s", k, type_name(f));
+            if (!isfinite(f->valuedouble)) /* a literal beyond a double (1e400) */
+                return bad(v, 400, k, NULL,
+                           "'%s' is out of range (beyond a double): it must be an integer in "
+                           "[1, %d] (the model's context length)",
+                           k, info->max_seq_len);
             if (f->valuedouble < 1 || f->valuedouble > info->max_seq_len)
                 return bad(v, 400, k, NULL,
-                           "'%s' is %.0f; it must be in [1, %d] (the model's context length)", k,
-                           f->valuedouble, info->max_seq_len);
+                           "'%s' is %g, out of range: it must be an integer in [1, %d] (the "
+                           "model's context length)",
+                           k, f->valuedouble, info->max_seq_len);
+            if (!is_int(f))
+                return bad(v, 400, k, NULL, "'%s' must be an integer, not a fraction (%g)", k,
+                           f->valuedouble);
             q->max_tokens = (int)f->valuedouble;
         } else if (!strcmp(k, "stop")) {
             if (parse_stop(a, f, q, v)) return -1;
@@ -320,6 +358,7 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
                        "Unrecognized request argument supplied: %.100s", k);
         }
     }
+    if (check_sampling(q, v)) return -1;
     if (chat) {
         char *text = NULL;
         size_t tl = 0;

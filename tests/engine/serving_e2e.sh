@@ -166,6 +166,8 @@ for R in "${RANKS[@]}"; do
     expect_error 400 '{"prompt":[1],"temperature":2.5}' "'temperature' is 2.5"
     expect_error 400 '{"prompt":[1],"temperature":"hot"}' "'temperature' must be a number"
     expect_error 400 '{"prompt":[1],"top_p":0}' "'top_p' is 0"
+    expect_error 400 '{"prompt":[1],"top_p":1e-46}' "'top_p' is 1e-46, which is 0 as the 32-bit float"
+    expect_error 400 '{"prompt":[1],"max_tokens":1e400}' "'max_tokens' is out of range (beyond a double)"
     expect_error 400 '{"prompt":[1],"stream":1}' "'stream' must be a boolean"
     expect_error 400 '{"prompt":[1],"n":2}' "'n' > 1 is not supported"
     expect_error 400 '{"prompt":[1],"frobnicate":true}' 'Unrecognized request argument supplied: frobnicate'
