@@ -26,6 +26,7 @@
 #include <time.h>
 
 #include "api_internal.h"
+#include "epd_json.h"
 #include "log.h"
 
 #define SUB "api"
@@ -98,8 +99,8 @@ cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *
                       epd_http_res_t *res)
 {
     const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(req->body, req->body_len, &end, 0);
-    char msg[160];
+    cJSON *root = epd_json_parse(req->body, req->body_len, &end);
+    char msg[400];
     if (!root) {
         if (req->body_len == 0)
             snprintf(msg, sizeof(msg), "the request body is empty; send a JSON object");
@@ -118,6 +119,18 @@ cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *
                  "the request body is not valid JSON (unexpected data at byte %td)", p - req->body);
         cJSON_Delete(root);
         api_send_error(a, endpoint, res, 400, msg, NULL, "invalid_json");
+        return NULL;
+    }
+    /* cJSON keeps both members of a repeated key: refused, never half applied */
+    char path[200];
+    const cJSON *dup = epd_json_find_duplicate(root, path, sizeof(path));
+    if (dup) {
+        snprintf(msg, sizeof(msg),
+                 "the request body has the key '%.100s' more than once (at %s): a key may "
+                 "appear once in an object",
+                 dup->string, path);
+        cJSON_Delete(root);
+        api_send_error(a, endpoint, res, 400, msg, path, "duplicate_key");
         return NULL;
     }
     return root;

@@ -281,6 +281,8 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
                            "The model '%.200s' does not exist; this server serves '%s'",
                            f->valuestring, info->model_id);
         } else if (!chat && !strcmp(k, "prompt")) {
+            if (q->nprompts) /* api_parse_body refuses repeated keys; never half apply one */
+                return bad(v, 400, "prompt", NULL, "'prompt' is given more than once");
             if (parse_prompt(a, f, info->vocab_size, q, v)) return -1;
         } else if (chat && !strcmp(k, "messages")) {
             messages = f;

@@ -175,6 +175,9 @@ for R in "${RANKS[@]}"; do
     expect_error 400 '{"prompt":[1],"stream_options":{"include_usage":true}}' "only allowed when 'stream' is true"
     expect_error 400 '{"prompt":[1], "max_tokens": }' 'not valid JSON (error at byte 29)'
     expect_error 400 '[1,2]' 'must be a JSON object'
+    expect_error 400 '{"prompt":[1,2],"prompt":[1]}' "the key 'prompt' more than once (at prompt)"
+    expect_error 400 '{"prompt":[1],"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}' \
+        "the key 'include_usage' more than once (at stream_options.include_usage)"
     expect_error 400 '{"prompt":[1]} x' 'unexpected data at byte 15'
     expect_error 404 '{"prompt":[1],"model":"gpt-4"}' "The model 'gpt-4' does not exist"
 

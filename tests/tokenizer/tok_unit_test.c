@@ -429,6 +429,11 @@ static cJSON *at(cJSON *root, const char *a, const char *b)
 static void errors_name_file_and_json_path(void **state)
 {
     cJSON *j = base();
+    /* cJSON writes a key added twice twice; lookups would see only the first */
+    cJSON_AddItemToObject(at(j, "model", NULL), "type", cJSON_CreateString("BPE"));
+    expect_load_error(j, EPD_TOK_ERR_PARSE, "model.type: duplicate key");
+
+    j = base();
     cJSON_ReplaceItemInObjectCaseSensitive(at(j, "model", NULL), "type",
                                            cJSON_CreateString("Unigram"));
     expect_load_error(j, EPD_TOK_ERR_UNSUPPORTED,
