@@ -9,6 +9,7 @@
 #include <string.h>
 
 #include "api_internal.h"
+#include "epd_json.h"
 #include "sample.h"
 
 /* A bound on the length of one stop sequence. */
@@ -96,7 +97,7 @@ static int add_text_prompt(const epd_api_t *a, const cJSON *s, const char *path,
         return bad(v, 400, "prompt", NULL, "at most %d prompts per request", MAX_PROMPTS);
     int32_t *ids = NULL;
     int n = 0;
-    if (api_encode(a, s->valuestring, strlen(s->valuestring), path, &ids, &n, v)) return -1;
+    if (api_encode(a, s->valuestring, epd_json_strlen(s), path, &ids, &n, v)) return -1;
     if (n == 0) {
         free(ids);
         return bad(v, 400, "prompt", NULL, "%s is empty (no tokens): give some text", path);
@@ -150,7 +151,7 @@ static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
     if (!cJSON_IsString(f) && !cJSON_IsArray(f))
         return bad(v, 400, "stop", NULL, "'stop' must be a string or a list of strings, not %s",
                    type_name(f));
-    if (cJSON_IsString(f) && !f->valuestring[0]) return 0;
+    if (cJSON_IsString(f) && !epd_json_strlen(f)) return 0;
     if (cJSON_IsArray(f) && !f->child) return 0;
     if (api_text_ready(a, "stop", v)) {
         char why[sizeof(v->msg)];
@@ -163,15 +164,15 @@ static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
     for (const cJSON *s = one; s; s = cJSON_IsString(f) ? NULL : s->next, i++) {
         if (!cJSON_IsString(s))
             return bad(v, 400, "stop", NULL, "stop[%d] must be a string, not %s", i, type_name(s));
-        size_t l = strlen(s->valuestring);
+        size_t l = epd_json_strlen(s); /* text may hold U+0000 */
         if (l == 0) return bad(v, 400, "stop", NULL, "stop[%d] is empty", i);
         if (l > MAX_STOP_BYTES)
             return bad(v, 400, "stop", NULL, "stop[%d] is longer than %d bytes", i, MAX_STOP_BYTES);
         if (q->nstop == MAX_STOP)
             return bad(v, 400, "stop", NULL, "at most %d stop sequences", MAX_STOP);
-        if (!(q->stop[q->nstop] = strdup(s->valuestring)))
-            return bad(v, 500, NULL, NULL, "out of memory");
-        q->nstop++;
+        if (!(q->stop[q->nstop] = malloc(l + 1))) return bad(v, 500, NULL, NULL, "out of memory");
+        memcpy(q->stop[q->nstop], s->valuestring, l + 1);
+        q->stop_len[q->nstop++] = l;
     }
     return 0;
 }
@@ -276,7 +277,8 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
         if (!strcmp(k, "model")) {
             if (!cJSON_IsString(f))
                 return bad(v, 400, "model", NULL, "'model' must be a string, not %s", type_name(f));
-            if (strcmp(f->valuestring, info->model_id) != 0)
+            if (strcmp(f->valuestring, info->model_id) != 0 ||
+                epd_json_strlen(f) != strlen(f->valuestring))
                 return bad(v, 404, "model", "model_not_found",
                            "The model '%.200s' does not exist; this server serves '%s'",
                            f->valuestring, info->model_id);

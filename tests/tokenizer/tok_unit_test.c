@@ -256,6 +256,33 @@ static void split_regex_decides_pieces(void **state)
     epd_tok_destroy(t);
 }
 
+/* U+0000 is text like any other character: encoded as byte 0, decoded back, never an end. */
+static void nul_is_text(void **state)
+{
+    epd_tok_t *t = load(synth_json(&(synth_t){k_merges, 5, "\\p{L}+|[^\\p{L}]", true}));
+    epd_tok_ids_t ids = {0};
+    char err[256];
+    assert_int_equal(epd_tok_encode(t, "ab\0bc", 5, 0, &ids, err, sizeof(err)), 0);
+    const int32_t want[] = {AB, 0, BC};
+    assert_int_equal(ids.len, 3);
+    assert_memory_equal(ids.ids, want, sizeof(want));
+    char *out = NULL;
+    size_t len = 0;
+    assert_int_equal(epd_tok_decode(t, ids.ids, ids.len, 0, &out, &len, err, sizeof(err)), 0);
+    assert_int_equal(len, 5);
+    assert_memory_equal(out, "ab\0bc", 5);
+    free(out);
+    epd_tok_ids_fini(&ids);
+    epd_tok_stream_t *s = NULL;
+    assert_int_equal(epd_tok_stream_create(t, 0, &s), 0);
+    const char *piece = NULL;
+    assert_int_equal(epd_tok_stream_push(s, 0, &piece, &len, err, sizeof(err)), 0);
+    assert_int_equal(len, 1);
+    assert_int_equal(piece[0], 0);
+    epd_tok_stream_destroy(s);
+    epd_tok_destroy(t);
+}
+
 static void nfc_normalizes_before_bpe(void **state)
 {
     epd_tok_t *t = load(synth_json(&(synth_t){NULL, 0, "\\p{L}+|\\p{M}+|\\s+", true}));
@@ -660,6 +687,7 @@ int main(void)
         cmocka_unit_test(bpe_applies_lowest_rank_first),
         cmocka_unit_test(bpe_long_words),
         cmocka_unit_test(split_regex_decides_pieces),
+        cmocka_unit_test(nul_is_text),
         cmocka_unit_test(nfc_normalizes_before_bpe),
         cmocka_unit_test(added_tokens_match_whole),
         cmocka_unit_test(decode_replaces_ill_formed_utf8),
