@@ -636,6 +636,63 @@ static void configs_give_special_ids(void **state)
     assert_non_null(strstr(err, "eos_token: expected a string or an object, got a number"));
 }
 
+/* Chat content with U+0000 (content_len) is rendered whole. The template: the pieces of
+ * Qwen3's template that the recogniser looks for (copied from Qwen3's tokenizer_config.json),
+ * padded to its 26 output expressions. */
+static void chat_content_keeps_nul(void **state)
+{
+    static const char *const pieces[] = {
+        "'<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n'",
+        "message.content.startswith('<tool_response>') and "
+        "message.content.endswith('</tool_response>')",
+        "(message.role == \"user\") or (message.role == \"system\" and not loop.first)",
+        "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n'",
+        "message.content.split('</think>')[-1].lstrip('\\n')",
+        "message.content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n')",
+        "loop.index0 > ns.last_query_index",
+        "loop.last or (not loop.last and reasoning_content)",
+        "'<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
+        "'\\n</think>\\n\\n' + content.lstrip('\\n')",
+        "'<|im_start|>' + message.role + '\\n' + content",
+        "(loop.first and content) or (not loop.first)",
+        "'<tool_call>\\n{\"name\": \"'",
+        "'\", \"arguments\": '",
+        "'}\\n</tool_call>'",
+        "'<|im_end|>\\n'",
+        "'<|im_start|>user'",
+        "'\\n<tool_response>\\n'",
+        "'\\n</tool_response>'",
+        "'<|im_start|>assistant\\n'",
+        "enable_thinking is defined and enable_thinking is false",
+        "'<think>\\n\\n</think>\\n\\n'",
+    };
+    char tmpl[4096] = "";
+    for (size_t i = 0; i < sizeof(pieces) / sizeof(pieces[0]); i++)
+        strcat(strcat(tmpl, pieces[i]), " ");
+    for (int i = 0; i < 26; i++)
+        strcat(tmpl, "{{ x }}");
+    cJSON *cfg = cJSON_CreateObject();
+    cJSON_AddStringToObject(cfg, "chat_template", tmpl);
+    char *text = cJSON_PrintUnformatted(cfg);
+    cJSON_Delete(cfg);
+    epd_tok_t *t;
+    char err[512];
+    assert_int_equal(load_with_configs(text, NULL, &t, err, sizeof(err)), 0);
+    cJSON_free(text);
+    assert_int_equal(epd_tok_chat_kind(t), EPD_TOK_CHAT_QWEN3);
+    epd_tok_chat_msg_t m[] = {{.role = "system", .content = "s\0t", .content_len = 3},
+                              {.role = "user", .content = "a\0b", .content_len = 3}};
+    char *out;
+    size_t len;
+    assert_int_equal(epd_tok_chat_render(t, m, 2, NULL, &out, &len, err, sizeof(err)), 0);
+    static const char want[] =
+        "<|im_start|>system\ns\0t<|im_end|>\n<|im_start|>user\na\0b<|im_end|>\n";
+    assert_int_equal(len, sizeof(want) - 1);
+    assert_memory_equal(out, want, len);
+    free(out);
+    epd_tok_destroy(t);
+}
+
 static void unrecognised_chat_templates_are_refused(void **state)
 {
     epd_tok_t *t;
@@ -695,6 +752,7 @@ int main(void)
         cmocka_unit_test(encode_refuses_ill_formed_utf8),
         cmocka_unit_test(errors_name_file_and_json_path),
         cmocka_unit_test(configs_give_special_ids),
+        cmocka_unit_test(chat_content_keeps_nul),
         cmocka_unit_test(unrecognised_chat_templates_are_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
