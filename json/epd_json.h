@@ -15,7 +15,8 @@ const cJSON *epd_json_find_duplicate(const cJSON *root, char *path, size_t path_
 
 /* cJSON_ParseWithLengthOpts(text, len, end, 0) that also records the byte length of every
  * string value, so that epd_json_strlen sees past a U+0000 (a "\u0000" escape or a raw NUL
- * byte). NULL: not valid JSON (*end, when given, points at the error as cJSON's does). */
+ * byte). The length is kept in the string item's valueint, which cJSON leaves unused for
+ * strings. NULL: not valid JSON (*end, when given, points at the error as cJSON's does). */
 cJSON *epd_json_parse(const char *text, size_t len, const char **end);
 
 /* The byte length of a string value: all of it for items parsed by epd_json_parse, else
