@@ -58,7 +58,8 @@ typedef struct creq {
     uint64_t seed;
     int stream, include_usage;
     int nstop;
-    char *stop[MAX_STOP];
+    char *stop[MAX_STOP]; /* [stop_len] bytes, which may hold NUL, + a NUL */
+    size_t stop_len[MAX_STOP];
 } creq_t;
 
 /* Validates a completions (chat = 0) or chat request body into q (api_creq_free it, also

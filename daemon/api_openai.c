@@ -26,6 +26,7 @@
 #include <time.h>
 
 #include "api_internal.h"
+#include "epd_json.h"
 #include "log.h"
 
 #define SUB "api"
@@ -98,8 +99,8 @@ cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *
                       epd_http_res_t *res)
 {
     const char *end = NULL;
-    cJSON *root = cJSON_ParseWithLengthOpts(req->body, req->body_len, &end, 0);
-    char msg[160];
+    cJSON *root = epd_json_parse(req->body, req->body_len, &end);
+    char msg[400];
     if (!root) {
         if (req->body_len == 0)
             snprintf(msg, sizeof(msg), "the request body is empty; send a JSON object");
@@ -118,6 +119,18 @@ cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *
                  "the request body is not valid JSON (unexpected data at byte %td)", p - req->body);
         cJSON_Delete(root);
         api_send_error(a, endpoint, res, 400, msg, NULL, "invalid_json");
+        return NULL;
+    }
+    /* cJSON keeps both members of a repeated key: refused, never half applied */
+    char path[200];
+    const cJSON *dup = epd_json_find_duplicate(root, path, sizeof(path));
+    if (dup) {
+        snprintf(msg, sizeof(msg),
+                 "the request body has the key '%.100s' more than once (at %s): a key may "
+                 "appear once in an object",
+                 dup->string, path);
+        cJSON_Delete(root);
+        api_send_error(a, endpoint, res, 400, msg, path, "duplicate_key");
         return NULL;
     }
     return root;
@@ -204,18 +217,13 @@ static cJSON *choice_obj(int index, const char *text, size_t tlen, const int32_t
     cJSON *o = cJSON_CreateObject();
     if (!o) return NULL;
     cJSON_AddNumberToObject(o, "index", index);
-    cJSON *t = cJSON_CreateStringReference("");
-    if (tlen) {
+    /* the text may hold U+0000, written as \u0000 */
+    cJSON *t = tlen ? epd_json_string_n(text, tlen) : cJSON_CreateStringReference("");
+    if (!t || !cJSON_AddItemToObject(o, "text", t)) {
         cJSON_Delete(t);
-        char *s = malloc(tlen + 1);
-        if (s) {
-            memcpy(s, text, tlen);
-            s[tlen] = '\0';
-        }
-        t = cJSON_CreateString(s ? s : "");
-        free(s);
+        cJSON_Delete(o);
+        return NULL;
     }
-    cJSON_AddItemToObject(o, "text", t);
     cJSON *arr = cJSON_AddArrayToObject(o, "token_ids");
     for (int i = 0; arr && i < n; i++)
         cJSON_AddItemToArray(arr, cJSON_CreateNumber(ids[i]));
@@ -233,15 +241,8 @@ static cJSON *chat_choice_obj(int index, int delta, const char *role, const char
     cJSON_AddNumberToObject(o, "index", index);
     cJSON *m = cJSON_AddObjectToObject(o, delta ? "delta" : "message");
     if (m && role) cJSON_AddStringToObject(m, "role", role);
-    if (m && text) {
-        char *s = malloc(tlen + 1);
-        if (s) {
-            memcpy(s, text, tlen);
-            s[tlen] = '\0';
-            cJSON_AddStringToObject(m, "content", s);
-            free(s);
-        }
-    }
+    if (m && text) /* the text may hold U+0000, written as \u0000 */
+        cJSON_AddItemToObject(m, "content", epd_json_string_n(text, tlen));
     cJSON_AddNullToObject(o, "logprobs");
     add_finish(o, finish);
     return o;
@@ -583,7 +584,7 @@ static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res,
     c->nstop = q.nstop;
     for (int i = 0; i < q.nstop; i++) {
         c->stop[i] = q.stop[i];
-        c->stop_len[i] = strlen(q.stop[i]);
+        c->stop_len[i] = q.stop_len[i];
         if (c->stop_len[i] > c->max_stop) c->max_stop = c->stop_len[i];
     }
     q.nstop = 0; /* owned by c now */

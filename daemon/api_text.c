@@ -11,6 +11,7 @@
 
 #include "api_internal.h"
 #include "epd_clock.h"
+#include "epd_json.h"
 #include "log.h"
 
 #define SUB "api"
@@ -187,11 +188,13 @@ static void msgbuf_free(msgbuf_t *m)
 
 /* content: a string, or a list of {"type": "text", "text": ...} parts (joined with "\n", as
  * vLLM does), or null for an assistant message that carries tool calls. */
-static int parse_content(const cJSON *c, int i, int has_calls, const char **out, char **owned,
-                         verr_t *v)
+static int parse_content(const cJSON *c, int i, int has_calls, const char **out, size_t *out_len,
+                         char **owned, verr_t *v)
 {
+    *out_len = 0;
     if (cJSON_IsString(c)) {
         *out = c->valuestring;
+        *out_len = epd_json_strlen(c); /* text may hold U+0000 */
         return 0;
     }
     if ((!c || cJSON_IsNull(c)) && has_calls) {
@@ -222,21 +225,22 @@ static int parse_content(const cJSON *c, int i, int has_calls, const char **out,
             return api_bad(v, 400, "messages", NULL,
                            "messages[%d].content[%d].text must be a string, not %s", i, j,
                            api_type_name(x));
-        total += strlen(x->valuestring) + 1;
+        total += epd_json_strlen(x) + 1;
     }
     char *s = malloc(total);
     if (!s) return api_bad(v, 500, NULL, NULL, "out of memory");
     size_t o = 0;
     for (const cJSON *p = c->child; p; p = p->next) {
-        const char *x = cJSON_GetObjectItemCaseSensitive(p, "text")->valuestring;
+        const cJSON *x = cJSON_GetObjectItemCaseSensitive(p, "text");
         if (p != c->child) s[o++] = '\n';
-        size_t l = strlen(x);
-        memcpy(s + o, x, l);
+        size_t l = epd_json_strlen(x);
+        memcpy(s + o, x->valuestring, l);
         o += l;
     }
     s[o] = '\0';
     *owned = s;
     *out = s;
+    *out_len = o;
     return 0;
 }
 
@@ -326,8 +330,8 @@ int api_render_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
         m.msgs[i].role = role->valuestring;
         if (parse_tool_calls(tc, i, &m.calls[i], &m.msgs[i].n_tool_calls, v)) goto fail;
         m.msgs[i].tool_calls = m.calls[i];
-        if (parse_content(content, i, m.msgs[i].n_tool_calls > 0, &m.msgs[i].content, &m.owned[i],
-                          v))
+        if (parse_content(content, i, m.msgs[i].n_tool_calls > 0, &m.msgs[i].content,
+                          &m.msgs[i].content_len, &m.owned[i], v))
             goto fail;
         if (reasoning && !cJSON_IsNull(reasoning)) {
             if (!cJSON_IsString(reasoning)) {
@@ -337,6 +341,7 @@ int api_render_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
                 goto fail;
             }
             m.msgs[i].reasoning_content = reasoning->valuestring;
+            m.msgs[i].reasoning_content_len = epd_json_strlen(reasoning);
         }
     }
     epd_tok_chat_opts_t opts = {.add_generation_prompt = add_generation_prompt != 0,
@@ -365,7 +370,8 @@ static int check_model(const epd_api_t *a, const cJSON *f, verr_t *v)
     const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
     if (!cJSON_IsString(f))
         return api_bad(v, 400, "model", NULL, "'model' must be a string, not %s", api_type_name(f));
-    if (info && strcmp(f->valuestring, info->model_id) != 0)
+    if (info && (strcmp(f->valuestring, info->model_id) != 0 ||
+                 epd_json_strlen(f) != strlen(f->valuestring)))
         return api_bad(v, 404, "model", "model_not_found",
                        "The model '%.200s' does not exist; this server serves '%s'", f->valuestring,
                        info->model_id);
@@ -423,7 +429,7 @@ static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx
                     api_type_name(prompt));
             goto fail;
         }
-        if (api_encode(a, prompt->valuestring, strlen(prompt->valuestring), "prompt", &ids, &n, &v))
+        if (api_encode(a, prompt->valuestring, epd_json_strlen(prompt), "prompt", &ids, &n, &v))
             goto fail;
     } else {
         size_t rl = 0;
@@ -514,7 +520,10 @@ static void h_detokenize(const epd_http_req_t *req, epd_http_res_t *res, void *c
         goto fail;
     }
     cJSON *doc = cJSON_CreateObject();
-    if (doc) cJSON_AddStringToObject(doc, "prompt", text);
+    if (doc && !cJSON_AddItemToObject(doc, "prompt", epd_json_string_n(text, len))) {
+        cJSON_Delete(doc); /* the response is then "out of memory" */
+        doc = NULL;
+    }
     api_send_json(res, 200, doc);
     api_count(a, EP_DETOKENIZE, 200);
     cJSON_Delete(doc);

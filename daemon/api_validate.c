@@ -9,6 +9,8 @@
 #include <string.h>
 
 #include "api_internal.h"
+#include "epd_json.h"
+#include "sample.h"
 
 /* A bound on the length of one stop sequence. */
 #define MAX_STOP_BYTES 512
@@ -62,6 +64,12 @@ static int parse_ids(const cJSON *arr, const char *path, int vocab, int32_t **ou
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
     if (!ids) return bad(v, 500, NULL, NULL, "out of memory");
     for (const cJSON *t = arr->child; t; t = t->next, i++) {
+        if (cJSON_IsNumber(t) && !isfinite(t->valuedouble)) {
+            free(ids);
+            return bad(v, 400, "prompt", NULL,
+                       "%s[%d]: token id %g is outside the vocabulary (0..%d)", path, i,
+                       t->valuedouble, vocab - 1);
+        }
         if (!is_int(t)) {
             free(ids);
             return bad(v, 400, "prompt", NULL,
@@ -89,7 +97,7 @@ static int add_text_prompt(const epd_api_t *a, const cJSON *s, const char *path,
         return bad(v, 400, "prompt", NULL, "at most %d prompts per request", MAX_PROMPTS);
     int32_t *ids = NULL;
     int n = 0;
-    if (api_encode(a, s->valuestring, strlen(s->valuestring), path, &ids, &n, v)) return -1;
+    if (api_encode(a, s->valuestring, epd_json_strlen(s), path, &ids, &n, v)) return -1;
     if (n == 0) {
         free(ids);
         return bad(v, 400, "prompt", NULL, "%s is empty (no tokens): give some text", path);
@@ -143,7 +151,7 @@ static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
     if (!cJSON_IsString(f) && !cJSON_IsArray(f))
         return bad(v, 400, "stop", NULL, "'stop' must be a string or a list of strings, not %s",
                    type_name(f));
-    if (cJSON_IsString(f) && !f->valuestring[0]) return 0;
+    if (cJSON_IsString(f) && !epd_json_strlen(f)) return 0;
     if (cJSON_IsArray(f) && !f->child) return 0;
     if (api_text_ready(a, "stop", v)) {
         char why[sizeof(v->msg)];
@@ -156,15 +164,15 @@ static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
     for (const cJSON *s = one; s; s = cJSON_IsString(f) ? NULL : s->next, i++) {
         if (!cJSON_IsString(s))
             return bad(v, 400, "stop", NULL, "stop[%d] must be a string, not %s", i, type_name(s));
-        size_t l = strlen(s->valuestring);
+        size_t l = epd_json_strlen(s); /* text may hold U+0000 */
         if (l == 0) return bad(v, 400, "stop", NULL, "stop[%d] is empty", i);
         if (l > MAX_STOP_BYTES)
             return bad(v, 400, "stop", NULL, "stop[%d] is longer than %d bytes", i, MAX_STOP_BYTES);
         if (q->nstop == MAX_STOP)
             return bad(v, 400, "stop", NULL, "at most %d stop sequences", MAX_STOP);
-        if (!(q->stop[q->nstop] = strdup(s->valuestring)))
-            return bad(v, 500, NULL, NULL, "out of memory");
-        q->nstop++;
+        if (!(q->stop[q->nstop] = malloc(l + 1))) return bad(v, 500, NULL, NULL, "out of memory");
+        memcpy(q->stop[q->nstop], s->valuestring, l + 1);
+        q->stop_len[q->nstop++] = l;
     }
     return 0;
 }
@@ -173,10 +181,10 @@ static int get_number(const cJSON *f, const char *name, double lo, double hi, in
                       double *out, verr_t *v)
 {
     if (!f || cJSON_IsNull(f)) return 0;
-    if (!cJSON_IsNumber(f) || !isfinite(f->valuedouble))
+    if (!cJSON_IsNumber(f))
         return bad(v, 400, name, NULL, "'%s' must be a number, not %s", name, type_name(f));
-    double x = f->valuedouble;
-    if ((lo_open ? x <= lo : x < lo) || x > hi)
+    double x = f->valuedouble; /* a literal beyond a double (1e400) parses as +-inf */
+    if (!isfinite(x) || (lo_open ? x <= lo : x < lo) || x > hi)
         return bad(v, 400, name, NULL, "'%s' is %g; it must be in %s%g, %g]", name, x,
                    lo_open ? "(" : "[", lo, hi);
     *out = x;
@@ -217,6 +225,29 @@ static int unsupported(const cJSON *f, verr_t *v)
     return bad(v, 400, k, NULL, "'%s' is not supported by this server (leave it out)", k);
 }
 
+/* The sampler's own rules (epd_sample_check) on the values it will get, 32-bit floats: a value
+ * in range as a double may not be as a float (top_p 1e-46 rounds to 0). */
+static int check_sampling(const creq_t *q, verr_t *v)
+{
+    epd_sample_params_t sp = {
+        .temperature = (float)q->temperature, .top_p = (float)q->top_p, .top_k = q->top_k};
+    if (q->top_p > 0 && !(sp.top_p > 0))
+        return bad(v, 400, "top_p", NULL,
+                   "'top_p' is %g, which is 0 as the 32-bit float the sampler uses; it must be "
+                   "in (0, 1] and at least 1e-45",
+                   q->top_p);
+    epd_err_t se;
+    if (epd_sample_check(&sp, &se) == 0) return 0;
+    /* the sampler's message starts with the parameter's name */
+    static const char *const names[] = {"temperature", "top_p", "top_k"};
+    const char *param = NULL;
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
+        if (!strncmp(se.msg, names[i], strlen(names[i])) && se.msg[strlen(names[i])] == ':')
+            param = names[i];
+    return bad(v, 400, param, NULL, "'%s' is refused by the sampler: %.900s",
+               param ? param : "sampling", se.msg);
+}
+
 int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_info_t *info,
                       int chat, creq_t *q, verr_t *v)
 {
@@ -246,11 +277,14 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
         if (!strcmp(k, "model")) {
             if (!cJSON_IsString(f))
                 return bad(v, 400, "model", NULL, "'model' must be a string, not %s", type_name(f));
-            if (strcmp(f->valuestring, info->model_id) != 0)
+            if (strcmp(f->valuestring, info->model_id) != 0 ||
+                epd_json_strlen(f) != strlen(f->valuestring))
                 return bad(v, 404, "model", "model_not_found",
                            "The model '%.200s' does not exist; this server serves '%s'",
                            f->valuestring, info->model_id);
         } else if (!chat && !strcmp(k, "prompt")) {
+            if (q->nprompts) /* api_parse_body refuses repeated keys; never half apply one */
+                return bad(v, 400, "prompt", NULL, "'prompt' is given more than once");
             if (parse_prompt(a, f, info->vocab_size, q, v)) return -1;
         } else if (chat && !strcmp(k, "messages")) {
             messages = f;
@@ -260,13 +294,21 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
             if (get_bool(f, k, &add_gen, v)) return -1;
         } else if (!strcmp(k, "max_tokens") || (chat && !strcmp(k, "max_completion_tokens"))) {
             if (cJSON_IsNull(f)) continue;
-            if (!is_int(f))
-                return bad(v, 400, k, NULL, "'%s' must be an integer, not %s", k,
-                           cJSON_IsNumber(f) ? "a fraction" : type_name(f));
+            if (!cJSON_IsNumber(f))
+                return bad(v, 400, k, NULL, "'%s' must be an integer, not %s", k, type_name(f));
+            if (!isfinite(f->valuedouble)) /* a literal beyond a double (1e400) */
+                return bad(v, 400, k, NULL,
+                           "'%s' is out of range (beyond a double): it must be an integer in "
+                           "[1, %d] (the model's context length)",
+                           k, info->max_seq_len);
             if (f->valuedouble < 1 || f->valuedouble > info->max_seq_len)
                 return bad(v, 400, k, NULL,
-                           "'%s' is %.0f; it must be in [1, %d] (the model's context length)", k,
-                           f->valuedouble, info->max_seq_len);
+                           "'%s' is %g, out of range: it must be an integer in [1, %d] (the "
+                           "model's context length)",
+                           k, f->valuedouble, info->max_seq_len);
+            if (!is_int(f))
+                return bad(v, 400, k, NULL, "'%s' must be an integer, not a fraction (%g)", k,
+                           f->valuedouble);
             q->max_tokens = (int)f->valuedouble;
         } else if (!strcmp(k, "stop")) {
             if (parse_stop(a, f, q, v)) return -1;
@@ -320,6 +362,7 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
                        "Unrecognized request argument supplied: %.100s", k);
         }
     }
+    if (check_sampling(q, v)) return -1;
     if (chat) {
         char *text = NULL;
         size_t tl = 0;

@@ -2,6 +2,7 @@
  * optional ones, range checks, and refusal of features this model code does not implement. */
 #include "hf_config.h"
 #include "safetensors.h"
+#include "epd_json.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -115,12 +116,11 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
         rc = epd_err_set(err, -EINVAL, "%s: not a JSON object", origin);
         goto out;
     }
-    for (const cJSON *a = root->child; a; a = a->next)
-        for (const cJSON *b = a->next; b; b = b->next)
-            if (!strcmp(a->string, b->string)) {
-                rc = epd_err_set(err, -EINVAL, "%s: %s: appears twice", origin, a->string);
-                goto out;
-            }
+    char dpath[256];
+    if (epd_json_find_duplicate(root, dpath, sizeof(dpath))) {
+        rc = epd_err_set(err, -EINVAL, "%s: %s: appears twice", origin, dpath);
+        goto out;
+    }
     const cJSON *mt = field(root, "model_type");
     if (!mt) {
         rc = epd_err_set(err, -EINVAL, "%s: model_type: required field is missing", origin);

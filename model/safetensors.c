@@ -1,6 +1,7 @@
 /* safetensors reader: mmap, full header validation (lengths, dtypes, shapes, offsets, overlap,
  * coverage), sharded checkpoints through model.safetensors.index.json, fp32 conversion. */
 #include "safetensors.h"
+#include "epd_json.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -232,6 +233,17 @@ static int parse_header(epd_st_file_t *f, const char *hdr, size_t hlen, epd_err_
     }
     if (!cJSON_IsObject(root)) {
         rc = epd_err_set(err, -EINVAL, "%s: header is not a JSON object", f->path);
+        goto out;
+    }
+    char dpath[256];
+    const cJSON *dup = epd_json_find_duplicate(root, dpath, sizeof(dpath));
+    if (dup && dup->string && !strcmp(dpath, dup->string)) {
+        rc = epd_err_set(err, -EINVAL, "%s: tensor '%s' appears twice in the header", f->path,
+                         dup->string);
+        goto out;
+    }
+    if (dup) {
+        rc = epd_err_set(err, -EINVAL, "%s: header: %s: duplicate key", f->path, dpath);
         goto out;
     }
     int n = 0;
@@ -540,6 +552,11 @@ static int open_index(epd_st_ckpt_t *c, const char *dir, const char *ipath, epd_
         const char *at = cJSON_GetErrorPtr();
         rc = epd_err_set(err, -EINVAL, "%s: not valid JSON (near byte %ld)", ipath,
                          at ? (long)(at - text) : -1L);
+        goto out;
+    }
+    char dpath[256];
+    if (epd_json_find_duplicate(root, dpath, sizeof(dpath))) {
+        rc = epd_err_set(err, -EINVAL, "%s: %s: duplicate key", ipath, dpath);
         goto out;
     }
     const cJSON *wm = cJSON_GetObjectItemCaseSensitive(root, "weight_map");

@@ -83,6 +83,12 @@ static span_t sp(const char *s)
     return (span_t){s, strlen(s)};
 }
 
+/* s[0..n), or up to its NUL when n is 0 (epd_tok_chat_msg_t's lengths) */
+static span_t sp_n(const char *s, size_t n)
+{
+    return n ? (span_t){s, n} : sp(s);
+}
+
 static span_t lstrip_nl(span_t s)
 {
     while (s.n && s.p[0] == '\n') {
@@ -193,10 +199,10 @@ static epd_tok_status_t check_messages(const epd_tok_chat_msg_t *msgs, size_t n,
 static void render_assistant(out_t *o, const epd_tok_chat_msg_t *m, size_t i, size_t n,
                              size_t last_query)
 {
-    span_t content = sp(m->content);
+    span_t content = sp_n(m->content, m->content_len);
     span_t reasoning = sp("");
     if (m->reasoning_content) {
-        reasoning = sp(m->reasoning_content);
+        reasoning = sp_n(m->reasoning_content, m->reasoning_content_len);
     } else if (has(content, "</think>")) {
         reasoning = lstrip_nl(after_last(rstrip_nl(before_first(content, "</think>")), "<think>"));
         content = lstrip_nl(after_last(content, "</think>"));
@@ -228,14 +234,14 @@ static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
 {
     if (role_is(&msgs[0], "system")) {
         puts_(o, "<|im_start|>system\n");
-        puts_(o, msgs[0].content);
+        put(o, sp_n(msgs[0].content, msgs[0].content_len));
         puts_(o, "<|im_end|>\n");
     }
     /* The last user message that is not a wrapped tool response; thinking is shown only for
      * assistant turns after it. Without one, the last message's index. */
     size_t last_query = n - 1;
     for (size_t k = n; k-- > 0;) {
-        span_t c = sp(msgs[k].content);
+        span_t c = sp_n(msgs[k].content, msgs[k].content_len);
         if (role_is(&msgs[k], "user") &&
             !(starts(c, "<tool_response>") && ends(c, "</tool_response>"))) {
             last_query = k;
@@ -248,14 +254,14 @@ static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
             puts_(o, "<|im_start|>");
             puts_(o, m->role);
             puts_(o, "\n");
-            puts_(o, m->content);
+            put(o, sp_n(m->content, m->content_len));
             puts_(o, "<|im_end|>\n");
         } else if (role_is(m, "assistant")) {
             render_assistant(o, m, i, n, last_query);
         } else if (role_is(m, "tool")) {
             if (i == 0 || !role_is(&msgs[i - 1], "tool")) puts_(o, "<|im_start|>user");
             puts_(o, "\n<tool_response>\n");
-            puts_(o, m->content);
+            put(o, sp_n(m->content, m->content_len));
             puts_(o, "\n</tool_response>");
             if (i == n - 1 || !role_is(&msgs[i + 1], "tool")) puts_(o, "<|im_end|>\n");
         }

@@ -2,6 +2,7 @@
  * regex and decoder, each checked against what we implement; errors name the file and JSON path.
  */
 #include "tok_internal.h"
+#include "epd_json.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -111,6 +112,14 @@ epd_tok_status_t tok_parse_json_file(const char *path, cJSON **root, char *err, 
         *root = NULL;
         return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: the top level must be a JSON object",
                         path);
+    }
+    /* cJSON keeps both members of a repeated key, and lookups would see only the first */
+    char dpath[256];
+    if (epd_json_find_duplicate(*root, dpath, sizeof(dpath))) {
+        cJSON_Delete(*root);
+        *root = NULL;
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                        "%s: %s: duplicate key (a key may appear once in an object)", path, dpath);
     }
     return EPD_TOK_OK;
 }

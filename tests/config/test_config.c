@@ -352,6 +352,13 @@ static const bad_case_t bad_cases[] = {
      SKIP_FS,
      1,
      {"bad.json: cluster.peers[0].prot: unknown key; did you mean 'port'?"}},
+    {"duplicate key in a peer",
+     "{\"cluster\": {\"peers\": [{\"id\": 1, \"host\": \"10.0.0.9\", \"port\": 7420, "
+     "\"port\": 7421}], " SECRET "}}",
+     0,
+     SKIP_FS,
+     1,
+     {"bad.json: cluster.peers[0].port: duplicate key"}},
     {"duplicate peer ids",
      "{\"cluster\": {\"peers\": [" PEER(1, 7420) ", {\"id\": 1, \"host\": \"10.0.0.9\", "
                                                  "\"port\": 7420}], " SECRET "}}",

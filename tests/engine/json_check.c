@@ -6,6 +6,9 @@
  *                                      OpenAI shape and that usage adds up
  *   json_check sse FILE                the same from an event stream ending in [DONE]
  *   json_check error FILE              the error message; checks OpenAI's error shape
+ *   json_check bytetok ID              prints a byte-level tokenizer.json of 256 ids, byte b
+ *                                      being id b except that byte 0x00 and byte ID swap ids
+ *                                      (so that a generated ID decodes to U+0000)
  * Exit 0 on success, 1 (with a message on stderr) if the input is not what it must be. */
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -231,6 +234,63 @@ static int error(const char *path)
     return rc;
 }
 
+/* GPT-2's bytes_to_unicode: printable bytes keep their value, the others get 256, 257, ...
+ * in byte order; written as UTF-8. */
+static void spell_byte(unsigned b, char out[3])
+{
+#define PRINTABLE(x) (((x) >= 33 && (x) <= 126) || ((x) >= 161 && (x) <= 172) || (x) >= 174)
+    unsigned cp = b;
+    if (!PRINTABLE(b)) {
+        cp = 256;
+        for (unsigned x = 0; x < b; x++)
+            cp += !PRINTABLE(x);
+    }
+#undef PRINTABLE
+    if (cp < 0x80) {
+        out[0] = (char)cp;
+        out[1] = 0;
+    } else {
+        out[0] = (char)(0xC0 | cp >> 6);
+        out[1] = (char)(0x80 | (cp & 0x3F));
+        out[2] = 0;
+    }
+}
+
+static int bytetok(const char *arg)
+{
+    int swap = atoi(arg);
+    if (swap < 0 || swap > 255) return fail("the id must be in 0..255", arg);
+    cJSON *root = cJSON_CreateObject();
+    cJSON_AddStringToObject(root, "version", "1.0");
+    cJSON_AddArrayToObject(root, "added_tokens");
+    cJSON_AddNullToObject(root, "normalizer");
+    cJSON *bl = cJSON_CreateObject();
+    cJSON_AddStringToObject(bl, "type", "ByteLevel");
+    cJSON_AddFalseToObject(bl, "add_prefix_space");
+    cJSON_AddFalseToObject(bl, "trim_offsets");
+    cJSON_AddFalseToObject(bl, "use_regex");
+    cJSON_AddItemToObject(root, "pre_tokenizer", cJSON_Duplicate(bl, 1));
+    cJSON_AddItemToObject(root, "post_processor", cJSON_Duplicate(bl, 1));
+    cJSON_AddItemToObject(root, "decoder", bl);
+    cJSON *model = cJSON_AddObjectToObject(root, "model");
+    cJSON_AddStringToObject(model, "type", "BPE");
+    cJSON_AddNullToObject(model, "dropout");
+    cJSON_AddNullToObject(model, "unk_token");
+    cJSON_AddFalseToObject(model, "byte_fallback");
+    cJSON *vocab = cJSON_AddObjectToObject(model, "vocab");
+    cJSON_AddArrayToObject(model, "merges");
+    for (int b = 0; b < 256; b++) {
+        char t[3];
+        spell_byte((unsigned)b, t);
+        cJSON_AddNumberToObject(vocab, t, b == 0 ? swap : b == swap ? 0 : b);
+    }
+    char *s = cJSON_Print(root);
+    printf("%s\n", s);
+    cJSON_free(s);
+    cJSON_Delete(root);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     if (argc != 3) {
@@ -241,6 +301,7 @@ int main(int argc, char **argv)
     if (!strcmp(argv[1], "completion")) return completion(argv[2]);
     if (!strcmp(argv[1], "sse")) return sse(argv[2]);
     if (!strcmp(argv[1], "error")) return error(argv[2]);
+    if (!strcmp(argv[1], "bytetok")) return bytetok(argv[2]);
     fprintf(stderr, "json_check: unknown command %s\n", argv[1]);
     return 2;
 }

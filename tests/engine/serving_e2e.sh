@@ -36,7 +36,7 @@ start_epd() {
   "node": {"id": 0, "name": "serving-e2e"},
   "http": {"listen": {"host": "127.0.0.1", "port": $PORT}},
   "compute": {"backend": "cpu", "ranks_per_node": $1},
-  "model": {"path": "$ORACLE", "max_batch_tokens": $2, "max_prefill_tokens": ${3:-512}, "max_seq_len": 512},
+  "model": {"path": "${MODEL_DIR:-$ORACLE}", "max_batch_tokens": $2, "max_prefill_tokens": ${3:-512}, "max_seq_len": 512},
   "timeouts": {"shutdown_ms": 3000},
   "log": {"level": "info"}
 }
@@ -166,6 +166,8 @@ for R in "${RANKS[@]}"; do
     expect_error 400 '{"prompt":[1],"temperature":2.5}' "'temperature' is 2.5"
     expect_error 400 '{"prompt":[1],"temperature":"hot"}' "'temperature' must be a number"
     expect_error 400 '{"prompt":[1],"top_p":0}' "'top_p' is 0"
+    expect_error 400 '{"prompt":[1],"top_p":1e-46}' "'top_p' is 1e-46, which is 0 as the 32-bit float"
+    expect_error 400 '{"prompt":[1],"max_tokens":1e400}' "'max_tokens' is out of range (beyond a double)"
     expect_error 400 '{"prompt":[1],"stream":1}' "'stream' must be a boolean"
     expect_error 400 '{"prompt":[1],"n":2}' "'n' > 1 is not supported"
     expect_error 400 '{"prompt":[1],"frobnicate":true}' 'Unrecognized request argument supplied: frobnicate'
@@ -173,6 +175,9 @@ for R in "${RANKS[@]}"; do
     expect_error 400 '{"prompt":[1],"stream_options":{"include_usage":true}}' "only allowed when 'stream' is true"
     expect_error 400 '{"prompt":[1], "max_tokens": }' 'not valid JSON (error at byte 29)'
     expect_error 400 '[1,2]' 'must be a JSON object'
+    expect_error 400 '{"prompt":[1,2],"prompt":[1]}' "the key 'prompt' more than once (at prompt)"
+    expect_error 400 '{"prompt":[1],"stream":true,"stream_options":{"include_usage":true,"include_usage":false}}' \
+        "the key 'include_usage' more than once (at stream_options.include_usage)"
     expect_error 400 '{"prompt":[1]} x' 'unexpected data at byte 15'
     expect_error 404 '{"prompt":[1],"model":"gpt-4"}' "The model 'gpt-4' does not exist"
 
@@ -247,6 +252,42 @@ for R in "${RANKS[@]}"; do
     stop_epd
     echo "ranks_per_node $R: ok"
 done
+
+# ---- text with U+0000, kept end to end: the oracle with a byte-level tokenizer in which the
+# first greedy id of a case (< 256) is byte 0x00 (and id 0 that byte) ----
+R=1
+NUL_ID=
+while read -r prompt tokens; do
+    first=${tokens%%,*}
+    if [ "$first" -gt 0 ] && [ "$first" -lt 256 ]; then NUL_PROMPT=$prompt NUL_ID=$first; break; fi
+done <"$WORK/cases"
+[ -n "$NUL_ID" ] || fail "no case whose first greedy id is a byte"
+mkdir "$WORK/nul"
+cp "$ORACLE/config.json" "$WORK/nul/"
+ln -s "$ORACLE/model.safetensors" "$WORK/nul/"
+"$CHECK" bytetok "$NUL_ID" >"$WORK/nul/tokenizer.json" || fail "bytetok"
+MODEL_DIR=$WORK/nul start_epd 1 8
+nulpost() { # PATH BODY -> the response body (HTTP 200 required)
+    local code
+    code=$("${CURL[@]}" -o "$WORK/n" -w '%{http_code}' -H 'Content-Type: application/json' -d "$2" "$BASE$1")
+    [ "$code" = 200 ] || fail "$1 '$2': HTTP $code: $(cat "$WORK/n")"
+    cat "$WORK/n"
+}
+got=$(nulpost /tokenize '{"prompt":"a\u0000b"}')
+echo "$got" | grep -q "\"tokens\":\[97,$NUL_ID,98\],\"count\":3" || fail "/tokenize of a NUL: $got"
+got=$(nulpost /detokenize "{\"tokens\":[97,$NUL_ID,98]}")
+[ "$got" = '{"prompt":"a\u0000b"}' ] || fail "/detokenize of a NUL: $got"
+got=$(nulpost /v1/completions '{"prompt":"a\u0000b","max_tokens":1,"temperature":0}')
+echo "$got" | grep -q '"prompt_tokens":3,' || fail "a prompt with a NUL is not 3 tokens: $got"
+got=$(nulpost /v1/completions "{\"prompt\":[$NUL_PROMPT],\"max_tokens\":1,\"temperature\":0}")
+echo "$got" | grep -q "\"text\":\"\\\\u0000\",\"token_ids\":\[$NUL_ID\]" || fail "a generated NUL: $got"
+got=$(nulpost /v1/completions "{\"prompt\":[$NUL_PROMPT],\"max_tokens\":1,\"temperature\":0,\"stream\":true}")
+echo "$got" | grep -q "^data: {.*\"text\":\"\\\\u0000\",\"token_ids\":\[$NUL_ID\]" || fail "a streamed NUL: $got"
+got=$(nulpost /v1/completions "{\"prompt\":[$NUL_PROMPT],\"max_tokens\":4,\"temperature\":0,\"stop\":[\"\\u0000\"]}")
+echo "$got" | grep -q '"text":"","token_ids":\[[0-9]*\],"logprobs":null,"finish_reason":"stop"' ||
+    fail "a NUL stop string: $got"
+stop_epd
+echo "text with U+0000: ok"
 
 # ---- a checkpoint that cannot load: exit 1 before READY, naming the file and tensor ----
 R=1

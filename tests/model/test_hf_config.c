@@ -133,6 +133,8 @@ static const struct {
      "rope_parameters.rope_type: only \"default\""},
     {"num_experts_per_tok", "17", -EINVAL, "num_experts_per_tok: 17 is outside 1..16"},
     {"hidden_size", "64, \"hidden_size\": 32", -EINVAL, "hidden_size: appears twice"},
+    {"rope_scaling", "{\"rope_type\":\"default\",\"rope_type\":\"yarn\"}", -EINVAL,
+     "rope_scaling.rope_type: appears twice"},
     {"hidden_size", "}", -EINVAL, "not valid JSON (near byte"},
 };
 

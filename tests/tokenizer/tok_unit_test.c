@@ -256,6 +256,33 @@ static void split_regex_decides_pieces(void **state)
     epd_tok_destroy(t);
 }
 
+/* U+0000 is text like any other character: encoded as byte 0, decoded back, never an end. */
+static void nul_is_text(void **state)
+{
+    epd_tok_t *t = load(synth_json(&(synth_t){k_merges, 5, "\\p{L}+|[^\\p{L}]", true}));
+    epd_tok_ids_t ids = {0};
+    char err[256];
+    assert_int_equal(epd_tok_encode(t, "ab\0bc", 5, 0, &ids, err, sizeof(err)), 0);
+    const int32_t want[] = {AB, 0, BC};
+    assert_int_equal(ids.len, 3);
+    assert_memory_equal(ids.ids, want, sizeof(want));
+    char *out = NULL;
+    size_t len = 0;
+    assert_int_equal(epd_tok_decode(t, ids.ids, ids.len, 0, &out, &len, err, sizeof(err)), 0);
+    assert_int_equal(len, 5);
+    assert_memory_equal(out, "ab\0bc", 5);
+    free(out);
+    epd_tok_ids_fini(&ids);
+    epd_tok_stream_t *s = NULL;
+    assert_int_equal(epd_tok_stream_create(t, 0, &s), 0);
+    const char *piece = NULL;
+    assert_int_equal(epd_tok_stream_push(s, 0, &piece, &len, err, sizeof(err)), 0);
+    assert_int_equal(len, 1);
+    assert_int_equal(piece[0], 0);
+    epd_tok_stream_destroy(s);
+    epd_tok_destroy(t);
+}
+
 static void nfc_normalizes_before_bpe(void **state)
 {
     epd_tok_t *t = load(synth_json(&(synth_t){NULL, 0, "\\p{L}+|\\p{M}+|\\s+", true}));
@@ -429,6 +456,11 @@ static cJSON *at(cJSON *root, const char *a, const char *b)
 static void errors_name_file_and_json_path(void **state)
 {
     cJSON *j = base();
+    /* cJSON writes a key added twice twice; lookups would see only the first */
+    cJSON_AddItemToObject(at(j, "model", NULL), "type", cJSON_CreateString("BPE"));
+    expect_load_error(j, EPD_TOK_ERR_PARSE, "model.type: duplicate key");
+
+    j = base();
     cJSON_ReplaceItemInObjectCaseSensitive(at(j, "model", NULL), "type",
                                            cJSON_CreateString("Unigram"));
     expect_load_error(j, EPD_TOK_ERR_UNSUPPORTED,
@@ -604,6 +636,63 @@ static void configs_give_special_ids(void **state)
     assert_non_null(strstr(err, "eos_token: expected a string or an object, got a number"));
 }
 
+/* Chat content with U+0000 (content_len) is rendered whole. The template: the pieces of
+ * Qwen3's template that the recogniser looks for (copied from Qwen3's tokenizer_config.json),
+ * padded to its 26 output expressions. */
+static void chat_content_keeps_nul(void **state)
+{
+    static const char *const pieces[] = {
+        "'<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n'",
+        "message.content.startswith('<tool_response>') and "
+        "message.content.endswith('</tool_response>')",
+        "(message.role == \"user\") or (message.role == \"system\" and not loop.first)",
+        "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n'",
+        "message.content.split('</think>')[-1].lstrip('\\n')",
+        "message.content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n')",
+        "loop.index0 > ns.last_query_index",
+        "loop.last or (not loop.last and reasoning_content)",
+        "'<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
+        "'\\n</think>\\n\\n' + content.lstrip('\\n')",
+        "'<|im_start|>' + message.role + '\\n' + content",
+        "(loop.first and content) or (not loop.first)",
+        "'<tool_call>\\n{\"name\": \"'",
+        "'\", \"arguments\": '",
+        "'}\\n</tool_call>'",
+        "'<|im_end|>\\n'",
+        "'<|im_start|>user'",
+        "'\\n<tool_response>\\n'",
+        "'\\n</tool_response>'",
+        "'<|im_start|>assistant\\n'",
+        "enable_thinking is defined and enable_thinking is false",
+        "'<think>\\n\\n</think>\\n\\n'",
+    };
+    char tmpl[4096] = "";
+    for (size_t i = 0; i < sizeof(pieces) / sizeof(pieces[0]); i++)
+        strcat(strcat(tmpl, pieces[i]), " ");
+    for (int i = 0; i < 26; i++)
+        strcat(tmpl, "{{ x }}");
+    cJSON *cfg = cJSON_CreateObject();
+    cJSON_AddStringToObject(cfg, "chat_template", tmpl);
+    char *text = cJSON_PrintUnformatted(cfg);
+    cJSON_Delete(cfg);
+    epd_tok_t *t;
+    char err[512];
+    assert_int_equal(load_with_configs(text, NULL, &t, err, sizeof(err)), 0);
+    cJSON_free(text);
+    assert_int_equal(epd_tok_chat_kind(t), EPD_TOK_CHAT_QWEN3);
+    epd_tok_chat_msg_t m[] = {{.role = "system", .content = "s\0t", .content_len = 3},
+                              {.role = "user", .content = "a\0b", .content_len = 3}};
+    char *out;
+    size_t len;
+    assert_int_equal(epd_tok_chat_render(t, m, 2, NULL, &out, &len, err, sizeof(err)), 0);
+    static const char want[] =
+        "<|im_start|>system\ns\0t<|im_end|>\n<|im_start|>user\na\0b<|im_end|>\n";
+    assert_int_equal(len, sizeof(want) - 1);
+    assert_memory_equal(out, want, len);
+    free(out);
+    epd_tok_destroy(t);
+}
+
 static void unrecognised_chat_templates_are_refused(void **state)
 {
     epd_tok_t *t;
@@ -655,6 +744,7 @@ int main(void)
         cmocka_unit_test(bpe_applies_lowest_rank_first),
         cmocka_unit_test(bpe_long_words),
         cmocka_unit_test(split_regex_decides_pieces),
+        cmocka_unit_test(nul_is_text),
         cmocka_unit_test(nfc_normalizes_before_bpe),
         cmocka_unit_test(added_tokens_match_whole),
         cmocka_unit_test(decode_replaces_ill_formed_utf8),
@@ -662,6 +752,7 @@ int main(void)
         cmocka_unit_test(encode_refuses_ill_formed_utf8),
         cmocka_unit_test(errors_name_file_and_json_path),
         cmocka_unit_test(configs_give_special_ids),
+        cmocka_unit_test(chat_content_keeps_nul),
         cmocka_unit_test(unrecognised_chat_templates_are_refused),
     };
     return cmocka_run_group_tests(tests, setup, teardown);

@@ -145,6 +145,9 @@ typedef struct epd_tok_chat_msg {
     const char *reasoning_content;
     const epd_tok_tool_call_t *tool_calls; /* assistant only */
     size_t n_tool_calls;
+    /* The byte lengths of content and reasoning_content, which may hold NUL bytes; 0: up to
+     * their NUL terminator. */
+    size_t content_len, reasoning_content_len;
 } epd_tok_chat_msg_t;
 
 typedef struct epd_tok_chat_opts {
