@@ -49,7 +49,7 @@ for f in $(cd "$examples" && find . -name '*.json' | sed 's|^\./||' | sort); do
         sed "s|\"$key\": *\"[^\"]*\"|\"$key\": \"$value\"|" "$copy" >"$copy.new" && mv "$copy.new" "$copy"
         echo "  $f: $s := $value"
     done
-    if out=$(CUDA_VISIBLE_DEVICES= "$epctl" config check "$copy" 2>&1); then
+    if out=$(CUDA_VISIBLE_DEVICES='' "$epctl" config check "$copy" 2>&1); then
         echo "ok $f"
     else
         fail "$f: epctl config check (with the README's settings filled in):"
@@ -57,7 +57,8 @@ for f in $(cd "$examples" && find . -name '*.json' | sed 's|^\./||' | sort); do
     fi
 done
 # rows that name no example
-for readme in $(find "$examples" -name README.md); do
+for readme in "$examples"/README.md "$examples"/*/README.md; do
+    [ -f "$readme" ] || continue
     dir=$(dirname "$readme")
     for name in $(grep -o '^| `[^`]*\.json` |' "$readme" | sed 's/^| `\(.*\)` |$/\1/'); do
         [ -f "$dir/$name" ] || fail "$readme: a row for $name, which does not exist"
