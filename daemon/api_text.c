@@ -60,7 +60,8 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
                  err);
         EPD_WARN(SUB, "%s", a->chat_err);
         err[0] = '\0';
-        st = epd_tok_load_files(tj, NULL, file_exists(gc) ? gc : NULL, &tok, err, sizeof(err));
+        st =
+            epd_tok_load_files(tj, NULL, NULL, file_exists(gc) ? gc : NULL, &tok, err, sizeof(err));
     }
     if (st != EPD_TOK_OK) {
         a->tok_state = TOK_FAILED;
@@ -76,9 +77,9 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
         a->chat_ok = 1;
     } else if (!a->chat_err[0]) {
         snprintf(a->chat_err, sizeof(a->chat_err),
-                 "the checkpoint has no chat template (no chat_template in %s), so chat "
-                 "requests are refused",
-                 tc);
+                 "the checkpoint has no chat template (neither %s/chat_template.jinja nor a "
+                 "chat_template in %s), so chat requests are refused",
+                 model_dir, tc);
     }
     size_t neos = 0;
     epd_tok_eos_ids(tok, &neos);

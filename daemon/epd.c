@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <getopt.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -45,6 +46,10 @@ typedef struct daemon {
     /* serving (engine.c, api_openai.c): NULL without model.path */
     epd_engine_t *engine;
     epd_api_t *api;
+    /* why start() failed, in the words of the part that failed: main logs it and tells systemd
+     * (a bare status code's errno text, "operation not supported on socket" for a model's
+     * ENOTSUP, would stand in for the reason) */
+    char start_err[1200];
 } daemon_t;
 
 static void usage(FILE *out)
@@ -285,6 +290,17 @@ static void on_signal(uv_signal_t *h, int signum)
 
 /* ---- serving ---- */
 
+/* Records why start failed; returns rc so that a failure reads `return start_failed(...)`. */
+__attribute__((format(printf, 3, 4))) static int start_failed(daemon_t *d, int rc, const char *fmt,
+                                                              ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(d->start_err, sizeof(d->start_err), fmt, ap);
+    va_end(ap);
+    return rc;
+}
+
 static void on_model_loaded(void *arg, int status, const char *msg)
 {
     daemon_t *d = arg;
@@ -316,13 +332,13 @@ static int start_serving(daemon_t *d)
                                 .cluster = epd_cluster_daemon_engine_hooks(d->cluster),
                                 .on_loaded = on_model_loaded,
                                 .arg = d};
-        if ((rc = epd_engine_create(&eo, &d->engine, err, sizeof(err))) != 0) {
-            EPD_ERROR(SUB, "cannot serve model.path %s: %s", d->cfg->model_path, err);
-            return rc;
-        }
+        if ((rc = epd_engine_create(&eo, &d->engine, err, sizeof(err))) != 0)
+            return start_failed(d, rc, "cannot serve model.path %s: %s", d->cfg->model_path,
+                                err[0] ? err : uv_strerror(rc));
         epd_cluster_daemon_set_engine(d->cluster, d->engine);
     }
-    if ((rc = epd_api_create(d->http, d->engine, d->metrics, &d->api)) != 0) return rc;
+    if ((rc = epd_api_create(d->http, d->engine, d->metrics, &d->api)) != 0)
+        return start_failed(d, rc, "cannot create the HTTP API: %s", uv_strerror(rc));
     /* text: the checkpoint's tokenizer; a missing or broken one only refuses text requests */
     if (d->cfg->model_path[0]) epd_api_load_tokenizer(d->api, d->cfg->model_path);
     return 0;
@@ -333,17 +349,16 @@ static int start_serving(daemon_t *d)
 static int start(daemon_t *d)
 {
     int rc;
-    if ((rc = uv_loop_init(&d->loop)) != 0) {
-        EPD_ERROR(SUB, "uv_loop_init: %s", uv_strerror(rc));
-        return rc;
-    }
+    if ((rc = uv_loop_init(&d->loop)) != 0)
+        return start_failed(d, rc, "uv_loop_init: %s", uv_strerror(rc));
     d->loop_ok = 1;
     d->metrics = epd_metrics_create();
     d->state = epd_state_create();
-    if (!d->metrics || !d->state) return -ENOMEM;
+    if (!d->metrics || !d->state)
+        return start_failed(d, -ENOMEM, "out of memory for the metrics and the state");
     if ((rc = epd_procstats_init(&d->ps, d->metrics, EPD_VERSION, EPD_COMMIT,
                                  epd_backend_name(d->cfg->backend))) != 0)
-        return rc;
+        return start_failed(d, rc, "cannot register the process metrics: %s", uv_strerror(rc));
     d->reload_ok =
         epd_metrics_counter(d->metrics, "epd_config_reloads_total",
                             "Configuration reloads (SIGHUP), by result.", "result=\"ok\"");
@@ -351,7 +366,9 @@ static int start(daemon_t *d)
         epd_metrics_counter(d->metrics, "epd_config_reloads_total",
                             "Configuration reloads (SIGHUP), by result.", "result=\"failed\"");
     d->cluster_id = epd_state_register(d->state, "cluster");
-    if (d->cluster_id < 0) return d->cluster_id;
+    if (d->cluster_id < 0)
+        return start_failed(d, d->cluster_id, "cannot register the cluster state: %s",
+                            uv_strerror(d->cluster_id));
 
     epd_http_limits_t lim = {
         .max_header_bytes = d->cfg->http_max_header_bytes,
@@ -361,17 +378,16 @@ static int start(daemon_t *d)
         /* no separate setting: a request head must arrive within one idle period */
         .header_timeout_ms = d->cfg->http_idle_timeout_ms,
     };
-    if ((rc = epd_http_server_create(&d->loop, &lim, d->metrics, &d->http)) != 0) return rc;
+    if ((rc = epd_http_server_create(&d->loop, &lim, d->metrics, &d->http)) != 0)
+        return start_failed(d, rc, "cannot create the HTTP server: %s", uv_strerror(rc));
     if ((rc = epd_http_route(d->http, "GET", "/healthz", h_healthz, d)) ||
         (rc = epd_http_route(d->http, "GET", "/readyz", h_readyz, d)) ||
         (rc = epd_http_route(d->http, "GET", "/metrics", h_metrics, d)) ||
         (rc = epd_http_route(d->http, "GET", "/v1/status", h_status, d)))
-        return rc;
-    if ((rc = epd_http_server_listen(d->http, d->cfg->http.host, d->cfg->http.port)) != 0) {
-        EPD_ERROR(SUB, "cannot listen on http.listen %s:%d: %s", d->cfg->http.host,
-                  d->cfg->http.port, uv_strerror(rc));
-        return rc;
-    }
+        return start_failed(d, rc, "cannot add the HTTP routes: %s", uv_strerror(rc));
+    if ((rc = epd_http_server_listen(d->http, d->cfg->http.host, d->cfg->http.port)) != 0)
+        return start_failed(d, rc, "cannot listen on http.listen %s:%d: %s", d->cfg->http.host,
+                            d->cfg->http.port, uv_strerror(rc));
     char http_addr[300], err[512];
     snprintf(http_addr, sizeof(http_addr), "%s:%d", d->cfg->http.host,
              epd_http_server_port(d->http));
@@ -384,10 +400,8 @@ static int start(daemon_t *d)
                                     .http_addr = http_addr,
                                     .request_stop = request_stop,
                                     .ctx = d};
-    if ((rc = epd_cluster_daemon_start(&co, &d->cluster, err, sizeof(err))) != 0) {
-        EPD_ERROR(SUB, "%s", err);
-        return rc;
-    }
+    if ((rc = epd_cluster_daemon_start(&co, &d->cluster, err, sizeof(err))) != 0)
+        return start_failed(d, rc, "%s", err[0] ? err : uv_strerror(rc));
     /* after the control plane: the engine takes its ranks from it (the loop is not running
      * yet, so routes added now are in place before the first request) */
     if ((rc = start_serving(d)) != 0) return rc;
@@ -485,8 +499,10 @@ int main(int argc, char **argv)
 
     int rc = start(&d);
     if (rc != 0) {
-        EPD_ERROR(SUB, "start failed: %s", uv_strerror(rc));
-        sd_notifyf(0, "STATUS=start failed: %s", uv_strerror(rc));
+        /* the reason of the part that failed; errno text only where none was given */
+        const char *why = d.start_err[0] ? d.start_err : uv_strerror(rc);
+        EPD_ERROR(SUB, "start failed: %s", why);
+        sd_notifyf(0, "STATUS=start failed: %s", why);
         d.exit_code = 1;
         if (d.loop_ok) finish_stop(&d);
     }

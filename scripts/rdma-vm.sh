@@ -3,10 +3,15 @@
 # only unpacked into the build tree) under qemu's software emulation, with the host's root
 # shared read-only over virtio-9p, and runs a command inside (default: the rdma test suite).
 #
-# usage: scripts/rdma-vm.sh BUILD_DIR [COMMAND ARGS...]
+# usage: scripts/rdma-vm.sh [--plan] BUILD_DIR [COMMAND ARGS...]
 #   COMMAND runs in the guest (chrooted into the host's root, same paths, as root) after two
 #   rxe devices were set up on a veth pair (scripts/rdma-vm/net-setup.sh); its exit status
 #   becomes this script's. Default: scripts/rdma-vm/guest-tests.sh BUILD_DIR.
+#   The guest mounts fresh tmpfs on /tmp and /run, which hides the host's files there: a build
+#   folder or checkout there (a newcomer's clone in /tmp) is shared into the guest separately,
+#   read-only, at the same path (one 9p share each; one inside another rides along).
+#   --plan prints what the guest will see (those extra shares, its working directory and the
+#   command) and exits 0 without booting anything.
 # environment:
 #   EPD_RDMA_VM_CACHE    where the kernel and initramfs are kept (BUILD_DIR/rdma-vm)
 #   EPD_RDMA_VM_TIMEOUT  seconds the whole VM may run (270)
@@ -24,16 +29,71 @@ die() { echo "rdma-vm: error: $*" >&2; exit 2; }
 skip() { echo "rdma-vm: SKIP: $*" >&2; exit $SKIP; }
 log() { echo "rdma-vm: $*" >&2; }
 
-[ $# -ge 1 ] || die "usage: $0 BUILD_DIR [COMMAND ARGS...]"
+plan=0
+if [ "${1:-}" = --plan ]; then
+    plan=1
+    shift
+fi
+[ $# -ge 1 ] || die "usage: $0 [--plan] BUILD_DIR [COMMAND ARGS...]"
 [ -d "$1" ] || die "build directory $1 does not exist"
 build=$(cd "$1" && pwd)
 shift
-# The guest mounts fresh tmpfs on /tmp and /run: the host's files there are out of its sight.
-case $build/ in
-/tmp/* | /run/*) die "BUILD_DIR $build lies under /tmp or /run, which the guest cannot see" ;;
-esac
 if [ $# -eq 0 ]; then
     set -- "$here/rdma-vm/guest-tests.sh" "$build"
+fi
+
+# ---- what the guest sees -----------------------------------------------------------------
+# The guest mounts fresh tmpfs on /tmp and /run (scripts/rdma-vm/init): the host's files there
+# are out of its sight through the root share. The folders the guest needs (the build folder,
+# and the checkout whose scripts it runs) are shared separately when they lie there, by their
+# physical path (a symlink into /tmp resolves to the share in the guest too).
+hidden() { # PATH: whether the guest's own /tmp or /run covers PATH
+    case $1/ in
+    /tmp/* | /run/*) return 0 ;;
+    esac
+    return 1
+}
+under() { # PATH DIR: whether PATH is DIR or lies inside it
+    case $1/ in
+    "$2"/*) return 0 ;;
+    esac
+    return 1
+}
+shares="" # the extra shares, parents before the folders inside them
+for d in "$(cd "$src" && pwd -P)" "$(cd "$build" && pwd -P)"; do
+    hidden "$d" || continue
+    case $d in
+    /tmp | /run) die "$d is the guest's own tmpfs; use a folder inside it" ;;
+    *[!A-Za-z0-9._/+@-]*) die "$d lies under /tmp or /run and has characters the guest's mount cannot take; build elsewhere" ;;
+    esac
+    skip_d=0
+    for s in $shares; do under "$d" "$s" && skip_d=1; done
+    [ $skip_d = 1 ] && continue
+    kept=""
+    for s in $shares; do under "$s" "$d" || kept="$kept $s"; done
+    shares="$kept $d"
+done
+visible() { # DIR: whether the guest sees DIR (outside its tmpfs, or in an extra share)
+    p=$(cd "$1" 2>/dev/null && pwd -P) || return 1
+    hidden "$p" || return 0
+    for s in $shares; do under "$p" "$s" && return 0; done
+    return 1
+}
+# The guest's command: same working directory as here (relative paths work), when it sees it.
+guest_cmd() {
+    visible "$PWD" && printf "cd '%s' || exit 2\n" "$(printf '%s' "$PWD" | sed "s/'/'\\\\''/g")"
+    printf 'exec'
+    for a in "$@"; do printf " '%s'" "$(printf '%s' "$a" | sed "s/'/'\\\\''/g")"; done
+    echo
+}
+if [ $plan = 1 ]; then
+    n=0
+    for s in $shares; do
+        echo "share share$n $s"
+        n=$((n + 1))
+    done
+    guest_cmd "$@" | sed 's/^/cmd /'
+    exit 0
 fi
 
 cache=${EPD_RDMA_VM_CACHE:-$build/rdma-vm}
@@ -137,17 +197,18 @@ chmod +x "$ird/init"
 run=$cache/run
 rm -rf "$run"
 mkdir -p "$run"
-# The guest runs $run/cmd (a shell script on its results share) chrooted into the host's root.
-{
-    # Same working directory as here (relative paths work), unless the guest cannot see it.
-    case $PWD/ in
-    /tmp/* | /run/*) ;;
-    *) printf "cd '%s' || exit 2\n" "$PWD" ;;
-    esac
-    printf 'exec'
-    for a in "$@"; do printf " '%s'" "$(printf '%s' "$a" | sed "s/'/'\\\\''/g")"; done
-    echo
-} >"$run/cmd"
+# The guest runs $run/cmd (a shell script on its results share) chrooted into the host's root,
+# after mounting each line "TAG PATH" of $run/shares at PATH.
+guest_cmd "$@" >"$run/cmd"
+: >"$run/shares"
+share_args=""
+n=0
+for s in $shares; do
+    echo "share$n $s" >>"$run/shares"
+    share_args="$share_args -virtfs local,path=$s,mount_tag=share$n,security_model=none,readonly=on,multidevs=remap"
+    n=$((n + 1))
+done
+[ -z "$shares" ] || log "sharing$shares separately (the guest's /tmp and /run are its own)"
 (cd "$ird" && find . | cpio -o -H newc --quiet | gzip -1) >"$cache/initramfs.gz" ||
     die "building the initramfs failed"
 
@@ -162,6 +223,7 @@ timeout --foreground -k 5 "$vm_timeout" qemu-system-x86_64 \
     -append "console=ttyS0 panic=-1 quiet loglevel=3" \
     -virtfs local,path=/,mount_tag=hostroot,security_model=none,readonly=on,multidevs=remap \
     -virtfs local,path="$run",mount_tag=results,security_model=none,multidevs=remap \
+    $share_args \
     </dev/null 2>&1 | tee "$console"
 qrc=$?
 set -e

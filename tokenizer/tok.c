@@ -28,6 +28,7 @@ void epd_tok_destroy(epd_tok_t *tok)
 }
 
 epd_tok_status_t epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
+                                    const char *chat_template_jinja,
                                     const char *generation_config_json, epd_tok_t **out, char *err,
                                     size_t err_len)
 {
@@ -39,7 +40,8 @@ epd_tok_status_t epd_tok_load_files(const char *tokenizer_json, const char *toke
     tok->bos = tok->pad = -1;
     epd_tok_status_t st = tok_load_tokenizer_json(tok, tokenizer_json, err, err_len);
     if (st) goto fail;
-    if ((st = tok_load_configs(tok, tokenizer_config_json, generation_config_json, err, err_len)))
+    if ((st = tok_load_configs(tok, tokenizer_config_json, chat_template_jinja,
+                               generation_config_json, err, err_len)))
         goto fail;
     tok->cache = calloc(TOK_CACHE_SLOTS, sizeof(*tok->cache));
     if (!tok->cache) {
@@ -61,18 +63,18 @@ fail:
 
 epd_tok_status_t epd_tok_load_dir(const char *model_dir, epd_tok_t **out, char *err, size_t err_len)
 {
-    char paths[3][4096];
-    static const char *const names[3] = {"tokenizer.json", "tokenizer_config.json",
-                                         "generation_config.json"};
-    const char *p[3];
-    for (int i = 0; i < 3; i++) {
+    char paths[4][4096];
+    static const char *const names[4] = {"tokenizer.json", "tokenizer_config.json",
+                                         "chat_template.jinja", "generation_config.json"};
+    const char *p[4];
+    for (int i = 0; i < 4; i++) {
         int n = snprintf(paths[i], sizeof(paths[i]), "%s/%s", model_dir, names[i]);
         if (n < 0 || (size_t)n >= sizeof(paths[i]))
             return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "%s: path too long", model_dir);
-        /* the two configs are optional; tokenizer.json's absence is reported by the loader */
+        /* the rest are optional; tokenizer.json's absence is reported by the loader */
         p[i] = (i == 0 || access(paths[i], F_OK) == 0) ? paths[i] : NULL;
     }
-    return epd_tok_load_files(p[0], p[1], p[2], out, err, err_len);
+    return epd_tok_load_files(p[0], p[1], p[2], p[3], out, err, err_len);
 }
 
 size_t epd_tok_vocab_size(const epd_tok_t *tok)

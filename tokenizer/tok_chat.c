@@ -5,9 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 
-/* Fragments of Qwen3's template, as written in tokenizer_config.json (\\n is the template's own
- * escape). Each pins one piece of what the renderer below emits; a template missing any of them
- * renders something else and is refused. */
+/* Fragments of Qwen3's template, as written in chat_template.jinja or (once JSON-decoded) in
+ * tokenizer_config.json (\\n is the template's own escape). Each pins one piece of what the
+ * renderer below emits; a template missing any of them renders something else and is refused. */
 static const char *const qwen3_fragments[] = {
     "'<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n'",
     "message.content.startswith('<tool_response>') and "
@@ -46,27 +46,27 @@ static size_t count(const char *s, const char *needle)
     return n;
 }
 
-epd_tok_status_t tok_chat_detect(const char *tmpl, const char *path, epd_tok_chat_kind_t *kind,
+epd_tok_status_t tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
                                  char *err, size_t err_len)
 {
     if (!strstr(tmpl, "<|im_start|>") || !strstr(tmpl, "<|im_end|>"))
         return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                        "%s: chat_template: not recognised (no <|im_start|>/<|im_end|> ChatML "
+                        "%s: not recognised (no <|im_start|>/<|im_end|> ChatML "
                         "markers; supported: Qwen3's ChatML template)",
-                        path);
+                        where);
     for (size_t i = 0; i < sizeof(qwen3_fragments) / sizeof(qwen3_fragments[0]); i++) {
         if (!strstr(tmpl, qwen3_fragments[i]))
             return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                            "%s: chat_template: a ChatML template that is not Qwen3's (it lacks "
+                            "%s: a ChatML template that is not Qwen3's (it lacks "
                             "%.120s); refusing to render it as Qwen3's",
-                            path, qwen3_fragments[i]);
+                            where, qwen3_fragments[i]);
     }
     size_t n = count(tmpl, "{{");
     if (n != QWEN3_OUTPUT_EXPRS)
         return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                        "%s: chat_template: Qwen3-like but with %zu output expressions instead of "
+                        "%s: Qwen3-like but with %zu output expressions instead of "
                         "%d; refusing to render it as Qwen3's",
-                        path, n, QWEN3_OUTPUT_EXPRS);
+                        where, n, QWEN3_OUTPUT_EXPRS);
     *kind = EPD_TOK_CHAT_QWEN3;
     return EPD_TOK_OK;
 }
@@ -281,7 +281,8 @@ epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_ms
     *out_len = 0;
     if (tok->chat != EPD_TOK_CHAT_QWEN3)
         return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                        "the checkpoint has no chat_template in tokenizer_config.json");
+                        "the checkpoint has no chat template (neither chat_template.jinja nor a "
+                        "chat_template in tokenizer_config.json)");
     epd_tok_status_t st = check_messages(msgs, n_msgs, err, err_len);
     if (st) return st;
     out_t o = {0};

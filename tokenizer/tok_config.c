@@ -1,5 +1,5 @@
-/* tokenizer_config.json and generation_config.json: eos/bos/pad tokens, eos_token_id (int or
- * list) and the chat template, resolved against the loaded vocabulary. */
+/* tokenizer_config.json, chat_template.jinja and generation_config.json: eos/bos/pad tokens,
+ * eos_token_id (int or list) and the chat template, resolved against the loaded vocabulary. */
 #include "tok_internal.h"
 
 #include <cjson/cJSON.h>
@@ -90,8 +90,10 @@ out:
     return st;
 }
 
+/* tokenizer_config.json; with_template false when chat_template.jinja supersedes its
+ * chat_template, which is then not even looked at (as transformers does). */
 static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, bool have_eos,
-                                              char *err, size_t err_len)
+                                              bool with_template, char *err, size_t err_len)
 {
     cJSON *root = NULL;
     epd_tok_status_t st = tok_parse_json_file(path, &root, err, err_len);
@@ -111,7 +113,8 @@ static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, 
         tok->n_eos = 1;
     }
 
-    const cJSON *tmpl = cJSON_GetObjectItemCaseSensitive(root, "chat_template");
+    const cJSON *tmpl =
+        with_template ? cJSON_GetObjectItemCaseSensitive(root, "chat_template") : NULL;
     const char *text = NULL;
     if (cJSON_IsString(tmpl)) {
         text = tmpl->valuestring;
@@ -145,13 +148,35 @@ static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, 
                       tok_json_type(tmpl));
         goto out;
     }
-    if (text) st = tok_chat_detect(text, path, &tok->chat, err, err_len);
+    if (text) {
+        char where[4200];
+        snprintf(where, sizeof(where), "%s: chat_template", path);
+        st = tok_chat_detect(text, where, &tok->chat, err, err_len);
+    }
 out:
     cJSON_Delete(root);
     return st;
 }
 
+/* chat_template.jinja: the template's text as it is, no JSON around it. */
+static epd_tok_status_t load_chat_template_file(epd_tok_t *tok, const char *path, char *err,
+                                                size_t err_len)
+{
+    char *text = NULL;
+    size_t len = 0;
+    epd_tok_status_t st = tok_read_file(path, &text, &len, err, err_len);
+    if (st) return st;
+    if (strlen(text) != len)
+        st = tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: a NUL byte at offset %zu", path,
+                      strlen(text));
+    else
+        st = tok_chat_detect(text, path, &tok->chat, err, err_len);
+    free(text);
+    return st;
+}
+
 epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
+                                  const char *chat_template_path,
                                   const char *generation_config_path, char *err, size_t err_len)
 {
     bool have_eos = false;
@@ -159,8 +184,10 @@ epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_p
     if (generation_config_path &&
         (st = load_generation_config(tok, generation_config_path, &have_eos, err, err_len)))
         return st;
-    if (tokenizer_config_path &&
-        (st = load_tokenizer_config(tok, tokenizer_config_path, have_eos, err, err_len)))
+    if (tokenizer_config_path && (st = load_tokenizer_config(tok, tokenizer_config_path, have_eos,
+                                                             !chat_template_path, err, err_len)))
+        return st;
+    if (chat_template_path && (st = load_chat_template_file(tok, chat_template_path, err, err_len)))
         return st;
     return EPD_TOK_OK;
 }

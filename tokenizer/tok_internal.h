@@ -157,10 +157,12 @@ size_t tok_utf8_validate(const uint8_t *p, size_t n);
  * or -1 on allocation failure. */
 ptrdiff_t tok_utf8_lossy(const uint8_t *p, size_t n, bool final, tok_buf_t *out);
 
-/* Parsing tokenizer.json (tok_load.c) and the two config files (tok_config.c). */
+/* Parsing tokenizer.json (tok_load.c), the two config files and chat_template.jinja
+ * (tok_config.c); any path but tokenizer.json's may be NULL. */
 epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char *err,
                                          size_t err_len);
 epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
+                                  const char *chat_template_path,
                                   const char *generation_config_path, char *err, size_t err_len);
 epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *err,
                                size_t err_len);
@@ -180,8 +182,9 @@ epd_tok_status_t tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_b
                          char *err, size_t err_len);
 epd_tok_status_t tok_nfc_init(epd_tok_t *tok, char *err, size_t err_len);
 
-/* Chat template recognition (tok_chat.c); path names the file for messages. */
-epd_tok_status_t tok_chat_detect(const char *tmpl, const char *path, epd_tok_chat_kind_t *kind,
+/* Chat template recognition (tok_chat.c); where names the template in messages
+ * ("<file>: chat_template", or the .jinja file's path). */
+epd_tok_status_t tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
                                  char *err, size_t err_len);
 
 #endif /* EPD_TOK_INTERNAL_H */

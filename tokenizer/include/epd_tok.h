@@ -35,14 +35,18 @@ const char *epd_tok_strerror(epd_tok_status_t st);
 
 typedef struct epd_tok epd_tok_t;
 
-/* Loads <model_dir>/tokenizer.json (required), <model_dir>/tokenizer_config.json and
- * <model_dir>/generation_config.json (both optional: a missing file is not an error, a malformed
- * one is). */
+/* Loads <model_dir>/tokenizer.json (required), <model_dir>/tokenizer_config.json,
+ * <model_dir>/chat_template.jinja and <model_dir>/generation_config.json (all three optional: a
+ * missing file is not an error, a malformed one is). The chat template is chat_template.jinja's
+ * text when that file exists (how transformers 5 saves it; it wins over the config, as in
+ * transformers), else tokenizer_config.json's chat_template: a string, or a list of
+ * {"name", "template"} of which the one named "default" applies. */
 epd_tok_status_t epd_tok_load_dir(const char *model_dir, epd_tok_t **out, char *err,
                                   size_t err_len);
 
-/* The same with explicit paths; config paths may be NULL. */
+/* The same with explicit paths; all but tokenizer_json may be NULL. */
 epd_tok_status_t epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
+                                    const char *chat_template_jinja,
                                     const char *generation_config_json, epd_tok_t **out, char *err,
                                     size_t err_len);
 
@@ -124,12 +128,12 @@ int32_t epd_tok_pad_id(const epd_tok_t *tok);
 /* ---- chat templates ------------------------------------------------------------------------ */
 
 typedef enum epd_tok_chat_kind {
-    EPD_TOK_CHAT_NONE = 0,  /* the configs hold no chat_template */
+    EPD_TOK_CHAT_NONE = 0,  /* no chat_template.jinja, no chat_template in the config */
     EPD_TOK_CHAT_QWEN3 = 1, /* Qwen3's ChatML template with thinking (recognised by its text) */
 } epd_tok_chat_kind_t;
 
-/* The template found in tokenizer_config.json. A template that is present but not recognised
- * fails the load (it is never silently replaced by another one). */
+/* The template found in chat_template.jinja or tokenizer_config.json. A template that is present
+ * but not recognised fails the load (it is never silently replaced by another one). */
 epd_tok_chat_kind_t epd_tok_chat_kind(const epd_tok_t *tok);
 
 typedef struct epd_tok_tool_call {
