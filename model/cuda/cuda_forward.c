@@ -310,7 +310,7 @@ static int stage_inputs(cu_model_t *m, const epd_step_t *s, int Tpad, int Mpad, 
     }
     *h->n_valid = s->num_tokens;
     *h->n_logits = s->num_logits;
-    /* everything up to the end of the used block-table rows, then the tail */
+    /* the whole block in one copy (the block-table rows of absent sequences are stale, unread) */
     TRY_CU(cudaMemcpyAsync(m->in_dev, m->in_host, m->in_bytes, cudaMemcpyHostToDevice, m->stream),
            "step inputs");
     return 0;
