@@ -76,6 +76,16 @@ metric() { # NAME{labels} -> value (0 if absent)
     "${CURL[@]}" "$BASE/metrics" | awk -v n="$1" '$1 == n { v = $2 } END { print v + 0 }'
 }
 
+wait_metric() { # NAME{labels} VALUE: until the metric has the value (the response ends just
+    # after the engine lets go of the sequence), up to 5 s
+    local i
+    for ((i = 0; i < 100; i++)); do
+        [ "$(metric "$1")" = "$2" ] && return 0
+        sleep 0.05
+    done
+    return 1
+}
+
 wait_active() { # until the engine runs a sequence
     local i
     for ((i = 0; i < 200; i++)); do
@@ -141,14 +151,14 @@ if part disconnect; then
     ok200=$(metric 'epd_requests_total{endpoint="/v1/completions",status="200"}')
     http200=$(metric 'epd_http_requests_total{path="/v1/completions",code="200"}')
     leave "$LONG}"
-    [ "$(metric 'epd_requests_total{endpoint="/v1/completions",status="499"}')" = 1 ] ||
+    wait_metric 'epd_requests_total{endpoint="/v1/completions",status="499"}' 1 ||
         fail "a non-stream request whose client left is not counted as 499"
-    [ "$(metric 'epd_http_requests_total{path="/v1/completions",code="499"}')" = 1 ] ||
+    wait_metric 'epd_http_requests_total{path="/v1/completions",code="499"}' 1 ||
         fail "epd_http_requests_total: a non-stream request whose client left is not 499"
     leave "$LONG,\"stream\":true}"
-    [ "$(metric 'epd_requests_total{endpoint="/v1/completions",status="499"}')" = 2 ] ||
+    wait_metric 'epd_requests_total{endpoint="/v1/completions",status="499"}' 2 ||
         fail "a stream whose client left is not counted as 499"
-    [ "$(metric 'epd_http_requests_total{path="/v1/completions",code="499"}')" = 2 ] ||
+    wait_metric 'epd_http_requests_total{path="/v1/completions",code="499"}' 2 ||
         fail "epd_http_requests_total: a stream whose client left is not 499"
     [ "$(metric 'epd_requests_total{endpoint="/v1/completions",status="200"}')" = "$ok200" ] ||
         fail "a request whose client left counted as 200"
