@@ -1,6 +1,6 @@
 /* The control plane inside epd: the cluster built from the config, its readiness component,
- * and the /v1/cluster and /v1/admin/{drain,undrain,down} endpoints (interface in cluster_daemon.h).
- */
+ * and the /v1/cluster and /v1/admin/{drain,undrain,down} endpoints (interface in
+ * cluster_daemon.h). */
 #include "cluster_daemon.h"
 
 #include <errno.h>
