@@ -10,6 +10,7 @@
 
 #include "api_openai.h"
 #include "epd_tok.h"
+#include "state.h"
 
 typedef enum tok_state {
     TOK_ABSENT = 0, /* no tokenizer.json in the checkpoint (or no model.path) */
@@ -17,11 +18,16 @@ typedef enum tok_state {
     TOK_FAILED, /* tok_err says why */
 } tok_state_t;
 
+struct completion;
+
 struct epd_api {
     epd_engine_t *engine;
     epd_metrics_t *metrics;
-    epd_metric_t *m_dur;
-    uint64_t seq; /* for ids and default seeds */
+    epd_state_t *state; /* drained or stopping: new work is refused; NULL: never */
+    /* epd_request_duration_seconds{endpoint}: completions and chat apart */
+    epd_metric_t *m_dur_cmpl, *m_dur_chat;
+    struct completion *inflight; /* requests whose response is not finished (epd_api_fail_all) */
+    uint64_t seq;                /* for ids and default seeds */
     /* the checkpoint's tokenizer (api_text.c) */
     tok_state_t tok_state;
     epd_tok_t *tok;

@@ -160,7 +160,8 @@ typedef struct choice {
 
 struct completion {
     epd_api_t *api;
-    epd_http_res_t *res; /* NULL once the response is finished */
+    completion_t *prev, *next; /* in api->inflight */
+    epd_http_res_t *res;       /* NULL once the response is finished */
     int closed, stream, include_usage, n, remaining;
     int chat, text; /* text: the tokenizer decodes the output */
     char id[48];
@@ -169,6 +170,8 @@ struct completion {
     choice_t *ch;
     int prompt_tokens, completion_tokens;
     int failed, fail_status;
+    const char *fail_code; /* the error's "code", or NULL */
+    int done_after_fail;   /* a failed stream still ends with data: [DONE] (shutdown) */
     char fail_msg[600];
     double t0;
     int nstop;
@@ -309,6 +312,11 @@ static void send_chunk(completion_t *c, choice_t *ch, size_t upto, const char *f
 
 static void completion_free(completion_t *c)
 {
+    if (c->prev)
+        c->prev->next = c->next;
+    else if (c->api->inflight == c)
+        c->api->inflight = c->next;
+    if (c->next) c->next->prev = c->prev;
     for (int i = 0; i < c->n; i++) {
         free(c->ch[i].tokens);
         free(c->ch[i].text);
@@ -420,54 +428,78 @@ static void take_token(completion_t *c, choice_t *ch, int32_t tok)
     if (safe > ch->sent) send_chunk(c, ch, safe, NULL);
 }
 
-static void finish_response(completion_t *c)
+/* Writes the response (once), counts it and lets go of it; the completion lives on until its
+ * engine requests have ended. A client that left counts as 499, stream or not. */
+static void send_response(completion_t *c)
 {
     epd_api_t *a = c->api;
     int status = c->failed ? c->fail_status : 200;
-    if (c->res) {
-        epd_http_res_on_close(c->res, NULL, NULL);
-        if (c->stream) {
-            if (c->failed) {
-                cJSON *err = error_doc(status, c->fail_msg, NULL, NULL);
-                sse_send(c, err);
-                cJSON_Delete(err);
-            } else if (c->include_usage) {
-                cJSON *doc = base_doc(c, 1);
-                if (doc) {
-                    cJSON_AddArrayToObject(doc, "choices");
-                    add_usage(doc, c);
-                }
-                sse_send(c, doc);
-                cJSON_Delete(doc);
-            }
-            if (!c->failed && !c->closed) epd_http_stream_write(c->res, "data: [DONE]\n\n", 14);
-            epd_http_stream_end(c->res);
-            if (c->closed && !c->failed) status = 499; /* client closed the request */
-        } else if (c->failed) {
-            cJSON *err = error_doc(status, c->fail_msg, NULL, NULL);
-            if (status == 503) epd_http_res_header(c->res, "Retry-After", "1");
-            api_send_json(c->res, status, err);
+    if (!c->res) return;
+    epd_http_res_on_close(c->res, NULL, NULL);
+    if (c->stream) {
+        if (c->failed) {
+            cJSON *err = error_doc(status, c->fail_msg, NULL, c->fail_code);
+            sse_send(c, err);
             cJSON_Delete(err);
-        } else {
-            cJSON *doc = base_doc(c, 0);
-            cJSON *chs = doc ? cJSON_AddArrayToObject(doc, "choices") : NULL;
-            for (int i = 0; chs && i < c->n; i++) {
-                choice_t *ch = &c->ch[i];
-                const char *fin = finish_name(ch->finish);
-                cJSON_AddItemToArray(
-                    chs, c->chat ? chat_choice_obj(i, 0, "assistant", ch->text ? ch->text : "",
-                                                   ch->tlen, fin)
-                                 : choice_obj(i, ch->text, ch->tlen, ch->tokens, ch->ntok, fin));
+        } else if (c->include_usage) {
+            cJSON *doc = base_doc(c, 1);
+            if (doc) {
+                cJSON_AddArrayToObject(doc, "choices");
+                add_usage(doc, c);
             }
-            if (doc) add_usage(doc, c);
-            api_send_json(c->res, 200, doc);
+            sse_send(c, doc);
             cJSON_Delete(doc);
         }
-        c->res = NULL;
-        api_count(a, endpoint_of(c), status);
-        epd_metric_observe(a->m_dur, epd_now_s() - c->t0);
+        if ((!c->failed || c->done_after_fail) && !c->closed)
+            epd_http_stream_write(c->res, "data: [DONE]\n\n", 14);
+        epd_http_stream_end(c->res);
+    } else if (c->failed) {
+        cJSON *err = error_doc(status, c->fail_msg, NULL, c->fail_code);
+        if (status == 503) epd_http_res_header(c->res, "Retry-After", "1");
+        api_send_json(c->res, status, err);
+        cJSON_Delete(err);
+    } else {
+        cJSON *doc = base_doc(c, 0);
+        cJSON *chs = doc ? cJSON_AddArrayToObject(doc, "choices") : NULL;
+        for (int i = 0; chs && i < c->n; i++) {
+            choice_t *ch = &c->ch[i];
+            const char *fin = finish_name(ch->finish);
+            cJSON_AddItemToArray(
+                chs, c->chat ? chat_choice_obj(i, 0, "assistant", ch->text ? ch->text : "",
+                                               ch->tlen, fin)
+                             : choice_obj(i, ch->text, ch->tlen, ch->tokens, ch->ntok, fin));
+        }
+        if (doc) add_usage(doc, c);
+        api_send_json(c->res, 200, doc);
+        cJSON_Delete(doc);
     }
+    c->res = NULL;
+    if (c->closed) status = 499; /* the client closed the request (nginx's code) */
+    api_count(a, endpoint_of(c), status);
+    epd_metric_observe(c->chat ? a->m_dur_chat : a->m_dur_cmpl, epd_now_s() - c->t0);
+}
+
+static void finish_response(completion_t *c)
+{
+    send_response(c);
     completion_free(c);
+}
+
+void epd_api_fail_all(epd_api_t *a, const char *why)
+{
+    if (!a) return;
+    completion_t *c = a->inflight, *next;
+    for (; c; c = next) {
+        next = c->next;
+        if (!c->res) continue;
+        c->failed = 0; /* the shutdown is the reason the client gets */
+        fail(c, 503, why);
+        c->fail_code = "shutdown";
+        c->done_after_fail = 1;
+        send_response(c);
+        for (int i = 0; i < c->n; i++)
+            epd_engine_cancel(c->ch[i].er);
+    }
 }
 
 static void on_event(void *arg, const epd_engine_event_t *ev)
@@ -541,6 +573,18 @@ static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res,
     const char *ep = chat ? EP_CHAT : EP_COMPLETIONS;
     double t0 = epd_now_s();
     const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
+    if (a->state && epd_state_drained(a->state)) {
+        api_send_error(a, ep, res, 503,
+                       "this node is draining (POST /v1/admin/drain): it finishes the requests "
+                       "it has and takes no new ones; send this one to another node",
+                       NULL, "draining");
+        return;
+    }
+    if (a->state && epd_state_phase(a->state) >= EPD_PHASE_DRAINING) {
+        api_send_error(a, ep, res, 503, "this node is stopping; send the request to another node",
+                       NULL, "stopping");
+        return;
+    }
     if (!a->engine) {
         api_send_error(a, ep, res, 503, "this node serves no model (model.path is empty)", NULL,
                        "no_model");
@@ -574,6 +618,9 @@ static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res,
     }
     c->api = a;
     c->res = res;
+    c->next = a->inflight;
+    if (c->next) c->next->prev = c;
+    a->inflight = c;
     c->chat = chat;
     c->text = a->tok_state == TOK_LOADED;
     c->stream = q.stream;
@@ -738,12 +785,14 @@ int epd_api_create(epd_http_server_t *http, epd_engine_t *engine, epd_metrics_t 
     a->engine = engine;
     a->metrics = metrics;
     snprintf(a->tok_err, sizeof(a->tok_err), "this node serves no model (model.path is empty)");
-    a->m_dur = epd_metrics_histogram(metrics, "epd_request_duration_seconds",
-                                     "Completion requests from arrival to the last byte.",
-                                     "endpoint=\"" EP_COMPLETIONS "\"", dur_b,
-                                     (int)(sizeof(dur_b) / sizeof(dur_b[0])));
+    static const char dur_help[] = "Completion requests from arrival to the last byte.";
+    const int nb = (int)(sizeof(dur_b) / sizeof(dur_b[0]));
+    a->m_dur_cmpl = epd_metrics_histogram(metrics, "epd_request_duration_seconds", dur_help,
+                                          "endpoint=\"" EP_COMPLETIONS "\"", dur_b, nb);
+    a->m_dur_chat = epd_metrics_histogram(metrics, "epd_request_duration_seconds", dur_help,
+                                          "endpoint=\"" EP_CHAT "\"", dur_b, nb);
     int rc;
-    if (!a->m_dur) {
+    if (!a->m_dur_cmpl || !a->m_dur_chat) {
         free(a);
         return -ENOMEM;
     }
@@ -756,6 +805,11 @@ int epd_api_create(epd_http_server_t *http, epd_engine_t *engine, epd_metrics_t 
     }
     *out = a;
     return 0;
+}
+
+void epd_api_set_state(epd_api_t *a, epd_state_t *state)
+{
+    if (a) a->state = state;
 }
 
 void epd_api_detach_engine(epd_api_t *a)

@@ -8,6 +8,7 @@
 #include "engine.h"
 #include "http.h"
 #include "metrics.h"
+#include "state.h"
 
 typedef struct epd_api epd_api_t;
 
@@ -21,6 +22,13 @@ int epd_api_create(epd_http_server_t *http, epd_engine_t *engine, epd_metrics_t 
 void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir);
 /* The tokenizer's state for /v1/status: {"state": "loaded"|"absent"|"failed", ...}. */
 struct cJSON *epd_api_tokenizer_cjson(const epd_api_t *a);
+/* Completions and chat refuse new work with 503 while the state is drained ("draining") or
+ * stopping ("stopping"); requests already taken finish. */
+void epd_api_set_state(epd_api_t *a, epd_state_t *state);
+/* Answers every request still in flight now, before the server closes its connections:
+ * 503 with an OpenAI error naming `why` (code "shutdown"), or on a stream that already began
+ * an error event and `data: [DONE]`. Their engine requests are cancelled. */
+void epd_api_fail_all(epd_api_t *a, const char *why);
 /* Forgets the engine (before it is destroyed): later requests get 503. */
 void epd_api_detach_engine(epd_api_t *a);
 /* After the engine is destroyed (every request has ended) and the server stopped. */

@@ -1,5 +1,6 @@
 /* The control plane inside epd: the cluster built from the config, its readiness component,
- * and the /v1/cluster and /v1/admin/{drain,down} endpoints (interface in cluster_daemon.h). */
+ * and the /v1/cluster and /v1/admin/{drain,undrain,down} endpoints (interface in
+ * cluster_daemon.h). */
 #include "cluster_daemon.h"
 
 #include <errno.h>
@@ -41,11 +42,10 @@ static int first_rank_of(const epd_config_t *cfg, int id, int ranks)
     return below * ranks;
 }
 
+/* The drain itself is the node's (epd_state_set_drained): the component reports the cluster. */
 static void publish(epd_cluster_daemon_t *d)
 {
-    if (d->draining)
-        epd_state_set(d->o.state, d->o.component, 0, "draining (POST /v1/admin/drain)");
-    else if (!d->cluster)
+    if (!d->cluster)
         epd_state_set(d->o.state, d->o.component, 1, "single node");
     else
         epd_state_set(d->o.state, d->o.component, d->ready, "%s", d->ready ? "formed" : d->reason);
@@ -191,17 +191,49 @@ static void h_cluster(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
     cJSON_Delete(doc);
 }
 
+static void set_draining(epd_cluster_daemon_t *d, int on)
+{
+    d->draining = on;
+    epd_state_set_drained(d->o.state, on);
+    /* heartbeats tell peers (and their /v1/cluster) whether this node takes work */
+    if (d->cluster)
+        epd_cluster_set_state(d->cluster, on         ? EPD_NODE_DRAINING
+                                          : d->ready ? EPD_NODE_SERVING
+                                                     : EPD_NODE_STARTING);
+    publish(d);
+}
+
+/* New work is refused (503 "draining") from now on; in-flight requests finish. */
 static void h_drain(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
 {
     epd_cluster_daemon_t *d = ctx;
     if (!d->draining) {
-        EPD_INFO(SUB, "drain requested over HTTP: not ready for new work from now on");
-        d->draining = 1;
-        if (d->cluster) epd_cluster_set_state(d->cluster, EPD_NODE_DRAINING);
-        publish(d);
+        EPD_INFO(SUB, "drain requested over HTTP: new work is refused until POST "
+                      "/v1/admin/undrain; in-flight requests finish");
+        set_draining(d, 1);
     }
     static const char body[] = "{\"state\":\"draining\"}\n";
     epd_http_respond(res, 200, "application/json", body, sizeof body - 1);
+}
+
+static void h_undrain(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+{
+    epd_cluster_daemon_t *d = ctx;
+    if (epd_state_phase(d->o.state) != EPD_PHASE_RUNNING) {
+        static const char stopping[] =
+            "{\"error\":{\"message\":\"the node is stopping; a stop cannot be undone\","
+            "\"type\":\"invalid_request_error\",\"param\":null,\"code\":\"stopping\"}}\n";
+        epd_http_respond(res, 409, "application/json", stopping, sizeof stopping - 1);
+        return;
+    }
+    if (d->draining) {
+        EPD_INFO(SUB, "undrain requested over HTTP: taking new work again");
+        set_draining(d, 0);
+    }
+    cJSON *doc = cJSON_CreateObject();
+    if (doc) cJSON_AddStringToObject(doc, "state", epd_state_name(d->o.state));
+    respond_json(res, 200, doc);
+    cJSON_Delete(doc);
 }
 
 static void h_down(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
@@ -218,6 +250,7 @@ static int add_routes(epd_cluster_daemon_t *d, char *err, size_t errlen)
     int rc;
     if ((rc = epd_http_route(d->o.http, "GET", "/v1/cluster", h_cluster, d)) ||
         (rc = epd_http_route(d->o.http, "POST", "/v1/admin/drain", h_drain, d)) ||
+        (rc = epd_http_route(d->o.http, "POST", "/v1/admin/undrain", h_undrain, d)) ||
         (rc = epd_http_route(d->o.http, "POST", "/v1/admin/down", h_down, d)))
         snprintf(err, errlen, "cluster: registering HTTP routes: %s", strerror(-rc));
     return rc;

@@ -38,6 +38,7 @@ static void usage_main(FILE *out)
             "                                           check (or wait for) readiness\n"
             "  up CLUSTER.json [--deadline SECONDS]     bring-up: wait until every node is ready\n"
             "  drain [--node HOST:PORT]                 stop sending work to a node\n"
+            "  undrain [--node HOST:PORT]               take work again after a drain\n"
             "  down [--node HOST:PORT]                  stop a node gracefully\n"
             "  version                                  print the version\n"
             "\n"
@@ -370,6 +371,7 @@ int main(int argc, char **argv)
     /* cluster commands: epctl_cluster.c */
     if (strcmp(cmd, "up") == 0) return epctl_cmd_up(argc - 1, argv + 1);
     if (strcmp(cmd, "drain") == 0) return epctl_cmd_drain(argc - 1, argv + 1);
+    if (strcmp(cmd, "undrain") == 0) return epctl_cmd_undrain(argc - 1, argv + 1);
     if (strcmp(cmd, "down") == 0) return epctl_cmd_down(argc - 1, argv + 1);
     fprintf(stderr, "epctl: unknown command '%s'\n", cmd);
     usage_main(stderr);

@@ -121,7 +121,7 @@ int epctl_cluster_print(const char *node, int timeout_ms, FILE *out)
     return EXIT_OK;
 }
 
-/* ---- drain / down ---- */
+/* ---- drain / undrain / down ---- */
 
 static int admin(const char *what, int argc, char **argv)
 {
@@ -145,8 +145,12 @@ static int admin(const char *what, int argc, char **argv)
         case 'h':
             printf("Usage: epctl %s [--node HOST:PORT] [--timeout MS]\n\n%s\n", what,
                    strcmp(what, "drain") == 0
-                       ? "Asks the node to drain: it stays up but reports not ready, so no new\n"
-                         "work is sent to it (POST /v1/admin/drain)."
+                       ? "Asks the node to drain: it stays up, finishes its in-flight requests,\n"
+                         "answers new completions with 503 \"draining\" and reports not ready\n"
+                         "(POST /v1/admin/drain). `epctl undrain` reverses it."
+                   : strcmp(what, "undrain") == 0
+                       ? "Ends a drain: the node takes new work again and is ready once its\n"
+                         "components are (POST /v1/admin/undrain)."
                        : "Stops the node gracefully: it tells its peers it leaves, finishes\n"
                          "in-flight requests and exits (POST /v1/admin/down).");
             return EXIT_OK;
@@ -176,6 +180,11 @@ static int admin(const char *what, int argc, char **argv)
 int epctl_cmd_drain(int argc, char **argv)
 {
     return admin("drain", argc, argv);
+}
+
+int epctl_cmd_undrain(int argc, char **argv)
+{
+    return admin("undrain", argc, argv);
 }
 
 int epctl_cmd_down(int argc, char **argv)

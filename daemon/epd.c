@@ -209,6 +209,14 @@ static void on_shutdown_timeout(uv_timer_t *t)
              "timeouts.shutdown_ms (%d ms) elapsed with %d HTTP connection(s) open; "
              "failing them",
              d->cfg->shutdown_timeout_ms, epd_http_server_connections(d->http));
+    /* every request still running gets its answer (503, or an SSE error and [DONE]) before
+     * the connections close */
+    char why[160];
+    snprintf(why, sizeof why,
+             "the node stopped before this request finished (timeouts.shutdown_ms %d ms "
+             "elapsed); retry on another node",
+             d->cfg->shutdown_timeout_ms);
+    epd_api_fail_all(d->api, why);
     epd_http_server_abort(d->http);
     finish_stop(d);
 }
@@ -339,6 +347,7 @@ static int start_serving(daemon_t *d)
     }
     if ((rc = epd_api_create(d->http, d->engine, d->metrics, &d->api)) != 0)
         return start_failed(d, rc, "cannot create the HTTP API: %s", uv_strerror(rc));
+    epd_api_set_state(d->api, d->state);
     /* text: the checkpoint's tokenizer; a missing or broken one only refuses text requests */
     if (d->cfg->model_path[0]) epd_api_load_tokenizer(d->api, d->cfg->model_path);
     return 0;

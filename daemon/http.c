@@ -105,6 +105,7 @@ struct epd_http_server {
     struct epd_http_conn *conns;
     int nconns; /* socket connections not yet freed */
     int draining;
+    int aborted; /* the server closed every connection: a response cut then is not a 499 */
     void (*drain_done)(void *);
     void *drain_arg;
     uv_idle_t drain_idle; /* runs drain_done from the loop */
@@ -469,7 +470,9 @@ static void res_finish(epd_http_res_t *res)
 {
     struct epd_http_conn *c = res->conn;
     res->state = RS_DONE;
-    count_request(res->srv, res->route_path, res->status, res->start_ns);
+    /* a client that closed its side before the response was complete: 499, as nginx counts it */
+    int gone = (!c || c->closing) && !res->srv->aborted;
+    count_request(res->srv, res->route_path, gone ? 499 : res->status, res->start_ns);
     int keep = res->keep_alive;
     res_free(res);
     if (!c) return;
@@ -1122,6 +1125,7 @@ void epd_http_server_drain(epd_http_server_t *s, void (*done)(void *arg), void *
 void epd_http_server_abort(epd_http_server_t *s)
 {
     struct epd_http_conn *c = s->conns, *next;
+    s->aborted = 1;
     for (; c; c = next) {
         next = c->next;
         conn_close(c);

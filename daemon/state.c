@@ -18,6 +18,7 @@ typedef struct component {
 struct epd_state {
     pthread_mutex_t lock;
     epd_phase_t phase;
+    int drained; /* operator's drain, see state.h */
     component_t comps[EPD_STATE_MAX_COMPONENTS];
     int ncomps;
 };
@@ -93,9 +94,24 @@ epd_phase_t epd_state_phase(epd_state_t *s)
     return p;
 }
 
+void epd_state_set_drained(epd_state_t *s, int drained)
+{
+    pthread_mutex_lock(&s->lock);
+    s->drained = drained ? 1 : 0;
+    pthread_mutex_unlock(&s->lock);
+}
+
+int epd_state_drained(epd_state_t *s)
+{
+    pthread_mutex_lock(&s->lock);
+    int d = s->drained;
+    pthread_mutex_unlock(&s->lock);
+    return d;
+}
+
 static int ready_locked(const epd_state_t *s)
 {
-    if (s->phase != EPD_PHASE_RUNNING) return 0;
+    if (s->phase != EPD_PHASE_RUNNING || s->drained) return 0;
     for (int i = 0; i < s->ncomps; i++)
         if (!s->comps[i].ok) return 0;
     return 1;
@@ -115,6 +131,7 @@ static const char *name_locked(const epd_state_t *s)
     case EPD_PHASE_STARTING:
         return "starting";
     case EPD_PHASE_RUNNING:
+        if (s->drained) return "draining";
         return ready_locked(s) ? "ready" : "starting";
     case EPD_PHASE_DRAINING:
         return "draining";
@@ -146,6 +163,8 @@ cJSON *epd_state_to_cjson(epd_state_t *s)
         cJSON_AddItemToArray(reasons, cJSON_CreateString("node: starting"));
     if ((s->phase == EPD_PHASE_DRAINING || s->phase == EPD_PHASE_STOPPING) && reasons)
         cJSON_AddItemToArray(reasons, cJSON_CreateString("node: shutting down"));
+    if (s->phase == EPD_PHASE_RUNNING && s->drained && reasons)
+        cJSON_AddItemToArray(reasons, cJSON_CreateString(EPD_STATE_DRAIN_REASON));
     for (int i = 0; i < s->ncomps; i++) {
         const component_t *c = &s->comps[i];
         if (!c->ok && reasons) {

@@ -10,7 +10,7 @@ typedef struct epd_state epd_state_t;
 
 typedef enum epd_phase {
     EPD_PHASE_STARTING, /* not yet listening */
-    EPD_PHASE_RUNNING,  /* serving; "ready" or "starting" by the components */
+    EPD_PHASE_RUNNING,  /* serving; "ready", "starting" (components) or "draining" (drained) */
     EPD_PHASE_DRAINING, /* stop requested: finishing in-flight requests */
     EPD_PHASE_STOPPING, /* tearing down */
 } epd_phase_t;
@@ -27,7 +27,14 @@ void epd_state_set(epd_state_t *s, int id, int ok, const char *reason_fmt, ...)
     __attribute__((format(printf, 4, 5)));
 void epd_state_set_phase(epd_state_t *s, epd_phase_t phase);
 epd_phase_t epd_state_phase(epd_state_t *s);
-/* 1 when running and every component is ok. */
+/* An operator's drain (POST /v1/admin/drain; undone by /v1/admin/undrain): the node stays
+ * up, finishes its in-flight requests and takes no new work; not ready, state "draining",
+ * reason DRAIN_REASON. Independent of the stop phases. */
+#define EPD_STATE_DRAIN_REASON                                                                     \
+    "node: draining (POST /v1/admin/drain; POST /v1/admin/undrain or `epctl undrain` resumes)"
+void epd_state_set_drained(epd_state_t *s, int drained);
+int epd_state_drained(epd_state_t *s);
+/* 1 when running, not drained and every component is ok. */
 int epd_state_ready(epd_state_t *s);
 /* "starting" | "ready" | "draining" | "stopping" */
 const char *epd_state_name(epd_state_t *s);
