@@ -37,8 +37,8 @@ static void usage_main(FILE *out)
             "  ready --node HOST:PORT [--wait SECONDS] [--timeout MS]\n"
             "                                           check (or wait for) readiness\n"
             "  up CLUSTER.json [--deadline SECONDS]     bring-up: wait until every node is ready\n"
-            "  drain [--node HOST:PORT]                 stop sending work to a node\n"
-            "  down [--node HOST:PORT]                  stop a node gracefully\n"
+            "  drain [--node HOST:PORT] [--token-file F] stop sending work to a node\n"
+            "  down [--node HOST:PORT] [--token-file F]  stop a node gracefully\n"
             "  version                                  print the version\n"
             "\n"
             "Run 'epctl COMMAND --help' for a command's options.\n\n%s",

@@ -23,8 +23,8 @@ enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2, EXIT_NOT_READY = 3 };
 
 /* GET/POST node+path; 0 with *status and *doc (may be NULL when the body is not JSON), or -1
  * with err filled. */
-static int request(const char *node, const char *method, const char *path, int timeout_ms,
-                   int *status, cJSON **doc, char *err, size_t errlen)
+static int request_h(const char *node, const char *method, const char *path, const char *headers,
+                     int timeout_ms, int *status, cJSON **doc, char *err, size_t errlen)
 {
     char host[256];
     int port;
@@ -34,11 +34,46 @@ static int request(const char *node, const char *method, const char *path, int t
         snprintf(err, errlen, "'%s' is not HOST:PORT", node);
         return -1;
     }
-    if (epd_http_request(host, port, method, path, NULL, 0, timeout_ms, &resp, err, errlen) != 0)
+    if (epd_http_request_h(host, port, method, path, headers, NULL, 0, timeout_ms, &resp, err,
+                           errlen) != 0)
         return -1;
     *status = resp.status;
     *doc = cJSON_ParseWithLength(resp.body, resp.body_len);
     epd_http_response_free(&resp);
+    return 0;
+}
+
+static int request(const char *node, const char *method, const char *path, int timeout_ms,
+                   int *status, cJSON **doc, char *err, size_t errlen)
+{
+    return request_h(node, method, path, NULL, timeout_ms, status, doc, err, errlen);
+}
+
+/* "Authorization: Bearer <token>\r\n" from the token file (trailing whitespace dropped), or
+ * -1 with a message. */
+static int bearer_header(const char *file, char *out, size_t outlen, char *err, size_t errlen)
+{
+    char tok[1100];
+    FILE *f = fopen(file, "rb");
+    if (!f) {
+        snprintf(err, errlen, "--token-file %s: %s", file, strerror(errno));
+        return -1;
+    }
+    size_t n = fread(tok, 1, sizeof tok - 1, f);
+    fclose(f);
+    tok[n] = 0;
+    while (n > 0 && (tok[n - 1] == '\n' || tok[n - 1] == '\r' || tok[n - 1] == ' ' ||
+                     tok[n - 1] == '\t'))
+        tok[--n] = 0;
+    int bad = n == 0 || n > 1024;
+    for (size_t i = 0; i < n; i++)
+        bad |= (unsigned char)tok[i] < 0x21 || (unsigned char)tok[i] > 0x7e;
+    if (bad) {
+        snprintf(err, errlen, "--token-file %s: not a token (1..1024 printable characters)", file);
+        return -1;
+    }
+    snprintf(out, outlen, "Authorization: Bearer %s\r\n", tok);
+    memset(tok, 0, sizeof tok);
     return 0;
 }
 
@@ -127,9 +162,10 @@ static int admin(const char *what, int argc, char **argv)
 {
     static const struct option opts[] = {{"node", required_argument, NULL, 'n'},
                                          {"timeout", required_argument, NULL, 't'},
+                                         {"token-file", required_argument, NULL, 'k'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
-    const char *node = "127.0.0.1:8080";
+    const char *node = "127.0.0.1:8080", *token_file = getenv("EPD_ADMIN_TOKEN_FILE");
     int timeout = 5000, opt;
     optind = 1;
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -142,8 +178,14 @@ static int admin(const char *what, int argc, char **argv)
                 return EXIT_USAGE;
             }
             break;
+        case 'k':
+            token_file = optarg;
+            break;
         case 'h':
-            printf("Usage: epctl %s [--node HOST:PORT] [--timeout MS]\n\n%s\n", what,
+            printf("Usage: epctl %s [--node HOST:PORT] [--timeout MS] [--token-file FILE]\n\n"
+                   "%s\n\n--token-file: the node's http.admin_token_file (or a copy), sent as\n"
+                   "'Authorization: Bearer'; default $EPD_ADMIN_TOKEN_FILE.\n",
+                   what,
                    strcmp(what, "drain") == 0
                        ? "Asks the node to drain: it stays up but reports not ready, so no new\n"
                          "work is sent to it (POST /v1/admin/drain)."
@@ -158,17 +200,29 @@ static int admin(const char *what, int argc, char **argv)
         fprintf(stderr, "epctl %s: unexpected argument '%s'\n", what, argv[optind]);
         return EXIT_USAGE;
     }
-    char path[64], err[512];
+    char path[64], err[512], auth[1200] = "";
     int status = 0;
     cJSON *doc = NULL;
     snprintf(path, sizeof path, "/v1/admin/%s", what);
-    if (request(node, "POST", path, timeout, &status, &doc, err, sizeof err) != 0) {
+    if (token_file && *token_file &&
+        bearer_header(token_file, auth, sizeof auth, err, sizeof err) != 0) {
+        fprintf(stderr, "epctl %s: %s\n", what, err);
+        return EXIT_USAGE;
+    }
+    int rc = request_h(node, "POST", path, auth, timeout, &status, &doc, err, sizeof err);
+    memset(auth, 0, sizeof auth);
+    if (rc != 0) {
         fprintf(stderr, "epctl %s: %s: %s\n", what, node, err);
         return EXIT_RUNTIME;
     }
     int ok = status >= 200 && status < 300;
     printf("%s: %s\n", node, ok ? epctl_jstr(doc, "state", "ok") : "refused");
-    if (!ok) fprintf(stderr, "epctl %s: %s%s answered %d\n", what, node, path, status);
+    if (!ok) {
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(doc, "error");
+        const cJSON *m = cJSON_IsObject(e) ? cJSON_GetObjectItemCaseSensitive(e, "message") : e;
+        fprintf(stderr, "epctl %s: %s%s answered %d%s%s\n", what, node, path, status,
+                cJSON_IsString(m) ? ": " : "", cJSON_IsString(m) ? m->valuestring : "");
+    }
     cJSON_Delete(doc);
     return ok ? EXIT_OK : EXIT_RUNTIME;
 }
