@@ -188,7 +188,7 @@ const epd_cfg_setting_t epd_cfg_settings[] = {
      .def_str = "",
      .charset = EPD_CFG_CHARS_PATH,
      .doc = "File holding the token (owner-only mode, 16+ printable characters) that "
-            "`/v1/admin/...` requires as `Authorization: Bearer`; without it they are served "
+            "`/v1/admin/*` requires as `Authorization: Bearer`; without it they are served "
             "only on a loopback http.listen."},
     {.path = "http.api_key_file",
      .type = EPD_CFG_STRING,
@@ -200,7 +200,7 @@ const epd_cfg_setting_t epd_cfg_settings[] = {
      .def_str = "",
      .charset = EPD_CFG_CHARS_PATH,
      .doc = "File holding the API key (owner-only mode) that every route but /healthz, "
-            "/readyz, /metrics and /v1/admin/... requires as `Authorization: Bearer`; empty: "
+            "/readyz, /metrics and /v1/admin/* requires as `Authorization: Bearer`; empty: "
             "open."},
     /* compute */
     {.path = "compute.backend",

@@ -62,8 +62,8 @@ static int bearer_header(const char *file, char *out, size_t outlen, char *err, 
     size_t n = fread(tok, 1, sizeof tok - 1, f);
     fclose(f);
     tok[n] = 0;
-    while (n > 0 && (tok[n - 1] == '\n' || tok[n - 1] == '\r' || tok[n - 1] == ' ' ||
-                     tok[n - 1] == '\t'))
+    while (n > 0 &&
+           (tok[n - 1] == '\n' || tok[n - 1] == '\r' || tok[n - 1] == ' ' || tok[n - 1] == '\t'))
         tok[--n] = 0;
     int bad = n == 0 || n > 1024;
     for (size_t i = 0; i < n; i++)

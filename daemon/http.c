@@ -56,9 +56,9 @@ struct epd_http_conn {
     size_t in_off, in_len, in_cap;
     size_t pending_write;
     epd_http_res_t *cur;
-    int nrequests; /* request heads completed on this connection */
+    int nrequests;                /* request heads completed on this connection */
     struct sockaddr_storage peer; /* the client's address (ss_family 0: unknown) */
-    int reject_status; /* set by a parser callback: respond with it and close */
+    int reject_status;            /* set by a parser callback: respond with it and close */
     const char *reject_reason;
 };
 
@@ -1025,8 +1025,7 @@ static void on_connection(uv_stream_t *ls, int status)
         return;
     }
     int plen = sizeof(c->peer);
-    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->peer, &plen) != 0)
-        c->peer.ss_family = 0;
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->peer, &plen) != 0) c->peer.ss_family = 0;
     if (!conn_admit(s, c)) {
         conn_close(c);
         return;

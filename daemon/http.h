@@ -40,12 +40,12 @@ typedef void (*epd_http_handler_fn)(const epd_http_req_t *req, epd_http_res_t *r
 typedef struct epd_http_limits {
     size_t max_header_bytes; /* request line + headers; over -> 431 */
     size_t max_body_bytes;   /* Content-Length or received body; over -> 413 */
-    int max_connections; /* when full, the oldest idle or header-reading connection is closed
-                            to admit a new one; with none such, the new one is closed at once */
+    int max_connections;     /* when full, the oldest idle or header-reading connection is closed
+                                to admit a new one; with none such, the new one is closed at once */
     int max_connections_per_client; /* per peer address; further ones closed at once; 0: any */
     int idle_timeout_ms;            /* keep-alive idle, and body inactivity */
-    int header_timeout_ms; /* from accept to the first request's end of headers, and from a
-                              later request's first byte to its end of headers -> 408 */
+    int header_timeout_ms;          /* from accept to the first request's end of headers, and from a
+                                       later request's first byte to its end of headers -> 408 */
 } epd_http_limits_t;
 
 /* Queued output beyond which epd_http_stream_write refuses (-ENOBUFS): a client that does

@@ -94,8 +94,8 @@ static int load_token(const char *setting, const char *path, token_t *t, char *e
         }
         if (r == 0 || (n += (size_t)r) == sizeof buf) break;
     }
-    while (n > 0 && (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' ||
-                     buf[n - 1] == '\t'))
+    while (n > 0 &&
+           (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
         n--;
     if (!token_ok(buf, n)) {
         snprintf(err, errlen,
@@ -215,8 +215,7 @@ int epd_http_auth_decide(const epd_http_auth_t *a, const epd_http_req_t *req,
     case EPD_HTTP_ROUTE_API:
     default:
         /* the admin token opens the API as well: the operator's tools read /v1/status */
-        if (!a->api.set || bearer_matches(req, &a->api) || bearer_matches(req, &a->admin))
-            return 0;
+        if (!a->api.set || bearer_matches(req, &a->api) || bearer_matches(req, &a->admin)) return 0;
         *why = "this endpoint needs 'Authorization: Bearer <key>' with the key of "
                "http.api_key_file";
         return 401;

@@ -16,8 +16,8 @@
 typedef struct epd_http_auth epd_http_auth_t;
 
 typedef struct epd_http_auth_opts {
-    const char *listen_host; /* http.listen.host as configured */
-    int listen_port;         /* the bound port */
+    const char *listen_host;      /* http.listen.host as configured */
+    int listen_port;              /* the bound port */
     const char *admin_token_file; /* "" or NULL: none */
     const char *api_key_file;     /* "" or NULL: none */
 } epd_http_auth_opts_t;

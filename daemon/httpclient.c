@@ -129,8 +129,8 @@ int epd_http_request(const char *host, int port, const char *method, const char 
                      const char *body, size_t body_len, int timeout_ms, epd_http_response_t *resp,
                      char *err, size_t errlen)
 {
-    return epd_http_request_h(host, port, method, path, NULL, body, body_len, timeout_ms, resp,
-                              err, errlen);
+    return epd_http_request_h(host, port, method, path, NULL, body, body_len, timeout_ms, resp, err,
+                              errlen);
 }
 
 int epd_http_request_h(const char *host, int port, const char *method, const char *path,

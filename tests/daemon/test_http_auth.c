@@ -59,8 +59,7 @@ static void test_loopback_without_token(void **state)
     assert_int_equal(decide(a, down, "Origin", "http://evil.example", NULL, NULL), 403);
     assert_int_equal(decide(a, down, "Origin", "null", NULL, NULL), 403);
     assert_int_equal(decide(a, down, "Origin", "http://127.0.0.1:9999", NULL, NULL), 403);
-    assert_int_equal(decide(a, "/v1/admin/drain", "Sec-Fetch-Site", "cross-site", NULL, NULL),
-                     403);
+    assert_int_equal(decide(a, "/v1/admin/drain", "Sec-Fetch-Site", "cross-site", NULL, NULL), 403);
     /* the API and the probes are open without a key */
     assert_int_equal(decide(a, "/v1/completions", "Origin", "http://evil.example", NULL, NULL), 0);
     assert_int_equal(decide(a, "/healthz", NULL, NULL, NULL, NULL), 0);
@@ -94,9 +93,8 @@ static void test_admin_token(void **state)
     assert_int_equal(decide(a, down, "Authorization", "Basic " ADMIN, NULL, NULL), 401);
     assert_int_equal(decide(a, down, "Authorization", "Bearer ", NULL, NULL), 401);
     /* even with the token: a browser cross-origin request is refused */
-    assert_int_equal(decide(a, down, "Authorization", "Bearer " ADMIN, "Origin",
-                            "http://evil.example"),
-                     403);
+    assert_int_equal(
+        decide(a, down, "Authorization", "Bearer " ADMIN, "Origin", "http://evil.example"), 403);
     epd_http_auth_destroy(a);
 }
 
@@ -104,9 +102,9 @@ static void test_api_key(void **state)
 {
     epd_http_auth_t *a = make("0.0.0.0", ADMIN, KEY);
     assert_int_equal(decide(a, "/v1/completions", NULL, NULL, NULL, NULL), 401);
-    assert_int_equal(decide(a, "/v1/completions", "Authorization", "Bearer wrong-key-0123456789",
-                            NULL, NULL),
-                     401);
+    assert_int_equal(
+        decide(a, "/v1/completions", "Authorization", "Bearer wrong-key-0123456789", NULL, NULL),
+        401);
     assert_int_equal(decide(a, "/v1/completions", "Authorization", "Bearer " KEY, NULL, NULL), 0);
     assert_int_equal(decide(a, "/v1/status", "Authorization", "Bearer " ADMIN, NULL, NULL), 0);
     /* the API key does not open the admin routes */
@@ -125,7 +123,8 @@ static void test_token_files(void **state)
     FILE *f = fopen(path, "w");
     fputs(ADMIN "\n", f);
     fclose(f);
-    epd_http_auth_opts_t o = {.listen_host = "127.0.0.1", .listen_port = 1, .admin_token_file = path};
+    epd_http_auth_opts_t o = {
+        .listen_host = "127.0.0.1", .listen_port = 1, .admin_token_file = path};
     epd_http_auth_t *a = NULL;
     chmod(path, 0644);
     assert_int_equal(epd_http_auth_create(&o, &a, err, sizeof err), -1);
@@ -154,8 +153,10 @@ static void test_token_files(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(test_loopback_without_token), cmocka_unit_test(test_not_loopback_without_token),
-        cmocka_unit_test(test_admin_token),            cmocka_unit_test(test_api_key),
+        cmocka_unit_test(test_loopback_without_token),
+        cmocka_unit_test(test_not_loopback_without_token),
+        cmocka_unit_test(test_admin_token),
+        cmocka_unit_test(test_api_key),
         cmocka_unit_test(test_token_files),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
