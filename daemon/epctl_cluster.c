@@ -46,35 +46,7 @@ static int request_h(const char *node, const char *method, const char *path, con
 static int request(const char *node, const char *method, const char *path, int timeout_ms,
                    int *status, cJSON **doc, char *err, size_t errlen)
 {
-    return request_h(node, method, path, NULL, timeout_ms, status, doc, err, errlen);
-}
-
-/* "Authorization: Bearer <token>\r\n" from the token file (trailing whitespace dropped), or
- * -1 with a message. */
-static int bearer_header(const char *file, char *out, size_t outlen, char *err, size_t errlen)
-{
-    char tok[1100];
-    FILE *f = fopen(file, "rb");
-    if (!f) {
-        snprintf(err, errlen, "--token-file %s: %s", file, strerror(errno));
-        return -1;
-    }
-    size_t n = fread(tok, 1, sizeof tok - 1, f);
-    fclose(f);
-    tok[n] = 0;
-    while (n > 0 &&
-           (tok[n - 1] == '\n' || tok[n - 1] == '\r' || tok[n - 1] == ' ' || tok[n - 1] == '\t'))
-        tok[--n] = 0;
-    int bad = n == 0 || n > 1024;
-    for (size_t i = 0; i < n; i++)
-        bad |= (unsigned char)tok[i] < 0x21 || (unsigned char)tok[i] > 0x7e;
-    if (bad) {
-        snprintf(err, errlen, "--token-file %s: not a token (1..1024 printable characters)", file);
-        return -1;
-    }
-    snprintf(out, outlen, "Authorization: Bearer %s\r\n", tok);
-    memset(tok, 0, sizeof tok);
-    return 0;
+    return request_h(node, method, path, epctl_auth_header(), timeout_ms, status, doc, err, errlen);
 }
 
 static double jnum(const cJSON *o, const char *k, double dflt)
@@ -165,7 +137,7 @@ static int admin(const char *what, int argc, char **argv)
                                          {"token-file", required_argument, NULL, 'k'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
-    const char *node = "127.0.0.1:8080", *token_file = getenv("EPD_ADMIN_TOKEN_FILE");
+    const char *node = "127.0.0.1:8080", *token_file = NULL;
     int timeout = 5000, opt;
     optind = 1;
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -184,7 +156,7 @@ static int admin(const char *what, int argc, char **argv)
         case 'h':
             printf("Usage: epctl %s [--node HOST:PORT] [--timeout MS] [--token-file FILE]\n\n"
                    "%s\n\n--token-file: the node's http.admin_token_file (or a copy), sent as\n"
-                   "'Authorization: Bearer'; default $EPD_ADMIN_TOKEN_FILE.\n",
+                   "'Authorization: Bearer'; default $EPD_TOKEN_FILE.\n",
                    what,
                    strcmp(what, "drain") == 0
                        ? "Asks the node to drain: it stays up but reports not ready, so no new\n"
@@ -200,18 +172,12 @@ static int admin(const char *what, int argc, char **argv)
         fprintf(stderr, "epctl %s: unexpected argument '%s'\n", what, argv[optind]);
         return EXIT_USAGE;
     }
-    char path[64], err[512], auth[1200] = "";
+    char path[64], err[512];
     int status = 0;
     cJSON *doc = NULL;
     snprintf(path, sizeof path, "/v1/admin/%s", what);
-    if (token_file && *token_file &&
-        bearer_header(token_file, auth, sizeof auth, err, sizeof err) != 0) {
-        fprintf(stderr, "epctl %s: %s\n", what, err);
-        return EXIT_USAGE;
-    }
-    int rc = request_h(node, "POST", path, auth, timeout, &status, &doc, err, sizeof err);
-    memset(auth, 0, sizeof auth);
-    if (rc != 0) {
+    if (token_file && epctl_token_init(what, token_file) != 0) return EXIT_USAGE;
+    if (request(node, "POST", path, timeout, &status, &doc, err, sizeof err) != 0) {
         fprintf(stderr, "epctl %s: %s: %s\n", what, node, err);
         return EXIT_RUNTIME;
     }

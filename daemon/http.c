@@ -933,12 +933,14 @@ static int same_client(const struct sockaddr_storage *a, const struct sockaddr_s
     return 0;
 }
 
-/* A connection that costs the server nothing to drop: no request of it is being handled and
- * none has been fully received (idle keep-alive, or still sending its head). */
+/* A connection that costs the server nothing to drop: no request of it is being handled, none
+ * has been fully received and no response is still being written (idle keep-alive, or still
+ * sending its head). */
 static int conn_evictable(const struct epd_http_conn *c)
 {
     if (c->closing || c->ending || c->memory) return 0;
-    return c->state == CS_HEADERS || (c->state == CS_IDLE && c->in_off == c->in_len);
+    return c->state == CS_HEADERS ||
+           (c->state == CS_IDLE && c->in_off == c->in_len && c->pending_write == 0);
 }
 
 static void peer_name(const struct sockaddr_storage *ss, char *buf, size_t len)

@@ -95,10 +95,14 @@ c=$(code -X POST "$BASE/v1/admin/drain")
 [ "$c" = 401 ] || fail "drain without the token: $c"
 [ "$(code -X POST -H "Authorization: Bearer $(cat "$WORK/key")" "$BASE/v1/admin/drain")" = 401 ] ||
     fail "the API key opened an admin endpoint"
+"$EPCTL" status --node "127.0.0.1:$PORT" >/dev/null 2>&1 && fail "epctl status without the key succeeded"
+"$EPCTL" status --node "127.0.0.1:$PORT" --token-file "$WORK/key" >"$WORK/st" || fail "epctl status --token-file (API key): $?"
+grep -q '^name *auth-node' "$WORK/st" || fail "epctl status table: $(cat "$WORK/st")"
+EPD_TOKEN_FILE="$WORK/admin" "$EPCTL" status --node "127.0.0.1:$PORT" >/dev/null || fail "epctl status with the admin token"
 "$EPCTL" drain --node "127.0.0.1:$PORT" >/dev/null 2>"$WORK/o" && fail "epctl drain without a token succeeded"
 grep -q 'token' "$WORK/o" || fail "epctl drain refusal does not say why: $(cat "$WORK/o")"
 "$EPCTL" drain --node "127.0.0.1:$PORT" --token-file "$WORK/admin" >/dev/null || fail "epctl drain --token-file"
-EPD_ADMIN_TOKEN_FILE="$WORK/admin" "$EPCTL" down --node "127.0.0.1:$PORT" >/dev/null || fail "epctl down with the token"
+EPD_TOKEN_FILE="$WORK/admin" "$EPCTL" down --node "127.0.0.1:$PORT" >/dev/null || fail "epctl down with the token"
 for ((i = 0; i < 50; i++)); do kill -0 "$EPD_PID" 2>/dev/null || break; sleep 0.1; done
 wait "$EPD_PID"; rc=$?; EPD_PID=
 [ $rc = 0 ] || fail "exit status after down: $rc (documented: 0)"

@@ -198,7 +198,8 @@ static void test_full_server_still_answers_healthz(void **state)
         if (strstr(buf, "HTTP/1.1 408 ")) timed_out++;
         close(slow[i]);
     }
-    assert_true(timed_out >= 1);
+    /* each probe evicted one more slow connection; the rest waited for their deadline */
+    assert_true(timed_out >= MAX_CONN - 3);
     assert_true(rejected(f, "header_timeout") >= timed_out);
 }
 
