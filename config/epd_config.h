@@ -67,6 +67,10 @@ typedef struct epd_config {
     size_t http_max_body_bytes;
     int http_idle_timeout_ms;
     int http_max_connections;
+    int http_max_connections_per_client;
+    int http_header_timeout_ms;
+    char http_admin_token_file[4096]; /* "" = none: admin endpoints only on a loopback listener */
+    char http_api_key_file[4096];     /* "" = the inference API is open */
     /* compute */
     epd_backend_t backend;      /* compute.backend: "cpu" | "cuda" */
     epd_transport_t transport;  /* compute.transport: "tcp" | "nvlink" | "rdma" */

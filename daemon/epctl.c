@@ -37,9 +37,9 @@ static void usage_main(FILE *out)
             "  ready --node HOST:PORT [--wait SECONDS] [--timeout MS]\n"
             "                                           check (or wait for) readiness\n"
             "  up CLUSTER.json [--deadline SECONDS]     bring-up: wait until every node is ready\n"
-            "  drain [--node HOST:PORT]                 stop sending work to a node\n"
-            "  undrain [--node HOST:PORT]               take work again after a drain\n"
-            "  down [--node HOST:PORT]                  stop a node gracefully\n"
+            "  drain [--node HOST:PORT] [--token-file F] stop sending work to a node\n"
+            "  undrain [--node HOST:PORT] [--token-file F] take work again after a drain\n"
+            "  down [--node HOST:PORT] [--token-file F]  stop a node gracefully\n"
             "  version                                  print the version\n"
             "\n"
             "Run 'epctl COMMAND --help' for a command's options.\n\n%s",
@@ -63,7 +63,7 @@ static void usage_config_check(FILE *out)
 static void usage_status(FILE *out)
 {
     fprintf(out,
-            "Usage: epctl status [--node HOST:PORT] [--timeout MS] [--json]\n"
+            "Usage: epctl status [--node HOST:PORT] [--timeout MS] [--json] [--token-file F]\n"
             "\n"
             "Fetches GET /v1/status and GET /v1/cluster from the node's HTTP API and prints\n"
             "the node, its components, the rank table and the health of its peers.\n"
@@ -71,6 +71,9 @@ static void usage_status(FILE *out)
             "                    default 127.0.0.1:8080)\n"
             "  --timeout MS      bound on connect + request + response (default %d)\n"
             "  --json            print the raw JSON document instead of a table\n"
+            "  --token-file F    send the token in F as 'Authorization: Bearer' (a node with\n"
+            "                    http.api_key_file: its API key or admin token; default\n"
+            "                    $EPD_TOKEN_FILE)\n"
             "\n%s",
             DEFAULT_TIMEOUT_MS, exit_codes);
 }
@@ -175,8 +178,8 @@ static int fetch_json(const char *node, const char *path, int timeout_ms, int *s
         return EXIT_USAGE;
     }
     epd_http_response_t resp;
-    int rc =
-        epd_http_request(host, port, "GET", path, NULL, 0, timeout_ms, &resp, err, sizeof(err));
+    int rc = epd_http_request_h(host, port, "GET", path, epctl_auth_header(), NULL, 0, timeout_ms,
+                                &resp, err, sizeof(err));
     if (rc != 0) {
         fprintf(stderr, "epctl: %s\n", err);
         return EXIT_RUNTIME;
@@ -207,11 +210,10 @@ static void print_reasons(const cJSON *reasons, FILE *out)
 
 static int cmd_status(int argc, char **argv)
 {
-    static const struct option opts[] = {{"node", required_argument, NULL, 'n'},
-                                         {"timeout", required_argument, NULL, 't'},
-                                         {"json", no_argument, NULL, 'j'},
-                                         {"help", no_argument, NULL, 'h'},
-                                         {NULL, 0, NULL, 0}};
+    static const struct option opts[] = {
+        {"node", required_argument, NULL, 'n'}, {"timeout", required_argument, NULL, 't'},
+        {"json", no_argument, NULL, 'j'},       {"token-file", required_argument, NULL, 'k'},
+        {"help", no_argument, NULL, 'h'},       {NULL, 0, NULL, 0}};
     const char *node = NULL;
     int timeout = DEFAULT_TIMEOUT_MS, json = 0, opt;
     optind = 1;
@@ -227,6 +229,9 @@ static int cmd_status(int argc, char **argv)
             break;
         case 'j':
             json = 1;
+            break;
+        case 'k':
+            if (epctl_token_init("status", optarg) != 0) return EXIT_USAGE;
             break;
         case 'h':
             usage_status(stdout);
@@ -366,6 +371,8 @@ int main(int argc, char **argv)
         return EXIT_OK;
     }
     if (strcmp(cmd, "config") == 0) return cmd_config(argc - 1, argv + 1);
+    /* every command below talks to nodes: $EPD_TOKEN_FILE (--token-file overrides it) */
+    if (epctl_token_init(cmd, NULL) != 0) return EXIT_USAGE;
     if (strcmp(cmd, "status") == 0) return cmd_status(argc - 1, argv + 1);
     if (strcmp(cmd, "ready") == 0) return cmd_ready(argc - 1, argv + 1);
     /* cluster commands: epctl_cluster.c */

@@ -23,8 +23,8 @@ enum { EXIT_OK = 0, EXIT_RUNTIME = 1, EXIT_USAGE = 2, EXIT_NOT_READY = 3 };
 
 /* GET/POST node+path; 0 with *status and *doc (may be NULL when the body is not JSON), or -1
  * with err filled. */
-static int request(const char *node, const char *method, const char *path, int timeout_ms,
-                   int *status, cJSON **doc, char *err, size_t errlen)
+static int request_h(const char *node, const char *method, const char *path, const char *headers,
+                     int timeout_ms, int *status, cJSON **doc, char *err, size_t errlen)
 {
     char host[256];
     int port;
@@ -34,12 +34,19 @@ static int request(const char *node, const char *method, const char *path, int t
         snprintf(err, errlen, "'%s' is not HOST:PORT", node);
         return -1;
     }
-    if (epd_http_request(host, port, method, path, NULL, 0, timeout_ms, &resp, err, errlen) != 0)
+    if (epd_http_request_h(host, port, method, path, headers, NULL, 0, timeout_ms, &resp, err,
+                           errlen) != 0)
         return -1;
     *status = resp.status;
     *doc = cJSON_ParseWithLength(resp.body, resp.body_len);
     epd_http_response_free(&resp);
     return 0;
+}
+
+static int request(const char *node, const char *method, const char *path, int timeout_ms,
+                   int *status, cJSON **doc, char *err, size_t errlen)
+{
+    return request_h(node, method, path, epctl_auth_header(), timeout_ms, status, doc, err, errlen);
 }
 
 static double jnum(const cJSON *o, const char *k, double dflt)
@@ -127,9 +134,10 @@ static int admin(const char *what, int argc, char **argv)
 {
     static const struct option opts[] = {{"node", required_argument, NULL, 'n'},
                                          {"timeout", required_argument, NULL, 't'},
+                                         {"token-file", required_argument, NULL, 'k'},
                                          {"help", no_argument, NULL, 'h'},
                                          {NULL, 0, NULL, 0}};
-    const char *node = "127.0.0.1:8080";
+    const char *node = "127.0.0.1:8080", *token_file = NULL;
     int timeout = 5000, opt;
     optind = 1;
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
@@ -142,8 +150,14 @@ static int admin(const char *what, int argc, char **argv)
                 return EXIT_USAGE;
             }
             break;
+        case 'k':
+            token_file = optarg;
+            break;
         case 'h':
-            printf("Usage: epctl %s [--node HOST:PORT] [--timeout MS]\n\n%s\n", what,
+            printf("Usage: epctl %s [--node HOST:PORT] [--timeout MS] [--token-file FILE]\n\n"
+                   "%s\n\n--token-file: the node's http.admin_token_file (or a copy), sent as\n"
+                   "'Authorization: Bearer'; default $EPD_TOKEN_FILE.\n",
+                   what,
                    strcmp(what, "drain") == 0
                        ? "Asks the node to drain: it stays up, finishes its in-flight requests,\n"
                          "answers new completions with 503 \"draining\" and reports not ready\n"
@@ -166,13 +180,19 @@ static int admin(const char *what, int argc, char **argv)
     int status = 0;
     cJSON *doc = NULL;
     snprintf(path, sizeof path, "/v1/admin/%s", what);
+    if (token_file && epctl_token_init(what, token_file) != 0) return EXIT_USAGE;
     if (request(node, "POST", path, timeout, &status, &doc, err, sizeof err) != 0) {
         fprintf(stderr, "epctl %s: %s: %s\n", what, node, err);
         return EXIT_RUNTIME;
     }
     int ok = status >= 200 && status < 300;
     printf("%s: %s\n", node, ok ? epctl_jstr(doc, "state", "ok") : "refused");
-    if (!ok) fprintf(stderr, "epctl %s: %s%s answered %d\n", what, node, path, status);
+    if (!ok) {
+        const cJSON *e = cJSON_GetObjectItemCaseSensitive(doc, "error");
+        const cJSON *m = cJSON_IsObject(e) ? cJSON_GetObjectItemCaseSensitive(e, "message") : e;
+        fprintf(stderr, "epctl %s: %s%s answered %d%s%s\n", what, node, path, status,
+                cJSON_IsString(m) ? ": " : "", cJSON_IsString(m) ? m->valuestring : "");
+    }
     cJSON_Delete(doc);
     return ok ? EXIT_OK : EXIT_RUNTIME;
 }

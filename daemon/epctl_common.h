@@ -12,4 +12,11 @@ int epctl_opt_int(const char *cmd, const char *name, const char *v, int lo, int 
 /* The string field k of o, or dflt. */
 const char *epctl_jstr(const cJSON *o, const char *k, const char *dflt);
 
+/* The token epctl sends as "Authorization: Bearer" to every node: read from `file`, or from
+ * $EPD_TOKEN_FILE when file is NULL (none if neither). The node's admin token opens every
+ * route; its API key opens all but the admin routes. 0, or -1 after printing why on stderr. */
+int epctl_token_init(const char *cmd, const char *file);
+/* The header line ("Authorization: Bearer ...\r\n") or "" when no token was given. */
+const char *epctl_auth_header(void);
+
 #endif /* EPD_EPCTL_COMMON_H */

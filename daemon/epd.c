@@ -17,6 +17,7 @@
 #include "engine.h"
 #include "epd_config.h"
 #include "http.h"
+#include "http_auth.h"
 #include "log.h"
 #include "metrics.h"
 #include "procstats.h"
@@ -35,6 +36,7 @@ typedef struct daemon {
     int cluster_id;
     epd_cluster_daemon_t *cluster; /* the control plane (cluster_daemon.c) */
     epd_http_server_t *http;
+    epd_http_auth_t *auth; /* the guard of d->http */
     uv_signal_t sig_term, sig_int, sig_hup;
     uv_timer_t watchdog;
     uv_timer_t shutdown_timer;
@@ -383,9 +385,12 @@ static int start(daemon_t *d)
         .max_header_bytes = d->cfg->http_max_header_bytes,
         .max_body_bytes = d->cfg->http_max_body_bytes,
         .max_connections = d->cfg->http_max_connections,
+        .max_connections_per_client = d->cfg->http_max_connections_per_client,
         .idle_timeout_ms = d->cfg->http_idle_timeout_ms,
-        /* no separate setting: a request head must arrive within one idle period */
-        .header_timeout_ms = d->cfg->http_idle_timeout_ms,
+        /* a head is never given longer than an idle connection would be */
+        .header_timeout_ms = d->cfg->http_header_timeout_ms < d->cfg->http_idle_timeout_ms
+                                 ? d->cfg->http_header_timeout_ms
+                                 : d->cfg->http_idle_timeout_ms,
     };
     if ((rc = epd_http_server_create(&d->loop, &lim, d->metrics, &d->http)) != 0)
         return start_failed(d, rc, "cannot create the HTTP server: %s", uv_strerror(rc));
@@ -398,6 +403,18 @@ static int start(daemon_t *d)
         return start_failed(d, rc, "cannot listen on http.listen %s:%d: %s", d->cfg->http.host,
                             d->cfg->http.port, uv_strerror(rc));
     char http_addr[300], err[512];
+    epd_http_auth_opts_t ao = {.listen_host = d->cfg->http.host,
+                               .listen_port = epd_http_server_port(d->http),
+                               .admin_token_file = d->cfg->http_admin_token_file,
+                               .api_key_file = d->cfg->http_api_key_file};
+    if (epd_http_auth_create(&ao, &d->auth, err, sizeof(err)) != 0)
+        return start_failed(d, -EINVAL, "%s", err);
+    epd_http_server_set_guard(d->http, epd_http_auth_guard, d->auth);
+    if (!epd_http_auth_listen_is_loopback(d->cfg->http.host) && !d->cfg->http_api_key_file[0])
+        EPD_WARN(SUB,
+                 "http.listen %s is not loopback and no http.api_key_file is set: anyone who "
+                 "reaches port %d can use the inference API",
+                 d->cfg->http.host, epd_http_server_port(d->http));
     snprintf(http_addr, sizeof(http_addr), "%s:%d", d->cfg->http.host,
              epd_http_server_port(d->http));
     epd_cluster_daemon_opts_t co = {.loop = &d->loop,
@@ -522,6 +539,7 @@ int main(int argc, char **argv)
     }
     epd_cluster_daemon_destroy(d.cluster);
     epd_api_destroy(d.api);
+    epd_http_auth_destroy(d.auth);
     epd_state_destroy(d.state);
     epd_metrics_destroy(d.metrics);
     if (d.exit_code == 0) EPD_INFO(SUB, "stopped");

@@ -56,7 +56,9 @@ struct epd_http_conn {
     size_t in_off, in_len, in_cap;
     size_t pending_write;
     epd_http_res_t *cur;
-    int reject_status; /* set by a parser callback: respond with it and close */
+    int nrequests;                /* request heads completed on this connection */
+    struct sockaddr_storage peer; /* the client's address (ss_family 0: unknown) */
+    int reject_status;            /* set by a parser callback: respond with it and close */
     const char *reject_reason;
 };
 
@@ -111,6 +113,8 @@ struct epd_http_server {
     uv_idle_t drain_idle; /* runs drain_done from the loop */
     int drain_idle_open;
     int destroying;
+    epd_http_guard_fn guard;
+    void *guard_ctx;
     http_parser_settings settings;
 };
 
@@ -526,7 +530,8 @@ static int on_message_begin(http_parser *p)
     r->start_ns = uv_hrtime();
     c->cur = r;
     c->state = CS_HEADERS;
-    conn_arm_header_deadline(c);
+    /* a new connection's first head runs on the deadline armed at accept */
+    if (c->nrequests > 0) conn_arm_header_deadline(c);
     return 0;
 }
 
@@ -620,6 +625,7 @@ static int on_headers_complete(http_parser *p)
     if (p->content_length != ULLONG_MAX && p->content_length > s->lim.max_body_bytes)
         return reject(c, 413, "body_too_large");
     c->state = CS_BODY;
+    c->nrequests++;
     conn_arm_idle(c); /* body: inactivity timeout instead of the header deadline */
     const char *expect = epd_http_req_header(&r->req, "Expect");
     if (expect && strcasecmp(expect, "100-continue") == 0 && p->http_minor >= 1)
@@ -673,6 +679,7 @@ static void dispatch(struct epd_http_conn *c)
     if (match) {
         r->route_path = match->path;
         r->head_only = is_head && strcmp(match->method, "HEAD") != 0;
+        if (s->guard && s->guard(&r->req, r, match->path, s->guard_ctx)) return;
         match->fn(&r->req, r, match->ctx);
         return;
     }
@@ -853,6 +860,7 @@ static void on_timer(uv_timer_t *t)
         conn_close(c); /* the peer does not take our last bytes */
         return;
     }
+    if (c->nrequests == 0) count_rejected(c->srv, "header_timeout"); /* connected, sent nothing */
     conn_close(c); /* idle keep-alive connection */
 }
 
@@ -864,8 +872,10 @@ static void conn_arm_idle(struct epd_http_conn *c)
 
 static void conn_arm_header_deadline(struct epd_http_conn *c)
 {
-    if (c->memory || c->closing || c->srv->lim.header_timeout_ms <= 0) return;
-    uv_timer_start(&c->timer, on_timer, (uint64_t)c->srv->lim.header_timeout_ms, 0);
+    const epd_http_limits_t *l = &c->srv->lim;
+    int ms = l->header_timeout_ms > 0 ? l->header_timeout_ms : l->idle_timeout_ms;
+    if (c->memory || c->closing || ms <= 0) return;
+    uv_timer_start(&c->timer, on_timer, (uint64_t)ms, 0);
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
@@ -914,6 +924,83 @@ static void conn_init_parser(struct epd_http_conn *c)
     c->state = CS_IDLE;
 }
 
+static int same_client(const struct sockaddr_storage *a, const struct sockaddr_storage *b)
+{
+    if (a->ss_family != b->ss_family || a->ss_family == 0) return 0;
+    if (a->ss_family == AF_INET)
+        return memcmp(&((const struct sockaddr_in *)a)->sin_addr,
+                      &((const struct sockaddr_in *)b)->sin_addr, sizeof(struct in_addr)) == 0;
+    if (a->ss_family == AF_INET6)
+        return memcmp(&((const struct sockaddr_in6 *)a)->sin6_addr,
+                      &((const struct sockaddr_in6 *)b)->sin6_addr, sizeof(struct in6_addr)) == 0;
+    return 0;
+}
+
+/* A connection that costs the server nothing to drop: no request of it is being handled, none
+ * has been fully received and no response is still being written (idle keep-alive, or still
+ * sending its head). */
+static int conn_evictable(const struct epd_http_conn *c)
+{
+    if (c->closing || c->ending || c->memory) return 0;
+    return c->state == CS_HEADERS ||
+           (c->state == CS_IDLE && c->in_off == c->in_len && c->pending_write == 0);
+}
+
+static void peer_name(const struct sockaddr_storage *ss, char *buf, size_t len)
+{
+    if (ss->ss_family == AF_INET)
+        uv_ip4_name((const struct sockaddr_in *)ss, buf, len);
+    else if (ss->ss_family == AF_INET6)
+        uv_ip6_name((const struct sockaddr_in6 *)ss, buf, len);
+    else
+        snprintf(buf, len, "?");
+}
+
+/* Admits `c` (already accepted and in the list) or closes it. Slots are not held by slow
+ * clients: one address may hold at most max_connections_per_client, and when every slot is
+ * taken the oldest evictable connection (the list's tail) makes room, so a probe such as
+ * /healthz gets in while slow-header clients fill the server. */
+static int conn_admit(epd_http_server_t *s, struct epd_http_conn *c)
+{
+    int live = 0, mine = 0;
+    struct epd_http_conn *oldest = NULL;
+    for (struct epd_http_conn *o = s->conns; o; o = o->next) {
+        if (o->closing) continue;
+        live++;
+        if (o != c && same_client(&o->peer, &c->peer)) mine++;
+        if (o != c && conn_evictable(o)) oldest = o; /* the list is newest first */
+    }
+    char who[64];
+    if (s->lim.max_connections_per_client > 0 && mine >= s->lim.max_connections_per_client) {
+        count_rejected(s, "max_connections_per_client");
+        static epd_ratelimit_t rl = EPD_RATELIMIT_INIT(1, 5000);
+        peer_name(&c->peer, who, sizeof who);
+        epd_log_ratelimited(&rl, EPD_LOG_WARN, SUB,
+                            "refusing connection from %s: it has %d open, "
+                            "http.max_connections_per_client is %d",
+                            who, mine, s->lim.max_connections_per_client);
+        return 0;
+    }
+    if (live <= s->lim.max_connections) return 1;
+    if (oldest) {
+        count_rejected(s, "evicted");
+        static epd_ratelimit_t rl = EPD_RATELIMIT_INIT(1, 5000);
+        peer_name(&oldest->peer, who, sizeof who);
+        epd_log_ratelimited(&rl, EPD_LOG_WARN, SUB,
+                            "http.max_connections (%d) reached: closing the oldest idle or "
+                            "header-reading connection (from %s) to admit a new one",
+                            s->lim.max_connections, who);
+        conn_close(oldest);
+        return 1;
+    }
+    count_rejected(s, "max_connections");
+    static epd_ratelimit_t rl = EPD_RATELIMIT_INIT(1, 5000);
+    epd_log_ratelimited(&rl, EPD_LOG_WARN, SUB,
+                        "refusing connection: %d open and busy, http.max_connections is %d",
+                        live - 1, s->lim.max_connections);
+    return 0;
+}
+
 static void on_connection(uv_stream_t *ls, int status)
 {
     epd_http_server_t *s = ls->data;
@@ -937,17 +1024,19 @@ static void on_connection(uv_stream_t *ls, int status)
         conn_close(c);
         return;
     }
-    if (s->draining || s->destroying || s->nconns > s->lim.max_connections) {
+    if (s->draining || s->destroying) {
         count_rejected(s, "max_connections");
-        static epd_ratelimit_t rl = EPD_RATELIMIT_INIT(1, 5000);
-        epd_log_ratelimited(&rl, EPD_LOG_WARN, SUB,
-                            "refusing connection: %d open, http.max_connections is %d",
-                            s->nconns - 1, s->lim.max_connections);
+        conn_close(c);
+        return;
+    }
+    int plen = sizeof(c->peer);
+    if (uv_tcp_getpeername(&c->tcp, (struct sockaddr *)&c->peer, &plen) != 0) c->peer.ss_family = 0;
+    if (!conn_admit(s, c)) {
         conn_close(c);
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
-    conn_arm_idle(c);
+    conn_arm_header_deadline(c); /* the first request head is due within header_timeout_ms */
     conn_start_reading(c);
 }
 
@@ -1040,6 +1129,12 @@ int epd_http_route(epd_http_server_t *s, const char *method, const char *path,
     r->ctx = ctx;
     s->nroutes++;
     return 0;
+}
+
+void epd_http_server_set_guard(epd_http_server_t *s, epd_http_guard_fn fn, void *ctx)
+{
+    s->guard = fn;
+    s->guard_ctx = ctx;
 }
 
 int epd_http_server_connections(const epd_http_server_t *s)

@@ -40,9 +40,12 @@ typedef void (*epd_http_handler_fn)(const epd_http_req_t *req, epd_http_res_t *r
 typedef struct epd_http_limits {
     size_t max_header_bytes; /* request line + headers; over -> 431 */
     size_t max_body_bytes;   /* Content-Length or received body; over -> 413 */
-    int max_connections;     /* further connections are accepted and closed at once */
-    int idle_timeout_ms;     /* keep-alive idle, and body inactivity */
-    int header_timeout_ms;   /* from a request's first byte to the end of its headers -> 408 */
+    int max_connections;     /* when full, the oldest idle or header-reading connection is closed
+                                to admit a new one; with none such, the new one is closed at once */
+    int max_connections_per_client; /* per peer address; further ones closed at once; 0: any */
+    int idle_timeout_ms;            /* keep-alive idle, and body inactivity */
+    int header_timeout_ms;          /* from accept to the first request's end of headers, and from a
+                                       later request's first byte to its end of headers -> 408 */
 } epd_http_limits_t;
 
 /* Queued output beyond which epd_http_stream_write refuses (-ENOBUFS): a client that does
@@ -64,6 +67,11 @@ int epd_http_server_port(const epd_http_server_t *s);
  * Returns 0, -EEXIST (same method and path twice), -EINVAL or -ENOMEM. */
 int epd_http_route(epd_http_server_t *s, const char *method, const char *path,
                    epd_http_handler_fn handler, void *ctx);
+/* A guard runs before every matched route's handler (route_path: the route as registered).
+ * It returns 0 to let the request through, or answers `res` itself and returns 1. */
+typedef int (*epd_http_guard_fn)(const epd_http_req_t *req, epd_http_res_t *res,
+                                 const char *route_path, void *ctx);
+void epd_http_server_set_guard(epd_http_server_t *s, epd_http_guard_fn fn, void *ctx);
 /* Graceful stop: stops accepting, closes idle connections, lets every connection finish its
  * current request and then closes it; `done` runs (once, from the loop) when none is left. */
 void epd_http_server_drain(epd_http_server_t *s, void (*done)(void *arg), void *arg);

@@ -129,6 +129,14 @@ int epd_http_request(const char *host, int port, const char *method, const char 
                      const char *body, size_t body_len, int timeout_ms, epd_http_response_t *resp,
                      char *err, size_t errlen)
 {
+    return epd_http_request_h(host, port, method, path, NULL, body, body_len, timeout_ms, resp, err,
+                              errlen);
+}
+
+int epd_http_request_h(const char *host, int port, const char *method, const char *path,
+                       const char *headers, const char *body, size_t body_len, int timeout_ms,
+                       epd_http_response_t *resp, char *err, size_t errlen)
+{
     long long deadline = epd_now_ms() + timeout_ms;
     struct addrinfo hints = {.ai_family = AF_UNSPEC, .ai_socktype = SOCK_STREAM}, *ai = NULL;
     char portstr[16], *req = NULL;
@@ -164,7 +172,8 @@ int epd_http_request(const char *host, int port, const char *method, const char 
             goto fail;
         }
     }
-    size_t reqcap = strlen(method) + strlen(path) + strlen(host) + 160 + body_len;
+    if (!headers) headers = "";
+    size_t reqcap = strlen(method) + strlen(path) + strlen(host) + strlen(headers) + 160 + body_len;
     req = malloc(reqcap);
     if (!req) {
         rc = -ENOMEM;
@@ -173,8 +182,8 @@ int epd_http_request(const char *host, int port, const char *method, const char 
     }
     int hl = snprintf(req, reqcap,
                       "%s %s HTTP/1.1\r\nHost: %s:%d\r\nUser-Agent: epctl\r\nAccept: */*\r\n"
-                      "Connection: close\r\nContent-Length: %zu\r\n\r\n",
-                      method, path, host, port, body_len);
+                      "Connection: close\r\nContent-Length: %zu\r\n%s\r\n",
+                      method, path, host, port, body_len, headers);
     if (body_len) memcpy(req + hl, body, body_len);
     size_t total = (size_t)hl + body_len, off = 0;
     while (off < total) {

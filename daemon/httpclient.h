@@ -21,6 +21,10 @@ typedef struct epd_http_response {
 int epd_http_request(const char *host, int port, const char *method, const char *path,
                      const char *body, size_t body_len, int timeout_ms, epd_http_response_t *resp,
                      char *err, size_t errlen);
+/* The same with extra header lines ("Name: value\r\n" each; NULL for none). */
+int epd_http_request_h(const char *host, int port, const char *method, const char *path,
+                       const char *headers, const char *body, size_t body_len, int timeout_ms,
+                       epd_http_response_t *resp, char *err, size_t errlen);
 void epd_http_response_free(epd_http_response_t *resp);
 
 /* Splits "HOST:PORT" or "[V6]:PORT". Returns 0 or -EINVAL. */

@@ -156,16 +156,21 @@ grep -q 'http.max_body_bytes' "$WORK/epd.log" || fail "invalid reload does not n
 kill -0 "$EPD_PID" || fail "epd died on an invalid reload"
 [ "$("${CURL[@]}" -o /dev/null -w '%{http_code}' "$BASE/healthz")" = 200 ] || fail "not serving after bad reload"
 
-# ---- max_connections (16): the 17th connection is closed at once ----
+# ---- max_connections (16) all held by idle connections: a 17th still gets /healthz, and
+# the oldest idle connection is closed to make room ----
 for fd in $(seq 10 25); do eval "exec $fd<>/dev/tcp/127.0.0.1/$PORT"; done
 sleep 0.2
 exec 9<>"/dev/tcp/127.0.0.1/$PORT"
+printf 'GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n' >&9
 reply=$(timeout 3 cat <&9); rc=$?
 exec 9<&-
-[ $rc = 0 ] && [ -z "$reply" ] || fail "connection over http.max_connections was not closed"
+[ $rc = 0 ] || fail "healthz on a full server did not complete"
+case "$reply" in "HTTP/1.1 200 "*) ;; *) fail "healthz on a full server got: $reply" ;; esac
+reply=$(timeout 3 cat <&10); rc=$?
+[ $rc = 0 ] && [ -z "$reply" ] || fail "the oldest idle connection was not closed to make room"
 for fd in $(seq 10 25); do eval "exec $fd<&-"; done
-"${CURL[@]}" "$BASE/metrics" | grep -q '^epd_http_rejected_total{reason="max_connections"} [1-9]' ||
-    fail "max_connections rejection not counted"
+"${CURL[@]}" "$BASE/metrics" | grep -q '^epd_http_rejected_total{reason="evicted"} [1-9]' ||
+    fail "eviction not counted"
 
 # ---- SIGTERM with a request in flight (stalled in its headers): the stop waits for it,
 # the header deadline ends it, then STOPPING=1 and exit 0 ----
