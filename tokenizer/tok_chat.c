@@ -142,11 +142,41 @@ static bool ends(span_t s, const char *suf)
 typedef struct out {
     tok_buf_t b;
     bool failed;
+    /* where the messages' own text lies in b (content, reasoning, tool-call names and
+     * arguments): sorted, disjoint, [n_user] of cap_user */
+    tok_range_t *user;
+    size_t n_user, cap_user;
 } out_t;
 
+/* Template text: the template's own markers. */
 static void put(out_t *o, span_t s)
 {
     if (!o->failed && tok_buf_append(&o->b, s.p, s.n) < 0) o->failed = true;
+}
+
+/* Text a message supplied; its range is recorded so that encoding can keep special-token
+ * spellings in it from becoming control tokens. */
+static void put_user(out_t *o, span_t s)
+{
+    if (o->failed || s.n == 0) return;
+    size_t off = o->b.len;
+    put(o, s);
+    if (o->failed) return;
+    if (o->n_user && o->user[o->n_user - 1].off + o->user[o->n_user - 1].len == off) {
+        o->user[o->n_user - 1].len += s.n; /* adjacent: one range */
+        return;
+    }
+    if (o->n_user == o->cap_user) {
+        size_t cap = o->cap_user ? o->cap_user * 2 : 16;
+        tok_range_t *r = realloc(o->user, cap * sizeof(*r));
+        if (!r) {
+            o->failed = true;
+            return;
+        }
+        o->user = r;
+        o->cap_user = cap;
+    }
+    o->user[o->n_user++] = (tok_range_t){off, s.n};
 }
 
 static void puts_(out_t *o, const char *s)
@@ -211,19 +241,19 @@ static void render_assistant(out_t *o, const epd_tok_chat_msg_t *m, size_t i, si
     puts_(o, m->role);
     if (i > last_query && (i == n - 1 || reasoning.n)) {
         puts_(o, "\n<think>\n");
-        put(o, lstrip_nl(rstrip_nl(reasoning)));
+        put_user(o, lstrip_nl(rstrip_nl(reasoning)));
         puts_(o, "\n</think>\n\n");
-        put(o, lstrip_nl(content));
+        put_user(o, lstrip_nl(content));
     } else {
         puts_(o, "\n");
-        put(o, content);
+        put_user(o, content);
     }
     for (size_t k = 0; k < m->n_tool_calls; k++) {
         if ((k == 0 && content.n) || k > 0) puts_(o, "\n");
         puts_(o, "<tool_call>\n{\"name\": \"");
-        puts_(o, m->tool_calls[k].name);
+        put_user(o, sp(m->tool_calls[k].name));
         puts_(o, "\", \"arguments\": ");
-        puts_(o, m->tool_calls[k].arguments);
+        put_user(o, sp(m->tool_calls[k].arguments));
         puts_(o, "}\n</tool_call>");
     }
     puts_(o, "<|im_end|>\n");
@@ -234,7 +264,7 @@ static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
 {
     if (role_is(&msgs[0], "system")) {
         puts_(o, "<|im_start|>system\n");
-        put(o, sp_n(msgs[0].content, msgs[0].content_len));
+        put_user(o, sp_n(msgs[0].content, msgs[0].content_len));
         puts_(o, "<|im_end|>\n");
     }
     /* The last user message that is not a wrapped tool response; thinking is shown only for
@@ -254,14 +284,14 @@ static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
             puts_(o, "<|im_start|>");
             puts_(o, m->role);
             puts_(o, "\n");
-            put(o, sp_n(m->content, m->content_len));
+            put_user(o, sp_n(m->content, m->content_len));
             puts_(o, "<|im_end|>\n");
         } else if (role_is(m, "assistant")) {
             render_assistant(o, m, i, n, last_query);
         } else if (role_is(m, "tool")) {
             if (i == 0 || !role_is(&msgs[i - 1], "tool")) puts_(o, "<|im_start|>user");
             puts_(o, "\n<tool_response>\n");
-            put(o, sp_n(m->content, m->content_len));
+            put_user(o, sp_n(m->content, m->content_len));
             puts_(o, "\n</tool_response>");
             if (i == n - 1 || !role_is(&msgs[i + 1], "tool")) puts_(o, "<|im_end|>\n");
         }
@@ -273,27 +303,55 @@ static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
     return EPD_TOK_OK;
 }
 
-epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
-                                     size_t *out_len, char *err, size_t err_len)
+static epd_tok_status_t render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                               const epd_tok_chat_opts_t *opts, out_t *o, char *err, size_t err_len)
 {
-    *out = NULL;
-    *out_len = 0;
     if (tok->chat != EPD_TOK_CHAT_QWEN3)
         return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
                         "the checkpoint has no chat template (neither chat_template.jinja nor a "
                         "chat_template in tokenizer_config.json)");
     epd_tok_status_t st = check_messages(msgs, n_msgs, err, err_len);
     if (st) return st;
-    out_t o = {0};
-    render_qwen3(msgs, n_msgs, opts, &o);
-    puts_(&o, "");
-    if (!o.failed && tok_buf_append(&o.b, "", 1) < 0) o.failed = true;
-    if (o.failed) {
-        tok_buf_fini(&o.b);
+    render_qwen3(msgs, n_msgs, opts, o);
+    if (!o->failed && tok_buf_append(&o->b, "", 1) < 0) o->failed = true;
+    if (o->failed) {
+        tok_buf_fini(&o->b);
+        free(o->user);
         return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "chat template: out of memory");
     }
-    *out = (char *)o.b.p;
-    *out_len = o.b.len - 1;
+    o->b.len--; /* the NUL stays after the text */
     return EPD_TOK_OK;
+}
+
+epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
+                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
+                                     size_t *out_len, char *err, size_t err_len)
+{
+    *out = NULL;
+    *out_len = 0;
+    out_t o = {0};
+    epd_tok_status_t st = render(tok, msgs, n_msgs, opts, &o, err, err_len);
+    if (st) return st;
+    free(o.user);
+    *out = (char *)o.b.p;
+    *out_len = o.b.len;
+    return EPD_TOK_OK;
+}
+
+epd_tok_status_t epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
+                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, unsigned flags,
+                                     epd_tok_ids_t *ids, char *err, size_t err_len)
+{
+    out_t o = {0};
+    epd_tok_status_t st = render(tok, msgs, n_msgs, opts, &o, err, err_len);
+    if (st) return st;
+    if (flags & EPD_TOK_ENCODE_SPLIT_SPECIAL)
+        st = tok_encode_masked(tok, (const char *)o.b.p, o.b.len,
+                               flags & ~(unsigned)EPD_TOK_ENCODE_SPLIT_SPECIAL, o.user, o.n_user,
+                               ids, err, err_len);
+    else
+        st = epd_tok_encode(tok, (const char *)o.b.p, o.b.len, flags, ids, err, err_len);
+    tok_buf_fini(&o.b);
+    free(o.user);
+    return st;
 }

@@ -9,7 +9,9 @@ typedef struct enc {
     unsigned flags;
     epd_tok_ids_t *out;
     pcre2_match_data *md;
-    tok_buf_t norm; /* NFC output of the current segment */
+    tok_buf_t norm;           /* NFC output of the current segment */
+    const tok_range_t *plain; /* [n_plain] sorted: no special token may overlap these */
+    size_t n_plain;
     char *err;
     size_t err_len;
 } enc_t;
@@ -50,14 +52,34 @@ static epd_tok_status_t split_and_bpe(enc_t *e, const uint8_t *p, size_t n, size
     return EPD_TOK_OK;
 }
 
-/* The longest added token of the given kind (bit 1: raw, 2: normalized) at p[0..n), or NULL. */
-static const tok_added_t *added_at(const enc_t *e, const uint8_t *p, size_t n, unsigned kind)
+/* Whether text bytes [off, off + len) overlap one of e->plain. */
+static bool in_plain(const enc_t *e, size_t off, size_t len)
+{
+    size_t lo = 0, hi = e->n_plain;
+    while (lo < hi) { /* the first range that ends after off */
+        size_t mid = lo + (hi - lo) / 2;
+        if (e->plain[mid].off + e->plain[mid].len <= off)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return lo < e->n_plain && e->plain[lo].off < off + len;
+}
+
+/* The longest added token of the given kind (bit 1: raw, 2: normalized) at p[0..n), or NULL.
+ * off: p's byte offset in the caller's text (raw kind only). For the normalized kind offsets
+ * into the NFC copy do not map back, so with plain ranges a special normalized token matches
+ * only in a segment that overlaps none of them (seg_plain false). */
+static const tok_added_t *added_at(const enc_t *e, const uint8_t *p, size_t n, unsigned kind,
+                                   size_t off, bool seg_plain)
 {
     const epd_tok_t *tok = e->tok;
     for (size_t i = 0; i < tok->n_added; i++) {
         const tok_added_t *a = &tok->added[i];
         if ((a->normalized ? 2u : 1u) != kind) continue;
         if (a->special && (e->flags & EPD_TOK_ENCODE_SPLIT_SPECIAL)) continue;
+        if (a->special && e->n_plain && (kind == 2 ? seg_plain : in_plain(e, off, a->len)))
+            continue;
         if (a->len <= n && memcmp(tok->pool.p + a->off, p, a->len) == 0) return a;
     }
     return NULL;
@@ -72,9 +94,10 @@ split_added(enc_t *e, const uint8_t *p, size_t n, size_t base_off, unsigned kind
     const epd_tok_t *tok = e->tok;
     size_t seg = 0;
     epd_tok_status_t st;
+    bool seg_plain = kind == 2 && e->n_plain && in_plain(e, base_off, n);
     for (size_t i = 0; i < n;) {
         if (tok->added_first[p[i]] & kind) {
-            const tok_added_t *a = added_at(e, p + i, n - i, kind);
+            const tok_added_t *a = added_at(e, p + i, n - i, kind, base_off + i, seg_plain);
             if (a) {
                 if (i > seg && (st = then(e, p + seg, i - seg, base_off + seg))) return st;
                 if (tok_ids_push(e->out, a->id) < 0) return EPD_TOK_ERR_NOMEM;
@@ -104,6 +127,13 @@ static epd_tok_status_t normalized_segment(enc_t *e, const uint8_t *p, size_t n,
 epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
                                 epd_tok_ids_t *out, char *err, size_t err_len)
 {
+    return tok_encode_masked(tok, text, len, flags, NULL, 0, out, err, err_len);
+}
+
+epd_tok_status_t tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
+                                   unsigned flags, const tok_range_t *plain, size_t n_plain,
+                                   epd_tok_ids_t *out, char *err, size_t err_len)
+{
     if (!tok || !out || (!text && len))
         return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "epd_tok_encode: NULL argument");
     const uint8_t *p = (const uint8_t *)text;
@@ -113,7 +143,13 @@ epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t l
                         "text is not valid UTF-8: ill-formed byte 0x%02x at byte offset %zu",
                         p[bad], bad);
     if (len == 0) return EPD_TOK_OK;
-    enc_t e = {.tok = tok, .flags = flags, .out = out, .err = err, .err_len = err_len};
+    enc_t e = {.tok = tok,
+               .flags = flags,
+               .out = out,
+               .err = err,
+               .err_len = err_len,
+               .plain = plain,
+               .n_plain = n_plain};
     if (tok->re) {
         e.md = pcre2_match_data_create_from_pattern(tok->re, NULL);
         if (!e.md)

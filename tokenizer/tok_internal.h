@@ -184,6 +184,19 @@ epd_tok_status_t tok_nfc_init(epd_tok_t *tok, char *err, size_t err_len);
 
 /* Chat template recognition (tok_chat.c); where names the template in messages
  * ("<file>: chat_template", or the .jinja file's path). */
+/* A byte range [off, off + len) of a text. */
+typedef struct tok_range {
+    size_t off, len;
+} tok_range_t;
+
+/* epd_tok_encode where special added tokens are not matched where they would overlap one of
+ * `plain` (sorted, disjoint ranges of text: message fields inside a rendered chat). The text
+ * between matched added tokens is still encoded in one piece, so text without special-token
+ * spellings gets the very ids epd_tok_encode gives. */
+epd_tok_status_t tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
+                                   unsigned flags, const tok_range_t *plain, size_t n_plain,
+                                   epd_tok_ids_t *out, char *err, size_t err_len);
+
 epd_tok_status_t tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
                                  char *err, size_t err_len);
 

@@ -169,6 +169,17 @@ epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_ms
                                      size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
                                      size_t *out_len, char *err, size_t err_len);
 
+/* Renders messages as epd_tok_chat_render does and appends the ids of the rendering to ids.
+ * flags as epd_tok_encode's, except EPD_TOK_ENCODE_SPLIT_SPECIAL, which here applies to the
+ * messages' own text only (content, reasoning_content, tool-call names and arguments): a
+ * special token spelled there (`<|im_start|>system`) is encoded as the plain text it is, while
+ * the template's markers stay control tokens. Text between matched control tokens is encoded in
+ * one piece, so a chat whose messages spell no special token gets exactly the ids of
+ * epd_tok_encode(epd_tok_chat_render(...)). Without the flag that is what it is. */
+epd_tok_status_t epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
+                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, unsigned flags,
+                                     epd_tok_ids_t *ids, char *err, size_t err_len);
+
 #ifdef __cplusplus
 }
 #endif
