@@ -96,15 +96,18 @@ int api_text_ready(const epd_api_t *a, const char *param, verr_t *v);
 /* Ready for chat (a loaded tokenizer with a template we render). */
 int api_chat_ready(const epd_api_t *a, verr_t *v);
 
-/* Renders `messages` (OpenAI's chat shapes) with the checkpoint's template into a malloc'd
- * string. */
-int api_render_chat(const epd_api_t *a, const cJSON *messages, int add_generation_prompt,
-                    int disable_thinking, char **out, size_t *out_len, verr_t *v);
+/* Renders `messages` (OpenAI's chat shapes) with the checkpoint's template and encodes the
+ * rendering into a malloc'd id array. split_special: special tokens spelled inside the messages
+ * are encoded as plain text (the template's own markers stay control tokens), the request field
+ * split_special_tokens, true unless the client turns it off. */
+int api_encode_chat(const epd_api_t *a, const cJSON *messages, int add_generation_prompt,
+                    int disable_thinking, int split_special, int32_t **ids, int *n, verr_t *v);
 /* Parses chat_template_kwargs (only enable_thinking is known). */
 int api_chat_kwargs(const cJSON *f, int *disable_thinking, verr_t *v);
-/* Encodes text into a malloc'd id array; path names the field in errors. */
-int api_encode(const epd_api_t *a, const char *text, size_t len, const char *path, int32_t **ids,
-               int *n, verr_t *v);
+/* Encodes text into a malloc'd id array; path names the field in errors; flags as
+ * epd_tok_encode's. */
+int api_encode(const epd_api_t *a, const char *text, size_t len, unsigned flags, const char *path,
+               int32_t **ids, int *n, verr_t *v);
 
 int api_text_routes(epd_http_server_t *http, epd_api_t *a);
 

@@ -124,12 +124,10 @@ int api_chat_ready(const epd_api_t *a, verr_t *v)
     return api_bad(v, 400, "messages", "chat_template_unsupported", "%s", a->chat_err);
 }
 
-int api_encode(const epd_api_t *a, const char *text, size_t len, const char *path, int32_t **ids,
-               int *n, verr_t *v)
+/* Hands the ids over (or refuses too many); st and err: the encoder's result. */
+static int take_ids(epd_tok_status_t st, const char *err, epd_tok_ids_t out, const char *path,
+                    int32_t **ids, int *n, verr_t *v)
 {
-    epd_tok_ids_t out = {0};
-    char err[512] = "";
-    epd_tok_status_t st = epd_tok_encode(a->tok, text, len, 0, &out, err, sizeof(err));
     if (st != EPD_TOK_OK) {
         epd_tok_ids_fini(&out);
         if (st == EPD_TOK_ERR_NOMEM) return api_bad(v, 500, NULL, NULL, "out of memory");
@@ -143,6 +141,15 @@ int api_encode(const epd_api_t *a, const char *text, size_t len, const char *pat
     *ids = out.ids; /* the buffer is plain malloc'd memory, handed over */
     *n = (int)out.len;
     return 0;
+}
+
+int api_encode(const epd_api_t *a, const char *text, size_t len, unsigned flags, const char *path,
+               int32_t **ids, int *n, verr_t *v)
+{
+    epd_tok_ids_t out = {0};
+    char err[512] = "";
+    epd_tok_status_t st = epd_tok_encode(a->tok, text, len, flags, &out, err, sizeof(err));
+    return take_ids(st, err, out, path, ids, n, v);
 }
 
 /* ---- chat messages ------------------------------------------------------------------------ */
@@ -275,8 +282,8 @@ static int parse_tool_calls(const cJSON *tc, int i, epd_tok_tool_call_t **out, s
     return 0;
 }
 
-int api_render_chat(const epd_api_t *a, const cJSON *messages, int add_generation_prompt,
-                    int disable_thinking, char **out, size_t *out_len, verr_t *v)
+int api_encode_chat(const epd_api_t *a, const cJSON *messages, int add_generation_prompt,
+                    int disable_thinking, int split_special, int32_t **ids, int *n_ids, verr_t *v)
 {
     if (!messages || cJSON_IsNull(messages))
         return api_bad(v, 400, "messages", NULL, "'messages' is required: a list of messages");
@@ -348,16 +355,17 @@ int api_render_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
     epd_tok_chat_opts_t opts = {.add_generation_prompt = add_generation_prompt != 0,
                                 .disable_thinking = disable_thinking != 0};
     char err[600] = "";
-    epd_tok_status_t st =
-        epd_tok_chat_render(a->tok, m.msgs, (size_t)n, &opts, out, out_len, err, sizeof(err));
-    if (st != EPD_TOK_OK) {
-        if (st == EPD_TOK_ERR_NOMEM)
-            api_bad(v, 500, NULL, NULL, "out of memory");
-        else
-            api_bad(v, 400, "messages", NULL, "the messages cannot be rendered: %s",
-                    err[0] ? err : epd_tok_strerror(st));
+    epd_tok_ids_t out = {0};
+    epd_tok_status_t st = epd_tok_chat_encode(a->tok, m.msgs, (size_t)n, &opts,
+                                              split_special ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0,
+                                              &out, err, sizeof(err));
+    if (st == EPD_TOK_ERR_INVALID || st == EPD_TOK_ERR_UNSUPPORTED) {
+        epd_tok_ids_fini(&out);
+        api_bad(v, 400, "messages", NULL, "the messages cannot be rendered: %s",
+                err[0] ? err : epd_tok_strerror(st));
         goto fail;
     }
+    if (take_ids(st, err, out, "the rendered chat", ids, n_ids, v)) goto fail;
     rc = 0;
 fail:
     msgbuf_free(&m);
@@ -383,13 +391,14 @@ static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx
 {
     epd_api_t *a = ctx;
     verr_t v = {0};
-    char *rendered = NULL;
     int32_t *ids = NULL;
     int n = 0;
     cJSON *root = api_parse_body(a, EP_TOKENIZE, req, res);
     if (!root) return;
     const cJSON *prompt = NULL, *messages = NULL, *kwargs = NULL;
-    int add_gen = 1, add_special = 1, disable_thinking = 0;
+    /* split_special_tokens (transformers' name): -1 not given; chat defaults to 1, a prompt
+     * (the client's whole text, as transformers) to 0 */
+    int add_gen = 1, add_special = 1, disable_thinking = 0, split_special = -1;
     if (!cJSON_IsObject(root)) {
         api_bad(&v, 400, NULL, NULL, "the request body must be a JSON object, not %s",
                 api_type_name(root));
@@ -403,12 +412,15 @@ static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx
             prompt = f;
         } else if (!strcmp(k, "messages")) {
             messages = f;
-        } else if (!strcmp(k, "add_generation_prompt") || !strcmp(k, "add_special_tokens")) {
+        } else if (!strcmp(k, "add_generation_prompt") || !strcmp(k, "add_special_tokens") ||
+                   !strcmp(k, "split_special_tokens")) {
             if (!cJSON_IsBool(f)) {
                 api_bad(&v, 400, k, NULL, "'%s' must be a boolean, not %s", k, api_type_name(f));
                 goto fail;
             }
-            *(!strcmp(k, "add_special_tokens") ? &add_special : &add_gen) = cJSON_IsTrue(f);
+            *(!strcmp(k, "add_special_tokens")     ? &add_special
+              : !strcmp(k, "split_special_tokens") ? &split_special
+                                                   : &add_gen) = cJSON_IsTrue(f);
         } else if (!strcmp(k, "chat_template_kwargs")) {
             kwargs = f;
         } else {
@@ -430,13 +442,14 @@ static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx
                     api_type_name(prompt));
             goto fail;
         }
-        if (api_encode(a, prompt->valuestring, epd_json_strlen(prompt), "prompt", &ids, &n, &v))
+        if (api_encode(a, prompt->valuestring, epd_json_strlen(prompt),
+                       split_special == 1 ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0, "prompt", &ids, &n,
+                       &v))
             goto fail;
     } else {
-        size_t rl = 0;
         if (api_chat_ready(a, &v) || api_chat_kwargs(kwargs, &disable_thinking, &v) ||
-            api_render_chat(a, messages, add_gen, disable_thinking, &rendered, &rl, &v) ||
-            api_encode(a, rendered, rl, "the rendered chat", &ids, &n, &v))
+            api_encode_chat(a, messages, add_gen, disable_thinking, split_special != 0, &ids, &n,
+                            &v))
             goto fail;
     }
     cJSON *doc = cJSON_CreateObject();
@@ -455,12 +468,10 @@ static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx
     api_count(a, EP_TOKENIZE, 200);
     cJSON_Delete(doc);
     free(ids);
-    free(rendered);
     cJSON_Delete(root);
     return;
 fail:
     free(ids);
-    free(rendered);
     cJSON_Delete(root);
     api_send_error(a, EP_TOKENIZE, res, v.status, v.msg, v.param[0] ? v.param : NULL, v.code);
 }

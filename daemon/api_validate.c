@@ -97,7 +97,7 @@ static int add_text_prompt(const epd_api_t *a, const cJSON *s, const char *path,
         return bad(v, 400, "prompt", NULL, "at most %d prompts per request", MAX_PROMPTS);
     int32_t *ids = NULL;
     int n = 0;
-    if (api_encode(a, s->valuestring, epd_json_strlen(s), path, &ids, &n, v)) return -1;
+    if (api_encode(a, s->valuestring, epd_json_strlen(s), 0, path, &ids, &n, v)) return -1;
     if (n == 0) {
         free(ids);
         return bad(v, 400, "prompt", NULL, "%s is empty (no tokens): give some text", path);
@@ -264,7 +264,7 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
                                         "suffix",      "top_logprobs",       "tools",
                                         "tool_choice", "parallel_tool_calls"};
     const cJSON *stream_options = NULL, *messages = NULL, *kwargs = NULL;
-    int add_gen = 1, disable_thinking = 0;
+    int add_gen = 1, disable_thinking = 0, split_special = 1;
     for (const cJSON *f = root->child; f; f = f->next) {
         const char *k = f->string;
         int known = 0;
@@ -292,6 +292,8 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
             kwargs = f;
         } else if (chat && !strcmp(k, "add_generation_prompt")) { /* vLLM's extension */
             if (get_bool(f, k, &add_gen, v)) return -1;
+        } else if (chat && !strcmp(k, "split_special_tokens")) { /* transformers' name */
+            if (get_bool(f, k, &split_special, v)) return -1;
         } else if (!strcmp(k, "max_tokens") || (chat && !strcmp(k, "max_completion_tokens"))) {
             if (cJSON_IsNull(f)) continue;
             if (!cJSON_IsNumber(f))
@@ -364,14 +366,10 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
     }
     if (check_sampling(q, v)) return -1;
     if (chat) {
-        char *text = NULL;
-        size_t tl = 0;
         if (api_chat_ready(a, v) || api_chat_kwargs(kwargs, &disable_thinking, v) ||
-            api_render_chat(a, messages, add_gen, disable_thinking, &text, &tl, v))
+            api_encode_chat(a, messages, add_gen, disable_thinking, split_special, &q->ids[0],
+                            &q->len[0], v))
             return -1;
-        int rc = api_encode(a, text, tl, "the rendered chat", &q->ids[0], &q->len[0], v);
-        free(text);
-        if (rc) return -1;
         q->nprompts = 1;
         if (q->len[0] == 0) return bad(v, 400, "messages", NULL, "the rendered chat has no tokens");
         for (int i = 0; i < q->len[0]; i++)
