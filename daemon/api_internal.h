@@ -36,6 +36,7 @@ struct epd_api {
     double tok_load_s;
     int chat_ok;        /* the tokenizer has a template we render */
     char chat_err[800]; /* why chat is refused when !chat_ok */
+    uv_loop_t *loop;    /* the HTTP server's: request parsing and tokenizing run in its pool */
 };
 
 typedef struct verr {
@@ -87,6 +88,28 @@ void api_send_error(epd_api_t *a, const char *endpoint, epd_http_res_t *res, int
 /* The body as one JSON value with nothing after it; NULL after answering 400. */
 cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *req,
                       epd_http_res_t *res);
+/* The same without answering: NULL with v's 400 (any thread). */
+cJSON *api_parse_body_v(const epd_http_req_t *req, verr_t *v);
+
+/* Work of a request off the loop thread (parsing a body, tokenizing: a multi-MB prompt takes
+ * seconds): `run` in libuv's thread pool, touching nothing of the loop's (the tokenizer is
+ * shared read-only, the engine info is copied), then `done` on the loop, which finishes res and
+ * frees the job. req and res stay valid meanwhile (a response not finished keeps them). When
+ * the client leaves, a job not yet started is cancelled (done's `cancelled`) and `gone` is set
+ * either way; done then finishes res without doing the work's consequences. Embed the struct
+ * first in the job's own. */
+typedef struct api_job api_job_t;
+struct api_job {
+    uv_work_t work;
+    epd_api_t *a;
+    const epd_http_req_t *req;
+    epd_http_res_t *res;
+    int gone, queued;
+    void (*run)(api_job_t *j);
+    void (*done)(api_job_t *j, int cancelled);
+};
+/* Queues j; without a loop (in-memory tests) runs both parts at once. */
+void api_job_start(api_job_t *j);
 void api_count(epd_api_t *a, const char *endpoint, int status);
 
 /* ---- api_text.c ---- */

@@ -15,6 +15,7 @@
 #define _GNU_SOURCE /* memmem */
 #include "api_openai.h"
 #include "epd_clock.h"
+#include "http.h"
 
 #include <cjson/cJSON.h>
 #include <errno.h>
@@ -95,8 +96,16 @@ void api_send_error(epd_api_t *a, const char *endpoint, epd_http_res_t *res, int
     api_count(a, endpoint, status);
 }
 
-cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *req,
-                      epd_http_res_t *res)
+/* v: 400 with the reason, its param and code */
+static void body_bad(verr_t *v, const char *msg, const char *param, const char *code)
+{
+    v->status = 400;
+    snprintf(v->msg, sizeof(v->msg), "%s", msg);
+    snprintf(v->param, sizeof(v->param), "%.*s", (int)sizeof(v->param) - 1, param ? param : "");
+    v->code = code;
+}
+
+cJSON *api_parse_body_v(const epd_http_req_t *req, verr_t *v)
 {
     const char *end = NULL;
     cJSON *root = epd_json_parse(req->body, req->body_len, &end);
@@ -107,7 +116,7 @@ cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *
         else
             snprintf(msg, sizeof(msg), "the request body is not valid JSON (error at byte %td)",
                      end ? end - req->body : (ptrdiff_t)0);
-        api_send_error(a, endpoint, res, 400, msg, NULL, "invalid_json");
+        body_bad(v, msg, NULL, "invalid_json");
         return NULL;
     }
     /* trailing bytes after the value */
@@ -118,7 +127,7 @@ cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *
         snprintf(msg, sizeof(msg),
                  "the request body is not valid JSON (unexpected data at byte %td)", p - req->body);
         cJSON_Delete(root);
-        api_send_error(a, endpoint, res, 400, msg, NULL, "invalid_json");
+        body_bad(v, msg, NULL, "invalid_json");
         return NULL;
     }
     /* cJSON keeps both members of a repeated key: refused, never half applied */
@@ -130,10 +139,61 @@ cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *
                  "appear once in an object",
                  dup->string, path);
         cJSON_Delete(root);
-        api_send_error(a, endpoint, res, 400, msg, path, "duplicate_key");
+        body_bad(v, msg, path, "duplicate_key");
         return NULL;
     }
     return root;
+}
+
+cJSON *api_parse_body(epd_api_t *a, const char *endpoint, const epd_http_req_t *req,
+                      epd_http_res_t *res)
+{
+    verr_t v = {0};
+    cJSON *root = api_parse_body_v(req, &v);
+    if (!root)
+        api_send_error(a, endpoint, res, v.status, v.msg, v.param[0] ? v.param : NULL, v.code);
+    return root;
+}
+
+/* ---- work off the loop -------------------------------------------------------------------- */
+
+/* The client left while the job waited or ran: a job not yet started is cancelled; one
+ * running finishes, and its done callback sees `gone`. */
+static void job_gone(epd_http_res_t *res, void *arg)
+{
+    (void)res;
+    api_job_t *j = arg;
+    j->gone = 1;
+    if (j->queued) uv_cancel((uv_req_t *)&j->work);
+}
+
+static void job_work(uv_work_t *w)
+{
+    api_job_t *j = w->data;
+    j->run(j);
+}
+
+static void job_after(uv_work_t *w, int status)
+{
+    api_job_t *j = w->data;
+    j->queued = 0;
+    epd_http_res_on_close(j->res, NULL, NULL);
+    j->done(j, status == UV_ECANCELED);
+}
+
+void api_job_start(api_job_t *j)
+{
+    j->work.data = j;
+    if (j->a->loop) {
+        epd_http_res_on_close(j->res, job_gone, j);
+        if (uv_queue_work(j->a->loop, &j->work, job_work, job_after) == 0) {
+            j->queued = 1;
+            return;
+        }
+        epd_http_res_on_close(j->res, NULL, NULL);
+    }
+    j->run(j); /* no loop (in-memory tests) or the pool refused: on this thread */
+    j->done(j, 0);
 }
 
 /* ---- generation state --------------------------------------------------------------------- */
@@ -568,6 +628,48 @@ static void make_id(epd_api_t *a, const char *prefix, char *out, size_t len)
         o += (size_t)snprintf(out + o, len - o, "%02x", b[i]);
 }
 
+/* A completions or chat request's body parsed, validated and tokenized off the loop. */
+typedef struct parse_job {
+    api_job_t job; /* first */
+    int chat, rc;
+    double t0;
+    epd_engine_info_t info; /* copied on the loop */
+    creq_t q;
+    verr_t v;
+} parse_job_t;
+
+static void parse_run(api_job_t *job)
+{
+    parse_job_t *j = (parse_job_t *)job;
+    cJSON *root = api_parse_body_v(job->req, &j->v);
+    if (!root) {
+        j->rc = -1;
+        return;
+    }
+    j->rc = api_parse_request(job->a, root, &j->info, j->chat, &j->q, &j->v);
+    cJSON_Delete(root);
+}
+
+static void submit(epd_api_t *a, epd_http_res_t *res, int chat, double t0, creq_t q);
+
+static void parse_done(api_job_t *job, int cancelled)
+{
+    parse_job_t *j = (parse_job_t *)job;
+    const char *ep = j->chat ? EP_CHAT : EP_COMPLETIONS;
+    if (cancelled || job->gone) {
+        if (!cancelled) api_creq_free(&j->q);
+        /* the client closed the request (nginx's 499, as for completions it leaves) */
+        api_send_error(job->a, ep, job->res, 499, "the client closed the request", NULL, NULL);
+    } else if (j->rc) {
+        api_creq_free(&j->q);
+        api_send_error(job->a, ep, job->res, j->v.status, j->v.msg,
+                       j->v.param[0] ? j->v.param : NULL, j->v.code);
+    } else {
+        submit(job->a, job->res, j->chat, j->t0, j->q);
+    }
+    free(j);
+}
+
 static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res, int chat)
 {
     const char *ep = chat ? EP_CHAT : EP_COMPLETIONS;
@@ -596,18 +698,31 @@ static void handle(epd_api_t *a, const epd_http_req_t *req, epd_http_res_t *res,
                        NULL, "not_ready");
         return;
     }
-    cJSON *root = api_parse_body(a, ep, req, res);
-    if (!root) return;
-    creq_t q;
-    verr_t v = {0};
-    int rc = api_parse_request(a, root, info, chat, &q, &v);
-    cJSON_Delete(root);
-    if (rc) {
-        api_creq_free(&q);
-        api_send_error(a, ep, res, v.status, v.msg, v.param[0] ? v.param : NULL, v.code);
+    parse_job_t *j = calloc(1, sizeof(*j));
+    if (!j) {
+        api_send_error(a, ep, res, 500, "out of memory", NULL, NULL);
         return;
     }
+    j->job = (api_job_t){.a = a, .req = req, .res = res, .run = parse_run, .done = parse_done};
+    j->chat = chat;
+    j->t0 = t0;
+    j->info = *info;
+    api_job_start(&j->job);
+}
 
+/* On the loop: a validated request becomes one engine request per prompt. */
+static void submit(epd_api_t *a, epd_http_res_t *res, int chat, double t0, creq_t q)
+{
+    const char *ep = chat ? EP_CHAT : EP_COMPLETIONS;
+    /* the engine may have gone while the request was parsed */
+    const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
+    if (!info) {
+        api_creq_free(&q);
+        api_send_error(a, ep, res, 503,
+                       "the model is not ready (loading, or re-forming the EP group); see /readyz",
+                       NULL, "not_ready");
+        return;
+    }
     completion_t *c = calloc(1, sizeof(*c));
     if (c) c->ch = calloc((size_t)q.nprompts, sizeof(*c->ch));
     if (!c || !c->ch) {
@@ -805,6 +920,11 @@ int epd_api_create(epd_http_server_t *http, epd_engine_t *engine, epd_metrics_t 
     }
     *out = a;
     return 0;
+}
+
+void epd_api_set_loop(epd_api_t *a, uv_loop_t *loop)
+{
+    a->loop = loop;
 }
 
 void epd_api_set_state(epd_api_t *a, epd_state_t *state)

@@ -24,6 +24,10 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir);
 struct cJSON *epd_api_tokenizer_cjson(const epd_api_t *a);
 /* Completions and chat refuse new work with 503 while the state is drained ("draining") or
  * stopping ("stopping"); requests already taken finish. */
+/* Request parsing and tokenizing then run in loop's thread pool (uv_queue_work), so that a
+ * multi-MB prompt does not hold up the loop (/healthz, other clients). Without (tests that feed
+ * in-memory connections), on the loop. */
+void epd_api_set_loop(epd_api_t *a, uv_loop_t *loop);
 void epd_api_set_state(epd_api_t *a, epd_state_t *state);
 /* Answers every request still in flight now, before the server closes its connections:
  * 503 with an OpenAI error naming `why` (code "shutdown"), or on a stream that already began

@@ -374,9 +374,9 @@ fail:
 
 /* ---- /tokenize, /detokenize --------------------------------------------------------------- */
 
-static int check_model(const epd_api_t *a, const cJSON *f, verr_t *v)
+/* info: the engine's, NULL while none is loaded */
+static int check_model(const epd_engine_info_t *info, const cJSON *f, verr_t *v)
 {
-    const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
     if (!cJSON_IsString(f))
         return api_bad(v, 400, "model", NULL, "'model' must be a string, not %s", api_type_name(f));
     if (info && (strcmp(f->valuestring, info->model_id) != 0 ||
@@ -387,13 +387,24 @@ static int check_model(const epd_api_t *a, const cJSON *f, verr_t *v)
     return 0;
 }
 
-static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+/* /tokenize off the loop (a multi-MB prompt takes seconds to tokenize). */
+typedef struct tokenize_job {
+    api_job_t job; /* first */
+    int have_info;
+    epd_engine_info_t info; /* copied on the loop */
+    cJSON *doc;             /* the answer, or NULL with v */
+    verr_t v;
+} tokenize_job_t;
+
+static void tokenize_run(api_job_t *job)
 {
-    epd_api_t *a = ctx;
+    tokenize_job_t *j = (tokenize_job_t *)job;
+    const epd_api_t *a = job->a;
+    const epd_engine_info_t *info = j->have_info ? &j->info : NULL;
     verr_t v = {0};
     int32_t *ids = NULL;
     int n = 0;
-    cJSON *root = api_parse_body(a, EP_TOKENIZE, req, res);
+    cJSON *root = api_parse_body_v(job->req, &j->v);
     if (!root) return;
     const cJSON *prompt = NULL, *messages = NULL, *kwargs = NULL;
     /* split_special_tokens (transformers' name): -1 not given; chat defaults to 1, a prompt
@@ -407,7 +418,7 @@ static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx
     for (const cJSON *f = root->child; f; f = f->next) {
         const char *k = f->string;
         if (!strcmp(k, "model")) {
-            if (check_model(a, f, &v)) goto fail;
+            if (check_model(info, f, &v)) goto fail;
         } else if (!strcmp(k, "prompt")) {
             prompt = f;
         } else if (!strcmp(k, "messages")) {
@@ -458,22 +469,61 @@ static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx
         cJSON_AddItemToArray(t, cJSON_CreateNumber(ids[i]));
     if (doc) {
         cJSON_AddNumberToObject(doc, "count", n);
-        const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
         if (info)
             cJSON_AddNumberToObject(doc, "max_model_len", info->max_seq_len);
         else
             cJSON_AddNullToObject(doc, "max_model_len");
     }
-    api_send_json(res, 200, t ? doc : NULL);
-    api_count(a, EP_TOKENIZE, 200);
-    cJSON_Delete(doc);
+    if (!t) {
+        cJSON_Delete(doc);
+        doc = NULL;
+        api_bad(&v, 500, NULL, NULL, "out of memory");
+        goto fail;
+    }
+    j->doc = doc;
     free(ids);
     cJSON_Delete(root);
     return;
 fail:
     free(ids);
     cJSON_Delete(root);
-    api_send_error(a, EP_TOKENIZE, res, v.status, v.msg, v.param[0] ? v.param : NULL, v.code);
+    j->v = v;
+}
+
+static void tokenize_done(api_job_t *job, int cancelled)
+{
+    tokenize_job_t *j = (tokenize_job_t *)job;
+    verr_t *v = &j->v;
+    if (cancelled || job->gone)
+        api_send_error(job->a, EP_TOKENIZE, job->res, 499, "the client closed the request", NULL,
+                       NULL);
+    else if (j->doc) {
+        api_send_json(job->res, 200, j->doc);
+        api_count(job->a, EP_TOKENIZE, 200);
+    } else {
+        api_send_error(job->a, EP_TOKENIZE, job->res, v->status, v->msg,
+                       v->param[0] ? v->param : NULL, v->code);
+    }
+    cJSON_Delete(j->doc);
+    free(j);
+}
+
+static void h_tokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
+{
+    epd_api_t *a = ctx;
+    tokenize_job_t *j = calloc(1, sizeof(*j));
+    if (!j) {
+        api_send_error(a, EP_TOKENIZE, res, 500, "out of memory", NULL, NULL);
+        return;
+    }
+    j->job =
+        (api_job_t){.a = a, .req = req, .res = res, .run = tokenize_run, .done = tokenize_done};
+    const epd_engine_info_t *info = a->engine ? epd_engine_info(a->engine) : NULL;
+    if (info) {
+        j->have_info = 1;
+        j->info = *info;
+    }
+    api_job_start(&j->job);
 }
 
 static void h_detokenize(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
@@ -492,7 +542,7 @@ static void h_detokenize(const epd_http_req_t *req, epd_http_res_t *res, void *c
     }
     for (const cJSON *f = root->child; f; f = f->next) {
         if (!strcmp(f->string, "model")) {
-            if (check_model(a, f, &v)) goto fail;
+            if (check_model(a->engine ? epd_engine_info(a->engine) : NULL, f, &v)) goto fail;
         } else if (!strcmp(f->string, "tokens")) {
             tokens = f;
         } else {

@@ -350,6 +350,7 @@ static int start_serving(daemon_t *d)
     if ((rc = epd_api_create(d->http, d->engine, d->metrics, &d->api)) != 0)
         return start_failed(d, rc, "cannot create the HTTP API: %s", uv_strerror(rc));
     epd_api_set_state(d->api, d->state);
+    epd_api_set_loop(d->api, &d->loop);
     /* text: the checkpoint's tokenizer; a missing or broken one only refuses text requests */
     if (d->cfg->model_path[0]) epd_api_load_tokenizer(d->api, d->cfg->model_path);
     return 0;
