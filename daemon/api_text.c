@@ -392,7 +392,8 @@ typedef struct tokenize_job {
     api_job_t job; /* first */
     int have_info;
     epd_engine_info_t info; /* copied on the loop */
-    cJSON *doc;             /* the answer, or NULL with v */
+    char *body;             /* the answer as JSON text and a newline ([body_len]), or NULL with v */
+    size_t body_len;
     verr_t v;
 } tokenize_job_t;
 
@@ -480,7 +481,20 @@ static void tokenize_run(api_job_t *job)
         api_bad(&v, 500, NULL, NULL, "out of memory");
         goto fail;
     }
-    j->doc = doc;
+    /* printed here: ids of a multi-MB prompt take as long to print as to tokenize */
+    char *text = cJSON_PrintUnformatted(doc);
+    cJSON_Delete(doc);
+    size_t tl = text ? strlen(text) : 0;
+    j->body = text ? malloc(tl + 1) : NULL;
+    if (!j->body) {
+        cJSON_free(text);
+        api_bad(&v, 500, NULL, NULL, "out of memory");
+        goto fail;
+    }
+    memcpy(j->body, text, tl);
+    j->body[tl] = '\n';
+    j->body_len = tl + 1;
+    cJSON_free(text);
     free(ids);
     cJSON_Delete(root);
     return;
@@ -497,14 +511,14 @@ static void tokenize_done(api_job_t *job, int cancelled)
     if (cancelled || job->gone)
         api_send_error(job->a, EP_TOKENIZE, job->res, 499, "the client closed the request", NULL,
                        NULL);
-    else if (j->doc) {
-        api_send_json(job->res, 200, j->doc);
+    else if (j->body) {
+        epd_http_respond(job->res, 200, "application/json", j->body, j->body_len);
         api_count(job->a, EP_TOKENIZE, 200);
     } else {
         api_send_error(job->a, EP_TOKENIZE, job->res, v->status, v->msg,
                        v->param[0] ? v->param : NULL, v->code);
     }
-    cJSON_Delete(j->doc);
+    free(j->body);
     free(j);
 }
 

@@ -6,6 +6,7 @@
 //           chat template that is not supported (chat refused, completions served)
 //   notok   no tokenizer.json: ids served, text refused
 //   badtok  a malformed tokenizer.json: reported with file and JSON path, text refused
+//   busy    /healthz answers within 100 ms while a multi-MB prompt is tokenized
 import { readFileSync } from "node:fs";
 
 const [mode, base, expPath] = process.argv.slice(2);
@@ -258,7 +259,59 @@ async function noTokChecks(expectFile) {
         "status: tokenizer state", st.json.tokenizer, expectFile ? "failed" : "absent");
 }
 
-const run = { main: mainChecks, eos: eosChecks, notok: () => noTokChecks(false), badtok: () => noTokChecks(true) }[mode];
+// Tokenizing runs off the event loop (issue 16 item 13): while a multi-MB prompt is being
+// tokenized, /healthz answers within 100 ms; a client that leaves mid-way costs nothing.
+async function busyChecks() {
+  // ~4 MB of words that repeat little (the word cache would make repeats cheap)
+  let x = 12345, parts = [];
+  for (let i = 0; i < 600000; i++) {
+    x = (x * 1103515245 + 12345) >>> 0;
+    parts.push((x % 1000003).toString(36) + (i % 7 ? " " : ". "));
+  }
+  const big = parts.join("");
+  const t0 = performance.now();
+  let doneAt = 0;
+  const tok = post("/tokenize", { prompt: big }).then((r) => { doneAt = performance.now(); return r; });
+  const lat = [];
+  await new Promise((r) => setTimeout(r, 50));
+  while (!doneAt && performance.now() - t0 < 60000) {
+    const s = performance.now();
+    const h = await fetch(base + "/healthz");
+    await h.text();
+    if (!doneAt) lat.push(performance.now() - s); // answered while the prompt was tokenized
+    await new Promise((r) => setTimeout(r, 20));
+  }
+  const r = await tok;
+  check(r.status === 200 && r.json.count > 100000, "busy: the big prompt is tokenized",
+        r.status, 200);
+  const worst = Math.max(...lat);
+  console.log(`busy: ${big.length} bytes tokenized in ${(doneAt - t0).toFixed(0)} ms; ` +
+              `${lat.length} /healthz meanwhile, slowest ${worst.toFixed(1)} ms ` +
+              `(${lat.map((l) => l.toFixed(0)).join(" ")})`);
+  check(lat.length >= 3, "busy: /healthz polled while tokenizing", lat.length, ">= 3");
+  check(worst < 100, "busy: /healthz within 100 ms while tokenizing", worst, "< 100 ms");
+  // clients that leave while their prompt is tokenized: cancelled or dropped, the node serves on
+  for (const path of ["/v1/chat/completions", "/v1/completions", "/tokenize"]) {
+    const ac = new AbortController();
+    const body = path === "/v1/chat/completions" ? { messages: [{ role: "user", content: big }] }
+                                                  : { prompt: big, max_tokens: 1 };
+    const p = fetch(base + path, { method: "POST", body: JSON.stringify(body), signal: ac.signal,
+                                   headers: { "content-type": "application/json" } }).catch(() => null);
+    await new Promise((res) => setTimeout(res, 100));
+    ac.abort();
+    await p;
+  }
+  const ok = await post("/tokenize", { prompt: "Hello" });
+  check(ok.status === 200 && ok.json.count === 1, "busy: served after clients left", ok.json, 1);
+  // the 4 MB prompt is beyond max_seq_len: refused with the reason, after tokenizing
+  const long = await post("/v1/completions", { prompt: big, max_tokens: 1 });
+  check(long.status === 400 && /max_seq_len|context|long/i.test(long.text), "busy: too long a prompt",
+        long.text.slice(0, 200), 400);
+  const m = await (await fetch(base + "/metrics")).text();
+  check(/499/.test(m), "busy: clients that left are counted as 499", "", "499 in /metrics");
+}
+
+const run = { main: mainChecks, busy: busyChecks, eos: eosChecks, notok: () => noTokChecks(false), badtok: () => noTokChecks(true) }[mode];
 await run();
 console.log(`${mode}: ${checks - failures}/${checks} checks passed`);
 process.exit(failures ? 1 : 0);

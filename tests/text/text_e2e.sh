@@ -86,7 +86,7 @@ start() { # MODEL_DIR RANKS: starts epd, sets PORT and EPD_PID
     for attempt in 1 2 3 4 5; do
         PORT=$("$NOTIFY" freeport)
         cat >"$WORK/epd.json" <<JSON
-{"http": {"listen": {"host": "127.0.0.1", "port": $PORT}},
+{"http": {"listen": {"host": "127.0.0.1", "port": $PORT}, "max_body_bytes": 16777216},
  "compute": {"backend": "cpu", "ranks_per_node": $2},
  "model": {"path": "$1", "max_batch_tokens": 64, "max_seq_len": 256}}
 JSON
@@ -123,6 +123,9 @@ for ranks in 1 2; do
     start "$WORK/qwen3vocab" $ranks
     echo "== $ranks rank(s)"
     run "text checks, $ranks rank(s)" timeout 120 node "$HERE/text_check.mjs" main "http://127.0.0.1:$PORT" "$EXP"
+    if [ $ranks = 1 ]; then
+        run "healthz while tokenizing" timeout 120 node "$HERE/text_check.mjs" busy "http://127.0.0.1:$PORT" "$EXP"
+    fi
     if [ $ranks = 2 ]; then
         run "openai client" bash -c "cd '$NPM_DIR' && timeout 120 node openai_text.mjs 'http://127.0.0.1:$PORT' '$EXP' qwen3vocab"
     fi
