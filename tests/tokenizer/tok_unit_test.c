@@ -639,43 +639,14 @@ static void configs_give_special_ids(void **state)
     assert_non_null(strstr(err, "eos_token: expected a string or an object, got a number"));
 }
 
-/* Chat content with U+0000 (content_len) is rendered whole. The template: the pieces of
- * Qwen3's template that the recogniser looks for (copied from Qwen3's tokenizer_config.json),
- * padded to its 26 output expressions. */
+static char *g_qwen3_template; /* Qwen3's own template (qwen3_chat_template.jinja, argv[1]) */
+
+/* Chat content with U+0000 (content_len) is rendered whole, with Qwen3's own template. */
 static void chat_content_keeps_nul(void **state)
 {
-    static const char *const pieces[] = {
-        "'<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n'",
-        "message.content.startswith('<tool_response>') and "
-        "message.content.endswith('</tool_response>')",
-        "(message.role == \"user\") or (message.role == \"system\" and not loop.first)",
-        "'<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n'",
-        "message.content.split('</think>')[-1].lstrip('\\n')",
-        "message.content.split('</think>')[0].rstrip('\\n').split('<think>')[-1].lstrip('\\n')",
-        "loop.index0 > ns.last_query_index",
-        "loop.last or (not loop.last and reasoning_content)",
-        "'<|im_start|>' + message.role + '\\n<think>\\n' + reasoning_content.strip('\\n') + "
-        "'\\n</think>\\n\\n' + content.lstrip('\\n')",
-        "'<|im_start|>' + message.role + '\\n' + content",
-        "(loop.first and content) or (not loop.first)",
-        "'<tool_call>\\n{\"name\": \"'",
-        "'\", \"arguments\": '",
-        "'}\\n</tool_call>'",
-        "'<|im_end|>\\n'",
-        "'<|im_start|>user'",
-        "'\\n<tool_response>\\n'",
-        "'\\n</tool_response>'",
-        "'<|im_start|>assistant\\n'",
-        "enable_thinking is defined and enable_thinking is false",
-        "'<think>\\n\\n</think>\\n\\n'",
-    };
-    char tmpl[4096] = "";
-    for (size_t i = 0; i < sizeof(pieces) / sizeof(pieces[0]); i++)
-        strcat(strcat(tmpl, pieces[i]), " ");
-    for (int i = 0; i < 26; i++)
-        strcat(tmpl, "{{ x }}");
+    (void)state;
     cJSON *cfg = cJSON_CreateObject();
-    cJSON_AddStringToObject(cfg, "chat_template", tmpl);
+    cJSON_AddStringToObject(cfg, "chat_template", g_qwen3_template);
     char *text = cJSON_PrintUnformatted(cfg);
     cJSON_Delete(cfg);
     epd_tok_t *t;
@@ -726,7 +697,6 @@ static void unrecognised_chat_templates_are_refused(void **state)
 
 /* ---- where the chat template comes from ---------------------------------------------------- */
 
-static char *g_qwen3_template; /* Qwen3's own template (qwen3_chat_template.jinja, argv[1]) */
 
 /* A tokenizer_config.json with the given chat_template value (NULL: none). */
 static char *config_with_template(cJSON *tmpl)
