@@ -4,6 +4,7 @@
 
 #include <cjson/cJSON.h>
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -282,4 +283,49 @@ out:
     epd_model_destroy(m);
     ep_group_destroy(g);
     return rc;
+}
+
+typedef struct thread_arg {
+    const char *dir;
+    const oracle_t *o;
+    ep_inproc_world_t *world;
+    const epd_model_placement_t *placement;
+    const oracle_opts_t *opts;
+    oracle_result_t *res;
+    int *rc;
+    epd_err_t *err;
+    int rank;
+} thread_arg_t;
+
+static void *rank_thread(void *p)
+{
+    thread_arg_t *a = p;
+    ep_bootstrap_t bs;
+    ep_inproc_bootstrap(a->world, a->rank, &bs);
+    a->rc[a->rank] = oracle_run_rank(a->dir, a->o, &bs, EP_TRANSPORT_AUTO, a->placement, a->opts,
+                                     &a->res[a->rank], &a->err[a->rank]);
+    return NULL;
+}
+
+int oracle_run_threads(const char *dir, const oracle_t *o, int R,
+                       const epd_model_placement_t *placement, const oracle_opts_t *opts,
+                       oracle_result_t *res, int *rc, epd_err_t *err)
+{
+    ep_inproc_world_t *world = NULL;
+    if (R < 1 || R > ORACLE_MAX_RANKS || ep_inproc_world_create(R, &world) != EP_OK) return -1;
+    pthread_t th[ORACLE_MAX_RANKS];
+    thread_arg_t args[ORACLE_MAX_RANKS];
+    int started = 0, ret = 0;
+    for (int r = 0; r < R; r++) {
+        args[r] = (thread_arg_t){dir, o, world, placement, opts, res, rc, err, r};
+        if (pthread_create(&th[r], NULL, rank_thread, &args[r]) != 0) {
+            ret = -1;
+            break;
+        }
+        started++;
+    }
+    for (int r = 0; r < started; r++)
+        pthread_join(th[r], NULL);
+    ep_inproc_world_destroy(world);
+    return ret;
 }

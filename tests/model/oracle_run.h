@@ -66,4 +66,12 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
                     ep_transport_kind_t transport, const epd_model_placement_t *placement,
                     const oracle_opts_t *opts, oracle_result_t *res, epd_err_t *err);
 
+/* The same workload on R ranks as threads of this process (libep's in-process bootstrap, R <=
+ * ORACLE_MAX_RANKS): res[r] gets rank r's results (the caller sets its logits pointers), rc[r]
+ * and err[r] its status. Returns 0, or -1 if the threads could not be set up. */
+#define ORACLE_MAX_RANKS 4
+int oracle_run_threads(const char *dir, const oracle_t *o, int R,
+                       const epd_model_placement_t *placement, const oracle_opts_t *opts,
+                       oracle_result_t *res, int *rc, epd_err_t *err);
+
 #endif /* EPD_TEST_ORACLE_RUN_H */

@@ -59,67 +59,33 @@ typedef struct paths {
     int ll[4], ht[4], decode_only[4], idle[4];
 } paths_t;
 
-typedef struct run {
-    int R;
-    const oracle_opts_t *opts;
-    const epd_model_placement_t *placement;
-    ep_inproc_world_t *world;
-    oracle_result_t res[4]; /* per rank (each writes its own cases into res[rank]) */
-    int rc[4];
-    epd_err_t err[4];
-} run_t;
-
-typedef struct rank_arg {
-    run_t *run;
-    int rank;
-} rank_arg_t;
-
-static void *rank_main(void *p)
-{
-    rank_arg_t *a = p;
-    ep_bootstrap_t bs;
-    ep_inproc_bootstrap(a->run->world, a->rank, &bs);
-    a->run->rc[a->rank] =
-        oracle_run_rank(EPD_ORACLE_DIR, &g_oracle, &bs, EP_TRANSPORT_AUTO, a->run->placement,
-                        a->run->opts, &a->run->res[a->rank], &a->run->err[a->rank]);
-    return NULL;
-}
-
 /* Runs the workload on R threads; *out gets every case's tokens and logits, *paths (if given)
  * each rank's path counts. */
 static void run_ranks(int R, const oracle_opts_t *opts, const epd_model_placement_t *placement,
                       oracle_result_t *out, paths_t *paths)
 {
-    run_t *run = calloc(1, sizeof(*run));
-    run->R = R;
-    run->opts = opts;
-    run->placement = placement;
-    assert_int_equal(ep_inproc_world_create(R, &run->world), EP_OK);
+    oracle_result_t *res = calloc(ORACLE_MAX_RANKS, sizeof(*res));
+    int rc[ORACLE_MAX_RANKS] = {0};
+    epd_err_t err[ORACLE_MAX_RANKS];
+    memset(err, 0, sizeof(err));
     const oracle_t *o = &g_oracle;
     for (int r = 0; r < R; r++)
         for (int c = 0; c < o->num_cases; c++)
-            run->res[r].logits[c] = out->logits[c];
-    pthread_t th[4];
-    rank_arg_t args[4];
-    for (int r = 0; r < R; r++) {
-        args[r] = (rank_arg_t){run, r};
-        assert_int_equal(pthread_create(&th[r], NULL, rank_main, &args[r]), 0);
-    }
+            res[r].logits[c] = out->logits[c];
+    assert_int_equal(
+        oracle_run_threads(EPD_ORACLE_DIR, o, R, placement, opts, res, rc, err), 0);
     for (int r = 0; r < R; r++)
-        pthread_join(th[r], NULL);
-    for (int r = 0; r < R; r++)
-        if (run->rc[r]) fail_msg("R=%d rank %d: %s", R, r, run->err[r].msg);
+        if (rc[r]) fail_msg("R=%d rank %d: %s", R, r, err[r].msg);
     for (int c = 0; c < o->num_cases; c++)
-        memcpy(out->tokens[c], run->res[c % R].tokens[c], sizeof(out->tokens[c]));
-    out->mem = run->res[0].mem;
+        memcpy(out->tokens[c], res[c % R].tokens[c], sizeof(out->tokens[c]));
+    out->mem = res[0].mem;
     for (int r = 0; paths && r < R; r++) {
-        paths->ll[r] = run->res[r].steps_ll;
-        paths->ht[r] = run->res[r].steps_ht;
-        paths->decode_only[r] = run->res[r].ht_decode_only;
-        paths->idle[r] = run->res[r].ht_idle;
+        paths->ll[r] = res[r].steps_ll;
+        paths->ht[r] = res[r].steps_ht;
+        paths->decode_only[r] = res[r].ht_decode_only;
+        paths->idle[r] = res[r].ht_idle;
     }
-    ep_inproc_world_destroy(run->world);
-    free(run);
+    free(res);
 }
 
 static oracle_result_t *alloc_result(void)

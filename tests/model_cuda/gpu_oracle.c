@@ -20,7 +20,6 @@
 
 #include <cuda_runtime.h>
 #include <math.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -30,58 +29,27 @@
 
 static oracle_t g_oracle;
 
-typedef struct run {
-    oracle_opts_t opts;
-    ep_inproc_world_t *world;
-    oracle_result_t res[2];
-    int rc[2];
-    epd_err_t err[2];
-} run_t;
-
-typedef struct rank_arg {
-    run_t *run;
-    int rank;
-} rank_arg_t;
-
-static void *rank_main(void *p)
-{
-    rank_arg_t *a = p;
-    ep_bootstrap_t bs;
-    ep_inproc_bootstrap(a->run->world, a->rank, &bs);
-    a->run->rc[a->rank] =
-        oracle_run_rank(EPD_ORACLE_DIR, &g_oracle, &bs, EP_TRANSPORT_AUTO, NULL, &a->run->opts,
-                        &a->run->res[a->rank], &a->run->err[a->rank]);
-    return NULL;
-}
-
 /* Runs the workload on R threads; out gets every case's tokens and logits. */
 static int run_ranks(int R, const oracle_opts_t *opts, oracle_result_t *out)
 {
-    run_t *run = calloc(1, sizeof(*run));
-    run->opts = *opts;
-    if (ep_inproc_world_create(R, &run->world) != EP_OK) return -1;
+    oracle_result_t res[ORACLE_MAX_RANKS];
+    int rc[ORACLE_MAX_RANKS] = {0};
+    epd_err_t err[ORACLE_MAX_RANKS];
+    memset(res, 0, sizeof(res));
+    memset(err, 0, sizeof(err));
     for (int r = 0; r < R; r++)
         for (int c = 0; c < g_oracle.num_cases; c++)
-            run->res[r].logits[c] = out->logits[c];
-    pthread_t th[2];
-    rank_arg_t args[2];
-    for (int r = 0; r < R; r++) {
-        args[r] = (rank_arg_t){run, r};
-        pthread_create(&th[r], NULL, rank_main, &args[r]);
-    }
+            res[r].logits[c] = out->logits[c];
+    if (oracle_run_threads(EPD_ORACLE_DIR, &g_oracle, R, NULL, opts, res, rc, err)) return -1;
+    int fail = 0;
     for (int r = 0; r < R; r++)
-        pthread_join(th[r], NULL);
-    int rc = 0;
-    for (int r = 0; r < R; r++)
-        if (run->rc[r]) {
-            fprintf(stderr, "FAIL: R=%d rank %d: %s\n", R, r, run->err[r].msg);
-            rc = -1;
+        if (rc[r]) {
+            fprintf(stderr, "FAIL: R=%d rank %d: %s\n", R, r, err[r].msg);
+            fail = -1;
         }
     for (int c = 0; c < g_oracle.num_cases; c++)
-        memcpy(out->tokens[c], run->res[c % R].tokens[c], sizeof(out->tokens[c]));
-    ep_inproc_world_destroy(run->world);
-    free(run);
-    return rc;
+        memcpy(out->tokens[c], res[c % R].tokens[c], sizeof(out->tokens[c]));
+    return fail;
 }
 
 static oracle_result_t *result_new(void)
