@@ -30,7 +30,6 @@
 #include <errno.h>
 #include <math.h>
 #include <netinet/in.h>
-#include <pthread.h>
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
