@@ -112,7 +112,8 @@ post() {
 # ---- drain: new work refused with a reason, in-flight work finishes, undrain reverses it ----
 if part drain; then
     start_epd 3000
-    "${CURL[@]}" -o "$WORK/inflight" -w '%{http_code}' -d "$LONG}" "$BASE/v1/completions" >"$WORK/inflight.code" &
+    # 25,600 one-token steps: seconds in a plain build, up to a minute under ASan on 2 cores
+    curl -s -m 300 -o "$WORK/inflight" -w '%{http_code}' -d "$LONG}" "$BASE/v1/completions" >"$WORK/inflight.code" &
     CURL_PID=$!
     wait_active
     "$EPCTL" drain --node "127.0.0.1:$PORT" >"$WORK/out" 2>&1 || fail "epctl drain: $(cat "$WORK/out")"
