@@ -373,7 +373,7 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
             /* one GPU per rank; two ranks may share one (compute.gpus [0, 0]) */
             rk->epcfg.backend = EP_BACKEND_CUDA;
             /* ranks of this node over NVLink; several nodes through the proxy path */
-            rk->epcfg.transport = !e->have_cluster                        ? EP_TRANSPORT_NVLINK
+            rk->epcfg.transport = !e->have_cluster                       ? EP_TRANSPORT_NVLINK
                                   : cfg->transport == EPD_TRANSPORT_RDMA ? EP_TRANSPORT_RDMA
                                                                          : EP_TRANSPORT_TCP;
             rk->epcfg.device = cfg->gpus[i];

@@ -23,15 +23,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define TRY_CU(call, what)                                                                      \
-    do {                                                                                        \
-        int e_ = (int)(call);                                                                   \
-        if (e_) return cu_check((cudaError_t)e_, (what), err);                                  \
+#define TRY_CU(call, what)                                                                         \
+    do {                                                                                           \
+        int e_ = (int)(call);                                                                      \
+        if (e_) return cu_check((cudaError_t)e_, (what), err);                                     \
     } while (0)
-#define TRY(call)                                                                               \
-    do {                                                                                        \
-        int r_ = (call);                                                                        \
-        if (r_) return r_;                                                                      \
+#define TRY(call)                                                                                  \
+    do {                                                                                           \
+        int r_ = (call);                                                                           \
+        if (r_) return r_;                                                                         \
     } while (0)
 
 enum { PH_NORM, PH_ATTN_GEMM, PH_ATTN, PH_EXPERTS, PH_EXCHANGE, PH_REST };
@@ -89,9 +89,9 @@ static int gemm_f32(cu_model_t *m, float *C, const float *X, const float *W, int
                     epd_err_t *err)
 {
     const float one = 1.0f, zero = 0.0f;
-    return cu_blas_check(cublasSgemm(m->cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, W, K, X,
-                                     K, &zero, C, N),
-                         "router GEMM", err);
+    return cu_blas_check(
+        cublasSgemm(m->cublas, CUBLAS_OP_T, CUBLAS_OP_N, N, T, K, &one, W, K, X, K, &zero, C, N),
+        "router GEMM", err);
 }
 
 static int ep_fail(cu_model_t *m, const char *what, ep_status_t st, int layer, epd_err_t *err)
@@ -121,8 +121,8 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
             .renormalize = f->norm_topk_prob,
             .routed_scaling_factor = 1.0f,
         };
-        ep_status_t es = ep_route(m->group, &rp, m->router_logits, T, m->topk_idx, m->topk_w,
-                                  m->stream);
+        ep_status_t es =
+            ep_route(m->group, &rp, m->router_logits, T, m->topk_idx, m->topk_w, m->stream);
         if (es != EP_OK) return ep_fail(m, "ep_route", es, l, err);
         TRY_CU(epd_cu_route_fixup(m->topk_idx, m->topk_w, T, k, E, m->in.n_valid, m->slot_of_dev,
                                   m->expert_tokens, st),
@@ -165,8 +165,9 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
     if (es != EP_OK) return ep_fail(m, "ep_ll_dispatch", es, l, err);
     const int S = m->ll_tokens * m->nranks;
     mark(m, capturing, PH_EXPERTS);
-    TRY_CU(epd_cu_expert_gate_up(m->act, dout.recv_x, m->opts.fp8_dispatch ? dout.recv_scales : NULL,
-                                 dout.recv_count, NULL, S, w->gate_up, m->local, H, I, S, st),
+    TRY_CU(epd_cu_expert_gate_up(m->act, dout.recv_x,
+                                 m->opts.fp8_dispatch ? dout.recv_scales : NULL, dout.recv_count,
+                                 NULL, S, w->gate_up, m->local, H, I, S, st),
            "expert gate/up");
     TRY_CU(epd_cu_expert_down(m->expert_y, m->act, dout.recv_count, NULL, S, w->down, m->local, H,
                               I, S, st),
@@ -297,8 +298,8 @@ static int stage_inputs(cu_model_t *m, const epd_step_t *s, int Tpad, int Mpad, 
     for (int q = 0; q < s->num_seqs; q++) {
         int used = (s->seq_len[q] + bs - 1) / bs;
         if (used > cols) used = cols;
-        memcpy(h->block_table + (size_t)q * m->max_blocks, s->block_table + (size_t)q * s->max_blocks,
-               sizeof(int32_t) * (size_t)used);
+        memcpy(h->block_table + (size_t)q * m->max_blocks,
+               s->block_table + (size_t)q * s->max_blocks, sizeof(int32_t) * (size_t)used);
     }
     for (int i = 0; i < s->num_logits; i++) {
         h->logit_rows[i] = s->logit_rows[i];

@@ -107,7 +107,8 @@ static int upload(loader_t *ld, const epd_st_tensor_t *t, void *dst, int esize)
             return rc;
         ld->used[b] = 1;
         ld->landed += c * (size_t)esize;
-        if (m->opts.progress && (ld->landed - ld->reported >= (256u << 20) || ld->landed == ld->total)) {
+        if (m->opts.progress &&
+            (ld->landed - ld->reported >= (256u << 20) || ld->landed == ld->total)) {
             ld->reported = ld->landed;
             m->opts.progress(m->opts.progress_arg, ld->landed, ld->total);
         }
@@ -125,22 +126,42 @@ static void *destination(cu_model_t *m, const epd_model_placement_t *pl, const e
     cu_layer_t *w = d->layer >= 0 ? &m->layers[d->layer] : NULL;
     *esize = 2;
     switch (d->role) {
-    case EPD_W_EMBED: return m->embed;
-    case EPD_W_LM_HEAD: return m->lm_head;
-    case EPD_W_FINAL_NORM: *esize = 4; return m->final_norm;
-    case EPD_W_INPUT_NORM: *esize = 4; return w->input_norm;
-    case EPD_W_POST_NORM: *esize = 4; return w->post_norm;
-    case EPD_W_Q_NORM: *esize = 4; return w->q_norm;
-    case EPD_W_K_NORM: *esize = 4; return w->k_norm;
-    case EPD_W_ROUTER: *esize = 4; return w->router;
-    case EPD_W_Q: return w->qkv;
-    case EPD_W_K: return w->qkv + (size_t)m->q_dim * H;
+    case EPD_W_EMBED:
+        return m->embed;
+    case EPD_W_LM_HEAD:
+        return m->lm_head;
+    case EPD_W_FINAL_NORM:
+        *esize = 4;
+        return m->final_norm;
+    case EPD_W_INPUT_NORM:
+        *esize = 4;
+        return w->input_norm;
+    case EPD_W_POST_NORM:
+        *esize = 4;
+        return w->post_norm;
+    case EPD_W_Q_NORM:
+        *esize = 4;
+        return w->q_norm;
+    case EPD_W_K_NORM:
+        *esize = 4;
+        return w->k_norm;
+    case EPD_W_ROUTER:
+        *esize = 4;
+        return w->router;
+    case EPD_W_Q:
+        return w->qkv;
+    case EPD_W_K:
+        return w->qkv + (size_t)m->q_dim * H;
     case EPD_W_V:
         return w->qkv + ((size_t)m->q_dim + (size_t)f->num_key_value_heads * hd) * H;
-    case EPD_W_O: return w->o;
-    case EPD_W_DENSE_GATE: return w->gate_up;
-    case EPD_W_DENSE_UP: return w->gate_up + Id * H;
-    case EPD_W_DENSE_DOWN: return w->down;
+    case EPD_W_O:
+        return w->o;
+    case EPD_W_DENSE_GATE:
+        return w->gate_up;
+    case EPD_W_DENSE_UP:
+        return w->gate_up + Id * H;
+    case EPD_W_DENSE_DOWN:
+        return w->down;
     case EPD_W_EXPERT_GATE:
     case EPD_W_EXPERT_UP:
     case EPD_W_EXPERT_DOWN: {

@@ -93,7 +93,8 @@ static int attn_units(const cu_model_t *m)
 static void carve_workspace(cu_model_t *m, carver_t *c)
 {
     const epd_hf_config_t *f = &m->cfg;
-    size_t T = (size_t)m->max_tokens, H = (size_t)f->hidden_size, k = (size_t)f->num_experts_per_tok;
+    size_t T = (size_t)m->max_tokens, H = (size_t)f->hidden_size,
+           k = (size_t)f->num_experts_per_tok;
     size_t E = (size_t)f->num_experts, I = (size_t)f->moe_intermediate_size;
     size_t Id = any_dense(f) ? (size_t)f->intermediate_size : 0, V = (size_t)f->vocab_size;
     size_t M = (size_t)m->max_seqs;
@@ -124,8 +125,8 @@ static void carve_workspace(cu_model_t *m, carver_t *c)
     m->next = carve(c, M * 4);
     m->expert_tokens = carve(c, E * 8);
     m->inv_freq = carve(c, (size_t)f->head_dim / 2 * 4);
-    m->attn_ws_bytes = epd_cu_attention_workspace(attn_units(m), f->num_attention_heads,
-                                                  f->head_dim, 1);
+    m->attn_ws_bytes =
+        epd_cu_attention_workspace(attn_units(m), f->num_attention_heads, f->head_dim, 1);
     m->attn_ws = carve(c, m->attn_ws_bytes);
     m->sample_ws = carve(c, epd_cu_sample_workspace((int)M, (int)V));
     m->cublas_ws = carve(c, CUBLAS_WS_BYTES);
@@ -196,24 +197,14 @@ int cu_model_alloc(cu_model_t *m, epd_err_t *err)
                             "cublasSetWorkspace", err)))
         return rc;
 
-    carver_t ci = {0};
-    carve_inputs(m, &ci, &m->in);
-    m->in_bytes = ci.used;
-    if ((rc = cu_check(cudaMalloc(&m->in_dev, m->in_bytes), "step inputs", err)) ||
-        (rc = cu_check(cudaMallocHost(&m->in_host, m->in_bytes), "pinned step inputs", err)) ||
-        (rc = cu_check(cudaMallocHost((void **)&m->next_host, (size_t)m->max_seqs * 4),
+    /* the step inputs come with the KV pool (ops_kv_init): their block table needs its block
+     * size */
+    if ((rc = cu_check(cudaMallocHost((void **)&m->next_host, (size_t)m->max_seqs * 4),
                        "pinned tokens", err)) ||
-        (rc = cu_check(cudaMallocHost((void **)&m->expert_tokens_host,
-                                      (size_t)f->num_experts * 8),
+        (rc = cu_check(cudaMallocHost((void **)&m->expert_tokens_host, (size_t)f->num_experts * 8),
                        "pinned expert counts", err)))
         return rc;
-    ci = (carver_t){.base = m->in_dev};
-    carve_inputs(m, &ci, &m->in);
-    ci = (carver_t){.base = m->in_host};
-    carve_inputs(m, &ci, &m->in_h);
-    memset(m->in_host, 0, m->in_bytes);
     memset(m->expert_tokens_host, 0, (size_t)f->num_experts * 8);
-    m->ws_bytes += m->in_bytes;
     if ((rc = cu_check(cudaMemsetAsync(m->expert_tokens, 0, (size_t)f->num_experts * 8, m->stream),
                        "memset", err)))
         return rc;
@@ -223,9 +214,9 @@ int cu_model_alloc(cu_model_t *m, epd_err_t *err)
     float *inv = malloc(sizeof(float) * (size_t)half);
     if (!inv) return epd_err_set(err, -ENOMEM, "out of memory");
     epd_rope_inv_freq(inv, f->head_dim, f->rope_theta);
-    rc = cu_check(cudaMemcpy(m->inv_freq, inv, sizeof(float) * (size_t)half,
-                             cudaMemcpyHostToDevice),
-                  "inv_freq upload", err);
+    rc =
+        cu_check(cudaMemcpy(m->inv_freq, inv, sizeof(float) * (size_t)half, cudaMemcpyHostToDevice),
+                 "inv_freq upload", err);
     free(inv);
     return rc;
 }
@@ -263,17 +254,15 @@ static int ops_kv_init(void *impl, int block_size, int *num_blocks, epd_err_t *e
     int rc;
     m->block_size = block_size;
     m->max_blocks = (m->max_seq_len + block_size - 1) / block_size;
-    size_t per_layer = (size_t)block_size * (size_t)f->num_key_value_heads * (size_t)f->head_dim * 2;
+    size_t per_layer =
+        (size_t)block_size * (size_t)f->num_key_value_heads * (size_t)f->head_dim * 2;
     m->kv_block_bytes = per_layer * 2 * (size_t)f->num_hidden_layers;
     if ((rc = cu_check(cudaSetDevice(m->device), "cudaSetDevice", err))) return rc;
-    /* the step-input block was sized with a provisional max_blocks: re-carve it now */
-    cudaFree(m->in_dev);
-    cudaFreeHost(m->in_host);
-    m->ws_bytes -= m->in_bytes;
+    if (m->in_dev) return epd_err_set(err, -EALREADY, "cuda model: the KV pool is already set up");
+    /* the step inputs: one device block and its pinned mirror, carved alike */
     carver_t ci = {0};
     carve_inputs(m, &ci, &m->in);
     m->in_bytes = ci.used;
-    m->in_dev = m->in_host = NULL;
     if ((rc = cu_check(cudaMalloc(&m->in_dev, m->in_bytes), "step inputs", err)) ||
         (rc = cu_check(cudaMallocHost(&m->in_host, m->in_bytes), "pinned step inputs", err)))
         return rc;
@@ -303,8 +292,9 @@ static int ops_kv_init(void *impl, int block_size, int *num_blocks, epd_err_t *e
     }
     size_t bytes = (size_t)n * m->kv_block_bytes;
     if ((rc = cu_check(cudaMalloc(&m->kv_block, bytes), "KV cache", err))) {
-        return epd_err_set(err, -ENOMEM, "GPU %d: the KV cache of %d blocks (%.2f GiB) does not fit",
-                           m->device, n, bytes / 1073741824.0);
+        return epd_err_set(err, -ENOMEM,
+                           "GPU %d: the KV cache of %d blocks (%.2f GiB) does not fit", m->device,
+                           n, bytes / 1073741824.0);
     }
     char *p = m->kv_block;
     size_t layer_bytes = (size_t)n * per_layer;

@@ -26,10 +26,10 @@ typedef struct cu_layer {
     uint16_t *qkv;                                   /* [(nh + 2 nkv) hd][H] */
     uint16_t *o;                                     /* [H][nh hd] */
     int is_moe;
-    float *router;      /* [E][H] fp32 */
-    uint16_t *gate_up;  /* MoE: [L][2I][H] (gate rows, then up rows); dense: [2Id][H] */
-    uint16_t *down;     /* MoE: [L][H][I]; dense: [H][Id] */
-    uint16_t *k_cache;  /* [num_blocks][block_size][nkv][hd] */
+    float *router;     /* [E][H] fp32 */
+    uint16_t *gate_up; /* MoE: [L][2I][H] (gate rows, then up rows); dense: [2Id][H] */
+    uint16_t *down;    /* MoE: [L][H][I]; dense: [H][Id] */
+    uint16_t *k_cache; /* [num_blocks][block_size][nkv][hd] */
     uint16_t *v_cache;
 } cu_layer_t;
 

@@ -49,9 +49,9 @@ int epd_cu_gather_rows(float *dst, const float *src, const int32_t *rows, int n,
  * [T][nh][hd]; k and v go to the layer's paged cache, bf16 [num_blocks][block_size][nkv][hd],
  * at row slot[t] (= block * block_size + offset; slot < 0: not stored, e.g. padding rows). */
 int epd_cu_qk_norm_rope_store(const float *qkv, const float *q_norm, const float *k_norm,
-                              const float *inv_freq, const int32_t *pos, const int32_t *slot,
-                              int T, int nh, int nkv, int hd, float eps, float *q_out,
-                              uint16_t *k_cache, uint16_t *v_cache, epd_stream_t stream);
+                              const float *inv_freq, const int32_t *pos, const int32_t *slot, int T,
+                              int nh, int nkv, int hd, float eps, float *q_out, uint16_t *k_cache,
+                              uint16_t *v_cache, epd_stream_t stream);
 
 /* Causal GQA over the paged cache, for decode and prefill alike: token t (query q[t], fp32
  * [T][nh][hd]) of sequence seq_idx[t] attends positions 0..pos[t] of that sequence, whose
@@ -86,9 +86,9 @@ int epd_cu_route_fixup(int32_t *topk_idx, float *topk_w, int T, int k, int E,
  * expert, offsets[E] their exclusive prefix sum, row_of[T][k] the packed row of selection
  * (t, j) (-1 where topk_idx is -1), and packed[row][H] = x[t] (bf16). Rows within an expert
  * come in any order (each row is computed alone, so results do not depend on it). */
-int epd_cu_moe_local_dispatch(uint16_t *packed, int32_t *counts, int32_t *offsets,
-                              int32_t *row_of, const uint16_t *x, const int32_t *topk_idx, int T,
-                              int k, int E, int H, epd_stream_t stream);
+int epd_cu_moe_local_dispatch(uint16_t *packed, int32_t *counts, int32_t *offsets, int32_t *row_of,
+                              const uint16_t *x, const int32_t *topk_idx, int T, int k, int E,
+                              int H, epd_stream_t stream);
 /* h[t][:] += sum over j ascending with row_of[t][j] >= 0 of w[t][j] * fp32(y[row_of[t][j]][:]),
  * the sum formed in fp32 first. */
 int epd_cu_moe_local_combine(float *h, const uint16_t *y, const int32_t *row_of,

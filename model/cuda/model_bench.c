@@ -139,7 +139,6 @@ static void *rank_main(void *p)
         ep_group_destroy(g);
         return NULL;
     }
-    m->max_blocks = nb;
     /* KV content: random (attention costs the same whatever it holds) */
     epd_cu_fill_uniform_bf16(m->kv_block, m->kv_bytes / 2, 99, -1.0f, 1.0f, m->stream);
     cudaStreamSynchronize(m->stream);
@@ -174,10 +173,19 @@ static void *rank_main(void *p)
     for (int bi = 0; bi < o->nbatches && !rc; bi++) {
         int B = o->batches[bi];
         epd_step_t s = {
-            .num_tokens = B, .tokens = b.tokens, .pos = b.pos, .seq_idx = b.seq_idx,
-            .num_seqs = B, .seq_len = b.seq_len, .block_table = b.block_table,
-            .max_blocks = nb, .num_logits = B, .logit_rows = b.rows, .sample = b.sample,
-            .path = EPD_MOE_LL, .step_max_tokens = B,
+            .num_tokens = B,
+            .tokens = b.tokens,
+            .pos = b.pos,
+            .seq_idx = b.seq_idx,
+            .num_seqs = B,
+            .seq_len = b.seq_len,
+            .block_table = b.block_table,
+            .max_blocks = nb,
+            .num_logits = B,
+            .logit_rows = b.rows,
+            .sample = b.sample,
+            .path = EPD_MOE_LL,
+            .step_max_tokens = B,
         };
         int warm = 3;
         for (int it = 0; it < warm + o->steps && !rc; it++) {
@@ -207,7 +215,8 @@ static void *rank_main(void *p)
         }
         if (a->rank == 0) {
             qsort(times, (size_t)o->steps, sizeof(double), cmp_d);
-            double med = times[o->steps / 2], lim = step_bytes(c, B, o->ctx) / (o->hbm_tbs * 1e12) * 1e3;
+            double med = times[o->steps / 2],
+                   lim = step_bytes(c, B, o->ctx) / (o->hbm_tbs * 1e12) * 1e3;
             printf("| %d | %d | %.2f | %.2f | %.2f | %.0f | %.2f | %.0f%% |\n", B, o->ctx, med,
                    times[o->steps / 10], times[o->steps * 9 / 10], B * o->ranks / med * 1e3, lim,
                    lim / med * 100);
@@ -242,10 +251,19 @@ static void *rank_main(void *p)
             b.rows[0] = n - 1;
             b.sample[0] = (epd_sample_params_t){.temperature = 0, .top_p = 1};
             epd_step_t s = {
-                .num_tokens = n, .tokens = b.tokens, .pos = b.pos, .seq_idx = b.seq_idx,
-                .num_seqs = 1, .seq_len = b.seq_len, .block_table = b.block_table,
-                .max_blocks = nb, .num_logits = 1, .logit_rows = b.rows, .sample = b.sample,
-                .path = m->nranks > 1 ? EPD_MOE_LL : EPD_MOE_HT, .step_max_tokens = n,
+                .num_tokens = n,
+                .tokens = b.tokens,
+                .pos = b.pos,
+                .seq_idx = b.seq_idx,
+                .num_seqs = 1,
+                .seq_len = b.seq_len,
+                .block_table = b.block_table,
+                .max_blocks = nb,
+                .num_logits = 1,
+                .logit_rows = b.rows,
+                .sample = b.sample,
+                .path = m->nranks > 1 ? EPD_MOE_LL : EPD_MOE_HT,
+                .step_max_tokens = n,
             };
             rc = run_step(m, &b, &s, next);
             done += n;
@@ -284,8 +302,13 @@ static int parse_list(const char *s, int *out, int max)
 int main(int argc, char **argv)
 {
     bench_opts_t o = {
-        .ctx = 1024, .steps = 20, .prefill = 4096, .ranks = 1, .max_batch = 256,
-        .max_prefill = 4096, .hbm_tbs = 4.8,
+        .ctx = 1024,
+        .steps = 20,
+        .prefill = 4096,
+        .ranks = 1,
+        .max_batch = 256,
+        .max_prefill = 4096,
+        .hbm_tbs = 4.8,
     };
     epd_hf_config_t *c = &o.cfg;
     strcpy(c->model_type, "qwen3_moe");
@@ -297,11 +320,11 @@ int main(int argc, char **argv)
     o.nbatches = parse_list("1,8,64,256", o.batches, MAX_BATCHES);
     for (int i = 1; i < argc; i++) {
         const char *k = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
-#define INT_OPT(name, field)                                                                   \
-    if (!strcmp(k, name) && v) {                                                               \
-        field = atoi(v);                                                                       \
-        i++;                                                                                   \
-        continue;                                                                              \
+#define INT_OPT(name, field)                                                                       \
+    if (!strcmp(k, name) && v) {                                                                   \
+        field = atoi(v);                                                                           \
+        i++;                                                                                       \
+        continue;                                                                                  \
     }
         INT_OPT("--ctx", o.ctx)
         INT_OPT("--steps", o.steps)
@@ -333,8 +356,10 @@ int main(int argc, char **argv)
         } else if (!strcmp(k, "--profile")) {
             o.profile = 1;
         } else {
-            fprintf(stderr, "model-bench: unknown or incomplete option '%s' (see the header of "
-                            "model/cuda/model_bench.c)\n", k);
+            fprintf(stderr,
+                    "model-bench: unknown or incomplete option '%s' (see the header of "
+                    "model/cuda/model_bench.c)\n",
+                    k);
             return 2;
         }
     }
@@ -343,8 +368,10 @@ int main(int argc, char **argv)
         if (o.batches[i] > maxB) maxB = o.batches[i];
     if (o.nbatches < 1 || o.ranks < 1 || o.ranks > 8 || o.steps < 1 || o.ctx < 1 ||
         maxB > o.max_batch || c->num_experts % o.ranks) {
-        fprintf(stderr, "model-bench: bad options: batches (each <= --max-batch %d), ranks "
-                        "dividing the experts, steps and ctx >= 1\n", o.max_batch);
+        fprintf(stderr,
+                "model-bench: bad options: batches (each <= --max-batch %d), ranks "
+                "dividing the experts, steps and ctx >= 1\n",
+                o.max_batch);
         return 2;
     }
     setenv("CUDA_MODULE_LOADING", "EAGER", 0); /* as epd does: see daemon/epd.c */

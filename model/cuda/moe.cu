@@ -10,7 +10,8 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
-namespace {
+namespace
+{
 
 constexpr int kChunk = 32;     /* k per warp step: 4 lanes x 8 bf16, two m16n8k16 mmas */
 constexpr int kUnroll = 8;     /* chunks whose weights are in flight before the mmas use them */
@@ -96,9 +97,9 @@ __global__ void __launch_bounds__(32 * WG * KS)
     const int nch = (K + kChunk - 1) / kChunk;
     const int ld = nch * kChunk + kPad;
     const int nb = K / kFp8Block;
-    uint16_t *xs = reinterpret_cast<uint16_t *>(smem);       /* [RT][ld] bf16 */
+    uint16_t *xs = reinterpret_cast<uint16_t *>(smem);           /* [RT][ld] bf16 */
     float *sc = reinterpret_cast<float *>(xs + (size_t)RT * ld); /* [RT][nb], fp8 only */
-    float *red = sc + (kFp8 ? RT * nb : 0);                  /* [KS-1][WG][NT*4][32] */
+    float *red = sc + (kFp8 ? RT * nb : 0);                      /* [KS-1][WG][NT*4][32] */
 
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int wg = warp % WG, kh = warp / WG;
@@ -216,7 +217,7 @@ __global__ void __launch_bounds__(32 * WG * KS)
         }
         if (kh != 0 || !active) continue;
 
-        /* d0, d1: weight row g, staged rows 2c, 2c + 1; d2, d3: weight row g + 8, same rows */
+            /* d0, d1: weight row g, staged rows 2c, 2c + 1; d2, d3: weight row g + 8, same rows */
 #pragma unroll
         for (int n = 0; n < NT; ++n)
 #pragma unroll
@@ -247,13 +248,12 @@ int launch_expert(uint16_t *out, const void *x, const float *xs, const int32_t *
                         (size_t)(KS - 1) * WG * NT * 4 * 32 * 4;
     auto kern = expert_mm<kGateUp, kFp8, NT, WG, KS>;
     if (smem > 48 * 1024) {
-        cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                             (int)smem);
+        cudaError_t e =
+            cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
     dim3 grid((M + kCols * WG - 1) / (kCols * WG), L);
-    kern<<<grid, 32 * WG * KS, smem, st>>>(out, x, xs, counts, offsets, stride, w, K, M,
-                                            max_rows);
+    kern<<<grid, 32 * WG * KS, smem, st>>>(out, x, xs, counts, offsets, stride, w, K, M, max_rows);
     return (int)cudaGetLastError();
 }
 
@@ -266,13 +266,14 @@ int launch_expert_nt(uint16_t *out, const void *x, const float *xs, const int32_
                      int max_rows, cudaStream_t st)
 {
     if (max_rows <= 8)
-        return launch_expert<kGateUp, kFp8, 1, WG, KS>(out, x, xs, counts, offsets, stride, w,
-                                                       L, K, M, max_rows, st);
-    return launch_expert<kGateUp, kFp8, 2, WG, KS>(out, x, xs, counts, offsets, stride, w, L, K,
-                                                   M, max_rows, st);
+        return launch_expert<kGateUp, kFp8, 1, WG, KS>(out, x, xs, counts, offsets, stride, w, L, K,
+                                                       M, max_rows, st);
+    return launch_expert<kGateUp, kFp8, 2, WG, KS>(out, x, xs, counts, offsets, stride, w, L, K, M,
+                                                   max_rows, st);
 }
 
-/* ---- routing, local dispatch and combine ------------------------------------------------------ */
+/* ---- routing, local dispatch and combine ------------------------------------------------------
+ */
 
 __global__ void route_fixup_kernel(int32_t *idx, float *wt, int n, int k, int E,
                                    const int32_t *n_valid, const int32_t *slot_of,
@@ -305,9 +306,8 @@ constexpr int kScatterThreads = 256;
 /* Every block scans counts[E] into shared memory (block 0 also writes offsets); then each warp
  * places one selection: row_of[i] += offsets[e], packed[row] = x[t] in 16-byte copies. */
 __global__ void __launch_bounds__(kScatterThreads)
-    local_scatter_kernel(uint16_t *packed, int32_t *offsets, int32_t *row_of,
-                         const int32_t *counts, const uint16_t *x, const int32_t *idx, int n,
-                         int k, int E, int H)
+    local_scatter_kernel(uint16_t *packed, int32_t *offsets, int32_t *row_of, const int32_t *counts,
+                         const uint16_t *x, const int32_t *idx, int n, int k, int E, int H)
 {
     __shared__ int off[kMaxExperts];
     __shared__ int wsum[kScatterThreads / 32];
@@ -447,22 +447,20 @@ extern "C" int epd_cu_expert_gate_up(uint16_t *act, const void *x, const float *
     if (L == 0 || max_rows == 0) return 0;
     cudaStream_t st = (cudaStream_t)stream;
     if (x_scales)
-        return launch_expert_nt<true, true, kGuWG, kGuKS>(act, x, x_scales, counts, offsets,
-                                                          stride, w_gate_up, L, H, I, max_rows,
-                                                          st);
+        return launch_expert_nt<true, true, kGuWG, kGuKS>(act, x, x_scales, counts, offsets, stride,
+                                                          w_gate_up, L, H, I, max_rows, st);
     return launch_expert_nt<true, false, kGuWG, kGuKS>(act, x, nullptr, counts, offsets, stride,
                                                        w_gate_up, L, H, I, max_rows, st);
 }
 
 extern "C" int epd_cu_expert_down(uint16_t *y, const uint16_t *act, const int32_t *counts,
-                                  const int32_t *offsets, int stride, const uint16_t *w_down,
-                                  int L, int H, int I, int max_rows, epd_stream_t stream)
+                                  const int32_t *offsets, int stride, const uint16_t *w_down, int L,
+                                  int H, int I, int max_rows, epd_stream_t stream)
 {
     if (L < 0 || H <= 0 || I <= 0 || H % 16 || I % 16 || max_rows < 0 || L > 65535 ||
         (!offsets && stride < max_rows))
         return (int)cudaErrorInvalidValue;
     if (L == 0 || max_rows == 0) return 0;
-    return launch_expert_nt<false, false, kDnWG, kDnKS>(y, act, nullptr, counts, offsets, stride,
-                                                        w_down, L, I, H, max_rows,
-                                                        (cudaStream_t)stream);
+    return launch_expert_nt<false, false, kDnWG, kDnKS>(
+        y, act, nullptr, counts, offsets, stride, w_down, L, I, H, max_rows, (cudaStream_t)stream);
 }

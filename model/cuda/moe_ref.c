@@ -30,9 +30,9 @@ int epd_ref_route_fixup(int32_t *topk_idx, float *topk_w, int T, int k, int E,
     return 0;
 }
 
-int epd_ref_moe_local_dispatch(uint16_t *packed, int32_t *counts, int32_t *offsets,
-                               int32_t *row_of, const uint16_t *x, const int32_t *topk_idx, int T,
-                               int k, int E, int H)
+int epd_ref_moe_local_dispatch(uint16_t *packed, int32_t *counts, int32_t *offsets, int32_t *row_of,
+                               const uint16_t *x, const int32_t *topk_idx, int T, int k, int E,
+                               int H)
 {
     if (T < 0 || k <= 0 || E <= 0 || H <= 0 || H % 8) return -EINVAL;
     for (int e = 0; e < E; e++)

@@ -16,9 +16,9 @@ int epd_ref_route_fixup(int32_t *topk_idx, float *topk_w, int T, int k, int E,
 
 /* counts[E], offsets[E] (exclusive prefix sum), row_of[T][k] (-1 for ids -1), packed[row][H] =
  * x[t][H] (bf16). The twin orders an expert's rows by (t, j); the kernel's order is arbitrary. */
-int epd_ref_moe_local_dispatch(uint16_t *packed, int32_t *counts, int32_t *offsets,
-                               int32_t *row_of, const uint16_t *x, const int32_t *topk_idx, int T,
-                               int k, int E, int H);
+int epd_ref_moe_local_dispatch(uint16_t *packed, int32_t *counts, int32_t *offsets, int32_t *row_of,
+                               const uint16_t *x, const int32_t *topk_idx, int T, int k, int E,
+                               int H);
 
 /* h[t][c] += sum over j ascending (row_of[t][j] >= 0) of topk_w[t][j] * y[row][c], in fp32. */
 int epd_ref_moe_local_combine(float *h, const uint16_t *y, const int32_t *row_of,
