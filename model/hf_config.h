@@ -4,7 +4,7 @@
 #ifndef EPD_HF_CONFIG_H
 #define EPD_HF_CONFIG_H
 
-#include "model_err.h"
+#include "epd_err.h"
 
 #include <stddef.h>
 

@@ -14,7 +14,7 @@
 
 #include "ep.h"
 #include "hf_config.h"
-#include "model_err.h"
+#include "epd_err.h"
 #include "placement.h"
 #include "sample.h"
 

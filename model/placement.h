@@ -7,7 +7,7 @@
 #ifndef EPD_MODEL_PLACEMENT_H
 #define EPD_MODEL_PLACEMENT_H
 
-#include "model_err.h"
+#include "epd_err.h"
 
 typedef struct epd_model_placement {
     int num_experts; /* E */

@@ -9,7 +9,7 @@
 #ifndef EPD_SAFETENSORS_H
 #define EPD_SAFETENSORS_H
 
-#include "model_err.h"
+#include "epd_err.h"
 
 #include <stddef.h>
 #include <stdint.h>

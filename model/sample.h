@@ -25,7 +25,7 @@
 #ifndef EPD_SAMPLE_H
 #define EPD_SAMPLE_H
 
-#include "model_err.h"
+#include "epd_err.h"
 
 #include <stdint.h>
 

@@ -6,7 +6,7 @@
 
 #include "hf_config.h"
 #include "model.h"
-#include "model_err.h"
+#include "epd_err.h"
 
 #include <stddef.h>
 #include <stdint.h>

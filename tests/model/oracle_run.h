@@ -7,7 +7,7 @@
 #ifndef EPD_TEST_ORACLE_RUN_H
 #define EPD_TEST_ORACLE_RUN_H
 
-#include "model_err.h"
+#include "epd_err.h"
 #include "placement.h"
 #include "model.h"
 
