@@ -1,4 +1,5 @@
-/* Hugging Face config.json of a Qwen3-MoE checkpoint -> validated epd_hf_config_t.
+/* Hugging Face config.json of a Qwen3-MoE, DeepSeek-V2 or DeepSeek-V3 checkpoint -> validated
+ * epd_hf_config_t.
  * Unknown model types, unsupported features and missing or mistyped fields are refused with
  * a message that names the file and the field. */
 #ifndef EPD_HF_CONFIG_H
@@ -10,8 +11,34 @@
 
 #define EPD_HF_MAX_LAYERS 1024
 
+typedef enum epd_arch {
+    EPD_ARCH_QWEN3_MOE = 0, /* GQA with q/k norms, softmax top-k routing */
+    EPD_ARCH_DEEPSEEK_V2,   /* MLA, softmax routing (greedy or group-limited), shared experts */
+    EPD_ARCH_DEEPSEEK_V3,   /* MLA, sigmoid + bias group-limited routing, shared experts */
+} epd_arch_t;
+
+/* How a token's experts are chosen (transformers' route_tokens_to_experts). */
+typedef enum epd_router {
+    EPD_ROUTER_SOFTMAX = 0,   /* softmax, top-k (Qwen3-MoE; DeepSeek-V2 "greedy") */
+    EPD_ROUTER_SOFTMAX_GROUP, /* softmax; groups scored by their best expert (V2
+                                 "group_limited_greedy") */
+    EPD_ROUTER_SIGMOID_GROUP, /* sigmoid + e_score_correction_bias; groups by their two best (V3) */
+} epd_router_t;
+
+/* YaRN (rope_scaling / rope_parameters of rope_type "yarn"), as transformers computes it. */
+typedef struct epd_rope_yarn {
+    int on;
+    double factor;
+    int original_max_position_embeddings;
+    double beta_fast, beta_slow;
+    double mscale, mscale_all_dim; /* 0: absent */
+    double attention_factor;       /* multiplies cos and sin: given, or derived from the mscales */
+    int truncate;                  /* round the correction range outwards (default true) */
+} epd_rope_yarn_t;
+
 typedef struct epd_hf_config {
     char model_type[32];
+    epd_arch_t arch;
     int hidden_size;
     int intermediate_size;     /* dense MLP layers (mlp_only_layers, or off the sparse step) */
     int moe_intermediate_size; /* each expert */
@@ -29,6 +56,22 @@ typedef struct epd_hf_config {
     int tie_word_embeddings;
     int max_position_embeddings;
     unsigned char mlp_only[EPD_HF_MAX_LAYERS]; /* mlp_only_layers as flags per layer */
+
+    /* routing */
+    epd_router_t router;
+    int n_group, topk_group;      /* group-limited routers: groups, groups kept per token */
+    double routed_scaling_factor; /* multiplies the routing weights (1 for Qwen3-MoE) */
+    int router_bias;              /* mlp.gate.e_score_correction_bias exists (V3) */
+
+    /* DeepSeek: MLA and the layer layout. head_dim above is qk_rope_head_dim for them. */
+    int q_lora_rank; /* 0: q_proj straight from the hidden state */
+    int kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim;
+    int rope_interleave;          /* RoPE pairs adjacent values (2i, 2i+1), not (i, i + d/2) */
+    int first_k_dense_replace;    /* layers 0..k-1 are dense MLPs */
+    int n_shared_experts;         /* shared experts of intermediate moe_intermediate_size * n */
+    int num_nextn_predict_layers; /* multi-token-prediction layers: skipped on load */
+    epd_rope_yarn_t yarn;
+    double attn_scale; /* the softmax scale: 1/sqrt(q/k head dim), times YaRN's mscale^2 */
 } epd_hf_config_t;
 
 /* Parses config.json text; `origin` names it in messages. */
@@ -36,6 +79,9 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
                         epd_err_t *err);
 /* Reads <path> (a config.json file). */
 int epd_hf_config_load(const char *path, epd_hf_config_t *cfg, epd_err_t *err);
+
+/* Whether the model's attention is MLA (DeepSeek). */
+int epd_hf_is_mla(const epd_hf_config_t *cfg);
 
 /* Whether layer l has a sparse MoE block (else a dense SwiGLU MLP): transformers' rule. */
 int epd_hf_layer_is_moe(const epd_hf_config_t *cfg, int layer);
