@@ -4,6 +4,8 @@
  *                  sum of its two best selection scores; keep topk_groups groups, then top-k of
  *                  the selection score among their experts; weights are s of the chosen experts,
  *                  optionally renormalised, times routed_scaling_factor.
+ *   SOFTMAX_GROUP: p as SOFTMAX_TOPK; a group's score is its best p; keep topk_groups groups,
+ *                  then top-k of p among their experts (DeepSeek-V2's group_limited_greedy).
  * Ties go to the lower expert (or group) id. logits [T][E] fp32 -> topk_idx [T][k] int32,
  * topk_w [T][k] fp32. Scores live in shared memory: [warps][E] floats.
  */
@@ -50,7 +52,8 @@ __global__ void __launch_bounds__(kWarps * 32)
     if (t >= T) return;
     const float *l = logits + (size_t)t * E;
 
-    if (p.kind == EP_ROUTE_SOFTMAX_TOPK) {
+    const bool softmax = p.kind != EP_ROUTE_SIGMOID_GROUP;
+    if (softmax) {
         float m = -INFINITY;
         for (int e = lane; e < E; e += 32)
             m = fmaxf(m, l[e]);
@@ -74,6 +77,8 @@ __global__ void __launch_bounds__(kWarps * 32)
             val[e] = s;
             sel[e] = s + (p.bias ? p.bias[e] : 0.f);
         }
+    }
+    if (p.kind != EP_ROUTE_SOFTMAX_TOPK) {
         __syncwarp();
         const int G = p.num_groups > 0 ? p.num_groups : 1, gs = E / G;
         /* group scores: lane g (looping) computes the sum of the two best in group g */
@@ -89,7 +94,7 @@ __global__ void __launch_bounds__(kWarps * 32)
                     b2 = x;
                 }
             }
-            s_gscore[warp][g] = gs >= 2 ? b1 + b2 : b1;
+            s_gscore[warp][g] = gs >= 2 && !softmax ? b1 + b2 : b1;
         }
         __syncwarp();
         const int keep = p.topk_groups > 0 && p.topk_groups < G ? p.topk_groups : G;
@@ -135,7 +140,7 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
     if (lane < k) {
         float w = myw;
-        if (p.renormalize) w = p.kind == EP_ROUTE_SOFTMAX_TOPK ? w / wsum : w / (wsum + 1e-20f);
+        if (p.renormalize) w = softmax ? w / wsum : w / (wsum + 1e-20f);
         topk_idx[(size_t)t * k + lane] = myi;
         topk_w[(size_t)t * k + lane] = w * p.routed_scaling_factor;
     }

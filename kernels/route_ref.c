@@ -1,5 +1,5 @@
-/* Softmax top-k and sigmoid group-limited top-k routing on the host (formulas in
- * route_ref.h). */
+/* Softmax top-k, softmax group-limited and sigmoid group-limited top-k routing on the host
+ * (formulas in route_ref.h). */
 #include "route_ref.h"
 
 #include <math.h>
@@ -22,8 +22,25 @@ static void pick_topk(const float *score, const uint8_t *mask, uint8_t *taken, i
     }
 }
 
-static void route_softmax(const ep_route_params_t *p, const float *l, float *prob, uint8_t *taken,
-                          int32_t *idx, float *w)
+/* Keeps the topk_groups best groups by gscore[G]: mask[E] gets 1 for their experts. */
+static void keep_groups(const ep_route_params_t *p, const float *gscore, uint8_t *taken,
+                        uint8_t *mask, int32_t *gsel)
+{
+    int E = p->num_experts, G = p->num_groups, per = E / G;
+    for (int g = 0; g < G; g++)
+        taken[g] = 0;
+    pick_topk(gscore, NULL, taken, G, p->topk_groups, gsel);
+    for (int e = 0; e < E; e++) {
+        mask[e] = 0;
+        taken[e] = 0;
+    }
+    for (int i = 0; i < p->topk_groups; i++)
+        for (int e = 0; e < per; e++)
+            mask[(size_t)gsel[i] * per + e] = 1;
+}
+
+static void route_softmax(const ep_route_params_t *p, const float *l, float *prob, float *gscore,
+                          uint8_t *taken, uint8_t *mask, int32_t *gsel, int32_t *idx, float *w)
 {
     int E = p->num_experts;
     float mx = l[0];
@@ -38,7 +55,19 @@ static void route_softmax(const ep_route_params_t *p, const float *l, float *pro
         prob[e] = prob[e] / sum;
         taken[e] = 0;
     }
-    pick_topk(prob, NULL, taken, E, p->topk, idx);
+    const uint8_t *sel = NULL;
+    if (p->kind == EP_ROUTE_SOFTMAX_GROUP) {
+        int per = E / p->num_groups;
+        for (int g = 0; g < p->num_groups; g++) {
+            float b = prob[(size_t)g * per];
+            for (int i = 1; i < per; i++)
+                if (prob[(size_t)g * per + i] > b) b = prob[(size_t)g * per + i];
+            gscore[g] = b;
+        }
+        keep_groups(p, gscore, taken, mask, gsel);
+        sel = mask;
+    }
+    pick_topk(prob, sel, taken, E, p->topk, idx);
     float s = 0.0f;
     for (int j = 0; j < p->topk; j++) {
         w[j] = prob[idx[j]];
@@ -72,16 +101,8 @@ static void route_sigmoid_group(const ep_route_params_t *p, const float *l, floa
             s = s + b[second];
         }
         gscore[g] = s;
-        taken[g] = 0;
     }
-    pick_topk(gscore, NULL, taken, G, p->topk_groups, gsel);
-    for (int e = 0; e < E; e++) {
-        mask[e] = 0;
-        taken[e] = 0;
-    }
-    for (int i = 0; i < p->topk_groups; i++)
-        for (int e = 0; e < per; e++)
-            mask[(size_t)gsel[i] * per + e] = 1;
+    keep_groups(p, gscore, taken, mask, gsel);
     pick_topk(biased, mask, taken, E, p->topk, idx);
     float s = 0.0f;
     for (int j = 0; j < p->topk; j++) {
@@ -115,7 +136,7 @@ int ep_route_ref(const ep_route_params_t *p, const float *logits, int num_tokens
         if (p->kind == EP_ROUTE_SIGMOID_GROUP)
             route_sigmoid_group(p, l, f, f + E, f + 2 * (size_t)E, b, b + E, gs, idx, w);
         else
-            route_softmax(p, l, f, b, idx, w);
+            route_softmax(p, l, f, f + 2 * (size_t)E, b, b + E, gs, idx, w);
     }
     rc = 0;
 out:

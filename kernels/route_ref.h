@@ -9,6 +9,9 @@
  *   groups are kept (ties: lower group id); the k largest b among their experts are chosen
  *   (ties: lower expert id); w_j = s of the chosen expert (unbiased); renormalize:
  *   w_j = w_j / (sum_j w_j + 1e-20f); then w_j *= routed_scaling_factor.
+ * EP_ROUTE_SOFTMAX_GROUP (DeepSeek-V2 group_limited_greedy): p as for SOFTMAX_TOPK; a group's
+ *   score is its largest p; the topk_groups best groups are kept (ties: lower group id); the k
+ *   largest p among their experts are chosen; renormalize as SOFTMAX_TOPK; then the scaling.
  * Slots are filled in descending score order. Parameters are validated by the caller
  * (ep_route_host): 1 <= topk <= candidates, groups divide E.
  */

@@ -618,7 +618,8 @@ static int check_route(const ep_route_params_t *p, const float *logits, int T, c
                        const float *w, char *msg, size_t n)
 {
     if (!p) return snprintf(msg, n, "route params are NULL"), -1;
-    if (p->kind != EP_ROUTE_SOFTMAX_TOPK && p->kind != EP_ROUTE_SIGMOID_GROUP)
+    if (p->kind != EP_ROUTE_SOFTMAX_TOPK && p->kind != EP_ROUTE_SIGMOID_GROUP &&
+        p->kind != EP_ROUTE_SOFTMAX_GROUP)
         return snprintf(msg, n, "route kind %d is unknown", (int)p->kind), -1;
     if (p->num_experts < 1 || p->num_experts > EP_MAX_EXPERTS)
         return snprintf(msg, n, "route num_experts %d is not in 1..%d", p->num_experts,
@@ -630,7 +631,7 @@ static int check_route(const ep_route_params_t *p, const float *logits, int T, c
                -1;
     if (!isfinite(p->routed_scaling_factor))
         return snprintf(msg, n, "route routed_scaling_factor is not finite"), -1;
-    if (p->kind == EP_ROUTE_SIGMOID_GROUP) {
+    if (p->kind == EP_ROUTE_SIGMOID_GROUP || p->kind == EP_ROUTE_SOFTMAX_GROUP) {
         if (p->num_groups < 1 || p->num_experts % p->num_groups)
             return snprintf(msg, n, "route num_groups %d does not divide num_experts %d",
                             p->num_groups, p->num_experts),

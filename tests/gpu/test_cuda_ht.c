@@ -315,8 +315,10 @@ static void *rank_main(void *arg)
         CK(cudaMalloc((void **)&d_tw, sizeof w_r[0]));
         CK(cudaMemcpy(d_logits, logits, sizeof logits_r[0], cudaMemcpyHostToDevice));
         CK(cudaMemcpy(d_bias, bias, sizeof bias_r[0], cudaMemcpyHostToDevice));
-        for (int kind = 0; kind < 2; ++kind) {
-            ep_route_params_t p = {.kind = kind ? EP_ROUTE_SIGMOID_GROUP : EP_ROUTE_SOFTMAX_TOPK,
+        static const ep_route_kind_t kinds[3] = {EP_ROUTE_SOFTMAX_TOPK, EP_ROUTE_SIGMOID_GROUP,
+                                                 EP_ROUTE_SOFTMAX_GROUP};
+        for (int kind = 0; kind < 3; ++kind) {
+            ep_route_params_t p = {.kind = kinds[kind],
                                    .num_experts = E,
                                    .topk = 8,
                                    .renormalize = 1,

@@ -1,4 +1,5 @@
-/* ep_route_host: softmax top-k and sigmoid group-limited top-k against a naive reference in
+/* ep_route_host: softmax top-k, softmax group-limited (DeepSeek-V2) and sigmoid group-limited
+ * (DeepSeek-V3) top-k against a naive reference in
  * double precision that sorts every candidate (ties to the lower id). */
 #include "harness.h"
 
@@ -28,7 +29,7 @@ static void ref_route(const ep_route_params_t *p, const float *l, int32_t *idx, 
     int E = p->num_experts, k = p->topk;
     struct cand c[1024];
     double val[1024], sum = 0;
-    if (p->kind == EP_ROUTE_SOFTMAX_TOPK) {
+    if (p->kind != EP_ROUTE_SIGMOID_GROUP) {
         double mx = -INFINITY;
         for (int e = 0; e < E; e++)
             mx = fmax(mx, l[e]);
@@ -38,6 +39,22 @@ static void ref_route(const ep_route_params_t *p, const float *l, int32_t *idx, 
             c[e] = (struct cand){val[e] / sum, e};
         for (int e = 0; e < E; e++)
             val[e] = val[e] / sum;
+        if (p->kind == EP_ROUTE_SOFTMAX_GROUP) {
+            /* a group's score is its best p; keep the best groups' experts only */
+            int G = p->num_groups, per = E / G, n = 0;
+            struct cand gs[256];
+            for (int g = 0; g < G; g++) {
+                double b = val[g * per];
+                for (int i = 1; i < per; i++)
+                    b = fmax(b, val[g * per + i]);
+                gs[g] = (struct cand){b, g};
+            }
+            qsort(gs, (size_t)G, sizeof gs[0], by_score);
+            for (int i = 0; i < p->topk_groups; i++)
+                for (int e = 0; e < per; e++)
+                    c[n++] = (struct cand){val[gs[i].id * per + e], gs[i].id * per + e};
+            E = n;
+        }
         qsort(c, (size_t)E, sizeof c[0], by_score);
     } else {
         int G = p->num_groups, per = E / G, n = 0;
@@ -135,6 +152,24 @@ static void sigmoid_group_matches_reference(void **state)
     }
 }
 
+static void softmax_group_matches_reference(void **state)
+{
+    (void)state;
+    rng_t r = {23};
+    static const int groups[] = {1, 2, 4, 8};
+    for (int it = 0; it < 60; it++) {
+        ep_route_params_t p = {.kind = EP_ROUTE_SOFTMAX_GROUP};
+        p.num_groups = groups[rng_int(&r, 0, 3)];
+        p.num_experts = p.num_groups * rng_int(&r, 1, 32);
+        p.topk_groups = rng_int(&r, 1, p.num_groups);
+        int cand = p.topk_groups * (p.num_experts / p.num_groups);
+        p.topk = rng_int(&r, 1, cand < 8 ? cand : 8);
+        p.renormalize = rng_int(&r, 0, 1);
+        p.routed_scaling_factor = rng_int(&r, 0, 1) ? 1.0f : 16.0f;
+        check_case(&r, &p, rng_int(&r, 0, 40));
+    }
+}
+
 static void ties_go_to_the_lower_expert(void **state)
 {
     (void)state;
@@ -198,6 +233,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(softmax_topk_matches_reference),
+        cmocka_unit_test(softmax_group_matches_reference),
         cmocka_unit_test(sigmoid_group_matches_reference),
         cmocka_unit_test(ties_go_to_the_lower_expert),
         cmocka_unit_test(bad_params_are_rejected),

@@ -159,6 +159,8 @@ ep_status_t ep_group_allgather(ep_group_t *g, const void *in, void *out, size_t 
 typedef enum ep_route_kind {
     EP_ROUTE_SOFTMAX_TOPK = 0, /* softmax over all experts, then top-k (Qwen3-MoE, Mixtral) */
     EP_ROUTE_SIGMOID_GROUP,    /* sigmoid + bias, group-limited top-k (DeepSeek-V3) */
+    EP_ROUTE_SOFTMAX_GROUP,    /* softmax, group-limited top-k, a group scored by its best expert
+                                  (DeepSeek-V2's group_limited_greedy) */
 } ep_route_kind_t;
 
 typedef struct ep_route_params {
@@ -167,8 +169,8 @@ typedef struct ep_route_params {
     int topk;
     int renormalize;             /* divide the top-k weights by their sum */
     float routed_scaling_factor; /* multiplies the final weights (1.0 if unused) */
-    int num_groups;              /* SIGMOID_GROUP: experts split into this many groups */
-    int topk_groups;             /* SIGMOID_GROUP: groups kept per token */
+    int num_groups;              /* *_GROUP: experts split into this many groups */
+    int topk_groups;             /* *_GROUP: groups kept per token */
     const float *bias; /* SIGMOID_GROUP: [E] correction bias, selection only; may be NULL */
 } ep_route_params_t;
 
