@@ -3,6 +3,16 @@
 
 #include <math.h>
 
+float epd_softmax_exp(float *scores, int len, float mx)
+{
+    double sum = 0;
+    for (int j = 0; j < len; j++) {
+        scores[j] = expf(scores[j] - mx);
+        sum += scores[j];
+    }
+    return (float)(1.0 / sum);
+}
+
 void epd_attention_token(float *out, const float *q, const float *k, const float *v, int len,
                          int heads, int kv_heads, int hd, float *scores)
 {
@@ -21,12 +31,7 @@ void epd_attention_token(float *out, const float *q, const float *k, const float
             scores[j] = s;
             if (s > mx) mx = s;
         }
-        double sum = 0;
-        for (int j = 0; j < len; j++) {
-            scores[j] = expf(scores[j] - mx);
-            sum += scores[j];
-        }
-        float inv = (float)(1.0 / sum);
+        float inv = epd_softmax_exp(scores, len, mx);
         float *oh = out + (size_t)h * hd;
         for (int d = 0; d < hd; d++)
             oh[d] = 0;
@@ -60,12 +65,7 @@ void epd_attention_paged(float *out, const float *q, const float *k_pool, const 
             scores[j] = s;
             if (s > mx) mx = s;
         }
-        double sum = 0;
-        for (int j = 0; j < len; j++) {
-            scores[j] = expf(scores[j] - mx);
-            sum += scores[j];
-        }
-        float inv = (float)(1.0 / sum);
+        float inv = epd_softmax_exp(scores, len, mx);
         float *oh = out + (size_t)h * hd;
         for (int d = 0; d < hd; d++)
             oh[d] = 0;

@@ -1,4 +1,4 @@
-/* The cpu implementation's state (fp32 plain C on the host), shared by qwen3_moe.c (load, KV
+/* The cpu implementation's state (fp32 plain C on the host), shared by cpu_model.c (load, KV
  * storage, forward) and moe.c (the MoE block). Not a public interface. */
 #ifndef EPD_MODEL_INTERNAL_H
 #define EPD_MODEL_INTERNAL_H
@@ -11,9 +11,14 @@ typedef struct epd_layer_w {
     float *q_norm, *k_norm; /* [hd] */
     float *post_norm;       /* [H] */
     int is_moe;
-    float *router;           /* [E][H] (MoE) */
-    float *gate, *up, *down; /* MoE: [L][I][H], [L][I][H], [L][H][I] local experts in slot
-                                order; dense: [Id][H], [Id][H], [H][Id] */
+    float *router;                    /* [E][H] (MoE) */
+    float *router_bias;               /* [E] DeepSeek-V3's e_score_correction_bias */
+    float *sh_gate, *sh_up, *sh_down; /* DeepSeek's shared experts: [Is][H] x2, [H][Is] */
+    /* DeepSeek's MLA (q above is q_proj when there is no q LoRA) */
+    float *q_a, *q_a_norm, *q_b;    /* [ql][H], [ql], [nh*(nope+rope)][ql] */
+    float *kv_a, *kv_a_norm, *kv_b; /* [kvl+rope][H], [kvl], [nh*(nope+vd)][kvl] */
+    float *gate, *up, *down;        /* MoE: [L][I][H], [L][I][H], [L][H][I] local experts in slot
+                                       order; dense: [Id][H], [Id][H], [H][Id] */
 } epd_layer_w_t;
 
 typedef struct epd_cpu_model {
@@ -32,18 +37,23 @@ typedef struct epd_cpu_model {
     float *norm;    /* [H] */
     float *lm_head; /* [V][H]; == embed when tied */
     epd_layer_w_t *layers;
-    float *inv_freq; /* [hd/2] */
+    float *inv_freq;  /* [hd/2] (MLA: hd is the rope part) */
+    float rope_scale; /* YaRN's attention factor on cos and sin (1: none) */
+    int mla;          /* DeepSeek's attention */
 
-    /* paged KV: per layer [kv_cap][block_size][nkv][hd]; blocks 0..kv_cap-1 exist so far (the
-     * pool hands out the lowest ids first, so storage grows with the blocks in use) */
-    int block_size, num_blocks, kv_cap;
+    /* paged KV: per layer [kv_cap][block_size][kv_row]; blocks 0..kv_cap-1 exist so far (the
+     * pool hands out the lowest ids first, so storage grows with the blocks in use). kv_row:
+     * nkv*hd keys in k_pool and as many values in v_pool; MLA: the latent cache, kvl + rope
+     * values per position in k_pool (v_pool unused) */
+    int block_size, num_blocks, kv_cap, kv_row;
     float **k_pool, **v_pool; /* [layers] */
 
     /* scratch for max_tokens rows */
-    float *h, *xn, *q, *k, *v, *att, *tmp; /* [T][H] [T][H] [T][nh*hd] [T][nkv*hd] x2
-                                              [T][nh*hd] [T][max(H, ...)] */
-    float *scores;                         /* [max_seq_len] */
-    float *ffn_tmp;                        /* [2][max(I, Id)] */
+    float *h, *xn, *q, *k, *v, *att, *tmp; /* [T][H] [T][H] [T][q_dim] [T][kv_row] x2
+                                              [T][att_dim] [T][H] */
+    float *q_lora;                         /* [T][ql] (MLA with q LoRA) */
+    float *scores;                         /* [max_seq_len (+ 2 * kvl for MLA)] */
+    float *ffn_tmp;                        /* [2][max(I, Id, Is)] */
     float *logit_row, *sample_tmp;         /* [V] */
     float *router_logits;                  /* [T][E] */
     int32_t *topk_idx;                     /* [T][k] libep slot ids */
@@ -60,6 +70,10 @@ typedef struct epd_cpu_model {
     int32_t *ht_per_expert; /* [L] */
     uint16_t *ht_y;         /* [N][H] bf16 per-rank partial sums for the combine */
 } epd_cpu_model_t;
+
+/* moe.c: libep's routing parameters of the checkpoint's router (bias: the layer's
+ * e_score_correction_bias or NULL). */
+ep_route_params_t epd_moe_route_params(const epd_hf_config_t *cfg, const float *bias);
 
 /* moe.c: h[T][H] += MoE(xn[T][H]) of layer l through libep's LL path, or its HT path if ht
  * (collective, every rank on the same path; T may be 0). */

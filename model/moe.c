@@ -147,6 +147,25 @@ out:
     return rc;
 }
 
+ep_route_params_t epd_moe_route_params(const epd_hf_config_t *c, const float *bias)
+{
+    static const ep_route_kind_t kind[] = {
+        [EPD_ROUTER_SOFTMAX] = EP_ROUTE_SOFTMAX_TOPK,
+        [EPD_ROUTER_SOFTMAX_GROUP] = EP_ROUTE_SOFTMAX_GROUP,
+        [EPD_ROUTER_SIGMOID_GROUP] = EP_ROUTE_SIGMOID_GROUP,
+    };
+    return (ep_route_params_t){
+        .kind = kind[c->router],
+        .num_experts = c->num_experts,
+        .topk = c->num_experts_per_tok,
+        .renormalize = c->norm_topk_prob,
+        .routed_scaling_factor = (float)c->routed_scaling_factor,
+        .num_groups = c->n_group,
+        .topk_groups = c->topk_group,
+        .bias = bias,
+    };
+}
+
 int epd_moe_forward(epd_cpu_model_t *m, int layer, int rows, int ht, epd_err_t *err)
 {
     const epd_hf_config_t *c = &m->cfg;
@@ -155,13 +174,7 @@ int epd_moe_forward(epd_cpu_model_t *m, int layer, int rows, int ht, epd_err_t *
 
     /* router: fp32 logits [T][E] -> top-k over global experts -> libep slot ids */
     epd_linear(m->router_logits, m->xn, w->router, rows, H, E);
-    ep_route_params_t rp = {
-        .kind = EP_ROUTE_SOFTMAX_TOPK,
-        .num_experts = E,
-        .topk = K,
-        .renormalize = c->norm_topk_prob,
-        .routed_scaling_factor = 1.0f,
-    };
+    ep_route_params_t rp = epd_moe_route_params(c, w->router_bias);
     ep_status_t st = ep_route_host(&rp, m->router_logits, rows, m->topk_idx, m->topk_w);
     if (st != EP_OK)
         return epd_err_set(err, -EINVAL, "layer %d: ep_route_host: %s", layer,

@@ -1,4 +1,5 @@
-/* The Qwen3-MoE tensor table (tensors.h) and the memory estimate it gives (model.h). */
+/* The tensor tables of Qwen3-MoE and DeepSeek-V2/V3 (tensors.h) and the memory estimate they
+ * give (model.h). */
 #include "tensors.h"
 
 #include <errno.h>
@@ -30,43 +31,89 @@ static void add(table_t *tb, epd_weight_role_t role, int layer, int expert, int 
     d->expert = expert;
 }
 
+static const char *const proj[3] = {"gate_proj", "up_proj", "down_proj"};
+
+/* gate, up, down of a SwiGLU MLP of intermediate I under prefix p (roles from `first`). */
+static void add_mlp(table_t *tb, epd_weight_role_t first, int l, int e, int64_t H, int64_t I,
+                    const char *p)
+{
+    for (int j = 0; j < 3; j++)
+        add(tb, (epd_weight_role_t)(first + j), l, e, 2, j == 2 ? H : I, j == 2 ? I : H,
+            "%s.%s.weight", p, proj[j]);
+}
+
+static void add_qwen3_attention(table_t *tb, const epd_hf_config_t *c, int l, const char *p)
+{
+    const int64_t H = c->hidden_size, hd = c->head_dim;
+    const int64_t qd = (int64_t)c->num_attention_heads * hd;
+    const int64_t kvd = (int64_t)c->num_key_value_heads * hd;
+    add(tb, EPD_W_Q, l, -1, 2, qd, H, "%s.self_attn.q_proj.weight", p);
+    add(tb, EPD_W_K, l, -1, 2, kvd, H, "%s.self_attn.k_proj.weight", p);
+    add(tb, EPD_W_V, l, -1, 2, kvd, H, "%s.self_attn.v_proj.weight", p);
+    add(tb, EPD_W_O, l, -1, 2, H, qd, "%s.self_attn.o_proj.weight", p);
+    add(tb, EPD_W_Q_NORM, l, -1, 1, hd, 0, "%s.self_attn.q_norm.weight", p);
+    add(tb, EPD_W_K_NORM, l, -1, 1, hd, 0, "%s.self_attn.k_norm.weight", p);
+}
+
+static void add_mla(table_t *tb, const epd_hf_config_t *c, int l, const char *p)
+{
+    const int64_t H = c->hidden_size, nh = c->num_attention_heads, ql = c->q_lora_rank;
+    const int64_t qk = c->qk_nope_head_dim + c->qk_rope_head_dim, kvl = c->kv_lora_rank;
+    if (ql) {
+        add(tb, EPD_W_Q_A, l, -1, 2, ql, H, "%s.self_attn.q_a_proj.weight", p);
+        add(tb, EPD_W_Q_A_NORM, l, -1, 1, ql, 0, "%s.self_attn.q_a_layernorm.weight", p);
+        add(tb, EPD_W_Q_B, l, -1, 2, nh * qk, ql, "%s.self_attn.q_b_proj.weight", p);
+    } else {
+        add(tb, EPD_W_Q, l, -1, 2, nh * qk, H, "%s.self_attn.q_proj.weight", p);
+    }
+    add(tb, EPD_W_KV_A, l, -1, 2, kvl + c->qk_rope_head_dim, H,
+        "%s.self_attn.kv_a_proj_with_mqa.weight", p);
+    add(tb, EPD_W_KV_A_NORM, l, -1, 1, kvl, 0, "%s.self_attn.kv_a_layernorm.weight", p);
+    add(tb, EPD_W_KV_B, l, -1, 2, nh * (c->qk_nope_head_dim + c->v_head_dim), kvl,
+        "%s.self_attn.kv_b_proj.weight", p);
+    add(tb, EPD_W_O, l, -1, 2, H, nh * c->v_head_dim, "%s.self_attn.o_proj.weight", p);
+}
+
 int epd_tensor_table(const epd_hf_config_t *c, epd_tensor_desc_t **out, int *n, epd_err_t *err)
 {
     *out = NULL;
     *n = 0;
-    const int64_t H = c->hidden_size, V = c->vocab_size, hd = c->head_dim;
-    const int64_t qd = (int64_t)c->num_attention_heads * hd;
-    const int64_t kvd = (int64_t)c->num_key_value_heads * hd;
+    const int64_t H = c->hidden_size, V = c->vocab_size;
     const int64_t I = c->moe_intermediate_size, Id = c->intermediate_size;
+    const int mla = epd_hf_is_mla(c);
     size_t cap = 3;
     for (int l = 0; l < c->num_hidden_layers; l++)
-        cap += 8 + (epd_hf_layer_is_moe(c, l) ? 1 + 3 * (size_t)c->num_experts : 3);
+        cap += 10 + (epd_hf_layer_is_moe(c, l) ? 5 + 3 * (size_t)c->num_experts : 3);
     table_t tb = {calloc(cap, sizeof(epd_tensor_desc_t)), 0};
     if (!tb.t) return epd_err_set(err, -ENOMEM, "out of memory for a table of %zu tensors", cap);
     add(&tb, EPD_W_EMBED, -1, -1, 2, V, H, "model.embed_tokens.weight");
     add(&tb, EPD_W_FINAL_NORM, -1, -1, 1, H, 0, "model.norm.weight");
     if (!c->tie_word_embeddings) add(&tb, EPD_W_LM_HEAD, -1, -1, 2, V, H, "lm_head.weight");
-    static const char *const proj[3] = {"gate_proj", "up_proj", "down_proj"};
     for (int l = 0; l < c->num_hidden_layers; l++) {
-        const char *p = "model.layers";
-        add(&tb, EPD_W_INPUT_NORM, l, -1, 1, H, 0, "%s.%d.input_layernorm.weight", p, l);
-        add(&tb, EPD_W_POST_NORM, l, -1, 1, H, 0, "%s.%d.post_attention_layernorm.weight", p, l);
-        add(&tb, EPD_W_Q, l, -1, 2, qd, H, "%s.%d.self_attn.q_proj.weight", p, l);
-        add(&tb, EPD_W_K, l, -1, 2, kvd, H, "%s.%d.self_attn.k_proj.weight", p, l);
-        add(&tb, EPD_W_V, l, -1, 2, kvd, H, "%s.%d.self_attn.v_proj.weight", p, l);
-        add(&tb, EPD_W_O, l, -1, 2, H, qd, "%s.%d.self_attn.o_proj.weight", p, l);
-        add(&tb, EPD_W_Q_NORM, l, -1, 1, hd, 0, "%s.%d.self_attn.q_norm.weight", p, l);
-        add(&tb, EPD_W_K_NORM, l, -1, 1, hd, 0, "%s.%d.self_attn.k_norm.weight", p, l);
-        if (epd_hf_layer_is_moe(c, l)) {
-            add(&tb, EPD_W_ROUTER, l, -1, 2, c->num_experts, H, "%s.%d.mlp.gate.weight", p, l);
-            for (int e = 0; e < c->num_experts; e++)
-                for (int j = 0; j < 3; j++)
-                    add(&tb, (epd_weight_role_t)(EPD_W_EXPERT_GATE + j), l, e, 2, j == 2 ? H : I,
-                        j == 2 ? I : H, "%s.%d.mlp.experts.%d.%s.weight", p, l, e, proj[j]);
-        } else {
-            for (int j = 0; j < 3; j++)
-                add(&tb, (epd_weight_role_t)(EPD_W_DENSE_GATE + j), l, -1, 2, j == 2 ? H : Id,
-                    j == 2 ? Id : H, "%s.%d.mlp.%s.weight", p, l, proj[j]);
+        char p[64], x[96];
+        snprintf(p, sizeof(p), "model.layers.%d", l);
+        add(&tb, EPD_W_INPUT_NORM, l, -1, 1, H, 0, "%s.input_layernorm.weight", p);
+        add(&tb, EPD_W_POST_NORM, l, -1, 1, H, 0, "%s.post_attention_layernorm.weight", p);
+        if (mla)
+            add_mla(&tb, c, l, p);
+        else
+            add_qwen3_attention(&tb, c, l, p);
+        if (!epd_hf_layer_is_moe(c, l)) {
+            snprintf(x, sizeof(x), "%s.mlp", p);
+            add_mlp(&tb, EPD_W_DENSE_GATE, l, -1, H, Id, x);
+            continue;
+        }
+        add(&tb, EPD_W_ROUTER, l, -1, 2, c->num_experts, H, "%s.mlp.gate.weight", p);
+        if (c->router_bias)
+            add(&tb, EPD_W_ROUTER_BIAS, l, -1, 1, c->num_experts, 0,
+                "%s.mlp.gate.e_score_correction_bias", p);
+        for (int e = 0; e < c->num_experts; e++) {
+            snprintf(x, sizeof(x), "%s.mlp.experts.%d", p, e);
+            add_mlp(&tb, EPD_W_EXPERT_GATE, l, e, H, I, x);
+        }
+        if (c->n_shared_experts > 0) {
+            snprintf(x, sizeof(x), "%s.mlp.shared_experts", p);
+            add_mlp(&tb, EPD_W_SHARED_GATE, l, -1, H, I * c->n_shared_experts, x);
         }
     }
     *out = tb.t;
@@ -94,7 +141,10 @@ size_t epd_tensor_bytes(const epd_tensor_desc_t *t, epd_model_backend_t backend)
     case EPD_W_Q_NORM:
     case EPD_W_K_NORM:
     case EPD_W_FINAL_NORM:
+    case EPD_W_Q_A_NORM:
+    case EPD_W_KV_A_NORM:
     case EPD_W_ROUTER:
+    case EPD_W_ROUTER_BIAS:
         return n * sizeof(float);
     default:
         return n * sizeof(uint16_t);

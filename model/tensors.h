@@ -1,6 +1,6 @@
-/* The tensor table of an architecture (Qwen3-MoE so far): every weight of a checkpoint with its
- * name, shape and role, in one fixed order. Both implementations load from it, check shapes
- * against it and count memory with it, so that what a rank holds is known before loading. */
+/* The tensor table of an architecture (Qwen3-MoE, DeepSeek-V2/V3): every weight of a checkpoint
+ * with its name, shape and role, in one fixed order. Both implementations load from it, check
+ * shapes against it and count memory with it, so that what a rank holds is known before loading. */
 #ifndef EPD_TENSORS_H
 #define EPD_TENSORS_H
 
@@ -29,7 +29,19 @@ typedef enum {
     EPD_W_DENSE_DOWN,
     EPD_W_EXPERT_GATE,
     EPD_W_EXPERT_UP,
-    EPD_W_EXPERT_DOWN
+    EPD_W_EXPERT_DOWN,
+    /* DeepSeek's MLA (q_proj is EPD_W_Q when q_lora_rank is 0) */
+    EPD_W_Q_A,       /* q_a_proj [q_lora][H] */
+    EPD_W_Q_A_NORM,  /* q_a_layernorm [q_lora] */
+    EPD_W_Q_B,       /* q_b_proj [heads * (nope + rope)][q_lora] */
+    EPD_W_KV_A,      /* kv_a_proj_with_mqa [kvl + rope][H] */
+    EPD_W_KV_A_NORM, /* kv_a_layernorm [kvl] */
+    EPD_W_KV_B,      /* kv_b_proj [heads * (nope + vd)][kvl] */
+    /* DeepSeek's MoE layers */
+    EPD_W_ROUTER_BIAS, /* mlp.gate.e_score_correction_bias [E] (V3) */
+    EPD_W_SHARED_GATE,
+    EPD_W_SHARED_UP,
+    EPD_W_SHARED_DOWN
 } epd_weight_role_t;
 
 typedef struct epd_tensor_desc {
@@ -43,13 +55,15 @@ typedef struct epd_tensor_desc {
 
 /* The table of cfg's checkpoint: a malloc'd array of *n descriptors (free it), in a fixed
  * order: embed, final norm, lm_head (absent when tied); then per layer: input norm, post norm,
- * q, k, v, o, q_norm, k_norm, and either the router and every expert's gate, up, down (expert
- * order) or the dense gate, up, down. */
+ * the attention (Qwen3-MoE: q, k, v, o, q_norm, k_norm; DeepSeek: q or q_a, q_a_norm, q_b, then
+ * kv_a, kv_a_norm, kv_b, o), and either the router (V3: its bias), every expert's gate, up, down
+ * (expert order) and DeepSeek's shared experts, or the dense gate, up, down. DeepSeek's
+ * multi-token-prediction layers (after the last layer) are not in it: loading skips them. */
 int epd_tensor_table(const epd_hf_config_t *cfg, epd_tensor_desc_t **out, int *n, epd_err_t *err);
 size_t epd_tensor_elems(const epd_tensor_desc_t *t);
 int epd_tensor_is_expert(const epd_tensor_desc_t *t);
-/* Bytes a backend stores for it: cpu fp32 everything; cuda bf16 except the norms (input, post,
- * q, k, final) and the routers, which stay fp32. */
+/* Bytes a backend stores for it: cpu fp32 everything; cuda bf16 except the norms and the
+ * routers (and their bias), which stay fp32. */
 size_t epd_tensor_bytes(const epd_tensor_desc_t *t, epd_model_backend_t backend);
 
 #endif /* EPD_TENSORS_H */

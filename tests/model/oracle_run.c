@@ -175,7 +175,7 @@ int oracle_run_rank(const char *dir, const oracle_t *o, const ep_bootstrap_t *bs
     epd_model_opts_t opts = {.dir = dir,
                              .group = g,
                              .placement = placement,
-                             .max_seq_len = 64,
+                             .max_seq_len = ORACLE_MAX_PROMPT + ORACLE_MAX_NEW,
                              .ht_min_tokens = op->ht_min,
                              .kv_block_size = op->kv_block_size,
                              .kv_blocks = op->kv_blocks,

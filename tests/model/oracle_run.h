@@ -14,7 +14,7 @@
 #include <stdint.h>
 
 #define ORACLE_MAX_CASES 8
-#define ORACLE_MAX_PROMPT 64
+#define ORACLE_MAX_PROMPT 96
 #define ORACLE_MAX_NEW 32
 
 typedef struct oracle_case {

@@ -1,7 +1,8 @@
-/* The cpu implementation of the model interface (model_impl.h): Qwen3-MoE in fp32 plain C on
- * the host. Loading through the tensor table (fp32 conversion of the replicated weights and of
- * this rank's experts; the other ranks' experts are shape-checked), paged KV storage taken
- * lazily, and the forward over a flat step with sampling (sample.h). */
+/* The cpu implementation of the model interface (model_impl.h): Qwen3-MoE and DeepSeek-V2/V3 in
+ * fp32 plain C on the host. Loading through the tensor table (fp32 conversion of the replicated
+ * weights and of this rank's experts; the other ranks' experts are shape-checked), paged KV
+ * storage taken lazily (keys and values, or MLA's latent), and the forward over a flat step with
+ * sampling (sample.h). */
 #include "model_internal.h"
 #include "ops.h"
 #include "safetensors.h"
@@ -51,6 +52,26 @@ static float **weight_slot(epd_cpu_model_t *m, const epd_tensor_desc_t *t)
     case EPD_W_DENSE_DOWN:
     case EPD_W_EXPERT_DOWN:
         return &w->down;
+    case EPD_W_Q_A:
+        return &w->q_a;
+    case EPD_W_Q_A_NORM:
+        return &w->q_a_norm;
+    case EPD_W_Q_B:
+        return &w->q_b;
+    case EPD_W_KV_A:
+        return &w->kv_a;
+    case EPD_W_KV_A_NORM:
+        return &w->kv_a_norm;
+    case EPD_W_KV_B:
+        return &w->kv_b;
+    case EPD_W_ROUTER_BIAS:
+        return &w->router_bias;
+    case EPD_W_SHARED_GATE:
+        return &w->sh_gate;
+    case EPD_W_SHARED_UP:
+        return &w->sh_up;
+    case EPD_W_SHARED_DOWN:
+        return &w->sh_down;
     }
     return NULL;
 }
@@ -119,20 +140,24 @@ static int alloc_scratch(epd_cpu_model_t *m, epd_err_t *err)
 {
     const epd_hf_config_t *c = &m->cfg;
     size_t T = (size_t)m->max_tokens, H = (size_t)c->hidden_size, V = (size_t)c->vocab_size;
-    size_t qd = (size_t)c->num_attention_heads * c->head_dim;
-    size_t kvd = (size_t)c->num_key_value_heads * c->head_dim;
-    size_t inter =
-        (size_t)(c->intermediate_size > c->moe_intermediate_size ? c->intermediate_size
-                                                                 : c->moe_intermediate_size);
+    size_t nh = (size_t)c->num_attention_heads, kvd = (size_t)m->kv_row;
+    size_t qd = m->mla ? nh * (size_t)(c->qk_nope_head_dim + c->qk_rope_head_dim)
+                       : nh * (size_t)c->head_dim;
+    size_t attd = m->mla ? nh * (size_t)c->v_head_dim : qd;
+    size_t inter = (size_t)c->moe_intermediate_size *
+                   (size_t)(c->n_shared_experts > 1 ? c->n_shared_experts : 1);
+    if ((size_t)c->intermediate_size > inter) inter = (size_t)c->intermediate_size;
     size_t S = (size_t)m->ll_tokens * (size_t)m->nranks;
     m->h = ws(m, sizeof(float) * T * H);
     m->xn = ws(m, sizeof(float) * T * H);
     m->q = ws(m, sizeof(float) * T * qd);
     m->k = ws(m, sizeof(float) * T * kvd);
-    m->v = ws(m, sizeof(float) * T * kvd);
-    m->att = ws(m, sizeof(float) * T * qd);
+    m->v = ws(m, sizeof(float) * T * (kvd > qd ? kvd : qd)); /* MLA: one token's q split */
+    m->att = ws(m, sizeof(float) * T * attd);
+    if (c->q_lora_rank && !(m->q_lora = ws(m, sizeof(float) * T * (size_t)c->q_lora_rank)))
+        return epd_err_set(err, -ENOMEM, "out of memory for the scratch of %zu tokens", T);
     m->tmp = ws(m, sizeof(float) * T * H);
-    m->scores = ws(m, sizeof(float) * (size_t)m->max_seq_len);
+    m->scores = ws(m, sizeof(float) * ((size_t)m->max_seq_len + 2 * (size_t)c->kv_lora_rank));
     m->ffn_tmp = ws(m, sizeof(float) * 2 * inter);
     m->logit_row = ws(m, sizeof(float) * V);
     m->sample_tmp = ws(m, sizeof(float) * V);
@@ -164,7 +189,15 @@ static int alloc_scratch(epd_cpu_model_t *m, epd_err_t *err)
             return epd_err_set(err, -ENOMEM,
                                "out of memory for the HT buffers of %zu received tokens", N);
     }
-    epd_rope_inv_freq(m->inv_freq, c->head_dim, c->rope_theta);
+    m->rope_scale = 1.0f;
+    if (c->yarn.on) {
+        epd_rope_yarn_inv_freq(m->inv_freq, c->head_dim, c->rope_theta, c->yarn.factor,
+                               c->yarn.original_max_position_embeddings, c->yarn.beta_fast,
+                               c->yarn.beta_slow, c->yarn.truncate);
+        m->rope_scale = (float)c->yarn.attention_factor;
+    } else {
+        epd_rope_inv_freq(m->inv_freq, c->head_dim, c->rope_theta);
+    }
     return 0;
 }
 
@@ -182,9 +215,8 @@ static int cpu_kv_init(void *impl, int block_size, int *num_blocks, epd_err_t *e
     m->k_pool = calloc((size_t)L, sizeof(float *));
     m->v_pool = calloc((size_t)L, sizeof(float *));
     if (!m->k_pool || !m->v_pool) return epd_err_set(err, -ENOMEM, "KV cache: out of memory");
-    m->mem.kv_block_bytes = 2 * (size_t)L * (size_t)block_size *
-                            (size_t)m->cfg.num_key_value_heads * (size_t)m->cfg.head_dim *
-                            sizeof(float);
+    m->mem.kv_block_bytes =
+        (m->mla ? 1 : 2) * (size_t)L * (size_t)block_size * (size_t)m->kv_row * sizeof(float);
     return 0;
 }
 
@@ -196,12 +228,12 @@ static int kv_grow(epd_cpu_model_t *m, int need, epd_err_t *err)
     while (cap < need)
         cap = cap > m->num_blocks / 2 ? m->num_blocks : cap * 2;
     if (cap > m->num_blocks) cap = m->num_blocks;
-    size_t blk = (size_t)m->block_size * (size_t)m->cfg.num_key_value_heads *
-                 (size_t)m->cfg.head_dim * sizeof(float);
+    size_t blk = (size_t)m->block_size * (size_t)m->kv_row * sizeof(float);
     for (int l = 0; l < m->cfg.num_hidden_layers; l++) {
         float *k = realloc(m->k_pool[l], blk * (size_t)cap);
         if (!k) return epd_err_set(err, -ENOMEM, "KV cache: out of memory for %d blocks", cap);
         m->k_pool[l] = k;
+        if (m->mla) continue;
         float *v = realloc(m->v_pool[l], blk * (size_t)cap);
         if (!v) return epd_err_set(err, -ENOMEM, "KV cache: out of memory for %d blocks", cap);
         m->v_pool[l] = v;
@@ -218,15 +250,22 @@ static const int32_t *blocks_of(const epd_step_t *st, int s)
     return st->block_table + (size_t)s * st->max_blocks;
 }
 
-static void attention_block(epd_cpu_model_t *m, const epd_step_t *st, int l, int T)
+/* Position p of sequence s's cache row in a layer's pool of kv_row values per position. */
+static size_t kv_at(const epd_cpu_model_t *m, const epd_step_t *st, int t)
+{
+    int p = st->pos[t], bs = m->block_size;
+    return ((size_t)blocks_of(st, st->seq_idx[t])[p / bs] * bs + p % bs) * (size_t)m->kv_row;
+}
+
+/* Qwen3-MoE: GQA with q/k RMSNorm before RoPE; keys and values cached. */
+static void gqa_block(epd_cpu_model_t *m, const epd_step_t *st, int l, int T)
 {
     const epd_hf_config_t *c = &m->cfg;
     const epd_layer_w_t *w = &m->layers[l];
     const int H = c->hidden_size, nh = c->num_attention_heads, nkv = c->num_key_value_heads;
-    const int hd = c->head_dim, qd = nh * hd, kvd = nkv * hd, bs = m->block_size;
+    const int hd = c->head_dim, qd = nh * hd, kvd = nkv * hd;
     const float eps = (float)c->rms_norm_eps;
 
-    epd_rmsnorm(m->xn, m->h, w->input_norm, T, H, eps);
     epd_linear(m->q, m->xn, w->q, T, H, qd);
     epd_linear(m->k, m->xn, w->k, T, H, kvd);
     epd_linear(m->v, m->xn, w->v, T, H, kvd);
@@ -236,17 +275,66 @@ static void attention_block(epd_cpu_model_t *m, const epd_step_t *st, int l, int
     epd_rope_apply(m->k, st->pos, T, nkv, hd, m->inv_freq);
     /* the whole chunk enters the cache first: a token attends to the chunk's earlier tokens */
     for (int t = 0; t < T; t++) {
-        int p = st->pos[t];
-        size_t at = ((size_t)blocks_of(st, st->seq_idx[t])[p / bs] * bs + p % bs) * kvd;
-        memcpy(m->k_pool[l] + at, m->k + (size_t)t * kvd, sizeof(float) * kvd);
-        memcpy(m->v_pool[l] + at, m->v + (size_t)t * kvd, sizeof(float) * kvd);
+        memcpy(m->k_pool[l] + kv_at(m, st, t), m->k + (size_t)t * kvd, sizeof(float) * kvd);
+        memcpy(m->v_pool[l] + kv_at(m, st, t), m->v + (size_t)t * kvd, sizeof(float) * kvd);
     }
     for (int t = 0; t < T; t++)
         epd_attention_paged(m->att + (size_t)t * qd, m->q + (size_t)t * qd, m->k_pool[l],
-                            m->v_pool[l], blocks_of(st, st->seq_idx[t]), bs, st->pos[t] + 1, nh,
-                            nkv, hd, m->scores);
+                            m->v_pool[l], blocks_of(st, st->seq_idx[t]), m->block_size,
+                            st->pos[t] + 1, nh, nkv, hd, m->scores);
     epd_linear(m->tmp, m->att, w->o, T, qd, H);
-    for (size_t i = 0; i < (size_t)T * H; i++)
+}
+
+/* DeepSeek: MLA. The cache holds per position the normed latent and the rotated shared key part
+ * (kv_row = kvl + rope); attention runs in the absorbed form (mla.c). transformers' q_a and kv_a
+ * layernorms have eps 1e-6 whatever rms_norm_eps says. */
+static void mla_block(epd_cpu_model_t *m, const epd_step_t *st, int l, int T)
+{
+    const epd_hf_config_t *c = &m->cfg;
+    const epd_layer_w_t *w = &m->layers[l];
+    const int H = c->hidden_size, nh = c->num_attention_heads, ql = c->q_lora_rank;
+    const int nope = c->qk_nope_head_dim, rope = c->qk_rope_head_dim, kvl = c->kv_lora_rank;
+    const int vd = c->v_head_dim, qk = nope + rope, qd = nh * qk, row = m->kv_row;
+
+    if (ql) {
+        epd_linear(m->q_lora, m->xn, w->q_a, T, H, ql);
+        epd_rmsnorm(m->q_lora, m->q_lora, w->q_a_norm, T, ql, 1e-6f);
+        epd_linear(m->q, m->q_lora, w->q_b, T, ql, qd);
+    } else {
+        epd_linear(m->q, m->xn, w->q, T, H, qd);
+    }
+    epd_linear(m->k, m->xn, w->kv_a, T, H, row); /* [T][kvl + rope] */
+    for (int t = 0; t < T; t++)
+        epd_rmsnorm(m->k + (size_t)t * row, m->k + (size_t)t * row, w->kv_a_norm, 1, kvl, 1e-6f);
+    epd_rope_rotate(m->q + nope, st->pos, T, nh, (size_t)qd, (size_t)qk, rope, m->inv_freq,
+                    m->rope_scale, c->rope_interleave);
+    epd_rope_rotate(m->k + kvl, st->pos, T, 1, (size_t)row, 0, rope, m->inv_freq, m->rope_scale,
+                    c->rope_interleave);
+    for (int t = 0; t < T; t++)
+        memcpy(m->k_pool[l] + kv_at(m, st, t), m->k + (size_t)t * row, sizeof(float) * row);
+    float *q_nope = m->v, *q_pe = m->v + (size_t)nh * nope; /* per token, [nh][nope] [nh][rope] */
+    for (int t = 0; t < T; t++) {
+        const float *qt = m->q + (size_t)t * qd;
+        for (int h = 0; h < nh; h++) {
+            memcpy(q_nope + (size_t)h * nope, qt + (size_t)h * qk, sizeof(float) * nope);
+            memcpy(q_pe + (size_t)h * rope, qt + (size_t)h * qk + nope, sizeof(float) * rope);
+        }
+        epd_mla_attention_paged(m->att + (size_t)t * nh * vd, q_nope, q_pe, m->k_pool[l], w->kv_b,
+                                blocks_of(st, st->seq_idx[t]), m->block_size, st->pos[t] + 1, nh,
+                                nope, rope, kvl, vd, (float)c->attn_scale, m->scores);
+    }
+    epd_linear(m->tmp, m->att, w->o, T, nh * vd, H);
+}
+
+static void attention_block(epd_cpu_model_t *m, const epd_step_t *st, int l, int T)
+{
+    const epd_hf_config_t *c = &m->cfg;
+    epd_rmsnorm(m->xn, m->h, m->layers[l].input_norm, T, c->hidden_size, (float)c->rms_norm_eps);
+    if (m->mla)
+        mla_block(m, st, l, T);
+    else
+        gqa_block(m, st, l, T);
+    for (size_t i = 0; i < (size_t)T * c->hidden_size; i++)
         m->h[i] += m->tmp[i];
 }
 
@@ -287,6 +375,14 @@ static int cpu_forward(void *impl, const epd_step_t *st, int32_t *next, float *l
         if (w->is_moe) {
             int rc = epd_moe_forward(m, l, T, st->path == EPD_MOE_HT, err);
             if (rc) return rc;
+            if (w->sh_gate) { /* DeepSeek's shared experts: every token, on its own rank */
+                int Is = c->moe_intermediate_size * c->n_shared_experts;
+                for (int t = 0; t < T; t++)
+                    epd_swiglu(m->tmp + (size_t)t * H, m->xn + (size_t)t * H, w->sh_gate, w->sh_up,
+                               w->sh_down, 1, H, Is, m->ffn_tmp);
+                for (size_t i = 0; i < (size_t)T * H; i++)
+                    m->h[i] += m->tmp[i];
+            }
         } else {
             for (int t = 0; t < T; t++)
                 epd_swiglu(m->tmp + (size_t)t * H, m->xn + (size_t)t * H, w->gate, w->up, w->down,
@@ -360,6 +456,9 @@ int epd_cpu_model_load(const epd_model_opts_t *o, const epd_hf_config_t *cfg,
     m->ht_tokens = ep_group_config(o->group)->ht_max_tokens;
     m->max_tokens = m->ht_tokens > m->ll_tokens ? m->ht_tokens : m->ll_tokens;
     m->max_seq_len = o->max_seq_len > 0 ? o->max_seq_len : cfg->max_position_embeddings;
+    m->mla = epd_hf_is_mla(cfg);
+    m->kv_row = m->mla ? cfg->kv_lora_rank + cfg->qk_rope_head_dim
+                       : cfg->num_key_value_heads * cfg->head_dim;
     if (!(m->layers = calloc((size_t)cfg->num_hidden_layers, sizeof(*m->layers)))) {
         rc = epd_err_set(err, -ENOMEM, "out of memory");
         goto fail;
@@ -384,8 +483,11 @@ static void cpu_destroy(void *impl)
     if (m->layers) {
         for (int l = 0; l < m->cfg.num_hidden_layers; l++) {
             epd_layer_w_t *w = &m->layers[l];
-            float *fs[] = {w->input_norm, w->post_norm, w->q,      w->k,    w->v,  w->o,
-                           w->q_norm,     w->k_norm,    w->router, w->gate, w->up, w->down};
+            float *fs[] = {w->input_norm, w->post_norm, w->q,           w->k,       w->v,
+                           w->o,          w->q_norm,    w->k_norm,      w->router,  w->gate,
+                           w->up,         w->down,      w->router_bias, w->sh_gate, w->sh_up,
+                           w->sh_down,    w->q_a,       w->q_a_norm,    w->q_b,     w->kv_a,
+                           w->kv_a_norm,  w->kv_b};
             for (size_t i = 0; i < sizeof(fs) / sizeof(fs[0]); i++)
                 free(fs[i]);
         }
@@ -401,6 +503,7 @@ static void cpu_destroy(void *impl)
     free(m->embed);
     free(m->norm);
     free(m->inv_freq);
+    free(m->q_lora);
     float *fs[] = {m->h,         m->xn,        m->q,       m->k,       m->v,
                    m->att,       m->tmp,       m->scores,  m->ffn_tmp, m->router_logits,
                    m->topk_w,    m->row_in,    m->row_out, m->row_acc, m->ht_w,
