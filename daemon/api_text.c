@@ -56,7 +56,7 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
          * with the vocabulary, its special tokens and generation_config.json's EOS ids. */
         snprintf(a->chat_err, sizeof(a->chat_err),
                  "the checkpoint's chat template is not supported, so chat requests are refused "
-                 "(only Qwen3's ChatML template is rendered): %.600s",
+                 "(Qwen3's ChatML and DeepSeek-V3's templates are rendered): %.600s",
                  err);
         EPD_WARN(SUB, "%s", a->chat_err);
         err[0] = '\0';
@@ -73,7 +73,7 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
     a->tok = tok;
     a->tok_state = TOK_LOADED;
     a->tok_load_s = epd_now_s() - t0;
-    if (epd_tok_chat_kind(tok) == EPD_TOK_CHAT_QWEN3) {
+    if (epd_tok_chat_kind(tok) != EPD_TOK_CHAT_NONE) {
         a->chat_ok = 1;
     } else if (!a->chat_err[0]) {
         snprintf(a->chat_err, sizeof(a->chat_err),
@@ -84,7 +84,9 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
     size_t neos = 0;
     epd_tok_eos_ids(tok, &neos);
     EPD_INFO(SUB, "tokenizer %s: %zu ids, %zu EOS id(s), chat %s, loaded in %.2f s", tj,
-             epd_tok_vocab_size(tok), neos, a->chat_ok ? "qwen3" : "refused", a->tok_load_s);
+             epd_tok_vocab_size(tok), neos,
+             a->chat_ok ? epd_tok_chat_kind_name(epd_tok_chat_kind(tok)) : "refused",
+             a->tok_load_s);
 }
 
 cJSON *epd_api_tokenizer_cjson(const epd_api_t *a)
@@ -104,7 +106,9 @@ cJSON *epd_api_tokenizer_cjson(const epd_api_t *a)
     cJSON *e = cJSON_AddArrayToObject(o, "eos_token_ids");
     for (size_t i = 0; e && i < n; i++)
         cJSON_AddItemToArray(e, cJSON_CreateNumber(eos[i]));
-    cJSON_AddStringToObject(o, "chat_template", a->chat_ok ? "qwen3" : "refused");
+    cJSON_AddStringToObject(o, "chat_template",
+                            a->chat_ok ? epd_tok_chat_kind_name(epd_tok_chat_kind(a->tok))
+                                       : "refused");
     if (!a->chat_ok) cJSON_AddStringToObject(o, "chat_error", a->chat_err);
     cJSON_AddNumberToObject(o, "load_seconds", a->tok_load_s);
     return o;
@@ -206,7 +210,7 @@ static int parse_content(const cJSON *c, int i, int has_calls, const char **out,
         return 0;
     }
     if ((!c || cJSON_IsNull(c)) && has_calls) {
-        *out = "";
+        *out = NULL; /* "only tool calls": DeepSeek-V3's template renders it apart from "" */
         return 0;
     }
     if (!c || cJSON_IsNull(c))
@@ -441,7 +445,6 @@ static void tokenize_run(api_job_t *job)
             goto fail;
         }
     }
-    (void)add_special; /* Qwen's tokenizer adds no BOS/EOS either way */
     if (!prompt == !messages) {
         api_bad(&v, 400, prompt ? "messages" : "prompt", NULL,
                 "give exactly one of 'prompt' (a string) and 'messages' (a chat)");
@@ -454,9 +457,12 @@ static void tokenize_run(api_job_t *job)
                     api_type_name(prompt));
             goto fail;
         }
+        /* add_special_tokens: the BOS of a tokenizer whose config asks for one (DeepSeek-V3;
+         * Qwen3 adds none); a chat rendering carries the template's own */
         if (api_encode(a, prompt->valuestring, epd_json_strlen(prompt),
-                       split_special == 1 ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0, "prompt", &ids, &n,
-                       &v))
+                       (split_special == 1 ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0) |
+                           (add_special ? EPD_TOK_ENCODE_ADD_SPECIAL : 0),
+                       "prompt", &ids, &n, &v))
             goto fail;
     } else {
         if (api_chat_ready(a, &v) || api_chat_kwargs(kwargs, &disable_thinking, &v) ||

@@ -15,8 +15,10 @@ void epd_tok_destroy(epd_tok_t *tok)
         free(tok->cache);
         pthread_mutex_destroy(&tok->cache_mu);
     }
-    pcre2_code_free(tok->re);
+    for (size_t i = 0; i < tok->n_re; i++)
+        pcre2_code_free(tok->re[i]);
     free(tok->eos);
+    free(tok->bos_text);
     free(tok->added);
     tok_pairmap_fini(&tok->merges);
     tok_strmap_fini(&tok->vocab);
@@ -37,7 +39,7 @@ epd_tok_status_t epd_tok_load_files(const char *tokenizer_json, const char *toke
         return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "no tokenizer.json path given");
     epd_tok_t *tok = calloc(1, sizeof(*tok));
     if (!tok) return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "out of memory");
-    tok->bos = tok->pad = -1;
+    tok->bos = tok->pad = tok->cfg_eos = -1;
     epd_tok_status_t st = tok_load_tokenizer_json(tok, tokenizer_json, err, err_len);
     if (st) goto fail;
     if ((st = tok_load_configs(tok, tokenizer_config_json, chat_template_jinja,
@@ -127,4 +129,17 @@ int32_t epd_tok_pad_id(const epd_tok_t *tok)
 epd_tok_chat_kind_t epd_tok_chat_kind(const epd_tok_t *tok)
 {
     return tok->chat;
+}
+
+const char *epd_tok_chat_kind_name(epd_tok_chat_kind_t kind)
+{
+    switch (kind) {
+    case EPD_TOK_CHAT_QWEN3:
+        return "qwen3";
+    case EPD_TOK_CHAT_DEEPSEEK_V3:
+        return "deepseek_v3";
+    case EPD_TOK_CHAT_NONE:
+        break;
+    }
+    return "none";
 }

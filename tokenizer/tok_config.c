@@ -11,10 +11,12 @@
 /* A special token named in tokenizer_config.json: a string, an AddedToken object with
  * "content", or null/absent (-1). */
 static epd_tok_status_t token_field(const epd_tok_t *tok, const cJSON *root, const char *key,
-                                    const char *path, int32_t *id, char *err, size_t err_len)
+                                    const char *path, int32_t *id, const char **text, char *err,
+                                    size_t err_len)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
     *id = -1;
+    if (text) *text = NULL;
     if (!v || cJSON_IsNull(v)) return EPD_TOK_OK;
     const char *content = NULL;
     if (cJSON_IsString(v)) {
@@ -32,9 +34,27 @@ static epd_tok_status_t token_field(const epd_tok_t *tok, const cJSON *root, con
                         tok_json_type(v));
     }
     *id = epd_tok_token_id(tok, content);
+    if (text) *text = content;
     if (*id < 0)
         return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
                         "%s: %s: \"%.80s\" is not a token of tokenizer.json", path, key, content);
+    return EPD_TOK_OK;
+}
+
+/* add_bos_token / add_eos_token: a boolean (absent or null: false); true needs the token. */
+static epd_tok_status_t add_token_flag(const cJSON *root, const char *key, int32_t id,
+                                       const char *path, bool *out, char *err, size_t err_len)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    *out = false;
+    if (!v || cJSON_IsNull(v)) return EPD_TOK_OK;
+    if (!cJSON_IsBool(v))
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: %s: expected a boolean, got %s", path,
+                        key, tok_json_type(v));
+    *out = cJSON_IsTrue(v);
+    if (*out && id < 0)
+        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
+                        "%s: %s: true, but %.3s_token names no token", path, key, key + 4);
     return EPD_TOK_OK;
 }
 
@@ -98,11 +118,19 @@ static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, 
     cJSON *root = NULL;
     epd_tok_status_t st = tok_parse_json_file(path, &root, err, err_len);
     int32_t eos;
+    const char *bos_text;
     if (st) return st;
-    if ((st = token_field(tok, root, "eos_token", path, &eos, err, err_len)) ||
-        (st = token_field(tok, root, "bos_token", path, &tok->bos, err, err_len)) ||
-        (st = token_field(tok, root, "pad_token", path, &tok->pad, err, err_len)))
+    if ((st = token_field(tok, root, "eos_token", path, &eos, NULL, err, err_len)) ||
+        (st = token_field(tok, root, "bos_token", path, &tok->bos, &bos_text, err, err_len)) ||
+        (st = token_field(tok, root, "pad_token", path, &tok->pad, NULL, err, err_len)) ||
+        (st = add_token_flag(root, "add_bos_token", tok->bos, path, &tok->add_bos, err, err_len)) ||
+        (st = add_token_flag(root, "add_eos_token", eos, path, &tok->add_eos, err, err_len)))
         goto out;
+    tok->cfg_eos = eos;
+    if (bos_text && !(tok->bos_text = strdup(bos_text))) {
+        st = tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "%s: out of memory", path);
+        goto out;
+    }
     if (!have_eos && eos >= 0) {
         tok->eos = malloc(sizeof(*tok->eos));
         if (!tok->eos) {

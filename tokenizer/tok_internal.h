@@ -89,6 +89,8 @@ typedef struct tok_cache_entry {
     uint8_t *blob; /* key bytes, then nids int32 ids (aligned) */
 } tok_cache_entry_t;
 
+#define TOK_MAX_SPLITS 8 /* Split pre-tokenizers in a Sequence; real ones have 1 to 3 */
+
 #define TOK_CACHE_SLOTS 16384
 #define TOK_CACHE_MAX_WORD 256 /* longer words are rare and not worth keeping */
 
@@ -127,7 +129,10 @@ struct epd_tok {
     bool nfc;
     const void *nfc_norm; /* const UNormalizer2 * */
 
-    pcre2_code *re;
+    /* the pre-tokenizer's Split regexes, applied in order: each splits the pieces of the one
+     * before (a Sequence of Splits, as DeepSeek-V3 has); [n_re] */
+    pcre2_code *re[TOK_MAX_SPLITS];
+    size_t n_re;
 
     pthread_mutex_t cache_mu;
     tok_cache_entry_t *cache; /* [TOK_CACHE_SLOTS] */
@@ -136,6 +141,11 @@ struct epd_tok {
     size_t n_eos;
     int32_t bos;
     int32_t pad;
+    int32_t cfg_eos; /* tokenizer_config.json's eos_token (what add_eos_token appends); -1 */
+    /* tokenizer_config.json's add_bos_token / add_eos_token: what EPD_TOK_ENCODE_ADD_SPECIAL
+     * adds around a text (transformers' add_special_tokens=True) */
+    bool add_bos, add_eos;
+    char *bos_text; /* bos_token's content, as a template's {{ bos_token }} renders it; NULL */
     epd_tok_chat_kind_t chat;
 };
 
@@ -193,6 +203,10 @@ typedef struct tok_range {
  * `plain` (sorted, disjoint ranges of text: message fields inside a rendered chat). The text
  * between matched added tokens is still encoded in one piece, so text without special-token
  * spellings gets the very ids epd_tok_encode gives. */
+/* tok_encode_masked's flag: no added token at all, special or not, matches where it overlaps
+ * `plain` (a template whose markers are non-special tokens, as DeepSeek-V3's <｜User｜>). */
+#define TOK_ENCODE_MASK_ADDED (1u << 31)
+
 epd_tok_status_t tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
                                    unsigned flags, const tok_range_t *plain, size_t n_plain,
                                    epd_tok_ids_t *out, char *err, size_t err_len);

@@ -510,11 +510,53 @@ static epd_tok_status_t load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *
     return EPD_TOK_OK;
 }
 
-/* The pre-tokenizer must be an optional Split (regex, Isolated) followed by ByteLevel without
- * its own regex and without a prefix space. */
+/* One Split pre-tokenizer (a Regex pattern, Isolated, not inverted), compiled into
+ * tok->re[tok->n_re++]. */
+static epd_tok_status_t load_split(jctx_t *c, epd_tok_t *tok, const cJSON *split, const char *p)
+{
+    char p2[160], q[96];
+    const char *behavior;
+    epd_tok_status_t st;
+    if ((st = get_str(c, split, "behavior", p, &behavior))) return st;
+    if (strcmp(behavior, "Isolated") != 0) {
+        snprintf(p2, sizeof(p2), "%s.behavior", p);
+        quote(q, sizeof(q), behavior);
+        return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2, "unsupported %s (supported: \"Isolated\")", q);
+    }
+    if ((st = require_false(c, split, "invert", p))) return st;
+    const cJSON *pat = cJSON_GetObjectItemCaseSensitive(split, "pattern");
+    snprintf(p2, sizeof(p2), "%s.pattern", p);
+    if (!cJSON_IsObject(pat))
+        return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected an object, got %s", tok_json_type(pat));
+    const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
+    if (!rx)
+        return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
+                    "unsupported pattern kind (supported: {\"Regex\": ...})");
+    snprintf(p2, sizeof(p2), "%s.pattern.Regex", p);
+    if (!cJSON_IsString(rx))
+        return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected a string, got %s", tok_json_type(rx));
+    int errcode;
+    PCRE2_SIZE erroff;
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)rx->valuestring, PCRE2_ZERO_TERMINATED,
+                                   PCRE2_UTF | PCRE2_UCP, &errcode, &erroff, NULL);
+    if (!re) {
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(errcode, msg, sizeof(msg));
+        return jerr(c, EPD_TOK_ERR_REGEX, p2, "PCRE2 cannot compile it at offset %zu: %s",
+                    (size_t)erroff, (const char *)msg);
+    }
+    /* JIT is an accelerator only: without it pcre2_match interprets the same pattern. */
+    (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
+    tok->re[tok->n_re++] = re;
+    return EPD_TOK_OK;
+}
+
+/* The pre-tokenizer: Splits (each regex, Isolated), applied in order, then ByteLevel without its
+ * own regex and without a prefix space; alone, or as a Sequence [Split..., ByteLevel]. */
 static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON *pre)
 {
     static const char *const types[] = {"Sequence", "Split", "ByteLevel", NULL};
+    static const char *const item_types[] = {"Split", "ByteLevel", NULL};
     const char *type;
     epd_tok_status_t st;
     if (!pre || cJSON_IsNull(pre))
@@ -523,92 +565,50 @@ static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON
     if ((st = check_type(c, pre, "pre_tokenizer", "\"Sequence\", \"Split\", \"ByteLevel\"", types,
                          &type)))
         return st;
-    const cJSON *items[2] = {pre, NULL};
+    const cJSON *list = NULL;
     size_t n = 1;
-    char base[64] = "pre_tokenizer";
-    if (strcmp(type, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
+    bool seq = strcmp(type, "Sequence") == 0;
+    if (seq) {
+        list = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
         if (!cJSON_IsArray(list))
             return jerr(c, EPD_TOK_ERR_PARSE, "pre_tokenizer.pretokenizers",
                         "expected an array, got %s", tok_json_type(list));
         n = (size_t)cJSON_GetArraySize(list);
-        if (n < 1 || n > 2)
-            return jerr(
-                c, EPD_TOK_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers",
-                "unsupported sequence of %zu (supported: [Split, ByteLevel] or [ByteLevel])", n);
-        items[0] = cJSON_GetArrayItem(list, 0);
-        items[1] = n > 1 ? cJSON_GetArrayItem(list, 1) : NULL;
+        if (n < 1 || n > TOK_MAX_SPLITS + 1)
+            return jerr(c, EPD_TOK_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers",
+                        "unsupported sequence of %zu (supported: up to %d Splits, then ByteLevel)",
+                        n, TOK_MAX_SPLITS);
     }
     bool have_bytelevel = false;
     for (size_t i = 0; i < n; i++) {
-        static const char *const split_types[] = {"Split", "ByteLevel", NULL};
-        char p[128], p2[160], q[96];
-        if (strcmp(type, "Sequence") == 0)
-            snprintf(p, sizeof(p), "%s.pretokenizers[%zu]", base, i);
-        else
-            snprintf(p, sizeof(p), "%s", base);
+        const cJSON *item = seq ? cJSON_GetArrayItem(list, (int)i) : pre;
+        char p[128], p2[160];
+        snprintf(p, sizeof(p), seq ? "pre_tokenizer.pretokenizers[%zu]" : "pre_tokenizer", i);
         const char *t;
-        if ((st = check_type(c, items[i], p, "\"Split\", \"ByteLevel\"", split_types, &t)))
-            return st;
+        if ((st = check_type(c, item, p, "\"Split\", \"ByteLevel\"", item_types, &t))) return st;
         if (strcmp(t, "Split") == 0) {
-            if (i != 0 || n != 2) {
+            if (i == n - 1)
                 return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p,
-                            "unsupported position of Split (supported: [Split, ByteLevel])");
-            }
-            const char *behavior;
-            if ((st = get_str(c, items[i], "behavior", p, &behavior))) return st;
-            if (strcmp(behavior, "Isolated") != 0) {
-                snprintf(p2, sizeof(p2), "%s.behavior", p);
-                quote(q, sizeof(q), behavior);
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
-                            "unsupported %s (supported: \"Isolated\")", q);
-            }
-            if ((st = require_false(c, items[i], "invert", p))) return st;
-            const cJSON *pat = cJSON_GetObjectItemCaseSensitive(items[i], "pattern");
-            snprintf(p2, sizeof(p2), "%s.pattern", p);
-            if (!cJSON_IsObject(pat))
-                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected an object, got %s",
-                            tok_json_type(pat));
-            const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
-            if (!rx) {
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
-                            "unsupported pattern kind (supported: {\"Regex\": ...})");
-            }
-            snprintf(p2, sizeof(p2), "%s.pattern.Regex", p);
-            if (!cJSON_IsString(rx))
-                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected a string, got %s",
-                            tok_json_type(rx));
-            int errcode;
-            PCRE2_SIZE erroff;
-            tok->re = pcre2_compile((PCRE2_SPTR)rx->valuestring, PCRE2_ZERO_TERMINATED,
-                                    PCRE2_UTF | PCRE2_UCP, &errcode, &erroff, NULL);
-            if (!tok->re) {
-                PCRE2_UCHAR msg[256];
-                pcre2_get_error_message(errcode, msg, sizeof(msg));
-                return jerr(c, EPD_TOK_ERR_REGEX, p2, "PCRE2 cannot compile it at offset %zu: %s",
-                            (size_t)erroff, (const char *)msg);
-            }
-            /* JIT is an accelerator only: without it pcre2_match interprets the same pattern. */
-            (void)pcre2_jit_compile(tok->re, PCRE2_JIT_COMPLETE);
-        } else {
-            bool flag;
-            if (i != n - 1)
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p,
-                            "unsupported position of ByteLevel (it must come last)");
-            if ((st = get_bool(c, items[i], "add_prefix_space", p, true, &flag))) return st;
-            if (flag) {
-                snprintf(p2, sizeof(p2), "%s.add_prefix_space", p);
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2, "unsupported true (supported: false)");
-            }
-            if ((st = get_bool(c, items[i], "use_regex", p, true, &flag))) return st;
-            if (flag) {
-                snprintf(p2, sizeof(p2), "%s.use_regex", p);
-                return jerr(
-                    c, EPD_TOK_ERR_UNSUPPORTED, p2,
-                    "unsupported true (supported: false, with the regex in a Split before)");
-            }
-            have_bytelevel = true;
+                            "unsupported position of Split (supported: Splits, then ByteLevel)");
+            if ((st = load_split(c, tok, item, p))) return st;
+            continue;
         }
+        bool flag;
+        if (i != n - 1)
+            return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p,
+                        "unsupported position of ByteLevel (it must come last)");
+        if ((st = get_bool(c, item, "add_prefix_space", p, true, &flag))) return st;
+        if (flag) {
+            snprintf(p2, sizeof(p2), "%s.add_prefix_space", p);
+            return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2, "unsupported true (supported: false)");
+        }
+        if ((st = get_bool(c, item, "use_regex", p, true, &flag))) return st;
+        if (flag) {
+            snprintf(p2, sizeof(p2), "%s.use_regex", p);
+            return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
+                        "unsupported true (supported: false, with the regex in a Split before)");
+        }
+        have_bytelevel = true;
     }
     if (!have_bytelevel)
         return jerr(c, EPD_TOK_ERR_UNSUPPORTED, "pre_tokenizer", "no ByteLevel pre-tokenizer");

@@ -71,6 +71,11 @@ enum epd_tok_encode_flags {
      * transformers' split_special_tokens=True does; non-special added tokens still match.
      * Use this for untrusted user text that must not be able to inject <|im_start|>. */
     EPD_TOK_ENCODE_SPLIT_SPECIAL = 1u << 0,
+    /* transformers' add_special_tokens=True: bos_token before the text when
+     * tokenizer_config.json's add_bos_token is true (DeepSeek-V3), eos_token after it when
+     * add_eos_token is; nothing for a tokenizer with neither (Qwen3). epd_tok_encode only: a
+     * chat rendering carries the template's own BOS. */
+    EPD_TOK_ENCODE_ADD_SPECIAL = 1u << 1,
 };
 
 /* Appends the ids of text[0..len) to out (out->len grows; existing ids are kept). */
@@ -130,7 +135,13 @@ int32_t epd_tok_pad_id(const epd_tok_t *tok);
 typedef enum epd_tok_chat_kind {
     EPD_TOK_CHAT_NONE = 0,  /* no chat_template.jinja, no chat_template in the config */
     EPD_TOK_CHAT_QWEN3 = 1, /* Qwen3's ChatML template with thinking (recognised by its text) */
+    /* DeepSeek-V3's: {{ bos_token }}, the system prompts joined, <｜User｜>/<｜Assistant｜> turns,
+     * <｜end▁of▁sentence｜> after each assistant turn, its tool-call and tool-output blocks */
+    EPD_TOK_CHAT_DEEPSEEK_V3 = 2,
 } epd_tok_chat_kind_t;
+
+/* "none", "qwen3", "deepseek_v3" */
+const char *epd_tok_chat_kind_name(epd_tok_chat_kind_t kind);
 
 /* The template found in chat_template.jinja or tokenizer_config.json. A template that is present
  * but not recognised fails the load (it is never silently replaced by another one). */
