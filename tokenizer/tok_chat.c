@@ -47,46 +47,46 @@ size_t tok_count(const char *s, const char *needle)
     return n;
 }
 
-epd_tok_status_t tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
-                                 char *err, size_t err_len)
+int tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
+                                 epd_err_t *err)
 {
     if (strstr(tmpl, "<｜User｜>")) {
         size_t n_exprs = 0;
         const char *lacks = tok_chat_deepseek_v3_mismatch(tmpl, &n_exprs);
         if (lacks && *lacks)
-            return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+            return epd_err_set(err, -ENOTSUP,
                             "%s: a DeepSeek template that is not DeepSeek-V3's (it lacks %.160s); "
                             "refusing to render it as DeepSeek-V3's",
                             where, lacks);
         if (lacks)
-            return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+            return epd_err_set(err, -ENOTSUP,
                             "%s: DeepSeek-V3-like but with %zu output expressions instead of "
                             "DeepSeek-V3's; refusing to render it as DeepSeek-V3's",
                             where, n_exprs);
         *kind = EPD_TOK_CHAT_DEEPSEEK_V3;
-        return EPD_TOK_OK;
+        return 0;
     }
     if (!strstr(tmpl, "<|im_start|>") || !strstr(tmpl, "<|im_end|>"))
-        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+        return epd_err_set(err, -ENOTSUP,
                         "%s: not recognised (neither ChatML's <|im_start|>/<|im_end|> markers nor "
                         "DeepSeek's <｜User｜>; supported: Qwen3's ChatML "
                         "template, DeepSeek-V3's template)",
                         where);
     for (size_t i = 0; i < sizeof(qwen3_fragments) / sizeof(qwen3_fragments[0]); i++) {
         if (!strstr(tmpl, qwen3_fragments[i]))
-            return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+            return epd_err_set(err, -ENOTSUP,
                             "%s: a ChatML template that is not Qwen3's (it lacks "
                             "%.120s); refusing to render it as Qwen3's",
                             where, qwen3_fragments[i]);
     }
     size_t n = tok_count(tmpl, "{{");
     if (n != QWEN3_OUTPUT_EXPRS)
-        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+        return epd_err_set(err, -ENOTSUP,
                         "%s: Qwen3-like but with %zu output expressions instead of "
                         "%d; refusing to render it as Qwen3's",
                         where, n, QWEN3_OUTPUT_EXPRS);
     *kind = EPD_TOK_CHAT_QWEN3;
-    return EPD_TOK_OK;
+    return 0;
 }
 
 /* ---- rendering ------------------------------------------------------------------------------ */
@@ -169,42 +169,41 @@ void tok_chat_put_user(out_t *o, span_t s)
     o->user[o->n_user++] = (tok_range_t){off, s.n};
 }
 
-static epd_tok_status_t check_messages(const epd_tok_chat_msg_t *msgs, size_t n, char *err,
-                                       size_t err_len)
+static int check_messages(const epd_tok_chat_msg_t *msgs, size_t n, epd_err_t *err)
 {
     static const char *const roles[] = {"system", "user", "assistant", "tool"};
     if (n == 0)
-        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+        return epd_err_set(err, -EINVAL,
                         "messages: empty (the template needs at least one message)");
     for (size_t i = 0; i < n; i++) {
         const epd_tok_chat_msg_t *m = &msgs[i];
         if (!m->role)
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "messages[%zu].role: missing", i);
+            return epd_err_set(err, -EINVAL, "messages[%zu].role: missing", i);
         bool known = false;
         for (size_t r = 0; r < 4; r++)
             known |= tok_chat_role_is(m, roles[r]);
         if (!known)
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+            return epd_err_set(err, -EINVAL,
                             "messages[%zu].role: unsupported \"%.40s\" (supported: \"system\", "
                             "\"user\", \"assistant\", \"tool\")",
                             i, m->role);
         /* null content: an assistant message that only calls tools (OpenAI's form) */
         if (!m->content && !(tok_chat_role_is(m, "assistant") && m->n_tool_calls))
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+            return epd_err_set(err, -EINVAL,
                             "messages[%zu].content: null is not supported (the template needs a "
                             "string; pass \"\"), except in an assistant message with tool calls",
                             i);
         if (m->n_tool_calls && !m->tool_calls)
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+            return epd_err_set(err, -EINVAL,
                             "messages[%zu].tool_calls: NULL with %zu calls", i, m->n_tool_calls);
         for (size_t k = 0; k < m->n_tool_calls; k++) {
             if (!m->tool_calls[k].name || !m->tool_calls[k].arguments)
-                return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+                return epd_err_set(err, -EINVAL,
                                 "messages[%zu].tool_calls[%zu]: name and arguments are required", i,
                                 k);
         }
     }
-    return EPD_TOK_OK;
+    return 0;
 }
 
 static void render_assistant(out_t *o, const epd_tok_chat_msg_t *m, size_t i, size_t n,
@@ -240,7 +239,7 @@ static void render_assistant(out_t *o, const epd_tok_chat_msg_t *m, size_t i, si
     tok_chat_puts(o, "<|im_end|>\n");
 }
 
-static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
+static int render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
                                      const epd_tok_chat_opts_t *opts, out_t *o)
 {
     if (tok_chat_role_is(&msgs[0], "system")) {
@@ -283,17 +282,17 @@ static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
         tok_chat_puts(o, "<|im_start|>assistant\n");
         if (opts->disable_thinking) tok_chat_puts(o, "<think>\n\n</think>\n\n");
     }
-    return EPD_TOK_OK;
+    return 0;
 }
 
-static epd_tok_status_t render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
-                               const epd_tok_chat_opts_t *opts, out_t *o, char *err, size_t err_len)
+static int render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                               const epd_tok_chat_opts_t *opts, out_t *o, epd_err_t *err)
 {
     if (tok->chat == EPD_TOK_CHAT_NONE)
-        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
+        return epd_err_set(err, -ENOTSUP,
                         "the checkpoint has no chat template (neither chat_template.jinja nor a "
                         "chat_template in tokenizer_config.json)");
-    epd_tok_status_t st = check_messages(msgs, n_msgs, err, err_len);
+    int st = check_messages(msgs, n_msgs, err);
     if (st) return st;
     if (tok->chat == EPD_TOK_CHAT_DEEPSEEK_V3)
         tok_chat_render_deepseek_v3(tok->bos_text, msgs, n_msgs, opts, o);
@@ -303,42 +302,42 @@ static epd_tok_status_t render(const epd_tok_t *tok, const epd_tok_chat_msg_t *m
     if (o->failed) {
         tok_buf_fini(&o->b);
         free(o->user);
-        return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "chat template: out of memory");
+        return epd_err_set(err, -ENOMEM, "chat template: out of memory");
     }
     o->b.len--; /* the NUL stays after the text */
-    return EPD_TOK_OK;
+    return 0;
 }
 
-epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
+int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
                                      size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
-                                     size_t *out_len, char *err, size_t err_len)
+                                     size_t *out_len, epd_err_t *err)
 {
     *out = NULL;
     *out_len = 0;
     out_t o = {0};
-    epd_tok_status_t st = render(tok, msgs, n_msgs, opts, &o, err, err_len);
+    int st = render(tok, msgs, n_msgs, opts, &o, err);
     if (st) return st;
     free(o.user);
     *out = (char *)o.b.p;
     *out_len = o.b.len;
-    return EPD_TOK_OK;
+    return 0;
 }
 
-epd_tok_status_t epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
+int epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
                                      size_t n_msgs, const epd_tok_chat_opts_t *opts, unsigned flags,
-                                     epd_tok_ids_t *ids, char *err, size_t err_len)
+                                     epd_tok_ids_t *ids, epd_err_t *err)
 {
     out_t o = {0};
-    epd_tok_status_t st = render(tok, msgs, n_msgs, opts, &o, err, err_len);
+    int st = render(tok, msgs, n_msgs, opts, &o, err);
     if (st) return st;
     if (flags & EPD_TOK_ENCODE_SPLIT_SPECIAL)
         st = tok_encode_masked(
             tok, (const char *)o.b.p, o.b.len,
             (flags & ~(unsigned)EPD_TOK_ENCODE_SPLIT_SPECIAL) |
                 (tok->chat == EPD_TOK_CHAT_DEEPSEEK_V3 ? TOK_ENCODE_MASK_ADDED : 0),
-            o.user, o.n_user, ids, err, err_len);
+            o.user, o.n_user, ids, err);
     else
-        st = epd_tok_encode(tok, (const char *)o.b.p, o.b.len, flags, ids, err, err_len);
+        st = epd_tok_encode(tok, (const char *)o.b.p, o.b.len, flags, ids, err);
     tok_buf_fini(&o.b);
     free(o.user);
     return st;

@@ -12,27 +12,26 @@ typedef struct enc {
     tok_buf_t norm;                       /* NFC output of the current segment */
     const tok_range_t *plain;             /* [n_plain] sorted: no special token may overlap these */
     size_t n_plain;
-    char *err;
-    size_t err_len;
+    epd_err_t *err;
 } enc_t;
 
 /* Pre-tokenizes p[0..n) with Split regex `level` (Isolated: matches and the gaps between them
  * are both pieces), hands every piece to the next regex, and runs BPE on the pieces of the last
  * one (HF's Sequence pre-tokenizer: each Split splits the pieces of the one before). */
-static epd_tok_status_t split_level(enc_t *e, const uint8_t *p, size_t n, size_t base_off,
+static int split_level(enc_t *e, const uint8_t *p, size_t n, size_t base_off,
                                     size_t level)
 {
     const epd_tok_t *tok = e->tok;
     if (level == tok->n_re) return tok_bpe_word(tok, p, n, e->out);
     size_t pos = 0, next = level + 1;
-    epd_tok_status_t st;
+    int st;
     while (pos < n) {
         int rc = pcre2_match(tok->re[level], p, n, pos, PCRE2_NO_UTF_CHECK, e->md[level], NULL);
         if (rc == PCRE2_ERROR_NOMATCH) break;
         if (rc < 0) {
             PCRE2_UCHAR msg[256];
             pcre2_get_error_message(rc, msg, sizeof(msg));
-            return tok_errf(e->err, e->err_len, EPD_TOK_ERR_REGEX,
+            return epd_err_set(e->err, -EINVAL,
                             "pre-tokenizer regex %zu failed at byte offset %zu: %s", level,
                             base_off + pos, (const char *)msg);
         }
@@ -51,10 +50,10 @@ static epd_tok_status_t split_level(enc_t *e, const uint8_t *p, size_t n, size_t
         pos = end;
     }
     if (pos < n) return split_level(e, p + pos, n - pos, base_off + pos, next);
-    return EPD_TOK_OK;
+    return 0;
 }
 
-static epd_tok_status_t split_and_bpe(enc_t *e, const uint8_t *p, size_t n, size_t base_off)
+static int split_and_bpe(enc_t *e, const uint8_t *p, size_t n, size_t base_off)
 {
     return split_level(e, p, n, base_off, 0);
 }
@@ -96,20 +95,20 @@ static const tok_added_t *added_at(const enc_t *e, const uint8_t *p, size_t n, u
 
 /* Splits p[0..n) at added tokens of one kind (leftmost, then longest) and hands the text between
  * them to `then`. */
-static epd_tok_status_t
+static int
 split_added(enc_t *e, const uint8_t *p, size_t n, size_t base_off, unsigned kind,
-            epd_tok_status_t (*then)(enc_t *, const uint8_t *, size_t, size_t))
+            int (*then)(enc_t *, const uint8_t *, size_t, size_t))
 {
     const epd_tok_t *tok = e->tok;
     size_t seg = 0;
-    epd_tok_status_t st;
+    int st;
     bool seg_plain = kind == 2 && e->n_plain && in_plain(e, base_off, n);
     for (size_t i = 0; i < n;) {
         if (tok->added_first[p[i]] & kind) {
             const tok_added_t *a = added_at(e, p + i, n - i, kind, base_off + i, seg_plain);
             if (a) {
                 if (i > seg && (st = then(e, p + seg, i - seg, base_off + seg))) return st;
-                if (tok_ids_push(e->out, a->id) < 0) return EPD_TOK_ERR_NOMEM;
+                if (tok_ids_push(e->out, a->id) < 0) return -ENOMEM;
                 i += a->len;
                 seg = i;
                 continue;
@@ -118,14 +117,14 @@ split_added(enc_t *e, const uint8_t *p, size_t n, size_t base_off, unsigned kind
         i++;
     }
     if (n > seg) return then(e, p + seg, n - seg, base_off + seg);
-    return EPD_TOK_OK;
+    return 0;
 }
 
-static epd_tok_status_t normalized_segment(enc_t *e, const uint8_t *p, size_t n, size_t base_off)
+static int normalized_segment(enc_t *e, const uint8_t *p, size_t n, size_t base_off)
 {
     const epd_tok_t *tok = e->tok;
     if (tok->nfc) {
-        epd_tok_status_t st = tok_nfc(tok, p, n, &e->norm, e->err, e->err_len);
+        int st = tok_nfc(tok, p, n, &e->norm, e->err);
         if (st) return st;
         /* e->norm is free to hold the copy: nothing below normalizes again. */
         if (e->norm.len) return split_added(e, e->norm.p, e->norm.len, base_off, 2, split_and_bpe);
@@ -133,55 +132,54 @@ static epd_tok_status_t normalized_segment(enc_t *e, const uint8_t *p, size_t n,
     return split_added(e, p, n, base_off, 2, split_and_bpe);
 }
 
-epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
-                                epd_tok_ids_t *out, char *err, size_t err_len)
+int epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                                epd_tok_ids_t *out, epd_err_t *err)
 {
     if (!(flags & EPD_TOK_ENCODE_ADD_SPECIAL))
-        return tok_encode_masked(tok, text, len, flags, NULL, 0, out, err, err_len);
+        return tok_encode_masked(tok, text, len, flags, NULL, 0, out, err);
     if (!tok || !out)
-        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "epd_tok_encode: NULL argument");
+        return epd_err_set(err, -EINVAL, "epd_tok_encode: NULL argument");
     size_t before = out->len;
     if (tok->add_bos && tok_ids_push(out, tok->bos) < 0) goto nomem;
-    epd_tok_status_t st = tok_encode_masked(tok, text, len, flags, NULL, 0, out, err, err_len);
+    int st = tok_encode_masked(tok, text, len, flags, NULL, 0, out, err);
     if (st) {
         out->len = before;
         return st;
     }
     if (tok->add_eos && tok_ids_push(out, tok->cfg_eos) < 0) goto nomem;
-    return EPD_TOK_OK;
+    return 0;
 nomem:
     out->len = before;
-    return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "epd_tok_encode: out of memory");
+    return epd_err_set(err, -ENOMEM, "epd_tok_encode: out of memory");
 }
 
-epd_tok_status_t tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
+int tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
                                    unsigned flags, const tok_range_t *plain, size_t n_plain,
-                                   epd_tok_ids_t *out, char *err, size_t err_len)
+                                   epd_tok_ids_t *out, epd_err_t *err)
 {
     if (!tok || !out || (!text && len))
-        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "epd_tok_encode: NULL argument");
+        return epd_err_set(err, -EINVAL, "epd_tok_encode: NULL argument");
     const uint8_t *p = (const uint8_t *)text;
     size_t bad = tok_utf8_validate(p, len);
     if (bad < len)
-        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
+        return epd_err_set(err, -EINVAL,
                         "text is not valid UTF-8: ill-formed byte 0x%02x at byte offset %zu",
                         p[bad], bad);
-    if (len == 0) return EPD_TOK_OK;
+    if (len == 0) return 0;
     enc_t e = {.tok = tok,
                .flags = flags,
                .out = out,
                .err = err,
-               .err_len = err_len,
                .plain = plain,
                .n_plain = n_plain};
-    epd_tok_status_t st = EPD_TOK_OK;
+    int st = 0;
     size_t before = out->len;
     for (size_t i = 0; i < tok->n_re && !st; i++) {
         e.md[i] = pcre2_match_data_create_from_pattern(tok->re[i], NULL);
-        if (!e.md[i]) st = EPD_TOK_ERR_NOMEM;
+        if (!e.md[i]) st = -ENOMEM;
     }
     if (!st) st = split_added(&e, p, len, 0, 1, normalized_segment);
-    if (st == EPD_TOK_ERR_NOMEM) tok_errf(err, err_len, st, "epd_tok_encode: out of memory");
+    if (st == -ENOMEM) epd_err_set(err, st, "epd_tok_encode: out of memory");
     if (st) out->len = before;
     tok_buf_fini(&e.norm);
     for (size_t i = 0; i < tok->n_re; i++)

@@ -5,6 +5,8 @@
 
 #include "epd_tok.h"
 
+#include <errno.h>
+
 #include <cJSON.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -149,10 +151,6 @@ struct epd_tok {
     epd_tok_chat_kind_t chat;
 };
 
-/* Formats "<prefix>: <message>" into err (when err_len > 0) and returns st. */
-epd_tok_status_t tok_errf(char *err, size_t err_len, epd_tok_status_t st, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
-
 /* GPT-2's byte-level alphabet: byte -> code point and back (-1 for code points outside it). */
 extern const uint16_t tok_byte_to_cp[256];
 int tok_cp_to_byte(uint32_t cp);
@@ -169,28 +167,26 @@ ptrdiff_t tok_utf8_lossy(const uint8_t *p, size_t n, bool final, tok_buf_t *out)
 
 /* Parsing tokenizer.json (tok_load.c), the two config files and chat_template.jinja
  * (tok_config.c); any path but tokenizer.json's may be NULL. */
-epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char *err,
-                                         size_t err_len);
-epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
+int tok_load_tokenizer_json(epd_tok_t *tok, const char *path, epd_err_t *err);
+int tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
                                   const char *chat_template_path,
-                                  const char *generation_config_path, char *err, size_t err_len);
-epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *err,
-                               size_t err_len);
+                                  const char *generation_config_path, epd_err_t *err);
+int tok_read_file(const char *path, char **out, size_t *len, epd_err_t *err);
 /* Reads and parses a JSON file whose top level must be an object; a syntax error names the byte
  * offset and line. */
 /* How an error message names a JSON value's type ("missing", "null", "a number", ...). */
 const char *tok_json_type(const cJSON *v);
-epd_tok_status_t tok_parse_json_file(const char *path, cJSON **root, char *err, size_t err_len);
+int tok_parse_json_file(const char *path, cJSON **root, epd_err_t *err);
 
 /* Model-level BPE of one pre-token (tok_bpe.c): appends the ids of word[0..n). */
-epd_tok_status_t tok_bpe_word(const epd_tok_t *tok, const uint8_t *word, size_t n,
+int tok_bpe_word(const epd_tok_t *tok, const uint8_t *word, size_t n,
                               epd_tok_ids_t *out);
 void tok_cache_clear(epd_tok_t *tok);
 
 /* NFC normalization (tok_norm.c). *out is NULL when the text is already NFC. */
-epd_tok_status_t tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
-                         char *err, size_t err_len);
-epd_tok_status_t tok_nfc_init(epd_tok_t *tok, char *err, size_t err_len);
+int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
+                         epd_err_t *err);
+int tok_nfc_init(epd_tok_t *tok, epd_err_t *err);
 
 /* Chat template recognition (tok_chat.c); where names the template in messages
  * ("<file>: chat_template", or the .jinja file's path). */
@@ -207,11 +203,11 @@ typedef struct tok_range {
  * `plain` (a template whose markers are non-special tokens, as DeepSeek-V3's <｜User｜>). */
 #define TOK_ENCODE_MASK_ADDED (1u << 31)
 
-epd_tok_status_t tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
+int tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
                                    unsigned flags, const tok_range_t *plain, size_t n_plain,
-                                   epd_tok_ids_t *out, char *err, size_t err_len);
+                                   epd_tok_ids_t *out, epd_err_t *err);
 
-epd_tok_status_t tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
-                                 char *err, size_t err_len);
+int tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
+                                 epd_err_t *err);
 
 #endif /* EPD_TOK_INTERNAL_H */

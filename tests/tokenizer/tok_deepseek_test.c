@@ -8,6 +8,7 @@
 #include "epd_tok.h"
 
 #include <setjmp.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -35,7 +36,7 @@ static void check_encode(unsigned flags, const char *key, bool add_bos)
     size_t n = (size_t)cJSON_GetArraySize(enc), bad = 0, idx = 0, total = 0;
     assert_true(n >= 400);
     epd_tok_ids_t ids = {0};
-    char err[512];
+    epd_err_t err = {0};
     cJSON_ArrayForEach(e, enc)
     {
         bytes_t text = unhex(cJSON_GetObjectItem(e, "hex")->valuestring);
@@ -49,9 +50,9 @@ static void check_encode(unsigned flags, const char *key, bool add_bos)
             nw++;
         }
         ids.len = 0;
-        int st = epd_tok_encode(g_tok, (const char *)text.p, text.n, flags, &ids, err, sizeof(err));
-        if (st != EPD_TOK_OK) {
-            fprintf(stderr, "%s[%zu]: encode failed: %s\n", key, idx, err);
+        int st = epd_tok_encode(g_tok, (const char *)text.p, text.n, flags, &ids, &err);
+        if (st != 0) {
+            fprintf(stderr, "%s[%zu]: encode failed: %s\n", key, idx, err.msg);
             bad++;
         } else if (!ids_equal(ids.ids, ids.len, want, nw)) {
             if (bad < 8) {
@@ -100,7 +101,7 @@ static void decode_matches_reference(void **state)
     (void)state;
     const cJSON *enc = cJSON_GetObjectItem(g_ref, "encode"), *e;
     size_t bad = 0, idx = 0;
-    char err[512];
+    epd_err_t err = {0};
     cJSON_ArrayForEach(e, enc)
     {
         int32_t *ids;
@@ -111,11 +112,11 @@ static void decode_matches_reference(void **state)
             char *out = NULL;
             size_t len = 0;
             int st = epd_tok_decode(g_tok, ids, n, skip ? EPD_TOK_DECODE_SKIP_SPECIAL : 0, &out,
-                                    &len, err, sizeof(err));
-            if (st != EPD_TOK_OK || len != want.n || memcmp(out, want.p, len) != 0) {
+                                    &len, &err);
+            if (st != 0 || len != want.n || memcmp(out, want.p, len) != 0) {
                 if (bad < 8)
                     fprintf(stderr, "decode[%zu] (skip %u) differs: %s\n", idx, skip,
-                            st ? err : "text");
+                            st ? err.msg : "text");
                 bad++;
             }
             free(out);
@@ -184,7 +185,7 @@ static void chat_matches_reference(void **state)
     size_t n = (size_t)cJSON_GetArraySize(cases), bad = 0, n_inject = 0;
     assert_int_equal(n, (size_t)cJSON_GetArraySize(refs));
     assert_true(n >= 10);
-    char err[512];
+    epd_err_t err = {0};
     for (size_t i = 0; i < n; i++) {
         const cJSON *c = cJSON_GetArrayItem(cases, (int)i), *r = cJSON_GetArrayItem(refs, (int)i);
         const char *name = cJSON_GetObjectItem(c, "name")->valuestring;
@@ -195,10 +196,10 @@ static void chat_matches_reference(void **state)
         bytes_t want = unhex(cJSON_GetObjectItem(r, "rendered_hex")->valuestring);
         char *out = NULL;
         size_t len = 0;
-        int st = epd_tok_chat_render(g_tok, cv.msgs, cv.n, &opts, &out, &len, err, sizeof(err));
-        if (st != EPD_TOK_OK || len != want.n || memcmp(out, want.p, len) != 0) {
+        int st = epd_tok_chat_render(g_tok, cv.msgs, cv.n, &opts, &out, &len, &err);
+        if (st != 0 || len != want.n || memcmp(out, want.p, len) != 0) {
             fprintf(stderr, "chat %s: rendering differs%s%s\n  epd:       %s\n  reference: %s\n",
-                    name, st ? ": " : "", st ? err : "", out ? out : "-", (char *)want.p);
+                    name, st ? ": " : "", st ? err.msg : "", out ? out : "-", (char *)want.p);
             bad++;
         }
         free(out);
@@ -211,11 +212,10 @@ static void chat_matches_reference(void **state)
             size_t nw = json_ids(cJSON_GetObjectItem(r, keys[split]), &wids);
             epd_tok_ids_t ids = {0};
             st = epd_tok_chat_encode(g_tok, cv.msgs, cv.n, &opts,
-                                     split ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0, &ids, err,
-                                     sizeof(err));
-            if (st != EPD_TOK_OK || !ids_equal(ids.ids, ids.len, wids, nw)) {
+                                     split ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0, &ids, &err);
+            if (st != 0 || !ids_equal(ids.ids, ids.len, wids, nw)) {
                 fprintf(stderr, "chat %s: %s differ%s%s\n", name, keys[split], st ? ": " : "",
-                        st ? err : "");
+                        st ? err.msg : "");
                 print_ids("epd", ids.ids, ids.len);
                 print_ids("reference", wids, nw);
                 bad++;
@@ -240,12 +240,12 @@ static void chat_matches_reference(void **state)
 static void chat_refuses_what_it_cannot_render(void **state)
 {
     (void)state;
-    char err[512], *out = NULL;
+    char *out = NULL;
+    epd_err_t err = {0};
     size_t len;
     epd_tok_chat_msg_t m = {.role = "assistant", .content = NULL};
-    assert_int_equal(epd_tok_chat_render(g_tok, &m, 1, NULL, &out, &len, err, sizeof(err)),
-                     EPD_TOK_ERR_INVALID);
-    assert_non_null(strstr(err, "messages[0].content"));
+    assert_int_equal(epd_tok_chat_render(g_tok, &m, 1, NULL, &out, &len, &err), -EINVAL);
+    assert_non_null(strstr(err.msg, "messages[0].content"));
     assert_null(out);
 }
 
@@ -257,9 +257,9 @@ int main(int argc, char **argv)
         return 2;
     }
     g_model_dir = argv[1];
-    char err[1024];
-    if (epd_tok_load_dir(g_model_dir, &g_tok, err, sizeof(err)) != EPD_TOK_OK) {
-        fprintf(stderr, "cannot load %s: %s\n", g_model_dir, err);
+    epd_err_t err = {0};
+    if (epd_tok_load_dir(g_model_dir, &g_tok, &err) != 0) {
+        fprintf(stderr, "cannot load %s: %s\n", g_model_dir, err.msg);
         return 1;
     }
     g_ref = load_json(argv[2]);
