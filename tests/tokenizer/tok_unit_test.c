@@ -258,6 +258,28 @@ static void split_regex_decides_pieces(void **state)
     epd_tok_destroy(t);
 }
 
+/* A Sequence of Splits (DeepSeek-V3 has three): each splits the pieces of the one before, so a
+ * merge across any split never applies. */
+static void splits_in_sequence(void **state)
+{
+    static const char *const m[] = {"a|1", "1|2", "2|3", "b|c"};
+    enum { A1 = 256, N12 = 257, N23 = 258, BC = 259 };
+    cJSON *j = synth_json(&(synth_t){m, 4, "\\p{N}{1,2}", false});
+    cJSON *list = cJSON_GetObjectItem(cJSON_GetObjectItem(j, "pre_tokenizer"), "pretokenizers");
+    cJSON *second = cJSON_Duplicate(cJSON_GetArrayItem(list, 0), 1);
+    cJSON_ReplaceItemInObject(cJSON_GetObjectItem(second, "pattern"), "Regex",
+                              cJSON_CreateString("[a-z]"));
+    cJSON *bytelevel = cJSON_DetachItemFromArray(list, 1);
+    cJSON_AddItemToArray(list, second);
+    cJSON_AddItemToArray(list, bytelevel);
+    epd_tok_t *t = load(j);
+    EXPECT(t, "123", N12, '3'); /* the first Split: "12", "3" */
+    EXPECT(t, "a1", 'a', '1');  /* digits apart from letters */
+    EXPECT(t, "bc", 'b', 'c');  /* the second Split: one letter a piece */
+    EXPECT(t, "x23bc", 'x', N23, 'b', 'c');
+    epd_tok_destroy(t);
+}
+
 /* U+0000 is text like any other character: encoded as byte 0, decoded back, never an end. */
 static void nul_is_text(void **state)
 {
@@ -630,6 +652,51 @@ static void configs_give_special_ids(void **state)
     assert_non_null(strstr(err.msg, "eos_token: expected a string or an object, got a number"));
 }
 
+/* add_bos_token / add_eos_token: what EPD_TOK_ENCODE_ADD_SPECIAL adds around a text. */
+static void add_special_tokens_follow_config(void **state)
+{
+    (void)state;
+    epd_tok_t *t;
+    epd_err_t err = {0};
+    assert_int_equal(load_with_configs("{\"bos_token\": \"<|im_start|>\", \"add_bos_token\": true, "
+                                       "\"eos_token\": \"<|im_end|>\", \"add_eos_token\": true}",
+                                       NULL, &t, &err),
+                     0);
+    EXPECT(t, "xy", 'x', 'y');
+    int32_t want[] = {300, 'x', 'y', 301};
+    expect_ids(t, "xy", EPD_TOK_ENCODE_ADD_SPECIAL, want, 4);
+    expect_ids(t, "", EPD_TOK_ENCODE_ADD_SPECIAL, (int32_t[]){300, 301}, 2);
+    epd_tok_destroy(t);
+    assert_int_equal(
+        load_with_configs("{\"bos_token\": \"<|im_start|>\", \"add_bos_token\": false}", NULL, &t,
+                          &err),
+        0);
+    expect_ids(t, "xy", EPD_TOK_ENCODE_ADD_SPECIAL, (int32_t[]){'x', 'y'}, 2);
+    epd_tok_destroy(t);
+    assert_int_equal(load_with_configs("{\"add_bos_token\": true}", NULL, &t, &err), -EINVAL);
+    assert_non_null(strstr(err.msg,
+                           "tokenizer_config.json: add_bos_token: true, but bos_token names "
+                           "no token"));
+    assert_int_equal(load_with_configs("{\"add_eos_token\": \"yes\"}", NULL, &t, &err), -EINVAL);
+    assert_non_null(
+        strstr(err.msg, "tokenizer_config.json: add_eos_token: expected a boolean, got a string"));
+}
+
+/* A template with DeepSeek's markers that is not DeepSeek-V3's is refused, naming what it lacks. */
+static void deepseek_like_template_refused(void **state)
+{
+    (void)state;
+    epd_tok_t *t;
+    epd_err_t err = {0};
+    assert_int_equal(
+        load_with_configs("{\"chat_template\": \"{{ bos_token }}{% for m in messages %}"
+                          "{{ '<\xef\xbd\x9cUser\xef\xbd\x9c>' + m['content'] }}{% endfor %}\"}",
+                          NULL, &t, &err),
+        -ENOTSUP);
+    assert_non_null(strstr(err.msg, "tokenizer_config.json: chat_template: a DeepSeek template "
+                                    "that is not DeepSeek-V3's (it lacks namespace("));
+}
+
 static char *g_qwen3_template; /* Qwen3's own template (qwen3_chat_template.jinja, argv[1]) */
 
 /* Chat content with U+0000 (content_len) is rendered whole, with Qwen3's own template. */
@@ -956,6 +1023,9 @@ int main(int argc, char **argv)
         cmocka_unit_test(bpe_applies_lowest_rank_first),
         cmocka_unit_test(bpe_long_words),
         cmocka_unit_test(split_regex_decides_pieces),
+        cmocka_unit_test(splits_in_sequence),
+        cmocka_unit_test(add_special_tokens_follow_config),
+        cmocka_unit_test(deepseek_like_template_refused),
         cmocka_unit_test(nul_is_text),
         cmocka_unit_test(nfc_normalizes_before_bpe),
         cmocka_unit_test(added_tokens_match_whole),
