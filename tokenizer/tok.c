@@ -30,12 +30,11 @@ void epd_tok_destroy(epd_tok_t *tok)
 }
 
 int epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
-                                    const char *chat_template_jinja,
-                                    const char *generation_config_json, epd_tok_t **out, epd_err_t *err)
+                       const char *chat_template_jinja, const char *generation_config_json,
+                       epd_tok_t **out, epd_err_t *err)
 {
     *out = NULL;
-    if (!tokenizer_json)
-        return epd_err_set(err, -EINVAL, "no tokenizer.json path given");
+    if (!tokenizer_json) return epd_err_set(err, -EINVAL, "no tokenizer.json path given");
     epd_tok_t *tok = calloc(1, sizeof(*tok));
     if (!tok) return epd_err_set(err, -ENOMEM, "out of memory");
     tok->bos = tok->pad = tok->cfg_eos = -1;

@@ -9,8 +9,7 @@
  * heap on short words); longer words use a heap over a linked list. */
 #define TOK_BPE_FLAT_MAX 48
 
-static int bpe_flat(const epd_tok_t *tok, const uint8_t *w, size_t n,
-                                 epd_tok_ids_t *out)
+static int bpe_flat(const epd_tok_t *tok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
 {
     int32_t sym[TOK_BPE_FLAT_MAX];
     uint32_t rank[TOK_BPE_FLAT_MAX]; /* rank[i]: merge rank of (sym[i], sym[i+1]) */
@@ -77,8 +76,7 @@ static bpe_cand_t heap_pop(bpe_cand_t *h, size_t *n)
     return top;
 }
 
-static int bpe_heap(const epd_tok_t *tok, const uint8_t *w, size_t n,
-                                 epd_tok_ids_t *out)
+static int bpe_heap(const epd_tok_t *tok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
 {
     /* sym/prev/next: [n] linked symbols, indexed by the position of their first byte */
     int32_t *sym = malloc(n * sizeof(*sym));
@@ -139,8 +137,7 @@ out:
     return st;
 }
 
-static int bpe_uncached(const epd_tok_t *tok, const uint8_t *w, size_t n,
-                                     epd_tok_ids_t *out)
+static int bpe_uncached(const epd_tok_t *tok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
 {
     if (tok->ignore_merges) {
         int32_t id = tok_strmap_get(&tok->vocab, &tok->pool, w, n);

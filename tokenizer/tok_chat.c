@@ -47,44 +47,45 @@ size_t tok_count(const char *s, const char *needle)
     return n;
 }
 
-int tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
-                                 epd_err_t *err)
+int tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind, epd_err_t *err)
 {
     if (strstr(tmpl, "<｜User｜>")) {
         size_t n_exprs = 0;
         const char *lacks = tok_chat_deepseek_v3_mismatch(tmpl, &n_exprs);
         if (lacks && *lacks)
-            return epd_err_set(err, -ENOTSUP,
-                            "%s: a DeepSeek template that is not DeepSeek-V3's (it lacks %.160s); "
-                            "refusing to render it as DeepSeek-V3's",
-                            where, lacks);
+            return epd_err_set(
+                err, -ENOTSUP,
+                "%s: a DeepSeek template that is not DeepSeek-V3's (it lacks %.160s); "
+                "refusing to render it as DeepSeek-V3's",
+                where, lacks);
         if (lacks)
             return epd_err_set(err, -ENOTSUP,
-                            "%s: DeepSeek-V3-like but with %zu output expressions instead of "
-                            "DeepSeek-V3's; refusing to render it as DeepSeek-V3's",
-                            where, n_exprs);
+                               "%s: DeepSeek-V3-like but with %zu output expressions instead of "
+                               "DeepSeek-V3's; refusing to render it as DeepSeek-V3's",
+                               where, n_exprs);
         *kind = EPD_TOK_CHAT_DEEPSEEK_V3;
         return 0;
     }
     if (!strstr(tmpl, "<|im_start|>") || !strstr(tmpl, "<|im_end|>"))
-        return epd_err_set(err, -ENOTSUP,
-                        "%s: not recognised (neither ChatML's <|im_start|>/<|im_end|> markers nor "
-                        "DeepSeek's <｜User｜>; supported: Qwen3's ChatML "
-                        "template, DeepSeek-V3's template)",
-                        where);
+        return epd_err_set(
+            err, -ENOTSUP,
+            "%s: not recognised (neither ChatML's <|im_start|>/<|im_end|> markers nor "
+            "DeepSeek's <｜User｜>; supported: Qwen3's ChatML "
+            "template, DeepSeek-V3's template)",
+            where);
     for (size_t i = 0; i < sizeof(qwen3_fragments) / sizeof(qwen3_fragments[0]); i++) {
         if (!strstr(tmpl, qwen3_fragments[i]))
             return epd_err_set(err, -ENOTSUP,
-                            "%s: a ChatML template that is not Qwen3's (it lacks "
-                            "%.120s); refusing to render it as Qwen3's",
-                            where, qwen3_fragments[i]);
+                               "%s: a ChatML template that is not Qwen3's (it lacks "
+                               "%.120s); refusing to render it as Qwen3's",
+                               where, qwen3_fragments[i]);
     }
     size_t n = tok_count(tmpl, "{{");
     if (n != QWEN3_OUTPUT_EXPRS)
         return epd_err_set(err, -ENOTSUP,
-                        "%s: Qwen3-like but with %zu output expressions instead of "
-                        "%d; refusing to render it as Qwen3's",
-                        where, n, QWEN3_OUTPUT_EXPRS);
+                           "%s: Qwen3-like but with %zu output expressions instead of "
+                           "%d; refusing to render it as Qwen3's",
+                           where, n, QWEN3_OUTPUT_EXPRS);
     *kind = EPD_TOK_CHAT_QWEN3;
     return 0;
 }
@@ -174,33 +175,32 @@ static int check_messages(const epd_tok_chat_msg_t *msgs, size_t n, epd_err_t *e
     static const char *const roles[] = {"system", "user", "assistant", "tool"};
     if (n == 0)
         return epd_err_set(err, -EINVAL,
-                        "messages: empty (the template needs at least one message)");
+                           "messages: empty (the template needs at least one message)");
     for (size_t i = 0; i < n; i++) {
         const epd_tok_chat_msg_t *m = &msgs[i];
-        if (!m->role)
-            return epd_err_set(err, -EINVAL, "messages[%zu].role: missing", i);
+        if (!m->role) return epd_err_set(err, -EINVAL, "messages[%zu].role: missing", i);
         bool known = false;
         for (size_t r = 0; r < 4; r++)
             known |= tok_chat_role_is(m, roles[r]);
         if (!known)
             return epd_err_set(err, -EINVAL,
-                            "messages[%zu].role: unsupported \"%.40s\" (supported: \"system\", "
-                            "\"user\", \"assistant\", \"tool\")",
-                            i, m->role);
+                               "messages[%zu].role: unsupported \"%.40s\" (supported: \"system\", "
+                               "\"user\", \"assistant\", \"tool\")",
+                               i, m->role);
         /* null content: an assistant message that only calls tools (OpenAI's form) */
         if (!m->content && !(tok_chat_role_is(m, "assistant") && m->n_tool_calls))
             return epd_err_set(err, -EINVAL,
-                            "messages[%zu].content: null is not supported (the template needs a "
-                            "string; pass \"\"), except in an assistant message with tool calls",
-                            i);
+                               "messages[%zu].content: null is not supported (the template needs a "
+                               "string; pass \"\"), except in an assistant message with tool calls",
+                               i);
         if (m->n_tool_calls && !m->tool_calls)
-            return epd_err_set(err, -EINVAL,
-                            "messages[%zu].tool_calls: NULL with %zu calls", i, m->n_tool_calls);
+            return epd_err_set(err, -EINVAL, "messages[%zu].tool_calls: NULL with %zu calls", i,
+                               m->n_tool_calls);
         for (size_t k = 0; k < m->n_tool_calls; k++) {
             if (!m->tool_calls[k].name || !m->tool_calls[k].arguments)
                 return epd_err_set(err, -EINVAL,
-                                "messages[%zu].tool_calls[%zu]: name and arguments are required", i,
-                                k);
+                                   "messages[%zu].tool_calls[%zu]: name and arguments are required",
+                                   i, k);
         }
     }
     return 0;
@@ -239,8 +239,8 @@ static void render_assistant(out_t *o, const epd_tok_chat_msg_t *m, size_t i, si
     tok_chat_puts(o, "<|im_end|>\n");
 }
 
-static int render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
-                                     const epd_tok_chat_opts_t *opts, out_t *o)
+static int render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n, const epd_tok_chat_opts_t *opts,
+                        out_t *o)
 {
     if (tok_chat_role_is(&msgs[0], "system")) {
         tok_chat_puts(o, "<|im_start|>system\n");
@@ -286,12 +286,12 @@ static int render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
 }
 
 static int render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
-                               const epd_tok_chat_opts_t *opts, out_t *o, epd_err_t *err)
+                  const epd_tok_chat_opts_t *opts, out_t *o, epd_err_t *err)
 {
     if (tok->chat == EPD_TOK_CHAT_NONE)
         return epd_err_set(err, -ENOTSUP,
-                        "the checkpoint has no chat template (neither chat_template.jinja nor a "
-                        "chat_template in tokenizer_config.json)");
+                           "the checkpoint has no chat template (neither chat_template.jinja nor a "
+                           "chat_template in tokenizer_config.json)");
     int st = check_messages(msgs, n_msgs, err);
     if (st) return st;
     if (tok->chat == EPD_TOK_CHAT_DEEPSEEK_V3)
@@ -308,9 +308,9 @@ static int render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n
     return 0;
 }
 
-int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
-                                     size_t *out_len, epd_err_t *err)
+int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                        const epd_tok_chat_opts_t *opts, char **out, size_t *out_len,
+                        epd_err_t *err)
 {
     *out = NULL;
     *out_len = 0;
@@ -323,9 +323,9 @@ int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
     return 0;
 }
 
-int epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, unsigned flags,
-                                     epd_tok_ids_t *ids, epd_err_t *err)
+int epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                        const epd_tok_chat_opts_t *opts, unsigned flags, epd_tok_ids_t *ids,
+                        epd_err_t *err)
 {
     out_t o = {0};
     int st = render(tok, msgs, n_msgs, opts, &o, err);

@@ -10,8 +10,8 @@
 
 /* A special token named in tokenizer_config.json: a string, an AddedToken object with
  * "content", or null/absent (-1). */
-static int token_field(const epd_tok_t *tok, const cJSON *root, const char *key,
-                                    const char *path, int32_t *id, const char **text, epd_err_t *err)
+static int token_field(const epd_tok_t *tok, const cJSON *root, const char *key, const char *path,
+                       int32_t *id, const char **text, epd_err_t *err)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
     *id = -1;
@@ -23,58 +23,55 @@ static int token_field(const epd_tok_t *tok, const cJSON *root, const char *key,
     } else if (cJSON_IsObject(v)) {
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(v, "content");
         if (!cJSON_IsString(c))
-            return epd_err_set(err, -EINVAL,
-                            "%s: %s.content: expected a string, got %s", path, key,
-                            tok_json_type(c));
+            return epd_err_set(err, -EINVAL, "%s: %s.content: expected a string, got %s", path, key,
+                               tok_json_type(c));
         content = c->valuestring;
     } else {
-        return epd_err_set(err, -EINVAL,
-                        "%s: %s: expected a string or an object, got %s", path, key,
-                        tok_json_type(v));
+        return epd_err_set(err, -EINVAL, "%s: %s: expected a string or an object, got %s", path,
+                           key, tok_json_type(v));
     }
     *id = epd_tok_token_id(tok, content);
     if (text) *text = content;
     if (*id < 0)
-        return epd_err_set(err, -EINVAL,
-                        "%s: %s: \"%.80s\" is not a token of tokenizer.json", path, key, content);
+        return epd_err_set(err, -EINVAL, "%s: %s: \"%.80s\" is not a token of tokenizer.json", path,
+                           key, content);
     return 0;
 }
 
 /* add_bos_token / add_eos_token: a boolean (absent or null: false); true needs the token. */
-static int add_token_flag(const cJSON *root, const char *key, int32_t id,
-                                       const char *path, bool *out, epd_err_t *err)
+static int add_token_flag(const cJSON *root, const char *key, int32_t id, const char *path,
+                          bool *out, epd_err_t *err)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
     *out = false;
     if (!v || cJSON_IsNull(v)) return 0;
     if (!cJSON_IsBool(v))
-        return epd_err_set(err, -EINVAL, "%s: %s: expected a boolean, got %s", path,
-                        key, tok_json_type(v));
+        return epd_err_set(err, -EINVAL, "%s: %s: expected a boolean, got %s", path, key,
+                           tok_json_type(v));
     *out = cJSON_IsTrue(v);
     if (*out && id < 0)
-        return epd_err_set(err, -EINVAL,
-                        "%s: %s: true, but %.3s_token names no token", path, key, key + 4);
+        return epd_err_set(err, -EINVAL, "%s: %s: true, but %.3s_token names no token", path, key,
+                           key + 4);
     return 0;
 }
 
-static int check_gen_id(const epd_tok_t *tok, const cJSON *v, const char *path,
-                                     const char *jpath, int32_t *id, epd_err_t *err)
+static int check_gen_id(const epd_tok_t *tok, const cJSON *v, const char *path, const char *jpath,
+                        int32_t *id, epd_err_t *err)
 {
     if (!cJSON_IsNumber(v))
-        return epd_err_set(err, -EINVAL, "%s: %s: expected an integer, got %s",
-                        path, jpath, tok_json_type(v));
+        return epd_err_set(err, -EINVAL, "%s: %s: expected an integer, got %s", path, jpath,
+                           tok_json_type(v));
     double d = v->valuedouble;
     if (d < 0 || d >= (double)tok->n_ids || d != (double)(int32_t)d ||
         !(tok->id_flags[(int32_t)d] & TOK_ID_PRESENT))
         return epd_err_set(err, -EINVAL,
-                        "%s: %s: %g is not a token id of tokenizer.json (vocabulary size %zu)",
-                        path, jpath, d, tok->n_ids);
+                           "%s: %s: %g is not a token id of tokenizer.json (vocabulary size %zu)",
+                           path, jpath, d, tok->n_ids);
     *id = (int32_t)d;
     return 0;
 }
 
-static int load_generation_config(epd_tok_t *tok, const char *path, bool *have_eos,
-                                               epd_err_t *err)
+static int load_generation_config(epd_tok_t *tok, const char *path, bool *have_eos, epd_err_t *err)
 {
     cJSON *root = NULL;
     int st = tok_parse_json_file(path, &root, err);
@@ -112,7 +109,7 @@ out:
 /* tokenizer_config.json; with_template false when chat_template.jinja supersedes its
  * chat_template, which is then not even looked at (as transformers does). */
 static int load_tokenizer_config(epd_tok_t *tok, const char *path, bool have_eos,
-                                              bool with_template, epd_err_t *err)
+                                 bool with_template, epd_err_t *err)
 {
     cJSON *root = NULL;
     int st = tok_parse_json_file(path, &root, err);
@@ -154,10 +151,11 @@ static int load_tokenizer_config(epd_tok_t *tok, const char *path, bool have_eos
             const cJSON *name = cJSON_GetObjectItemCaseSensitive(e, "name");
             const cJSON *t = cJSON_GetObjectItemCaseSensitive(e, "template");
             if (!cJSON_IsString(name) || !cJSON_IsString(t)) {
-                st = epd_err_set(err, -EINVAL,
-                              "%s: chat_template[%zu]: expected {\"name\": string, \"template\": "
-                              "string}",
-                              path, i);
+                st =
+                    epd_err_set(err, -EINVAL,
+                                "%s: chat_template[%zu]: expected {\"name\": string, \"template\": "
+                                "string}",
+                                path, i);
                 goto out;
             }
             if (strcmp(name->valuestring, "default") == 0) text = t->valuestring;
@@ -165,14 +163,13 @@ static int load_tokenizer_config(epd_tok_t *tok, const char *path, bool have_eos
         }
         if (!text) {
             st = epd_err_set(err, -ENOTSUP,
-                          "%s: chat_template: a list of templates without one named \"default\"",
-                          path);
+                             "%s: chat_template: a list of templates without one named \"default\"",
+                             path);
             goto out;
         }
     } else if (tmpl && !cJSON_IsNull(tmpl)) {
-        st = epd_err_set(err, -EINVAL,
-                      "%s: chat_template: expected a string or a list, got %s", path,
-                      tok_json_type(tmpl));
+        st = epd_err_set(err, -EINVAL, "%s: chat_template: expected a string or a list, got %s",
+                         path, tok_json_type(tmpl));
         goto out;
     }
     if (text) {
@@ -193,8 +190,7 @@ static int load_chat_template_file(epd_tok_t *tok, const char *path, epd_err_t *
     int st = tok_read_file(path, &text, &len, err);
     if (st) return st;
     if (strlen(text) != len)
-        st = epd_err_set(err, -EINVAL, "%s: a NUL byte at offset %zu", path,
-                      strlen(text));
+        st = epd_err_set(err, -EINVAL, "%s: a NUL byte at offset %zu", path, strlen(text));
     else
         st = tok_chat_detect(text, path, &tok->chat, err);
     free(text);
@@ -202,8 +198,8 @@ static int load_chat_template_file(epd_tok_t *tok, const char *path, epd_err_t *
 }
 
 int tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
-                                  const char *chat_template_path,
-                                  const char *generation_config_path, epd_err_t *err)
+                     const char *chat_template_path, const char *generation_config_path,
+                     epd_err_t *err)
 {
     bool have_eos = false;
     int st;

@@ -13,8 +13,8 @@ const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len)
     return tok->pool.p + tok->id_off[id];
 }
 
-int epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags,
-                                char **out, size_t *out_len, epd_err_t *err)
+int epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags, char **out,
+                   size_t *out_len, epd_err_t *err)
 {
     tok_buf_t raw = {0}, txt = {0};
     int st = -ENOMEM;
@@ -23,9 +23,8 @@ int epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned 
         size_t len;
         const uint8_t *b = epd_tok_id_bytes(tok, ids[i], &len);
         if (!b) {
-            st = epd_err_set(err, -EINVAL,
-                          "ids[%zu]: id %d is not in the vocabulary (size %zu)", i, ids[i],
-                          tok->n_ids);
+            st = epd_err_set(err, -EINVAL, "ids[%zu]: id %d is not in the vocabulary (size %zu)", i,
+                             ids[i], tok->n_ids);
             goto fail;
         }
         if ((flags & EPD_TOK_DECODE_SKIP_SPECIAL) && (tok->id_flags[ids[i]] & TOK_ID_SPECIAL))
@@ -55,8 +54,7 @@ struct epd_tok_stream {
     tok_buf_t out; /* text handed to the caller */
 };
 
-int epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags,
-                                       epd_tok_stream_t **out)
+int epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags, epd_tok_stream_t **out)
 {
     epd_tok_stream_t *s = calloc(1, sizeof(*s));
     if (!s) return -ENOMEM;
@@ -74,16 +72,16 @@ void epd_tok_stream_destroy(epd_tok_stream_t *s)
     free(s);
 }
 
-int epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text,
-                                     size_t *text_len, epd_err_t *err)
+int epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text, size_t *text_len,
+                        epd_err_t *err)
 {
     size_t len;
     const uint8_t *b = epd_tok_id_bytes(s->tok, id, &len);
     *text = "";
     *text_len = 0;
     if (!b)
-        return epd_err_set(err, -EINVAL,
-                        "id %d is not in the vocabulary (size %zu)", id, s->tok->n_ids);
+        return epd_err_set(err, -EINVAL, "id %d is not in the vocabulary (size %zu)", id,
+                           s->tok->n_ids);
     if ((s->flags & EPD_TOK_DECODE_SKIP_SPECIAL) && (s->tok->id_flags[id] & TOK_ID_SPECIAL))
         return 0;
     s->in.len = 0;

@@ -18,8 +18,7 @@ typedef struct enc {
 /* Pre-tokenizes p[0..n) with Split regex `level` (Isolated: matches and the gaps between them
  * are both pieces), hands every piece to the next regex, and runs BPE on the pieces of the last
  * one (HF's Sequence pre-tokenizer: each Split splits the pieces of the one before). */
-static int split_level(enc_t *e, const uint8_t *p, size_t n, size_t base_off,
-                                    size_t level)
+static int split_level(enc_t *e, const uint8_t *p, size_t n, size_t base_off, size_t level)
 {
     const epd_tok_t *tok = e->tok;
     if (level == tok->n_re) return tok_bpe_word(tok, p, n, e->out);
@@ -32,8 +31,8 @@ static int split_level(enc_t *e, const uint8_t *p, size_t n, size_t base_off,
             PCRE2_UCHAR msg[256];
             pcre2_get_error_message(rc, msg, sizeof(msg));
             return epd_err_set(e->err, -EINVAL,
-                            "pre-tokenizer regex %zu failed at byte offset %zu: %s", level,
-                            base_off + pos, (const char *)msg);
+                               "pre-tokenizer regex %zu failed at byte offset %zu: %s", level,
+                               base_off + pos, (const char *)msg);
         }
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->md[level]);
         size_t s = ov[0], end = ov[1];
@@ -95,9 +94,8 @@ static const tok_added_t *added_at(const enc_t *e, const uint8_t *p, size_t n, u
 
 /* Splits p[0..n) at added tokens of one kind (leftmost, then longest) and hands the text between
  * them to `then`. */
-static int
-split_added(enc_t *e, const uint8_t *p, size_t n, size_t base_off, unsigned kind,
-            int (*then)(enc_t *, const uint8_t *, size_t, size_t))
+static int split_added(enc_t *e, const uint8_t *p, size_t n, size_t base_off, unsigned kind,
+                       int (*then)(enc_t *, const uint8_t *, size_t, size_t))
 {
     const epd_tok_t *tok = e->tok;
     size_t seg = 0;
@@ -133,12 +131,11 @@ static int normalized_segment(enc_t *e, const uint8_t *p, size_t n, size_t base_
 }
 
 int epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
-                                epd_tok_ids_t *out, epd_err_t *err)
+                   epd_tok_ids_t *out, epd_err_t *err)
 {
     if (!(flags & EPD_TOK_ENCODE_ADD_SPECIAL))
         return tok_encode_masked(tok, text, len, flags, NULL, 0, out, err);
-    if (!tok || !out)
-        return epd_err_set(err, -EINVAL, "epd_tok_encode: NULL argument");
+    if (!tok || !out) return epd_err_set(err, -EINVAL, "epd_tok_encode: NULL argument");
     size_t before = out->len;
     if (tok->add_bos && tok_ids_push(out, tok->bos) < 0) goto nomem;
     int st = tok_encode_masked(tok, text, len, flags, NULL, 0, out, err);
@@ -153,9 +150,8 @@ nomem:
     return epd_err_set(err, -ENOMEM, "epd_tok_encode: out of memory");
 }
 
-int tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
-                                   unsigned flags, const tok_range_t *plain, size_t n_plain,
-                                   epd_tok_ids_t *out, epd_err_t *err)
+int tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                      const tok_range_t *plain, size_t n_plain, epd_tok_ids_t *out, epd_err_t *err)
 {
     if (!tok || !out || (!text && len))
         return epd_err_set(err, -EINVAL, "epd_tok_encode: NULL argument");
@@ -163,15 +159,11 @@ int tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
     size_t bad = tok_utf8_validate(p, len);
     if (bad < len)
         return epd_err_set(err, -EINVAL,
-                        "text is not valid UTF-8: ill-formed byte 0x%02x at byte offset %zu",
-                        p[bad], bad);
+                           "text is not valid UTF-8: ill-formed byte 0x%02x at byte offset %zu",
+                           p[bad], bad);
     if (len == 0) return 0;
-    enc_t e = {.tok = tok,
-               .flags = flags,
-               .out = out,
-               .err = err,
-               .plain = plain,
-               .n_plain = n_plain};
+    enc_t e = {
+        .tok = tok, .flags = flags, .out = out, .err = err, .plain = plain, .n_plain = n_plain};
     int st = 0;
     size_t before = out->len;
     for (size_t i = 0; i < tok->n_re && !st; i++) {

@@ -169,8 +169,8 @@ ptrdiff_t tok_utf8_lossy(const uint8_t *p, size_t n, bool final, tok_buf_t *out)
  * (tok_config.c); any path but tokenizer.json's may be NULL. */
 int tok_load_tokenizer_json(epd_tok_t *tok, const char *path, epd_err_t *err);
 int tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
-                                  const char *chat_template_path,
-                                  const char *generation_config_path, epd_err_t *err);
+                     const char *chat_template_path, const char *generation_config_path,
+                     epd_err_t *err);
 int tok_read_file(const char *path, char **out, size_t *len, epd_err_t *err);
 /* Reads and parses a JSON file whose top level must be an object; a syntax error names the byte
  * offset and line. */
@@ -179,13 +179,11 @@ const char *tok_json_type(const cJSON *v);
 int tok_parse_json_file(const char *path, cJSON **root, epd_err_t *err);
 
 /* Model-level BPE of one pre-token (tok_bpe.c): appends the ids of word[0..n). */
-int tok_bpe_word(const epd_tok_t *tok, const uint8_t *word, size_t n,
-                              epd_tok_ids_t *out);
+int tok_bpe_word(const epd_tok_t *tok, const uint8_t *word, size_t n, epd_tok_ids_t *out);
 void tok_cache_clear(epd_tok_t *tok);
 
 /* NFC normalization (tok_norm.c). *out is NULL when the text is already NFC. */
-int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
-                         epd_err_t *err);
+int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out, epd_err_t *err);
 int tok_nfc_init(epd_tok_t *tok, epd_err_t *err);
 
 /* Chat template recognition (tok_chat.c); where names the template in messages
@@ -203,11 +201,9 @@ typedef struct tok_range {
  * `plain` (a template whose markers are non-special tokens, as DeepSeek-V3's <｜User｜>). */
 #define TOK_ENCODE_MASK_ADDED (1u << 31)
 
-int tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
-                                   unsigned flags, const tok_range_t *plain, size_t n_plain,
-                                   epd_tok_ids_t *out, epd_err_t *err);
+int tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                      const tok_range_t *plain, size_t n_plain, epd_tok_ids_t *out, epd_err_t *err);
 
-int tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
-                                 epd_err_t *err);
+int tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind, epd_err_t *err);
 
 #endif /* EPD_TOK_INTERNAL_H */

@@ -35,10 +35,9 @@ static void quote(char *dst, size_t n, const char *s)
     dst[o < n ? o : n - 1] = 0;
 }
 
-static int jerr(jctx_t *c, int st, const char *jpath, const char *fmt,
-                             ...) __attribute__((format(printf, 4, 5)));
-static int jerr(jctx_t *c, int st, const char *jpath, const char *fmt,
-                             ...)
+static int jerr(jctx_t *c, int st, const char *jpath, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int jerr(jctx_t *c, int st, const char *jpath, const char *fmt, ...)
 {
     char msg[384];
     va_list ap;
@@ -85,8 +84,7 @@ fail_io:;
     int e = errno;
     free(buf);
     fclose(f);
-    return epd_err_set(err, -EIO, "%s: read failed: %s", path,
-                    e ? strerror(e) : "short read");
+    return epd_err_set(err, -EIO, "%s: read failed: %s", path, e ? strerror(e) : "short read");
 }
 
 int tok_parse_json_file(const char *path, cJSON **root, epd_err_t *err)
@@ -104,15 +102,14 @@ int tok_parse_json_file(const char *path, cJSON **root, epd_err_t *err)
         for (size_t i = 0; i < off && i < len; i++)
             line += text[i] == '\n';
         free(text);
-        return epd_err_set(err, -EINVAL,
-                        "%s: not valid JSON: syntax error at byte %zu (line %zu)", path, off, line);
+        return epd_err_set(err, -EINVAL, "%s: not valid JSON: syntax error at byte %zu (line %zu)",
+                           path, off, line);
     }
     free(text);
     if (!cJSON_IsObject(*root)) {
         cJSON_Delete(*root);
         *root = NULL;
-        return epd_err_set(err, -EINVAL, "%s: the top level must be a JSON object",
-                        path);
+        return epd_err_set(err, -EINVAL, "%s: the top level must be a JSON object", path);
     }
     /* cJSON keeps both members of a repeated key, and lookups would see only the first */
     char dpath[256];
@@ -120,14 +117,15 @@ int tok_parse_json_file(const char *path, cJSON **root, epd_err_t *err)
         cJSON_Delete(*root);
         *root = NULL;
         return epd_err_set(err, -EINVAL,
-                        "%s: %s: duplicate key (a key may appear once in an object)", path, dpath);
+                           "%s: %s: duplicate key (a key may appear once in an object)", path,
+                           dpath);
     }
     return 0;
 }
 
 /* The value of an optional boolean field: absent or null gives dflt. */
-static int get_bool(jctx_t *c, const cJSON *obj, const char *key, const char *path,
-                                 bool dflt, bool *out)
+static int get_bool(jctx_t *c, const cJSON *obj, const char *key, const char *path, bool dflt,
+                    bool *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     char p[256];
@@ -143,8 +141,7 @@ static int get_bool(jctx_t *c, const cJSON *obj, const char *key, const char *pa
 }
 
 /* A required string field; *out borrows from the JSON tree. */
-static int get_str(jctx_t *c, const cJSON *obj, const char *key, const char *path,
-                                const char **out)
+static int get_str(jctx_t *c, const cJSON *obj, const char *key, const char *path, const char **out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     char p[256];
@@ -156,8 +153,7 @@ static int get_str(jctx_t *c, const cJSON *obj, const char *key, const char *pat
 }
 
 /* Fields that must be absent, null or equal to a harmless value for us to be exact. */
-static int require_empty_str(jctx_t *c, const cJSON *obj, const char *key,
-                                          const char *path)
+static int require_empty_str(jctx_t *c, const cJSON *obj, const char *key, const char *path)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     if (!v || cJSON_IsNull(v) || (cJSON_IsString(v) && !v->valuestring[0])) return 0;
@@ -169,8 +165,7 @@ static int require_empty_str(jctx_t *c, const cJSON *obj, const char *key,
     return jerr(c, -ENOTSUP, p, "unsupported %s (supported: \"\" or null)", q);
 }
 
-static int require_false(jctx_t *c, const cJSON *obj, const char *key,
-                                      const char *path)
+static int require_false(jctx_t *c, const cJSON *obj, const char *key, const char *path)
 {
     bool b;
     int st = get_bool(c, obj, key, path, false, &b);
@@ -183,9 +178,8 @@ static int require_false(jctx_t *c, const cJSON *obj, const char *key,
     return 0;
 }
 
-static int check_type(jctx_t *c, const cJSON *obj, const char *path,
-                                   const char *supported_list, const char *const *supported,
-                                   const char **type_out)
+static int check_type(jctx_t *c, const cJSON *obj, const char *path, const char *supported_list,
+                      const char *const *supported, const char **type_out)
 {
     char p[256], q[96];
     if (!cJSON_IsObject(obj))
@@ -239,8 +233,7 @@ static int set_id_bytes(epd_tok_t *tok, int32_t id, const char *s, tok_buf_t *tm
 
 static int nomem(jctx_t *c, const char *what)
 {
-    return epd_err_set(c->err, -ENOMEM, "%s: out of memory while loading %s",
-                    c->file, what);
+    return epd_err_set(c->err, -ENOMEM, "%s: out of memory while loading %s", c->file, what);
 }
 
 static int check_id(jctx_t *c, const cJSON *v, const char *path, int32_t *id)
@@ -249,14 +242,13 @@ static int check_id(jctx_t *c, const cJSON *v, const char *path, int32_t *id)
         return jerr(c, -EINVAL, path, "expected an integer id, got %s", tok_json_type(v));
     double d = v->valuedouble;
     if (d < 0 || d >= TOK_MAX_ID || d != (double)(int32_t)d)
-        return jerr(c, -EINVAL, path, "id %g is not an integer in [0, %d)", d,
-                    TOK_MAX_ID);
+        return jerr(c, -EINVAL, path, "id %g is not an integer in [0, %d)", d, TOK_MAX_ID);
     *id = (int32_t)d;
     return 0;
 }
 
-static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model,
-                                   const cJSON *added, tok_buf_t *tmp)
+static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model, const cJSON *added,
+                      tok_buf_t *tmp)
 {
     static const char *const types[] = {"BPE", NULL};
     const char *type;
@@ -275,15 +267,12 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model,
 
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     if (!cJSON_IsObject(vocab))
-        return jerr(c, -EINVAL, "model.vocab", "expected an object, got %s",
-                    tok_json_type(vocab));
+        return jerr(c, -EINVAL, "model.vocab", "expected an object, got %s", tok_json_type(vocab));
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (!cJSON_IsArray(merges))
-        return jerr(c, -EINVAL, "model.merges", "expected an array, got %s",
-                    tok_json_type(merges));
+        return jerr(c, -EINVAL, "model.merges", "expected an array, got %s", tok_json_type(merges));
     if (added && !cJSON_IsNull(added) && !cJSON_IsArray(added))
-        return jerr(c, -EINVAL, "added_tokens", "expected an array, got %s",
-                    tok_json_type(added));
+        return jerr(c, -EINVAL, "added_tokens", "expected an array, got %s", tok_json_type(added));
 
     /* The id space covers the vocabulary and the added tokens. */
     int32_t max_id = -1;
@@ -331,8 +320,8 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model,
             quote(q, sizeof(q), v->string);
             quote(q2, sizeof(q2), tmpname);
             snprintf(p, sizeof(p), "model.vocab[%s]", q);
-            return jerr(c, -EINVAL, p,
-                        "id %d is used twice (also by the token decoding to %s)", id, q2);
+            return jerr(c, -EINVAL, p, "id %d is used twice (also by the token decoding to %s)", id,
+                        q2);
         }
         tok->id_flags[id] |= TOK_ID_PRESENT;
         bool in_alphabet = bytelevel_to_bytes(v->string, tmp);
@@ -369,8 +358,7 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model,
             const char *sp = strchr(v->valuestring, ' ');
             if (!sp || strchr(sp + 1, ' ') || sp == v->valuestring || !sp[1]) {
                 quote(q, sizeof(q), v->valuestring);
-                st =
-                    jerr(c, -EINVAL, p, "%s is not two tokens separated by one space", q);
+                st = jerr(c, -EINVAL, p, "%s is not two tokens separated by one space", q);
                 break;
             }
             split = strdup(v->valuestring);
@@ -387,8 +375,8 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model,
             parts[0] = cJSON_GetArrayItem(v, 0)->valuestring;
             parts[1] = cJSON_GetArrayItem(v, 1)->valuestring;
         } else {
-            st = jerr(c, -EINVAL, p, "expected \"a b\" or [\"a\", \"b\"], got %s",
-                      tok_json_type(v));
+            st =
+                jerr(c, -EINVAL, p, "expected \"a b\" or [\"a\", \"b\"], got %s", tok_json_type(v));
             break;
         }
         int32_t ids[2];
@@ -456,8 +444,7 @@ static int load_added(jctx_t *c, epd_tok_t *tok, const cJSON *added, tok_buf_t *
                 char p2[96];
                 snprintf(p2, sizeof(p2), "%s.%s", path, unsupported[k]);
                 quote(q, sizeof(q), content);
-                return jerr(c, -ENOTSUP, p2,
-                            "unsupported true for %s (supported: false)", q);
+                return jerr(c, -ENOTSUP, p2, "unsupported true for %s (supported: false)", q);
             }
         }
         if ((st = get_bool(c, v, "special", path, false, &special))) return st;
@@ -483,14 +470,12 @@ static int load_added(jctx_t *c, epd_tok_t *tok, const cJSON *added, tok_buf_t *
     return 0;
 }
 
-static int load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *norm,
-                                        const char *path)
+static int load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *norm, const char *path)
 {
     static const char *const types[] = {"NFC", "Sequence", NULL};
     if (!norm || cJSON_IsNull(norm)) return 0;
     const char *type;
-    int st =
-        check_type(c, norm, path, "\"NFC\", \"Sequence\" of those, or null", types, &type);
+    int st = check_type(c, norm, path, "\"NFC\", \"Sequence\" of those, or null", types, &type);
     if (st) return st;
     if (strcmp(type, "NFC") == 0) {
         tok->nfc = true;
@@ -530,9 +515,7 @@ static int load_split(jctx_t *c, epd_tok_t *tok, const cJSON *split, const char 
     if (!cJSON_IsObject(pat))
         return jerr(c, -EINVAL, p2, "expected an object, got %s", tok_json_type(pat));
     const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
-    if (!rx)
-        return jerr(c, -ENOTSUP, p2,
-                    "unsupported pattern kind (supported: {\"Regex\": ...})");
+    if (!rx) return jerr(c, -ENOTSUP, p2, "unsupported pattern kind (supported: {\"Regex\": ...})");
     snprintf(p2, sizeof(p2), "%s.pattern.Regex", p);
     if (!cJSON_IsString(rx))
         return jerr(c, -EINVAL, p2, "expected a string, got %s", tok_json_type(rx));
@@ -543,8 +526,8 @@ static int load_split(jctx_t *c, epd_tok_t *tok, const cJSON *split, const char 
     if (!re) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(errcode, msg, sizeof(msg));
-        return jerr(c, -EINVAL, p2, "PCRE2 cannot compile it at offset %zu: %s",
-                    (size_t)erroff, (const char *)msg);
+        return jerr(c, -EINVAL, p2, "PCRE2 cannot compile it at offset %zu: %s", (size_t)erroff,
+                    (const char *)msg);
     }
     /* JIT is an accelerator only: without it pcre2_match interprets the same pattern. */
     (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
@@ -572,8 +555,8 @@ static int load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON *pre)
     if (seq) {
         list = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
         if (!cJSON_IsArray(list))
-            return jerr(c, -EINVAL, "pre_tokenizer.pretokenizers",
-                        "expected an array, got %s", tok_json_type(list));
+            return jerr(c, -EINVAL, "pre_tokenizer.pretokenizers", "expected an array, got %s",
+                        tok_json_type(list));
         n = (size_t)cJSON_GetArraySize(list);
         if (n < 1 || n > TOK_MAX_SPLITS + 1)
             return jerr(c, -ENOTSUP, "pre_tokenizer.pretokenizers",
@@ -596,8 +579,7 @@ static int load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON *pre)
         }
         bool flag;
         if (i != n - 1)
-            return jerr(c, -ENOTSUP, p,
-                        "unsupported position of ByteLevel (it must come last)");
+            return jerr(c, -ENOTSUP, p, "unsupported position of ByteLevel (it must come last)");
         if ((st = get_bool(c, item, "add_prefix_space", p, true, &flag))) return st;
         if (flag) {
             snprintf(p2, sizeof(p2), "%s.add_prefix_space", p);
@@ -611,13 +593,11 @@ static int load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON *pre)
         }
         have_bytelevel = true;
     }
-    if (!have_bytelevel)
-        return jerr(c, -ENOTSUP, "pre_tokenizer", "no ByteLevel pre-tokenizer");
+    if (!have_bytelevel) return jerr(c, -ENOTSUP, "pre_tokenizer", "no ByteLevel pre-tokenizer");
     return 0;
 }
 
-static int load_bytelevel_only(jctx_t *c, const cJSON *root, const char *key,
-                                            bool allow_null)
+static int load_bytelevel_only(jctx_t *c, const cJSON *root, const char *key, bool allow_null)
 {
     static const char *const types[] = {"ByteLevel", NULL};
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
@@ -640,8 +620,7 @@ int tok_load_tokenizer_json(epd_tok_t *tok, const char *path, epd_err_t *err)
     for (size_t i = 0; i < 2; i++) {
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, nulls[i]);
         if (v && !cJSON_IsNull(v)) {
-            st = jerr(&c, -ENOTSUP, nulls[i], "unsupported %s (supported: null)",
-                      tok_json_type(v));
+            st = jerr(&c, -ENOTSUP, nulls[i], "unsupported %s (supported: null)", tok_json_type(v));
             goto fail;
         }
     }

@@ -11,14 +11,12 @@ int tok_nfc_init(epd_tok_t *tok, epd_err_t *err)
     UErrorCode ue = U_ZERO_ERROR;
     const UNormalizer2 *n = unorm2_getNFCInstance(&ue);
     if (U_FAILURE(ue) || !n)
-        return epd_err_set(err, -ENOTSUP,
-                        "normalizer: ICU has no NFC data: %s", u_errorName(ue));
+        return epd_err_set(err, -ENOTSUP, "normalizer: ICU has no NFC data: %s", u_errorName(ue));
     tok->nfc_norm = n;
     return 0;
 }
 
-int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
-                         epd_err_t *err)
+int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out, epd_err_t *err)
 {
     /* Every code point below U+0300 is NFC_Quick_Check=Yes with combining class 0, so text
      * without a lead byte >= 0xCC (U+0300 is CC 80) is already NFC. */
@@ -27,8 +25,7 @@ int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
         i++;
     out->len = 0;
     if (i == n) return 0;
-    if (n > INT32_MAX / 2)
-        return epd_err_set(err, -EINVAL, "text of %zu bytes is too long", n);
+    if (n > INT32_MAX / 2) return epd_err_set(err, -EINVAL, "text of %zu bytes is too long", n);
 
     const UNormalizer2 *norm = tok->nfc_norm;
     UErrorCode ue = U_ZERO_ERROR;
@@ -63,8 +60,7 @@ int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
     free(src);
     return 0;
 fail_icu:
-    st = epd_err_set(err, -EINVAL, "NFC normalization failed: %s",
-                  u_errorName(ue));
+    st = epd_err_set(err, -EINVAL, "NFC normalization failed: %s", u_errorName(ue));
     free(dst);
     free(src);
     return st;

@@ -37,8 +37,8 @@ int epd_tok_load_dir(const char *model_dir, epd_tok_t **out, epd_err_t *err);
 
 /* The same with explicit paths; all but tokenizer_json may be NULL. */
 int epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
-                                    const char *chat_template_jinja,
-                                    const char *generation_config_json, epd_tok_t **out, epd_err_t *err);
+                       const char *chat_template_jinja, const char *generation_config_json,
+                       epd_tok_t **out, epd_err_t *err);
 
 void epd_tok_destroy(epd_tok_t *tok);
 
@@ -70,7 +70,7 @@ enum epd_tok_encode_flags {
 
 /* Appends the ids of text[0..len) to out (out->len grows; existing ids are kept). */
 int epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
-                                epd_tok_ids_t *out, epd_err_t *err);
+                   epd_tok_ids_t *out, epd_err_t *err);
 
 /* ---- decoding ------------------------------------------------------------------------------ */
 
@@ -82,8 +82,8 @@ enum epd_tok_decode_flags {
  * Byte sequences that are not UTF-8 become U+FFFD, one per maximal ill-formed subpart (the
  * `errors: "replace"` behaviour of Python and of Rust's from_utf8_lossy). An id outside the
  * vocabulary is an error naming its index. */
-int epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags,
-                                char **out, size_t *out_len, epd_err_t *err);
+int epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags, char **out,
+                   size_t *out_len, epd_err_t *err);
 
 /* The raw bytes a single id stands for (no UTF-8 repair); NULL for an unknown id. */
 const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len);
@@ -94,14 +94,13 @@ const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len);
  * final flush equals epd_tok_decode of the whole id sequence. */
 typedef struct epd_tok_stream epd_tok_stream_t;
 
-int epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags,
-                                       epd_tok_stream_t **out);
+int epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags, epd_tok_stream_t **out);
 void epd_tok_stream_destroy(epd_tok_stream_t *s);
 
 /* Decodes one id. *text points into the stream's own buffer and stays valid until the next call
  * on the stream; *text_len may be 0 (all bytes held back, or a skipped special token). */
-int epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text,
-                                     size_t *text_len, epd_err_t *err);
+int epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text, size_t *text_len,
+                        epd_err_t *err);
 
 /* Ends the sequence: held-back bytes of an unfinished character become one U+FFFD. The stream
  * is then empty and may be reused. */
@@ -166,9 +165,9 @@ typedef struct epd_tok_chat_opts {
  * may be NULL. Tool definitions (the template's `tools` variable) are not implemented and have
  * no parameter. A message the template cannot render (no messages, an unknown role, null
  * content) is refused with its index. */
-int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
-                                     size_t *out_len, epd_err_t *err);
+int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                        const epd_tok_chat_opts_t *opts, char **out, size_t *out_len,
+                        epd_err_t *err);
 
 /* Renders messages as epd_tok_chat_render does and appends the ids of the rendering to ids.
  * flags as epd_tok_encode's, except EPD_TOK_ENCODE_SPLIT_SPECIAL, which here applies to the
@@ -177,9 +176,9 @@ int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
  * the template's markers stay control tokens. Text between matched control tokens is encoded in
  * one piece, so a chat whose messages spell no special token gets exactly the ids of
  * epd_tok_encode(epd_tok_chat_render(...)). Without the flag that is what it is. */
-int epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, unsigned flags,
-                                     epd_tok_ids_t *ids, epd_err_t *err);
+int epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                        const epd_tok_chat_opts_t *opts, unsigned flags, epd_tok_ids_t *ids,
+                        epd_err_t *err);
 
 #ifdef __cplusplus
 }
