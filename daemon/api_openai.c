@@ -475,9 +475,8 @@ static void take_token(completion_t *c, choice_t *ch, int32_t tok)
         if (c->eos[i] == tok) return;
     const char *piece = NULL;
     size_t plen = 0;
-    char err[200];
     /* an id the tokenizer does not know (the model's padding rows) decodes to nothing */
-    if (epd_tok_stream_push(ch->ds, tok, &piece, &plen, err, sizeof(err)) != EPD_TOK_OK) plen = 0;
+    if (epd_tok_stream_push(ch->ds, tok, &piece, &plen, NULL) != 0) plen = 0;
     if (plen && append_text(ch, piece, plen)) {
         fail(c, 500, "out of memory");
         return;
@@ -778,8 +777,7 @@ static void submit(epd_api_t *a, epd_http_res_t *res, int chat, double t0, creq_
         choice_t *ch = &c->ch[i];
         ch->c = c;
         ch->index = i;
-        if (c->text &&
-            epd_tok_stream_create(a->tok, EPD_TOK_DECODE_SKIP_SPECIAL, &ch->ds) != EPD_TOK_OK) {
+        if (c->text && epd_tok_stream_create(a->tok, EPD_TOK_DECODE_SKIP_SPECIAL, &ch->ds) != 0) {
             submit_rc = -ENOMEM;
             break;
         }

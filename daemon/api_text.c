@@ -48,32 +48,31 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
         return;
     }
     double t0 = epd_now_s();
-    char err[1024] = "";
+    epd_err_t err = {0};
     epd_tok_t *tok = NULL;
-    epd_tok_status_t st = epd_tok_load_dir(model_dir, &tok, err, sizeof(err));
-    if (st == EPD_TOK_ERR_UNSUPPORTED && strstr(err, "chat_template")) {
+    int st = epd_tok_load_dir(model_dir, &tok, &err);
+    if (st == -ENOTSUP && strstr(err.msg, "chat_template")) {
         /* A chat template we do not render refuses chat only: text completions still work
          * with the vocabulary, its special tokens and generation_config.json's EOS ids. */
         snprintf(a->chat_err, sizeof(a->chat_err),
                  "the checkpoint's chat template is not supported, so chat requests are refused "
-                 "(only Qwen3's ChatML template is rendered): %.600s",
-                 err);
+                 "(Qwen3's ChatML and DeepSeek-V3's templates are rendered): %.600s",
+                 err.msg);
         EPD_WARN(SUB, "%s", a->chat_err);
-        err[0] = '\0';
-        st =
-            epd_tok_load_files(tj, NULL, NULL, file_exists(gc) ? gc : NULL, &tok, err, sizeof(err));
+        epd_err_clear(&err);
+        st = epd_tok_load_files(tj, NULL, NULL, file_exists(gc) ? gc : NULL, &tok, &err);
     }
-    if (st != EPD_TOK_OK) {
+    if (st != 0) {
         a->tok_state = TOK_FAILED;
         snprintf(a->tok_err, sizeof(a->tok_err), "the checkpoint's tokenizer failed to load: %s",
-                 err[0] ? err : epd_tok_strerror(st));
+                 err.msg[0] ? err.msg : epd_status_str(st));
         EPD_ERROR(SUB, "%s (text requests are refused; token-id requests are served)", a->tok_err);
         return;
     }
     a->tok = tok;
     a->tok_state = TOK_LOADED;
     a->tok_load_s = epd_now_s() - t0;
-    if (epd_tok_chat_kind(tok) == EPD_TOK_CHAT_QWEN3) {
+    if (epd_tok_chat_kind(tok) != EPD_TOK_CHAT_NONE) {
         a->chat_ok = 1;
     } else if (!a->chat_err[0]) {
         snprintf(a->chat_err, sizeof(a->chat_err),
@@ -84,7 +83,9 @@ void epd_api_load_tokenizer(epd_api_t *a, const char *model_dir)
     size_t neos = 0;
     epd_tok_eos_ids(tok, &neos);
     EPD_INFO(SUB, "tokenizer %s: %zu ids, %zu EOS id(s), chat %s, loaded in %.2f s", tj,
-             epd_tok_vocab_size(tok), neos, a->chat_ok ? "qwen3" : "refused", a->tok_load_s);
+             epd_tok_vocab_size(tok), neos,
+             a->chat_ok ? epd_tok_chat_kind_name(epd_tok_chat_kind(tok)) : "refused",
+             a->tok_load_s);
 }
 
 cJSON *epd_api_tokenizer_cjson(const epd_api_t *a)
@@ -104,7 +105,9 @@ cJSON *epd_api_tokenizer_cjson(const epd_api_t *a)
     cJSON *e = cJSON_AddArrayToObject(o, "eos_token_ids");
     for (size_t i = 0; e && i < n; i++)
         cJSON_AddItemToArray(e, cJSON_CreateNumber(eos[i]));
-    cJSON_AddStringToObject(o, "chat_template", a->chat_ok ? "qwen3" : "refused");
+    cJSON_AddStringToObject(o, "chat_template",
+                            a->chat_ok ? epd_tok_chat_kind_name(epd_tok_chat_kind(a->tok))
+                                       : "refused");
     if (!a->chat_ok) cJSON_AddStringToObject(o, "chat_error", a->chat_err);
     cJSON_AddNumberToObject(o, "load_seconds", a->tok_load_s);
     return o;
@@ -125,14 +128,14 @@ int api_chat_ready(const epd_api_t *a, verr_t *v)
 }
 
 /* Hands the ids over (or refuses too many); st and err: the encoder's result. */
-static int take_ids(epd_tok_status_t st, const char *err, epd_tok_ids_t out, const char *path,
-                    int32_t **ids, int *n, verr_t *v)
+static int take_ids(int st, const char *err, epd_tok_ids_t out, const char *path, int32_t **ids,
+                    int *n, verr_t *v)
 {
-    if (st != EPD_TOK_OK) {
+    if (st != 0) {
         epd_tok_ids_fini(&out);
-        if (st == EPD_TOK_ERR_NOMEM) return api_bad(v, 500, NULL, NULL, "out of memory");
+        if (st == -ENOMEM) return api_bad(v, 500, NULL, NULL, "out of memory");
         return api_bad(v, 400, "prompt", NULL, "%s cannot be tokenized: %s", path,
-                       err[0] ? err : epd_tok_strerror(st));
+                       err[0] ? err : epd_status_str(st));
     }
     if (out.len > (size_t)1 << 30) {
         epd_tok_ids_fini(&out);
@@ -147,9 +150,9 @@ int api_encode(const epd_api_t *a, const char *text, size_t len, unsigned flags,
                int32_t **ids, int *n, verr_t *v)
 {
     epd_tok_ids_t out = {0};
-    char err[512] = "";
-    epd_tok_status_t st = epd_tok_encode(a->tok, text, len, flags, &out, err, sizeof(err));
-    return take_ids(st, err, out, path, ids, n, v);
+    epd_err_t err = {0};
+    int st = epd_tok_encode(a->tok, text, len, flags, &out, &err);
+    return take_ids(st, err.msg, out, path, ids, n, v);
 }
 
 /* ---- chat messages ------------------------------------------------------------------------ */
@@ -206,7 +209,7 @@ static int parse_content(const cJSON *c, int i, int has_calls, const char **out,
         return 0;
     }
     if ((!c || cJSON_IsNull(c)) && has_calls) {
-        *out = "";
+        *out = NULL; /* "only tool calls": DeepSeek-V3's template renders it apart from "" */
         return 0;
     }
     if (!c || cJSON_IsNull(c))
@@ -354,18 +357,17 @@ int api_encode_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
     }
     epd_tok_chat_opts_t opts = {.add_generation_prompt = add_generation_prompt != 0,
                                 .disable_thinking = disable_thinking != 0};
-    char err[600] = "";
+    epd_err_t err = {0};
     epd_tok_ids_t out = {0};
-    epd_tok_status_t st = epd_tok_chat_encode(a->tok, m.msgs, (size_t)n, &opts,
-                                              split_special ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0,
-                                              &out, err, sizeof(err));
-    if (st == EPD_TOK_ERR_INVALID || st == EPD_TOK_ERR_UNSUPPORTED) {
+    int st = epd_tok_chat_encode(a->tok, m.msgs, (size_t)n, &opts,
+                                 split_special ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0, &out, &err);
+    if (st == -EINVAL || st == -ENOTSUP) {
         epd_tok_ids_fini(&out);
         api_bad(v, 400, "messages", NULL, "the messages cannot be rendered: %s",
-                err[0] ? err : epd_tok_strerror(st));
+                err.msg[0] ? err.msg : epd_status_str(st));
         goto fail;
     }
-    if (take_ids(st, err, out, "the rendered chat", ids, n_ids, v)) goto fail;
+    if (take_ids(st, err.msg, out, "the rendered chat", ids, n_ids, v)) goto fail;
     rc = 0;
 fail:
     msgbuf_free(&m);
@@ -441,7 +443,6 @@ static void tokenize_run(api_job_t *job)
             goto fail;
         }
     }
-    (void)add_special; /* Qwen's tokenizer adds no BOS/EOS either way */
     if (!prompt == !messages) {
         api_bad(&v, 400, prompt ? "messages" : "prompt", NULL,
                 "give exactly one of 'prompt' (a string) and 'messages' (a chat)");
@@ -454,9 +455,12 @@ static void tokenize_run(api_job_t *job)
                     api_type_name(prompt));
             goto fail;
         }
+        /* add_special_tokens: the BOS of a tokenizer whose config asks for one (DeepSeek-V3;
+         * Qwen3 adds none); a chat rendering carries the template's own */
         if (api_encode(a, prompt->valuestring, epd_json_strlen(prompt),
-                       split_special == 1 ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0, "prompt", &ids, &n,
-                       &v))
+                       (split_special == 1 ? EPD_TOK_ENCODE_SPLIT_SPECIAL : 0) |
+                           (add_special ? EPD_TOK_ENCODE_ADD_SPECIAL : 0),
+                       "prompt", &ids, &n, &v))
             goto fail;
     } else {
         if (api_chat_ready(a, &v) || api_chat_kwargs(kwargs, &disable_thinking, &v) ||
@@ -588,11 +592,11 @@ static void h_detokenize(const epd_http_req_t *req, epd_http_res_t *res, void *c
         ids[i] = (int32_t)t->valuedouble;
     }
     size_t len = 0;
-    char err[300] = "";
-    epd_tok_status_t st = epd_tok_decode(a->tok, ids, (size_t)n, 0, &text, &len, err, sizeof(err));
-    if (st != EPD_TOK_OK) {
-        api_bad(&v, st == EPD_TOK_ERR_NOMEM ? 500 : 400, "tokens", NULL, "cannot decode: %s",
-                err[0] ? err : epd_tok_strerror(st));
+    epd_err_t err = {0};
+    int st = epd_tok_decode(a->tok, ids, (size_t)n, 0, &text, &len, &err);
+    if (st != 0) {
+        api_bad(&v, st == -ENOMEM ? 500 : 400, "tokens", NULL, "cannot decode: %s",
+                err.msg[0] ? err.msg : epd_status_str(st));
         goto fail;
     }
     cJSON *doc = cJSON_CreateObject();

@@ -97,7 +97,10 @@ static int add_text_prompt(const epd_api_t *a, const cJSON *s, const char *path,
         return bad(v, 400, "prompt", NULL, "at most %d prompts per request", MAX_PROMPTS);
     int32_t *ids = NULL;
     int n = 0;
-    if (api_encode(a, s->valuestring, epd_json_strlen(s), 0, path, &ids, &n, v)) return -1;
+    /* as transformers' add_special_tokens=True: a BOS where tokenizer_config.json asks for one */
+    if (api_encode(a, s->valuestring, epd_json_strlen(s), EPD_TOK_ENCODE_ADD_SPECIAL, path, &ids,
+                   &n, v))
+        return -1;
     if (n == 0) {
         free(ids);
         return bad(v, 400, "prompt", NULL, "%s is empty (no tokens): give some text", path);

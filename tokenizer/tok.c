@@ -15,8 +15,10 @@ void epd_tok_destroy(epd_tok_t *tok)
         free(tok->cache);
         pthread_mutex_destroy(&tok->cache_mu);
     }
-    pcre2_code_free(tok->re);
+    for (size_t i = 0; i < tok->n_re; i++)
+        pcre2_code_free(tok->re[i]);
     free(tok->eos);
+    free(tok->bos_text);
     free(tok->added);
     tok_pairmap_fini(&tok->merges);
     tok_strmap_fini(&tok->vocab);
@@ -27,41 +29,39 @@ void epd_tok_destroy(epd_tok_t *tok)
     free(tok);
 }
 
-epd_tok_status_t epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
-                                    const char *chat_template_jinja,
-                                    const char *generation_config_json, epd_tok_t **out, char *err,
-                                    size_t err_len)
+int epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
+                       const char *chat_template_jinja, const char *generation_config_json,
+                       epd_tok_t **out, epd_err_t *err)
 {
     *out = NULL;
-    if (!tokenizer_json)
-        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "no tokenizer.json path given");
+    if (!tokenizer_json) return epd_err_set(err, -EINVAL, "no tokenizer.json path given");
     epd_tok_t *tok = calloc(1, sizeof(*tok));
-    if (!tok) return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "out of memory");
-    tok->bos = tok->pad = -1;
-    epd_tok_status_t st = tok_load_tokenizer_json(tok, tokenizer_json, err, err_len);
+    if (!tok) return epd_err_set(err, -ENOMEM, "out of memory");
+    tok->bos = tok->pad = tok->cfg_eos = -1;
+    int st = tok_load_tokenizer_json(tok, tokenizer_json, err);
     if (st) goto fail;
     if ((st = tok_load_configs(tok, tokenizer_config_json, chat_template_jinja,
-                               generation_config_json, err, err_len)))
+                               generation_config_json, err)))
         goto fail;
     tok->cache = calloc(TOK_CACHE_SLOTS, sizeof(*tok->cache));
     if (!tok->cache) {
-        st = tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "out of memory for the word cache");
+        st = epd_err_set(err, -ENOMEM, "out of memory for the word cache");
         goto fail;
     }
     if (pthread_mutex_init(&tok->cache_mu, NULL) != 0) {
         free(tok->cache);
         tok->cache = NULL;
-        st = tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "cannot create the word cache lock");
+        st = epd_err_set(err, -ENOMEM, "cannot create the word cache lock");
         goto fail;
     }
     *out = tok;
-    return EPD_TOK_OK;
+    return 0;
 fail:
     epd_tok_destroy(tok);
     return st;
 }
 
-epd_tok_status_t epd_tok_load_dir(const char *model_dir, epd_tok_t **out, char *err, size_t err_len)
+int epd_tok_load_dir(const char *model_dir, epd_tok_t **out, epd_err_t *err)
 {
     char paths[4][4096];
     static const char *const names[4] = {"tokenizer.json", "tokenizer_config.json",
@@ -70,11 +70,11 @@ epd_tok_status_t epd_tok_load_dir(const char *model_dir, epd_tok_t **out, char *
     for (int i = 0; i < 4; i++) {
         int n = snprintf(paths[i], sizeof(paths[i]), "%s/%s", model_dir, names[i]);
         if (n < 0 || (size_t)n >= sizeof(paths[i]))
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "%s: path too long", model_dir);
+            return epd_err_set(err, -EINVAL, "%s: path too long", model_dir);
         /* the rest are optional; tokenizer.json's absence is reported by the loader */
         p[i] = (i == 0 || access(paths[i], F_OK) == 0) ? paths[i] : NULL;
     }
-    return epd_tok_load_files(p[0], p[1], p[2], p[3], out, err, err_len);
+    return epd_tok_load_files(p[0], p[1], p[2], p[3], out, err);
 }
 
 size_t epd_tok_vocab_size(const epd_tok_t *tok)
@@ -127,4 +127,17 @@ int32_t epd_tok_pad_id(const epd_tok_t *tok)
 epd_tok_chat_kind_t epd_tok_chat_kind(const epd_tok_t *tok)
 {
     return tok->chat;
+}
+
+const char *epd_tok_chat_kind_name(epd_tok_chat_kind_t kind)
+{
+    switch (kind) {
+    case EPD_TOK_CHAT_QWEN3:
+        return "qwen3";
+    case EPD_TOK_CHAT_DEEPSEEK_V3:
+        return "deepseek_v3";
+    case EPD_TOK_CHAT_NONE:
+        break;
+    }
+    return "none";
 }

@@ -9,8 +9,7 @@
  * heap on short words); longer words use a heap over a linked list. */
 #define TOK_BPE_FLAT_MAX 48
 
-static epd_tok_status_t bpe_flat(const epd_tok_t *tok, const uint8_t *w, size_t n,
-                                 epd_tok_ids_t *out)
+static int bpe_flat(const epd_tok_t *tok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
 {
     int32_t sym[TOK_BPE_FLAT_MAX];
     uint32_t rank[TOK_BPE_FLAT_MAX]; /* rank[i]: merge rank of (sym[i], sym[i+1]) */
@@ -39,8 +38,8 @@ static epd_tok_status_t bpe_flat(const epd_tok_t *tok, const uint8_t *w, size_t 
         }
     }
     for (size_t i = 0; i < n; i++)
-        if (tok_ids_push(out, sym[i]) < 0) return EPD_TOK_ERR_NOMEM;
-    return EPD_TOK_OK;
+        if (tok_ids_push(out, sym[i]) < 0) return -ENOMEM;
+    return 0;
 }
 
 /* Heap entry: ordered by (rank, position) so equal ranks merge left to right. */
@@ -77,8 +76,7 @@ static bpe_cand_t heap_pop(bpe_cand_t *h, size_t *n)
     return top;
 }
 
-static epd_tok_status_t bpe_heap(const epd_tok_t *tok, const uint8_t *w, size_t n,
-                                 epd_tok_ids_t *out)
+static int bpe_heap(const epd_tok_t *tok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
 {
     /* sym/prev/next: [n] linked symbols, indexed by the position of their first byte */
     int32_t *sym = malloc(n * sizeof(*sym));
@@ -87,7 +85,7 @@ static epd_tok_status_t bpe_heap(const epd_tok_t *tok, const uint8_t *w, size_t 
     /* each merge pushes at most two candidates, the initial pass n - 1 */
     bpe_cand_t *heap = malloc(3 * n * sizeof(*heap));
     size_t hn = 0;
-    epd_tok_status_t st = EPD_TOK_ERR_NOMEM;
+    int st = -ENOMEM;
     if (!sym || !prev || !next || !heap) goto out;
     for (size_t i = 0; i < n; i++) {
         sym[i] = tok->byte_id[w[i]];
@@ -124,10 +122,10 @@ static epd_tok_status_t bpe_heap(const epd_tok_t *tok, const uint8_t *w, size_t 
                           (bpe_cand_t){(uint64_t)t->rank << 32 | (uint32_t)pos, sym[pos], sym[nn]});
         }
     }
-    st = EPD_TOK_OK;
+    st = 0;
     for (int32_t i = 0; i >= 0; i = next[i]) {
         if (tok_ids_push(out, sym[i]) < 0) {
-            st = EPD_TOK_ERR_NOMEM;
+            st = -ENOMEM;
             break;
         }
     }
@@ -139,14 +137,13 @@ out:
     return st;
 }
 
-static epd_tok_status_t bpe_uncached(const epd_tok_t *tok, const uint8_t *w, size_t n,
-                                     epd_tok_ids_t *out)
+static int bpe_uncached(const epd_tok_t *tok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
 {
     if (tok->ignore_merges) {
         int32_t id = tok_strmap_get(&tok->vocab, &tok->pool, w, n);
-        if (id >= 0) return tok_ids_push(out, id) < 0 ? EPD_TOK_ERR_NOMEM : EPD_TOK_OK;
+        if (id >= 0) return tok_ids_push(out, id) < 0 ? -ENOMEM : 0;
     }
-    if (n == 1) return tok_ids_push(out, tok->byte_id[w[0]]) < 0 ? EPD_TOK_ERR_NOMEM : EPD_TOK_OK;
+    if (n == 1) return tok_ids_push(out, tok->byte_id[w[0]]) < 0 ? -ENOMEM : 0;
     if (n <= TOK_BPE_FLAT_MAX) return bpe_flat(tok, w, n, out);
     return bpe_heap(tok, w, n, out);
 }
@@ -165,10 +162,10 @@ static size_t blob_ids_off(size_t klen)
     return (klen + 3) & ~(size_t)3;
 }
 
-epd_tok_status_t tok_bpe_word(const epd_tok_t *ctok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
+int tok_bpe_word(const epd_tok_t *ctok, const uint8_t *w, size_t n, epd_tok_ids_t *out)
 {
-    if (n == 0) return EPD_TOK_OK;
-    if (n == 1) return tok_ids_push(out, ctok->byte_id[w[0]]) < 0 ? EPD_TOK_ERR_NOMEM : EPD_TOK_OK;
+    if (n == 0) return 0;
+    if (n == 1) return tok_ids_push(out, ctok->byte_id[w[0]]) < 0 ? -ENOMEM : 0;
     if (n > TOK_CACHE_MAX_WORD || !ctok->cache) return bpe_uncached(ctok, w, n, out);
 
     /* The cache is the only mutable state of a loaded tokenizer; it is behind cache_mu. */
@@ -178,26 +175,26 @@ epd_tok_status_t tok_bpe_word(const epd_tok_t *ctok, const uint8_t *w, size_t n,
     pthread_mutex_lock(&tok->cache_mu);
     if (e->blob && e->hash == h && e->klen == n && memcmp(e->blob, w, n) == 0) {
         const int32_t *ids = (const int32_t *)(e->blob + blob_ids_off(n));
-        epd_tok_status_t st = EPD_TOK_OK;
+        int st = 0;
         for (uint32_t i = 0; i < e->nids && !st; i++)
-            if (tok_ids_push(out, ids[i]) < 0) st = EPD_TOK_ERR_NOMEM;
+            if (tok_ids_push(out, ids[i]) < 0) st = -ENOMEM;
         pthread_mutex_unlock(&tok->cache_mu);
         return st;
     }
     pthread_mutex_unlock(&tok->cache_mu);
 
     size_t before = out->len;
-    epd_tok_status_t st = bpe_uncached(tok, w, n, out);
+    int st = bpe_uncached(tok, w, n, out);
     if (st) return st;
     size_t nids = out->len - before;
     size_t off = blob_ids_off(n);
     uint8_t *blob = malloc(off + nids * sizeof(int32_t));
-    if (!blob) return EPD_TOK_OK; /* the cache is an optimisation; the ids are already out */
+    if (!blob) return 0; /* the cache is an optimisation; the ids are already out */
     memcpy(blob, w, n);
     memcpy(blob + off, out->ids + before, nids * sizeof(int32_t));
     pthread_mutex_lock(&tok->cache_mu);
     free(e->blob);
     *e = (tok_cache_entry_t){.hash = h, .klen = (uint32_t)n, .nids = (uint32_t)nids, .blob = blob};
     pthread_mutex_unlock(&tok->cache_mu);
-    return EPD_TOK_OK;
+    return 0;
 }

@@ -1,6 +1,7 @@
-/* Chat templates: recognising Qwen3's ChatML template by its text and rendering it natively
- * (system/user/assistant/tool messages, thinking blocks, tool calls, generation prompt). */
-#include "tok_internal.h"
+/* Chat templates: recognising the template by its text (Qwen3's ChatML here, DeepSeek-V3's in
+ * tok_chat_deepseek.c), rendering Qwen3's natively (system/user/assistant/tool messages, thinking
+ * blocks, tool calls, generation prompt), and the render/encode entry points. */
+#include "tok_chat.h"
 
 #include <stdlib.h>
 #include <string.h>
@@ -38,7 +39,7 @@ static const char *const qwen3_fragments[] = {
  * default system prompt, say) has more and is refused. */
 #define QWEN3_OUTPUT_EXPRS 26
 
-static size_t count(const char *s, const char *needle)
+size_t tok_count(const char *s, const char *needle)
 {
     size_t n = 0, len = strlen(needle);
     for (const char *p = strstr(s, needle); p; p = strstr(p + len, needle))
@@ -46,48 +47,50 @@ static size_t count(const char *s, const char *needle)
     return n;
 }
 
-epd_tok_status_t tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
-                                 char *err, size_t err_len)
+int tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind, epd_err_t *err)
 {
+    if (strstr(tmpl, "<｜User｜>")) {
+        size_t n_exprs = 0;
+        const char *lacks = tok_chat_deepseek_v3_mismatch(tmpl, &n_exprs);
+        if (lacks && *lacks)
+            return epd_err_set(
+                err, -ENOTSUP,
+                "%s: a DeepSeek template that is not DeepSeek-V3's (it lacks %.160s); "
+                "refusing to render it as DeepSeek-V3's",
+                where, lacks);
+        if (lacks)
+            return epd_err_set(err, -ENOTSUP,
+                               "%s: DeepSeek-V3-like but with %zu output expressions instead of "
+                               "DeepSeek-V3's; refusing to render it as DeepSeek-V3's",
+                               where, n_exprs);
+        *kind = EPD_TOK_CHAT_DEEPSEEK_V3;
+        return 0;
+    }
     if (!strstr(tmpl, "<|im_start|>") || !strstr(tmpl, "<|im_end|>"))
-        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                        "%s: not recognised (no <|im_start|>/<|im_end|> ChatML "
-                        "markers; supported: Qwen3's ChatML template)",
-                        where);
+        return epd_err_set(
+            err, -ENOTSUP,
+            "%s: not recognised (neither ChatML's <|im_start|>/<|im_end|> markers nor "
+            "DeepSeek's <｜User｜>; supported: Qwen3's ChatML "
+            "template, DeepSeek-V3's template)",
+            where);
     for (size_t i = 0; i < sizeof(qwen3_fragments) / sizeof(qwen3_fragments[0]); i++) {
         if (!strstr(tmpl, qwen3_fragments[i]))
-            return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                            "%s: a ChatML template that is not Qwen3's (it lacks "
-                            "%.120s); refusing to render it as Qwen3's",
-                            where, qwen3_fragments[i]);
+            return epd_err_set(err, -ENOTSUP,
+                               "%s: a ChatML template that is not Qwen3's (it lacks "
+                               "%.120s); refusing to render it as Qwen3's",
+                               where, qwen3_fragments[i]);
     }
-    size_t n = count(tmpl, "{{");
+    size_t n = tok_count(tmpl, "{{");
     if (n != QWEN3_OUTPUT_EXPRS)
-        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                        "%s: Qwen3-like but with %zu output expressions instead of "
-                        "%d; refusing to render it as Qwen3's",
-                        where, n, QWEN3_OUTPUT_EXPRS);
+        return epd_err_set(err, -ENOTSUP,
+                           "%s: Qwen3-like but with %zu output expressions instead of "
+                           "%d; refusing to render it as Qwen3's",
+                           where, n, QWEN3_OUTPUT_EXPRS);
     *kind = EPD_TOK_CHAT_QWEN3;
-    return EPD_TOK_OK;
+    return 0;
 }
 
 /* ---- rendering ------------------------------------------------------------------------------ */
-
-typedef struct span {
-    const char *p;
-    size_t n;
-} span_t;
-
-static span_t sp(const char *s)
-{
-    return (span_t){s, strlen(s)};
-}
-
-/* s[0..n), or up to its NUL when n is 0 (epd_tok_chat_msg_t's lengths) */
-static span_t sp_n(const char *s, size_t n)
-{
-    return n ? (span_t){s, n} : sp(s);
-}
 
 static span_t lstrip_nl(span_t s)
 {
@@ -139,28 +142,16 @@ static bool ends(span_t s, const char *suf)
     return s.n >= k && memcmp(s.p + s.n - k, suf, k) == 0;
 }
 
-typedef struct out {
-    tok_buf_t b;
-    bool failed;
-    /* where the messages' own text lies in b (content, reasoning, tool-call names and
-     * arguments): sorted, disjoint, [n_user] of cap_user */
-    tok_range_t *user;
-    size_t n_user, cap_user;
-} out_t;
-
-/* Template text: the template's own markers. */
-static void put(out_t *o, span_t s)
+void tok_chat_put(out_t *o, span_t s)
 {
     if (!o->failed && tok_buf_append(&o->b, s.p, s.n) < 0) o->failed = true;
 }
 
-/* Text a message supplied; its range is recorded so that encoding can keep special-token
- * spellings in it from becoming control tokens. */
-static void put_user(out_t *o, span_t s)
+void tok_chat_put_user(out_t *o, span_t s)
 {
     if (o->failed || s.n == 0) return;
     size_t off = o->b.len;
-    put(o, s);
+    tok_chat_put(o, s);
     if (o->failed) return;
     if (o->n_user && o->user[o->n_user - 1].off + o->user[o->n_user - 1].len == off) {
         o->user[o->n_user - 1].len += s.n; /* adjacent: one range */
@@ -179,51 +170,40 @@ static void put_user(out_t *o, span_t s)
     o->user[o->n_user++] = (tok_range_t){off, s.n};
 }
 
-static void puts_(out_t *o, const char *s)
-{
-    put(o, sp(s));
-}
-
-static bool role_is(const epd_tok_chat_msg_t *m, const char *r)
-{
-    return strcmp(m->role, r) == 0;
-}
-
-static epd_tok_status_t check_messages(const epd_tok_chat_msg_t *msgs, size_t n, char *err,
-                                       size_t err_len)
+static int check_messages(const epd_tok_chat_msg_t *msgs, size_t n, epd_err_t *err)
 {
     static const char *const roles[] = {"system", "user", "assistant", "tool"};
     if (n == 0)
-        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
-                        "messages: empty (the template needs at least one message)");
+        return epd_err_set(err, -EINVAL,
+                           "messages: empty (the template needs at least one message)");
     for (size_t i = 0; i < n; i++) {
         const epd_tok_chat_msg_t *m = &msgs[i];
-        if (!m->role)
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "messages[%zu].role: missing", i);
+        if (!m->role) return epd_err_set(err, -EINVAL, "messages[%zu].role: missing", i);
         bool known = false;
         for (size_t r = 0; r < 4; r++)
-            known |= role_is(m, roles[r]);
+            known |= tok_chat_role_is(m, roles[r]);
         if (!known)
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
-                            "messages[%zu].role: unsupported \"%.40s\" (supported: \"system\", "
-                            "\"user\", \"assistant\", \"tool\")",
-                            i, m->role);
-        if (!m->content)
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
-                            "messages[%zu].content: null is not supported (the template needs a "
-                            "string; pass \"\")",
-                            i);
+            return epd_err_set(err, -EINVAL,
+                               "messages[%zu].role: unsupported \"%.40s\" (supported: \"system\", "
+                               "\"user\", \"assistant\", \"tool\")",
+                               i, m->role);
+        /* null content: an assistant message that only calls tools (OpenAI's form) */
+        if (!m->content && !(tok_chat_role_is(m, "assistant") && m->n_tool_calls))
+            return epd_err_set(err, -EINVAL,
+                               "messages[%zu].content: null is not supported (the template needs a "
+                               "string; pass \"\"), except in an assistant message with tool calls",
+                               i);
         if (m->n_tool_calls && !m->tool_calls)
-            return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
-                            "messages[%zu].tool_calls: NULL with %zu calls", i, m->n_tool_calls);
+            return epd_err_set(err, -EINVAL, "messages[%zu].tool_calls: NULL with %zu calls", i,
+                               m->n_tool_calls);
         for (size_t k = 0; k < m->n_tool_calls; k++) {
             if (!m->tool_calls[k].name || !m->tool_calls[k].arguments)
-                return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
-                                "messages[%zu].tool_calls[%zu]: name and arguments are required", i,
-                                k);
+                return epd_err_set(err, -EINVAL,
+                                   "messages[%zu].tool_calls[%zu]: name and arguments are required",
+                                   i, k);
         }
     }
-    return EPD_TOK_OK;
+    return 0;
 }
 
 static void render_assistant(out_t *o, const epd_tok_chat_msg_t *m, size_t i, size_t n,
@@ -237,42 +217,42 @@ static void render_assistant(out_t *o, const epd_tok_chat_msg_t *m, size_t i, si
         reasoning = lstrip_nl(after_last(rstrip_nl(before_first(content, "</think>")), "<think>"));
         content = lstrip_nl(after_last(content, "</think>"));
     }
-    puts_(o, "<|im_start|>");
-    puts_(o, m->role);
+    tok_chat_puts(o, "<|im_start|>");
+    tok_chat_puts(o, m->role);
     if (i > last_query && (i == n - 1 || reasoning.n)) {
-        puts_(o, "\n<think>\n");
-        put_user(o, lstrip_nl(rstrip_nl(reasoning)));
-        puts_(o, "\n</think>\n\n");
-        put_user(o, lstrip_nl(content));
+        tok_chat_puts(o, "\n<think>\n");
+        tok_chat_put_user(o, lstrip_nl(rstrip_nl(reasoning)));
+        tok_chat_puts(o, "\n</think>\n\n");
+        tok_chat_put_user(o, lstrip_nl(content));
     } else {
-        puts_(o, "\n");
-        put_user(o, content);
+        tok_chat_puts(o, "\n");
+        tok_chat_put_user(o, content);
     }
     for (size_t k = 0; k < m->n_tool_calls; k++) {
-        if ((k == 0 && content.n) || k > 0) puts_(o, "\n");
-        puts_(o, "<tool_call>\n{\"name\": \"");
-        put_user(o, sp(m->tool_calls[k].name));
-        puts_(o, "\", \"arguments\": ");
-        put_user(o, sp(m->tool_calls[k].arguments));
-        puts_(o, "}\n</tool_call>");
+        if ((k == 0 && content.n) || k > 0) tok_chat_puts(o, "\n");
+        tok_chat_puts(o, "<tool_call>\n{\"name\": \"");
+        tok_chat_put_user(o, sp(m->tool_calls[k].name));
+        tok_chat_puts(o, "\", \"arguments\": ");
+        tok_chat_put_user(o, sp(m->tool_calls[k].arguments));
+        tok_chat_puts(o, "}\n</tool_call>");
     }
-    puts_(o, "<|im_end|>\n");
+    tok_chat_puts(o, "<|im_end|>\n");
 }
 
-static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
-                                     const epd_tok_chat_opts_t *opts, out_t *o)
+static int render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n, const epd_tok_chat_opts_t *opts,
+                        out_t *o)
 {
-    if (role_is(&msgs[0], "system")) {
-        puts_(o, "<|im_start|>system\n");
-        put_user(o, sp_n(msgs[0].content, msgs[0].content_len));
-        puts_(o, "<|im_end|>\n");
+    if (tok_chat_role_is(&msgs[0], "system")) {
+        tok_chat_puts(o, "<|im_start|>system\n");
+        tok_chat_put_user(o, sp_n(msgs[0].content, msgs[0].content_len));
+        tok_chat_puts(o, "<|im_end|>\n");
     }
     /* The last user message that is not a wrapped tool response; thinking is shown only for
      * assistant turns after it. Without one, the last message's index. */
     size_t last_query = n - 1;
     for (size_t k = n; k-- > 0;) {
         span_t c = sp_n(msgs[k].content, msgs[k].content_len);
-        if (role_is(&msgs[k], "user") &&
+        if (tok_chat_role_is(&msgs[k], "user") &&
             !(starts(c, "<tool_response>") && ends(c, "</tool_response>"))) {
             last_query = k;
             break;
@@ -280,77 +260,84 @@ static epd_tok_status_t render_qwen3(const epd_tok_chat_msg_t *msgs, size_t n,
     }
     for (size_t i = 0; i < n; i++) {
         const epd_tok_chat_msg_t *m = &msgs[i];
-        if (role_is(m, "user") || (role_is(m, "system") && i > 0)) {
-            puts_(o, "<|im_start|>");
-            puts_(o, m->role);
-            puts_(o, "\n");
-            put_user(o, sp_n(m->content, m->content_len));
-            puts_(o, "<|im_end|>\n");
-        } else if (role_is(m, "assistant")) {
+        if (tok_chat_role_is(m, "user") || (tok_chat_role_is(m, "system") && i > 0)) {
+            tok_chat_puts(o, "<|im_start|>");
+            tok_chat_puts(o, m->role);
+            tok_chat_puts(o, "\n");
+            tok_chat_put_user(o, sp_n(m->content, m->content_len));
+            tok_chat_puts(o, "<|im_end|>\n");
+        } else if (tok_chat_role_is(m, "assistant")) {
             render_assistant(o, m, i, n, last_query);
-        } else if (role_is(m, "tool")) {
-            if (i == 0 || !role_is(&msgs[i - 1], "tool")) puts_(o, "<|im_start|>user");
-            puts_(o, "\n<tool_response>\n");
-            put_user(o, sp_n(m->content, m->content_len));
-            puts_(o, "\n</tool_response>");
-            if (i == n - 1 || !role_is(&msgs[i + 1], "tool")) puts_(o, "<|im_end|>\n");
+        } else if (tok_chat_role_is(m, "tool")) {
+            if (i == 0 || !tok_chat_role_is(&msgs[i - 1], "tool"))
+                tok_chat_puts(o, "<|im_start|>user");
+            tok_chat_puts(o, "\n<tool_response>\n");
+            tok_chat_put_user(o, sp_n(m->content, m->content_len));
+            tok_chat_puts(o, "\n</tool_response>");
+            if (i == n - 1 || !tok_chat_role_is(&msgs[i + 1], "tool"))
+                tok_chat_puts(o, "<|im_end|>\n");
         }
     }
     if (opts && opts->add_generation_prompt) {
-        puts_(o, "<|im_start|>assistant\n");
-        if (opts->disable_thinking) puts_(o, "<think>\n\n</think>\n\n");
+        tok_chat_puts(o, "<|im_start|>assistant\n");
+        if (opts->disable_thinking) tok_chat_puts(o, "<think>\n\n</think>\n\n");
     }
-    return EPD_TOK_OK;
+    return 0;
 }
 
-static epd_tok_status_t render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
-                               const epd_tok_chat_opts_t *opts, out_t *o, char *err, size_t err_len)
+static int render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                  const epd_tok_chat_opts_t *opts, out_t *o, epd_err_t *err)
 {
-    if (tok->chat != EPD_TOK_CHAT_QWEN3)
-        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                        "the checkpoint has no chat template (neither chat_template.jinja nor a "
-                        "chat_template in tokenizer_config.json)");
-    epd_tok_status_t st = check_messages(msgs, n_msgs, err, err_len);
+    if (tok->chat == EPD_TOK_CHAT_NONE)
+        return epd_err_set(err, -ENOTSUP,
+                           "the checkpoint has no chat template (neither chat_template.jinja nor a "
+                           "chat_template in tokenizer_config.json)");
+    int st = check_messages(msgs, n_msgs, err);
     if (st) return st;
-    render_qwen3(msgs, n_msgs, opts, o);
+    if (tok->chat == EPD_TOK_CHAT_DEEPSEEK_V3)
+        tok_chat_render_deepseek_v3(tok->bos_text, msgs, n_msgs, opts, o);
+    else
+        render_qwen3(msgs, n_msgs, opts, o);
     if (!o->failed && tok_buf_append(&o->b, "", 1) < 0) o->failed = true;
     if (o->failed) {
         tok_buf_fini(&o->b);
         free(o->user);
-        return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "chat template: out of memory");
+        return epd_err_set(err, -ENOMEM, "chat template: out of memory");
     }
     o->b.len--; /* the NUL stays after the text */
-    return EPD_TOK_OK;
+    return 0;
 }
 
-epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
-                                     size_t *out_len, char *err, size_t err_len)
+int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                        const epd_tok_chat_opts_t *opts, char **out, size_t *out_len,
+                        epd_err_t *err)
 {
     *out = NULL;
     *out_len = 0;
     out_t o = {0};
-    epd_tok_status_t st = render(tok, msgs, n_msgs, opts, &o, err, err_len);
+    int st = render(tok, msgs, n_msgs, opts, &o, err);
     if (st) return st;
     free(o.user);
     *out = (char *)o.b.p;
     *out_len = o.b.len;
-    return EPD_TOK_OK;
+    return 0;
 }
 
-epd_tok_status_t epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, unsigned flags,
-                                     epd_tok_ids_t *ids, char *err, size_t err_len)
+int epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                        const epd_tok_chat_opts_t *opts, unsigned flags, epd_tok_ids_t *ids,
+                        epd_err_t *err)
 {
     out_t o = {0};
-    epd_tok_status_t st = render(tok, msgs, n_msgs, opts, &o, err, err_len);
+    int st = render(tok, msgs, n_msgs, opts, &o, err);
     if (st) return st;
     if (flags & EPD_TOK_ENCODE_SPLIT_SPECIAL)
-        st = tok_encode_masked(tok, (const char *)o.b.p, o.b.len,
-                               flags & ~(unsigned)EPD_TOK_ENCODE_SPLIT_SPECIAL, o.user, o.n_user,
-                               ids, err, err_len);
+        st = tok_encode_masked(
+            tok, (const char *)o.b.p, o.b.len,
+            (flags & ~(unsigned)EPD_TOK_ENCODE_SPLIT_SPECIAL) |
+                (tok->chat == EPD_TOK_CHAT_DEEPSEEK_V3 ? TOK_ENCODE_MASK_ADDED : 0),
+            o.user, o.n_user, ids, err);
     else
-        st = epd_tok_encode(tok, (const char *)o.b.p, o.b.len, flags, ids, err, err_len);
+        st = epd_tok_encode(tok, (const char *)o.b.p, o.b.len, flags, ids, err);
     tok_buf_fini(&o.b);
     free(o.user);
     return st;

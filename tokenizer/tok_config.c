@@ -10,55 +10,71 @@
 
 /* A special token named in tokenizer_config.json: a string, an AddedToken object with
  * "content", or null/absent (-1). */
-static epd_tok_status_t token_field(const epd_tok_t *tok, const cJSON *root, const char *key,
-                                    const char *path, int32_t *id, char *err, size_t err_len)
+static int token_field(const epd_tok_t *tok, const cJSON *root, const char *key, const char *path,
+                       int32_t *id, const char **text, epd_err_t *err)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
     *id = -1;
-    if (!v || cJSON_IsNull(v)) return EPD_TOK_OK;
+    if (text) *text = NULL;
+    if (!v || cJSON_IsNull(v)) return 0;
     const char *content = NULL;
     if (cJSON_IsString(v)) {
         content = v->valuestring;
     } else if (cJSON_IsObject(v)) {
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(v, "content");
         if (!cJSON_IsString(c))
-            return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                            "%s: %s.content: expected a string, got %s", path, key,
-                            tok_json_type(c));
+            return epd_err_set(err, -EINVAL, "%s: %s.content: expected a string, got %s", path, key,
+                               tok_json_type(c));
         content = c->valuestring;
     } else {
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                        "%s: %s: expected a string or an object, got %s", path, key,
-                        tok_json_type(v));
+        return epd_err_set(err, -EINVAL, "%s: %s: expected a string or an object, got %s", path,
+                           key, tok_json_type(v));
     }
     *id = epd_tok_token_id(tok, content);
+    if (text) *text = content;
     if (*id < 0)
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                        "%s: %s: \"%.80s\" is not a token of tokenizer.json", path, key, content);
-    return EPD_TOK_OK;
+        return epd_err_set(err, -EINVAL, "%s: %s: \"%.80s\" is not a token of tokenizer.json", path,
+                           key, content);
+    return 0;
 }
 
-static epd_tok_status_t check_gen_id(const epd_tok_t *tok, const cJSON *v, const char *path,
-                                     const char *jpath, int32_t *id, char *err, size_t err_len)
+/* add_bos_token / add_eos_token: a boolean (absent or null: false); true needs the token. */
+static int add_token_flag(const cJSON *root, const char *key, int32_t id, const char *path,
+                          bool *out, epd_err_t *err)
+{
+    const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
+    *out = false;
+    if (!v || cJSON_IsNull(v)) return 0;
+    if (!cJSON_IsBool(v))
+        return epd_err_set(err, -EINVAL, "%s: %s: expected a boolean, got %s", path, key,
+                           tok_json_type(v));
+    *out = cJSON_IsTrue(v);
+    if (*out && id < 0)
+        return epd_err_set(err, -EINVAL, "%s: %s: true, but %.3s_token names no token", path, key,
+                           key + 4);
+    return 0;
+}
+
+static int check_gen_id(const epd_tok_t *tok, const cJSON *v, const char *path, const char *jpath,
+                        int32_t *id, epd_err_t *err)
 {
     if (!cJSON_IsNumber(v))
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: %s: expected an integer, got %s",
-                        path, jpath, tok_json_type(v));
+        return epd_err_set(err, -EINVAL, "%s: %s: expected an integer, got %s", path, jpath,
+                           tok_json_type(v));
     double d = v->valuedouble;
     if (d < 0 || d >= (double)tok->n_ids || d != (double)(int32_t)d ||
         !(tok->id_flags[(int32_t)d] & TOK_ID_PRESENT))
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                        "%s: %s: %g is not a token id of tokenizer.json (vocabulary size %zu)",
-                        path, jpath, d, tok->n_ids);
+        return epd_err_set(err, -EINVAL,
+                           "%s: %s: %g is not a token id of tokenizer.json (vocabulary size %zu)",
+                           path, jpath, d, tok->n_ids);
     *id = (int32_t)d;
-    return EPD_TOK_OK;
+    return 0;
 }
 
-static epd_tok_status_t load_generation_config(epd_tok_t *tok, const char *path, bool *have_eos,
-                                               char *err, size_t err_len)
+static int load_generation_config(epd_tok_t *tok, const char *path, bool *have_eos, epd_err_t *err)
 {
     cJSON *root = NULL;
-    epd_tok_status_t st = tok_parse_json_file(path, &root, err, err_len);
+    int st = tok_parse_json_file(path, &root, err);
     if (st) return st;
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
     *have_eos = false;
@@ -66,7 +82,7 @@ static epd_tok_status_t load_generation_config(epd_tok_t *tok, const char *path,
         size_t n = cJSON_IsArray(v) ? (size_t)cJSON_GetArraySize(v) : 1;
         tok->eos = calloc(n ? n : 1, sizeof(*tok->eos));
         if (!tok->eos) {
-            st = tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "%s: out of memory", path);
+            st = epd_err_set(err, -ENOMEM, "%s: out of memory", path);
             goto out;
         }
         if (cJSON_IsArray(v)) {
@@ -76,10 +92,10 @@ static epd_tok_status_t load_generation_config(epd_tok_t *tok, const char *path,
             {
                 char jp[64];
                 snprintf(jp, sizeof(jp), "eos_token_id[%zu]", i);
-                if ((st = check_gen_id(tok, e, path, jp, &tok->eos[i], err, err_len))) goto out;
+                if ((st = check_gen_id(tok, e, path, jp, &tok->eos[i], err))) goto out;
                 i++;
             }
-        } else if ((st = check_gen_id(tok, v, path, "eos_token_id", &tok->eos[0], err, err_len))) {
+        } else if ((st = check_gen_id(tok, v, path, "eos_token_id", &tok->eos[0], err))) {
             goto out;
         }
         tok->n_eos = n;
@@ -92,21 +108,29 @@ out:
 
 /* tokenizer_config.json; with_template false when chat_template.jinja supersedes its
  * chat_template, which is then not even looked at (as transformers does). */
-static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, bool have_eos,
-                                              bool with_template, char *err, size_t err_len)
+static int load_tokenizer_config(epd_tok_t *tok, const char *path, bool have_eos,
+                                 bool with_template, epd_err_t *err)
 {
     cJSON *root = NULL;
-    epd_tok_status_t st = tok_parse_json_file(path, &root, err, err_len);
+    int st = tok_parse_json_file(path, &root, err);
     int32_t eos;
+    const char *bos_text;
     if (st) return st;
-    if ((st = token_field(tok, root, "eos_token", path, &eos, err, err_len)) ||
-        (st = token_field(tok, root, "bos_token", path, &tok->bos, err, err_len)) ||
-        (st = token_field(tok, root, "pad_token", path, &tok->pad, err, err_len)))
+    if ((st = token_field(tok, root, "eos_token", path, &eos, NULL, err)) ||
+        (st = token_field(tok, root, "bos_token", path, &tok->bos, &bos_text, err)) ||
+        (st = token_field(tok, root, "pad_token", path, &tok->pad, NULL, err)) ||
+        (st = add_token_flag(root, "add_bos_token", tok->bos, path, &tok->add_bos, err)) ||
+        (st = add_token_flag(root, "add_eos_token", eos, path, &tok->add_eos, err)))
         goto out;
+    tok->cfg_eos = eos;
+    if (bos_text && !(tok->bos_text = strdup(bos_text))) {
+        st = epd_err_set(err, -ENOMEM, "%s: out of memory", path);
+        goto out;
+    }
     if (!have_eos && eos >= 0) {
         tok->eos = malloc(sizeof(*tok->eos));
         if (!tok->eos) {
-            st = tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "%s: out of memory", path);
+            st = epd_err_set(err, -ENOMEM, "%s: out of memory", path);
             goto out;
         }
         tok->eos[0] = eos;
@@ -127,31 +151,31 @@ static epd_tok_status_t load_tokenizer_config(epd_tok_t *tok, const char *path, 
             const cJSON *name = cJSON_GetObjectItemCaseSensitive(e, "name");
             const cJSON *t = cJSON_GetObjectItemCaseSensitive(e, "template");
             if (!cJSON_IsString(name) || !cJSON_IsString(t)) {
-                st = tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                              "%s: chat_template[%zu]: expected {\"name\": string, \"template\": "
-                              "string}",
-                              path, i);
+                st =
+                    epd_err_set(err, -EINVAL,
+                                "%s: chat_template[%zu]: expected {\"name\": string, \"template\": "
+                                "string}",
+                                path, i);
                 goto out;
             }
             if (strcmp(name->valuestring, "default") == 0) text = t->valuestring;
             i++;
         }
         if (!text) {
-            st = tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                          "%s: chat_template: a list of templates without one named \"default\"",
-                          path);
+            st = epd_err_set(err, -ENOTSUP,
+                             "%s: chat_template: a list of templates without one named \"default\"",
+                             path);
             goto out;
         }
     } else if (tmpl && !cJSON_IsNull(tmpl)) {
-        st = tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                      "%s: chat_template: expected a string or a list, got %s", path,
-                      tok_json_type(tmpl));
+        st = epd_err_set(err, -EINVAL, "%s: chat_template: expected a string or a list, got %s",
+                         path, tok_json_type(tmpl));
         goto out;
     }
     if (text) {
         char where[4200];
         snprintf(where, sizeof(where), "%s: chat_template", path);
-        st = tok_chat_detect(text, where, &tok->chat, err, err_len);
+        st = tok_chat_detect(text, where, &tok->chat, err);
     }
 out:
     cJSON_Delete(root);
@@ -159,35 +183,33 @@ out:
 }
 
 /* chat_template.jinja: the template's text as it is, no JSON around it. */
-static epd_tok_status_t load_chat_template_file(epd_tok_t *tok, const char *path, char *err,
-                                                size_t err_len)
+static int load_chat_template_file(epd_tok_t *tok, const char *path, epd_err_t *err)
 {
     char *text = NULL;
     size_t len = 0;
-    epd_tok_status_t st = tok_read_file(path, &text, &len, err, err_len);
+    int st = tok_read_file(path, &text, &len, err);
     if (st) return st;
     if (strlen(text) != len)
-        st = tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: a NUL byte at offset %zu", path,
-                      strlen(text));
+        st = epd_err_set(err, -EINVAL, "%s: a NUL byte at offset %zu", path, strlen(text));
     else
-        st = tok_chat_detect(text, path, &tok->chat, err, err_len);
+        st = tok_chat_detect(text, path, &tok->chat, err);
     free(text);
     return st;
 }
 
-epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
-                                  const char *chat_template_path,
-                                  const char *generation_config_path, char *err, size_t err_len)
+int tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
+                     const char *chat_template_path, const char *generation_config_path,
+                     epd_err_t *err)
 {
     bool have_eos = false;
-    epd_tok_status_t st;
+    int st;
     if (generation_config_path &&
-        (st = load_generation_config(tok, generation_config_path, &have_eos, err, err_len)))
+        (st = load_generation_config(tok, generation_config_path, &have_eos, err)))
         return st;
     if (tokenizer_config_path && (st = load_tokenizer_config(tok, tokenizer_config_path, have_eos,
-                                                             !chat_template_path, err, err_len)))
+                                                             !chat_template_path, err)))
         return st;
-    if (chat_template_path && (st = load_chat_template_file(tok, chat_template_path, err, err_len)))
+    if (chat_template_path && (st = load_chat_template_file(tok, chat_template_path, err)))
         return st;
-    return EPD_TOK_OK;
+    return 0;
 }

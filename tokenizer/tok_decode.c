@@ -13,19 +13,18 @@ const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len)
     return tok->pool.p + tok->id_off[id];
 }
 
-epd_tok_status_t epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags,
-                                char **out, size_t *out_len, char *err, size_t err_len)
+int epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags, char **out,
+                   size_t *out_len, epd_err_t *err)
 {
     tok_buf_t raw = {0}, txt = {0};
-    epd_tok_status_t st = EPD_TOK_ERR_NOMEM;
+    int st = -ENOMEM;
     *out = NULL;
     for (size_t i = 0; i < n; i++) {
         size_t len;
         const uint8_t *b = epd_tok_id_bytes(tok, ids[i], &len);
         if (!b) {
-            st = tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
-                          "ids[%zu]: id %d is not in the vocabulary (size %zu)", i, ids[i],
-                          tok->n_ids);
+            st = epd_err_set(err, -EINVAL, "ids[%zu]: id %d is not in the vocabulary (size %zu)", i,
+                             ids[i], tok->n_ids);
             goto fail;
         }
         if ((flags & EPD_TOK_DECODE_SKIP_SPECIAL) && (tok->id_flags[ids[i]] & TOK_ID_SPECIAL))
@@ -37,9 +36,9 @@ epd_tok_status_t epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t
     tok_buf_fini(&raw);
     *out = (char *)txt.p;
     *out_len = txt.len - 1;
-    return EPD_TOK_OK;
+    return 0;
 fail_nomem:
-    st = tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "epd_tok_decode: out of memory");
+    st = epd_err_set(err, -ENOMEM, "epd_tok_decode: out of memory");
 fail:
     tok_buf_fini(&txt);
     tok_buf_fini(&raw);
@@ -55,15 +54,14 @@ struct epd_tok_stream {
     tok_buf_t out; /* text handed to the caller */
 };
 
-epd_tok_status_t epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags,
-                                       epd_tok_stream_t **out)
+int epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags, epd_tok_stream_t **out)
 {
     epd_tok_stream_t *s = calloc(1, sizeof(*s));
-    if (!s) return EPD_TOK_ERR_NOMEM;
+    if (!s) return -ENOMEM;
     s->tok = tok;
     s->flags = decode_flags;
     *out = s;
-    return EPD_TOK_OK;
+    return 0;
 }
 
 void epd_tok_stream_destroy(epd_tok_stream_t *s)
@@ -74,39 +72,39 @@ void epd_tok_stream_destroy(epd_tok_stream_t *s)
     free(s);
 }
 
-epd_tok_status_t epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text,
-                                     size_t *text_len, char *err, size_t err_len)
+int epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text, size_t *text_len,
+                        epd_err_t *err)
 {
     size_t len;
     const uint8_t *b = epd_tok_id_bytes(s->tok, id, &len);
     *text = "";
     *text_len = 0;
     if (!b)
-        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID,
-                        "id %d is not in the vocabulary (size %zu)", id, s->tok->n_ids);
+        return epd_err_set(err, -EINVAL, "id %d is not in the vocabulary (size %zu)", id,
+                           s->tok->n_ids);
     if ((s->flags & EPD_TOK_DECODE_SKIP_SPECIAL) && (s->tok->id_flags[id] & TOK_ID_SPECIAL))
-        return EPD_TOK_OK;
+        return 0;
     s->in.len = 0;
     s->out.len = 0;
     if (tok_buf_append(&s->in, s->held, s->n_held) < 0 || tok_buf_append(&s->in, b, len) < 0)
-        return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "stream decoder: out of memory");
+        return epd_err_set(err, -ENOMEM, "stream decoder: out of memory");
     ptrdiff_t used = tok_utf8_lossy(s->in.p, s->in.len, false, &s->out);
-    if (used < 0) return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "stream decoder: out of memory");
+    if (used < 0) return epd_err_set(err, -ENOMEM, "stream decoder: out of memory");
     s->n_held = s->in.len - (size_t)used;
     memcpy(s->held, s->in.p + used, s->n_held);
     *text = s->out.p ? (const char *)s->out.p : "";
     *text_len = s->out.len;
-    return EPD_TOK_OK;
+    return 0;
 }
 
-epd_tok_status_t epd_tok_stream_flush(epd_tok_stream_t *s, const char **text, size_t *text_len)
+int epd_tok_stream_flush(epd_tok_stream_t *s, const char **text, size_t *text_len)
 {
     s->out.len = 0;
     *text = "";
     *text_len = 0;
-    if (tok_utf8_lossy(s->held, s->n_held, true, &s->out) < 0) return EPD_TOK_ERR_NOMEM;
+    if (tok_utf8_lossy(s->held, s->n_held, true, &s->out) < 0) return -ENOMEM;
     s->n_held = 0;
     *text = s->out.p ? (const char *)s->out.p : "";
     *text_len = s->out.len;
-    return EPD_TOK_OK;
+    return 0;
 }

@@ -5,6 +5,8 @@
 
 #include "epd_tok.h"
 
+#include <errno.h>
+
 #include <cJSON.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -89,6 +91,8 @@ typedef struct tok_cache_entry {
     uint8_t *blob; /* key bytes, then nids int32 ids (aligned) */
 } tok_cache_entry_t;
 
+#define TOK_MAX_SPLITS 8 /* Split pre-tokenizers in a Sequence; real ones have 1 to 3 */
+
 #define TOK_CACHE_SLOTS 16384
 #define TOK_CACHE_MAX_WORD 256 /* longer words are rare and not worth keeping */
 
@@ -127,7 +131,10 @@ struct epd_tok {
     bool nfc;
     const void *nfc_norm; /* const UNormalizer2 * */
 
-    pcre2_code *re;
+    /* the pre-tokenizer's Split regexes, applied in order: each splits the pieces of the one
+     * before (a Sequence of Splits, as DeepSeek-V3 has); [n_re] */
+    pcre2_code *re[TOK_MAX_SPLITS];
+    size_t n_re;
 
     pthread_mutex_t cache_mu;
     tok_cache_entry_t *cache; /* [TOK_CACHE_SLOTS] */
@@ -136,12 +143,13 @@ struct epd_tok {
     size_t n_eos;
     int32_t bos;
     int32_t pad;
+    int32_t cfg_eos; /* tokenizer_config.json's eos_token (what add_eos_token appends); -1 */
+    /* tokenizer_config.json's add_bos_token / add_eos_token: what EPD_TOK_ENCODE_ADD_SPECIAL
+     * adds around a text (transformers' add_special_tokens=True) */
+    bool add_bos, add_eos;
+    char *bos_text; /* bos_token's content, as a template's {{ bos_token }} renders it; NULL */
     epd_tok_chat_kind_t chat;
 };
-
-/* Formats "<prefix>: <message>" into err (when err_len > 0) and returns st. */
-epd_tok_status_t tok_errf(char *err, size_t err_len, epd_tok_status_t st, const char *fmt, ...)
-    __attribute__((format(printf, 4, 5)));
 
 /* GPT-2's byte-level alphabet: byte -> code point and back (-1 for code points outside it). */
 extern const uint16_t tok_byte_to_cp[256];
@@ -159,28 +167,24 @@ ptrdiff_t tok_utf8_lossy(const uint8_t *p, size_t n, bool final, tok_buf_t *out)
 
 /* Parsing tokenizer.json (tok_load.c), the two config files and chat_template.jinja
  * (tok_config.c); any path but tokenizer.json's may be NULL. */
-epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char *err,
-                                         size_t err_len);
-epd_tok_status_t tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
-                                  const char *chat_template_path,
-                                  const char *generation_config_path, char *err, size_t err_len);
-epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *err,
-                               size_t err_len);
+int tok_load_tokenizer_json(epd_tok_t *tok, const char *path, epd_err_t *err);
+int tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
+                     const char *chat_template_path, const char *generation_config_path,
+                     epd_err_t *err);
+int tok_read_file(const char *path, char **out, size_t *len, epd_err_t *err);
 /* Reads and parses a JSON file whose top level must be an object; a syntax error names the byte
  * offset and line. */
 /* How an error message names a JSON value's type ("missing", "null", "a number", ...). */
 const char *tok_json_type(const cJSON *v);
-epd_tok_status_t tok_parse_json_file(const char *path, cJSON **root, char *err, size_t err_len);
+int tok_parse_json_file(const char *path, cJSON **root, epd_err_t *err);
 
 /* Model-level BPE of one pre-token (tok_bpe.c): appends the ids of word[0..n). */
-epd_tok_status_t tok_bpe_word(const epd_tok_t *tok, const uint8_t *word, size_t n,
-                              epd_tok_ids_t *out);
+int tok_bpe_word(const epd_tok_t *tok, const uint8_t *word, size_t n, epd_tok_ids_t *out);
 void tok_cache_clear(epd_tok_t *tok);
 
 /* NFC normalization (tok_norm.c). *out is NULL when the text is already NFC. */
-epd_tok_status_t tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
-                         char *err, size_t err_len);
-epd_tok_status_t tok_nfc_init(epd_tok_t *tok, char *err, size_t err_len);
+int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out, epd_err_t *err);
+int tok_nfc_init(epd_tok_t *tok, epd_err_t *err);
 
 /* Chat template recognition (tok_chat.c); where names the template in messages
  * ("<file>: chat_template", or the .jinja file's path). */
@@ -193,11 +197,13 @@ typedef struct tok_range {
  * `plain` (sorted, disjoint ranges of text: message fields inside a rendered chat). The text
  * between matched added tokens is still encoded in one piece, so text without special-token
  * spellings gets the very ids epd_tok_encode gives. */
-epd_tok_status_t tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len,
-                                   unsigned flags, const tok_range_t *plain, size_t n_plain,
-                                   epd_tok_ids_t *out, char *err, size_t err_len);
+/* tok_encode_masked's flag: no added token at all, special or not, matches where it overlaps
+ * `plain` (a template whose markers are non-special tokens, as DeepSeek-V3's <｜User｜>). */
+#define TOK_ENCODE_MASK_ADDED (1u << 31)
 
-epd_tok_status_t tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind,
-                                 char *err, size_t err_len);
+int tok_encode_masked(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                      const tok_range_t *plain, size_t n_plain, epd_tok_ids_t *out, epd_err_t *err);
+
+int tok_chat_detect(const char *tmpl, const char *where, epd_tok_chat_kind_t *kind, epd_err_t *err);
 
 #endif /* EPD_TOK_INTERNAL_H */

@@ -14,8 +14,7 @@
 
 typedef struct jctx {
     const char *file;
-    char *err;
-    size_t err_len;
+    epd_err_t *err;
 } jctx_t;
 
 /* A short printable rendering of a JSON string value for messages. */
@@ -36,17 +35,16 @@ static void quote(char *dst, size_t n, const char *s)
     dst[o < n ? o : n - 1] = 0;
 }
 
-static epd_tok_status_t jerr(jctx_t *c, epd_tok_status_t st, const char *jpath, const char *fmt,
-                             ...) __attribute__((format(printf, 4, 5)));
-static epd_tok_status_t jerr(jctx_t *c, epd_tok_status_t st, const char *jpath, const char *fmt,
-                             ...)
+static int jerr(jctx_t *c, int st, const char *jpath, const char *fmt, ...)
+    __attribute__((format(printf, 4, 5)));
+static int jerr(jctx_t *c, int st, const char *jpath, const char *fmt, ...)
 {
     char msg[384];
     va_list ap;
     va_start(ap, fmt);
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
-    return tok_errf(c->err, c->err_len, st, "%s: %s: %s", c->file, jpath, msg);
+    return epd_err_set(c->err, st, "%s: %s: %s", c->file, jpath, msg);
 }
 
 const char *tok_json_type(const cJSON *v)
@@ -60,39 +58,40 @@ const char *tok_json_type(const cJSON *v)
     return "an object";
 }
 
-epd_tok_status_t tok_read_file(const char *path, char **out, size_t *len, char *err, size_t err_len)
+int tok_read_file(const char *path, char **out, size_t *len, epd_err_t *err)
 {
     FILE *f = fopen(path, "rb");
     char *buf = NULL;
-    if (!f)
-        return tok_errf(err, err_len, EPD_TOK_ERR_IO, "%s: cannot open: %s", path, strerror(errno));
+    if (!f) {
+        int e = errno;
+        return epd_err_set(err, -e, "%s: cannot open: %s", path, strerror(e));
+    }
     if (fseek(f, 0, SEEK_END) != 0) goto fail_io;
     long sz = ftell(f);
     if (sz < 0 || fseek(f, 0, SEEK_SET) != 0) goto fail_io;
     buf = malloc((size_t)sz + 1);
     if (!buf) {
         fclose(f);
-        return tok_errf(err, err_len, EPD_TOK_ERR_NOMEM, "%s: cannot allocate %ld bytes", path, sz);
+        return epd_err_set(err, -ENOMEM, "%s: cannot allocate %ld bytes", path, sz);
     }
     if (fread(buf, 1, (size_t)sz, f) != (size_t)sz) goto fail_io;
     fclose(f);
     buf[sz] = 0;
     *out = buf;
     *len = (size_t)sz;
-    return EPD_TOK_OK;
+    return 0;
 fail_io:;
     int e = errno;
     free(buf);
     fclose(f);
-    return tok_errf(err, err_len, EPD_TOK_ERR_IO, "%s: read failed: %s", path,
-                    e ? strerror(e) : "short read");
+    return epd_err_set(err, -EIO, "%s: read failed: %s", path, e ? strerror(e) : "short read");
 }
 
-epd_tok_status_t tok_parse_json_file(const char *path, cJSON **root, char *err, size_t err_len)
+int tok_parse_json_file(const char *path, cJSON **root, epd_err_t *err)
 {
     char *text = NULL;
     size_t len = 0;
-    epd_tok_status_t st = tok_read_file(path, &text, &len, err, err_len);
+    int st = tok_read_file(path, &text, &len, err);
     if (st) return st;
     const char *end = NULL;
     *root = cJSON_ParseWithLengthOpts(text, len, &end, 0);
@@ -103,104 +102,100 @@ epd_tok_status_t tok_parse_json_file(const char *path, cJSON **root, char *err, 
         for (size_t i = 0; i < off && i < len; i++)
             line += text[i] == '\n';
         free(text);
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                        "%s: not valid JSON: syntax error at byte %zu (line %zu)", path, off, line);
+        return epd_err_set(err, -EINVAL, "%s: not valid JSON: syntax error at byte %zu (line %zu)",
+                           path, off, line);
     }
     free(text);
     if (!cJSON_IsObject(*root)) {
         cJSON_Delete(*root);
         *root = NULL;
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE, "%s: the top level must be a JSON object",
-                        path);
+        return epd_err_set(err, -EINVAL, "%s: the top level must be a JSON object", path);
     }
     /* cJSON keeps both members of a repeated key, and lookups would see only the first */
     char dpath[256];
     if (epd_json_find_duplicate(*root, dpath, sizeof(dpath))) {
         cJSON_Delete(*root);
         *root = NULL;
-        return tok_errf(err, err_len, EPD_TOK_ERR_PARSE,
-                        "%s: %s: duplicate key (a key may appear once in an object)", path, dpath);
+        return epd_err_set(err, -EINVAL,
+                           "%s: %s: duplicate key (a key may appear once in an object)", path,
+                           dpath);
     }
-    return EPD_TOK_OK;
+    return 0;
 }
 
 /* The value of an optional boolean field: absent or null gives dflt. */
-static epd_tok_status_t get_bool(jctx_t *c, const cJSON *obj, const char *key, const char *path,
-                                 bool dflt, bool *out)
+static int get_bool(jctx_t *c, const cJSON *obj, const char *key, const char *path, bool dflt,
+                    bool *out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     char p[256];
     snprintf(p, sizeof(p), "%s.%s", path, key);
     if (!v || cJSON_IsNull(v)) {
         *out = dflt;
-        return EPD_TOK_OK;
+        return 0;
     }
     if (!cJSON_IsBool(v))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a boolean, got %s", tok_json_type(v));
+        return jerr(c, -EINVAL, p, "expected a boolean, got %s", tok_json_type(v));
     *out = cJSON_IsTrue(v);
-    return EPD_TOK_OK;
+    return 0;
 }
 
 /* A required string field; *out borrows from the JSON tree. */
-static epd_tok_status_t get_str(jctx_t *c, const cJSON *obj, const char *key, const char *path,
-                                const char **out)
+static int get_str(jctx_t *c, const cJSON *obj, const char *key, const char *path, const char **out)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
     char p[256];
     snprintf(p, sizeof(p), "%s%s%s", path, *path ? "." : "", key);
     if (!cJSON_IsString(v))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", tok_json_type(v));
+        return jerr(c, -EINVAL, p, "expected a string, got %s", tok_json_type(v));
     *out = v->valuestring;
-    return EPD_TOK_OK;
+    return 0;
 }
 
 /* Fields that must be absent, null or equal to a harmless value for us to be exact. */
-static epd_tok_status_t require_empty_str(jctx_t *c, const cJSON *obj, const char *key,
-                                          const char *path)
+static int require_empty_str(jctx_t *c, const cJSON *obj, const char *key, const char *path)
 {
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(obj, key);
-    if (!v || cJSON_IsNull(v) || (cJSON_IsString(v) && !v->valuestring[0])) return EPD_TOK_OK;
+    if (!v || cJSON_IsNull(v) || (cJSON_IsString(v) && !v->valuestring[0])) return 0;
     char p[256], q[96];
     snprintf(p, sizeof(p), "%s.%s", path, key);
     if (!cJSON_IsString(v))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", tok_json_type(v));
+        return jerr(c, -EINVAL, p, "expected a string, got %s", tok_json_type(v));
     quote(q, sizeof(q), v->valuestring);
-    return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p, "unsupported %s (supported: \"\" or null)", q);
+    return jerr(c, -ENOTSUP, p, "unsupported %s (supported: \"\" or null)", q);
 }
 
-static epd_tok_status_t require_false(jctx_t *c, const cJSON *obj, const char *key,
-                                      const char *path)
+static int require_false(jctx_t *c, const cJSON *obj, const char *key, const char *path)
 {
     bool b;
-    epd_tok_status_t st = get_bool(c, obj, key, path, false, &b);
+    int st = get_bool(c, obj, key, path, false, &b);
     if (st) return st;
     if (b) {
         char p[256];
         snprintf(p, sizeof(p), "%s.%s", path, key);
-        return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p, "unsupported true (supported: false)");
+        return jerr(c, -ENOTSUP, p, "unsupported true (supported: false)");
     }
-    return EPD_TOK_OK;
+    return 0;
 }
 
-static epd_tok_status_t check_type(jctx_t *c, const cJSON *obj, const char *path,
-                                   const char *supported_list, const char *const *supported,
-                                   const char **type_out)
+static int check_type(jctx_t *c, const cJSON *obj, const char *path, const char *supported_list,
+                      const char *const *supported, const char **type_out)
 {
     char p[256], q[96];
     if (!cJSON_IsObject(obj))
-        return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an object, got %s", tok_json_type(obj));
+        return jerr(c, -EINVAL, path, "expected an object, got %s", tok_json_type(obj));
     snprintf(p, sizeof(p), "%s.type", path);
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(obj, "type");
     if (!cJSON_IsString(t))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected a string, got %s", tok_json_type(t));
+        return jerr(c, -EINVAL, p, "expected a string, got %s", tok_json_type(t));
     for (size_t i = 0; supported[i]; i++) {
         if (strcmp(t->valuestring, supported[i]) == 0) {
             *type_out = supported[i];
-            return EPD_TOK_OK;
+            return 0;
         }
     }
     quote(q, sizeof(q), t->valuestring);
-    return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p, "unsupported %s (supported: %s)", q, supported_list);
+    return jerr(c, -ENOTSUP, p, "unsupported %s (supported: %s)", q, supported_list);
 }
 
 /* Converts a byte-level token string (one alphabet character per byte) to its bytes. Returns
@@ -236,34 +231,32 @@ static int set_id_bytes(epd_tok_t *tok, int32_t id, const char *s, tok_buf_t *tm
     return tok_buf_append(&tok->pool, src, n);
 }
 
-static epd_tok_status_t nomem(jctx_t *c, const char *what)
+static int nomem(jctx_t *c, const char *what)
 {
-    return tok_errf(c->err, c->err_len, EPD_TOK_ERR_NOMEM, "%s: out of memory while loading %s",
-                    c->file, what);
+    return epd_err_set(c->err, -ENOMEM, "%s: out of memory while loading %s", c->file, what);
 }
 
-static epd_tok_status_t check_id(jctx_t *c, const cJSON *v, const char *path, int32_t *id)
+static int check_id(jctx_t *c, const cJSON *v, const char *path, int32_t *id)
 {
     if (!cJSON_IsNumber(v))
-        return jerr(c, EPD_TOK_ERR_PARSE, path, "expected an integer id, got %s", tok_json_type(v));
+        return jerr(c, -EINVAL, path, "expected an integer id, got %s", tok_json_type(v));
     double d = v->valuedouble;
     if (d < 0 || d >= TOK_MAX_ID || d != (double)(int32_t)d)
-        return jerr(c, EPD_TOK_ERR_PARSE, path, "id %g is not an integer in [0, %d)", d,
-                    TOK_MAX_ID);
+        return jerr(c, -EINVAL, path, "id %g is not an integer in [0, %d)", d, TOK_MAX_ID);
     *id = (int32_t)d;
-    return EPD_TOK_OK;
+    return 0;
 }
 
-static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model,
-                                   const cJSON *added, tok_buf_t *tmp)
+static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model, const cJSON *added,
+                      tok_buf_t *tmp)
 {
     static const char *const types[] = {"BPE", NULL};
     const char *type;
-    epd_tok_status_t st = check_type(c, model, "model", "\"BPE\"", types, &type);
+    int st = check_type(c, model, "model", "\"BPE\"", types, &type);
     if (st) return st;
     const cJSON *dropout = cJSON_GetObjectItemCaseSensitive(model, "dropout");
     if (dropout && !cJSON_IsNull(dropout))
-        return jerr(c, EPD_TOK_ERR_UNSUPPORTED, "model.dropout", "unsupported %s (supported: null)",
+        return jerr(c, -ENOTSUP, "model.dropout", "unsupported %s (supported: null)",
                     tok_json_type(dropout));
     if ((st = require_empty_str(c, model, "continuing_subword_prefix", "model")) ||
         (st = require_empty_str(c, model, "end_of_word_suffix", "model")) ||
@@ -274,15 +267,12 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
 
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     if (!cJSON_IsObject(vocab))
-        return jerr(c, EPD_TOK_ERR_PARSE, "model.vocab", "expected an object, got %s",
-                    tok_json_type(vocab));
+        return jerr(c, -EINVAL, "model.vocab", "expected an object, got %s", tok_json_type(vocab));
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (!cJSON_IsArray(merges))
-        return jerr(c, EPD_TOK_ERR_PARSE, "model.merges", "expected an array, got %s",
-                    tok_json_type(merges));
+        return jerr(c, -EINVAL, "model.merges", "expected an array, got %s", tok_json_type(merges));
     if (added && !cJSON_IsNull(added) && !cJSON_IsArray(added))
-        return jerr(c, EPD_TOK_ERR_PARSE, "added_tokens", "expected an array, got %s",
-                    tok_json_type(added));
+        return jerr(c, -EINVAL, "added_tokens", "expected an array, got %s", tok_json_type(added));
 
     /* The id space covers the vocabulary and the added tokens. */
     int32_t max_id = -1;
@@ -305,13 +295,13 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
         snprintf(p, sizeof(p), "added_tokens[%zu].id", ai);
         if (!cJSON_IsObject(v)) {
             snprintf(p, sizeof(p), "added_tokens[%zu]", ai);
-            return jerr(c, EPD_TOK_ERR_PARSE, p, "expected an object, got %s", tok_json_type(v));
+            return jerr(c, -EINVAL, p, "expected an object, got %s", tok_json_type(v));
         }
         if ((st = check_id(c, cJSON_GetObjectItemCaseSensitive(v, "id"), p, &id))) return st;
         if (id > max_id) max_id = id;
         ai++;
     }
-    if (max_id < 0) return jerr(c, EPD_TOK_ERR_PARSE, "model.vocab", "the vocabulary is empty");
+    if (max_id < 0) return jerr(c, -EINVAL, "model.vocab", "the vocabulary is empty");
     tok->n_ids = (size_t)max_id + 1;
     tok->id_off = calloc(tok->n_ids, sizeof(*tok->id_off));
     tok->id_len = calloc(tok->n_ids, sizeof(*tok->id_len));
@@ -330,8 +320,8 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
             quote(q, sizeof(q), v->string);
             quote(q2, sizeof(q2), tmpname);
             snprintf(p, sizeof(p), "model.vocab[%s]", q);
-            return jerr(c, EPD_TOK_ERR_PARSE, p,
-                        "id %d is used twice (also by the token decoding to %s)", id, q2);
+            return jerr(c, -EINVAL, p, "id %d is used twice (also by the token decoding to %s)", id,
+                        q2);
         }
         tok->id_flags[id] |= TOK_ID_PRESENT;
         bool in_alphabet = bytelevel_to_bytes(v->string, tmp);
@@ -347,7 +337,7 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
         if (tok->byte_id[b] < 0) {
             uint8_t u[4];
             size_t un = tok_utf8_encode(tok_byte_to_cp[b], u);
-            return jerr(c, EPD_TOK_ERR_UNSUPPORTED, "model.vocab",
+            return jerr(c, -ENOTSUP, "model.vocab",
                         "no token for byte 0x%02x (\"%.*s\"): not a byte-level BPE vocabulary", b,
                         (int)un, (const char *)u);
         }
@@ -357,7 +347,7 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
     if (tok_pairmap_init(&tok->merges, n_merges) < 0) return nomem(c, "model.merges");
     tok_buf_t lb = {0};
     size_t mi = 0;
-    st = EPD_TOK_OK;
+    st = 0;
     cJSON_ArrayForEach(v, merges)
     {
         const char *parts[2] = {NULL, NULL};
@@ -368,8 +358,7 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
             const char *sp = strchr(v->valuestring, ' ');
             if (!sp || strchr(sp + 1, ' ') || sp == v->valuestring || !sp[1]) {
                 quote(q, sizeof(q), v->valuestring);
-                st =
-                    jerr(c, EPD_TOK_ERR_PARSE, p, "%s is not two tokens separated by one space", q);
+                st = jerr(c, -EINVAL, p, "%s is not two tokens separated by one space", q);
                 break;
             }
             split = strdup(v->valuestring);
@@ -386,8 +375,8 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
             parts[0] = cJSON_GetArrayItem(v, 0)->valuestring;
             parts[1] = cJSON_GetArrayItem(v, 1)->valuestring;
         } else {
-            st = jerr(c, EPD_TOK_ERR_PARSE, p, "expected \"a b\" or [\"a\", \"b\"], got %s",
-                      tok_json_type(v));
+            st =
+                jerr(c, -EINVAL, p, "expected \"a b\" or [\"a\", \"b\"], got %s", tok_json_type(v));
             break;
         }
         int32_t ids[2];
@@ -398,7 +387,7 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
             if (bytelevel_to_bytes(parts[k], tmp))
                 ids[k] = tok_strmap_get(&tok->vocab, &tok->pool, tmp->p, tmp->len);
             if (ids[k] < 0)
-                st = jerr(c, EPD_TOK_ERR_PARSE, p, "token %s is not in model.vocab", q);
+                st = jerr(c, -EINVAL, p, "token %s is not in model.vocab", q);
             else if (tok_buf_append(&lb, tmp->p, tmp->len) < 0)
                 st = nomem(c, "model.merges");
         }
@@ -408,7 +397,7 @@ static epd_tok_status_t load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model
                 char joined[256];
                 snprintf(joined, sizeof(joined), "%s%s", parts[0], parts[1]);
                 quote(q, sizeof(q), joined);
-                st = jerr(c, EPD_TOK_ERR_PARSE, p, "the merged token %s is not in model.vocab", q);
+                st = jerr(c, -EINVAL, p, "the merged token %s is not in model.vocab", q);
             } else {
                 tok_pairmap_put(&tok->merges, ids[0], ids[1], (uint32_t)mi, merged);
             }
@@ -428,16 +417,16 @@ static int added_cmp(const void *a, const void *b)
     return x->id < y->id ? -1 : x->id > y->id; /* stable for equal lengths */
 }
 
-static epd_tok_status_t load_added(jctx_t *c, epd_tok_t *tok, const cJSON *added, tok_buf_t *tmp)
+static int load_added(jctx_t *c, epd_tok_t *tok, const cJSON *added, tok_buf_t *tmp)
 {
-    if (!added || cJSON_IsNull(added)) return EPD_TOK_OK;
+    if (!added || cJSON_IsNull(added)) return 0;
     size_t n = (size_t)cJSON_GetArraySize(added);
     tok->added = calloc(n ? n : 1, sizeof(*tok->added));
     if (!tok->added) return nomem(c, "added_tokens");
     const cJSON *v;
     size_t i = 0;
     char path[64], q[96];
-    epd_tok_status_t st;
+    int st;
     cJSON_ArrayForEach(v, added)
     {
         snprintf(path, sizeof(path), "added_tokens[%zu]", i);
@@ -446,7 +435,7 @@ static epd_tok_status_t load_added(jctx_t *c, epd_tok_t *tok, const cJSON *added
         if ((st = get_str(c, v, "content", path, &content))) return st;
         if (!content[0]) {
             snprintf(path, sizeof(path), "added_tokens[%zu].content", i);
-            return jerr(c, EPD_TOK_ERR_PARSE, path, "an added token cannot be empty");
+            return jerr(c, -EINVAL, path, "an added token cannot be empty");
         }
         static const char *const unsupported[] = {"lstrip", "rstrip", "single_word"};
         for (size_t k = 0; k < 3; k++) {
@@ -455,8 +444,7 @@ static epd_tok_status_t load_added(jctx_t *c, epd_tok_t *tok, const cJSON *added
                 char p2[96];
                 snprintf(p2, sizeof(p2), "%s.%s", path, unsupported[k]);
                 quote(q, sizeof(q), content);
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
-                            "unsupported true for %s (supported: false)", q);
+                return jerr(c, -ENOTSUP, p2, "unsupported true for %s (supported: false)", q);
             }
         }
         if ((st = get_bool(c, v, "special", path, false, &special))) return st;
@@ -479,27 +467,25 @@ static epd_tok_status_t load_added(jctx_t *c, epd_tok_t *tok, const cJSON *added
     }
     tok->n_added = i;
     qsort(tok->added, tok->n_added, sizeof(*tok->added), added_cmp);
-    return EPD_TOK_OK;
+    return 0;
 }
 
-static epd_tok_status_t load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *norm,
-                                        const char *path)
+static int load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *norm, const char *path)
 {
     static const char *const types[] = {"NFC", "Sequence", NULL};
-    if (!norm || cJSON_IsNull(norm)) return EPD_TOK_OK;
+    if (!norm || cJSON_IsNull(norm)) return 0;
     const char *type;
-    epd_tok_status_t st =
-        check_type(c, norm, path, "\"NFC\", \"Sequence\" of those, or null", types, &type);
+    int st = check_type(c, norm, path, "\"NFC\", \"Sequence\" of those, or null", types, &type);
     if (st) return st;
     if (strcmp(type, "NFC") == 0) {
         tok->nfc = true;
-        return EPD_TOK_OK;
+        return 0;
     }
     const cJSON *list = cJSON_GetObjectItemCaseSensitive(norm, "normalizers");
     char p[256];
     snprintf(p, sizeof(p), "%s.normalizers", path);
     if (!cJSON_IsArray(list))
-        return jerr(c, EPD_TOK_ERR_PARSE, p, "expected an array, got %s", tok_json_type(list));
+        return jerr(c, -EINVAL, p, "expected an array, got %s", tok_json_type(list));
     size_t i = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, list)
@@ -507,141 +493,134 @@ static epd_tok_status_t load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *
         snprintf(p, sizeof(p), "%s.normalizers[%zu]", path, i++);
         if ((st = load_normalizer(c, tok, v, p))) return st;
     }
-    return EPD_TOK_OK;
+    return 0;
 }
 
-/* The pre-tokenizer must be an optional Split (regex, Isolated) followed by ByteLevel without
- * its own regex and without a prefix space. */
-static epd_tok_status_t load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON *pre)
+/* One Split pre-tokenizer (a Regex pattern, Isolated, not inverted), compiled into
+ * tok->re[tok->n_re++]. */
+static int load_split(jctx_t *c, epd_tok_t *tok, const cJSON *split, const char *p)
+{
+    char p2[160], q[96];
+    const char *behavior;
+    int st;
+    if ((st = get_str(c, split, "behavior", p, &behavior))) return st;
+    if (strcmp(behavior, "Isolated") != 0) {
+        snprintf(p2, sizeof(p2), "%s.behavior", p);
+        quote(q, sizeof(q), behavior);
+        return jerr(c, -ENOTSUP, p2, "unsupported %s (supported: \"Isolated\")", q);
+    }
+    if ((st = require_false(c, split, "invert", p))) return st;
+    const cJSON *pat = cJSON_GetObjectItemCaseSensitive(split, "pattern");
+    snprintf(p2, sizeof(p2), "%s.pattern", p);
+    if (!cJSON_IsObject(pat))
+        return jerr(c, -EINVAL, p2, "expected an object, got %s", tok_json_type(pat));
+    const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
+    if (!rx) return jerr(c, -ENOTSUP, p2, "unsupported pattern kind (supported: {\"Regex\": ...})");
+    snprintf(p2, sizeof(p2), "%s.pattern.Regex", p);
+    if (!cJSON_IsString(rx))
+        return jerr(c, -EINVAL, p2, "expected a string, got %s", tok_json_type(rx));
+    int errcode;
+    PCRE2_SIZE erroff;
+    pcre2_code *re = pcre2_compile((PCRE2_SPTR)rx->valuestring, PCRE2_ZERO_TERMINATED,
+                                   PCRE2_UTF | PCRE2_UCP, &errcode, &erroff, NULL);
+    if (!re) {
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(errcode, msg, sizeof(msg));
+        return jerr(c, -EINVAL, p2, "PCRE2 cannot compile it at offset %zu: %s", (size_t)erroff,
+                    (const char *)msg);
+    }
+    /* JIT is an accelerator only: without it pcre2_match interprets the same pattern. */
+    (void)pcre2_jit_compile(re, PCRE2_JIT_COMPLETE);
+    tok->re[tok->n_re++] = re;
+    return 0;
+}
+
+/* The pre-tokenizer: Splits (each regex, Isolated), applied in order, then ByteLevel without its
+ * own regex and without a prefix space; alone, or as a Sequence [Split..., ByteLevel]. */
+static int load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON *pre)
 {
     static const char *const types[] = {"Sequence", "Split", "ByteLevel", NULL};
+    static const char *const item_types[] = {"Split", "ByteLevel", NULL};
     const char *type;
-    epd_tok_status_t st;
+    int st;
     if (!pre || cJSON_IsNull(pre))
-        return jerr(c, EPD_TOK_ERR_UNSUPPORTED, "pre_tokenizer",
+        return jerr(c, -ENOTSUP, "pre_tokenizer",
                     "unsupported null (a byte-level BPE needs a ByteLevel pre-tokenizer)");
     if ((st = check_type(c, pre, "pre_tokenizer", "\"Sequence\", \"Split\", \"ByteLevel\"", types,
                          &type)))
         return st;
-    const cJSON *items[2] = {pre, NULL};
+    const cJSON *list = NULL;
     size_t n = 1;
-    char base[64] = "pre_tokenizer";
-    if (strcmp(type, "Sequence") == 0) {
-        const cJSON *list = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
+    bool seq = strcmp(type, "Sequence") == 0;
+    if (seq) {
+        list = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
         if (!cJSON_IsArray(list))
-            return jerr(c, EPD_TOK_ERR_PARSE, "pre_tokenizer.pretokenizers",
-                        "expected an array, got %s", tok_json_type(list));
+            return jerr(c, -EINVAL, "pre_tokenizer.pretokenizers", "expected an array, got %s",
+                        tok_json_type(list));
         n = (size_t)cJSON_GetArraySize(list);
-        if (n < 1 || n > 2)
-            return jerr(
-                c, EPD_TOK_ERR_UNSUPPORTED, "pre_tokenizer.pretokenizers",
-                "unsupported sequence of %zu (supported: [Split, ByteLevel] or [ByteLevel])", n);
-        items[0] = cJSON_GetArrayItem(list, 0);
-        items[1] = n > 1 ? cJSON_GetArrayItem(list, 1) : NULL;
+        if (n < 1 || n > TOK_MAX_SPLITS + 1)
+            return jerr(c, -ENOTSUP, "pre_tokenizer.pretokenizers",
+                        "unsupported sequence of %zu (supported: up to %d Splits, then ByteLevel)",
+                        n, TOK_MAX_SPLITS);
     }
     bool have_bytelevel = false;
     for (size_t i = 0; i < n; i++) {
-        static const char *const split_types[] = {"Split", "ByteLevel", NULL};
-        char p[128], p2[160], q[96];
-        if (strcmp(type, "Sequence") == 0)
-            snprintf(p, sizeof(p), "%s.pretokenizers[%zu]", base, i);
-        else
-            snprintf(p, sizeof(p), "%s", base);
+        const cJSON *item = seq ? cJSON_GetArrayItem(list, (int)i) : pre;
+        char p[128], p2[160];
+        snprintf(p, sizeof(p), seq ? "pre_tokenizer.pretokenizers[%zu]" : "pre_tokenizer", i);
         const char *t;
-        if ((st = check_type(c, items[i], p, "\"Split\", \"ByteLevel\"", split_types, &t)))
-            return st;
+        if ((st = check_type(c, item, p, "\"Split\", \"ByteLevel\"", item_types, &t))) return st;
         if (strcmp(t, "Split") == 0) {
-            if (i != 0 || n != 2) {
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p,
-                            "unsupported position of Split (supported: [Split, ByteLevel])");
-            }
-            const char *behavior;
-            if ((st = get_str(c, items[i], "behavior", p, &behavior))) return st;
-            if (strcmp(behavior, "Isolated") != 0) {
-                snprintf(p2, sizeof(p2), "%s.behavior", p);
-                quote(q, sizeof(q), behavior);
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
-                            "unsupported %s (supported: \"Isolated\")", q);
-            }
-            if ((st = require_false(c, items[i], "invert", p))) return st;
-            const cJSON *pat = cJSON_GetObjectItemCaseSensitive(items[i], "pattern");
-            snprintf(p2, sizeof(p2), "%s.pattern", p);
-            if (!cJSON_IsObject(pat))
-                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected an object, got %s",
-                            tok_json_type(pat));
-            const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
-            if (!rx) {
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2,
-                            "unsupported pattern kind (supported: {\"Regex\": ...})");
-            }
-            snprintf(p2, sizeof(p2), "%s.pattern.Regex", p);
-            if (!cJSON_IsString(rx))
-                return jerr(c, EPD_TOK_ERR_PARSE, p2, "expected a string, got %s",
-                            tok_json_type(rx));
-            int errcode;
-            PCRE2_SIZE erroff;
-            tok->re = pcre2_compile((PCRE2_SPTR)rx->valuestring, PCRE2_ZERO_TERMINATED,
-                                    PCRE2_UTF | PCRE2_UCP, &errcode, &erroff, NULL);
-            if (!tok->re) {
-                PCRE2_UCHAR msg[256];
-                pcre2_get_error_message(errcode, msg, sizeof(msg));
-                return jerr(c, EPD_TOK_ERR_REGEX, p2, "PCRE2 cannot compile it at offset %zu: %s",
-                            (size_t)erroff, (const char *)msg);
-            }
-            /* JIT is an accelerator only: without it pcre2_match interprets the same pattern. */
-            (void)pcre2_jit_compile(tok->re, PCRE2_JIT_COMPLETE);
-        } else {
-            bool flag;
-            if (i != n - 1)
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p,
-                            "unsupported position of ByteLevel (it must come last)");
-            if ((st = get_bool(c, items[i], "add_prefix_space", p, true, &flag))) return st;
-            if (flag) {
-                snprintf(p2, sizeof(p2), "%s.add_prefix_space", p);
-                return jerr(c, EPD_TOK_ERR_UNSUPPORTED, p2, "unsupported true (supported: false)");
-            }
-            if ((st = get_bool(c, items[i], "use_regex", p, true, &flag))) return st;
-            if (flag) {
-                snprintf(p2, sizeof(p2), "%s.use_regex", p);
-                return jerr(
-                    c, EPD_TOK_ERR_UNSUPPORTED, p2,
-                    "unsupported true (supported: false, with the regex in a Split before)");
-            }
-            have_bytelevel = true;
+            if (i == n - 1)
+                return jerr(c, -ENOTSUP, p,
+                            "unsupported position of Split (supported: Splits, then ByteLevel)");
+            if ((st = load_split(c, tok, item, p))) return st;
+            continue;
         }
+        bool flag;
+        if (i != n - 1)
+            return jerr(c, -ENOTSUP, p, "unsupported position of ByteLevel (it must come last)");
+        if ((st = get_bool(c, item, "add_prefix_space", p, true, &flag))) return st;
+        if (flag) {
+            snprintf(p2, sizeof(p2), "%s.add_prefix_space", p);
+            return jerr(c, -ENOTSUP, p2, "unsupported true (supported: false)");
+        }
+        if ((st = get_bool(c, item, "use_regex", p, true, &flag))) return st;
+        if (flag) {
+            snprintf(p2, sizeof(p2), "%s.use_regex", p);
+            return jerr(c, -ENOTSUP, p2,
+                        "unsupported true (supported: false, with the regex in a Split before)");
+        }
+        have_bytelevel = true;
     }
-    if (!have_bytelevel)
-        return jerr(c, EPD_TOK_ERR_UNSUPPORTED, "pre_tokenizer", "no ByteLevel pre-tokenizer");
-    return EPD_TOK_OK;
+    if (!have_bytelevel) return jerr(c, -ENOTSUP, "pre_tokenizer", "no ByteLevel pre-tokenizer");
+    return 0;
 }
 
-static epd_tok_status_t load_bytelevel_only(jctx_t *c, const cJSON *root, const char *key,
-                                            bool allow_null)
+static int load_bytelevel_only(jctx_t *c, const cJSON *root, const char *key, bool allow_null)
 {
     static const char *const types[] = {"ByteLevel", NULL};
     const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, key);
-    if ((!v || cJSON_IsNull(v)) && allow_null) return EPD_TOK_OK;
+    if ((!v || cJSON_IsNull(v)) && allow_null) return 0;
     if (!v || cJSON_IsNull(v))
-        return jerr(c, EPD_TOK_ERR_UNSUPPORTED, key, "unsupported null (supported: ByteLevel)");
+        return jerr(c, -ENOTSUP, key, "unsupported null (supported: ByteLevel)");
     const char *type;
     return check_type(c, v, key, allow_null ? "\"ByteLevel\" or null" : "\"ByteLevel\"", types,
                       &type);
 }
 
-epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char *err,
-                                         size_t err_len)
+int tok_load_tokenizer_json(epd_tok_t *tok, const char *path, epd_err_t *err)
 {
-    jctx_t c = {.file = path, .err = err, .err_len = err_len};
+    jctx_t c = {.file = path, .err = err};
     cJSON *root = NULL;
     tok_buf_t tmp = {0};
-    epd_tok_status_t st = tok_parse_json_file(c.file, &root, c.err, c.err_len);
+    int st = tok_parse_json_file(c.file, &root, c.err);
     if (st) return st;
     static const char *const nulls[] = {"truncation", "padding"};
     for (size_t i = 0; i < 2; i++) {
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, nulls[i]);
         if (v && !cJSON_IsNull(v)) {
-            st = jerr(&c, EPD_TOK_ERR_UNSUPPORTED, nulls[i], "unsupported %s (supported: null)",
-                      tok_json_type(v));
+            st = jerr(&c, -ENOTSUP, nulls[i], "unsupported %s (supported: null)", tok_json_type(v));
             goto fail;
         }
     }
@@ -652,7 +631,7 @@ epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char 
     if ((st = load_normalizer(&c, tok, cJSON_GetObjectItemCaseSensitive(root, "normalizer"),
                               "normalizer")))
         goto fail;
-    if (tok->nfc && (st = tok_nfc_init(tok, err, err_len))) goto fail;
+    if (tok->nfc && (st = tok_nfc_init(tok, err))) goto fail;
     if ((st = load_pretokenizer(&c, tok, cJSON_GetObjectItemCaseSensitive(root, "pre_tokenizer"))))
         goto fail;
     /* The ByteLevel post-processor only adjusts offsets, which we do not report. */
@@ -660,7 +639,7 @@ epd_tok_status_t tok_load_tokenizer_json(epd_tok_t *tok, const char *path, char 
     if ((st = load_bytelevel_only(&c, root, "decoder", false))) goto fail;
     cJSON_Delete(root);
     tok_buf_fini(&tmp);
-    return EPD_TOK_OK;
+    return 0;
 fail:
     cJSON_Delete(root);
     tok_buf_fini(&tmp);

@@ -6,19 +6,17 @@
 #include <unicode/unorm2.h>
 #include <unicode/ustring.h>
 
-epd_tok_status_t tok_nfc_init(epd_tok_t *tok, char *err, size_t err_len)
+int tok_nfc_init(epd_tok_t *tok, epd_err_t *err)
 {
     UErrorCode ue = U_ZERO_ERROR;
     const UNormalizer2 *n = unorm2_getNFCInstance(&ue);
     if (U_FAILURE(ue) || !n)
-        return tok_errf(err, err_len, EPD_TOK_ERR_UNSUPPORTED,
-                        "normalizer: ICU has no NFC data: %s", u_errorName(ue));
+        return epd_err_set(err, -ENOTSUP, "normalizer: ICU has no NFC data: %s", u_errorName(ue));
     tok->nfc_norm = n;
-    return EPD_TOK_OK;
+    return 0;
 }
 
-epd_tok_status_t tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out,
-                         char *err, size_t err_len)
+int tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_buf_t *out, epd_err_t *err)
 {
     /* Every code point below U+0300 is NFC_Quick_Check=Yes with combining class 0, so text
      * without a lead byte >= 0xCC (U+0300 is CC 80) is already NFC. */
@@ -26,13 +24,12 @@ epd_tok_status_t tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_b
     while (i < n && p[i] < 0xCC)
         i++;
     out->len = 0;
-    if (i == n) return EPD_TOK_OK;
-    if (n > INT32_MAX / 2)
-        return tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "text of %zu bytes is too long", n);
+    if (i == n) return 0;
+    if (n > INT32_MAX / 2) return epd_err_set(err, -EINVAL, "text of %zu bytes is too long", n);
 
     const UNormalizer2 *norm = tok->nfc_norm;
     UErrorCode ue = U_ZERO_ERROR;
-    epd_tok_status_t st = EPD_TOK_ERR_NOMEM;
+    int st = -ENOMEM;
     int32_t u16_len = 0;
     UChar *src = malloc((n + 1) * sizeof(UChar)); /* UTF-16 never has more units than UTF-8 bytes */
     UChar *dst = NULL;
@@ -43,7 +40,7 @@ epd_tok_status_t tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_b
     if (U_FAILURE(ue)) goto fail_icu;
     if (yes == u16_len) {
         free(src);
-        return EPD_TOK_OK;
+        return 0;
     }
     /* NFC output is at most 3x the input in UTF-16 units (Unicode's stated bound). */
     int32_t cap = u16_len * 3 + 16;
@@ -61,15 +58,14 @@ epd_tok_status_t tok_nfc(const epd_tok_t *tok, const uint8_t *p, size_t n, tok_b
     out->len = (size_t)u8_len;
     free(dst);
     free(src);
-    return EPD_TOK_OK;
+    return 0;
 fail_icu:
-    st = tok_errf(err, err_len, EPD_TOK_ERR_INVALID, "NFC normalization failed: %s",
-                  u_errorName(ue));
+    st = epd_err_set(err, -EINVAL, "NFC normalization failed: %s", u_errorName(ue));
     free(dst);
     free(src);
     return st;
 fail:
     free(dst);
     free(src);
-    return tok_errf(err, err_len, st, "NFC normalization: out of memory");
+    return epd_err_set(err, st, "NFC normalization: out of memory");
 }

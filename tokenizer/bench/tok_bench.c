@@ -5,6 +5,7 @@
 
 #include <cjson/cJSON.h>
 #include <stdint.h>
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -146,7 +147,7 @@ int main(int argc, char **argv)
     if (!model || !corpus_path || mb <= 0 || passes < 1) return usage(argv[0]);
 
     int rc = 1;
-    char err[512];
+    epd_err_t err = {0};
     epd_tok_t *tok = NULL;
     cJSON *corpus = NULL;
     docs_t d = {0};
@@ -194,8 +195,8 @@ int main(int argc, char **argv)
     }
 
     double t0 = now_s();
-    if (epd_tok_load_dir(model, &tok, err, sizeof(err)) != EPD_TOK_OK) {
-        fprintf(stderr, "tok-bench: %s\n", err);
+    if (epd_tok_load_dir(model, &tok, &err) != 0) {
+        fprintf(stderr, "tok-bench: %s\n", err.msg);
         goto out;
     }
     double load_s = now_s() - t0;
@@ -208,8 +209,8 @@ int main(int argc, char **argv)
         double t = now_s();
         for (size_t i = 0; i < d.n; i++) {
             ids.len = 0;
-            if (epd_tok_encode(tok, d.text[i], d.len[i], 0, &ids, err, sizeof(err)) != EPD_TOK_OK) {
-                fprintf(stderr, "tok-bench: document %zu: %s\n", i, err);
+            if (epd_tok_encode(tok, d.text[i], d.len[i], 0, &ids, &err) != 0) {
+                fprintf(stderr, "tok-bench: document %zu: %s\n", i, err.msg);
                 goto out;
             }
             total_ids += ids.len;

@@ -6,12 +6,16 @@
  *    byte offset. Token ids are int32_t.
  *  - A loaded epd_tok_t is immutable except for its internal word cache, which is guarded, so
  *    one tokenizer may be shared by any number of threads.
- *  - Every call returns an epd_tok_status_t; calls that can fail for a reason worth reading take
- *    (char *err, size_t err_len) and write a message that names the file, JSON path, byte offset
- *    or message index at fault.
+ *  - Errors follow epd's one contract (common/include/epd_err.h): a call returns 0 or a negative
+ *    errno value (-EINVAL malformed file or bad input, -ENOTSUP a tokenizer.json or template
+ *    feature not implemented, -ENOMEM, or the errno of a file that cannot be read), and fills
+ *    err (NULL allowed) with a message that names the file, JSON path, byte offset or message
+ *    index at fault.
  */
 #ifndef EPD_TOK_H
 #define EPD_TOK_H
+
+#include "epd_err.h"
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -21,18 +25,6 @@
 extern "C" {
 #endif
 
-typedef enum epd_tok_status {
-    EPD_TOK_OK = 0,
-    EPD_TOK_ERR_IO = -1,          /* a file could not be read */
-    EPD_TOK_ERR_PARSE = -2,       /* a file is not valid JSON or a field has the wrong type */
-    EPD_TOK_ERR_UNSUPPORTED = -3, /* a model/normalizer/template feature we do not implement */
-    EPD_TOK_ERR_INVALID = -4,     /* bad input: ill-formed UTF-8, an unknown id, a bad message */
-    EPD_TOK_ERR_NOMEM = -5,
-    EPD_TOK_ERR_REGEX = -6, /* PCRE2 refused the pre-tokenizer pattern or failed matching */
-} epd_tok_status_t;
-
-const char *epd_tok_strerror(epd_tok_status_t st);
-
 typedef struct epd_tok epd_tok_t;
 
 /* Loads <model_dir>/tokenizer.json (required), <model_dir>/tokenizer_config.json,
@@ -41,14 +33,12 @@ typedef struct epd_tok epd_tok_t;
  * text when that file exists (how transformers 5 saves it; it wins over the config, as in
  * transformers), else tokenizer_config.json's chat_template: a string, or a list of
  * {"name", "template"} of which the one named "default" applies. */
-epd_tok_status_t epd_tok_load_dir(const char *model_dir, epd_tok_t **out, char *err,
-                                  size_t err_len);
+int epd_tok_load_dir(const char *model_dir, epd_tok_t **out, epd_err_t *err);
 
 /* The same with explicit paths; all but tokenizer_json may be NULL. */
-epd_tok_status_t epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
-                                    const char *chat_template_jinja,
-                                    const char *generation_config_json, epd_tok_t **out, char *err,
-                                    size_t err_len);
+int epd_tok_load_files(const char *tokenizer_json, const char *tokenizer_config_json,
+                       const char *chat_template_jinja, const char *generation_config_json,
+                       epd_tok_t **out, epd_err_t *err);
 
 void epd_tok_destroy(epd_tok_t *tok);
 
@@ -71,11 +61,16 @@ enum epd_tok_encode_flags {
      * transformers' split_special_tokens=True does; non-special added tokens still match.
      * Use this for untrusted user text that must not be able to inject <|im_start|>. */
     EPD_TOK_ENCODE_SPLIT_SPECIAL = 1u << 0,
+    /* transformers' add_special_tokens=True: bos_token before the text when
+     * tokenizer_config.json's add_bos_token is true (DeepSeek-V3), eos_token after it when
+     * add_eos_token is; nothing for a tokenizer with neither (Qwen3). epd_tok_encode only: a
+     * chat rendering carries the template's own BOS. */
+    EPD_TOK_ENCODE_ADD_SPECIAL = 1u << 1,
 };
 
 /* Appends the ids of text[0..len) to out (out->len grows; existing ids are kept). */
-epd_tok_status_t epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
-                                epd_tok_ids_t *out, char *err, size_t err_len);
+int epd_tok_encode(const epd_tok_t *tok, const char *text, size_t len, unsigned flags,
+                   epd_tok_ids_t *out, epd_err_t *err);
 
 /* ---- decoding ------------------------------------------------------------------------------ */
 
@@ -87,8 +82,8 @@ enum epd_tok_decode_flags {
  * Byte sequences that are not UTF-8 become U+FFFD, one per maximal ill-formed subpart (the
  * `errors: "replace"` behaviour of Python and of Rust's from_utf8_lossy). An id outside the
  * vocabulary is an error naming its index. */
-epd_tok_status_t epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags,
-                                char **out, size_t *out_len, char *err, size_t err_len);
+int epd_tok_decode(const epd_tok_t *tok, const int32_t *ids, size_t n, unsigned flags, char **out,
+                   size_t *out_len, epd_err_t *err);
 
 /* The raw bytes a single id stands for (no UTF-8 repair); NULL for an unknown id. */
 const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len);
@@ -99,18 +94,17 @@ const uint8_t *epd_tok_id_bytes(const epd_tok_t *tok, int32_t id, size_t *len);
  * final flush equals epd_tok_decode of the whole id sequence. */
 typedef struct epd_tok_stream epd_tok_stream_t;
 
-epd_tok_status_t epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags,
-                                       epd_tok_stream_t **out);
+int epd_tok_stream_create(const epd_tok_t *tok, unsigned decode_flags, epd_tok_stream_t **out);
 void epd_tok_stream_destroy(epd_tok_stream_t *s);
 
 /* Decodes one id. *text points into the stream's own buffer and stays valid until the next call
  * on the stream; *text_len may be 0 (all bytes held back, or a skipped special token). */
-epd_tok_status_t epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text,
-                                     size_t *text_len, char *err, size_t err_len);
+int epd_tok_stream_push(epd_tok_stream_t *s, int32_t id, const char **text, size_t *text_len,
+                        epd_err_t *err);
 
 /* Ends the sequence: held-back bytes of an unfinished character become one U+FFFD. The stream
  * is then empty and may be reused. */
-epd_tok_status_t epd_tok_stream_flush(epd_tok_stream_t *s, const char **text, size_t *text_len);
+int epd_tok_stream_flush(epd_tok_stream_t *s, const char **text, size_t *text_len);
 
 /* ---- special tokens ------------------------------------------------------------------------ */
 
@@ -130,7 +124,13 @@ int32_t epd_tok_pad_id(const epd_tok_t *tok);
 typedef enum epd_tok_chat_kind {
     EPD_TOK_CHAT_NONE = 0,  /* no chat_template.jinja, no chat_template in the config */
     EPD_TOK_CHAT_QWEN3 = 1, /* Qwen3's ChatML template with thinking (recognised by its text) */
+    /* DeepSeek-V3's: {{ bos_token }}, the system prompts joined, <｜User｜>/<｜Assistant｜> turns,
+     * <｜end▁of▁sentence｜> after each assistant turn, its tool-call and tool-output blocks */
+    EPD_TOK_CHAT_DEEPSEEK_V3 = 2,
 } epd_tok_chat_kind_t;
+
+/* "none", "qwen3", "deepseek_v3" */
+const char *epd_tok_chat_kind_name(epd_tok_chat_kind_t kind);
 
 /* The template found in chat_template.jinja or tokenizer_config.json. A template that is present
  * but not recognised fails the load (it is never silently replaced by another one). */
@@ -165,9 +165,9 @@ typedef struct epd_tok_chat_opts {
  * may be NULL. Tool definitions (the template's `tools` variable) are not implemented and have
  * no parameter. A message the template cannot render (no messages, an unknown role, null
  * content) is refused with its index. */
-epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, char **out,
-                                     size_t *out_len, char *err, size_t err_len);
+int epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                        const epd_tok_chat_opts_t *opts, char **out, size_t *out_len,
+                        epd_err_t *err);
 
 /* Renders messages as epd_tok_chat_render does and appends the ids of the rendering to ids.
  * flags as epd_tok_encode's, except EPD_TOK_ENCODE_SPLIT_SPECIAL, which here applies to the
@@ -176,9 +176,9 @@ epd_tok_status_t epd_tok_chat_render(const epd_tok_t *tok, const epd_tok_chat_ms
  * the template's markers stay control tokens. Text between matched control tokens is encoded in
  * one piece, so a chat whose messages spell no special token gets exactly the ids of
  * epd_tok_encode(epd_tok_chat_render(...)). Without the flag that is what it is. */
-epd_tok_status_t epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs,
-                                     size_t n_msgs, const epd_tok_chat_opts_t *opts, unsigned flags,
-                                     epd_tok_ids_t *ids, char *err, size_t err_len);
+int epd_tok_chat_encode(const epd_tok_t *tok, const epd_tok_chat_msg_t *msgs, size_t n_msgs,
+                        const epd_tok_chat_opts_t *opts, unsigned flags, epd_tok_ids_t *ids,
+                        epd_err_t *err);
 
 #ifdef __cplusplus
 }
