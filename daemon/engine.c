@@ -405,6 +405,11 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
     EPD_INFO(SUB, "loading %s (%s, %d layers, %d experts, top-%d, vocab %d) on %d rank(s)",
              cfg->model_path, e->hf.model_type, e->hf.num_hidden_layers, e->hf.num_experts,
              e->hf.num_experts_per_tok, e->hf.vocab_size, e->R);
+    if (e->hf.num_nextn_predict_layers > 0)
+        EPD_INFO(SUB,
+                 "skipping the checkpoint's %d multi-token-prediction layer(s) "
+                 "(num_nextn_predict_layers; model.layers.%d and after are not loaded)",
+                 e->hf.num_nextn_predict_layers, e->hf.num_hidden_layers);
     *out = e;
     return 0;
 

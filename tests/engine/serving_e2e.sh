@@ -7,6 +7,8 @@
 set -u
 EPD=$1 NOTIFY=$2 CHECK=$3 ORACLE=$4
 shift 4
+ID=$(basename "$ORACLE") # the model id the daemon serves it under
+TYPE=$(sed -n 's/.*"model_type": *"\([a-z0-9_]*\)".*/\1/p' "$ORACLE/config.json")
 RANKS=("$@")
 [ ${#RANKS[@]} -gt 0 ] || RANKS=(1 2 4)
 WORK=$(mktemp -d /tmp/epd-serving.XXXXXX)
@@ -91,7 +93,7 @@ for R in "${RANKS[@]}"; do
     # ---- greedy completions equal transformers' tokens, JSON and SSE ----
     c=0
     while read -r prompt tokens; do
-        code=$(post "{\"model\":\"oracle\",\"prompt\":[$prompt],\"max_tokens\":$NEW,\"temperature\":0}" "$WORK/r")
+        code=$(post "{\"model\":\"$ID\",\"prompt\":[$prompt],\"max_tokens\":$NEW,\"temperature\":0}" "$WORK/r")
         [ "$code" = 200 ] || fail "case $c: HTTP $code: $(cat "$WORK/r")"
         got=$("$CHECK" completion "$WORK/r") || fail "case $c: bad response shape: $(cat "$WORK/r")"
         [ "$got" = "0 $tokens length" ] || fail "case $c greedy: got '$got', transformers '0 $tokens length'"
@@ -210,9 +212,9 @@ for R in "${RANKS[@]}"; do
 
     # ---- models, status, metrics ----
     "${CURL[@]}" "$BASE/v1/models" >"$WORK/m"
-    grep -q '"object":"list","data":\[{"id":"oracle","object":"model"' "$WORK/m" || fail "/v1/models: $(cat "$WORK/m")"
+    grep -q "\"object\":\"list\",\"data\":\[{\"id\":\"$ID\",\"object\":\"model\"" "$WORK/m" || fail "/v1/models: $(cat "$WORK/m")"
     "${CURL[@]}" "$BASE/v1/status" >"$WORK/st"
-    grep -q '"type":"qwen3_moe","layers":3' "$WORK/st" || fail "status lacks the model: $(head -c 800 "$WORK/st")"
+    grep -q "\"type\":\"$TYPE\",\"layers\":3" "$WORK/st" || fail "status lacks the model: $(head -c 800 "$WORK/st")"
     grep -q "\"experts_per_rank\":$((16 / R))" "$WORK/st" || fail "status placement: experts_per_rank"
     [ "$(grep -o '"on_this_node":true' "$WORK/st" | wc -l)" = "$R" ] || fail "status lists not $R ranks"
     for ((r = 0; r < R; r++)); do

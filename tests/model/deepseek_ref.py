@@ -139,16 +139,18 @@ def route(cfg, logits, bias):
             gscore = sel.view(-1, G, E // G).max(dim=-1).values
         else:
             G = 0
+    # margins in the units a perturbation moves: sigmoid scores (V3), log-probabilities (V2)
+    unit = (lambda x: x) if v3 else torch.log
     margin = float("inf")
     if G:
-        gs = torch.sort(gscore, dim=-1, descending=True).values
+        gs = unit(torch.sort(gscore, dim=-1, descending=True).values)
         if cfg["topk_group"] < G:
             margin = float((gs[:, cfg["topk_group"] - 1] - gs[:, cfg["topk_group"]]).min())
         keep = torch.topk(gscore, cfg["topk_group"], dim=-1).indices
         gmask = torch.zeros_like(gscore).scatter_(1, keep, 1.0)
         mask = gmask[:, :, None].expand(-1, G, E // G).reshape(-1, E)
         sel = sel.masked_fill(mask == 0, float("-inf"))
-    srt = torch.sort(sel, dim=-1, descending=True).values
+    srt = unit(torch.sort(sel, dim=-1, descending=True).values)
     if k < E:
         nxt = srt[:, k]
         gap = torch.where(torch.isinf(nxt), torch.full_like(nxt, float("inf")), srt[:, k - 1] - nxt)

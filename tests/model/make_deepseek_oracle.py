@@ -72,7 +72,7 @@ CONFIGS = {
         "moe_layer_freq": 1,
         "num_nextn_predict_layers": 1,
         "hidden_act": "silu",
-        "max_position_embeddings": 256,
+        "max_position_embeddings": 512,
         "rms_norm_eps": 1e-6,
         "rope_theta": 10000.0,
         "rope_scaling": {
@@ -116,7 +116,7 @@ CONFIGS = {
         "routed_scaling_factor": 1.5,
         "first_k_dense_replace": 1,
         "hidden_act": "silu",
-        "max_position_embeddings": 256,
+        "max_position_embeddings": 512,
         "rms_norm_eps": 1e-6,
         "rope_parameters": {
             "rope_type": "yarn",
@@ -189,19 +189,22 @@ def write_safetensors(path, tensors):
 # tie than this would test the rounding, not the model, so such prompts are drawn again
 MIN_MARGIN = 0.05
 # nor may a router be that close to choosing another expert (or group): the same rounding would
-# route a token elsewhere
-MIN_ROUTE_MARGIN = 0.0015
+# route a token elsewhere (V3: sigmoid scores; V2: log-probabilities, see deepseek_ref.route)
+MIN_ROUTE_MARGIN = {"deepseek_v3": 0.0015, "deepseek_v2": 0.01}
 
 
-def greedy_cases(logits_fn, vocab, seed):
-    """One case per PROMPT_LENS entry: a random prompt whose greedy steps all have MIN_MARGIN."""
+def greedy_cases(logits_fn, vocab, seed, route_margin, eos):
+    """One case per PROMPT_LENS entry: a random prompt whose greedy steps all have MIN_MARGIN,
+    whose routers keep route_margin, and whose continuation never reaches eos (a server stops
+    there)."""
     g = torch.Generator().manual_seed(seed + 1000)
     cases = []
     for n in PROMPT_LENS:
         for _ in range(400):
             deepseek_ref.route.min_margin = float("inf")
             c = greedy_case(logits_fn, torch.randint(2, vocab, (n,), generator=g).tolist())
-            if min(c["margins"]) >= MIN_MARGIN and deepseek_ref.route.min_margin >= MIN_ROUTE_MARGIN:
+            if min(c["margins"]) >= MIN_MARGIN and deepseek_ref.route.min_margin >= route_margin \
+                    and eos not in c["tokens"]:
                 c["route_margin"] = deepseek_ref.route.min_margin
                 break
         else:
@@ -241,7 +244,8 @@ def write(arch, out):
         json.dump(cfg, f, indent=2)
         f.write("\n")
     model = deepseek_ref.Model(cfg, w)
-    cases = greedy_cases(model.last_logits, cfg["vocab_size"], SEEDS[arch])
+    cases = greedy_cases(model.last_logits, cfg["vocab_size"], SEEDS[arch],
+                         MIN_ROUTE_MARGIN[cfg["model_type"]], cfg["eos_token_id"])
     exp = {
         "reference": "tests/model/deepseek_ref.py (fp32, full recompute per token); "
                      "make_deepseek_oracle.py --check compares transformers",
