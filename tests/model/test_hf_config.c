@@ -4,6 +4,7 @@
 #include "test_util.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -155,6 +156,52 @@ static char *build(const char *key, const char *value)
     return buf;
 }
 
+/* base (a flat JSON object) with the keys that extra sets removed, then extra added: a config
+ * that differs from base in those keys (duplicate keys would be refused). */
+static const char *build_from(const char *base, const char *extra)
+{
+    static char buf[4096];
+    /* drop keys of base that extra sets again (a duplicate key is an error) */
+    char keys[16][48];
+    int nk = 0;
+    for (const char *p = extra; (p = strchr(p, '"')) && nk < 16;) {
+        const char *e = strchr(p + 1, '"');
+        if (!e) break;
+        if (e[1] == ':' && (p == extra || p[-1] == ',' || p[-1] == '{')) {
+            snprintf(keys[nk], sizeof(keys[nk]), "%.*s", (int)(e - p + 1), p);
+            nk++;
+        }
+        p = e + 1;
+    }
+    size_t o = 0;
+    const char *p = base;
+    while (*p && o < sizeof(buf) - 1) {
+        int skip = 0;
+        for (int k = 0; k < nk && p > base && (p[-1] == '{' || p[-1] == ','); k++)
+            if (!strncmp(p, keys[k], strlen(keys[k]))) skip = 1;
+        if (!skip) {
+            buf[o++] = *p++;
+            continue;
+        }
+        /* skip "key":value up to the next top-level comma (values here hold no commas except
+         * inside objects, which are skipped whole) */
+        int depth = 0;
+        while (*p && (depth > 0 || (*p != ',' && *p != '}'))) {
+            if (*p == '{') depth++;
+            if (*p == '}') depth--;
+            p++;
+        }
+        if (*p == ',')
+            p++;
+        else if (o > 0 && buf[o - 1] == ',')
+            o--;
+    }
+    buf[o] = 0;
+    if (o > 0 && buf[o - 1] == '}') o--;
+    snprintf(buf + o, sizeof(buf) - o, ",%s}", extra);
+    return buf;
+}
+
 static void test_bad_configs(void **state)
 {
     (void)state;
@@ -177,6 +224,115 @@ static void test_bad_configs(void **state)
     assert_non_null(strstr(err.msg, "config.json: not a JSON object"));
 }
 
+/* DeepSeek: the oracle configs (V3 in the hub's key forms, V2 in transformers 5's) and the
+ * published DeepSeek-V2-Lite and DeepSeek-V3 configs; the YaRN softmax factor is computed here
+ * from its definition, 0.1 * mscale_all_dim * ln(factor) + 1, squared. */
+#define DSV3_ORACLE EPD_ORACLE_DIR "_dsv3/config.json"
+#define DSV2_ORACLE EPD_ORACLE_DIR "_dsv2/config.json"
+static void test_deepseek_configs(void **state)
+{
+    (void)state;
+    epd_hf_config_t c;
+    epd_err_t err;
+    if (epd_hf_config_load(DSV3_ORACLE, &c, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(c.arch, EPD_ARCH_DEEPSEEK_V3);
+    assert_true(epd_hf_is_mla(&c));
+    assert_int_equal(c.q_lora_rank, 64);
+    assert_int_equal(c.kv_lora_rank, 48);
+    assert_int_equal(c.qk_nope_head_dim, 32);
+    assert_int_equal(c.head_dim, 16); /* the rope part */
+    assert_int_equal(c.v_head_dim, 24);
+    assert_int_equal(c.num_experts, 16);
+    assert_int_equal(c.n_shared_experts, 1);
+    assert_int_equal(c.router, EPD_ROUTER_SIGMOID_GROUP);
+    assert_true(c.router_bias);
+    assert_int_equal(c.n_group, 4);
+    assert_int_equal(c.topk_group, 2);
+    assert_true(c.routed_scaling_factor == 2.5);
+    assert_int_equal(c.num_nextn_predict_layers, 1);
+    assert_false(epd_hf_layer_is_moe(&c, 0)); /* first_k_dense_replace 1 */
+    assert_true(epd_hf_layer_is_moe(&c, 1));
+    assert_true(c.yarn.on && c.yarn.factor == 4.0 && c.yarn.original_max_position_embeddings == 64);
+    assert_true(c.yarn.attention_factor == 1.0); /* mscale == mscale_all_dim */
+    double m = 0.1 * 1.0 * log(4.0) + 1.0;
+    assert_true(fabs(c.attn_scale - m * m / sqrt(48.0)) < 1e-12);
+    assert_true(c.rope_interleave);
+
+    if (epd_hf_config_load(DSV2_ORACLE, &c, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(c.arch, EPD_ARCH_DEEPSEEK_V2);
+    assert_int_equal(c.q_lora_rank, 0); /* null */
+    assert_int_equal(c.router, EPD_ROUTER_SOFTMAX_GROUP);
+    assert_false(c.router_bias);
+    assert_false(c.norm_topk_prob);
+    assert_true(c.routed_scaling_factor == 1.5);
+    assert_int_equal(c.n_shared_experts, 2);
+    assert_true(c.rope_theta == 10000.0); /* inside rope_parameters */
+    m = 0.1 * 0.707 * log(4.0) + 1.0;
+    assert_true(fabs(c.attn_scale - m * m / sqrt(48.0)) < 1e-12);
+
+    /* published DeepSeek-V2-Lite (hub form: rope_theta + rope_scaling of "type" yarn) */
+    static const char v2lite[] =
+        "{\"model_type\":\"deepseek_v2\",\"vocab_size\":102400,\"hidden_size\":2048,"
+        "\"intermediate_size\":10944,\"moe_intermediate_size\":1408,\"num_hidden_layers\":27,"
+        "\"num_attention_heads\":16,\"num_key_value_heads\":16,\"n_shared_experts\":2,"
+        "\"n_routed_experts\":64,\"routed_scaling_factor\":1.0,\"kv_lora_rank\":512,"
+        "\"q_lora_rank\":null,\"qk_rope_head_dim\":64,\"v_head_dim\":128,"
+        "\"qk_nope_head_dim\":128,\"topk_method\":\"greedy\",\"n_group\":1,\"topk_group\":1,"
+        "\"num_experts_per_tok\":6,\"moe_layer_freq\":1,\"first_k_dense_replace\":1,"
+        "\"norm_topk_prob\":false,\"scoring_func\":\"softmax\",\"aux_loss_alpha\":0.001,"
+        "\"seq_aux\":true,\"hidden_act\":\"silu\",\"max_position_embeddings\":163840,"
+        "\"initializer_range\":0.02,\"rms_norm_eps\":1e-06,\"use_cache\":true,"
+        "\"bos_token_id\":100000,\"eos_token_id\":100001,\"tie_word_embeddings\":false,"
+        "\"rope_theta\":10000,\"rope_scaling\":{\"beta_fast\":32,\"beta_slow\":1,"
+        "\"factor\":40,\"mscale\":0.707,\"mscale_all_dim\":0.707,"
+        "\"original_max_position_embeddings\":4096,\"type\":\"yarn\"},"
+        "\"attention_bias\":false,\"attention_dropout\":0.0}";
+    if (epd_hf_config_parse(v2lite, strlen(v2lite), "v2-lite", &c, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(c.router, EPD_ROUTER_SOFTMAX);
+    assert_int_equal(c.num_experts, 64);
+    assert_int_equal(c.num_experts_per_tok, 6);
+    assert_int_equal(c.intermediate_size, 10944);
+    assert_int_equal(c.q_lora_rank, 0);
+    assert_true(c.yarn.factor == 40.0 && c.yarn.attention_factor == 1.0);
+    m = 0.1 * 0.707 * log(40.0) + 1.0;
+    assert_true(fabs(c.attn_scale - m * m / sqrt(192.0)) < 1e-12);
+    /* DeepSeek-V3's own keys on top: sigmoid, noaux_tc, 8 groups, a quantization_config */
+    const char *v3 = build_from(v2lite, "\"model_type\":\"deepseek_v3\",\"scoring_func\":"
+                                        "\"sigmoid\",\"topk_method\":\"noaux_tc\",\"n_group\":8,"
+                                        "\"topk_group\":4,\"num_nextn_predict_layers\":1");
+    if (epd_hf_config_parse(v3, strlen(v3), "v3", &c, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(c.router, EPD_ROUTER_SIGMOID_GROUP);
+    assert_int_equal(c.n_group, 8);
+    assert_int_equal(c.topk_group, 4);
+
+    static const struct {
+        const char *extra, *expect;
+        int status;
+    } bad[] = {
+        {"\"scoring_func\":\"softmax\",\"model_type\":\"deepseek_v3\"", "scoring_func", -ENOTSUP},
+        {"\"topk_method\":\"noaux_tc\"", "topk_method: \"noaux_tc\" is not supported", -ENOTSUP},
+        {"\"moe_layer_freq\":2", "moe_layer_freq", -ENOTSUP},
+        {"\"quantization_config\":{\"quant_method\":\"fp8\"}", "quantization_config", -ENOTSUP},
+        {"\"topk_method\":\"group_limited_greedy\",\"n_group\":3", "n_group", -EINVAL},
+        {"\"qk_rope_head_dim\":63", "qk_rope_head_dim: 63 is not even", -EINVAL},
+        {"\"rope_scaling\":{\"type\":\"linear\",\"factor\":2}", "rope_type", -ENOTSUP},
+        {"\"kv_lora_rank\":0", "kv_lora_rank", -EINVAL},
+        {"\"mlp_bias\":true", "mlp_bias", -ENOTSUP},
+    };
+    for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
+        const char *j = build_from(v2lite, bad[i].extra);
+        err.msg[0] = 0;
+        int rc = epd_hf_config_parse(j, strlen(j), "config.json", &c, &err);
+        if (rc != bad[i].status || !strstr(err.msg, bad[i].expect))
+            fail_msg("deepseek case %zu (%s): status %d (expected %d), message \"%s\" lacks \"%s\"",
+                     i, bad[i].extra, rc, bad[i].status, err.msg, bad[i].expect);
+    }
+    /* YaRN stays DeepSeek's: a Qwen3-MoE config with it is refused */
+    const char *q = build("rope_scaling", "{\"rope_type\":\"yarn\",\"factor\":4}");
+    assert_int_equal(epd_hf_config_parse(q, strlen(q), "config.json", &c, &err), -ENOTSUP);
+    assert_non_null(strstr(err.msg, "only \"default\" is supported"));
+}
+
 static void test_missing_file(void **state)
 {
     (void)state;
@@ -191,7 +347,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_oracle_config), cmocka_unit_test(test_published_config),
         cmocka_unit_test(test_defaults),      cmocka_unit_test(test_bad_configs),
-        cmocka_unit_test(test_missing_file),
+        cmocka_unit_test(test_missing_file),  cmocka_unit_test(test_deepseek_configs),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
