@@ -21,6 +21,9 @@
 #   bench      build-gpu-serve/model/cuda/model-bench ARGS... (the ARGS after --), tee'd to
 #              $OUT/bench.txt
 #   torch      python3 scripts/bench_torch_peer.py $TORCH_ARGS, tee'd to $OUT/torch.txt
+#   dsref      transformers' DeepseekV3/V2ForCausalLM on tests/model/oracle_dsv3 and oracle_dsv2
+#              against their expected.json (tests/model/make_deepseek_oracle.py --check; CPU, no
+#              build needed), tee'd to $OUT/dsref.txt
 #   soak       tests/engine/soak_http.py against that epd (started if serve did not run) for
 #              $SOAK_SECONDS (default 60): random arrivals, long and short prompts, cancellations,
 #              an exhausted KV pool (with soak among the stages, the epd gets model.kv_blocks
@@ -66,7 +69,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --no-build) DO_BUILD=0 ;;
     --) shift; PASS=("$@"); break ;;
-    tests | serve | httpbench | bench | torch | soak | sanitize) STAGES+=("$1") ;;
+    tests | serve | httpbench | bench | torch | dsref | soak | sanitize) STAGES+=("$1") ;;
     -h | --help) usage ;;
     *) echo "gpu-serve: unknown stage or option '$1'" >&2; usage ;;
     esac
@@ -399,6 +402,20 @@ stage_torch() {
     if [ "$rc" = 0 ]; then note "torch peer" "ok (torch.txt)"; else note "torch peer" "FAIL rc $rc (torch.txt)"; fi
 }
 
+stage_dsref() {
+    local t d rc all=0
+    t=$(stage_timeout "${DSREF_TIMEOUT:-300}")
+    [ "$t" = 0 ] && { note dsref "SKIP (call budget spent)"; return; }
+    : >"$OUT/dsref.txt"
+    for d in oracle_dsv3 oracle_dsv2; do
+        timeout -k 10 "$t" python3 tests/model/make_deepseek_oracle.py --check "tests/model/$d" \
+            --tol "${DSREF_TOL:-0.001}" 2>&1 | tee -a "$OUT/dsref.txt"
+        rc=${PIPESTATUS[0]}
+        [ "$rc" = 0 ] || all=$rc
+    done
+    if [ "$all" = 0 ]; then note dsref "ok (dsref.txt)"; else note dsref "FAIL rc $all (dsref.txt)"; fi
+}
+
 # memory.used of every GPU: "INDEX:MIB ..."
 gpu_mem() {
     nvidia-smi --query-gpu=index,memory.used --format=csv,noheader,nounits 2>/dev/null |
@@ -497,6 +514,7 @@ stage_sanitize() {
 for s in "${STAGES[@]}"; do
     case $s in
     torch) stage_torch ;;
+    dsref) stage_dsref ;;
     *)
         if [ $BUILD_OK = 0 ]; then
             note "$s" "SKIP (no build)"
