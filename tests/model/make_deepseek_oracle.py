@@ -267,7 +267,10 @@ def check(d, tol):
 
     cfg = AutoConfig.from_pretrained(d)
     cfg._attn_implementation = "eager"
-    model = AutoModelForCausalLM.from_pretrained(d, config=cfg, torch_dtype=torch.float32)
+    try:  # transformers 5 names it dtype, 4 torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(d, config=cfg, dtype=torch.float32)
+    except TypeError:
+        model = AutoModelForCausalLM.from_pretrained(d, config=cfg, torch_dtype=torch.float32)
     model.eval()
     exp = json.load(open(os.path.join(d, "expected.json")))
     worst, bad = 0.0, 0
