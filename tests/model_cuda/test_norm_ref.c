@@ -38,7 +38,7 @@ static float widen(uint16_t b)
 }
 
 /* bf16 of f: of the two bf16 values around f, the nearer; on a tie the one with an even last
- * bit. NaN: any NaN. */
+ * bit. NaN: any NaN (the random loop pins epd_f32_to_bf16's to CUDA's 0x7fff). */
 static uint16_t bf16_by_distance(float f)
 {
     if (isnan(f)) return 0x7fc0;
@@ -78,8 +78,7 @@ static void test_bf16_rounding(void **state)
         memcpy(&f, &u, 4);
         uint16_t got = epd_f32_to_bf16(f);
         if (isnan(f)) {
-            assert_true(isnan(widen(got)));
-            assert_int_equal(got >> 15, u >> 31); /* the sign stays */
+            assert_int_equal(got, 0x7fff); /* CUDA's canonical NaN, whatever the sign/payload */
         } else if (got != bf16_by_distance(f)) {
             fail_msg("bits 0x%08x: 0x%04x, nearest-even 0x%04x", u, got, bf16_by_distance(f));
         }
