@@ -70,8 +70,8 @@ static int ht_rank(int rank, const ep_bootstrap_t *bs, void *arg)
     cfg.ht_max_tokens = M;
     cfg.timeout_ms = 30000;
     OPCHECK(NULL, ep_group_create(&cfg, bs, &g));
-    CHECK(&cx, ep_ht_max_recv_tokens(g) == (int)N, "ep_ht_max_recv_tokens %d",
-          ep_ht_max_recv_tokens(g));
+    OP_CHECK(&cx, ep_ht_max_recv_tokens(g) == (int)N, "ep_ht_max_recv_tokens %d",
+             ep_ht_max_recv_tokens(g));
     for (int it = 0; it < c->steps; it++) {
         cx.op = (uint64_t)it;
         for (int s = 0; s < R; s++)
@@ -97,9 +97,9 @@ static int ht_rank(int rank, const ep_bootstrap_t *bs, void *arg)
             if (rank == 0 && want > 0) small.capacity = want - 1;
             ep_status_t st = ep_ht_dispatch(g, &a, &small, &hd);
             if (rank == 0 && want > 0) {
-                CHECK(&cx, st == EP_ERR_INVALID, "too small an output gave %d", st);
-                CHECK(&cx, strstr(ep_group_last_error(g), "capacity") != NULL, "message: %s",
-                      ep_group_last_error(g));
+                OP_CHECK(&cx, st == EP_ERR_INVALID, "too small an output gave %d", st);
+                OP_CHECK(&cx, strstr(ep_group_last_error(g), "capacity") != NULL, "message: %s",
+                         ep_group_last_error(g));
             } else {
                 OPCHECK(g, st);
                 check_ht_dispatch(&cx, in, &small, 1, 1);

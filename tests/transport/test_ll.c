@@ -79,7 +79,7 @@ static int ll_rank(int rank, const ep_bootstrap_t *bs, void *arg)
                                         .use_hook = hook};
             o->hook = NULL;
             OPCHECK(g, ep_ll_dispatch(g, &da, &o->out, &o->handle, &o->hook));
-            if (!hook && o->hook) CHECK(&cx, 0, "dispatch without hook returned a hook");
+            if (!hook && o->hook) OP_CHECK(&cx, 0, "dispatch without hook returned a hook");
         }
         for (int a = 0; a < nops; a++)
             if (op[a].hook) OPCHECK(g, ep_hook_run(op[a].hook));

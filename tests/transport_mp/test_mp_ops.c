@@ -154,8 +154,8 @@ static int ll_step(struct op_ctx *pcx, ep_group_t *g, struct rank_state *st, int
                                     .use_hook = hook};
         o->hook = NULL;
         OPCHECK(g, ep_ll_dispatch(g, &da, &o->out, &o->handle, &o->hook));
-        CHECK(&cx, !hook == !o->hook, "dispatch with use_hook %d returned hook %p", hook,
-              (void *)o->hook);
+        OP_CHECK(&cx, !hook == !o->hook, "dispatch with use_hook %d returned hook %p", hook,
+                 (void *)o->hook);
     }
     for (int a = 0; a < nops; a++)
         if (st->op[a].hook) OPCHECK(g, ep_hook_run(st->op[a].hook));
@@ -175,8 +175,8 @@ static int ll_step(struct op_ctx *pcx, ep_group_t *g, struct rank_state *st, int
                                    .use_hook = hook};
         o->hook = NULL;
         OPCHECK(g, ep_ll_combine(g, &ca, &o->hook));
-        CHECK(&cx, !hook == !o->hook, "combine with use_hook %d returned hook %p", hook,
-              (void *)o->hook);
+        OP_CHECK(&cx, !hook == !o->hook, "combine with use_hook %d returned hook %p", hook,
+                 (void *)o->hook);
     }
     for (int a = 0; a < nops; a++)
         if (st->op[a].hook) OPCHECK(g, ep_hook_run(st->op[a].hook));
@@ -245,11 +245,11 @@ static int ops_rank(int rank, int nranks, const ep_bootstrap_t *bs, void *arg)
     ep_config_t cfg;
     world_ep_config(&cfg, c->E, c->H, c->k, c->ll_M, c->ht_M, 10000);
     OPCHECK(NULL, ep_group_create(&cfg, bs, &g));
-    CHECK(&cx, ep_group_rank(g) == rank && ep_group_size(g) == nranks, "group says rank %d of %d",
-          ep_group_rank(g), ep_group_size(g));
+    OP_CHECK(&cx, ep_group_rank(g) == rank && ep_group_size(g) == nranks,
+             "group says rank %d of %d", ep_group_rank(g), ep_group_size(g));
     if (c->ht_M)
-        CHECK(&cx, ep_ht_max_recv_tokens(g) == c->ht_M * nranks, "ep_ht_max_recv_tokens %d",
-              ep_ht_max_recv_tokens(g));
+        OP_CHECK(&cx, ep_ht_max_recv_tokens(g) == c->ht_M * nranks, "ep_ht_max_recv_tokens %d",
+                 ep_ht_max_recv_tokens(g));
     rng_t pr = {rng_mix(c->seed, 999)}; /* the step pattern: the same everywhere */
     rng_t hr = {rng_mix(c->seed, 1000 + (uint64_t)rank)}; /* hook choices: per rank */
     uint64_t opid = 0;

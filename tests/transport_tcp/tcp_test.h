@@ -1,5 +1,5 @@
 /* Helpers of the tcp transport tests, which run their ranks in a forked world
- * (tests/transport/fork_world.h): a CHECK that fails the rank, the tests' deterministic source
+ * (tests/common/fork_world.h, whose CHECK fails the rank): the tests' deterministic source
  * of sizes, offsets and bytes, and one rank's tcp wire set up on loopback. */
 #ifndef TCP_TEST_H
 #define TCP_TEST_H
@@ -12,17 +12,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "rank %d: %s:%d: check failed: %s: ", world_rank, __FILE__, __LINE__,  \
-                    #cond);                                                                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            return 1;                                                                              \
-        }                                                                                          \
-    } while (0)
 
 /* splitmix64: the tests' deterministic source of sizes, offsets and bytes. */
 static inline uint64_t world_rand(uint64_t *s)

@@ -1,5 +1,6 @@
 /* Forked multi-process worlds on loopback for libep's multi-process tests (see fork_world.h). */
 #include "fork_world.h"
+#include "epd_clock.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -14,14 +15,12 @@
 
 int world_rank = -1;
 
-/* How long a rank waits for the others in the bootstrap; below every world's limit. */
-#define WORLD_BOOTSTRAP_MS 15000u
+/* Below every world's limit of the tcp suites. */
+unsigned world_bootstrap_ms = 15000u;
 
 uint64_t world_now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    return (uint64_t)epd_now_ms();
 }
 
 int world_free_port(void)
@@ -122,7 +121,7 @@ static int ep_rank_main(int rank, int nranks, int port, void *p)
     const struct ep_rank *e = p;
     ep_tcp_bootstrap_t *b = NULL;
     ep_status_t st =
-        ep_tcp_bootstrap_create("127.0.0.1", port, rank, nranks, WORLD_BOOTSTRAP_MS, &b);
+        ep_tcp_bootstrap_create("127.0.0.1", port, rank, nranks, world_bootstrap_ms, &b);
     if (st != EP_OK) {
         fprintf(stderr, "rank %d: tcp bootstrap on port %d: %s: %s\n", rank, port, ep_strerror(st),
                 ep_tcp_bootstrap_last_error());
