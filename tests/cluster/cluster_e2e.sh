@@ -16,14 +16,7 @@ HB=100 TO=500
 . "$(cd "$(dirname "$0")" && pwd)/../common/e2e.sh"
 declare -a PID HTTP CTL
 e2e_workdir cluster-e2e
-fail() {
-    echo "FAIL: $*" >&2
-    for ((i = 0; i < N; i++)); do
-        echo "--- node $i log (last 30 lines) ---" >&2
-        tail -n 30 "$WORK/n$i.log" >&2 2>/dev/null
-    done
-    exit 1
-}
+fail() { e2e_fail_nodes $N 30 "$@"; }
 CURL=(curl -s -m 3)
 
 e2e_cluster_ports "$UTIL" $N

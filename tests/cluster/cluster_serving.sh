@@ -14,14 +14,7 @@ N=2
 . "$(cd "$(dirname "$0")" && pwd)/../common/e2e.sh"
 declare -a PID HTTP CTL
 e2e_workdir cluster-serving
-fail() {
-    echo "FAIL: $*" >&2
-    for ((i = 0; i < N; i++)); do
-        echo "--- node $i log (last 40 lines) ---" >&2
-        tail -n 40 "$WORK/n$i.log" >&2 2>/dev/null
-    done
-    exit 1
-}
+fail() { e2e_fail_nodes $N 40 "$@"; }
 CURL=(curl -s -m 30)
 e2e_cluster_ports "$UTIL" $N
 e2e_secret "$WORK/secret"

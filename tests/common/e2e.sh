@@ -37,6 +37,19 @@ e2e_fail() {
     exit 1
 }
 
+# e2e_fail_nodes N LINES MESSAGE...: prints FAIL and the last LINES of each node's log
+# ($WORK/n<i>.log, i < N), and exits 1.
+e2e_fail_nodes() {
+    local n=$1 lines=$2 i
+    shift 2
+    echo "FAIL: $*" >&2
+    for ((i = 0; i < n; i++)); do
+        echo "--- node $i log (last $lines lines) ---" >&2
+        tail -n "$lines" "$WORK/n$i.log" >&2 2>/dev/null
+    done
+    exit 1
+}
+
 # e2e_notify_listen NOTIFY_HELPER SECONDS: a systemd notify socket at $WORK/notify.sock whose
 # messages go to $WORK/notify.out (LISTEN_PID).
 e2e_notify_listen() {

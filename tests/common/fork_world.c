@@ -1,6 +1,7 @@
 /* Forked multi-process worlds on loopback for libep's multi-process tests (see fork_world.h). */
 #include "fork_world.h"
 #include "epd_clock.h"
+#include "free_port.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -25,16 +26,7 @@ uint64_t world_now_ms(void)
 
 int world_free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t l = sizeof a;
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
-        port = ntohs(a.sin_port);
-    close(fd);
-    return port;
+    return test_free_port();
 }
 
 int world_run(int nranks, world_fn fn, void *arg, unsigned limit_ms, int *status)

@@ -49,32 +49,7 @@ SEEDS = 24
 
 
 def make_config():
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=DENSE_INTER,
-        moe_intermediate_size=MOE_INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        hidden_act="silu",
-        max_position_embeddings=MAX_POS,
-        rms_norm_eps=EPS,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        use_sliding_window=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=list(MLP_ONLY),
-        num_experts=EXPERTS,
-        num_experts_per_tok=TOPK,
-        norm_topk_prob=True,
-        output_router_logits=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    return qwen3_moe_config(ROPE_THETA, **kw)
+    return qwen3_moe_config(globals(), tie=False, mlp_only=MLP_ONLY)
 
 
 def make_prompts():

@@ -81,32 +81,7 @@ GEN_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_tok
 
 
 def make_config():
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=DENSE_INTER,
-        moe_intermediate_size=MOE_INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        hidden_act="silu",
-        max_position_embeddings=MAX_POS,
-        rms_norm_eps=EPS,
-        tie_word_embeddings=True,
-        attention_bias=False,
-        use_sliding_window=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        num_experts=EXPERTS,
-        num_experts_per_tok=TOPK,
-        norm_topk_prob=True,
-        output_router_logits=False,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=None,
-    )
-    return qwen3_moe_config(ROPE_THETA, **kw)
+    return qwen3_moe_config(globals(), tie=True, bos=151643, eos=151645)
 
 
 def diversity(res, tok):

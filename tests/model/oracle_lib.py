@@ -19,12 +19,39 @@ def log(msg):
     LOG.append(line)
 
 
-def qwen3_moe_config(theta, **kw):
-    """Qwen3MoeConfig(**kw) with rope_theta = theta whichever way this transformers version
-    takes it, eager attention and per-expert loops (no grouped-matmul kernel that a CPU build
-    may lack)."""
+def qwen3_moe_config(sizes, tie, mlp_only=(), bos=None, eos=None):
+    """A Qwen3MoeConfig of the generator's sizes (a dict holding VOCAB, HIDDEN, DENSE_INTER,
+    MOE_INTER, LAYERS, HEADS, KV_HEADS, HEAD_DIM, MAX_POS, EPS, ROPE_THETA, EXPERTS, TOPK: its
+    globals()), with rope_theta set whichever way this transformers version takes it, eager
+    attention and per-expert loops (no grouped-matmul kernel that a CPU build may lack)."""
     from transformers import Qwen3MoeConfig
 
+    theta = sizes["ROPE_THETA"]
+    kw = dict(
+        vocab_size=sizes["VOCAB"],
+        hidden_size=sizes["HIDDEN"],
+        intermediate_size=sizes["DENSE_INTER"],
+        moe_intermediate_size=sizes["MOE_INTER"],
+        num_hidden_layers=sizes["LAYERS"],
+        num_attention_heads=sizes["HEADS"],
+        num_key_value_heads=sizes["KV_HEADS"],
+        head_dim=sizes["HEAD_DIM"],
+        hidden_act="silu",
+        max_position_embeddings=sizes["MAX_POS"],
+        rms_norm_eps=sizes["EPS"],
+        tie_word_embeddings=tie,
+        attention_bias=False,
+        use_sliding_window=False,
+        decoder_sparse_step=1,
+        mlp_only_layers=list(mlp_only),
+        num_experts=sizes["EXPERTS"],
+        num_experts_per_tok=sizes["TOPK"],
+        norm_topk_prob=True,
+        output_router_logits=False,
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=None,
+    )
     try:
         cfg = Qwen3MoeConfig(rope_theta=theta, **kw)
     except TypeError:

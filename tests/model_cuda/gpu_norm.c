@@ -2,6 +2,7 @@
  * vectorised and the scalar paths: embed, gather_rows, the residual in h and f32_to_bf16 bit for
  * bit; add_rmsnorm's fp32 output within 1e-5 relative, bf16 outputs equal or 1 ulp apart.
  * Exit 77 without a CUDA device. */
+#include "test_rng.h"
 #include "cuda_harness.h"
 #include "cuda_ops.h"
 #include "norm_ref.h"
@@ -22,10 +23,7 @@ static int failures;
 static uint64_t rng_state = 0xabc0001u;
 static uint64_t rng_next(void)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(&rng_state);
 }
 static float rng_sym(float scale)
 {

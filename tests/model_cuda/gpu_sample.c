@@ -3,6 +3,7 @@
  * for >= 99%, and every GPU token one the twin kept (p > 0 after its filtering); rows at or past
  * *n_dev untouched. Prints the time of sampling 256 rows of V = 151936. Exit 77 without a CUDA
  * device. */
+#include "test_rng.h"
 #include "cuda_harness.h"
 #include "cuda_ops.h"
 #include "sample.h"
@@ -19,19 +20,15 @@
 static uint64_t rng_state = 0x5a3e1e01u;
 static uint64_t rng_next(void)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(&rng_state);
 }
 static double rng_unit(void)
 {
-    return (double)(rng_next() >> 11) / 9007199254740992.0;
+    return test_rng_unit(&rng_state);
 }
 static float rng_normal(void)
 {
-    double a = rng_unit() + 1e-300, b = rng_unit();
-    return (float)(sqrt(-2 * log(a)) * cos(6.283185307179586 * b));
+    return test_rng_normal(&rng_state);
 }
 
 /* Language-model-like rows: a normal background, a few boosted tokens; sometimes exact ties,

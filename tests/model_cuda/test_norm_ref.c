@@ -8,6 +8,7 @@
 
 #include <cmocka.h>
 
+#include "test_rng.h"
 #include "norm_ref.h"
 #include "ops.h"
 
@@ -19,10 +20,7 @@
 static uint64_t rng_state = 0x5eed0001u;
 static uint64_t rng_next(void)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(&rng_state);
 }
 static float rng_sym(float scale) /* uniform in (-scale, scale) */
 {

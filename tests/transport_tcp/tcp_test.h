@@ -5,6 +5,7 @@
 #define TCP_TEST_H
 
 #include "fork_world.h"
+#include "test_rng.h"
 #include "wire_tcp.h"
 
 #include <stddef.h>
@@ -16,10 +17,7 @@
 /* splitmix64: the tests' deterministic source of sizes, offsets and bytes. */
 static inline uint64_t world_rand(uint64_t *s)
 {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(s);
 }
 
 static inline void world_fill(uint64_t *s, uint8_t *dst, size_t len)
