@@ -29,6 +29,16 @@ uint64_t rng_mix(uint64_t a, uint64_t b);
 void gen_routing(rng_t *r, const struct op_case *c, int T, int32_t *idx, float *w, float wlo,
                  float wspan);
 
+/* A cmocka test of one fixed case, for a suite's table of tests: runner is the suite's
+ * `void runner(void **state)` that runs the case *state. */
+#define OP_CASE_TEST(test_name, runner, ...)                                                       \
+    {                                                                                              \
+        .name = #test_name, .test_func = (runner), .initial_state = &(struct op_case)              \
+        {                                                                                          \
+            __VA_ARGS__                                                                            \
+        }                                                                                          \
+    }
+
 /* One rank's checks: the case, the rank, the op being checked (for messages) and how many
  * checks failed. */
 struct op_ctx {

@@ -168,27 +168,20 @@ static void ht_random_shapes(void **state)
     }
 }
 
-static void ht_deepep_shape(void **state)
+/* The fixed cases of the table in main. */
+static void fixed_case(void **state)
 {
-    (void)state;
-    struct op_case c = {.R = 2, .E = 256, .H = 7168, .k = 8, .ht_M = 512, .steps = 2, .seed = 9};
-    run_case(&c);
-}
-
-static void ht_many_steps(void **state)
-{
-    (void)state;
-    struct op_case c = {
-        .R = 4, .E = 64, .H = 128, .k = 6, .ht_M = 40, .steps = 150, .squeeze = 1, .seed = 10};
-    run_case(&c);
+    run_case(*state);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(ht_random_shapes),
-        cmocka_unit_test(ht_deepep_shape),
-        cmocka_unit_test(ht_many_steps),
+        OP_CASE_TEST(ht_deepep_shape, fixed_case, .R = 2, .E = 256, .H = 7168, .k = 8, .ht_M = 512,
+                     .steps = 2, .seed = 9),
+        OP_CASE_TEST(ht_many_steps, fixed_case, .R = 4, .E = 64, .H = 128, .k = 6, .ht_M = 40,
+                     .steps = 150, .squeeze = 1, .seed = 10),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
