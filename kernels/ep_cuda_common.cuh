@@ -223,6 +223,31 @@ __device__ __forceinline__ epk_ll_state *epk_ll_state_of(const epk_ctx_t &c)
     return (epk_ll_state *)(c.base[c.rank] + c.lay.ll_state);
 }
 
+/* The end of an LL op's receive half (phase 0: dispatch, 1: combine), reached by every thread
+ * of a receive block: thread 0 of the last of `blocks` blocks records op `seq` as completed on
+ * buffer `buf` and resets the count for the next op. */
+__device__ __forceinline__ void epk_ll_recv_done(epk_ll_state *st, int buf, int phase,
+                                                 unsigned blocks, uint64_t seq)
+{
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&st->fin[buf][phase], 1u) == blocks - 1) {
+            st->fin[buf][phase] = 0;
+            st->seq[buf][phase] = seq;
+            __threadfence();
+        }
+    }
+}
+
+/* Blocks of an LL kernel's launch: mode 1 runs the send half, 2 the receive half, else both. */
+static inline int epk_ll_grid(int mode, int send_blocks, int recv_blocks)
+{
+    return mode == 1   ? send_blocks
+           : mode == 2 ? recv_blocks
+                       : (send_blocks > recv_blocks ? send_blocks : recv_blocks);
+}
+
 /* ---- proxy path (kernels/ep_cuda.h, epk_ring_t) ------------------------------------------ */
 
 /* Where this rank's stores meant for rank d go: d's window over NVLink; on the proxy path its

@@ -249,15 +249,7 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
         __syncthreads();
     }
 
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(&st->fin[p.buf][1], 1u) == (unsigned)p.recv_blocks - 1) {
-            st->fin[p.buf][1] = 0;
-            st->seq[p.buf][1] = seq;
-            __threadfence();
-        }
-    }
+    epk_ll_recv_done(st, p.buf, 1, (unsigned)p.recv_blocks, seq);
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
@@ -273,9 +265,7 @@ __global__ void __launch_bounds__(kThreads, 2)
 extern "C" int epk_ll_combine(const epk_ctx_t *c, const epk_ll_combine_params_t *p, int mode,
                               void *stream)
 {
-    int grid = mode == 1   ? p->send_blocks
-               : mode == 2 ? p->recv_blocks
-                           : (p->send_blocks > p->recv_blocks ? p->send_blocks : p->recv_blocks);
+    const int grid = epk_ll_grid(mode, p->send_blocks, p->recv_blocks);
     ll_combine_kernel<<<grid, kThreads, 0, (cudaStream_t)stream>>>(*c, *p, mode);
     return EPK_CHECK_LAUNCH();
 }
