@@ -34,6 +34,15 @@ int world_run(int nranks, world_fn fn, void *arg, unsigned limit_ms, int *status
     return world_run_reap(nranks, fn, arg, limit_ms, -1, status);
 }
 
+int world_run_all(int nranks, world_fn fn, void *arg, unsigned limit_ms)
+{
+    int status[EP_MAX_RANKS];
+    int failed = world_run(nranks, fn, arg, limit_ms, status);
+    for (int r = 0; r < nranks; r++)
+        if (status[r]) fprintf(stderr, "world: rank %d ended with status %d\n", r, status[r]);
+    return failed;
+}
+
 int world_run_reap(int nranks, world_fn fn, void *arg, unsigned limit_ms, int reap, int *status)
 {
     pid_t pids[EP_MAX_RANKS];

@@ -34,6 +34,9 @@ typedef int (*world_fn)(int rank, int nranks, int port, void *arg);
  * after limit_ms. status[r] gets rank r's exit code, WORLD_SIGNALED(sig) or WORLD_HUNG. Returns
  * the number of ranks whose status is not 0. */
 int world_run(int nranks, world_fn fn, void *arg, unsigned limit_ms, int *status);
+/* world_run for a world whose ranks must all succeed: prints the status of each rank that did
+ * not and returns their number (0: every rank succeeded). */
+int world_run_all(int nranks, world_fn fn, void *arg, unsigned limit_ms);
 /* The same, for a world where rank `reap` is expected to stop (SIGSTOP) for good: once every
  * other rank has ended, it is SIGKILLed and its status is WORLD_SIGNALED(SIGKILL). */
 int world_run_reap(int nranks, world_fn fn, void *arg, unsigned limit_ms, int reap, int *status);
