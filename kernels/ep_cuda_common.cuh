@@ -209,6 +209,22 @@ __device__ __forceinline__ void epk_warp_sum_rows(uint4 *dst, int H, int R, RowO
     }
 }
 
+/* ---- module loading ------------------------------------------------------------------------ */
+
+/* Loads the modules of these kernels now (each file's epk_preload_* calls it with its kernels):
+ * a lazily loaded module can need the device idle, which never happens while another rank's
+ * kernel spins waiting for this one. 0 or the first cudaError_t. */
+static inline int epk_preload_kernels()
+{
+    return 0;
+}
+template <typename K, typename... More> static int epk_preload_kernels(K kernel, More... more)
+{
+    cudaFuncAttributes a;
+    cudaError_t e = cudaFuncGetAttributes(&a, kernel);
+    return e != cudaSuccess ? (int)e : epk_preload_kernels(more...);
+}
+
 /* ---- LL sequence state (local part of the buffer, kernels/ep_cuda.h) ---------------------- */
 struct epk_ll_state {
     uint64_t seq[2][2];  /* [buf][dispatch, combine]: ops completed on that buffer */

@@ -270,12 +270,8 @@ extern "C" int epk_ll_combine(const epk_ctx_t *c, const epk_ll_combine_params_t 
     return EPK_CHECK_LAUNCH();
 }
 
-/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
- * happens while another rank's kernel spins waiting for this one. */
+/* Loads this file's kernels now (see epk_preload_kernels). */
 extern "C" int epk_preload_ll_combine(void)
 {
-    cudaFuncAttributes a;
-    cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, ll_combine_kernel)) != cudaSuccess) return (int)e;
-    return 0;
+    return epk_preload_kernels(ll_combine_kernel);
 }

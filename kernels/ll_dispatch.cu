@@ -310,12 +310,8 @@ extern "C" int epk_ll_dispatch(const epk_ctx_t *c, const epk_ll_dispatch_params_
     return EPK_CHECK_LAUNCH();
 }
 
-/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
- * happens while another rank's kernel spins waiting for this one. */
+/* Loads this file's kernels now (see epk_preload_kernels). */
 extern "C" int epk_preload_ll_dispatch(void)
 {
-    cudaFuncAttributes a;
-    cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, ll_dispatch_kernel)) != cudaSuccess) return (int)e;
-    return 0;
+    return epk_preload_kernels(ll_dispatch_kernel);
 }

@@ -23,11 +23,10 @@ expected.json:
 import argparse
 import json
 import os
-import sys
 
 import torch
 from oracle_lib import (LOG, bf16_hooks, canonical_state_dict, force_eager, greedy, init_params,
-                        log, margin, moe_layers_of, qwen3_moe_config)
+                        log, margin, moe_layers_of, qwen3_moe_config, run_main)
 
 HIDDEN = 128
 LAYERS = 3
@@ -227,17 +226,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        out = None
-        for i, a in enumerate(sys.argv):
-            if a == "--out" and i + 1 < len(sys.argv):
-                out = sys.argv[i + 1]
-        if out:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "log.txt"), "w") as f:
-                f.write("\n".join(LOG) + "\n" + traceback.format_exc())
-        raise
+    run_main(main)

@@ -4,7 +4,9 @@ canonical tensor names, greedy decoding with the KV cache and the bf16 simulatio
 exchange. Imported from the generator's own folder; needs torch (and transformers for
 qwen3_moe_config)."""
 import math
+import os
 import re
+import sys
 import time
 
 import torch
@@ -192,3 +194,22 @@ def bf16_hooks(model, layers):
         hs.append(mlp.register_forward_pre_hook(pre))
         hs.append(mlp.register_forward_hook(post))
     return hs
+
+
+def run_main(main):
+    """Runs the generator's main; on any failure the log so far and the traceback also go to
+    OUT/log.txt (--out OUT), so that a run on a remote machine leaves its reason behind."""
+    try:
+        main()
+    except BaseException:
+        import traceback
+        traceback.print_exc()
+        out = None
+        for i, a in enumerate(sys.argv):
+            if a == "--out" and i + 1 < len(sys.argv):
+                out = sys.argv[i + 1]
+        if out:
+            os.makedirs(out, exist_ok=True)
+            with open(os.path.join(out, "log.txt"), "w") as f:
+                f.write("\n".join(LOG) + "\n" + traceback.format_exc())
+        raise
