@@ -12,23 +12,29 @@
 /* Printed failures per test file at the most; the first ones say what went wrong. */
 #define TEST_CHECK_PRINT_MAX 20
 
-/* "rank R step S: file:line: check failed: what: message" (rank, step < 0: left out). */
-static inline void test_check_failed(int rank, int step, const char *file, int line,
+/* "rank R step S file:line: check failed: what: message" (rank, step < 0: left out). */
+static inline void test_check_failed(int rank, int step, const char *file, int line_no,
                                      const char *what, const char *fmt, ...)
     __attribute__((format(printf, 6, 7)));
-static inline void test_check_failed(int rank, int step, const char *file, int line,
+static inline void test_check_failed(int rank, int step, const char *file, int line_no,
                                      const char *what, const char *fmt, ...)
 {
     static _Atomic int printed; /* threads as ranks share it */
     if (printed++ >= TEST_CHECK_PRINT_MAX) return;
-    va_list ap;
-    va_start(ap, fmt);
-    if (rank >= 0) fprintf(stderr, "rank %d%s", rank, step >= 0 ? "" : ": ");
-    if (step >= 0) fprintf(stderr, " step %d: ", step);
-    fprintf(stderr, "%s:%d: check failed: %s: ", file, line, what);
-    vfprintf(stderr, fmt, ap);
-    fputc('\n', stderr);
-    va_end(ap);
+    /* One write per failure, so that the lines of ranks running as threads do not interleave. */
+    char line[1024];
+    int n = 0;
+    if (rank >= 0) n += snprintf(line, sizeof line, "rank %d ", rank);
+    if (step >= 0) n += snprintf(line + n, sizeof line - (size_t)n, "step %d ", step);
+    n += snprintf(line + n, sizeof line - (size_t)n, "%s:%d: check failed: %s: ", file, line_no,
+                  what);
+    if (n < (int)sizeof line - 1) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(line + n, sizeof line - (size_t)n, fmt, ap);
+        va_end(ap);
+    }
+    fprintf(stderr, "%s\n", line);
 }
 
 /* cond must hold; else prints (rank, step may be -1) and runs on_fail (`return 1`,
