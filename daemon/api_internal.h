@@ -77,7 +77,6 @@ void api_creq_free(creq_t *q);
 /* Fills v and returns -1. */
 int api_bad(verr_t *v, int status, const char *param, const char *code, const char *fmt, ...)
     __attribute__((format(printf, 5, 6)));
-const char *api_type_name(const cJSON *v);
 int api_is_int(const cJSON *v);
 
 /* ---- api_openai.c ---- */

@@ -162,7 +162,7 @@ int api_chat_kwargs(const cJSON *f, int *disable_thinking, verr_t *v)
     if (!f || cJSON_IsNull(f)) return 0;
     if (!cJSON_IsObject(f))
         return api_bad(v, 400, "chat_template_kwargs", NULL,
-                       "'chat_template_kwargs' must be an object, not %s", api_type_name(f));
+                       "'chat_template_kwargs' must be an object, not %s", epd_json_type_name(f));
     for (const cJSON *o = f->child; o; o = o->next) {
         if (strcmp(o->string, "enable_thinking") != 0)
             return api_bad(v, 400, "chat_template_kwargs", NULL,
@@ -173,7 +173,7 @@ int api_chat_kwargs(const cJSON *f, int *disable_thinking, verr_t *v)
         if (!cJSON_IsBool(o))
             return api_bad(v, 400, "chat_template_kwargs", NULL,
                            "chat_template_kwargs.enable_thinking must be a boolean, not %s",
-                           api_type_name(o));
+                           epd_json_type_name(o));
         *disable_thinking = cJSON_IsFalse(o);
     }
     return 0;
@@ -218,7 +218,7 @@ static int parse_content(const cJSON *c, int i, int has_calls, const char **out,
     if (!cJSON_IsArray(c))
         return api_bad(v, 400, "messages", NULL,
                        "messages[%d].content must be a string or a list of text parts, not %s", i,
-                       api_type_name(c));
+                       epd_json_type_name(c));
     size_t total = 1;
     int j = 0;
     for (const cJSON *p = c->child; p; p = p->next, j++) {
@@ -235,7 +235,7 @@ static int parse_content(const cJSON *c, int i, int has_calls, const char **out,
         if (!cJSON_IsString(x))
             return api_bad(v, 400, "messages", NULL,
                            "messages[%d].content[%d].text must be a string, not %s", i, j,
-                           api_type_name(x));
+                           epd_json_type_name(x));
         total += epd_json_strlen(x) + 1;
     }
     char *s = malloc(total);
@@ -260,7 +260,7 @@ static int parse_tool_calls(const cJSON *tc, int i, epd_tok_tool_call_t **out, s
     if (!tc || cJSON_IsNull(tc)) return 0;
     if (!cJSON_IsArray(tc))
         return api_bad(v, 400, "messages", NULL, "messages[%d].tool_calls must be a list, not %s",
-                       i, api_type_name(tc));
+                       i, epd_json_type_name(tc));
     int cnt = cJSON_GetArraySize(tc), j = 0;
     if (cnt == 0) return 0;
     epd_tok_tool_call_t *calls = calloc((size_t)cnt, sizeof(*calls));
@@ -292,7 +292,7 @@ int api_encode_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
         return api_bad(v, 400, "messages", NULL, "'messages' is required: a list of messages");
     if (!cJSON_IsArray(messages))
         return api_bad(v, 400, "messages", NULL, "'messages' must be a list, not %s",
-                       api_type_name(messages));
+                       epd_json_type_name(messages));
     int n = cJSON_GetArraySize(messages);
     if (n == 0)
         return api_bad(v, 400, "messages", NULL, "'messages' is empty: give at least one message");
@@ -308,7 +308,7 @@ int api_encode_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
     for (const cJSON *e = messages->child; e; e = e->next, i++) {
         if (!cJSON_IsObject(e)) {
             api_bad(v, 400, "messages", NULL, "messages[%d] must be an object, not %s", i,
-                    api_type_name(e));
+                    epd_json_type_name(e));
             goto fail;
         }
         const cJSON *role = NULL, *content = NULL, *reasoning = NULL, *tc = NULL;
@@ -324,7 +324,7 @@ int api_encode_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
             } else if (!strcmp(f->string, "name") || !strcmp(f->string, "tool_call_id")) {
                 if (!cJSON_IsString(f) && !cJSON_IsNull(f)) {
                     api_bad(v, 400, "messages", NULL, "messages[%d].%s must be a string, not %s", i,
-                            f->string, api_type_name(f));
+                            f->string, epd_json_type_name(f));
                     goto fail;
                 }
             } else {
@@ -335,7 +335,7 @@ int api_encode_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
         }
         if (!cJSON_IsString(role)) {
             api_bad(v, 400, "messages", NULL, "messages[%d].role must be a string, not %s", i,
-                    role ? api_type_name(role) : "missing");
+                    role ? epd_json_type_name(role) : "missing");
             goto fail;
         }
         m.msgs[i].role = role->valuestring;
@@ -348,7 +348,7 @@ int api_encode_chat(const epd_api_t *a, const cJSON *messages, int add_generatio
             if (!cJSON_IsString(reasoning)) {
                 api_bad(v, 400, "messages", NULL,
                         "messages[%d].reasoning_content must be a string, not %s", i,
-                        api_type_name(reasoning));
+                        epd_json_type_name(reasoning));
                 goto fail;
             }
             m.msgs[i].reasoning_content = reasoning->valuestring;
@@ -380,7 +380,8 @@ fail:
 static int check_model(const epd_engine_info_t *info, const cJSON *f, verr_t *v)
 {
     if (!cJSON_IsString(f))
-        return api_bad(v, 400, "model", NULL, "'model' must be a string, not %s", api_type_name(f));
+        return api_bad(v, 400, "model", NULL, "'model' must be a string, not %s",
+                       epd_json_type_name(f));
     if (info && (strcmp(f->valuestring, info->model_id) != 0 ||
                  epd_json_strlen(f) != strlen(f->valuestring)))
         return api_bad(v, 404, "model", "model_not_found",
@@ -415,7 +416,7 @@ static void tokenize_run(api_job_t *job)
     int add_gen = 1, add_special = 1, disable_thinking = 0, split_special = -1;
     if (!cJSON_IsObject(root)) {
         api_bad(&v, 400, NULL, NULL, "the request body must be a JSON object, not %s",
-                api_type_name(root));
+                epd_json_type_name(root));
         goto fail;
     }
     for (const cJSON *f = root->child; f; f = f->next) {
@@ -429,7 +430,8 @@ static void tokenize_run(api_job_t *job)
         } else if (!strcmp(k, "add_generation_prompt") || !strcmp(k, "add_special_tokens") ||
                    !strcmp(k, "split_special_tokens")) {
             if (!cJSON_IsBool(f)) {
-                api_bad(&v, 400, k, NULL, "'%s' must be a boolean, not %s", k, api_type_name(f));
+                api_bad(&v, 400, k, NULL, "'%s' must be a boolean, not %s", k,
+                        epd_json_type_name(f));
                 goto fail;
             }
             *(!strcmp(k, "add_special_tokens")     ? &add_special
@@ -452,7 +454,7 @@ static void tokenize_run(api_job_t *job)
         if (api_text_ready(a, "prompt", &v)) goto fail;
         if (!cJSON_IsString(prompt)) {
             api_bad(&v, 400, "prompt", NULL, "'prompt' must be a string, not %s",
-                    api_type_name(prompt));
+                    epd_json_type_name(prompt));
             goto fail;
         }
         /* add_special_tokens: the BOS of a tokenizer whose config asks for one (DeepSeek-V3;
@@ -555,7 +557,7 @@ static void h_detokenize(const epd_http_req_t *req, epd_http_res_t *res, void *c
     const cJSON *tokens = NULL;
     if (!cJSON_IsObject(root)) {
         api_bad(&v, 400, NULL, NULL, "the request body must be a JSON object, not %s",
-                api_type_name(root));
+                epd_json_type_name(root));
         goto fail;
     }
     for (const cJSON *f = root->child; f; f = f->next) {
@@ -572,7 +574,7 @@ static void h_detokenize(const epd_http_req_t *req, epd_http_res_t *res, void *c
     if (api_text_ready(a, "tokens", &v)) goto fail;
     if (!cJSON_IsArray(tokens)) {
         api_bad(&v, 400, "tokens", NULL, "'tokens' must be a list of token ids, not %s",
-                tokens ? api_type_name(tokens) : "missing");
+                tokens ? epd_json_type_name(tokens) : "missing");
         goto fail;
     }
     int n = cJSON_GetArraySize(tokens), i = 0;

@@ -43,17 +43,7 @@ int api_is_int(const cJSON *v)
     return cJSON_IsNumber(v) && isfinite(v->valuedouble) && v->valuedouble == floor(v->valuedouble);
 }
 
-const char *api_type_name(const cJSON *v)
-{
-    if (cJSON_IsNull(v)) return "null";
-    if (cJSON_IsBool(v)) return "a boolean";
-    if (cJSON_IsNumber(v)) return "a number";
-    if (cJSON_IsString(v)) return "a string";
-    if (cJSON_IsArray(v)) return "an array";
-    return "an object";
-}
 #define is_int api_is_int
-#define type_name api_type_name
 
 /* One prompt: a non-empty list of token ids in the vocabulary. */
 static int parse_ids(const cJSON *arr, const char *path, int vocab, int32_t **out, int *len,
@@ -74,7 +64,7 @@ static int parse_ids(const cJSON *arr, const char *path, int vocab, int32_t **ou
             free(ids);
             return bad(v, 400, "prompt", NULL,
                        "%s[%d] must be an integer token id like %s[0], not %s", path, i, path,
-                       cJSON_IsNumber(t) ? "a fraction" : type_name(t));
+                       cJSON_IsNumber(t) ? "a fraction" : epd_json_type_name(t));
         }
         if (t->valuedouble < 0 || t->valuedouble >= vocab) {
             free(ids);
@@ -122,7 +112,7 @@ static int parse_prompt(const epd_api_t *a, const cJSON *p, int vocab, creq_t *q
         return bad(v, 400, "prompt", NULL,
                    "'prompt' must be a string, a list of strings, a list of token ids or a list "
                    "of such lists, not %s",
-                   type_name(p));
+                   epd_json_type_name(p));
     if (!p->child) return bad(v, 400, "prompt", NULL, "'prompt' is an empty list");
     if (cJSON_IsArray(p->child) || cJSON_IsString(p->child)) {
         int strings = cJSON_IsString(p->child), i = 0;
@@ -131,7 +121,7 @@ static int parse_prompt(const epd_api_t *a, const cJSON *p, int vocab, creq_t *q
             snprintf(path, sizeof(path), "prompt[%d]", i);
             if (strings ? !cJSON_IsString(e) : !cJSON_IsArray(e))
                 return bad(v, 400, "prompt", NULL, "%s must be %s like prompt[0], not %s", path,
-                           strings ? "a string" : "a list of token ids", type_name(e));
+                           strings ? "a string" : "a list of token ids", epd_json_type_name(e));
             if (strings) {
                 if (add_text_prompt(a, e, path, q, v)) return -1;
                 continue;
@@ -153,7 +143,7 @@ static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
     if (cJSON_IsNull(f)) return 0;
     if (!cJSON_IsString(f) && !cJSON_IsArray(f))
         return bad(v, 400, "stop", NULL, "'stop' must be a string or a list of strings, not %s",
-                   type_name(f));
+                   epd_json_type_name(f));
     if (cJSON_IsString(f) && !epd_json_strlen(f)) return 0;
     if (cJSON_IsArray(f) && !f->child) return 0;
     if (api_text_ready(a, "stop", v)) {
@@ -166,7 +156,8 @@ static int parse_stop(const epd_api_t *a, const cJSON *f, creq_t *q, verr_t *v)
     int i = 0;
     for (const cJSON *s = one; s; s = cJSON_IsString(f) ? NULL : s->next, i++) {
         if (!cJSON_IsString(s))
-            return bad(v, 400, "stop", NULL, "stop[%d] must be a string, not %s", i, type_name(s));
+            return bad(v, 400, "stop", NULL, "stop[%d] must be a string, not %s", i,
+                       epd_json_type_name(s));
         size_t l = epd_json_strlen(s); /* text may hold U+0000 */
         if (l == 0) return bad(v, 400, "stop", NULL, "stop[%d] is empty", i);
         if (l > MAX_STOP_BYTES)
@@ -185,7 +176,8 @@ static int get_number(const cJSON *f, const char *name, double lo, double hi, in
 {
     if (!f || cJSON_IsNull(f)) return 0;
     if (!cJSON_IsNumber(f))
-        return bad(v, 400, name, NULL, "'%s' must be a number, not %s", name, type_name(f));
+        return bad(v, 400, name, NULL, "'%s' must be a number, not %s", name,
+                   epd_json_type_name(f));
     double x = f->valuedouble; /* a literal beyond a double (1e400) parses as +-inf */
     if (!isfinite(x) || (lo_open ? x <= lo : x < lo) || x > hi)
         return bad(v, 400, name, NULL, "'%s' is %g; it must be in %s%g, %g]", name, x,
@@ -198,7 +190,8 @@ static int get_bool(const cJSON *f, const char *name, int *out, verr_t *v)
 {
     if (!f || cJSON_IsNull(f)) return 0;
     if (!cJSON_IsBool(f))
-        return bad(v, 400, name, NULL, "'%s' must be a boolean, not %s", name, type_name(f));
+        return bad(v, 400, name, NULL, "'%s' must be a boolean, not %s", name,
+                   epd_json_type_name(f));
     *out = cJSON_IsTrue(f);
     return 0;
 }
@@ -261,7 +254,7 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
     q->top_p = 1.0;
     if (!cJSON_IsObject(root))
         return bad(v, 400, NULL, NULL, "the request body must be a JSON object, not %s",
-                   type_name(root));
+                   epd_json_type_name(root));
     static const char *const unsup[] = {"echo",        "logprobs",           "best_of",
                                         "logit_bias",  "frequency_penalty",  "presence_penalty",
                                         "suffix",      "top_logprobs",       "tools",
@@ -279,7 +272,8 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
         if (known) continue;
         if (!strcmp(k, "model")) {
             if (!cJSON_IsString(f))
-                return bad(v, 400, "model", NULL, "'model' must be a string, not %s", type_name(f));
+                return bad(v, 400, "model", NULL, "'model' must be a string, not %s",
+                           epd_json_type_name(f));
             if (strcmp(f->valuestring, info->model_id) != 0 ||
                 epd_json_strlen(f) != strlen(f->valuestring))
                 return bad(v, 404, "model", "model_not_found",
@@ -300,7 +294,8 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
         } else if (!strcmp(k, "max_tokens") || (chat && !strcmp(k, "max_completion_tokens"))) {
             if (cJSON_IsNull(f)) continue;
             if (!cJSON_IsNumber(f))
-                return bad(v, 400, k, NULL, "'%s' must be an integer, not %s", k, type_name(f));
+                return bad(v, 400, k, NULL, "'%s' must be an integer, not %s", k,
+                           epd_json_type_name(f));
             if (!isfinite(f->valuedouble)) /* a literal beyond a double (1e400) */
                 return bad(v, 400, k, NULL,
                            "'%s' is out of range (beyond a double): it must be an integer in "
@@ -332,7 +327,7 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
             if (!is_int(f) || fabs(f->valuedouble) > 9007199254740992.0)
                 return bad(v, 400, "seed", NULL,
                            "'seed' must be an integer of at most 2^53 in magnitude, not %s",
-                           cJSON_IsNumber(f) ? "that number" : type_name(f));
+                           cJSON_IsNumber(f) ? "that number" : epd_json_type_name(f));
             q->have_seed = 1;
             q->seed = (uint64_t)(int64_t)f->valuedouble;
         } else if (!strcmp(k, "stream")) {
@@ -341,7 +336,7 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
             if (cJSON_IsNull(f)) continue;
             if (!cJSON_IsObject(f))
                 return bad(v, 400, "stream_options", NULL,
-                           "'stream_options' must be an object, not %s", type_name(f));
+                           "'stream_options' must be an object, not %s", epd_json_type_name(f));
             stream_options = f;
             for (const cJSON *o = f->child; o; o = o->next) {
                 if (strcmp(o->string, "include_usage") != 0)
@@ -361,7 +356,8 @@ int api_parse_request(const epd_api_t *a, const cJSON *root, const epd_engine_in
                                   "each) instead");
         } else if (!strcmp(k, "user")) {
             if (!cJSON_IsString(f) && !cJSON_IsNull(f))
-                return bad(v, 400, "user", NULL, "'user' must be a string, not %s", type_name(f));
+                return bad(v, 400, "user", NULL, "'user' must be a string, not %s",
+                           epd_json_type_name(f));
         } else {
             return bad(v, 400, k, "unknown_parameter",
                        "Unrecognized request argument supplied: %.100s", k);

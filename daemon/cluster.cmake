@@ -19,7 +19,7 @@ if(NOT TARGET epd_cluster)
     ${CMAKE_CURRENT_LIST_DIR}/../config
     ${CMAKE_CURRENT_LIST_DIR}/../transport/include)
   target_link_libraries(epd_cluster PUBLIC PkgConfig::EPD_CL_UV PkgConfig::EPD_CL_CRYPTO
-                        PkgConfig::EPD_CL_CJSON Threads::Threads)
+                        PkgConfig::EPD_CL_CJSON epd_clock Threads::Threads)
   if(TARGET epd_core)
     target_link_libraries(epd_cluster PUBLIC epd_core)
   endif()

@@ -288,3 +288,13 @@ cJSON *epd_json_string_n(const char *s, size_t n)
     free(lit);
     return item;
 }
+
+const char *epd_json_type_name(const cJSON *v)
+{
+    if (cJSON_IsNull(v)) return "null";
+    if (cJSON_IsBool(v)) return "a boolean";
+    if (cJSON_IsNumber(v)) return "a number";
+    if (cJSON_IsString(v)) return "a string";
+    if (cJSON_IsArray(v)) return "an array";
+    return "an object";
+}

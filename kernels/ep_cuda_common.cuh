@@ -209,6 +209,22 @@ __device__ __forceinline__ void epk_warp_sum_rows(uint4 *dst, int H, int R, RowO
     }
 }
 
+/* ---- module loading ------------------------------------------------------------------------ */
+
+/* Loads the modules of these kernels now (each file's epk_preload_* calls it with its kernels):
+ * a lazily loaded module can need the device idle, which never happens while another rank's
+ * kernel spins waiting for this one. 0 or the first cudaError_t. */
+static inline int epk_preload_kernels()
+{
+    return 0;
+}
+template <typename K, typename... More> static int epk_preload_kernels(K kernel, More... more)
+{
+    cudaFuncAttributes a;
+    cudaError_t e = cudaFuncGetAttributes(&a, kernel);
+    return e != cudaSuccess ? (int)e : epk_preload_kernels(more...);
+}
+
 /* ---- LL sequence state (local part of the buffer, kernels/ep_cuda.h) ---------------------- */
 struct epk_ll_state {
     uint64_t seq[2][2];  /* [buf][dispatch, combine]: ops completed on that buffer */
@@ -221,6 +237,31 @@ static_assert(sizeof(epk_ll_state) <= 128, "the layout reserves 128 bytes");
 __device__ __forceinline__ epk_ll_state *epk_ll_state_of(const epk_ctx_t &c)
 {
     return (epk_ll_state *)(c.base[c.rank] + c.lay.ll_state);
+}
+
+/* The end of an LL op's receive half (phase 0: dispatch, 1: combine), reached by every thread
+ * of a receive block: thread 0 of the last of `blocks` blocks records op `seq` as completed on
+ * buffer `buf` and resets the count for the next op. */
+__device__ __forceinline__ void epk_ll_recv_done(epk_ll_state *st, int buf, int phase,
+                                                 unsigned blocks, uint64_t seq)
+{
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        __threadfence();
+        if (atomicAdd(&st->fin[buf][phase], 1u) == blocks - 1) {
+            st->fin[buf][phase] = 0;
+            st->seq[buf][phase] = seq;
+            __threadfence();
+        }
+    }
+}
+
+/* Blocks of an LL kernel's launch: mode 1 runs the send half, 2 the receive half, else both. */
+static inline int epk_ll_grid(int mode, int send_blocks, int recv_blocks)
+{
+    return mode == 1   ? send_blocks
+           : mode == 2 ? recv_blocks
+                       : (send_blocks > recv_blocks ? send_blocks : recv_blocks);
 }
 
 /* ---- proxy path (kernels/ep_cuda.h, epk_ring_t) ------------------------------------------ */

@@ -463,18 +463,10 @@ extern "C" int epk_ht_combine(const epk_ctx_t *c, const epk_ht_state_t *st, cons
     return EPK_CHECK_LAUNCH();
 }
 
-/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
- * happens while another rank's kernel spins waiting for this one. */
+/* Loads this file's kernels now (see epk_preload_kernels). */
 extern "C" int epk_preload_ht(void)
 {
-    cudaFuncAttributes a;
-    cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, ht_layout_kernel)) != cudaSuccess) return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_prep_kernel)) != cudaSuccess) return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_dispatch_kernel)) != cudaSuccess) return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_combine_kernel)) != cudaSuccess) return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_done_kernel)) != cudaSuccess) return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_stage_signal_kernel)) != cudaSuccess) return (int)e;
-    if ((e = cudaFuncGetAttributes(&a, ht_combine_staged_kernel)) != cudaSuccess) return (int)e;
-    return 0;
+    return epk_preload_kernels(ht_layout_kernel, ht_prep_kernel, ht_dispatch_kernel,
+                               ht_combine_kernel, ht_done_kernel, ht_stage_signal_kernel,
+                               ht_combine_staged_kernel);
 }

@@ -98,12 +98,8 @@ extern "C" int epk_ht_sum(const epk_ctx_t *c, const int32_t *pos, int T, const u
     return EPK_CHECK_LAUNCH();
 }
 
+/* Loads this file's kernels now (see epk_preload_kernels). */
 extern "C" int epk_preload_ht_proxy(void)
 {
-    cudaFuncAttributes a;
-    cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, ht_pack_kernel)) != cudaSuccess ||
-        (e = cudaFuncGetAttributes(&a, ht_sum_kernel)) != cudaSuccess)
-        return (int)e;
-    return 0;
+    return epk_preload_kernels(ht_pack_kernel, ht_sum_kernel);
 }

@@ -249,15 +249,7 @@ __device__ void combine_recv(const epk_ctx_t &c, const epk_ll_combine_params_t &
         __syncthreads();
     }
 
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        __threadfence();
-        if (atomicAdd(&st->fin[p.buf][1], 1u) == (unsigned)p.recv_blocks - 1) {
-            st->fin[p.buf][1] = 0;
-            st->seq[p.buf][1] = seq;
-            __threadfence();
-        }
-    }
+    epk_ll_recv_done(st, p.buf, 1, (unsigned)p.recv_blocks, seq);
 }
 
 __global__ void __launch_bounds__(kThreads, 2)
@@ -273,19 +265,13 @@ __global__ void __launch_bounds__(kThreads, 2)
 extern "C" int epk_ll_combine(const epk_ctx_t *c, const epk_ll_combine_params_t *p, int mode,
                               void *stream)
 {
-    int grid = mode == 1   ? p->send_blocks
-               : mode == 2 ? p->recv_blocks
-                           : (p->send_blocks > p->recv_blocks ? p->send_blocks : p->recv_blocks);
+    const int grid = epk_ll_grid(mode, p->send_blocks, p->recv_blocks);
     ll_combine_kernel<<<grid, kThreads, 0, (cudaStream_t)stream>>>(*c, *p, mode);
     return EPK_CHECK_LAUNCH();
 }
 
-/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
- * happens while another rank's kernel spins waiting for this one. */
+/* Loads this file's kernels now (see epk_preload_kernels). */
 extern "C" int epk_preload_ll_combine(void)
 {
-    cudaFuncAttributes a;
-    cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, ll_combine_kernel)) != cudaSuccess) return (int)e;
-    return 0;
+    return epk_preload_kernels(ll_combine_kernel);
 }

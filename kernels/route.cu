@@ -163,12 +163,8 @@ extern "C" int epk_route(const ep_route_params_t *p, const float *logits, int T,
     return EPK_CHECK_LAUNCH();
 }
 
-/* Loads this file's kernels now: a lazily loaded module can need the device idle, which never
- * happens while another rank's kernel spins waiting for this one. */
+/* Loads this file's kernels now (see epk_preload_kernels). */
 extern "C" int epk_preload_route(void)
 {
-    cudaFuncAttributes a;
-    cudaError_t e;
-    if ((e = cudaFuncGetAttributes(&a, route_kernel)) != cudaSuccess) return (int)e;
-    return 0;
+    return epk_preload_kernels(route_kernel);
 }

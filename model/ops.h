@@ -5,25 +5,20 @@
 #ifndef EPD_MODEL_OPS_H
 #define EPD_MODEL_OPS_H
 
-#include <stdint.h>
-#include <string.h>
+#include "numeric_ref.h"
 
-/* bf16 <-> fp32 (bf16 is the upper half of an fp32; rounding to nearest even, NaN kept NaN). */
+#include <stdint.h>
+
+/* bf16 <-> fp32: libep's conversions (kernels/numeric_ref.h), bit for bit CUDA's
+ * __float2bfloat16: round to nearest even, every NaN becomes the canonical 0x7fff. */
 static inline uint16_t epd_f32_to_bf16(float f)
 {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
+    return ep_float_to_bf16(f);
 }
 
 static inline float epd_bf16_to_f32(uint16_t h)
 {
-    uint32_t u = (uint32_t)h << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
+    return ep_bf16_to_float(h);
 }
 
 /* linear.c: y[T][out] = x[T][in] . W[out][in]^T (torch.nn.Linear without bias). */

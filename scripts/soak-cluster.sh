@@ -43,31 +43,18 @@ for f in "$EPD" "$EPCTL" "$UTIL"; do
 done
 
 N=3
-WORK=$(mktemp -d /tmp/epd-soak.XXXXXX)
+. "$ROOT/tests/common/e2e.sh"
+fail() { echo "soak-cluster: $*" >&2; exit 1; }
 declare -a PID HTTP CTL
-cleanup() {
-    for p in "${PID[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null; done
-    wait 2>/dev/null
-}
-trap cleanup EXIT
-mapfile -t PORTS < <("$UTIL" freeports $((2 * N)))
-for ((i = 0; i < N; i++)); do HTTP[i]=${PORTS[2 * i]}; CTL[i]=${PORTS[2 * i + 1]}; done
-head -c 32 /dev/urandom | base64 >"$WORK/secret"
-chmod 600 "$WORK/secret"
-{
-    echo '{"nodes": ['
-    for ((i = 0; i < N; i++)); do
-        echo "{\"id\": $i, \"http\": \"127.0.0.1:${HTTP[i]}\"}$([ $i -lt $((N - 1)) ] && echo ,)"
-    done
-    echo ']}'
-} >"$WORK/cluster.json"
+E2E_KEEP_WORK=1 # the logs stay for the report
+e2e_workdir soak
+e2e_cluster_ports "$UTIL" $N
+e2e_secret "$WORK/secret"
+e2e_cluster_json $N >"$WORK/cluster.json"
 
 start_node() {
-    local i=$1 peers="" j
-    for ((j = 0; j < N; j++)); do
-        [ "$j" = "$i" ] && continue
-        peers+="${peers:+,}{\"id\": $j, \"host\": \"127.0.0.1\", \"port\": ${CTL[j]}}"
-    done
+    local i=$1 peers
+    peers=$(e2e_peers "$i" $N)
     cat >"$WORK/n$i.json" <<JSON
 {
   "node": {"id": $i, "name": "soak$i"},

@@ -67,50 +67,48 @@ void cpu_chan_begin(struct cpu_chan *ch)
     ch->seq++;
 }
 
-ep_status_t cpu_chan_wait_free(ep_group_t *g, struct cpu_chan *ch)
+/* Waits until word off + 8 * r of this rank's buffer holds at least v, for every rank r. */
+static ep_status_t chan_wait_each(ep_group_t *g, size_t off, uint64_t v)
 {
     struct cpu_impl *c = g->impl;
     for (int r = 0; r < g->nranks; r++) {
-        ep_status_t st = ep_wire_wait(c->wire, ch->ack_off + 8 * (size_t)r, ch->seq - 1, r);
+        ep_status_t st = ep_wire_wait(c->wire, off + 8 * (size_t)r, v, r);
         if (st) return cpu_wire_error(g, st);
     }
     return EP_OK;
+}
+
+/* Sets word off + 8 * my rank on every rank to v, then flushes. */
+static ep_status_t chan_signal_each(ep_group_t *g, size_t off, uint64_t v)
+{
+    struct cpu_impl *c = g->impl;
+    ep_wire_t *w = c->wire;
+    for (int r = 0; r < g->nranks; r++) {
+        ep_status_t st = w->ops->signal(w, r, off + 8 * (size_t)g->rank, v, EP_SIGNAL_SET);
+        if (st) return cpu_wire_error(g, st);
+    }
+    ep_status_t st = w->ops->flush(w);
+    return st ? cpu_wire_error(g, st) : EP_OK;
+}
+
+ep_status_t cpu_chan_wait_free(ep_group_t *g, struct cpu_chan *ch)
+{
+    return chan_wait_each(g, ch->ack_off, ch->seq - 1);
 }
 
 ep_status_t cpu_chan_post(ep_group_t *g, struct cpu_chan *ch)
 {
-    struct cpu_impl *c = g->impl;
-    ep_wire_t *w = c->wire;
-    for (int r = 0; r < g->nranks; r++) {
-        ep_status_t st =
-            w->ops->signal(w, r, ch->sig_off + 8 * (size_t)g->rank, ch->seq, EP_SIGNAL_SET);
-        if (st) return cpu_wire_error(g, st);
-    }
-    ep_status_t st = w->ops->flush(w);
-    return st ? cpu_wire_error(g, st) : EP_OK;
+    return chan_signal_each(g, ch->sig_off, ch->seq);
 }
 
 ep_status_t cpu_chan_wait_all(ep_group_t *g, struct cpu_chan *ch)
 {
-    struct cpu_impl *c = g->impl;
-    for (int r = 0; r < g->nranks; r++) {
-        ep_status_t st = ep_wire_wait(c->wire, ch->sig_off + 8 * (size_t)r, ch->seq, r);
-        if (st) return cpu_wire_error(g, st);
-    }
-    return EP_OK;
+    return chan_wait_each(g, ch->sig_off, ch->seq);
 }
 
 ep_status_t cpu_chan_release(ep_group_t *g, struct cpu_chan *ch)
 {
-    struct cpu_impl *c = g->impl;
-    ep_wire_t *w = c->wire;
-    for (int r = 0; r < g->nranks; r++) {
-        ep_status_t st =
-            w->ops->signal(w, r, ch->ack_off + 8 * (size_t)g->rank, ch->seq, EP_SIGNAL_SET);
-        if (st) return cpu_wire_error(g, st);
-    }
-    ep_status_t st = w->ops->flush(w);
-    return st ? cpu_wire_error(g, st) : EP_OK;
+    return chan_signal_each(g, ch->ack_off, ch->seq);
 }
 
 ep_status_t cpu_put(ep_group_t *g, int peer, size_t off, const void *src, size_t len)

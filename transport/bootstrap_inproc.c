@@ -1,7 +1,7 @@
 /* In-process bootstrap: ranks are threads of one process sharing an ep_inproc_world_t;
  * allgather and barrier are rendezvous on a mutex and condition variable, with a timeout. */
 #include "ep.h"
-#include "clock.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <pthread.h>
@@ -76,7 +76,7 @@ static int inproc_allgather(void *ctx, const void *in, void *out, size_t len, un
     struct timespec deadline;
     int st = EP_OK;
 
-    ep_deadline_after(&deadline, timeout_ms);
+    epd_deadline_after(&deadline, timeout_ms);
     pthread_mutex_lock(&w->mu);
     uint64_t my_gen = w->gen[me];
     struct slot *s = &w->slot[my_gen & 1];

@@ -10,7 +10,8 @@
  */
 #define _GNU_SOURCE /* accept4 */
 #include "ep.h"
-#include "clock.h"
+#include "epd_clock.h"
+#include "last_error.h"
 
 #include <errno.h>
 #include <netdb.h>
@@ -54,28 +55,17 @@ struct ep_tcp_bootstrap {
     int broken;   /* a failed collective leaves the star out of step: later ones fail fast */
 };
 
-static _Thread_local char tl_error[256];
-
 const char *ep_tcp_bootstrap_last_error(void)
 {
-    return tl_error;
+    return ep_last_error(EP_LAST_ERROR_BOOTSTRAP);
 }
 
-static ep_status_t bs_fail(ep_status_t st, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static ep_status_t bs_fail(ep_status_t st, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(tl_error, sizeof tl_error, fmt, ap);
-    va_end(ap);
-    return st;
-}
+/* bs_fail(st, fmt, ...): records this thread's bootstrap error, returns st. */
+#define bs_fail(...) ep_last_error_set(EP_LAST_ERROR_BOOTSTRAP, __VA_ARGS__)
 
 static uint64_t deadline_after(unsigned ms)
 {
-    return ep_now_ns() + (uint64_t)ms * 1000000ull;
+    return epd_now_ns() + (uint64_t)ms * 1000000ull;
 }
 
 /* Rank 0 gives up a little before the others, so that its verdict (which rank is missing)
@@ -87,7 +77,7 @@ static uint64_t root_deadline_after(unsigned ms)
 
 static int ms_until(uint64_t deadline)
 {
-    uint64_t t = ep_now_ns();
+    uint64_t t = epd_now_ns();
     if (t >= deadline) return 0;
     uint64_t ms = (deadline - t + 999999) / 1000000;
     return ms > 1000000 ? 1000000 : (int)ms;
@@ -178,10 +168,11 @@ static int send_msg(int fd, int type, uint32_t seq, const void *payload, uint32_
 /* Rank 0 tells everyone still connected why the bootstrap failed. Best effort. */
 static void broadcast_abort(ep_tcp_bootstrap_t *b, ep_status_t st, int skip)
 {
-    uint8_t msg[4 + sizeof tl_error];
-    size_t n = strnlen(tl_error, sizeof tl_error);
+    uint8_t msg[4 + EP_LAST_ERROR_MAX];
+    const char *why = ep_last_error(EP_LAST_ERROR_BOOTSTRAP);
+    size_t n = strnlen(why, EP_LAST_ERROR_MAX);
     put_u32(msg, (uint32_t)st);
-    memcpy(msg + 4, tl_error, n);
+    memcpy(msg + 4, why, n);
     uint64_t deadline = deadline_after(100);
     for (int r = 1; r < b->nranks; r++)
         if (r != skip && b->fds[r] >= 0)
@@ -207,7 +198,7 @@ static ep_status_t read_from_root(ep_tcp_bootstrap_t *b, uint8_t *h, uint64_t de
                        b->rank, what);
     if ((h[6] | h[7] << 8) == BS_ABORT) {
         uint32_t len = get_u32(h + 12);
-        uint8_t msg[4 + sizeof tl_error] = {0};
+        uint8_t msg[4 + EP_LAST_ERROR_MAX] = {0};
         if (len < 4 || len > sizeof msg - 1 || read_all(fd, msg, len, deadline) < 0)
             return bs_fail(EP_ERR_BOOTSTRAP, "rank %d: %s: rank 0 aborted", b->rank, what);
         int st = (int)get_u32(msg);
@@ -449,7 +440,7 @@ ep_status_t ep_tcp_bootstrap_create(const char *host, int port, int rank, int nr
     } else if ((st = leaf_join(b, host, port, deadline)) != EP_OK) {
         goto fail;
     }
-    tl_error[0] = 0;
+    ep_last_error_clear(EP_LAST_ERROR_BOOTSTRAP);
     *out = b;
     return EP_OK;
 fail:

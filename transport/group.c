@@ -3,6 +3,7 @@
 #include "group.h"
 
 #include "cpu.h"
+#include "last_error.h"
 #include "route_ref.h"
 
 #include <math.h>
@@ -19,8 +20,7 @@
 #define HELLO_MAGIC 0x45504731u /* "EPG1" */
 
 /* Detail of the last ep_group_create that failed on this thread (no group to hold it). */
-static _Thread_local char tls_error[512];
-static _Thread_local int tls_failed_peer = -1;
+static _Thread_local int tls_failed_peer = -1; /* its message: EP_LAST_ERROR_GROUP */
 
 const char *ep_strerror(ep_status_t st)
 {
@@ -109,7 +109,7 @@ static ep_status_t create_fail(int peer, ep_status_t st, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(tls_error, sizeof tls_error, fmt, ap);
+    ep_last_error_vset(EP_LAST_ERROR_GROUP, st, fmt, ap);
     va_end(ap);
     tls_failed_peer = peer;
     return st;
@@ -260,7 +260,7 @@ ep_status_t ep_group_create(const ep_config_t *cfg, const ep_bootstrap_t *bs, ep
     ep_group_t *g = NULL;
     ep_status_t st;
 
-    tls_error[0] = 0;
+    ep_last_error_clear(EP_LAST_ERROR_GROUP);
     tls_failed_peer = -1;
     if (!out) return create_fail(-1, EP_ERR_INVALID, "ep_group_create: out is NULL");
     *out = NULL;
@@ -337,7 +337,7 @@ const ep_config_t *ep_group_config(const ep_group_t *g)
 
 const char *ep_group_last_error(const ep_group_t *g)
 {
-    return g ? g->error : tls_error;
+    return g ? g->error : ep_last_error(EP_LAST_ERROR_GROUP);
 }
 
 int ep_group_failed_peer(const ep_group_t *g)

@@ -1,7 +1,7 @@
 /* What every wire shares: waiting on a local signal word with a timeout, recording failures,
  * and the allgather of control words that any wire carries (ep_wire_allgather). */
 #include "wire.h"
-#include "clock.h"
+#include "epd_clock.h"
 
 #include <stdarg.h>
 #include <stdio.h>
@@ -26,7 +26,7 @@ ep_status_t ep_wire_fail(ep_wire_t *w, int peer, ep_status_t st, const char *fmt
 ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int peer)
 {
     _Atomic uint64_t *word = (_Atomic uint64_t *)(w->local + local_off);
-    uint64_t start = ep_now_ns();
+    uint64_t start = epd_now_ns();
     uint64_t limit = (uint64_t)w->timeout_ms * 1000000ull;
     unsigned spins = 0;
 
@@ -37,7 +37,7 @@ ep_status_t ep_wire_wait(ep_wire_t *w, size_t local_off, uint64_t target, int pe
         if (fp >= 0) return EP_ERR_PEER;
         if (++spins < 1024) continue;
         spins = 0;
-        uint64_t t = ep_now_ns();
+        uint64_t t = epd_now_ns();
         if (t - start > limit)
             return ep_wire_fail(w, peer, EP_ERR_TIMEOUT,
                                 "rank %d: no signal from rank %d within %u ms (word at offset %zu "

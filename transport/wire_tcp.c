@@ -9,7 +9,8 @@
  */
 #define _GNU_SOURCE /* accept4, pipe2 */
 #include "wire_tcp_int.h"
-#include "clock.h"
+#include "epd_clock.h"
+#include "last_error.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -146,7 +147,7 @@ void tcp_accept_pending(struct wire_tcp *t, unsigned hello_ms)
         struct pending_conn *pc = &t->pend[t->npend++];
         memset(pc, 0, sizeof *pc);
         pc->fd = fd;
-        pc->deadline_ns = ep_now_ns() + (uint64_t)hello_ms * 1000000ull;
+        pc->deadline_ns = epd_now_ns() + (uint64_t)hello_ms * 1000000ull;
         snprintf(pc->addr, sizeof pc->addr, "%s", addr);
     }
 }
@@ -210,7 +211,7 @@ int tcp_serve_pending(struct wire_tcp *t, int i, int mesh_open)
 
 void tcp_expire_pending(struct wire_tcp *t)
 {
-    uint64_t now = ep_now_ns();
+    uint64_t now = epd_now_ns();
     for (int i = 0; i < t->npend;) {
         if (now >= t->pend[i].deadline_ns) {
             record_refusal(t, t->pend[i].fd,
@@ -299,7 +300,7 @@ static void out_retry(struct outgoing *o, const char *what, int err)
     o->fd = -1;
     o->st = OUT_IDLE;
     o->got = 0;
-    o->retry_at = ep_now_ns() + CONNECT_RETRY_MS * 1000000ull;
+    o->retry_at = epd_now_ns() + CONNECT_RETRY_MS * 1000000ull;
     snprintf(o->last_error, sizeof o->last_error, "%s: %s", what, err ? strerror(err) : "closed");
 }
 
@@ -309,7 +310,7 @@ static ep_status_t out_step(struct wire_tcp *t, int i, struct outgoing *o, short
 {
     struct tcp_peer *p = &t->peers[i];
     if (o->st == OUT_IDLE) {
-        if (ep_now_ns() < o->retry_at) return EP_OK;
+        if (epd_now_ns() < o->retry_at) return EP_OK;
         o->fd = socket(p->addr.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (o->fd < 0)
             return ep_wire_fail(&t->base, i, EP_ERR_IO, "rank %d: socket() for rank %d: %s",
@@ -384,13 +385,13 @@ static ep_status_t build_mesh(struct wire_tcp *t)
     for (int i = 0; i < n; i++)
         out[i].fd = -1;
 
-    uint64_t deadline = ep_now_ns() + (uint64_t)w->timeout_ms * 1000000ull;
+    uint64_t deadline = epd_now_ns() + (uint64_t)w->timeout_ms * 1000000ull;
     for (;;) {
         int missing = 0;
         for (int i = 0; i < n; i++)
             missing += i != me && atomic_load(&t->peers[i].state) != PEER_UP;
         if (!missing) break;
-        if (ep_now_ns() >= deadline) {
+        if (epd_now_ns() >= deadline) {
             char list[160] = "";
             size_t len = 0;
             int first = -1;
@@ -586,7 +587,7 @@ static void send_bye(int fd, unsigned ms)
 {
     uint8_t bye[EP_TCP_FRAME_BYTES] = {0};
     put_u32(bye, EP_TCP_FRAME_BYE);
-    const uint64_t until = ep_now_ns() + (uint64_t)ms * 1000000ull;
+    const uint64_t until = epd_now_ns() + (uint64_t)ms * 1000000ull;
     size_t sent = 0;
     while (sent < sizeof bye) {
         ssize_t r = send(fd, bye + sent, sizeof bye - sent, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -624,14 +625,14 @@ static void tcp_destroy(ep_wire_t *w)
             shutdown(p->fd, SHUT_WR);
             pthread_mutex_unlock(&p->tx_lock);
         }
-        uint64_t until = ep_now_ns() + (uint64_t)linger * 1000000ull;
+        uint64_t until = epd_now_ns() + (uint64_t)linger * 1000000ull;
         for (;;) {
             int open = 0;
             for (int i = 0; i < n; i++)
                 open += i != w->rank && t->peers[i].fd >= 0 &&
                         atomic_load(&t->peers[i].state) == PEER_UP &&
                         !atomic_load(&t->peers[i].rx_done);
-            if (!open || ep_now_ns() >= until) break;
+            if (!open || epd_now_ns() >= until) break;
             struct timespec ts = {0, 1000000};
             nanosleep(&ts, NULL);
         }
@@ -667,24 +668,13 @@ static const struct ep_wire_ops tcp_ops = {
     .destroy = tcp_destroy,
 };
 
-static _Thread_local char create_error[256];
-
 const char *ep_wire_tcp_create_error(void)
 {
-    return create_error;
+    return ep_last_error(EP_LAST_ERROR_TCP_WIRE);
 }
 
-static ep_status_t create_fail(ep_status_t st, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-static ep_status_t create_fail(ep_status_t st, const char *fmt, ...)
-{
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(create_error, sizeof create_error, fmt, ap);
-    va_end(ap);
-    return st;
-}
+/* create_fail(st, fmt, ...): records this thread's tcp wire creation error, returns st. */
+#define create_fail(...) ep_last_error_set(EP_LAST_ERROR_TCP_WIRE, __VA_ARGS__)
 
 ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out)
 {
@@ -729,12 +719,12 @@ ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_
         goto fail;
     }
     if (getrandom(&t->my_nonce, sizeof t->my_nonce, 0) != (ssize_t)sizeof t->my_nonce)
-        t->my_nonce = ep_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t;
+        t->my_nonce = epd_now_ns() ^ ((uint64_t)getpid() << 32) ^ (uint64_t)(uintptr_t)t;
     if ((st = open_listener(t, host, cfg->tcp_port)) != EP_OK) {
         create_fail(st, "%s", t->base.error);
         goto fail;
     }
-    create_error[0] = 0;
+    ep_last_error_clear(EP_LAST_ERROR_TCP_WIRE);
     *out = &t->base;
     return EP_OK;
 fail:

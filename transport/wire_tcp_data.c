@@ -10,7 +10,7 @@
  * put payloads are received straight into the symmetric buffer.
  */
 #include "wire_tcp_int.h"
-#include "clock.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <poll.h>
@@ -165,7 +165,7 @@ static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, co
             goto out;
         }
     }
-    uint64_t deadline = ep_now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
+    uint64_t deadline = epd_now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
     for (;;) {
         int progressed = 0;
         if (p->q_len) {
@@ -189,7 +189,7 @@ static ep_status_t tx_frame(struct wire_tcp *t, int peer, const uint8_t *hdr, co
         if (left == 0 || (p->q && left <= p->q_cap - p->q_len)) break;
         queue_alloc(p);
         if (progressed) {
-            deadline = ep_now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
+            deadline = epd_now_ns() + (uint64_t)t->base.timeout_ms * 1000000ull;
             continue;
         }
         struct pollfd pfd = {.fd = p->fd, .events = POLLOUT};
@@ -274,14 +274,14 @@ ep_status_t tcp_signal(ep_wire_t *w, int peer, size_t remote_off, uint64_t value
 ep_status_t tcp_drain_queue_blocking(struct wire_tcp *t, int peer, unsigned timeout_ms)
 {
     struct tcp_peer *p = &t->peers[peer];
-    uint64_t deadline = ep_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+    uint64_t deadline = epd_now_ns() + (uint64_t)timeout_ms * 1000000ull;
     while (p->q_len) {
         ep_status_t st = peer_unusable(t, peer);
         if (st != EP_OK) return st;
         ssize_t r = queue_drain_nb(p);
         if (r < 0) return send_error(t, peer, r);
         if (r > 0) {
-            deadline = ep_now_ns() + (uint64_t)timeout_ms * 1000000ull;
+            deadline = epd_now_ns() + (uint64_t)timeout_ms * 1000000ull;
             continue;
         }
         int ms = ms_until(deadline);

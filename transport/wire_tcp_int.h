@@ -6,7 +6,7 @@
 #define EP_WIRE_TCP_INT_H
 
 #include "wire_tcp.h"
-#include "clock.h"
+#include "epd_clock.h"
 
 #include <pthread.h>
 #include <stdint.h>
@@ -85,7 +85,7 @@ struct wire_tcp {
 
 static inline int ms_until(uint64_t deadline)
 {
-    uint64_t t = ep_now_ns();
+    uint64_t t = epd_now_ns();
     if (t >= deadline) return 0;
     uint64_t ms = (deadline - t + 999999) / 1000000;
     return ms > 1000000 ? 1000000 : (int)ms;

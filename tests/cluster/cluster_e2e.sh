@@ -13,38 +13,19 @@ set -u
 EPD=$1 EPCTL=$2 UTIL=$3
 N=4
 HB=100 TO=500
-WORK=$(mktemp -d /tmp/epd-cluster-e2e.XXXXXX)
+. "$(cd "$(dirname "$0")" && pwd)/../common/e2e.sh"
 declare -a PID HTTP CTL
-cleanup() {
-    for p in "${PID[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*" >&2
-    for ((i = 0; i < N; i++)); do
-        echo "--- node $i log (last 30 lines) ---" >&2
-        tail -n 30 "$WORK/n$i.log" >&2 2>/dev/null
-    done
-    exit 1
-}
+e2e_workdir cluster-e2e
+fail() { e2e_fail_nodes $N 30 "$@"; }
 CURL=(curl -s -m 3)
 
-mapfile -t PORTS < <("$UTIL" freeports $((2 * N))) || fail "no free ports"
-for ((i = 0; i < N; i++)); do HTTP[i]=${PORTS[2 * i]}; CTL[i]=${PORTS[2 * i + 1]}; done
-
-head -c 32 /dev/urandom | base64 >"$WORK/secret"
-chmod 600 "$WORK/secret"
-head -c 32 /dev/urandom | base64 >"$WORK/wrong-secret"
-chmod 600 "$WORK/wrong-secret"
+e2e_cluster_ports "$UTIL" $N
+e2e_secret "$WORK/secret"
+e2e_secret "$WORK/wrong-secret"
 
 write_config() { # node secret_file [max_batch_tokens]
-    local i=$1 peers="" j
-    for ((j = 0; j < N; j++)); do
-        [ "$j" = "$i" ] && continue
-        peers+="${peers:+,}{\"id\": $j, \"host\": \"127.0.0.1\", \"port\": ${CTL[j]}}"
-    done
+    local i=$1 peers
+    peers=$(e2e_peers "$i" $N)
     cat >"$WORK/n$i.json" <<JSON
 {
   "node": {"id": $i, "name": "n$i"},
@@ -66,13 +47,7 @@ start_node() { # node [secret_file [max_batch_tokens]]
     PID[$1]=$!
 }
 
-{
-    echo '{"name": "e2e", "nodes": ['
-    for ((i = 0; i < N; i++)); do
-        echo "  {\"id\": $i, \"http\": \"127.0.0.1:${HTTP[i]}\"}$([ $i -lt $((N - 1)) ] && echo ,)"
-    done
-    echo ']}'
-} >"$WORK/cluster.json"
+e2e_cluster_json $N e2e >"$WORK/cluster.json"
 
 now_ms() { date +%s%3N; }
 

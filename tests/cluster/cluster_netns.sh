@@ -22,25 +22,17 @@ fi
 TAG=e$$
 BR=${TAG}br
 NET=10.77.$(($$ % 200 + 20))
-WORK=$(mktemp -d /tmp/epd-cluster-netns.XXXXXX)
+. "$(cd "$(dirname "$0")" && pwd)/../common/e2e.sh"
 declare -a PID
+e2e_workdir cluster-netns
 ns() { echo "${TAG}n$1"; }
 cleanup() {
-    for p in "${PID[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null; done
-    wait 2>/dev/null
+    e2e_cleanup
     for ((i = 0; i < N; i++)); do ip netns del "$(ns $i)" 2>/dev/null; done
     ip netns del "$BR" 2>/dev/null
-    rm -rf "$WORK"
 }
 trap cleanup EXIT
-fail() {
-    echo "FAIL: $*" >&2
-    for ((i = 0; i < N; i++)); do
-        echo "--- node $i log (last 30 lines) ---" >&2
-        tail -n 30 "$WORK/n$i.log" >&2 2>/dev/null
-    done
-    exit 1
-}
+fail() { e2e_fail_nodes $N 30 "$@"; }
 in_ns() { local n=$1; shift; ip netns exec "$(ns "$n")" "$@"; }
 
 # ---- topology ----
@@ -58,8 +50,7 @@ for ((i = 0; i < N; i++)); do
     ip -n "$(ns $i)" link set eth0 up
 done
 
-head -c 32 /dev/urandom | base64 >"$WORK/secret"
-chmod 600 "$WORK/secret"
+e2e_secret "$WORK/secret"
 for ((i = 0; i < N; i++)); do
     peers=""
     for ((j = 0; j < N; j++)); do

@@ -11,27 +11,13 @@
 set -u
 EPD=$1 CHECK=$2 ORACLE=$3 UTIL=$4
 N=2
-WORK=$(mktemp -d /tmp/epd-cluster-serving.XXXXXX)
+. "$(cd "$(dirname "$0")" && pwd)/../common/e2e.sh"
 declare -a PID HTTP CTL
-cleanup() {
-    for p in "${PID[@]:-}"; do [ -n "$p" ] && kill -9 "$p" 2>/dev/null; done
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*" >&2
-    for ((i = 0; i < N; i++)); do
-        echo "--- node $i log (last 40 lines) ---" >&2
-        tail -n 40 "$WORK/n$i.log" >&2 2>/dev/null
-    done
-    exit 1
-}
+e2e_workdir cluster-serving
+fail() { e2e_fail_nodes $N 40 "$@"; }
 CURL=(curl -s -m 30)
-mapfile -t PORTS < <("$UTIL" freeports $((2 * N)))
-for ((i = 0; i < N; i++)); do HTTP[i]=${PORTS[2 * i]}; CTL[i]=${PORTS[2 * i + 1]}; done
-head -c 32 /dev/urandom | base64 >"$WORK/secret"
-chmod 600 "$WORK/secret"
+e2e_cluster_ports "$UTIL" $N
+e2e_secret "$WORK/secret"
 
 start_node() {
     local i=$1 j=$((1 - $1))

@@ -19,6 +19,7 @@
 
 #include <cmocka.h>
 
+#include "free_port.h"
 #include "cluster.h"
 #include "log.h"
 
@@ -119,18 +120,12 @@ static void *out_of_step_main(void *arg)
     return NULL;
 }
 
+/* A free loopback port, or the test fails. */
 static int free_port(void)
 {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a;
-    socklen_t l = sizeof a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(s, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(getsockname(s, (struct sockaddr *)&a, &l), 0);
-    close(s);
-    return ntohs(a.sin_port);
+    int port = test_free_port();
+    assert_true(port > 0);
+    return port;
 }
 
 typedef struct ctx {

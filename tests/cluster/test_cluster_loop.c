@@ -17,6 +17,7 @@
 
 #include <cmocka.h>
 
+#include "free_port.h"
 #include "cluster.h"
 #include "log.h"
 
@@ -45,18 +46,12 @@ typedef struct world {
     epd_ctl_secret_t secret;
 } world_t;
 
+/* A free loopback port, or the test fails. */
 static int free_port(void)
 {
-    int s = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a;
-    socklen_t l = sizeof a;
-    memset(&a, 0, sizeof a);
-    a.sin_family = AF_INET;
-    a.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    assert_int_equal(bind(s, (struct sockaddr *)&a, sizeof a), 0);
-    assert_int_equal(getsockname(s, (struct sockaddr *)&a, &l), 0);
-    close(s);
-    return ntohs(a.sin_port);
+    int port = test_free_port();
+    assert_true(port > 0);
+    return port;
 }
 
 static void on_ready(void *ctx, int ready, const char *reason)
@@ -254,6 +249,16 @@ static int all_formed(world_t *w, void *arg)
     return 1;
 }
 
+/* A world of n nodes (ranks each), all started in id order, that has formed. */
+static void world_form(world_t *w, int n, int ranks)
+{
+    world_init(w, n, ranks);
+    for (int i = 0; i < n; i++)
+        node_start(w, i, &w->secret);
+    formed_arg_t fa = {(1u << n) - 1, 0};
+    assert_true(run_until(w, all_formed, &fa, 5000));
+}
+
 static double metric(node_t *nd, const char *name, const char *labels)
 {
     epd_metric_t *m = epd_metrics_counter(
@@ -375,11 +380,7 @@ static void *runner_main(void *arg)
 static void test_bootstrap_allgather(void **state)
 {
     world_t w;
-    world_init(&w, 3, 2);
-    for (int i = 0; i < 3; i++)
-        node_start(&w, i, &w.secret);
-    formed_arg_t fa = {0x7, 0};
-    assert_true(run_until(&w, all_formed, &fa, 5000));
+    world_form(&w, 3, 2);
     engine_t eng[6];
     runner_t run[6];
     pthread_t th[6];
@@ -468,11 +469,7 @@ static int peer_in_state(world_t *w, void *arg)
 static void test_crash_detected_and_rejoin(void **state)
 {
     world_t w;
-    world_init(&w, 4, 1);
-    for (int i = 0; i < 4; i++)
-        node_start(&w, i, &w.secret);
-    formed_arg_t fa = {0xf, 0};
-    assert_true(run_until(&w, all_formed, &fa, 5000));
+    world_form(&w, 4, 1);
     uint64_t e1 = epd_cluster_epoch(w.nodes[0].c);
 
     /* Crash node 2: no BYE, its sockets just close. */
@@ -506,11 +503,7 @@ static void test_quick_restart_reforms(void **state)
     /* Restarted faster than the down rule fires: the peers never see it down, but the new
      * process (new incarnation) holds no table, so the cluster must form again anew. */
     world_t w;
-    world_init(&w, 3, 1);
-    for (int i = 0; i < 3; i++)
-        node_start(&w, i, &w.secret);
-    formed_arg_t fa = {0x7, 0};
-    assert_true(run_until(&w, all_formed, &fa, 5000));
+    world_form(&w, 3, 1);
     uint64_t e1 = epd_cluster_epoch(w.nodes[0].c);
     for (int victim = 2; victim >= 0; victim -= 2) { /* a member, then the coordinator */
         node_stop(&w, victim, 0);
@@ -528,11 +521,7 @@ static void test_quick_restart_reforms(void **state)
 static void test_coordinator_failover(void **state)
 {
     world_t w;
-    world_init(&w, 3, 1);
-    for (int i = 0; i < 3; i++)
-        node_start(&w, i, &w.secret);
-    formed_arg_t fa = {0x7, 0};
-    assert_true(run_until(&w, all_formed, &fa, 5000));
+    world_form(&w, 3, 1);
     uint64_t e1 = epd_cluster_epoch(w.nodes[1].c);
     node_stop(&w, 0, 0); /* the coordinator crashes */
     peer_arg_t pa = {0x6, w.ids[0], EPD_PEER_DOWN};
@@ -553,11 +542,7 @@ static void test_coordinator_failover(void **state)
 static void test_graceful_leave_is_immediate(void **state)
 {
     world_t w;
-    world_init(&w, 2, 1);
-    for (int i = 0; i < 2; i++)
-        node_start(&w, i, &w.secret);
-    formed_arg_t fa = {0x3, 0};
-    assert_true(run_until(&w, all_formed, &fa, 5000));
+    world_form(&w, 2, 1);
     node_stop(&w, 1, 1);
     peer_arg_t pa = {0x1, w.ids[1], EPD_PEER_DOWN};
     /* Well before the silence rule could fire (2 x timeout). */

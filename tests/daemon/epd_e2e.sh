@@ -5,21 +5,9 @@
 # Usage: epd_e2e.sh EPD EPCTL NOTIFY_HELPER
 set -u
 EPD=$1 EPCTL=$2 NOTIFY=$3
-WORK=$(mktemp -d /tmp/epd-e2e.XXXXXX)
-EPD_PID= LISTEN_PID=
-cleanup() {
-    [ -n "$EPD_PID" ] && kill -9 "$EPD_PID" 2>/dev/null
-    [ -n "$LISTEN_PID" ] && kill "$LISTEN_PID" 2>/dev/null
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*" >&2
-    echo "--- epd log ---" >&2; cat "$WORK/epd.log" >&2 2>/dev/null
-    echo "--- notify ---" >&2; cat "$WORK/notify.out" >&2 2>/dev/null
-    exit 1
-}
+. "$(cd "$(dirname "$0")" && pwd)/../common/e2e.sh"
+e2e_workdir e2e
+fail() { e2e_fail 0 "$@"; }
 # wait_for FILE PATTERN SECONDS
 wait_for() {
     local i
@@ -42,30 +30,16 @@ write_config() { # level
 JSON
 }
 
-"$NOTIFY" listen "$WORK/notify.sock" 50 >"$WORK/notify.out" &
-LISTEN_PID=$!
-for ((i = 0; i < 50; i++)); do [ -S "$WORK/notify.sock" ] && break; sleep 0.1; done
-[ -S "$WORK/notify.sock" ] || fail "notify listener did not bind"
+e2e_notify_listen "$NOTIFY" 50
 
-# A free port may be taken by someone else before epd binds it: retry a few times.
-for attempt in 1 2 3 4 5; do
-    PORT=$("$NOTIFY" freeport)
+# The test config, checked by epctl first.
+checked_config() {
     write_config info
     "$EPCTL" config check "$WORK/epd.json" >/dev/null || fail "epctl config check rejected the test config"
-    NOTIFY_SOCKET="$WORK/notify.sock" "$EPD" -c "$WORK/epd.json" 2>"$WORK/epd.log" &
-    EPD_PID=$!
-    for ((i = 0; i < 100; i++)); do
-        grep -q READY=1 "$WORK/notify.out" && break
-        kill -0 "$EPD_PID" 2>/dev/null || break
-        sleep 0.1
-    done
-    grep -q READY=1 "$WORK/notify.out" && break
-    wait "$EPD_PID"; EPD_PID=
-    grep -q "address already in use" "$WORK/epd.log" || fail "epd did not become ready"
-done
-[ -n "$EPD_PID" ] || fail "no free port after 5 attempts"
+}
+e2e_start_epd notify checked_config
+grep -q READY=1 "$WORK/notify.out" || fail "epd did not become ready"
 grep -q "^STATUS=ready" "$WORK/notify.out" || fail "no STATUS=ready"
-BASE="http://127.0.0.1:$PORT"
 CURL=(curl -s -m 5)
 
 # ---- endpoints ----

@@ -7,52 +7,25 @@
 # Usage: epd_http_auth.sh EPD EPCTL NOTIFY_HELPER
 set -u
 EPD=$1 EPCTL=$2 NOTIFY=$3
-WORK=$(mktemp -d /tmp/epd-auth.XXXXXX)
-EPD_PID= LISTEN_PID=
-cleanup() {
-    [ -n "$EPD_PID" ] && kill -9 "$EPD_PID" 2>/dev/null
-    [ -n "$LISTEN_PID" ] && kill "$LISTEN_PID" 2>/dev/null
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*" >&2
-    echo "--- epd log ---" >&2; cat "$WORK/epd.log" >&2 2>/dev/null
-    exit 1
-}
+. "$(cd "$(dirname "$0")" && pwd)/../common/e2e.sh"
+e2e_workdir auth
+fail() { e2e_fail 0 "$@"; }
 CURL=(curl -s -m 5)
 
-"$NOTIFY" listen "$WORK/notify.sock" 50 >"$WORK/notify.out" &
-LISTEN_PID=$!
-for ((i = 0; i < 50; i++)); do [ -S "$WORK/notify.sock" ] && break; sleep 0.1; done
-[ -S "$WORK/notify.sock" ] || fail "notify listener did not bind"
+e2e_notify_listen "$NOTIFY" 50
 
 # start HOST EXTRA_HTTP_JSON: epd on a free port; sets PORT, BASE, EPD_PID
 start() {
-    local attempt i
-    for attempt in 1 2 3 4 5; do
-        : >"$WORK/notify.out"
-        PORT=$("$NOTIFY" freeport)
-        cat >"$WORK/epd.json" <<JSON
+    e2e_start_epd notify auth_config "$@"
+    grep -q READY=1 "$WORK/notify.out" || fail "epd did not become ready"
+}
+auth_config() {
+    cat >"$WORK/epd.json" <<JSON
 {"node": {"id": 1, "name": "auth-node"},
  "http": {"listen": {"host": "$1", "port": $PORT}$2},
  "timeouts": {"shutdown_ms": 2000}}
 JSON
-        "$EPCTL" config check "$WORK/epd.json" >/dev/null || fail "config rejected: $("$EPCTL" config check "$WORK/epd.json" 2>&1)"
-        NOTIFY_SOCKET="$WORK/notify.sock" "$EPD" -c "$WORK/epd.json" 2>"$WORK/epd.log" &
-        EPD_PID=$!
-        for ((i = 0; i < 100; i++)); do
-            grep -q READY=1 "$WORK/notify.out" && break
-            kill -0 "$EPD_PID" 2>/dev/null || break
-            sleep 0.1
-        done
-        grep -q READY=1 "$WORK/notify.out" && break
-        wait "$EPD_PID"; EPD_PID=
-        grep -q "address already in use" "$WORK/epd.log" || fail "epd did not become ready"
-    done
-    [ -n "$EPD_PID" ] || fail "no free port after 5 attempts"
-    BASE="http://127.0.0.1:$PORT"
+    "$EPCTL" config check "$WORK/epd.json" >/dev/null || fail "config rejected: $("$EPCTL" config check "$WORK/epd.json" 2>&1)"
 }
 stop() {
     kill -TERM "$EPD_PID"; wait "$EPD_PID"; EPD_PID=

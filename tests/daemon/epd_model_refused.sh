@@ -5,25 +5,11 @@
 # Usage: epd_model_refused.sh EPD NOTIFY_HELPER ORACLE_CHECKPOINT_DIR
 set -u
 EPD=$1 NOTIFY=$2 ORACLE=$3
-WORK=$(mktemp -d "${TMPDIR:-/tmp}/epd-refused.XXXXXX")
-LISTEN_PID=
-cleanup() {
-    [ -n "$LISTEN_PID" ] && kill "$LISTEN_PID" 2>/dev/null
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*" >&2
-    echo "--- epd log ---" >&2; cat "$WORK/epd.log" >&2 2>/dev/null
-    echo "--- notify ---" >&2; cat "$WORK/notify.out" >&2 2>/dev/null
-    exit 1
-}
+. "$(cd "$(dirname "$0")" && pwd)/../common/e2e.sh"
+e2e_workdir refused
+fail() { e2e_fail 0 "$@"; }
 
-"$NOTIFY" listen "$WORK/notify.sock" 60 >"$WORK/notify.out" &
-LISTEN_PID=$!
-for ((i = 0; i < 50; i++)); do [ -S "$WORK/notify.sock" ] && break; sleep 0.1; done
-[ -S "$WORK/notify.sock" ] || fail "notify listener did not bind"
+e2e_notify_listen "$NOTIFY" 60
 
 # refused NAME SED_EXPR REASON: the oracle checkpoint with config.json edited by SED_EXPR
 refused() {

@@ -4,6 +4,8 @@
  *       line, flushing after each; exits after SECONDS or on SIGTERM.
  *   epd_test_notify freeport             prints a TCP port on 127.0.0.1 that was free a
  *       moment ago (the kernel's choice for port 0). */
+#include "free_port.h"
+
 #include <arpa/inet.h>
 #include <errno.h>
 #include <netinet/in.h>
@@ -26,16 +28,12 @@ static void on_term(int sig)
 
 static int freeport(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t l = sizeof(a);
-    if (fd < 0 || bind(fd, (struct sockaddr *)&a, sizeof(a)) != 0 ||
-        getsockname(fd, (struct sockaddr *)&a, &l) != 0) {
+    int port = test_free_port();
+    if (port < 0) {
         perror("freeport");
         return 1;
     }
-    printf("%d\n", ntohs(a.sin_port));
-    close(fd);
+    printf("%d\n", port);
     return 0;
 }
 

@@ -15,30 +15,17 @@ set -u
 EPD=$1 EPCTL=$2 NOTIFY=$3 CHECK=$4 ORACLE=$5 ONLY=${6:-}
 HERE=$(cd "$(dirname "$0")" && pwd)
 part() { [ -z "$ONLY" ] || [ "$ONLY" = "$1" ]; }
-WORK=$(mktemp -d /tmp/epd-lifecycle.XXXXXX)
-EPD_PID=
-cleanup() {
-    [ -n "$EPD_PID" ] && kill -9 "$EPD_PID" 2>/dev/null
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL: $*" >&2
-    echo "--- epd log ---" >&2
-    tail -30 "$WORK/epd.log" >&2 2>/dev/null
-    exit 1
-}
+. "$HERE/../common/e2e.sh"
+e2e_workdir lifecycle
+fail() { e2e_fail 30 "$@"; }
 CURL=(curl -s -m 30)
 # 64 prompts of 400 tokens at one token per step: tens of thousands of steps
 LONG='{"prompt":[[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24],[24]],"max_tokens":400,"temperature":0'
 
 # start_epd SHUTDOWN_MS
-start_epd() {
-    local attempt i
-    for attempt in 1 2 3 4 5; do
-        PORT=$("$NOTIFY" freeport)
-        cat >"$WORK/epd.json" <<JSON
+start_epd() { e2e_start_epd readyz lifecycle_config "$1"; }
+lifecycle_config() {
+    cat >"$WORK/epd.json" <<JSON
 {
   "node": {"id": 0, "name": "lifecycle-e2e"},
   "http": {"listen": {"host": "127.0.0.1", "port": $PORT}},
@@ -48,22 +35,6 @@ start_epd() {
   "log": {"level": "info"}
 }
 JSON
-        "$EPD" -c "$WORK/epd.json" 2>"$WORK/epd.log" &
-        EPD_PID=$!
-        for ((i = 0; i < 200; i++)); do
-            [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz")" = 200 ] && break
-            kill -0 "$EPD_PID" 2>/dev/null || break
-            sleep 0.05
-        done
-        if kill -0 "$EPD_PID" 2>/dev/null; then
-            BASE="http://127.0.0.1:$PORT"
-            return 0
-        fi
-        wait "$EPD_PID"
-        EPD_PID=
-        grep -q "address already in use" "$WORK/epd.log" || fail "epd did not start"
-    done
-    fail "no free port after 5 attempts"
 }
 
 mkdir "$WORK/model"
@@ -72,9 +43,7 @@ ln -s "$ORACLE/model.safetensors" "$WORK/model/"
 "$CHECK" bytetok 1 >"$WORK/model/tokenizer.json" || fail "bytetok"
 cp "$HERE/fixtures/qwen3_chat_tokenizer_config.json" "$WORK/model/tokenizer_config.json"
 
-metric() { # NAME{labels} -> value (0 if absent)
-    "${CURL[@]}" "$BASE/metrics" | awk -v n="$1" '$1 == n { v = $2 } END { print v + 0 }'
-}
+metric() { e2e_metric "$BASE" "$1"; } # NAME{labels} -> value (0 if absent)
 
 wait_metric() { # NAME{labels} VALUE: until the metric has the value (the response ends just
     # after the engine lets go of the sequence), up to 5 s

@@ -17,34 +17,17 @@ if [ ! -d "$NPM_DIR/node_modules/openai" ]; then
         { echo "SKIP: npm could not fetch the openai package"; exit 77; }
 fi
 cp "$HERE/openai_client.mjs" "$NPM_DIR/"
-WORK=$(mktemp -d /tmp/epd-openai.XXXXXX)
-EPD_PID=
-cleanup() {
-    [ -n "$EPD_PID" ] && kill -9 "$EPD_PID" 2>/dev/null
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-for attempt in 1 2 3 4 5; do
-    PORT=$("$NOTIFY" freeport)
+. "$HERE/../common/e2e.sh"
+e2e_workdir openai
+fail() { e2e_fail 30 "$@"; }
+openai_config() {
     cat >"$WORK/epd.json" <<JSON
 {"http": {"listen": {"host": "127.0.0.1", "port": $PORT}},
  "compute": {"backend": "cpu", "ranks_per_node": 2},
  "model": {"path": "$ORACLE", "max_batch_tokens": 8, "max_seq_len": 512}}
 JSON
-    "$EPD" -c "$WORK/epd.json" 2>"$WORK/epd.log" &
-    EPD_PID=$!
-    for ((i = 0; i < 200; i++)); do
-        [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz")" = 200 ] && break
-        kill -0 "$EPD_PID" 2>/dev/null || break
-        sleep 0.05
-    done
-    kill -0 "$EPD_PID" 2>/dev/null && break
-    wait "$EPD_PID"
-    EPD_PID=
-    grep -q "address already in use" "$WORK/epd.log" || { cat "$WORK/epd.log"; exit 1; }
-done
-[ -n "$EPD_PID" ] || { echo "FAIL: epd did not start"; exit 1; }
+}
+e2e_start_epd readyz openai_config
 (cd "$NPM_DIR" && timeout 120 node openai_client.mjs "http://127.0.0.1:$PORT" "$ORACLE/expected.json")
 rc=$?
 [ $rc = 0 ] || { echo "--- epd log ---"; tail -30 "$WORK/epd.log"; }

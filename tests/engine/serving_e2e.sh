@@ -11,29 +11,17 @@ ID=$(basename "$ORACLE") # the model id the daemon serves it under
 TYPE=$(sed -n 's/.*"model_type": *"\([a-z0-9_]*\)".*/\1/p' "$ORACLE/config.json")
 RANKS=("$@")
 [ ${#RANKS[@]} -gt 0 ] || RANKS=(1 2 4)
-WORK=$(mktemp -d /tmp/epd-serving.XXXXXX)
-EPD_PID=
-cleanup() {
-    [ -n "$EPD_PID" ] && kill -9 "$EPD_PID" 2>/dev/null
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
-fail() {
-    echo "FAIL (ranks_per_node $R): $*" >&2
-    echo "--- epd log ---" >&2
-    tail -50 "$WORK/epd.log" >&2 2>/dev/null
-    exit 1
-}
+HERE=$(cd "$(dirname "$0")" && pwd)
+. "$HERE/../common/e2e.sh"
+e2e_workdir serving
+fail() { e2e_fail 50 "(ranks_per_node $R) $*"; }
 CURL=(curl -s -m 20)
 
 # start_epd RANKS MAX_BATCH_TOKENS [MAX_PREFILL_TOKENS]: a daemon on a free port, ready
 # (READY via /readyz)
-start_epd() {
-    local attempt i
-    for attempt in 1 2 3 4 5; do
-        PORT=$("$NOTIFY" freeport)
-        cat >"$WORK/epd.json" <<JSON
+start_epd() { e2e_start_epd readyz serving_config "$@"; }
+serving_config() {
+    cat >"$WORK/epd.json" <<JSON
 {
   "node": {"id": 0, "name": "serving-e2e"},
   "http": {"listen": {"host": "127.0.0.1", "port": $PORT}},
@@ -43,22 +31,6 @@ start_epd() {
   "log": {"level": "info"}
 }
 JSON
-        "$EPD" -c "$WORK/epd.json" 2>"$WORK/epd.log" &
-        EPD_PID=$!
-        for ((i = 0; i < 200; i++)); do
-            [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz")" = 200 ] && break
-            kill -0 "$EPD_PID" 2>/dev/null || break
-            sleep 0.05
-        done
-        if kill -0 "$EPD_PID" 2>/dev/null; then
-            BASE="http://127.0.0.1:$PORT"
-            return 0
-        fi
-        wait "$EPD_PID"
-        EPD_PID=
-        grep -q "address already in use" "$WORK/epd.log" || fail "epd did not start"
-    done
-    fail "no free port after 5 attempts"
 }
 
 stop_epd() {
@@ -76,9 +48,7 @@ post() {
         -d "$1" "$BASE/v1/completions"
 }
 
-metric() { # NAME{labels} -> value (0 if absent)
-    "${CURL[@]}" "$BASE/metrics" | awk -v n="$1" '$1 == n { v = $2 } END { print v + 0 }'
-}
+metric() { e2e_metric "$BASE" "$1"; } # NAME{labels} -> value (0 if absent)
 
 "$CHECK" cases "$ORACLE/expected.json" >"$WORK/cases" || fail "cannot read expected.json"
 NCASES=$(wc -l <"$WORK/cases")

@@ -70,6 +70,13 @@ int h_device_count(void)
     return n;
 }
 
+int h_skip_without_gpu(void)
+{
+    if (h_device_count() > 0) return 0;
+    printf("SKIP: no CUDA device present\n");
+    return 1;
+}
+
 float h_bf16_to_f(uint16_t b)
 {
     uint32_t u = (uint32_t)b << 16;

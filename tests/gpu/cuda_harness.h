@@ -1,13 +1,38 @@
-/* GPU test/bench harness: R ranks as threads of one process on the cuda backend through the
- * public API (in-process bootstrap), a barrier for the test's own steps, and host conversions. */
+/* GPU test/bench harness (every GPU test's, tests/gpu and tests/model_cuda): the checks of CUDA
+ * and ep_* calls, R ranks as threads of one process on the cuda backend through the public API
+ * (in-process bootstrap), a barrier for the test's own steps, and host conversions. */
 #ifndef CUDA_HARNESS_H
 #define CUDA_HARNESS_H
 
+#include "check.h"
 #include "ep.h"
 
 #include <pthread.h>
 
 #define H_SKIP 77 /* CTest SKIP_RETURN_CODE */
+
+/* A CUDA runtime call (or a function returning a cudaError_t as an int) that must succeed; else
+ * prints (rank may be -1) and runs on_fail. The caller includes cuda_runtime.h. */
+#define H_CUDA_CHECK(rank, on_fail, call)                                                          \
+    do {                                                                                           \
+        int e_ = (int)(call);                                                                      \
+        if (e_ != 0) {                                                                             \
+            test_check_failed((rank), -1, __FILE__, __LINE__, #call, "%d (%s)", e_,                \
+                              cudaGetErrorString((cudaError_t)e_));                                \
+            on_fail;                                                                               \
+        }                                                                                          \
+    } while (0)
+
+/* An ep_* call on group g (may be NULL) that must return EP_OK; else prints and runs on_fail. */
+#define H_EP_CHECK(rank, g, on_fail, call)                                                         \
+    do {                                                                                           \
+        ep_status_t s_ = (call);                                                                   \
+        if (s_ != EP_OK) {                                                                         \
+            test_check_failed((rank), -1, __FILE__, __LINE__, #call, "%s: %s", ep_strerror(s_),    \
+                              (g) ? ep_group_last_error(g) : "");                                  \
+            on_fail;                                                                               \
+        }                                                                                          \
+    } while (0)
 
 typedef struct h_world {
     int nranks;
@@ -34,6 +59,8 @@ void h_group_destroy(ep_group_t *g);
 
 /* Number of CUDA devices, 0 when none (or no driver). */
 int h_device_count(void);
+/* 1 after printing "SKIP: no CUDA device present" when there is none: main returns H_SKIP. */
+int h_skip_without_gpu(void);
 
 /* host-side conversions, written independently of the kernels */
 float h_bf16_to_f(uint16_t b);

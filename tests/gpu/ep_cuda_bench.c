@@ -42,24 +42,8 @@ static double median(double *v, int n)
     return n ? v[n / 2] : 0;
 }
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "rank %d: %s:%d %s: %s\n", rank, __FILE__, __LINE__, #call,            \
-                    cudaGetErrorString(e_));                                                       \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define EPK(call)                                                                                  \
-    do {                                                                                           \
-        ep_status_t s_ = (call);                                                                   \
-        if (s_ != EP_OK) {                                                                         \
-            fprintf(stderr, "rank %d: %s:%d %s -> %d: %s\n", rank, __FILE__, __LINE__, #call, s_,  \
-                    g ? ep_group_last_error(g) : "");                                              \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(rank, goto fail, call)
+#define EPK(call) H_EP_CHECK(rank, g, goto fail, call)
 
 static void rand_topk(int32_t *idx, float *w, int T, int k, int E, unsigned *seed)
 {
@@ -75,6 +59,21 @@ static void rand_topk(int32_t *idx, float *w, int T, int k, int E, unsigned *see
             idx[t * k + j] = e;
             w[t * k + j] = 0.1f + (float)(rand_r(seed) % 100) / 100.f;
         }
+}
+
+/* DeepSeek-V3's shapes (hidden 7168, top-8) on the cuda backend with the bench's SM count. */
+static void bench_config(ep_config_t *cfg, int experts, int ll_max, int ht_max, int dev)
+{
+    memset(cfg, 0, sizeof *cfg);
+    cfg->backend = EP_BACKEND_CUDA;
+    cfg->num_experts = experts;
+    cfg->hidden = 7168;
+    cfg->num_topk = 8;
+    cfg->ll_max_tokens = ll_max;
+    cfg->ht_max_tokens = ht_max;
+    cfg->num_sms = B.num_sms;
+    cfg->timeout_ms = 20000;
+    cfg->device = dev;
 }
 
 static void *rank_main(void *arg)
@@ -102,15 +101,7 @@ static void *rank_main(void *arg)
 
     if (B.ll) {
         ep_config_t cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.backend = EP_BACKEND_CUDA;
-        cfg.num_experts = 288;
-        cfg.hidden = 7168;
-        cfg.num_topk = 8;
-        cfg.ll_max_tokens = 128;
-        cfg.num_sms = B.num_sms;
-        cfg.timeout_ms = 20000;
-        cfg.device = dev;
+        bench_config(&cfg, 288, 128, 0, dev);
         const int T = 128, H = 7168, k = 8, L = 288 / B.nranks, S = 128 * B.nranks;
         EPK(h_group_create(&cfg, &B.w, rank, &g));
         h_x = malloc((size_t)T * H * 2);
@@ -223,15 +214,7 @@ static void *rank_main(void *arg)
 
     if (B.ht) {
         ep_config_t cfg;
-        memset(&cfg, 0, sizeof cfg);
-        cfg.backend = EP_BACKEND_CUDA;
-        cfg.num_experts = 256;
-        cfg.hidden = 7168;
-        cfg.num_topk = 8;
-        cfg.ht_max_tokens = 4096;
-        cfg.num_sms = B.num_sms;
-        cfg.timeout_ms = 20000;
-        cfg.device = dev;
+        bench_config(&cfg, 256, 0, 4096, dev);
         const int T = 4096, H = 7168, k = 8, L = 256 / B.nranks, cap = T * B.nranks;
         EPK(h_group_create(&cfg, &B.w, rank, &g));
         h_x = malloc((size_t)T * H * 2);

@@ -33,33 +33,9 @@ static struct {
     int fail[NR];
 } S;
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "rank %d: line %d %s: %s\n", rank, __LINE__, #call,                    \
-                    cudaGetErrorString(e_));                                                       \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define EPK(call)                                                                                  \
-    do {                                                                                           \
-        ep_status_t s_ = (call);                                                                   \
-        if (s_ != EP_OK) {                                                                         \
-            fprintf(stderr, "rank %d: line %d %s -> %d: %s\n", rank, __LINE__, #call, s_,          \
-                    g ? ep_group_last_error(g) : "");                                              \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "rank %d step %d: ", rank, step);                                      \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(rank, goto fail, call)
+#define EPK(call) H_EP_CHECK(rank, g, goto fail, call)
+#define EXPECT(cond, ...) TEST_CHECK(rank, step, goto fail, cond, __VA_ARGS__)
 
 static int on_rank(int s, int t, int d)
 {

@@ -5,6 +5,7 @@
  * the wire write), local ones above it; every region starts 16-byte aligned (the kernels move
  * uint4), counters 8-byte aligned; everything fits in total. A pure host function: no GPU needed.
  */
+#include "check.h"
 #include "ep_cuda.h"
 
 #include <stdio.h>
@@ -18,15 +19,7 @@ struct region {
 
 static int failures;
 
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            if (failures++ < 20) {                                                                 \
-                fprintf(stderr, __VA_ARGS__);                                                      \
-                fputc('\n', stderr);                                                               \
-            }                                                                                      \
-        }                                                                                          \
-    } while (0)
+#define EXPECT(cond, ...) TEST_CHECK(-1, -1, failures++, cond, __VA_ARGS__)
 
 static void check(int R, int E, int H, int k, int T, int Tht, int proxy)
 {

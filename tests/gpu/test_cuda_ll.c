@@ -30,24 +30,8 @@ static struct {
     int fail[NR];
 } S;
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "rank %d: %s:%d %s: %s\n", rank, __FILE__, __LINE__, #call,            \
-                    cudaGetErrorString(e_));                                                       \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define EPK(call)                                                                                  \
-    do {                                                                                           \
-        ep_status_t s_ = (call);                                                                   \
-        if (s_ != EP_OK) {                                                                         \
-            fprintf(stderr, "rank %d: %s:%d %s -> %d: %s\n", rank, __FILE__, __LINE__, #call, s_,  \
-                    g ? ep_group_last_error(g) : "");                                              \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(rank, goto fail, call)
+#define EPK(call) H_EP_CHECK(rank, g, goto fail, call)
 
 static uint32_t hash3(uint32_t a, uint32_t b, uint32_t c)
 {

@@ -25,33 +25,9 @@
 static h_world_t W;
 static int ndev, failed[NR];
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (call);                                                                   \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "rank %d: line %d %s: %s\n", rank, __LINE__, #call,                    \
-                    cudaGetErrorString(e_));                                                       \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define EPK(grp, call)                                                                             \
-    do {                                                                                           \
-        ep_status_t s_ = (call);                                                                   \
-        if (s_ != EP_OK) {                                                                         \
-            fprintf(stderr, "rank %d: line %d %s -> %d: %s\n", rank, __LINE__, #call, s_,          \
-                    ep_group_last_error(grp));                                                     \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "rank %d step %d: ", rank, step);                                      \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(rank, goto fail, call)
+#define EPK(grp, call) H_EP_CHECK(rank, grp, goto fail, call)
+#define EXPECT(cond, ...) TEST_CHECK(rank, step, goto fail, cond, __VA_ARGS__)
 
 static void *rank_main(void *arg)
 {

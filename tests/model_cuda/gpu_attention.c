@@ -7,6 +7,7 @@
  * plus 2e-3 max|v|; the worst error is printed); one call captured in a CUDA graph and replayed
  * with other positions; and the K/V bandwidth of a decode-shaped call (printed, not checked).
  * Exit 77 (skipped) without a CUDA device. */
+#include "cuda_harness.h"
 #include "attention_ref.h"
 #include "cuda_ops.h"
 #include "ops.h"
@@ -18,23 +19,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (cudaError_t)(call);                                                      \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "line %d: %s: %s\n", __LINE__, #call, cudaGetErrorString(e_));         \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "line %d: ", __LINE__);                                                \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(-1, goto fail, call)
+#define EXPECT(cond, ...) TEST_CHECK(-1, -1, goto fail, cond, __VA_ARGS__)
 
 static uint64_t rng_state = 0x2545f4914f6cdd1dull;
 
@@ -419,11 +405,7 @@ fail:
 int main(int argc, char **argv)
 {
     (void)argv;
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        printf("SKIP: no CUDA device present\n");
-        return 77;
-    }
+    if (h_skip_without_gpu()) return H_SKIP;
     int failed = 0;
     failed |= check_norm_rope(16, 2, 2, 7);
     failed |= check_norm_rope(32, 4, 2, 19);

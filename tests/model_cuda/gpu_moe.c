@@ -3,6 +3,7 @@
  * and down on the offsets and stride layouts with bf16 and fp8 inputs, a CUDA-graph replay;
  * then the experts' time at the Qwen3-30B-A3B shape (printed, not asserted). Exit 77 without a
  * CUDA device. */
+#include "cuda_harness.h"
 #include "cuda_ops.h"
 #include "moe_ref.h"
 #include "ops.h"
@@ -15,25 +16,9 @@
 
 static int g_fail;
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        int rc_ = (int)(call);                                                                     \
-        if (rc_ != 0) {                                                                            \
-            fprintf(stderr, "%s:%d: %s failed: %d (%s)\n", __FILE__, __LINE__, #call, rc_,          \
-                    cudaGetErrorString((cudaError_t)rc_));                                         \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(-1, exit(1), call)
 
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                   \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-            g_fail = 1;                                                                            \
-        }                                                                                          \
-    } while (0)
+#define EXPECT(cond, ...) TEST_CHECK(-1, -1, g_fail = 1, cond, __VA_ARGS__)
 
 static uint64_t g_rng = 0x9e3779b97f4a7c15ull;
 
@@ -175,12 +160,12 @@ static void check_experts(int H, int I, int L, int T, int k, int fp8, int stride
     CK(cudaMalloc((void **)&d_y, nrows * H * 2 + 2));
     CK(cudaMemset(d_act, 0x7b, nrows * I * 2 + 2));
     CK(cudaMemset(d_y, 0x7b, nrows * H * 2 + 2));
-    CK(epd_cu_expert_gate_up(d_act, d_x, d_xs, d_counts, strided ? NULL : d_offs, stride, d_wgu,
-                             L, H, I, max_rows, NULL));
+    CK(epd_cu_expert_gate_up(d_act, d_x, d_xs, d_counts, strided ? NULL : d_offs, stride, d_wgu, L,
+                             H, I, max_rows, NULL));
     /* down runs on the twin's act, so that its comparison is its own */
     uint16_t *d_act_ref = dev_copy(act_ref, nrows * I * 2);
-    CK(epd_cu_expert_down(d_y, d_act_ref, d_counts, strided ? NULL : d_offs, stride, d_wdn, L, H,
-                          I, max_rows, NULL));
+    CK(epd_cu_expert_down(d_y, d_act_ref, d_counts, strided ? NULL : d_offs, stride, d_wdn, L, H, I,
+                          max_rows, NULL));
     CK(cudaDeviceSynchronize());
     host_copy(act_gpu, d_act, nrows * I * 2);
     host_copy(y_gpu, d_y, nrows * H * 2);
@@ -200,7 +185,8 @@ static void check_experts(int H, int I, int L, int T, int k, int fp8, int stride
         ny += n * H;
         if (strided)
             for (size_t r = n; r < (size_t)stride; r++)
-                untouched_bad += act_gpu[(base + r) * I] != 0x7b7b || y_gpu[(base + r) * H] != 0x7b7b;
+                untouched_bad +=
+                    act_gpu[(base + r) * I] != 0x7b7b || y_gpu[(base + r) * H] != 0x7b7b;
     }
     EXPECT(untouched_bad == 0, "%zu rows past a count were written", untouched_bad);
     compare_bf16("act (gate_up)", a1, a2, na, 1e-6f);
@@ -426,11 +412,10 @@ static void bench(void)
             CK(cudaMemsetAsync(d_flush, rep, flush_bytes, NULL));
             CK(cudaEventRecord(e0, NULL));
             /* max_rows as the LL layout would give it: the buffer's slots, not the batch */
-            CK(epd_cu_expert_gate_up(d_act, d_x, NULL, d_counts, d_offs, 0, d_wgu, L, H, I,
-                                     256 * k, NULL));
+            CK(epd_cu_expert_gate_up(d_act, d_x, NULL, d_counts, d_offs, 0, d_wgu, L, H, I, 256 * k,
+                                     NULL));
             CK(cudaEventRecord(e1, NULL));
-            CK(epd_cu_expert_down(d_y, d_act, d_counts, d_offs, 0, d_wdn, L, H, I, 256 * k,
-                                  NULL));
+            CK(epd_cu_expert_down(d_y, d_act, d_counts, d_offs, 0, d_wdn, L, H, I, 256 * k, NULL));
             CK(cudaEventRecord(e2, NULL));
             CK(cudaEventSynchronize(e2));
             float a, b;
@@ -474,7 +459,8 @@ static void check_graph(void)
         wgu[i] = epd_f32_to_bf16(urand(0.2f));
     for (size_t i = 0; i < (size_t)L * H * I; i++)
         wdn[i] = epd_f32_to_bf16(urand(0.2f));
-    uint16_t *d_x = dev_copy(x, (size_t)L * S * H * 2), *d_wgu = dev_copy(wgu, (size_t)L * 2 * I * H * 2),
+    uint16_t *d_x = dev_copy(x, (size_t)L * S * H * 2),
+             *d_wgu = dev_copy(wgu, (size_t)L * 2 * I * H * 2),
              *d_wdn = dev_copy(wdn, (size_t)L * H * I * 2), *d_act, *d_y;
     int32_t *d_counts = dev_copy(counts, sizeof counts);
     CK(cudaMalloc((void **)&d_act, (size_t)L * S * I * 2));
@@ -524,11 +510,7 @@ static void check_graph(void)
 
 int main(int argc, char **argv)
 {
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        printf("SKIP: no CUDA device present\n");
-        return 77;
-    }
+    if (h_skip_without_gpu()) return H_SKIP;
     const int timing = !(argc > 1 && !strcmp(argv[1], "--no-timing"));
     check_route_fixup(37, 8, 128);
     check_route_fixup(5, 2, 8);
@@ -539,7 +521,7 @@ int main(int argc, char **argv)
     check_experts(64, 48, 8, 40, 2, 0, 1);  /* tiny, > 16 rows: several passes */
     check_experts(128, 96, 8, 40, 2, 1, 0); /* fp8 */
     check_experts(128, 96, 8, 40, 2, 1, 1);
-    check_experts(48, 32, 3, 7, 2, 0, 1);   /* H not a multiple of 32 */
+    check_experts(48, 32, 3, 7, 2, 0, 1);    /* H not a multiple of 32 */
     check_experts(128, 96, 4, 600, 2, 0, 0); /* prefill-sized: 300 rows per expert */
     check_experts(2048, 768, 128, 64, 8, 0, 0);
     check_experts(2048, 768, 128, 64, 8, 1, 1);

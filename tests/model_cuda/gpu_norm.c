@@ -2,6 +2,8 @@
  * vectorised and the scalar paths: embed, gather_rows, the residual in h and f32_to_bf16 bit for
  * bit; add_rmsnorm's fp32 output within 1e-5 relative, bf16 outputs equal or 1 ulp apart.
  * Exit 77 without a CUDA device. */
+#include "test_rng.h"
+#include "cuda_harness.h"
 #include "cuda_ops.h"
 #include "norm_ref.h"
 #include "ops.h"
@@ -13,34 +15,15 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (cudaError_t)(call);                                                      \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(-1, exit(1), call)
 
 static int failures;
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            if (failures++ < 20) {                                                                 \
-                fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                               \
-                fprintf(stderr, __VA_ARGS__);                                                      \
-                fputc('\n', stderr);                                                               \
-            }                                                                                      \
-        }                                                                                          \
-    } while (0)
+#define EXPECT(cond, ...) TEST_CHECK(-1, -1, failures++, cond, __VA_ARGS__)
 
 static uint64_t rng_state = 0xabc0001u;
 static uint64_t rng_next(void)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(&rng_state);
 }
 static float rng_sym(float scale)
 {
@@ -198,11 +181,7 @@ static void check_f32_to_bf16(size_t n, int src_off, int dst_off)
 
 int main(void)
 {
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        printf("SKIP: no CUDA device present\n");
-        return 77;
-    }
+    if (h_skip_without_gpu()) return H_SKIP;
     check_embed(1000, 4096, 37);
     check_embed(300, 1030, 5); /* H % 8 != 0: scalar */
     const int Hs[] = {4096, 2048, 8192, 1001, 64};

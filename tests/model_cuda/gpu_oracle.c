@@ -16,6 +16,7 @@
  * Tolerance. The C model is within 0.0117 of transformers (bf16 at the MoE exchange only); the
  * CUDA model also rounds every GEMM input, the KV cache and the expert activations to bf16.
  * CUDA_TOL bounds the measured maxima, printed by each run. Exit 77 without a GPU. */
+#include "cuda_harness.h"
 #include "oracle_run.h"
 
 #include <cuda_runtime.h>
@@ -137,11 +138,7 @@ static size_t gpu_free(void)
 int main(void)
 {
     setenv("CUDA_MODULE_LOADING", "EAGER", 0); /* as epd does: see daemon/epd.c */
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
-        printf("SKIP: no CUDA device present\n");
-        return 77;
-    }
+    if (h_skip_without_gpu()) return H_SKIP;
     epd_err_t err = {0};
     if (oracle_load(EPD_ORACLE_DIR, &g_oracle, &err)) {
         fprintf(stderr, "FAIL: %s\n", err.msg);
@@ -162,16 +159,30 @@ int main(void)
         oracle_opts_t o;
         float tol;
     } runs[] = {
-        {"cuda 1 rank, LL chunks of 8, graphs", 1, {.chunk = 8, .backend = EPD_MODEL_CUDA, .kv_blocks = 64}, CUDA_TOL},
-        {"cuda 1 rank, eager", 1, {.chunk = 8, .backend = EPD_MODEL_CUDA, .kv_blocks = 64, .no_graphs = 1}, CUDA_TOL},
-        {"cuda 1 rank, whole prompts (40-token steps)", 1,
-         {.chunk = 8, .prefill = 40, .backend = EPD_MODEL_CUDA, .kv_blocks = 64}, CUDA_TOL},
-        {"cuda 1 rank, KV blocks of 1", 1,
-         {.chunk = 8, .kv_block_size = 1, .backend = EPD_MODEL_CUDA, .kv_blocks = 512}, CUDA_TOL},
-        {"cuda 2 ranks on one GPU, LL exchange", 2, {.chunk = 8, .backend = EPD_MODEL_CUDA, .kv_blocks = 64},
+        {"cuda 1 rank, LL chunks of 8, graphs",
+         1,
+         {.chunk = 8, .backend = EPD_MODEL_CUDA, .kv_blocks = 64},
          CUDA_TOL},
-        {"cuda 2 ranks on one GPU, fp8 dispatch", 2,
-         {.chunk = 8, .backend = EPD_MODEL_CUDA, .kv_blocks = 64, .fp8_dispatch = 1}, FP8_TOL},
+        {"cuda 1 rank, eager",
+         1,
+         {.chunk = 8, .backend = EPD_MODEL_CUDA, .kv_blocks = 64, .no_graphs = 1},
+         CUDA_TOL},
+        {"cuda 1 rank, whole prompts (40-token steps)",
+         1,
+         {.chunk = 8, .prefill = 40, .backend = EPD_MODEL_CUDA, .kv_blocks = 64},
+         CUDA_TOL},
+        {"cuda 1 rank, KV blocks of 1",
+         1,
+         {.chunk = 8, .kv_block_size = 1, .backend = EPD_MODEL_CUDA, .kv_blocks = 512},
+         CUDA_TOL},
+        {"cuda 2 ranks on one GPU, LL exchange",
+         2,
+         {.chunk = 8, .backend = EPD_MODEL_CUDA, .kv_blocks = 64},
+         CUDA_TOL},
+        {"cuda 2 ranks on one GPU, fp8 dispatch",
+         2,
+         {.chunk = 8, .backend = EPD_MODEL_CUDA, .kv_blocks = 64, .fp8_dispatch = 1},
+         FP8_TOL},
     };
     oracle_result_t *first = NULL;
     for (size_t i = 0; i < sizeof(runs) / sizeof(runs[0]); i++) {

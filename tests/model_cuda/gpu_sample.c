@@ -3,6 +3,8 @@
  * for >= 99%, and every GPU token one the twin kept (p > 0 after its filtering); rows at or past
  * *n_dev untouched. Prints the time of sampling 256 rows of V = 151936. Exit 77 without a CUDA
  * device. */
+#include "test_rng.h"
+#include "cuda_harness.h"
 #include "cuda_ops.h"
 #include "sample.h"
 
@@ -13,31 +15,20 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (cudaError_t)(call);                                                      \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "%s:%d: %s: %s\n", __FILE__, __LINE__, #call, cudaGetErrorString(e_)); \
-            exit(1);                                                                               \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(-1, exit(1), call)
 
 static uint64_t rng_state = 0x5a3e1e01u;
 static uint64_t rng_next(void)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(&rng_state);
 }
 static double rng_unit(void)
 {
-    return (double)(rng_next() >> 11) / 9007199254740992.0;
+    return test_rng_unit(&rng_state);
 }
 static float rng_normal(void)
 {
-    double a = rng_unit() + 1e-300, b = rng_unit();
-    return (float)(sqrt(-2 * log(a)) * cos(6.283185307179586 * b));
+    return test_rng_normal(&rng_state);
 }
 
 /* Language-model-like rows: a normal background, a few boosted tokens; sometimes exact ties,
@@ -191,11 +182,7 @@ static void time_sampling(void)
 
 int main(void)
 {
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
-        printf("SKIP: no CUDA device present\n");
-        return 77;
-    }
+    if (h_skip_without_gpu()) return H_SKIP;
     struct tally tl = {0};
     run_batch(256, 151936, 0, &tl);
     run_batch(200, 151936, 17, &tl);

@@ -9,6 +9,7 @@
 
 #include <cmocka.h>
 
+#include "test_rng.h"
 #include "sample.h"
 
 #include <math.h>
@@ -22,19 +23,15 @@
 static uint64_t rng_state = 0x1234abcdu;
 static uint64_t rng_next(void)
 {
-    uint64_t z = (rng_state += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(&rng_state);
 }
 static double rng_unit(void)
 {
-    return (double)(rng_next() >> 11) / 9007199254740992.0;
+    return test_rng_unit(&rng_state);
 }
 static float rng_normal(void)
 {
-    double a = rng_unit() + 1e-300, b = rng_unit();
-    return (float)(sqrt(-2 * log(a)) * cos(6.283185307179586 * b));
+    return test_rng_normal(&rng_state);
 }
 
 static int cmp_desc(const void *a, const void *b)

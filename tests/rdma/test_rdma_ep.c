@@ -242,6 +242,7 @@ int main(int argc, char **argv)
         printf("SKIP: no verbs device with an active port (run scripts/rdma-vm.sh)\n");
         return WORLD_SKIP;
     }
+    world_bootstrap_ms = RDMA_WORLD_BOOTSTRAP_MS;
     int sizes[2] = {2, 4}, nsizes = 2, fails = 0;
     if (argc > 1) {
         sizes[0] = atoi(argv[1]);
@@ -253,7 +254,7 @@ int main(int argc, char **argv)
     }
     for (int i = 0; i < nsizes; i++) {
         int n = sizes[i], st[8], bad = 0;
-        world_run(n, rank_main, NULL, 240000, st);
+        world_run_ep(n, rank_main, NULL, 240000, st);
         for (int r = 0; r < n; r++)
             if (st[r]) {
                 fprintf(stderr, "ll_ht_%dranks: rank %d ended with %d\n", n, r, st[r]);

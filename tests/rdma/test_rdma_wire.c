@@ -256,6 +256,7 @@ int main(int argc, char **argv)
         printf("SKIP: no verbs device with an active port (run scripts/rdma-vm.sh)\n");
         return WORLD_SKIP;
     }
+    world_bootstrap_ms = RDMA_WORLD_BOOTSTRAP_MS;
     int fails = 0, st[NR];
     const int ok[NR] = {0, 0, 0}, killed[NR] = {0, WORLD_SIGNALED(SIGKILL), 0};
     for (int i = 1; i <= argc; i++) {
@@ -263,35 +264,35 @@ int main(int argc, char **argv)
         if (argc > 1 && !t) break;
 #define WANT(name) (!t || !strcmp(t, name))
         if (WANT("rounds")) {
-            world_run(NR, rounds_main, (void *)"", 120000, st);
+            world_run_ep(NR, rounds_main, (void *)"", 120000, st);
             fails += expect("rounds", NR, st, ok);
         }
         if (WANT("rounds_small_stage")) {
-            world_run(NR, rounds_main, (void *)"stage_kb=256,sq_depth=16", 120000, st);
+            world_run_ep(NR, rounds_main, (void *)"stage_kb=256,sq_depth=16", 120000, st);
             fails += expect("rounds_small_stage", NR, st, ok);
         }
         if (WANT("rdma_cm")) {
-            world_run(NR, rounds_main, (void *)"cm=1", 120000, st);
+            world_run_ep(NR, rounds_main, (void *)"cm=1", 120000, st);
             fails += expect("rdma_cm", NR, st, ok);
         }
         enum fault f;
         if (WANT("wrong_rkey")) {
             f = FAULT_RKEY;
-            world_run(NR, fault_main, &f, 60000, st);
+            world_run_ep(NR, fault_main, &f, 60000, st);
             fails += expect("wrong_rkey", NR, st, ok);
         }
         if (WANT("qp_error")) {
             f = FAULT_QP_ERR;
-            world_run(NR, fault_main, &f, 60000, st);
+            world_run_ep(NR, fault_main, &f, 60000, st);
             fails += expect("qp_error", NR, st, ok);
         }
         if (WANT("killed_peer")) {
             f = FAULT_KILL;
-            world_run(NR, fault_main, &f, 60000, st);
+            world_run_ep(NR, fault_main, &f, 60000, st);
             fails += expect("killed_peer", NR, st, killed);
         }
         if (WANT("bad_option")) {
-            world_run(1, bad_option_main, NULL, 30000, st);
+            world_run_ep(1, bad_option_main, NULL, 30000, st);
             fails += expect("bad_option", 1, st, ok);
         }
         if (!t) break;

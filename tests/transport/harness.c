@@ -1,4 +1,5 @@
 /* Test harness for libep (see harness.h). */
+#include "test_rng.h"
 #include "harness.h"
 
 #include <math.h>
@@ -9,10 +10,7 @@
 
 uint64_t rng_next(rng_t *r)
 {
-    uint64_t z = (r->s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(&r->s);
 }
 
 int rng_int(rng_t *r, int lo, int hi)

@@ -102,33 +102,33 @@ void check_ll_dispatch(struct op_ctx *cx, struct ll_op *o)
                 if (!hit) continue;
                 size_t at = (size_t)el * S + (size_t)n++;
                 if (n > (int)S) continue;
-                CHECK(cx, o->out.recv_src_info[at] == t, "expert %d row %zu: src %d, want %d", eg,
-                      at, o->out.recv_src_info[at], t);
+                OP_CHECK(cx, o->out.recv_src_info[at] == t, "expert %d row %zu: src %d, want %d",
+                         eg, at, o->out.recv_src_info[at], t);
                 if (o->fp8) {
                     ref_quant_token(c, in, t, o->round_scale);
-                    CHECK(cx,
-                          !memcmp((uint8_t *)o->out.recv_x + at * H, in->q + (size_t)t * H,
-                                  (size_t)H),
-                          "expert %d (rank %d token %d): fp8 bytes differ", eg, s, t);
-                    CHECK(cx,
-                          !memcmp(o->out.recv_scales + at * nsc, in->qs + (size_t)t * nsc,
-                                  sizeof(float) * nsc),
-                          "expert %d (rank %d token %d): scales differ (round_scale %d)", eg, s, t,
-                          o->round_scale);
+                    OP_CHECK(cx,
+                             !memcmp((uint8_t *)o->out.recv_x + at * H, in->q + (size_t)t * H,
+                                     (size_t)H),
+                             "expert %d (rank %d token %d): fp8 bytes differ", eg, s, t);
+                    OP_CHECK(cx,
+                             !memcmp(o->out.recv_scales + at * nsc, in->qs + (size_t)t * nsc,
+                                     sizeof(float) * nsc),
+                             "expert %d (rank %d token %d): scales differ (round_scale %d)", eg, s,
+                             t, o->round_scale);
                 } else {
-                    CHECK(cx,
-                          !memcmp((uint16_t *)o->out.recv_x + at * H, in->x + (size_t)t * H,
-                                  2 * (size_t)H),
-                          "expert %d (rank %d token %d): bf16 row differs", eg, s, t);
+                    OP_CHECK(cx,
+                             !memcmp((uint16_t *)o->out.recv_x + at * H, in->x + (size_t)t * H,
+                                     2 * (size_t)H),
+                             "expert %d (rank %d token %d): bf16 row differs", eg, s, t);
                 }
             }
             const int32_t *rg = o->out.recv_range + ((size_t)el * R + s) * 2;
-            CHECK(cx, rg[0] == first && rg[1] == n - first,
-                  "expert %d from rank %d: range (%d, %d), want (%d, %d)", eg, s, rg[0], rg[1],
-                  first, n - first);
+            OP_CHECK(cx, rg[0] == first && rg[1] == n - first,
+                     "expert %d from rank %d: range (%d, %d), want (%d, %d)", eg, s, rg[0], rg[1],
+                     first, n - first);
         }
-        CHECK(cx, o->out.recv_count[el] == n, "expert %d: count %d, want %d", eg,
-              o->out.recv_count[el], n);
+        OP_CHECK(cx, o->out.recv_count[el] == n, "expert %d: count %d, want %d", eg,
+                 o->out.recv_count[el], n);
     }
 }
 
@@ -166,9 +166,9 @@ void check_ll_combine(struct op_ctx *cx, struct ll_op *o, int emax)
                 acc = acc + p;
             }
             uint16_t want = ref_bf16_round(acc);
-            CHECK(cx, o->res[(size_t)t * H + h] == want,
-                  "combine token %d channel %d: %04x, want %04x", t, h, o->res[(size_t)t * H + h],
-                  want);
+            OP_CHECK(cx, o->res[(size_t)t * H + h] == want,
+                     "combine token %d channel %d: %04x, want %04x", t, h,
+                     o->res[(size_t)t * H + h], want);
         }
 }
 
@@ -219,19 +219,19 @@ void check_ht_layout(struct op_ctx *cx, const struct ht_in *in, const ep_ht_layo
         for (int t = 0; t < in->T; t++) {
             int want = ht_in_rank(c, in->idx + (size_t)t * c->k, r);
             n += want;
-            CHECK(cx, lay->is_token_in_rank[(size_t)t * c->R + r] == want,
-                  "is_token_in_rank[%d][%d] = %d, want %d", t, r,
-                  lay->is_token_in_rank[(size_t)t * c->R + r], want);
+            OP_CHECK(cx, lay->is_token_in_rank[(size_t)t * c->R + r] == want,
+                     "is_token_in_rank[%d][%d] = %d, want %d", t, r,
+                     lay->is_token_in_rank[(size_t)t * c->R + r], want);
         }
-        CHECK(cx, lay->num_tokens_per_rank[r] == n, "tokens to rank %d: %d, want %d", r,
-              lay->num_tokens_per_rank[r], n);
+        OP_CHECK(cx, lay->num_tokens_per_rank[r] == n, "tokens to rank %d: %d, want %d", r,
+                 lay->num_tokens_per_rank[r], n);
     }
     for (int e = 0; e < c->E; e++) {
         int n = 0;
         for (size_t i = 0; i < (size_t)in->T * c->k; i++)
             n += in->idx[i] == e;
-        CHECK(cx, lay->num_tokens_per_expert[e] == n, "tokens of expert %d: %d, want %d", e,
-              lay->num_tokens_per_expert[e], n);
+        OP_CHECK(cx, lay->num_tokens_per_expert[e] == n, "tokens of expert %d: %d, want %d", e,
+                 lay->num_tokens_per_expert[e], n);
     }
 }
 
@@ -253,33 +253,33 @@ void check_ht_dispatch(struct op_ctx *cx, const struct ht_in *all, const ep_ht_d
             }
             const uint8_t *x = (set == 1 ? in->x : in->x2) + (size_t)t * row;
             const float *xs = (set == 1 ? in->xs : in->xs2) + (size_t)t * nsc;
-            CHECK(cx, !memcmp((const uint8_t *)o->recv_x + (size_t)n * row, x, row),
-                  "HT row %d (rank %d token %d, set %d): data differs", n, s, t, set);
+            OP_CHECK(cx, !memcmp((const uint8_t *)o->recv_x + (size_t)n * row, x, row),
+                     "HT row %d (rank %d token %d, set %d): data differs", n, s, t, set);
             if (fp8)
-                CHECK(cx, !memcmp(o->recv_scales + (size_t)n * nsc, xs, nsc * 4),
-                      "HT row %d (rank %d token %d, set %d): scales differ", n, s, t, set);
+                OP_CHECK(cx, !memcmp(o->recv_scales + (size_t)n * nsc, xs, nsc * 4),
+                         "HT row %d (rank %d token %d, set %d): scales differ", n, s, t, set);
             for (int j = 0; full && j < k; j++) {
                 int local = idx[j] >= 0 && idx[j] / L == me;
                 int want = local ? idx[j] - me * L : -1;
                 float ww = local && !in->no_weights ? in->w[(size_t)t * k + j] : 0.0f;
-                CHECK(cx, o->recv_topk_idx[(size_t)n * k + j] == want,
-                      "HT row %d slot %d: id %d, want %d", n, j,
-                      o->recv_topk_idx[(size_t)n * k + j], want);
-                CHECK(cx, o->recv_topk_weights[(size_t)n * k + j] == ww,
-                      "HT row %d slot %d: weight %g, want %g", n, j,
-                      o->recv_topk_weights[(size_t)n * k + j], ww);
+                OP_CHECK(cx, o->recv_topk_idx[(size_t)n * k + j] == want,
+                         "HT row %d slot %d: id %d, want %d", n, j,
+                         o->recv_topk_idx[(size_t)n * k + j], want);
+                OP_CHECK(cx, o->recv_topk_weights[(size_t)n * k + j] == ww,
+                         "HT row %d slot %d: weight %g, want %g", n, j,
+                         o->recv_topk_weights[(size_t)n * k + j], ww);
                 if (local) cnt[want]++;
             }
             n++;
         }
     }
-    CHECK(cx, o->num_recv_tokens == n, "HT received %d rows, want %d", o->num_recv_tokens, n);
+    OP_CHECK(cx, o->num_recv_tokens == n, "HT received %d rows, want %d", o->num_recv_tokens, n);
     if (!full) return;
     int a = all[me].align > 1 ? all[me].align : 1;
     for (int e = 0; e < L; e++) {
         int want = (cnt[e] + a - 1) / a * a;
-        CHECK(cx, o->num_recv_per_expert[e] == want, "HT expert %d: %d rows, want %d (align %d)", e,
-              o->num_recv_per_expert[e], want, a);
+        OP_CHECK(cx, o->num_recv_per_expert[e] == want, "HT expert %d: %d rows, want %d (align %d)",
+                 e, o->num_recv_per_expert[e], want, a);
     }
 }
 
@@ -308,8 +308,8 @@ void check_ht_combine(struct op_ctx *cx, const struct ht_in *mine, const uint16_
                 if (ht_in_rank(c, mine->idx + (size_t)t * k, r))
                     acc = acc + bf16_val[ref_ht_y(r, cx->rank, t, h, emax)];
             uint16_t want = ref_bf16_round(acc);
-            CHECK(cx, res[(size_t)t * H + h] == want,
-                  "HT combine token %d channel %d: %04x, want %04x", t, h, res[(size_t)t * H + h],
-                  want);
+            OP_CHECK(cx, res[(size_t)t * H + h] == want,
+                     "HT combine token %d channel %d: %04x, want %04x", t, h,
+                     res[(size_t)t * H + h], want);
         }
 }

@@ -5,6 +5,7 @@
 #ifndef EP_TEST_OP_REF_H
 #define EP_TEST_OP_REF_H
 
+#include "check.h"
 #include "harness.h"
 
 #include <stdint.h>
@@ -28,6 +29,16 @@ uint64_t rng_mix(uint64_t a, uint64_t b);
 void gen_routing(rng_t *r, const struct op_case *c, int T, int32_t *idx, float *w, float wlo,
                  float wspan);
 
+/* A cmocka test of one fixed case, for a suite's table of tests: runner is the suite's
+ * `void runner(void **state)` that runs the case *state. */
+#define OP_CASE_TEST(test_name, runner, ...)                                                       \
+    {                                                                                              \
+        .name = #test_name, .test_func = (runner), .initial_state = &(struct op_case)              \
+        {                                                                                          \
+            __VA_ARGS__                                                                            \
+        }                                                                                          \
+    }
+
 /* One rank's checks: the case, the rank, the op being checked (for messages) and how many
  * checks failed. */
 struct op_ctx {
@@ -36,16 +47,9 @@ struct op_ctx {
     uint64_t op;
 };
 
-/* Counts a failed check, printing the first few. */
-#define CHECK(cx, cond, ...)                                                                       \
-    do {                                                                                           \
-        if (!(cond) && (cx)->failures++ < 8) {                                                     \
-            fprintf(stderr, "rank %d op %llu: %s:%d: ", (cx)->rank, (unsigned long long)(cx)->op,  \
-                    __FILE__, __LINE__);                                                           \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-        }                                                                                          \
-    } while (0)
+/* Counts a failed check of the op (the "step" of the message), printing the first few. */
+#define OP_CHECK(cx, cond, ...)                                                                    \
+    TEST_CHECK((cx)->rank, (int)(cx)->op, (cx)->failures++, cond, __VA_ARGS__)
 
 /* An ep_* call that must succeed; on failure sets rc and jumps to `out` (the caller's struct
  * op_ctx is `cx`). */

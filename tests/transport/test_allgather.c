@@ -2,6 +2,7 @@
  * rank order over many calls of varying length while ranks drift apart, argument checks, a
  * length that differs between ranks, a rank that stops calling (the others time out naming it)
  * and abort. The multi-process (tcp wire) twin is tests/transport_tcp/test_tcp_allgather.c. */
+#include "check.h"
 #include "harness.h"
 
 #include <pthread.h>
@@ -44,16 +45,7 @@ static void nap_us(long us)
     nanosleep(&ts, NULL);
 }
 
-#define EXPECT(st_expected, call, needle)                                                          \
-    do {                                                                                           \
-        ep_status_t st_ = (call);                                                                  \
-        if (st_ != (st_expected) ||                                                                \
-            ((needle) && !strstr(ep_group_last_error(g), (needle) ? (needle) : ""))) {             \
-            fprintf(stderr, "rank %d line %d: %s gave %d (%s)\n", rank, __LINE__, #call, st_,      \
-                    ep_group_last_error(g));                                                       \
-            fails++;                                                                               \
-        }                                                                                          \
-    } while (0)
+#define EXPECT(st_expected, call, needle) TEST_CHECK_EP(rank, g, fails++, st_expected, call, needle)
 
 static int many_calls_rank(int rank, const ep_bootstrap_t *bs, void *arg)
 {

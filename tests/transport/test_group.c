@@ -1,5 +1,6 @@
 /* Group creation, config checks, argument validation of every op, op order (hooks, LL buffer
  * alternation), timeouts that name the missing rank, and abort. */
+#include "check.h"
 #include "harness.h"
 
 #include <pthread.h>
@@ -180,16 +181,7 @@ static void config_mismatch_between_ranks(void **state)
 
 /* Every rank makes the same calls, so that rejected calls (which never communicate) and
  * valid ones stay in step. */
-#define EXPECT(st_expected, call, needle)                                                          \
-    do {                                                                                           \
-        ep_status_t st_ = (call);                                                                  \
-        if (st_ != (st_expected) ||                                                                \
-            ((needle) && !strstr(ep_group_last_error(g), (needle) ? (needle) : ""))) {             \
-            fprintf(stderr, "rank %d line %d: %s gave %d (%s)\n", rank, __LINE__, #call, st_,      \
-                    ep_group_last_error(g));                                                       \
-            fails++;                                                                               \
-        }                                                                                          \
-    } while (0)
+#define EXPECT(st_expected, call, needle) TEST_CHECK_EP(rank, g, fails++, st_expected, call, needle)
 
 static int bad_args_rank(int rank, const ep_bootstrap_t *bs, void *arg)
 {

@@ -70,8 +70,8 @@ static int ht_rank(int rank, const ep_bootstrap_t *bs, void *arg)
     cfg.ht_max_tokens = M;
     cfg.timeout_ms = 30000;
     OPCHECK(NULL, ep_group_create(&cfg, bs, &g));
-    CHECK(&cx, ep_ht_max_recv_tokens(g) == (int)N, "ep_ht_max_recv_tokens %d",
-          ep_ht_max_recv_tokens(g));
+    OP_CHECK(&cx, ep_ht_max_recv_tokens(g) == (int)N, "ep_ht_max_recv_tokens %d",
+             ep_ht_max_recv_tokens(g));
     for (int it = 0; it < c->steps; it++) {
         cx.op = (uint64_t)it;
         for (int s = 0; s < R; s++)
@@ -97,9 +97,9 @@ static int ht_rank(int rank, const ep_bootstrap_t *bs, void *arg)
             if (rank == 0 && want > 0) small.capacity = want - 1;
             ep_status_t st = ep_ht_dispatch(g, &a, &small, &hd);
             if (rank == 0 && want > 0) {
-                CHECK(&cx, st == EP_ERR_INVALID, "too small an output gave %d", st);
-                CHECK(&cx, strstr(ep_group_last_error(g), "capacity") != NULL, "message: %s",
-                      ep_group_last_error(g));
+                OP_CHECK(&cx, st == EP_ERR_INVALID, "too small an output gave %d", st);
+                OP_CHECK(&cx, strstr(ep_group_last_error(g), "capacity") != NULL, "message: %s",
+                         ep_group_last_error(g));
             } else {
                 OPCHECK(g, st);
                 check_ht_dispatch(&cx, in, &small, 1, 1);
@@ -168,27 +168,20 @@ static void ht_random_shapes(void **state)
     }
 }
 
-static void ht_deepep_shape(void **state)
+/* The fixed cases of the table in main. */
+static void fixed_case(void **state)
 {
-    (void)state;
-    struct op_case c = {.R = 2, .E = 256, .H = 7168, .k = 8, .ht_M = 512, .steps = 2, .seed = 9};
-    run_case(&c);
-}
-
-static void ht_many_steps(void **state)
-{
-    (void)state;
-    struct op_case c = {
-        .R = 4, .E = 64, .H = 128, .k = 6, .ht_M = 40, .steps = 150, .squeeze = 1, .seed = 10};
-    run_case(&c);
+    run_case(*state);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(ht_random_shapes),
-        cmocka_unit_test(ht_deepep_shape),
-        cmocka_unit_test(ht_many_steps),
+        OP_CASE_TEST(ht_deepep_shape, fixed_case, .R = 2, .E = 256, .H = 7168, .k = 8, .ht_M = 512,
+                     .steps = 2, .seed = 9),
+        OP_CASE_TEST(ht_many_steps, fixed_case, .R = 4, .E = 64, .H = 128, .k = 6, .ht_M = 40,
+                     .steps = 150, .squeeze = 1, .seed = 10),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -79,7 +79,7 @@ static int ll_rank(int rank, const ep_bootstrap_t *bs, void *arg)
                                         .use_hook = hook};
             o->hook = NULL;
             OPCHECK(g, ep_ll_dispatch(g, &da, &o->out, &o->handle, &o->hook));
-            if (!hook && o->hook) CHECK(&cx, 0, "dispatch without hook returned a hook");
+            if (!hook && o->hook) OP_CHECK(&cx, 0, "dispatch without hook returned a hook");
         }
         for (int a = 0; a < nops; a++)
             if (op[a].hook) OPCHECK(g, ep_hook_run(op[a].hook));
@@ -147,58 +147,22 @@ static void ll_random_shapes(void **state)
     }
 }
 
-static void ll_deepep_shape(void **state)
+/* The fixed cases of the table in main. */
+static void fixed_case(void **state)
 {
-    (void)state;
-    struct op_case c = {.R = 2,
-                        .E = 288,
-                        .H = 7168,
-                        .k = 8,
-                        .ll_M = 128,
-                        .fp8 = 2,
-                        .hook = 2,
-                        .steps = 2,
-                        .seed = 77};
-    run_case(&c);
-}
-
-static void ll_hundreds_of_steps(void **state)
-{
-    (void)state;
-    struct op_case c = {.R = 4,
-                        .E = 32,
-                        .H = 128,
-                        .k = 4,
-                        .ll_M = 12,
-                        .fp8 = 2,
-                        .hook = 2,
-                        .steps = 300,
-                        .seed = 5};
-    run_case(&c);
-}
-
-static void ll_eight_ranks_top8(void **state)
-{
-    (void)state;
-    struct op_case c = {.R = 8,
-                        .E = 256,
-                        .H = 256,
-                        .k = 8,
-                        .ll_M = 24,
-                        .fp8 = 2,
-                        .hook = 2,
-                        .steps = 20,
-                        .seed = 6};
-    run_case(&c);
+    run_case(*state);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(ll_random_shapes),
-        cmocka_unit_test(ll_deepep_shape),
-        cmocka_unit_test(ll_hundreds_of_steps),
-        cmocka_unit_test(ll_eight_ranks_top8),
+        OP_CASE_TEST(ll_deepep_shape, fixed_case, .R = 2, .E = 288, .H = 7168, .k = 8, .ll_M = 128,
+                     .fp8 = 2, .hook = 2, .steps = 2, .seed = 77),
+        OP_CASE_TEST(ll_hundreds_of_steps, fixed_case, .R = 4, .E = 32, .H = 128, .k = 4,
+                     .ll_M = 12, .fp8 = 2, .hook = 2, .steps = 300, .seed = 5),
+        OP_CASE_TEST(ll_eight_ranks_top8, fixed_case, .R = 8, .E = 256, .H = 256, .k = 8,
+                     .ll_M = 24, .fp8 = 2, .hook = 2, .steps = 20, .seed = 6),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -154,8 +154,8 @@ static int ll_step(struct op_ctx *pcx, ep_group_t *g, struct rank_state *st, int
                                     .use_hook = hook};
         o->hook = NULL;
         OPCHECK(g, ep_ll_dispatch(g, &da, &o->out, &o->handle, &o->hook));
-        CHECK(&cx, !hook == !o->hook, "dispatch with use_hook %d returned hook %p", hook,
-              (void *)o->hook);
+        OP_CHECK(&cx, !hook == !o->hook, "dispatch with use_hook %d returned hook %p", hook,
+                 (void *)o->hook);
     }
     for (int a = 0; a < nops; a++)
         if (st->op[a].hook) OPCHECK(g, ep_hook_run(st->op[a].hook));
@@ -175,8 +175,8 @@ static int ll_step(struct op_ctx *pcx, ep_group_t *g, struct rank_state *st, int
                                    .use_hook = hook};
         o->hook = NULL;
         OPCHECK(g, ep_ll_combine(g, &ca, &o->hook));
-        CHECK(&cx, !hook == !o->hook, "combine with use_hook %d returned hook %p", hook,
-              (void *)o->hook);
+        OP_CHECK(&cx, !hook == !o->hook, "combine with use_hook %d returned hook %p", hook,
+                 (void *)o->hook);
     }
     for (int a = 0; a < nops; a++)
         if (st->op[a].hook) OPCHECK(g, ep_hook_run(st->op[a].hook));
@@ -245,11 +245,11 @@ static int ops_rank(int rank, int nranks, const ep_bootstrap_t *bs, void *arg)
     ep_config_t cfg;
     world_ep_config(&cfg, c->E, c->H, c->k, c->ll_M, c->ht_M, 10000);
     OPCHECK(NULL, ep_group_create(&cfg, bs, &g));
-    CHECK(&cx, ep_group_rank(g) == rank && ep_group_size(g) == nranks, "group says rank %d of %d",
-          ep_group_rank(g), ep_group_size(g));
+    OP_CHECK(&cx, ep_group_rank(g) == rank && ep_group_size(g) == nranks,
+             "group says rank %d of %d", ep_group_rank(g), ep_group_size(g));
     if (c->ht_M)
-        CHECK(&cx, ep_ht_max_recv_tokens(g) == c->ht_M * nranks, "ep_ht_max_recv_tokens %d",
-              ep_ht_max_recv_tokens(g));
+        OP_CHECK(&cx, ep_ht_max_recv_tokens(g) == c->ht_M * nranks, "ep_ht_max_recv_tokens %d",
+                 ep_ht_max_recv_tokens(g));
     rng_t pr = {rng_mix(c->seed, 999)}; /* the step pattern: the same everywhere */
     rng_t hr = {rng_mix(c->seed, 1000 + (uint64_t)rank)}; /* hook choices: per rank */
     uint64_t opid = 0;
@@ -328,63 +328,27 @@ static void four_ranks(void **state)
     random_shapes(4, 41);
 }
 
-/* Fixed extremes: the largest hidden with top-8 and fp8 on every op, and a bf16 hidden that is
- * not a multiple of 128 with top-1. */
-static void wide_rows_fp8(void **state)
+/* The fixed cases of the table in main. */
+static void fixed_case(void **state)
 {
-    (void)state;
-    struct op_case c = {.R = 2,
-                        .E = 16,
-                        .H = 2048,
-                        .k = 8,
-                        .ll_M = 12,
-                        .ht_M = 16,
-                        .fp8 = 1,
-                        .hook = 2,
-                        .steps = 12,
-                        .seed = 51};
-    run_case(&c);
-}
-
-static void odd_hidden_bf16(void **state)
-{
-    (void)state;
-    struct op_case c = {.R = 3,
-                        .E = 9,
-                        .H = 200,
-                        .k = 1,
-                        .ll_M = 20,
-                        .ht_M = 30,
-                        .fp8 = 0,
-                        .hook = 1,
-                        .steps = 20,
-                        .seed = 61};
-    run_case(&c);
-}
-
-static void four_ranks_64_experts(void **state)
-{
-    (void)state;
-    struct op_case c = {.R = 4,
-                        .E = 64,
-                        .H = 256,
-                        .k = 8,
-                        .ll_M = 16,
-                        .ht_M = 24,
-                        .fp8 = 2,
-                        .hook = 2,
-                        .steps = 30,
-                        .seed = 71};
-    run_case(&c);
+    run_case(*state);
 }
 
 int main(void)
 {
     ref_bf16_table(); /* tabulated once, before the ranks fork */
     const struct CMUnitTest tests[] = {
-        cmocka_unit_test(two_ranks),       cmocka_unit_test(three_ranks),
-        cmocka_unit_test(four_ranks),      cmocka_unit_test(wide_rows_fp8),
-        cmocka_unit_test(odd_hidden_bf16), cmocka_unit_test(four_ranks_64_experts),
+        cmocka_unit_test(two_ranks),
+        cmocka_unit_test(three_ranks),
+        cmocka_unit_test(four_ranks),
+        /* Fixed extremes: the largest hidden with top-8 and fp8 on every op, and a bf16 hidden
+         * that is not a multiple of 128 with top-1. */
+        OP_CASE_TEST(wide_rows_fp8, fixed_case, .R = 2, .E = 16, .H = 2048, .k = 8, .ll_M = 12,
+                     .ht_M = 16, .fp8 = 1, .hook = 2, .steps = 12, .seed = 51),
+        OP_CASE_TEST(odd_hidden_bf16, fixed_case, .R = 3, .E = 9, .H = 200, .k = 1, .ll_M = 20,
+                     .ht_M = 30, .fp8 = 0, .hook = 1, .steps = 20, .seed = 61),
+        OP_CASE_TEST(four_ranks_64_experts, fixed_case, .R = 4, .E = 64, .H = 256, .k = 8,
+                     .ll_M = 16, .ht_M = 24, .fp8 = 2, .hook = 2, .steps = 30, .seed = 71),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

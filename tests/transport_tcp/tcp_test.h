@@ -1,10 +1,11 @@
 /* Helpers of the tcp transport tests, which run their ranks in a forked world
- * (tests/transport/fork_world.h): a CHECK that fails the rank, the tests' deterministic source
+ * (tests/common/fork_world.h, whose CHECK fails the rank): the tests' deterministic source
  * of sizes, offsets and bytes, and one rank's tcp wire set up on loopback. */
 #ifndef TCP_TEST_H
 #define TCP_TEST_H
 
 #include "fork_world.h"
+#include "test_rng.h"
 #include "wire_tcp.h"
 
 #include <stddef.h>
@@ -13,24 +14,10 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CHECK(cond, ...)                                                                           \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "rank %d: %s:%d: check failed: %s: ", world_rank, __FILE__, __LINE__,  \
-                    #cond);                                                                        \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            return 1;                                                                              \
-        }                                                                                          \
-    } while (0)
-
 /* splitmix64: the tests' deterministic source of sizes, offsets and bytes. */
 static inline uint64_t world_rand(uint64_t *s)
 {
-    uint64_t z = (*s += 0x9e3779b97f4a7c15ull);
-    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
-    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
-    return z ^ (z >> 31);
+    return test_splitmix64(s);
 }
 
 static inline void world_fill(uint64_t *s, uint8_t *dst, size_t len)

@@ -173,10 +173,7 @@ static int rank_ordered(int rank, int n, int port, void *arg)
 
 static void test_puts_and_signals_arrive_in_ring_order(void **state)
 {
-    int status[3];
-    world_run(3, rank_ordered, NULL, 60000, status);
-    for (int r = 0; r < 3; ++r)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(3, rank_ordered, NULL, 60000), 0);
 }
 
 /* ---- failures ----------------------------------------------------------------------------- */

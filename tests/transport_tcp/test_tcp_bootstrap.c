@@ -62,10 +62,7 @@ static int rank_allgather(int rank, int n, int port, void *arg)
 static void test_allgather_distinct_blobs_and_barriers(void **state)
 {
     for (int n = 1; n <= 4; n++) {
-        int status[4];
-        world_run(n, rank_allgather, NULL, 30000, status);
-        for (int r = 0; r < n; r++)
-            assert_int_equal(status[r], 0);
+        assert_int_equal(world_run_all(n, rank_allgather, NULL, 30000), 0);
     }
 }
 
@@ -90,10 +87,7 @@ static int rank_missing(int rank, int n, int port, void *arg)
 
 static void test_rank_that_never_starts_times_out_named(void **state)
 {
-    int status[3];
-    world_run(3, rank_missing, NULL, 20000, status);
-    for (int r = 0; r < 3; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(3, rank_missing, NULL, 20000), 0);
 }
 
 /* Rank 2 joins but skips the allgather: rank 0 names it, rank 1 hears rank 0's reason. */
@@ -127,10 +121,7 @@ static int rank_skips(int rank, int n, int port, void *arg)
 
 static void test_rank_skipping_a_collective_is_named(void **state)
 {
-    int status[3];
-    world_run(3, rank_skips, NULL, 20000, status);
-    for (int r = 0; r < 3; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(3, rank_skips, NULL, 20000), 0);
 }
 
 /* Rank 1 calls barrier while the others allgather. */
@@ -153,10 +144,7 @@ static int rank_mismatch(int rank, int n, int port, void *arg)
 
 static void test_different_collectives_are_detected(void **state)
 {
-    int status[3];
-    world_run(3, rank_mismatch, NULL, 20000, status);
-    for (int r = 0; r < 3; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(3, rank_mismatch, NULL, 20000), 0);
 }
 
 /* Rank 3 is not a rank: it connects to rank 0's listener and speaks garbage while the others
@@ -201,10 +189,7 @@ static int rank_or_stray(int rank, int n, int port, void *arg)
 
 static void test_stray_connection_is_refused(void **state)
 {
-    int status[4];
-    world_run(4, rank_or_stray, NULL, 20000, status);
-    for (int r = 0; r < 4; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(4, rank_or_stray, NULL, 20000), 0);
 }
 
 static void test_bad_arguments(void **state)

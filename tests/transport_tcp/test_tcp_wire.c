@@ -115,10 +115,7 @@ static int rank_random_puts(int rank, int n, int port, void *arg)
 static void test_random_puts_then_signals(void **state)
 {
     for (int n = 2; n <= 4; n++) {
-        int status[4];
-        world_run(n, rank_random_puts, NULL, 60000, status);
-        for (int r = 0; r < n; r++)
-            assert_int_equal(status[r], 0);
+        assert_int_equal(world_run_all(n, rank_random_puts, NULL, 60000), 0);
     }
 }
 
@@ -153,10 +150,7 @@ static int rank_add_signals(int rank, int n, int port, void *arg)
 
 static void test_add_signals_sum_exactly(void **state)
 {
-    int status[3];
-    world_run(3, rank_add_signals, NULL, 60000, status);
-    for (int r = 0; r < 3; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(3, rank_add_signals, NULL, 60000), 0);
 }
 
 /* ---- large puts --------------------------------------------------------------------------- */
@@ -192,10 +186,7 @@ static int rank_large_put(int rank, int n, int port, void *arg)
 
 static void test_large_puts_both_directions(void **state)
 {
-    int status[2];
-    world_run(2, rank_large_put, NULL, 60000, status);
-    for (int r = 0; r < 2; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(2, rank_large_put, NULL, 60000), 0);
 }
 
 /* ---- put to self -------------------------------------------------------------------------- */
@@ -230,10 +221,7 @@ static int rank_self_put(int rank, int n, int port, void *arg)
 
 static void test_put_to_self_copies_locally(void **state)
 {
-    int status[2];
-    world_run(2, rank_self_put, NULL, 20000, status);
-    for (int r = 0; r < 2; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(2, rank_self_put, NULL, 20000), 0);
 }
 
 /* Small puts gather in the send queue until a signal or flush; even without either they
@@ -262,10 +250,7 @@ static int rank_unsignalled(int rank, int n, int port, void *arg)
 
 static void test_unsignalled_puts_still_leave(void **state)
 {
-    int status[2];
-    world_run(2, rank_unsignalled, NULL, 20000, status);
-    for (int r = 0; r < 2; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(2, rank_unsignalled, NULL, 20000), 0);
 }
 
 /* ---- ordering of many small puts ---------------------------------------------------------- */
@@ -337,10 +322,7 @@ static int rank_ordering(int rank, int n, int port, void *arg)
 
 static void test_many_small_puts_arrive_in_order(void **state)
 {
-    int status[3];
-    world_run(3, rank_ordering, NULL, 60000, status);
-    for (int r = 0; r < 3; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(3, rank_ordering, NULL, 60000), 0);
 }
 
 /* ---- failures ----------------------------------------------------------------------------- */
@@ -546,10 +528,7 @@ static int rank_strays(int rank, int n, int port, void *arg)
 
 static void test_stray_connections_are_refused(void **state)
 {
-    int status[2];
-    world_run(2, rank_strays, NULL, 30000, status);
-    for (int r = 0; r < 2; r++)
-        assert_int_equal(status[r], 0);
+    assert_int_equal(world_run_all(2, rank_strays, NULL, 30000), 0);
 }
 
 /* ---- malformed frames from a fake rank ---------------------------------------------------- */

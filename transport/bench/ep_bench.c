@@ -10,6 +10,7 @@
  * after a bootstrap barrier); median and p10/p90 over the iterations. In multi-process mode
  * each process prints its own rank's times. */
 #include "ep.h"
+#include "epd_clock.h"
 
 #include <getopt.h>
 #include <pthread.h>
@@ -62,13 +63,6 @@ struct shared {
     double bytes[T_COUNT]; /* rank 0's bytes per op */
     int failed;
 };
-
-static double now_s(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
-}
 
 static uint64_t rng(uint64_t *s)
 {
@@ -271,13 +265,13 @@ static int bench_rank(struct rank_arg *ra)
                                         .use_hook = o->hook,
                                         .stream = stream};
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
-            double t0 = now_s();
+            double t0 = epd_now_s();
             TRY(ep_ll_dispatch(g, &da, &dout, &h, &hook));
             sync_stream(o, stream);
-            double t1 = now_s();
+            double t1 = epd_now_s();
             if (o->hook) TRY(ep_hook_run(hook));
             sync_stream(o, stream);
-            double t2 = now_s();
+            double t2 = epd_now_s();
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
             ep_ll_combine_args_t ca = {.handle = h,
                                        .expert_y = y,
@@ -286,13 +280,13 @@ static int bench_rank(struct rank_arg *ra)
                                        .out = out,
                                        .use_hook = o->hook,
                                        .stream = stream};
-            double t3 = now_s();
+            double t3 = epd_now_s();
             TRY(ep_ll_combine(g, &ca, &hook));
             sync_stream(o, stream);
-            double t4 = now_s();
+            double t4 = epd_now_s();
             if (o->hook) TRY(ep_hook_run(hook));
             sync_stream(o, stream);
-            double t5 = now_s();
+            double t5 = epd_now_s();
             if (it < 0) continue;
             RECORD(T_LL_DISP, t2 - t0);
             RECORD(T_LL_COMB, t5 - t3);
@@ -359,25 +353,25 @@ static int bench_rank(struct rank_arg *ra)
                                        .topk_weights = w,
                                        .stream = stream};
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
-            double t0 = now_s();
+            double t0 = epd_now_s();
             TRY(ep_get_dispatch_layout(g, idx, T, &lay, stream));
             sync_stream(o, stream);
-            double t1 = now_s();
+            double t1 = epd_now_s();
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
-            double t2 = now_s();
+            double t2 = epd_now_s();
             TRY(ep_ht_dispatch(g, &a, &ho, &hh));
             sync_stream(o, stream);
-            double t3 = now_s();
+            double t3 = epd_now_s();
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
-            double t4 = now_s();
+            double t4 = epd_now_s();
             TRY(ep_ht_dispatch_cached(g, hh, &a, &ho));
             sync_stream(o, stream);
-            double t5 = now_s();
+            double t5 = epd_now_s();
             ra->bs.barrier(ra->bs.ctx, o->timeout_ms);
-            double t6 = now_s();
+            double t6 = epd_now_s();
             TRY(ep_ht_combine(g, hh, yb, out, stream));
             sync_stream(o, stream);
-            double t7 = now_s();
+            double t7 = epd_now_s();
             recv_rows = ho.num_recv_tokens;
             ep_ht_handle_destroy(hh);
             hh = NULL;

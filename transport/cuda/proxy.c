@@ -1,7 +1,7 @@
 /* The cuda backend's proxy thread (see proxy.h): executes the kernels' put/signal commands in
  * ring order through the wire, so a signal reaches a peer after the puts issued before it. */
 #include "proxy.h"
-#include "clock.h"
+#include "epd_clock.h"
 
 #include <stdio.h>
 #include <string.h>
@@ -157,10 +157,10 @@ ep_status_t ep_cuda_proxy_drain(ep_cuda_proxy_t *p, uint64_t tail, unsigned time
     /* After a failure the proxy still serves the peers that are alive, so their commands are
      * waited for too; but a kernel that gave up on a full ring leaves a slot it never wrote,
      * so once the group has failed, a pause without progress ends the wait. */
-    const uint64_t start = ep_now_ns(), limit = start + (uint64_t)timeout_ms * 1000000ull;
+    const uint64_t start = epd_now_ns(), limit = start + (uint64_t)timeout_ms * 1000000ull;
     uint64_t seen = atomic_load(&p->done), moved = start;
     while (atomic_load_explicit(&p->done, memory_order_acquire) < tail) {
-        const uint64_t t = ep_now_ns(), done = atomic_load(&p->done);
+        const uint64_t t = epd_now_ns(), done = atomic_load(&p->done);
         if (done != seen) {
             seen = done;
             moved = t;

@@ -4,7 +4,7 @@
  * its rank in the private data), the higher one accepts. Afterwards the proxy watches the
  * event channel: a disconnect fails that peer. */
 #include "rdma_wire.h"
-#include "clock.h"
+#include "epd_clock.h"
 
 #include <arpa/inet.h>
 #include <errno.h>
@@ -205,9 +205,9 @@ ep_status_t rdma_cm_connect(struct wire_rdma *r, const uint8_t *blobs, size_t bl
             return cm_fail(r, i, EP_ERR_IO, "resolve_addr");
         p->cm_state = CM_ADDR;
     }
-    uint64_t deadline = ep_now_ns() + (uint64_t)r->base.timeout_ms * 1000000ull;
+    uint64_t deadline = epd_now_ns() + (uint64_t)r->base.timeout_ms * 1000000ull;
     while (up < n - 1) {
-        uint64_t now = ep_now_ns();
+        uint64_t now = epd_now_ns();
         if (now >= deadline) {
             int late = -1;
             for (int i = 0; i < n && late < 0; i++)

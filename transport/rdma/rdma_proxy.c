@@ -7,7 +7,7 @@
  * Ordering: on an RC QP, RDMA WRITEs are placed in order, so a SET written after a put is seen
  * after it. An atomic may overtake earlier WRITEs, so ADD carries IBV_SEND_FENCE. */
 #include "rdma_wire.h"
-#include "clock.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <stdio.h>
@@ -236,11 +236,11 @@ void *rdma_proxy_main(void *arg)
     struct wire_rdma *r = arg;
     for (int i = 0; i < r->base.nranks; i++)
         r->peers[i].q_first = r->peers[i].q_last = NONE;
-    uint64_t last_tick = ep_now_ns();
+    uint64_t last_tick = epd_now_ns();
     unsigned idle = 0;
     while (!atomic_load_explicit(&r->stop, memory_order_relaxed)) {
         int work = 0;
-        uint64_t now = ep_now_ns();
+        uint64_t now = epd_now_ns();
         uint64_t head = atomic_load_explicit(&r->head, memory_order_acquire);
         for (; r->seen < head; r->seen++, work++)
             take(r, r->seen);

@@ -3,7 +3,7 @@
  * put() and signal() copy their source into registered staging memory and write a descriptor
  * into the command ring; the proxy thread (rdma_proxy.c) posts them. State: rdma_wire.h. */
 #include "rdma_wire.h"
-#include "clock.h"
+#include "epd_clock.h"
 
 #include <errno.h>
 #include <fcntl.h>
@@ -78,7 +78,7 @@ static ep_status_t reserve(struct wire_rdma *r, int peer, size_t need, uint64_t 
             return EP_OK;
         }
         if (++spins < 256) continue;
-        uint64_t now = ep_now_ns();
+        uint64_t now = epd_now_ns();
         if (!deadline)
             deadline = now + (uint64_t)(r->base.timeout_ms + FLUSH_SLACK_MS) * 1000000ull;
         if (now > deadline) {
@@ -220,13 +220,13 @@ static int first_failed(struct wire_rdma *r)
 static int drain(struct wire_rdma *r, uint64_t limit_ms, int abortable)
 {
     uint64_t target = atomic_load_explicit(&r->head, memory_order_acquire);
-    uint64_t deadline = ep_now_ns() + limit_ms * 1000000ull;
+    uint64_t deadline = epd_now_ns() + limit_ms * 1000000ull;
     unsigned spins = 0;
     while (atomic_load_explicit(&r->tail, memory_order_acquire) < target) {
         if (abortable && atomic_load_explicit(&r->base.aborted, memory_order_relaxed)) return -2;
         if (++spins < 256) continue;
         spins = 0;
-        if (ep_now_ns() > deadline) return -1;
+        if (epd_now_ns() > deadline) return -1;
         struct timespec ts = {0, 20000};
         nanosleep(&ts, NULL);
     }
@@ -341,7 +341,7 @@ static ep_status_t create_qps(struct wire_rdma *r)
                           IBV_QP_STATE | IBV_QP_PKEY_INDEX | IBV_QP_PORT | IBV_QP_ACCESS_FLAGS))
             return verbs_fail(r, i, "ibv_modify_qp(INIT)");
         uint32_t rnd = 0;
-        if (getrandom(&rnd, sizeof rnd, 0) != sizeof rnd) rnd = (uint32_t)ep_now_ns();
+        if (getrandom(&rnd, sizeof rnd, 0) != sizeof rnd) rnd = (uint32_t)epd_now_ns();
         p->psn = rnd & 0xffffff;
     }
     return EP_OK;

@@ -1,5 +1,7 @@
 /* Forked multi-process worlds on loopback for libep's multi-process tests (see fork_world.h). */
 #include "fork_world.h"
+#include "epd_clock.h"
+#include "free_port.h"
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
@@ -14,33 +16,31 @@
 
 int world_rank = -1;
 
-/* How long a rank waits for the others in the bootstrap; below every world's limit. */
-#define WORLD_BOOTSTRAP_MS 15000u
+/* Below every world's limit of the tcp suites. */
+unsigned world_bootstrap_ms = 15000u;
 
 uint64_t world_now_ms(void)
 {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000u + (uint64_t)ts.tv_nsec / 1000000u;
+    return (uint64_t)epd_now_ms();
 }
 
 int world_free_port(void)
 {
-    int fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (fd < 0) return -1;
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    socklen_t l = sizeof a;
-    int port = -1;
-    if (bind(fd, (struct sockaddr *)&a, sizeof a) == 0 &&
-        getsockname(fd, (struct sockaddr *)&a, &l) == 0)
-        port = ntohs(a.sin_port);
-    close(fd);
-    return port;
+    return test_free_port();
 }
 
 int world_run(int nranks, world_fn fn, void *arg, unsigned limit_ms, int *status)
 {
     return world_run_reap(nranks, fn, arg, limit_ms, -1, status);
+}
+
+int world_run_all(int nranks, world_fn fn, void *arg, unsigned limit_ms)
+{
+    int status[EP_MAX_RANKS];
+    int failed = world_run(nranks, fn, arg, limit_ms, status);
+    for (int r = 0; r < nranks; r++)
+        if (status[r]) fprintf(stderr, "world: rank %d ended with status %d\n", r, status[r]);
+    return failed;
 }
 
 int world_run_reap(int nranks, world_fn fn, void *arg, unsigned limit_ms, int reap, int *status)
@@ -122,7 +122,7 @@ static int ep_rank_main(int rank, int nranks, int port, void *p)
     const struct ep_rank *e = p;
     ep_tcp_bootstrap_t *b = NULL;
     ep_status_t st =
-        ep_tcp_bootstrap_create("127.0.0.1", port, rank, nranks, WORLD_BOOTSTRAP_MS, &b);
+        ep_tcp_bootstrap_create("127.0.0.1", port, rank, nranks, world_bootstrap_ms, &b);
     if (st != EP_OK) {
         fprintf(stderr, "rank %d: tcp bootstrap on port %d: %s: %s\n", rank, port, ep_strerror(st),
                 ep_tcp_bootstrap_last_error());

@@ -1,17 +1,17 @@
-/* The monotonic clock the daemon and epctl measure timeouts, rates and deadlines on
- * (header-only). Condition variables waited on with epd_deadline_after must be set to
- * CLOCK_MONOTONIC (pthread_condattr_setclock). */
+/* The monotonic clock that libep, the daemon and epctl measure timeouts, rates and deadlines on
+ * (header-only: libep takes it without linking anything of common/). Condition variables waited
+ * on with epd_deadline_after must be set to CLOCK_MONOTONIC (pthread_condattr_setclock). */
 #ifndef EPD_CLOCK_H
 #define EPD_CLOCK_H
 
 #include <stdint.h>
 #include <time.h>
 
-static inline int64_t epd_now_ns(void)
+static inline uint64_t epd_now_ns(void)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
 static inline long long epd_now_ms(void)
