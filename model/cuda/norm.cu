@@ -20,12 +20,12 @@ __device__ __forceinline__ float bf16_to_f(uint16_t b)
     return __uint_as_float((uint32_t)b << 16);
 }
 
-/* float -> bf16 bits, bit for bit epd_f32_to_bf16 (model/ops.h): round to nearest even, a NaN
- * keeps its sign and payload's top bits with the quiet bit set. */
+/* float -> bf16 bits, bit for bit ep_float_to_bf16 (kernels/numeric_ref.h) and CUDA's
+ * __float2bfloat16_rn: round to nearest even, every NaN the canonical 0x7fff. */
 __device__ __forceinline__ uint16_t f_to_bf16(float f)
 {
     uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
     u += 0x7fffu + ((u >> 16) & 1u);
     return (uint16_t)(u >> 16);
 }
