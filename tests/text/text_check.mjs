@@ -9,33 +9,11 @@
 //   busy    /healthz answers while a multi-MB prompt is tokenized, each probe in a small part of
 //           the tokenization's time
 import { readFileSync } from "node:fs";
+import { checker } from "./http_checks.mjs";
 
 const [mode, base, expPath] = process.argv.slice(2);
 const exp = JSON.parse(readFileSync(expPath, "utf8"));
-let failures = 0, checks = 0;
-
-function eq(a, b) {
-  return JSON.stringify(a) === JSON.stringify(b);
-}
-function check(cond, what, got, want) {
-  checks++;
-  if (!cond) {
-    failures++;
-    console.log(`FAIL ${what}\n  got:  ${JSON.stringify(got)}\n  want: ${JSON.stringify(want)}`);
-  }
-}
-async function post(path, body) {
-  const r = await fetch(base + path, { method: "POST", body: JSON.stringify(body),
-                                       headers: { "content-type": "application/json" } });
-  const text = await r.text();
-  let json = null;
-  try { json = JSON.parse(text); } catch { /* reported by the caller */ }
-  return { status: r.status, json, text };
-}
-async function get(path) {
-  const r = await fetch(base + path);
-  return { status: r.status, json: await r.json() };
-}
+const { eq, check, post, get, finish } = checker(base);
 
 // Server-sent events: every data line's bytes must be valid UTF-8 (a split character would not
 // be), the stream ends with [DONE]; returns the parsed chunks.
@@ -318,5 +296,4 @@ async function busyChecks() {
 
 const run = { main: mainChecks, busy: busyChecks, eos: eosChecks, notok: () => noTokChecks(false), badtok: () => noTokChecks(true) }[mode];
 await run();
-console.log(`${mode}: ${checks - failures}/${checks} checks passed`);
-process.exit(failures ? 1 : 0);
+finish(mode);

@@ -134,40 +134,34 @@ static void softmax_topk_matches_reference(void **state)
     }
 }
 
-static void sigmoid_group_matches_reference(void **state)
+/* 60 random group-limited cases of a kind: 1, 2, 4 or 8 groups, any of them kept. */
+static void group_cases(ep_route_kind_t kind, uint64_t seed, float big_scaling)
 {
-    (void)state;
-    rng_t r = {22};
+    rng_t r = {seed};
     static const int groups[] = {1, 2, 4, 8};
     for (int it = 0; it < 60; it++) {
-        ep_route_params_t p = {.kind = EP_ROUTE_SIGMOID_GROUP};
+        ep_route_params_t p = {.kind = kind};
         p.num_groups = groups[rng_int(&r, 0, 3)];
         p.num_experts = p.num_groups * rng_int(&r, 1, 32);
         p.topk_groups = rng_int(&r, 1, p.num_groups);
         int cand = p.topk_groups * (p.num_experts / p.num_groups);
         p.topk = rng_int(&r, 1, cand < 8 ? cand : 8);
         p.renormalize = rng_int(&r, 0, 1);
-        p.routed_scaling_factor = 2.5f;
+        p.routed_scaling_factor = rng_int(&r, 0, 1) ? 1.0f : big_scaling;
         check_case(&r, &p, rng_int(&r, 0, 40));
     }
+}
+
+static void sigmoid_group_matches_reference(void **state)
+{
+    (void)state;
+    group_cases(EP_ROUTE_SIGMOID_GROUP, 22, 2.5f);
 }
 
 static void softmax_group_matches_reference(void **state)
 {
     (void)state;
-    rng_t r = {23};
-    static const int groups[] = {1, 2, 4, 8};
-    for (int it = 0; it < 60; it++) {
-        ep_route_params_t p = {.kind = EP_ROUTE_SOFTMAX_GROUP};
-        p.num_groups = groups[rng_int(&r, 0, 3)];
-        p.num_experts = p.num_groups * rng_int(&r, 1, 32);
-        p.topk_groups = rng_int(&r, 1, p.num_groups);
-        int cand = p.topk_groups * (p.num_experts / p.num_groups);
-        p.topk = rng_int(&r, 1, cand < 8 ? cand : 8);
-        p.renormalize = rng_int(&r, 0, 1);
-        p.routed_scaling_factor = rng_int(&r, 0, 1) ? 1.0f : 16.0f;
-        check_case(&r, &p, rng_int(&r, 0, 40));
-    }
+    group_cases(EP_ROUTE_SOFTMAX_GROUP, 23, 16.0f);
 }
 
 static void ties_go_to_the_lower_expert(void **state)
