@@ -1,4 +1,4 @@
-/* Tests of control-plane authentication (daemon/ctl_auth.c): the handshake with the right
+/* Tests of control-plane authentication (control/ctl_auth.c): the handshake with the right
  * secret, a wrong secret on either side, replayed handshake frames, frames out of order, and
  * the secret file's ownership and mode rules. Proofs are checked against an HMAC computed here
  * with OpenSSL's EVP_MAC interface, independently of the code under test. */
