@@ -2,6 +2,7 @@
  * (SHA-256 over the cluster-wide settings' canonical JSON) and the diff naming a setting. */
 #include <stdbool.h>
 #include <stdlib.h>
+#include <errno.h>
 #include <string.h>
 
 #include <cjson/cJSON.h>
@@ -114,7 +115,7 @@ char *epd_config_dump_json(const epd_config_t *cfg)
 
 int epd_config_fingerprint(const epd_config_t *cfg, uint8_t digest[EPD_CFG_FINGERPRINT_LEN])
 {
-    int rc = -1;
+    int rc = -EIO;
     unsigned int dlen = 0;
     EVP_MD_CTX *md = EVP_MD_CTX_new();
     if (!md || EVP_DigestInit_ex(md, EVP_sha256(), NULL) != 1) goto fail;
@@ -144,7 +145,8 @@ int epd_config_fingerprint_hex(const epd_config_t *cfg, char hex[2 * EPD_CFG_FIN
 {
     static const char digits[] = "0123456789abcdef";
     uint8_t d[EPD_CFG_FINGERPRINT_LEN];
-    if (epd_config_fingerprint(cfg, d) != 0) return -1;
+    int rc = epd_config_fingerprint(cfg, d);
+    if (rc != 0) return rc;
     for (int i = 0; i < EPD_CFG_FINGERPRINT_LEN; i++) {
         hex[2 * i] = digits[d[i] >> 4];
         hex[2 * i + 1] = digits[d[i] & 15];
@@ -213,7 +215,7 @@ static int diff(const epd_config_t *a, const epd_config_t *b, bool cluster_only,
         cJSON *va = epd_cfg_emit(s, a), *vb = epd_cfg_emit(s, b);
         int rc = 0;
         if (!va || !vb)
-            rc = -1;
+            rc = -ENOMEM;
         else if (!cJSON_Compare(va, vb, 1)) {
             rc = 1;
             if (buf && len) describe(s->path, va, vb, buf, len);

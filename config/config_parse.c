@@ -86,9 +86,17 @@ static char *format(const char *fmt, ...)
     return s;
 }
 
+/* The load's status is that of its first error: what set_status recorded just before it, else
+ * -EINVAL (the config itself is wrong). */
+static void set_status(ctx_t *c, int status)
+{
+    if (!c->errs->status) c->errs->status = status;
+}
+
 /* "ORIGIN: PATH: message", or "ORIGIN: message" without a path. */
 void cfg_report(ctx_t *c, const char *path, const char *fmt, ...)
 {
+    set_status(c, -EINVAL);
     if (errors_full(c)) {
         c->errs->dropped++;
         return;
@@ -630,8 +638,9 @@ static int ctx_init(ctx_t *c, const char *origin, unsigned flags, epd_config_err
     c->present = calloc((size_t)epd_cfg_num_settings, 1);
     c->peer_bad = calloc(EPD_CFG_MAX_PEERS, 1);
     if (!c->bad || !c->present || !c->peer_bad) {
+        set_status(c, -ENOMEM);
         cfg_report(c, NULL, "out of memory");
-        return -1;
+        return -ENOMEM;
     }
     return 0;
 }
@@ -641,7 +650,8 @@ static int ctx_fini(ctx_t *c)
     free(c->bad);
     free(c->present);
     free(c->peer_bad);
-    return total_errors(c) ? -1 : 0;
+    if (total_errors(c)) set_status(c, -EINVAL);
+    return c->errs->status;
 }
 
 static void parse_text(ctx_t *c, const char *json, size_t len, epd_config_t *cfg)
@@ -657,6 +667,7 @@ static void parse_text(ctx_t *c, const char *json, size_t len, epd_config_t *cfg
         goto out;
     }
     if (len > EPD_CFG_MAX_FILE_BYTES) {
+        set_status(c, -EFBIG);
         cfg_report(c, NULL, "%zu bytes, larger than the limit of %u bytes", len,
                    EPD_CFG_MAX_FILE_BYTES);
         goto out;
@@ -665,6 +676,7 @@ static void parse_text(ctx_t *c, const char *json, size_t len, epd_config_t *cfg
     /* cJSON reads NUL-terminated text: copy it so that the input needs no terminator */
     buf = malloc(len + 1);
     if (!buf) {
+        set_status(c, -ENOMEM);
         cfg_report(c, NULL, "out of memory");
         goto out;
     }
@@ -762,12 +774,14 @@ int epd_config_load_ex(const char *path, unsigned flags, epd_config_t *cfg,
     if (ctx_init(&c, path, flags, errs) != 0) goto out;
     fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
-        cfg_report(&c, NULL, "cannot open: %s", strerror(errno));
+        set_status(&c, -errno);
+        cfg_report(&c, NULL, "cannot open: %s", strerror(-c.errs->status));
         goto out;
     }
     struct stat st;
     if (fstat(fd, &st) != 0) {
-        cfg_report(&c, NULL, "cannot stat: %s", strerror(errno));
+        set_status(&c, -errno);
+        cfg_report(&c, NULL, "cannot stat: %s", strerror(-c.errs->status));
         goto out;
     }
     if (!S_ISREG(st.st_mode)) {
@@ -775,6 +789,7 @@ int epd_config_load_ex(const char *path, unsigned flags, epd_config_t *cfg,
         goto out;
     }
     if (st.st_size > (off_t)EPD_CFG_MAX_FILE_BYTES) {
+        set_status(&c, -EFBIG);
         cfg_report(&c, NULL, "%lld bytes, larger than the limit of %u bytes", (long long)st.st_size,
                    EPD_CFG_MAX_FILE_BYTES);
         goto out;
@@ -782,6 +797,7 @@ int epd_config_load_ex(const char *path, unsigned flags, epd_config_t *cfg,
     /* read up to one byte past the limit: the file may have grown since fstat */
     buf = malloc(EPD_CFG_MAX_FILE_BYTES + 1);
     if (!buf) {
+        set_status(&c, -ENOMEM);
         cfg_report(&c, NULL, "out of memory");
         goto out;
     }
@@ -789,7 +805,8 @@ int epd_config_load_ex(const char *path, unsigned flags, epd_config_t *cfg,
         ssize_t r = read(fd, buf + len, EPD_CFG_MAX_FILE_BYTES + 1 - len);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) {
-            cfg_report(&c, NULL, "cannot read: %s", strerror(errno));
+            set_status(&c, -errno);
+            cfg_report(&c, NULL, "cannot read: %s", strerror(-c.errs->status));
             goto out;
         }
         if (r == 0) break;

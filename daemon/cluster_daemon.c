@@ -82,19 +82,16 @@ static void on_wake(void *ctx, int node_id)
     if (d->engine) epd_engine_wake(d->engine);
 }
 
-static int engine_bootstrap(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out, char *err,
-                            size_t errlen)
+static int engine_bootstrap(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out,
+                            epd_err_t *err)
 {
     epd_cluster_daemon_t *d = ctx;
-    int rc =
-        epd_cluster_bootstrap_wait(d->cluster, local, epoch, ENGINE_FORM_WAIT_MS, out, err, errlen);
-    if (rc != 0) return rc == EP_ERR_TIMEOUT ? -ETIMEDOUT : -EAGAIN;
-    if (out->rank != d->hooks.rank_base + local || out->nranks != d->hooks.nranks) {
-        snprintf(err, errlen,
-                 "rank table gives local rank %d global rank %d of %d, expected %d of %d", local,
-                 out->rank, out->nranks, d->hooks.rank_base + local, d->hooks.nranks);
-        return -EPROTO;
-    }
+    int rc = epd_cluster_bootstrap_wait(d->cluster, local, epoch, ENGINE_FORM_WAIT_MS, out, err);
+    if (rc != 0) return rc;
+    if (out->rank != d->hooks.rank_base + local || out->nranks != d->hooks.nranks)
+        return epd_err_set(
+            err, -EPROTO, "rank table gives local rank %d global rank %d of %d, expected %d of %d",
+            local, out->rank, out->nranks, d->hooks.rank_base + local, d->hooks.nranks);
     return 0;
 }
 
@@ -245,47 +242,42 @@ static void h_down(const epd_http_req_t *req, epd_http_res_t *res, void *ctx)
     if (d->o.request_stop) d->o.request_stop(d->o.ctx, "POST /v1/admin/down");
 }
 
-static int add_routes(epd_cluster_daemon_t *d, char *err, size_t errlen)
+static int add_routes(epd_cluster_daemon_t *d, epd_err_t *err)
 {
     int rc;
     if ((rc = epd_http_route(d->o.http, "GET", "/v1/cluster", h_cluster, d)) ||
         (rc = epd_http_route(d->o.http, "POST", "/v1/admin/drain", h_drain, d)) ||
         (rc = epd_http_route(d->o.http, "POST", "/v1/admin/undrain", h_undrain, d)) ||
         (rc = epd_http_route(d->o.http, "POST", "/v1/admin/down", h_down, d)))
-        snprintf(err, errlen, "cluster: registering HTTP routes: %s", strerror(-rc));
+        epd_err_set(err, rc, "cluster: registering HTTP routes: %s", strerror(-rc));
     return rc;
 }
 
 int epd_cluster_daemon_start(const epd_cluster_daemon_opts_t *o, epd_cluster_daemon_t **out,
-                             char *err, size_t errlen)
+                             epd_err_t *err)
 {
     epd_cluster_daemon_t *d = calloc(1, sizeof *d);
     const epd_config_t *cfg = o->cfg;
     uint8_t fp[EPD_CFG_FINGERPRINT_LEN];
     int rc;
     *out = NULL;
-    if (!d) {
-        snprintf(err, errlen, "cluster: out of memory");
-        return -ENOMEM;
-    }
+    if (!d) return epd_err_set(err, -ENOMEM, "cluster: out of memory");
     d->o = *o;
     snprintf(d->http_addr, sizeof d->http_addr, "%s", o->http_addr ? o->http_addr : "");
     d->o.http_addr = d->http_addr;
     if (cfg->num_peers == 0) {
-        if ((rc = add_routes(d, err, errlen)) != 0) goto fail;
+        if ((rc = add_routes(d, err)) != 0) goto fail;
         publish(d);
         *out = d;
         return 0;
     }
     if (epd_config_fingerprint(cfg, fp) != 0) {
-        snprintf(err, errlen, "cluster: computing the config fingerprint failed");
-        rc = -EIO;
+        rc = epd_err_set(err, -EIO, "cluster: computing the config fingerprint failed");
         goto fail;
     }
     d->settings = epd_config_dump_json(cfg);
     if (!d->settings) {
-        snprintf(err, errlen, "cluster: out of memory");
-        rc = -ENOMEM;
+        rc = epd_err_set(err, -ENOMEM, "cluster: out of memory");
         goto fail;
     }
     epd_cluster_opts_t co;
@@ -315,17 +307,13 @@ int epd_cluster_daemon_start(const epd_cluster_daemon_opts_t *o, epd_cluster_dae
     co.on_wake = on_wake;
     co.cb_ctx = d;
     snprintf(d->reason, sizeof d->reason, "starting");
-    if (epd_cluster_create(&co, &d->cluster, err, errlen) != 0) {
-        rc = -EINVAL;
-        goto fail;
-    }
+    if ((rc = epd_cluster_create(&co, &d->cluster, err)) != 0) goto fail;
     publish(d);
-    if ((rc = add_routes(d, err, errlen)) != 0) {
+    if ((rc = add_routes(d, err)) != 0) {
         epd_cluster_destroy(d->cluster); /* not started: no handle is open yet but the async */
         goto fail;
     }
-    if (epd_cluster_start(d->cluster, err, errlen) != 0) {
-        rc = -EADDRINUSE;
+    if ((rc = epd_cluster_start(d->cluster, err)) != 0) {
         epd_cluster_stop(d->cluster, 0, "start failed");
         *out = d; /* handles are closing: destroy after the loop ran */
         return rc;

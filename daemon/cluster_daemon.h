@@ -32,7 +32,7 @@ typedef struct epd_cluster_daemon_opts {
 /* With cluster.peers empty the node is a cluster of one: no control-plane socket, the
  * component is ok at once. 0, or a negative errno with err naming the cause. */
 int epd_cluster_daemon_start(const epd_cluster_daemon_opts_t *o, epd_cluster_daemon_t **out,
-                             char *err, size_t errlen);
+                             epd_err_t *err);
 /* The engine's hook for a peer going down (it aborts in-flight EP ops: ep_group_abort). */
 void epd_cluster_daemon_on_peer_down(epd_cluster_daemon_t *d,
                                      void (*fn)(void *ctx, int node_id, const char *reason),

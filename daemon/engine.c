@@ -3,7 +3,6 @@
  * hand-over of results to the libuv loop. The rank threads run engine_step.c (the lockstep
  * steps) and engine_group.c (forming and re-forming the EP group); engine_int.h is the state
  * the files share. */
-#include "safetensors.h"
 
 #include "engine_int.h"
 
@@ -103,13 +102,20 @@ static void on_async(uv_async_t *h)
 
 /* ---- loop-side API ------------------------------------------------------------------------ */
 
+/* The EOS ids of the checkpoint's config.json (epd_hf_config_t does not carry them). The model
+ * loaded the same file moments before and reported its errors: a file that cannot be read now
+ * just leaves the tokenizer's EOS ids. */
 static void read_eos(epd_engine_t *e)
 {
-    char path[4200], *text = NULL;
-    size_t len;
+    enum { CONFIG_MAX = 16 << 20 };
+    char path[4200];
     snprintf(path, sizeof(path), "%s/config.json", e->model_path);
-    if (epd_read_text_file(path, 16u << 20, &text, &len, NULL) != 0) return;
-    cJSON *root = cJSON_ParseWithLength(text, len);
+    FILE *f = fopen(path, "rb");
+    if (!f) return;
+    char *text = malloc(CONFIG_MAX);
+    size_t len = text ? fread(text, 1, CONFIG_MAX, f) : 0;
+    fclose(f);
+    cJSON *root = text && len < CONFIG_MAX ? cJSON_ParseWithLength(text, len) : NULL;
     free(text);
     const cJSON *eos = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
     if (cJSON_IsNumber(eos)) {
@@ -231,28 +237,24 @@ static void on_handle_closed(uv_handle_t *h)
     free(e);
 }
 
-int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errbuf, size_t errlen)
+int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, epd_err_t *err)
 {
     const epd_config_t *cfg = o->cfg;
-    epd_err_t err = {0};
+    epd_err_t merr = {0}; /* the model library's, prefixed with the setting into err */
     int rc;
     *out = NULL;
     if (cfg->backend == EPD_BACKEND_CUDA && cfg->num_gpus < cfg->ranks_per_node) {
-        snprintf(errbuf, errlen,
-                 "compute.backend \"cuda\": %d rank(s) per node but %d GPU(s) in compute.gpus",
-                 cfg->ranks_per_node, cfg->num_gpus);
-        return -EINVAL;
+        return epd_err_set(
+            err, -EINVAL,
+            "compute.backend \"cuda\": %d rank(s) per node but %d GPU(s) in compute.gpus",
+            cfg->ranks_per_node, cfg->num_gpus);
     }
     if (cfg->max_queued_requests < 1) {
-        snprintf(errbuf, errlen, "model.max_queued_requests is %d; it must be at least 1",
-                 cfg->max_queued_requests);
-        return -EINVAL;
+        return epd_err_set(err, -EINVAL, "model.max_queued_requests is %d; it must be at least 1",
+                           cfg->max_queued_requests);
     }
     epd_engine_t *e = calloc(1, sizeof(*e));
-    if (!e) {
-        snprintf(errbuf, errlen, "out of memory");
-        return -ENOMEM;
-    }
+    if (!e) return epd_err_set(err, -ENOMEM, "out of memory");
     pthread_condattr_t ca;
     pthread_mutex_init(&e->mu, NULL);
     pthread_mutex_init(&e->ob_mu, NULL);
@@ -290,27 +292,26 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
     /* what can be checked before the threads start, so that the message is the first one */
     char path[4200];
     snprintf(path, sizeof(path), "%s/config.json", cfg->model_path);
-    if ((rc = epd_hf_config_load(path, &e->hf, &err)) != 0) {
-        snprintf(errbuf, errlen, "model.path: %s", err.msg);
+    if ((rc = epd_hf_config_load(path, &e->hf, &merr)) != 0) {
+        epd_err_set(err, rc, "model.path: %s", merr.msg);
         goto fail_early;
     }
     if (e->hf.num_experts % e->nranks) {
-        snprintf(errbuf, errlen,
-                 "the model's %d experts cannot be split evenly over %d rank(s) "
-                 "(compute.ranks_per_node)",
-                 e->hf.num_experts, e->nranks);
-        rc = -EINVAL;
+        rc = epd_err_set(err, -EINVAL,
+                         "the model's %d experts cannot be split evenly over %d rank(s) "
+                         "(compute.ranks_per_node)",
+                         e->hf.num_experts, e->nranks);
         goto fail_early;
     }
     if (cfg->placement == EPD_PLACEMENT_EXPLICIT) {
         rc = epd_model_placement_explicit(e->hf.num_experts, e->nranks, cfg->expert_map,
-                                          cfg->num_expert_map, &e->placement, &err);
+                                          cfg->num_expert_map, &e->placement, &merr);
         e->explicit_placement = 1;
     } else {
-        rc = epd_model_placement_contiguous(e->hf.num_experts, e->nranks, &e->placement, &err);
+        rc = epd_model_placement_contiguous(e->hf.num_experts, e->nranks, &e->placement, &merr);
     }
     if (rc) {
-        snprintf(errbuf, errlen, "model.expert_map: %s", err.msg);
+        epd_err_set(err, rc, "model.expert_map: %s", merr.msg);
         goto fail_early;
     }
     e->max_seq_len = cfg->max_seq_len;
@@ -328,24 +329,22 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
     e->info.created = (long long)time(NULL);
     read_eos(e);
     if ((rc = register_metrics(e)) != 0) {
-        snprintf(errbuf, errlen, "out of memory for the engine's metrics");
+        epd_err_set(err, rc, "out of memory for the engine's metrics");
         goto fail_early;
     }
     e->state_id = epd_state_register(e->state, "engine");
     if (e->state_id < 0) {
-        rc = e->state_id;
-        snprintf(errbuf, errlen, "cannot register the engine's readiness: %s", strerror(-rc));
+        rc = epd_err_set(err, e->state_id, "cannot register the engine's readiness: %s",
+                         strerror(-e->state_id));
         goto fail_early;
     }
     epd_state_set(e->state, e->state_id, 0, "loading %s on %d rank(s)", cfg->model_path, e->R);
     if (!e->have_cluster && ep_inproc_world_create(e->R, &e->world) != EP_OK) {
-        snprintf(errbuf, errlen, "out of memory for the in-process bootstrap");
-        rc = -ENOMEM;
+        rc = epd_err_set(err, -ENOMEM, "out of memory for the in-process bootstrap");
         goto fail_early;
     }
     if (!(e->ranks = calloc((size_t)e->R, sizeof(*e->ranks)))) {
-        snprintf(errbuf, errlen, "out of memory");
-        rc = -ENOMEM;
+        rc = epd_err_set(err, -ENOMEM, "out of memory");
         goto fail_early;
     }
     /* the cuda model runs several ranks' prefill through LL in chunks (its HT path is not
@@ -396,7 +395,7 @@ int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *errb
 
     for (int i = 0; i < e->R; i++) {
         if ((rc = pthread_create(&e->ranks[i].th, NULL, eng_rank_main, &e->ranks[i])) != 0) {
-            snprintf(errbuf, errlen, "cannot start rank thread %d: %s", i, strerror(rc));
+            epd_err_set(err, -rc, "cannot start rank thread %d: %s", i, strerror(rc));
             epd_engine_destroy(e);
             return -rc;
         }

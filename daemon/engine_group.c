@@ -60,8 +60,12 @@ static int get_bootstrap(rank_t *rk, char *msg, size_t len)
     epd_engine_t *e = rk->e;
     rk->have_bs = 0;
     if (e->have_cluster) {
-        int rc = e->cluster.bootstrap(e->cluster.ctx, rk->local, rk->epoch, &rk->bs, msg, len);
-        if (rc) return rc;
+        epd_err_t err = {0};
+        int rc = e->cluster.bootstrap(e->cluster.ctx, rk->local, rk->epoch, &rk->bs, &err);
+        if (rc) {
+            snprintf(msg, len, "%s", err.msg);
+            return rc;
+        }
     } else {
         ep_inproc_bootstrap(e->world, rk->local, &rk->bs);
     }
@@ -78,14 +82,15 @@ static int create_group(rank_t *rk, ep_group_t **g, char *msg, size_t len)
     if (st != EP_OK) {
         snprintf(msg, len, "rank %d: ep_group_create: %s (%s)", rk->grank, ep_strerror(st),
                  ep_group_last_error(NULL));
-        return -EIO;
+        return EPD_EEXCHANGE;
     }
     return 0;
 }
 
 /* Step 4: every rank says how its formation went and learns how everyone's went. 0 when every
- * rank joined; JOIN_LOAD_FAILED when some rank could not load the model (msg names it); a
- * negative errno when the join itself failed or some rank could not form (msg says which). */
+ * rank joined; JOIN_LOAD_FAILED when some rank could not load the model (msg names it);
+ * EPD_EEXCHANGE when the join's exchange failed, -EPROTO when the ranks are at different points
+ * of the protocol, -EAGAIN when some rank could not form (msg says which). */
 static int join(rank_t *rk, int status, unsigned timeout_ms, char *msg, size_t len)
 {
     epd_engine_t *e = rk->e;
@@ -96,7 +101,7 @@ static int join(rank_t *rk, int status, unsigned timeout_ms, char *msg, size_t l
     if (rc) {
         snprintf(msg, len, "rank %d: joining the EP group with the other ranks failed: %s",
                  rk->grank, ep_strerror((ep_status_t)rc));
-        return -EIO;
+        return EPD_EEXCHANGE;
     }
     int load_failed = -1, form_failed = -1;
     for (int i = 0; i < e->nranks; i++) {

@@ -21,7 +21,6 @@
 #include "engine_int.h"
 #include "epd_clock.h"
 
-#include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
@@ -260,8 +259,8 @@ static void step(rank_t *rk, int step_max)
     epd_metric_set(rk->m_kv_free, epd_model_kv_blocks_free(rk->model));
     if (rc) {
         /* the EP exchange failed (timeout, peer gone, aborted): the group must be re-formed;
-         * anything else is a bad batch on this rank that the other ranks did not notice */
-        int ep_fail = rc == -ETIMEDOUT || rc == -EIO;
+         * anything else is a fault of this rank's batch that the other ranks did not notice */
+        int ep_fail = rc == EPD_EEXCHANGE;
         char msg[MSG_MAX];
         snprintf(msg, sizeof(msg), "step failed on rank %d: %s", rk->grank, err.msg);
         EPD_ERROR(SUB, "%s (%d request(s) failed)", msg, n);

@@ -333,7 +333,7 @@ static int start_serving(daemon_t *d)
 {
     int rc;
     if (d->cfg->model_path[0]) {
-        char err[1024] = "";
+        epd_err_t err = {0};
         epd_engine_opts_t eo = {.loop = &d->loop,
                                 .cfg = d->cfg,
                                 .metrics = d->metrics,
@@ -342,9 +342,9 @@ static int start_serving(daemon_t *d)
                                 .cluster = epd_cluster_daemon_engine_hooks(d->cluster),
                                 .on_loaded = on_model_loaded,
                                 .arg = d};
-        if ((rc = epd_engine_create(&eo, &d->engine, err, sizeof(err))) != 0)
+        if ((rc = epd_engine_create(&eo, &d->engine, &err)) != 0)
             return start_failed(d, rc, "cannot serve model.path %s: %s", d->cfg->model_path,
-                                err[0] ? err : uv_strerror(rc));
+                                err.msg[0] ? err.msg : uv_strerror(rc));
         epd_cluster_daemon_set_engine(d->cluster, d->engine);
     }
     if ((rc = epd_api_create(d->http, d->engine, d->metrics, &d->api)) != 0)
@@ -403,13 +403,14 @@ static int start(daemon_t *d)
     if ((rc = epd_http_server_listen(d->http, d->cfg->http.host, d->cfg->http.port)) != 0)
         return start_failed(d, rc, "cannot listen on http.listen %s:%d: %s", d->cfg->http.host,
                             d->cfg->http.port, uv_strerror(rc));
-    char http_addr[300], err[512];
+    char http_addr[300];
+    epd_err_t err = {0};
     epd_http_auth_opts_t ao = {.listen_host = d->cfg->http.host,
                                .listen_port = epd_http_server_port(d->http),
                                .admin_token_file = d->cfg->http_admin_token_file,
                                .api_key_file = d->cfg->http_api_key_file};
-    if (epd_http_auth_create(&ao, &d->auth, err, sizeof(err)) != 0)
-        return start_failed(d, -EINVAL, "%s", err);
+    if ((rc = epd_http_auth_create(&ao, &d->auth, &err)) != 0)
+        return start_failed(d, rc, "%s", err.msg);
     epd_http_server_set_guard(d->http, epd_http_auth_guard, d->auth);
     if (!epd_http_auth_listen_is_loopback(d->cfg->http.host) && !d->cfg->http_api_key_file[0])
         EPD_WARN(SUB,
@@ -427,8 +428,8 @@ static int start(daemon_t *d)
                                     .http_addr = http_addr,
                                     .request_stop = request_stop,
                                     .ctx = d};
-    if ((rc = epd_cluster_daemon_start(&co, &d->cluster, err, sizeof(err))) != 0)
-        return start_failed(d, rc, "%s", err[0] ? err : uv_strerror(rc));
+    if ((rc = epd_cluster_daemon_start(&co, &d->cluster, &err)) != 0)
+        return start_failed(d, rc, "%s", err.msg[0] ? err.msg : uv_strerror(rc));
     /* after the control plane: the engine takes its ranks from it (the loop is not running
      * yet, so routes added now are in place before the first request) */
     if ((rc = start_serving(d)) != 0) return rc;

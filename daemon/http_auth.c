@@ -56,40 +56,39 @@ int epd_http_auth_set_token(epd_http_auth_t *a, const char *which, const char *t
     return 0;
 }
 
-static int load_token(const char *setting, const char *path, token_t *t, char *err, size_t errlen)
+static int load_token(const char *setting, const char *path, token_t *t, epd_err_t *err)
 {
     unsigned char buf[EPD_HTTP_TOKEN_MAX + 2];
     struct stat st;
     size_t n = 0;
-    int rc = -1;
+    int rc;
     int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
-    if (fd < 0) {
-        snprintf(err, errlen, "%s %s: cannot open: %s", setting, path, strerror(errno));
-        return -1;
-    }
+    if (fd < 0)
+        return epd_err_set(err, -errno, "%s %s: cannot open: %s", setting, path, strerror(errno));
     if (fstat(fd, &st) < 0) {
-        snprintf(err, errlen, "%s %s: fstat: %s", setting, path, strerror(errno));
+        rc = epd_err_set(err, -errno, "%s %s: fstat: %s", setting, path, strerror(errno));
         goto out;
     }
     if (!S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "%s %s: not a regular file", setting, path);
+        rc = epd_err_set(err, -EINVAL, "%s %s: not a regular file", setting, path);
         goto out;
     }
     if (st.st_uid != geteuid()) {
-        snprintf(err, errlen, "%s %s: owned by uid %u, not by the daemon's uid %u", setting, path,
-                 (unsigned)st.st_uid, (unsigned)geteuid());
+        rc = epd_err_set(err, -EPERM, "%s %s: owned by uid %u, not by the daemon's uid %u", setting,
+                         path, (unsigned)st.st_uid, (unsigned)geteuid());
         goto out;
     }
     if (st.st_mode & (S_IRWXG | S_IRWXO)) {
-        snprintf(err, errlen, "%s %s: mode %04o gives access to group or others; chmod 0600 it",
-                 setting, path, (unsigned)(st.st_mode & 07777));
+        rc = epd_err_set(err, -EPERM,
+                         "%s %s: mode %04o gives access to group or others; chmod 0600 it", setting,
+                         path, (unsigned)(st.st_mode & 07777));
         goto out;
     }
     for (;;) {
         ssize_t r = read(fd, buf + n, sizeof buf - n);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) {
-            snprintf(err, errlen, "%s %s: read: %s", setting, path, strerror(errno));
+            rc = epd_err_set(err, -errno, "%s %s: read: %s", setting, path, strerror(errno));
             goto out;
         }
         if (r == 0 || (n += (size_t)r) == sizeof buf) break;
@@ -98,10 +97,10 @@ static int load_token(const char *setting, const char *path, token_t *t, char *e
            (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
         n--;
     if (!token_ok(buf, n)) {
-        snprintf(err, errlen,
-                 "%s %s: a token is %d..%d printable ASCII characters without spaces "
-                 "(e.g. openssl rand -hex 32)",
-                 setting, path, EPD_HTTP_TOKEN_MIN, EPD_HTTP_TOKEN_MAX);
+        rc = epd_err_set(err, -EINVAL,
+                         "%s %s: a token is %d..%d printable ASCII characters without spaces "
+                         "(e.g. openssl rand -hex 32)",
+                         setting, path, EPD_HTTP_TOKEN_MIN, EPD_HTTP_TOKEN_MAX);
         goto out;
     }
     token_from(t, buf, n);
@@ -112,14 +111,11 @@ out:
     return rc;
 }
 
-int epd_http_auth_create(const epd_http_auth_opts_t *o, epd_http_auth_t **out, char *err,
-                         size_t errlen)
+int epd_http_auth_create(const epd_http_auth_opts_t *o, epd_http_auth_t **out, epd_err_t *err)
 {
+    int rc = 0;
     epd_http_auth_t *a = calloc(1, sizeof(*a));
-    if (!a) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
-    }
+    if (!a) return epd_err_set(err, -ENOMEM, "out of memory");
     const char *h = o->listen_host ? o->listen_host : "";
     a->loopback = epd_http_auth_listen_is_loopback(h);
     int v6 = strchr(h, ':') != NULL && h[0] != '[';
@@ -132,12 +128,12 @@ int epd_http_auth_create(const epd_http_auth_opts_t *o, epd_http_auth_t **out, c
                      o->listen_port);
     }
     if ((o->admin_token_file && o->admin_token_file[0] &&
-         load_token("http.admin_token_file", o->admin_token_file, &a->admin, err, errlen)) ||
+         (rc = load_token("http.admin_token_file", o->admin_token_file, &a->admin, err))) ||
         (o->api_key_file && o->api_key_file[0] &&
-         load_token("http.api_key_file", o->api_key_file, &a->api, err, errlen))) {
+         (rc = load_token("http.api_key_file", o->api_key_file, &a->api, err)))) {
         OPENSSL_cleanse(a, sizeof(*a));
         free(a);
-        return -1;
+        return rc;
     }
     *out = a;
     return 0;

@@ -22,12 +22,13 @@
 #include <errno.h>
 #include <string.h>
 
+/* Every failure of libep's exchange (a timeout, a peer gone, an abort, rows it should not have
+ * delivered) is EPD_EEXCHANGE: the group must be re-formed before the next step. */
 static int ep_fail(epd_cpu_model_t *m, const char *op, ep_status_t st, int layer, epd_err_t *err)
 {
     int peer = ep_group_failed_peer(m->group);
-    return epd_err_set(err, st == EP_ERR_TIMEOUT ? -ETIMEDOUT : -EIO,
-                       "layer %d: %s on rank %d failed: %s (%s%s%d)", layer, op, m->rank,
-                       ep_strerror(st), ep_group_last_error(m->group),
+    return epd_err_set(err, EPD_EEXCHANGE, "layer %d: %s on rank %d failed: %s (%s%s%d)", layer, op,
+                       m->rank, ep_strerror(st), ep_group_last_error(m->group),
                        peer >= 0 ? "; peer rank " : "", peer);
 }
 
@@ -60,7 +61,7 @@ static int moe_ll(epd_cpu_model_t *m, int layer, int rows, epd_err_t *err)
     for (int l = 0; l < m->local; l++) {
         int n = dout.recv_count[l];
         if (n < 0 || n > S)
-            return epd_err_set(err, -EIO,
+            return epd_err_set(err, EPD_EEXCHANGE,
                                "layer %d: libep reported %d rows for local expert %d "
                                "(at most %d)",
                                layer, n, l, S);
@@ -110,7 +111,8 @@ static int moe_ht(epd_cpu_model_t *m, int layer, int rows, epd_err_t *err)
     if (st != EP_OK) return ep_fail(m, "ep_ht_dispatch", st, layer, err);
     int rc = 0;
     if (o.num_recv_tokens < 0 || o.num_recv_tokens > m->ht_cap) {
-        rc = epd_err_set(err, -EIO, "layer %d: libep reported %d received rows (at most %d)", layer,
+        rc = epd_err_set(err, EPD_EEXCHANGE,
+                         "layer %d: libep reported %d received rows (at most %d)", layer,
                          o.num_recv_tokens, m->ht_cap);
         goto out;
     }
@@ -125,7 +127,7 @@ static int moe_ht(epd_cpu_model_t *m, int layer, int rows, epd_err_t *err)
             if (l < 0) continue;
             if (l >= m->local) { /* the combine still runs, so that the peers' step ends */
                 if (!rc)
-                    rc = epd_err_set(err, -EIO,
+                    rc = epd_err_set(err, EPD_EEXCHANGE,
                                      "layer %d: libep delivered row %d for local expert %d "
                                      "(this rank has %d)",
                                      layer, n, l, m->local);

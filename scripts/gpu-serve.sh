@@ -279,7 +279,7 @@ start_epd() { # starts epd once; 0 when /readyz answered 200
     [ -x "$BUILD/daemon/epd" ] || { note "epd start" "FAIL (no $BUILD/daemon/epd)"; return 1; }
     prepare_model
     write_config || { note "epd start" "FAIL (config)"; return 1; }
-    if [ -x "$BUILD/daemon/epctl" ] && ! "$BUILD/daemon/epctl" config check "$OUT/serve.json" >"$OUT/config-check.txt" 2>&1; then
+    if [ -x "$BUILD/epctl/epctl" ] && ! "$BUILD/epctl/epctl" config check "$OUT/serve.json" >"$OUT/config-check.txt" 2>&1; then
         note "epd config check" "FAIL ($(tail -1 "$OUT/config-check.txt"))"
         cat "$OUT/config-check.txt"
         return 1

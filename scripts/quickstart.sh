@@ -63,15 +63,15 @@ JSON
 else
     text=1
     # the HTTP port of the effective config: the first "port" after the "http" key
-    port=$(build/daemon/epctl config check --print "$config" |
+    port=$(build/epctl/epctl config check --print "$config" |
         awk '/"http":/ {h=1} h && /"port":/ {gsub(/[^0-9]/, ""); print; exit}')
 fi
-build/daemon/epctl config check "$config"
+build/epctl/epctl config check "$config"
 
 build/daemon/epd -c "$config" &
 epd_pid=$!
 trap 'kill -TERM $epd_pid 2>/dev/null || true; wait $epd_pid' INT TERM
-build/daemon/epctl ready --node 127.0.0.1:$port --wait 60 >/dev/null 2>&1
+build/epctl/epctl ready --node 127.0.0.1:$port --wait 60 >/dev/null 2>&1
 
 show() { # show TITLE PATH JSON: print the curl command, run it
     echo

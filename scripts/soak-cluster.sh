@@ -37,7 +37,7 @@ asan)
     ;;
 *) echo "soak-cluster: --mode is valgrind or asan" >&2; exit 2 ;;
 esac
-EPD=$BUILD/daemon/epd EPCTL=$BUILD/daemon/epctl UTIL=$BUILD/tests/cluster/cluster_testutil
+EPD=$BUILD/daemon/epd EPCTL=$BUILD/epctl/epctl UTIL=$BUILD/tests/cluster/cluster_testutil
 for f in "$EPD" "$EPCTL" "$UTIL"; do
     [ -x "$f" ] || { echo "soak-cluster: $f missing (build first)" >&2; exit 2; }
 done

@@ -211,14 +211,7 @@ static ep_status_t pick_wire(ep_group_t *g, const ep_bootstrap_t *bs, ep_wire_t 
         st = ep_wire_rdma_create(&g->cfg, g->rank, g->nranks, w);
 #endif
     } else {
-#ifdef EP_HAVE_TCP
         st = ep_wire_tcp_create(&g->cfg, g->rank, g->nranks, w);
-#else
-        return ep_group_fail(g, -1, EP_ERR_UNSUPPORTED,
-                             "rank %d: the ranks are in different processes and this libep "
-                             "was built without the tcp wire",
-                             g->rank);
-#endif
     }
     if (st)
         return ep_group_fail(g, -1, st, "rank %d: creating the %s wire failed (%s)", g->rank,

@@ -22,60 +22,38 @@
 /* Detail of the last ep_group_create that failed on this thread (no group to hold it). */
 static _Thread_local int tls_failed_peer = -1; /* its message: EP_LAST_ERROR_GROUP */
 
+/* The names come from ep.h's tables (EP_STATUS_MAP, EP_BACKEND_MAP, EP_TRANSPORT_MAP). */
+#define EP_NAME_CASE(prefix, name, value, text)                                                    \
+    case prefix##name:                                                                             \
+        return text;
+
 const char *ep_strerror(ep_status_t st)
 {
+#define EP_STATUS_CASE(name, value, text) EP_NAME_CASE(EP_, name, value, text)
     switch (st) {
-    case EP_OK:
-        return "success";
-    case EP_ERR_INVALID:
-        return "invalid argument";
-    case EP_ERR_NOMEM:
-        return "out of memory";
-    case EP_ERR_TIMEOUT:
-        return "timed out waiting for a peer";
-    case EP_ERR_PEER:
-        return "a peer failed";
-    case EP_ERR_UNSUPPORTED:
-        return "not supported";
-    case EP_ERR_BOOTSTRAP:
-        return "bootstrap failed";
-    case EP_ERR_CUDA:
-        return "CUDA error";
-    case EP_ERR_IO:
-        return "I/O error";
-    case EP_ERR_STATE:
-        return "called out of order";
-    case EP_ERR_ABORTED:
-        return "group aborted";
+        EP_STATUS_MAP(EP_STATUS_CASE)
     }
+#undef EP_STATUS_CASE
     return "unknown status";
 }
 
 const char *ep_backend_name(ep_backend_t b)
 {
+#define EP_BACKEND_CASE(name, value, text) EP_NAME_CASE(EP_BACKEND_, name, value, text)
     switch (b) {
-    case EP_BACKEND_CPU:
-        return "cpu";
-    case EP_BACKEND_CUDA:
-        return "cuda";
+        EP_BACKEND_MAP(EP_BACKEND_CASE)
     }
+#undef EP_BACKEND_CASE
     return "unknown";
 }
 
 const char *ep_transport_name(ep_transport_kind_t t)
 {
+#define EP_TRANSPORT_CASE(name, value, text) EP_NAME_CASE(EP_TRANSPORT_, name, value, text)
     switch (t) {
-    case EP_TRANSPORT_AUTO:
-        return "auto";
-    case EP_TRANSPORT_SHM:
-        return "shm";
-    case EP_TRANSPORT_TCP:
-        return "tcp";
-    case EP_TRANSPORT_NVLINK:
-        return "nvlink";
-    case EP_TRANSPORT_RDMA:
-        return "rdma";
+        EP_TRANSPORT_MAP(EP_TRANSPORT_CASE)
     }
+#undef EP_TRANSPORT_CASE
     return "unknown";
 }
 

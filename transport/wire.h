@@ -67,7 +67,8 @@ struct ep_wire {
 
 ep_status_t ep_wire_shm_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
 ep_status_t ep_wire_tcp_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
-/* transport/rdma/wire_rdma.c (built when libibverbs and librdmacm are found: EP_HAVE_RDMA). */
+/* transport/rdma/wire_rdma.c (built with EPD_RDMA, which needs libibverbs and librdmacm:
+ * EP_HAVE_RDMA). */
 ep_status_t ep_wire_rdma_create(const ep_config_t *cfg, int rank, int nranks, ep_wire_t **out);
 /* Before connect: unless the options name a device or a near= device, prefer the NICs nearest
  * the PCI device pci_bus_id ("0000:1b:00.0", the rank's GPU) in the PCIe tree. */

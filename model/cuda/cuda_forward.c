@@ -94,9 +94,11 @@ static int gemm_f32(cu_model_t *m, float *C, const float *X, const float *W, int
         "router GEMM", err);
 }
 
+/* A bad argument to libep stays -EINVAL; any other failure of libep (a timeout, a peer gone,
+ * an abort the kernels saw) is EPD_EEXCHANGE: the group must be re-formed. */
 static int ep_fail(cu_model_t *m, const char *what, ep_status_t st, int layer, epd_err_t *err)
 {
-    int rc = st == EP_ERR_TIMEOUT ? -ETIMEDOUT : st == EP_ERR_INVALID ? -EINVAL : -EIO;
+    int rc = st == EP_ERR_INVALID ? -EINVAL : EPD_EEXCHANGE;
     return epd_err_set(err, rc, "layer %d: %s: %s (%s)", layer, what, ep_strerror(st),
                        ep_group_last_error(m->group));
 }

@@ -1,6 +1,6 @@
 /* Plain-C reference twins of norm.cu's kernels (cuda_ops.h, "embedding, norms, activations"):
  * same arguments, host memory, same layouts. fp32 -> bf16 is epd_f32_to_bf16 (model/ops.h);
- * sampling's twin is epd_sample_ref (model/sample.h). */
+ * sampling's twin is epd_sample_ref (model/include/sample.h). */
 #ifndef EPD_NORM_REF_H
 #define EPD_NORM_REF_H
 

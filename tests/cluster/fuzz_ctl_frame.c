@@ -1,4 +1,4 @@
-/* libFuzzer target for the control-plane frame decoder (daemon/ctl_frame.c): arbitrary bytes,
+/* libFuzzer target for the control-plane frame decoder (control/ctl_frame.c): arbitrary bytes,
  * fed in chunks whose sizes the input chooses, must never crash, hang or read out of bounds;
  * every accepted frame is walked with the accessors the cluster uses. */
 #include <stddef.h>

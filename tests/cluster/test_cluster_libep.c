@@ -178,7 +178,7 @@ static void test_ep_group_over_cluster_bootstrap(void **state)
     static epd_config_t cfg[NODES];
     epd_ctl_secret_t secret;
     int ports[NODES];
-    char err[256];
+    epd_err_t err = {0};
     memset(&x, 0, sizeof x);
     uv_loop_init(&x.loop);
     assert_int_equal(epd_ctl_secret_set(&secret, "libep-over-cluster-secret-42", 28), 0);
@@ -209,8 +209,8 @@ static void test_ep_group_over_cluster_bootstrap(void **state)
         o.fingerprint_len = 4;
         o.on_stopped = on_stopped;
         o.cb_ctx = &x;
-        assert_int_equal(epd_cluster_create(&o, &x.c[i], err, sizeof err), 0);
-        assert_int_equal(epd_cluster_start(x.c[i], err, sizeof err), 0);
+        if (epd_cluster_create(&o, &x.c[i], &err) != 0) fail_msg("node %d: %s", i, err.msg);
+        if (epd_cluster_start(x.c[i], &err) != 0) fail_msg("node %d: %s", i, err.msg);
     }
     run_for(&x, 1, 5000);
     assert_true(epd_cluster_is_formed(x.c[0]) && epd_cluster_is_formed(x.c[1]));

@@ -4,6 +4,7 @@
  * wrong secret and differing config refused, garbage on the control port rejected and counted.
  * Expected ranks and gathered bytes are computed here from the test's own node list. */
 #include <setjmp.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -103,7 +104,7 @@ static void node_start(world_t *w, int i, const epd_ctl_secret_t *secret)
 {
     node_t *nd = &w->nodes[i];
     epd_cluster_t *c = NULL;
-    char err[256];
+    epd_err_t err = {0};
     epd_config_t *cfg = &nd->cfg;
     memset(cfg, 0, sizeof *cfg);
     cfg->node_id = w->ids[i];
@@ -151,8 +152,8 @@ static void node_start(world_t *w, int i, const epd_ctl_secret_t *secret)
     o.on_peer_down = on_peer_down;
     o.on_stopped = on_stopped;
     o.cb_ctx = nd;
-    assert_int_equal(epd_cluster_create(&o, &c, err, sizeof err), 0);
-    assert_int_equal(epd_cluster_start(c, err, sizeof err), 0);
+    if (epd_cluster_create(&o, &c, &err) != 0) fail_msg("epd_cluster_create: %s", err.msg);
+    if (epd_cluster_start(c, &err) != 0) fail_msg("epd_cluster_start: %s", err.msg);
     nd->c = c;
 }
 
@@ -430,19 +431,18 @@ static void test_bootstrap_allgather(void **state)
 static void test_bootstrap_wait_bounded(void **state)
 {
     world_t w;
-    char err[160];
+    epd_err_t err;
     ep_bootstrap_t bs;
     world_init(&w, 2, 1);
     node_start(&w, 0, &w.secret);
     /* node 1 is not running: the wait ends at its bound and says why */
-    assert_int_equal(epd_cluster_bootstrap_wait(w.nodes[0].c, 0, 0, 200, &bs, err, sizeof err),
-                     EP_ERR_TIMEOUT);
-    assert_non_null(strstr(err, "did not form within 200 ms"));
+    assert_int_equal(epd_cluster_bootstrap_wait(w.nodes[0].c, 0, 0, 200, &bs, &err), -ETIMEDOUT);
+    assert_non_null(strstr(err.msg, "did not form within 200 ms"));
     assert_int_equal(epd_cluster_bootstrap(w.nodes[0].c, 0, &bs), EP_ERR_STATE);
     node_start(&w, 1, &w.secret);
     formed_arg_t fa = {0x3, 0};
     assert_true(run_until(&w, all_formed, &fa, 5000));
-    assert_int_equal(epd_cluster_bootstrap_wait(w.nodes[1].c, 0, 7, 200, &bs, err, sizeof err), 0);
+    assert_int_equal(epd_cluster_bootstrap_wait(w.nodes[1].c, 0, 7, 200, &bs, &err), 0);
     assert_int_equal(bs.rank, 1);
     assert_int_equal(bs.nranks, 2);
     world_fini(&w);

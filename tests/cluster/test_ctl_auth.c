@@ -1,8 +1,9 @@
-/* Tests of control-plane authentication (daemon/ctl_auth.c): the handshake with the right
+/* Tests of control-plane authentication (control/ctl_auth.c): the handshake with the right
  * secret, a wrong secret on either side, replayed handshake frames, frames out of order, and
  * the secret file's ownership and mode rules. Proofs are checked against an HMAC computed here
  * with OpenSSL's EVP_MAC interface, independently of the code under test. */
 #include <setjmp.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -333,48 +334,49 @@ static void test_secret_file_rules(void **state)
 {
     char dir[] = "/tmp/epd-auth-XXXXXX";
     assert_non_null(mkdtemp(dir));
-    char path[256], link[256], err[256];
+    char path[256], link[256];
+    epd_err_t err;
     snprintf(path, sizeof path, "%s/secret", dir);
     snprintf(link, sizeof link, "%s/link", dir);
     epd_ctl_secret_t s;
 
     write_file(path, "0123456789abcdef0123\n", 0600);
-    assert_int_equal(epd_ctl_secret_load(path, &s, err, sizeof err), 0);
+    assert_int_equal(epd_ctl_secret_load(path, &s, &err), 0);
     assert_int_equal(s.len, 20); /* newline stripped */
     assert_memory_equal(s.key, "0123456789abcdef0123", 20);
 
     write_file(path, "0123456789abcdef0123\n", 0400);
-    assert_int_equal(epd_ctl_secret_load(path, &s, err, sizeof err), 0);
+    assert_int_equal(epd_ctl_secret_load(path, &s, &err), 0);
 
     write_file(path, "0123456789abcdef0123\n", 0644);
-    assert_int_equal(epd_ctl_secret_load(path, &s, err, sizeof err), -1);
-    assert_non_null(strstr(err, "0644"));
-    assert_non_null(strstr(err, path));
-    assert_null(strstr(err, "0123456789")); /* never the secret */
+    assert_int_equal(epd_ctl_secret_load(path, &s, &err), -EPERM);
+    assert_non_null(strstr(err.msg, "0644"));
+    assert_non_null(strstr(err.msg, path));
+    assert_null(strstr(err.msg, "0123456789")); /* never the secret */
 
     write_file(path, "0123456789abcdef0123\n", 0640);
-    assert_int_equal(epd_ctl_secret_load(path, &s, err, sizeof err), -1);
+    assert_int_equal(epd_ctl_secret_load(path, &s, &err), -EPERM);
 
     write_file(path, "short\n", 0600);
-    assert_int_equal(epd_ctl_secret_load(path, &s, err, sizeof err), -1);
-    assert_non_null(strstr(err, "bytes"));
+    assert_int_equal(epd_ctl_secret_load(path, &s, &err), -EINVAL);
+    assert_non_null(strstr(err.msg, "bytes"));
 
     write_file(path, "0123456789abcdef0123\n", 0600);
     assert_int_equal(symlink(path, link), 0);
-    assert_int_equal(epd_ctl_secret_load(link, &s, err, sizeof err), -1);
+    assert_int_equal(epd_ctl_secret_load(link, &s, &err), -ELOOP);
     unlink(link);
 
     if (geteuid() == 0) {
         /* Owned by someone else (only root can hand a file away). */
         assert_int_equal(chown(path, 65534, 65534), 0);
-        assert_int_equal(epd_ctl_secret_load(path, &s, err, sizeof err), -1);
-        assert_non_null(strstr(err, "owned by uid 65534"));
+        assert_int_equal(epd_ctl_secret_load(path, &s, &err), -EPERM);
+        assert_non_null(strstr(err.msg, "owned by uid 65534"));
     }
 
-    assert_int_equal(epd_ctl_secret_load(dir, &s, err, sizeof err), -1);
+    assert_int_equal(epd_ctl_secret_load(dir, &s, &err), -EINVAL);
     snprintf(link, sizeof link, "%s/missing", dir);
-    assert_int_equal(epd_ctl_secret_load(link, &s, err, sizeof err), -1);
-    assert_non_null(strstr(err, "missing"));
+    assert_int_equal(epd_ctl_secret_load(link, &s, &err), -ENOENT);
+    assert_non_null(strstr(err.msg, "missing"));
     unlink(path);
     rmdir(dir);
     epd_ctl_secret_wipe(&s);

@@ -1,4 +1,4 @@
-/* Tests of the control-plane frame codec (daemon/ctl_frame.c): frames built by the codec match
+/* Tests of the control-plane frame codec (control/ctl_frame.c): frames built by the codec match
  * bytes written out by hand here, the decoder works over any split of the stream, and every
  * rejection reason is produced by the input that should produce it. */
 #include <setjmp.h>

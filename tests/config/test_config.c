@@ -559,7 +559,7 @@ static void test_bad_configs(void **state)
         epd_config_t cfg;
         epd_config_errors_t errs;
         int rc = epd_config_parse_ex(json, len, "bad.json", c->flags, &cfg, &errs);
-        bool good = rc == -1 && count_of(&errs) == c->count;
+        bool good = rc == -EINVAL && errs.status == rc && count_of(&errs) == c->count;
         for (int i = 0; i < 8 && c->expect[i]; i++) {
             if (!has_msg(&errs, c->expect[i])) {
                 fprintf(stderr, "case %s: missing message: %s\n", c->name, c->expect[i]);
@@ -591,7 +591,7 @@ static void test_error_cap(void **state)
     strcpy(json + o, "}");
     epd_config_t cfg;
     epd_config_errors_t errs;
-    assert_int_equal(epd_config_parse(json, strlen(json), "many.json", &cfg, &errs), -1);
+    assert_int_equal(epd_config_parse(json, strlen(json), "many.json", &cfg, &errs), -EINVAL);
     assert_int_equal(errs.count, EPD_CFG_MAX_ERRORS);
     assert_int_equal(errs.dropped, 150 - EPD_CFG_MAX_ERRORS);
     assert_string_equal(errs.msgs[0], "many.json: zz000: unknown key");
@@ -710,13 +710,14 @@ static void test_load_files(void **state)
     epd_config_errors_t errs;
 
     snprintf(path, sizeof(path), "%s/absent.json", s.dir);
-    assert_int_equal(epd_config_load(path, &cfg, &errs), -1);
+    assert_int_equal(epd_config_load(path, &cfg, &errs), -ENOENT);
+    assert_int_equal(errs.status, -ENOENT);
     snprintf(want, sizeof(want), "%s: cannot open: No such file or directory", path);
     assert_int_equal(errs.count, 1);
     assert_string_equal(errs.msgs[0], want);
     epd_config_errors_free(&errs);
 
-    assert_int_equal(epd_config_load(s.dir, &cfg, &errs), -1);
+    assert_int_equal(epd_config_load(s.dir, &cfg, &errs), -EINVAL);
     snprintf(want, sizeof(want), "%s: not a regular file", s.dir);
     assert_int_equal(errs.count, 1);
     assert_string_equal(errs.msgs[0], want);
@@ -724,7 +725,7 @@ static void test_load_files(void **state)
 
     snprintf(path, sizeof(path), "%s/empty.json", s.dir);
     write_file(path, "", 0, 0644);
-    assert_int_equal(epd_config_load(path, &cfg, &errs), -1);
+    assert_int_equal(epd_config_load(path, &cfg, &errs), -EINVAL);
     snprintf(want, sizeof(want), "%s: file is empty", path);
     assert_int_equal(errs.count, 1);
     assert_non_null(strstr(errs.msgs[0], want));
@@ -739,7 +740,7 @@ static void test_load_files(void **state)
     text[big - 1] = '}';
     snprintf(path, sizeof(path), "%s/big.json", s.dir);
     write_file(path, text, big, 0644);
-    assert_int_equal(epd_config_load(path, &cfg, &errs), -1);
+    assert_int_equal(epd_config_load(path, &cfg, &errs), -EFBIG);
     snprintf(want, sizeof(want), "%s: 1048577 bytes, larger than the limit of 1048576 bytes", path);
     assert_int_equal(errs.count, 1);
     assert_string_equal(errs.msgs[0], want);
@@ -754,7 +755,7 @@ static void test_load_files(void **state)
     /* errors in a loaded file name the file */
     snprintf(path, sizeof(path), "%s/bad.json", s.dir);
     write_file(path, "{\"node\": {\"id\": \"x\"}}", 21, 0644);
-    assert_int_equal(epd_config_load(path, &cfg, &errs), -1);
+    assert_int_equal(epd_config_load(path, &cfg, &errs), -EINVAL);
     snprintf(want, sizeof(want), "%s: node.id: expected an integer 0..65535, got \"x\"", path);
     assert_int_equal(errs.count, 1);
     assert_string_equal(errs.msgs[0], want);
@@ -914,7 +915,7 @@ static void test_examples_with_files(void **state)
         /* and without the files the same text fails on the file system */
         rc = epd_config_parse(text, strlen(text), files[i][0], &cfg, &errs);
         if (access(files[i][1], F_OK) != 0) {
-            assert_int_equal(rc, -1);
+            assert_int_equal(rc, -EINVAL);
             assert_int_equal(errs.count, 1);
             assert_non_null(strstr(errs.msgs[0], "cannot access"));
         }

@@ -3,6 +3,7 @@
  * loopback listener; the API key gates every route but the probes and /metrics; token files
  * are refused unless owner-only. Requests are built here by hand. */
 #include <setjmp.h>
+#include <errno.h>
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
@@ -41,8 +42,8 @@ static epd_http_auth_t *make(const char *host, const char *admin, const char *ke
 {
     epd_http_auth_opts_t o = {.listen_host = host, .listen_port = 8080};
     epd_http_auth_t *a = NULL;
-    char err[256];
-    assert_int_equal(epd_http_auth_create(&o, &a, err, sizeof err), 0);
+    epd_err_t err;
+    assert_int_equal(epd_http_auth_create(&o, &a, &err), 0);
     if (admin) assert_int_equal(epd_http_auth_set_token(a, "admin", admin), 0);
     if (key) assert_int_equal(epd_http_auth_set_token(a, "api", key), 0);
     return a;
@@ -117,7 +118,8 @@ static void test_api_key(void **state)
 
 static void test_token_files(void **state)
 {
-    char dir[] = "/tmp/epd-auth-XXXXXX", path[128], err[512];
+    char dir[] = "/tmp/epd-auth-XXXXXX", path[128];
+    epd_err_t err;
     assert_non_null(mkdtemp(dir));
     snprintf(path, sizeof path, "%s/token", dir);
     FILE *f = fopen(path, "w");
@@ -127,24 +129,24 @@ static void test_token_files(void **state)
         .listen_host = "127.0.0.1", .listen_port = 1, .admin_token_file = path};
     epd_http_auth_t *a = NULL;
     chmod(path, 0644);
-    assert_int_equal(epd_http_auth_create(&o, &a, err, sizeof err), -1);
-    assert_non_null(strstr(err, "http.admin_token_file"));
-    assert_non_null(strstr(err, "chmod 0600"));
+    assert_int_equal(epd_http_auth_create(&o, &a, &err), -EPERM);
+    assert_non_null(strstr(err.msg, "http.admin_token_file"));
+    assert_non_null(strstr(err.msg, "chmod 0600"));
     chmod(path, 0600);
-    assert_int_equal(epd_http_auth_create(&o, &a, err, sizeof err), 0);
+    assert_int_equal(epd_http_auth_create(&o, &a, &err), 0);
     assert_int_equal(decide(a, "/v1/admin/down", "Authorization", "Bearer " ADMIN, NULL, NULL), 0);
     assert_int_equal(decide(a, "/v1/admin/down", NULL, NULL, NULL, NULL), 401);
     epd_http_auth_destroy(a);
     f = fopen(path, "w");
     fputs("short\n", f);
     fclose(f);
-    assert_int_equal(epd_http_auth_create(&o, &a, err, sizeof err), -1);
-    assert_null(strstr(err, "short")); /* the message never shows the token */
+    assert_int_equal(epd_http_auth_create(&o, &a, &err), -EINVAL);
+    assert_null(strstr(err.msg, "short")); /* the message never shows the token */
     char link[160];
     snprintf(link, sizeof link, "%s/link", dir);
     assert_int_equal(symlink(path, link), 0);
     o.admin_token_file = link;
-    assert_int_equal(epd_http_auth_create(&o, &a, err, sizeof err), -1);
+    assert_int_equal(epd_http_auth_create(&o, &a, &err), -ELOOP);
     unlink(link);
     unlink(path);
     rmdir(dir);

@@ -130,15 +130,12 @@ static void h_purpose(void *ctx, const ep_bootstrap_t *bs, const char *what)
     if (!strcmp(what, "engine: step")) maybe_hold(bs->ctx);
 }
 
-static int h_bootstrap(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out, char *err,
-                       size_t errlen)
+static int h_bootstrap(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out, epd_err_t *err)
 {
     harness_t *h = ctx;
     (void)epoch; /* one process: every epoch rendezvouses in the same world */
-    if (local < 0 || local >= h->cfg.ranks_per_node) {
-        snprintf(err, errlen, "no local rank %d", local);
-        return -EINVAL;
-    }
+    if (local < 0 || local >= h->cfg.ranks_per_node)
+        return epd_err_set(err, -EINVAL, "no local rank %d", local);
     hrank_t *hr = &h->hr[local];
     ep_inproc_bootstrap(h->world, local, &hr->inner);
     *out = (ep_bootstrap_t){.rank = local,
@@ -232,9 +229,9 @@ static harness_t *harness_create_kv(int ranks, int ep_op_ms, int max_queued, int
                             .cluster = &h->cl,
                             .on_loaded = on_loaded,
                             .arg = h};
-    char err[1024] = "";
-    int rc = epd_engine_create(&eo, &h->e, err, sizeof(err));
-    if (rc) fail_msg("epd_engine_create: %s", err);
+    epd_err_t err = {0};
+    int rc = epd_engine_create(&eo, &h->e, &err);
+    if (rc) fail_msg("epd_engine_create: %s", err.msg);
     assert_int_equal(epd_api_create(h->http, h->e, h->m, &h->api), 0);
     run_until(h, p_loaded, NULL, "the model to load");
     assert_int_equal(h->load_status, 0);
@@ -707,10 +704,10 @@ static void test_queue_limit_validated(void **state)
     uv_loop_init(&loop);
     epd_engine_opts_t eo = {.loop = &loop, .cfg = &cfg};
     epd_engine_t *e = NULL;
-    char err[256] = "";
-    assert_int_equal(epd_engine_create(&eo, &e, err, sizeof(err)), -EINVAL);
+    epd_err_t err = {0};
+    assert_int_equal(epd_engine_create(&eo, &e, &err), -EINVAL);
     assert_null(e);
-    assert_non_null(strstr(err, "model.max_queued_requests is 0"));
+    assert_non_null(strstr(err.msg, "model.max_queued_requests is 0"));
     uv_loop_close(&loop);
 }
 

@@ -206,6 +206,37 @@ static void test_bad_forward_one_rank(void **state)
     one_rank_group_destroy(g);
 }
 
+/* A failed EP exchange is its own status, EPD_EEXCHANGE (the engine re-forms the group on it
+ * and on nothing else), on both paths: here the group was aborted before the step. */
+static void test_exchange_failure_status(void **state)
+{
+    (void)state;
+    for (int ht = 0; ht <= 1; ht++) {
+        ep_group_t *g = one_rank_group_ht(4, 8, ht ? 32 : 0);
+        epd_model_opts_t o = {.dir = EPD_ORACLE_DIR, .group = g};
+        epd_model_t *m;
+        epd_err_t err;
+        assert_int_equal(epd_model_load(&o, &m, &err), 0);
+        epd_seq_t *s;
+        assert_int_equal(epd_seq_create(m, &s, &err), 0);
+        int32_t toks[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+        int n = ht ? 16 : 4;
+        epd_batch_item_t it = {
+            .seq = s, .tokens = toks, .num_tokens = n, .want_logits = 1, .sample = GREEDY};
+        int32_t next;
+        ep_group_abort(g, -1);
+        int rc = epd_model_forward_step(m, &it, 1, n, &next, NULL, &err);
+        if (rc != EPD_EEXCHANGE || !strstr(err.msg, ht ? "ep_ht_dispatch" : "ep_ll_dispatch"))
+            fail_msg("%s: status %d (expected EPD_EEXCHANGE %d): \"%s\"", ht ? "HT" : "LL", rc,
+                     EPD_EEXCHANGE, err.msg);
+        assert_string_equal(epd_status_str(rc), epd_status_str(EPD_EEXCHANGE));
+        assert_int_equal(epd_seq_len(s), 0);
+        epd_seq_destroy(s);
+        epd_model_destroy(m);
+        one_rank_group_destroy(g);
+    }
+}
+
 /* The step's path and its bounds: HT above the LL bound, the step's agreed size enforced, a bad
  * ht_min_tokens or an HT bound below the LL one refused at load. */
 static void test_step_paths(void **state)
@@ -358,6 +389,7 @@ int main(void)
         cmocka_unit_test(test_bad_forward_one_rank),
         cmocka_unit_test(test_step_paths),
         cmocka_unit_test(test_bad_rank_joins_step),
+        cmocka_unit_test(test_exchange_failure_status),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -14,7 +14,8 @@ DEB=$(ls "$WORK"/out/epd_*.deb 2>/dev/null | head -1)
 [ -n "$DEB" ] || { cat "$WORK/cpack.log"; fail "no epd_*.deb produced"; }
 dpkg-deb -c "$DEB" >"$WORK/contents" || fail "dpkg-deb -c"
 for f in ./usr/bin/epd ./usr/bin/epctl ./usr/lib/systemd/system/epd.service \
-    ./etc/epd/epd.json ./usr/lib/sysusers.d/epd.conf ./usr/share/doc/epd/README.md; do
+    ./etc/epd/epd.json ./usr/lib/sysusers.d/epd.conf ./usr/share/doc/epd/README.md \
+    ./usr/share/doc/epd/README.epctl.md; do
     grep -q " $f\$" "$WORK/contents" || { cat "$WORK/contents"; fail "$f missing from the package"; }
 done
 grep -E ' \./usr/bin/epd$' "$WORK/contents" | grep -q '^-rwxr-xr-x' || fail "epd is not executable"

@@ -531,7 +531,6 @@ static int run_one(struct opts *o, int mode)
         sh.times[i] = -1;
 
     if (m.rank >= 0) {
-#ifdef EP_HAVE_TCP_BOOTSTRAP
         ep_tcp_bootstrap_t *tb = NULL;
         struct rank_arg ra = {&sh, m.rank, {0}};
         ep_status_t st =
@@ -545,13 +544,6 @@ static int run_one(struct opts *o, int mode)
             sh.failed = bench_rank(&ra);
             ep_tcp_bootstrap_destroy(tb);
         }
-#else
-        fprintf(stderr,
-                "ep-bench: multi-process mode needs the tcp bootstrap, which this libep "
-                "was built without (%s)\n",
-                ep_strerror(EP_ERR_UNSUPPORTED));
-        rc = 1;
-#endif
     } else {
         ep_inproc_world_t *w;
         pthread_t th[EP_MAX_RANKS];

@@ -147,11 +147,7 @@ static ep_status_t proxy_setup(ep_group_t *g)
         st = EP_ERR_UNSUPPORTED;
 #endif
     } else {
-#ifdef EP_HAVE_TCP
         st = ep_wire_tcp_create(&g->cfg, g->rank, g->nranks, &c->wire);
-#else
-        st = EP_ERR_UNSUPPORTED;
-#endif
     }
     if (st) {
         c->wire = NULL;

@@ -26,30 +26,67 @@ extern "C" {
 #define EP_MAX_RANKS 64
 #define EP_FP8_BLOCK 128 /* channels per fp8 scale */
 
+/* Every status: X(name, value, text); the enum and ep_strerror's texts are generated from this
+ * one table (as libuv's UV_ERRNO_MAP). What each means for the caller:
+ *   INVALID      a bad argument; the message names it
+ *   NOMEM        host or device allocation failed
+ *   TIMEOUT      a peer did not answer within timeout_ms
+ *   PEER         a peer closed its connection or reported a failure
+ *   UNSUPPORTED  not built in, or not supported by this backend
+ *   BOOTSTRAP    exchanging endpoints failed
+ *   CUDA         a CUDA runtime call failed
+ *   IO           a socket or verbs call failed
+ *   STATE        called out of order (e.g. a hook run twice)
+ *   ABORTED      the group was aborted (ep_group_abort) */
+#define EP_STATUS_MAP(X)                                                                           \
+    X(OK, 0, "success")                                                                            \
+    X(ERR_INVALID, -1, "invalid argument")                                                         \
+    X(ERR_NOMEM, -2, "out of memory")                                                              \
+    X(ERR_TIMEOUT, -3, "timed out waiting for a peer")                                             \
+    X(ERR_PEER, -4, "a peer failed")                                                               \
+    X(ERR_UNSUPPORTED, -5, "not supported")                                                        \
+    X(ERR_BOOTSTRAP, -6, "bootstrap failed")                                                       \
+    X(ERR_CUDA, -7, "CUDA error")                                                                  \
+    X(ERR_IO, -8, "I/O error")                                                                     \
+    X(ERR_STATE, -9, "called out of order")                                                        \
+    X(ERR_ABORTED, -10, "group aborted")
+
 typedef enum ep_status {
-    EP_OK = 0,
-    EP_ERR_INVALID = -1,     /* a bad argument; the message names it */
-    EP_ERR_NOMEM = -2,       /* host or device allocation failed */
-    EP_ERR_TIMEOUT = -3,     /* a peer did not answer within timeout_ms */
-    EP_ERR_PEER = -4,        /* a peer closed its connection or reported a failure */
-    EP_ERR_UNSUPPORTED = -5, /* not built in, or not supported by this backend */
-    EP_ERR_BOOTSTRAP = -6,   /* exchanging endpoints failed */
-    EP_ERR_CUDA = -7,        /* a CUDA runtime call failed */
-    EP_ERR_IO = -8,          /* a socket or verbs call failed */
-    EP_ERR_STATE = -9,       /* called out of order (e.g. a hook run twice) */
-    EP_ERR_ABORTED = -10,    /* the group was aborted (ep_group_abort) */
+#define EP_STATUS_ENUM(name, value, text) EP_##name = (value),
+    EP_STATUS_MAP(EP_STATUS_ENUM)
+#undef EP_STATUS_ENUM
 } ep_status_t;
 
 const char *ep_strerror(ep_status_t st);
 
-typedef enum ep_backend { EP_BACKEND_CPU = 0, EP_BACKEND_CUDA = 1 } ep_backend_t;
+/* X(name, value, text) for the backends and the transports; ep_backend_name and
+ * ep_transport_name return the text. */
+#define EP_BACKEND_MAP(X)                                                                          \
+    X(CPU, 0, "cpu")                                                                               \
+    X(CUDA, 1, "cuda")
+
+/* AUTO    shm for ranks of one process, tcp otherwise (cpu); nvlink (cuda)
+ * SHM     ranks are threads of one process and share memory directly
+ * TCP     one-sided put + signal over sockets (cuda: through the proxy)
+ * NVLINK  CUDA peer access / IPC between GPUs of one node
+ * RDMA    ibverbs RC queue pairs driven by CPU proxies (docs/rdma.md) */
+#define EP_TRANSPORT_MAP(X)                                                                        \
+    X(AUTO, 0, "auto")                                                                             \
+    X(SHM, 1, "shm")                                                                               \
+    X(TCP, 2, "tcp")                                                                               \
+    X(NVLINK, 3, "nvlink")                                                                         \
+    X(RDMA, 4, "rdma")
+
+typedef enum ep_backend {
+#define EP_BACKEND_ENUM(name, value, text) EP_BACKEND_##name = (value),
+    EP_BACKEND_MAP(EP_BACKEND_ENUM)
+#undef EP_BACKEND_ENUM
+} ep_backend_t;
 
 typedef enum ep_transport_kind {
-    EP_TRANSPORT_AUTO = 0, /* shm for ranks of one process, tcp otherwise (cpu); nvlink (cuda) */
-    EP_TRANSPORT_SHM,      /* ranks are threads of one process and share memory directly */
-    EP_TRANSPORT_TCP,      /* one-sided put + signal over sockets (cuda: through the proxy) */
-    EP_TRANSPORT_NVLINK,   /* CUDA peer access / IPC between GPUs of one node */
-    EP_TRANSPORT_RDMA,     /* ibverbs RC queue pairs driven by CPU proxies (docs/rdma.md) */
+#define EP_TRANSPORT_ENUM(name, value, text) EP_TRANSPORT_##name = (value),
+    EP_TRANSPORT_MAP(EP_TRANSPORT_ENUM)
+#undef EP_TRANSPORT_ENUM
 } ep_transport_kind_t;
 
 const char *ep_backend_name(ep_backend_t b);

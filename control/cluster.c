@@ -5,6 +5,7 @@
  * cluster.h. */
 #include "cluster_int.h"
 
+#include <errno.h>
 #include <netdb.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -19,33 +20,25 @@
 
 const char *epd_peer_state_name(epd_peer_state_t s)
 {
+#define PEER_CASE(name, value, text)                                                               \
+    case EPD_PEER_##name:                                                                          \
+        return text;
     switch (s) {
-    case EPD_PEER_UNKNOWN:
-        return "unknown";
-    case EPD_PEER_UP:
-        return "up";
-    case EPD_PEER_SUSPECT:
-        return "suspect";
-    case EPD_PEER_DOWN:
-        return "down";
-    case EPD_PEER_REFUSED:
-        return "refused";
+        EPD_PEER_STATE_MAP(PEER_CASE)
     }
+#undef PEER_CASE
     return "invalid";
 }
 
 const char *epd_node_state_name(epd_node_state_t s)
 {
+#define NODE_CASE(name, value, text)                                                               \
+    case EPD_NODE_##name:                                                                          \
+        return text;
     switch (s) {
-    case EPD_NODE_STARTING:
-        return "starting";
-    case EPD_NODE_SERVING:
-        return "serving";
-    case EPD_NODE_DRAINING:
-        return "draining";
-    case EPD_NODE_STOPPING:
-        return "stopping";
+        EPD_NODE_STATE_MAP(NODE_CASE)
     }
+#undef NODE_CASE
     return "invalid";
 }
 
@@ -84,26 +77,26 @@ static void on_retry_closed(uv_handle_t *h)
 
 /* ---- lifecycle ---- */
 
-int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, char *err, size_t errlen)
+int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, epd_err_t *err)
 {
     epd_cluster_t *c = NULL;
+    int rc;
     const epd_config_t *cfg = o->cfg;
     *out = NULL;
     if (!o->loop || !cfg) {
-        snprintf(err, errlen, "cluster: loop and config are required");
-        return -1;
+        return epd_err_set(err, -EINVAL, "cluster: loop and config are required");
     }
     if (o->local_ranks < 1) {
-        snprintf(err, errlen, "cluster: a node runs at least one rank (got %d)", o->local_ranks);
-        return -1;
+        return epd_err_set(err, -EINVAL, "cluster: a node runs at least one rank (got %d)",
+                           o->local_ranks);
     }
     if (cfg->heartbeat_interval_ms <= 0 ||
         cfg->heartbeat_timeout_ms <= cfg->heartbeat_interval_ms || cfg->connect_timeout_ms <= 0) {
-        snprintf(err, errlen,
-                 "cluster: timeouts.heartbeat_timeout_ms (%d) must exceed "
-                 "timeouts.heartbeat_interval_ms (%d) > 0, and timeouts.connect_ms (%d) > 0",
-                 cfg->heartbeat_timeout_ms, cfg->heartbeat_interval_ms, cfg->connect_timeout_ms);
-        return -1;
+        return epd_err_set(
+            err, -EINVAL,
+            "cluster: timeouts.heartbeat_timeout_ms (%d) must exceed "
+            "timeouts.heartbeat_interval_ms (%d) > 0, and timeouts.connect_ms (%d) > 0",
+            cfg->heartbeat_timeout_ms, cfg->heartbeat_interval_ms, cfg->connect_timeout_ms);
     }
     c = calloc(1, sizeof *c);
     if (!c) goto nomem;
@@ -121,7 +114,7 @@ int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, char *e
     snprintf(c->backend, sizeof c->backend, "%s", o->backend ? o->backend : "cpu");
     snprintf(c->http_addr, sizeof c->http_addr, "%s", o->http_addr ? o->http_addr : "");
     if (o->fingerprint_len > 64) {
-        snprintf(err, errlen, "cluster: config fingerprint longer than 64 bytes");
+        rc = epd_err_set(err, -EINVAL, "cluster: config fingerprint longer than 64 bytes");
         goto fail;
     }
     c->fingerprint = malloc(o->fingerprint_len + 1);
@@ -137,10 +130,11 @@ int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, char *e
     if (o->secret) {
         c->secret = *o->secret;
     } else if (cfg->secret_file[0]) {
-        if (epd_ctl_secret_load(cfg->secret_file, &c->secret, err, errlen) < 0) goto fail;
+        if ((rc = epd_ctl_secret_load(cfg->secret_file, &c->secret, err)) < 0) goto fail;
     } else if (cfg->num_peers > 0) {
-        snprintf(err, errlen,
-                 "cluster: cluster.secret_file is required when cluster.peers lists other nodes");
+        rc = epd_err_set(err, -EINVAL,
+                         "cluster: cluster.secret_file is required when cluster.peers lists "
+                         "other nodes");
         goto fail;
     }
 
@@ -150,8 +144,8 @@ int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, char *e
         const epd_peer_t *cp = &cfg->peers[i];
         if (cp->node_id == cfg->node_id) continue; /* one peer list may serve every node */
         if (cl_peer_by_id(c, cp->node_id)) {
-            snprintf(err, errlen, "cluster: cluster.peers[%d]: node id %d listed twice", i,
-                     cp->node_id);
+            rc = epd_err_set(err, -EINVAL, "cluster: cluster.peers[%d]: node id %d listed twice", i,
+                             cp->node_id);
             goto fail;
         }
         cl_peer_t *p = &c->peers[c->npeers++];
@@ -191,7 +185,7 @@ int epd_cluster_create(const epd_cluster_opts_t *o, epd_cluster_t **out, char *e
     *out = c;
     return 0;
 nomem:
-    snprintf(err, errlen, "cluster: out of memory");
+    rc = epd_err_set(err, -ENOMEM, "cluster: out of memory");
 fail:
     if (c) {
         epd_ctl_secret_wipe(&c->secret);
@@ -201,10 +195,10 @@ fail:
         free(c->peers);
         free(c);
     }
-    return -1;
+    return rc;
 }
 
-static int bind_listener(epd_cluster_t *c, char *err, size_t errlen)
+static int bind_listener(epd_cluster_t *c, epd_err_t *err)
 {
     char port[16];
     struct addrinfo hints, *res = NULL;
@@ -215,14 +209,12 @@ static int bind_listener(epd_cluster_t *c, char *err, size_t errlen)
     snprintf(port, sizeof port, "%d", c->cfg.listen.port);
     int r = getaddrinfo(c->cfg.listen.host[0] ? c->cfg.listen.host : NULL, port, &hints, &res);
     if (r != 0 || !res) {
-        snprintf(err, errlen, "cluster.listen %s:%d: %s", c->cfg.listen.host, c->cfg.listen.port,
-                 gai_strerror(r));
-        return -1;
+        return epd_err_set(err, -EADDRNOTAVAIL, "cluster.listen %s:%d: %s", c->cfg.listen.host,
+                           c->cfg.listen.port, gai_strerror(r));
     }
     if ((r = uv_tcp_init(c->loop, &c->listener)) < 0) {
         freeaddrinfo(res);
-        snprintf(err, errlen, "cluster.listen: uv_tcp_init: %s", uv_strerror(r));
-        return -1;
+        return epd_err_set(err, r, "cluster.listen: uv_tcp_init: %s", uv_strerror(r));
     }
     c->handles++;
     c->listening = 1;
@@ -231,9 +223,8 @@ static int bind_listener(epd_cluster_t *c, char *err, size_t errlen)
     freeaddrinfo(res);
     if (r == 0) r = uv_listen((uv_stream_t *)&c->listener, 128, cl_on_connection);
     if (r < 0) {
-        snprintf(err, errlen, "cluster.listen %s:%d: %s", c->cfg.listen.host, c->cfg.listen.port,
-                 uv_strerror(r));
-        return -1;
+        return epd_err_set(err, r, "cluster.listen %s:%d: %s", c->cfg.listen.host,
+                           c->cfg.listen.port, uv_strerror(r));
     }
     struct sockaddr_storage ss;
     int len = sizeof ss;
@@ -243,23 +234,22 @@ static int bind_listener(epd_cluster_t *c, char *err, size_t errlen)
     return 0;
 }
 
-int epd_cluster_start(epd_cluster_t *c, char *err, size_t errlen)
+int epd_cluster_start(epd_cluster_t *c, epd_err_t *err)
 {
+    int rc;
     if (c->started) {
-        snprintf(err, errlen, "cluster: already started");
-        return -1;
+        return epd_err_set(err, -EALREADY, "cluster: already started");
     }
-    if (uv_timer_init(c->loop, &c->tick) < 0 || uv_timer_init(c->loop, &c->stop_timer) < 0) {
-        snprintf(err, errlen, "cluster: uv_timer_init failed");
-        return -1;
-    }
+    if ((rc = uv_timer_init(c->loop, &c->tick)) < 0 ||
+        (rc = uv_timer_init(c->loop, &c->stop_timer)) < 0)
+        return epd_err_set(err, rc, "cluster: uv_timer_init: %s", uv_strerror(rc));
     c->handles += 2;
-    if (cl_boot_start(c->boot) < 0) {
-        snprintf(err, errlen, "cluster: uv_async_init failed");
+    if ((rc = cl_boot_start(c->boot)) < 0) {
+        epd_err_set(err, rc, "cluster: uv_async_init: %s", uv_strerror(rc));
         uv_close((uv_handle_t *)&c->tick, NULL);
         uv_close((uv_handle_t *)&c->stop_timer, NULL);
         c->handles -= 2;
-        return -1;
+        return rc;
     }
     c->tick.data = c;
     c->stop_timer.data = c;
@@ -271,7 +261,7 @@ int epd_cluster_start(epd_cluster_t *c, char *err, size_t errlen)
         c->handles++;
     }
     c->started = 1;
-    if (bind_listener(c, err, errlen) < 0) return -1;
+    if ((rc = bind_listener(c, err)) < 0) return rc;
     EPD_INFO(SUB, "node %d listening for peers on %s:%d (%d peers, heartbeat %d ms, timeout %d ms)",
              c->cfg.node_id, c->cfg.listen.host, c->port, c->npeers, c->cfg.heartbeat_interval_ms,
              c->cfg.heartbeat_timeout_ms);
@@ -425,14 +415,15 @@ void epd_cluster_set_load(epd_cluster_t *c, uint32_t load)
 
 int epd_cluster_bootstrap(epd_cluster_t *c, int local_rank, ep_bootstrap_t *out)
 {
-    char err[160];
-    return cl_boot_get(c->boot, local_rank, 0, 0, out, err, sizeof err);
+    /* libep's boundary: its status, not errno */
+    int rc = cl_boot_get(c->boot, local_rank, 0, 0, out, NULL);
+    return rc == 0 ? EP_OK : rc == -EINVAL ? EP_ERR_INVALID : EP_ERR_STATE;
 }
 
 int epd_cluster_bootstrap_wait(epd_cluster_t *c, int local_rank, unsigned generation,
-                               unsigned timeout_ms, ep_bootstrap_t *out, char *err, size_t errlen)
+                               unsigned timeout_ms, ep_bootstrap_t *out, epd_err_t *err)
 {
-    return cl_boot_get(c->boot, local_rank, generation, timeout_ms, out, err, errlen);
+    return cl_boot_get(c->boot, local_rank, generation, timeout_ms, out, err);
 }
 
 void epd_cluster_wake_peers(epd_cluster_t *c)

@@ -201,7 +201,8 @@ void cl_boot_on_contrib(cl_boot_t *b, int from, const epd_ctl_msg_t *m);
 /* Collectives the local ranks entered so far (any thread). */
 uint64_t cl_boot_collectives(const cl_boot_t *b);
 void cl_boot_on_result(cl_boot_t *b, const epd_ctl_msg_t *m);
+/* 0, or a negative errno with err saying why (epd_cluster_bootstrap_wait's statuses). */
 int cl_boot_get(cl_boot_t *b, int local_rank, unsigned generation, unsigned wait_ms,
-                ep_bootstrap_t *out, char *err, size_t errlen);
+                ep_bootstrap_t *out, epd_err_t *err);
 
 #endif /* EPD_CLUSTER_INT_H */

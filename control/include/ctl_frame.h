@@ -22,23 +22,44 @@
  * (ranks x endpoint bytes), far below this; anything larger is an attack or a bug. */
 #define EPD_CTL_MAX_PAYLOAD (1u << 20)
 
+/* The frame types: X(name, value); epd_ctl_type_name gives the name ("AUTH_HELLO").
+ *   AUTH_HELLO      client -> server: node id, cluster name, client nonce
+ *   AUTH_CHALLENGE  server -> client: node id, server nonce, server proof
+ *   AUTH_RESPONSE   client -> server: client proof
+ *   AUTH_OK         server -> client: both sides proved the secret
+ *   HELLO           node description (both directions after auth)
+ *   REFUSE          the sender refuses this peer (reason, differing setting)
+ *   RANK_TABLE      coordinator -> members: epoch, ranks of every node
+ *   TABLE_ACK       member -> coordinator: table of this epoch adopted
+ *   COMMIT          coordinator -> members: every member acked, cluster formed
+ *   HEARTBEAT       state, load, epoch, send time
+ *   HEARTBEAT_ACK   echo of a heartbeat's sequence and time (RTT)
+ *   BOOT_CONTRIB    member -> coordinator: local ranks' allgather data
+ *   BOOT_RESULT     coordinator -> members: gathered data in rank order
+ *   BYE             the sender leaves the cluster (drain finished, stop)
+ *   WAKE            the sender's engine has work: wake the receiver's ranks */
+#define EPD_CTL_TYPE_MAP(X)                                                                        \
+    X(AUTH_HELLO, 1)                                                                               \
+    X(AUTH_CHALLENGE, 2)                                                                           \
+    X(AUTH_RESPONSE, 3)                                                                            \
+    X(AUTH_OK, 4)                                                                                  \
+    X(HELLO, 5)                                                                                    \
+    X(REFUSE, 6)                                                                                   \
+    X(RANK_TABLE, 7)                                                                               \
+    X(TABLE_ACK, 8)                                                                                \
+    X(COMMIT, 9)                                                                                   \
+    X(HEARTBEAT, 10)                                                                               \
+    X(HEARTBEAT_ACK, 11)                                                                           \
+    X(BOOT_CONTRIB, 12)                                                                            \
+    X(BOOT_RESULT, 13)                                                                             \
+    X(BYE, 14)                                                                                     \
+    X(WAKE, 15)
+
 typedef enum epd_ctl_type {
-    EPD_CTL_AUTH_HELLO = 1,     /* client -> server: node id, cluster name, client nonce */
-    EPD_CTL_AUTH_CHALLENGE = 2, /* server -> client: node id, server nonce, server proof */
-    EPD_CTL_AUTH_RESPONSE = 3,  /* client -> server: client proof */
-    EPD_CTL_AUTH_OK = 4,        /* server -> client: both sides proved the secret */
-    EPD_CTL_HELLO = 5,          /* node description (both directions after auth) */
-    EPD_CTL_REFUSE = 6,         /* the sender refuses this peer (reason, differing setting) */
-    EPD_CTL_RANK_TABLE = 7,     /* coordinator -> members: epoch, ranks of every node */
-    EPD_CTL_TABLE_ACK = 8,      /* member -> coordinator: table of this epoch adopted */
-    EPD_CTL_COMMIT = 9,         /* coordinator -> members: every member acked, cluster formed */
-    EPD_CTL_HEARTBEAT = 10,     /* state, load, epoch, send time */
-    EPD_CTL_HEARTBEAT_ACK = 11, /* echo of a heartbeat's sequence and time (RTT) */
-    EPD_CTL_BOOT_CONTRIB = 12,  /* member -> coordinator: local ranks' allgather data */
-    EPD_CTL_BOOT_RESULT = 13,   /* coordinator -> members: gathered data in rank order */
-    EPD_CTL_BYE = 14,           /* the sender leaves the cluster (drain finished, stop) */
-    EPD_CTL_WAKE = 15,          /* the sender's engine has work: wake the receiver's ranks */
-    EPD_CTL_TYPE_MAX = 15,
+#define EPD_CTL_TYPE_ENUM(name, value) EPD_CTL_##name = (value),
+    EPD_CTL_TYPE_MAP(EPD_CTL_TYPE_ENUM)
+#undef EPD_CTL_TYPE_ENUM
+        EPD_CTL_TYPE_MAX = 15,
 } epd_ctl_type_t;
 
 typedef enum epd_ctl_tag {
@@ -77,21 +98,31 @@ typedef enum epd_ctl_tag {
     EPD_CTL_T_INCARNATION = 33, /* u64: random per process start (tells a restart from a flap) */
 } epd_ctl_tag_t;
 
-/* Why a frame was rejected; also the `reason` label of epd_ctl_rejected_frames_total. */
+/* Why a frame was rejected: X(name, text); the text is the `reason` label of
+ * epd_ctl_rejected_frames_total (epd_ctl_reject_name).
+ *   TRUNCATED        the stream ended inside a frame
+ *   MALFORMED        the payload does not match its type's schema
+ *   UNAUTHENTICATED  a non-auth frame before authentication finished
+ *   OUT_OF_ORDER     an auth frame in the wrong state, or a protocol step out of turn
+ *   AUTH_FAILED      wrong proof, wrong cluster, unknown or unexpected node */
+#define EPD_CTL_REJECT_MAP(X)                                                                      \
+    X(NONE, "none")                                                                                \
+    X(BAD_MAGIC, "bad_magic")                                                                      \
+    X(BAD_VERSION, "bad_version")                                                                  \
+    X(BAD_TYPE, "bad_type")                                                                        \
+    X(BAD_FLAGS, "bad_flags")                                                                      \
+    X(OVERSIZE, "oversize")                                                                        \
+    X(TRUNCATED, "truncated")                                                                      \
+    X(MALFORMED, "malformed")                                                                      \
+    X(UNAUTHENTICATED, "unauthenticated")                                                          \
+    X(OUT_OF_ORDER, "out_of_order")                                                                \
+    X(AUTH_FAILED, "auth_failed")
+
 typedef enum epd_ctl_reject {
-    EPD_CTL_REJECT_NONE = 0,
-    EPD_CTL_REJECT_BAD_MAGIC,
-    EPD_CTL_REJECT_BAD_VERSION,
-    EPD_CTL_REJECT_BAD_TYPE,
-    EPD_CTL_REJECT_BAD_FLAGS,
-    EPD_CTL_REJECT_OVERSIZE,
-    EPD_CTL_REJECT_TRUNCATED,       /* the stream ended inside a frame */
-    EPD_CTL_REJECT_MALFORMED,       /* the payload does not match its type's schema */
-    EPD_CTL_REJECT_UNAUTHENTICATED, /* a non-auth frame before authentication finished */
-    EPD_CTL_REJECT_OUT_OF_ORDER, /* an auth frame in the wrong state, or a protocol step out of turn
-                                  */
-    EPD_CTL_REJECT_AUTH_FAILED,  /* wrong proof, wrong cluster, unknown or unexpected node */
-    EPD_CTL_REJECT_COUNT,
+#define EPD_CTL_REJECT_ENUM(name, text) EPD_CTL_REJECT_##name,
+    EPD_CTL_REJECT_MAP(EPD_CTL_REJECT_ENUM)
+#undef EPD_CTL_REJECT_ENUM
+        EPD_CTL_REJECT_COUNT,
 } epd_ctl_reject_t;
 
 const char *epd_ctl_reject_name(epd_ctl_reject_t r);

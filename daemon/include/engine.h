@@ -17,6 +17,7 @@
 #include <uv.h>
 
 #include "ep.h"
+#include "epd_err.h"
 #include "epd_config.h"
 #include "metrics.h"
 #include "state.h"
@@ -41,8 +42,7 @@ typedef struct epd_engine_cluster {
      * per-step control word where the EP group has no data-plane allgather
      * (ep_group_allgather), so it must stay usable until the next call. Returns 0 or a
      * negative errno value with a message in err. */
-    int (*bootstrap)(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out, char *err,
-                     size_t errlen);
+    int (*bootstrap)(void *ctx, int local, unsigned epoch, ep_bootstrap_t *out, epd_err_t *err);
     /* This node got work while the group may be asleep: make every other node call
      * epd_engine_wake. Called from the loop thread; must not block. */
     void (*wake_peers)(void *ctx);
@@ -72,7 +72,7 @@ typedef struct epd_engine_opts {
 
 /* Starts the rank threads, which create the group and load the checkpoint in the background.
  * Returns 0 or a negative errno value (err says why). */
-int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, char *err, size_t errlen);
+int epd_engine_create(const epd_engine_opts_t *o, epd_engine_t **out, epd_err_t *err);
 /* From the loop: stops the ranks (every pending request ends with an error event, delivered
  * before this returns) and releases the engine as its async handle closes. */
 void epd_engine_destroy(epd_engine_t *e);

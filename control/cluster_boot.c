@@ -229,7 +229,8 @@ fail:
 
 int cl_boot_start(cl_boot_t *b)
 {
-    if (uv_async_init(b->c->loop, &b->async, on_async) < 0) return -1;
+    int rc = uv_async_init(b->c->loop, &b->async, on_async);
+    if (rc < 0) return rc;
     b->async.data = b;
     b->async_open = 1;
     b->c->handles++;
@@ -583,12 +584,12 @@ void epd_cluster_bootstrap_purpose(const ep_bootstrap_t *bs, const char *what)
 }
 
 int cl_boot_get(cl_boot_t *b, int local_rank, unsigned generation, unsigned wait_ms,
-                ep_bootstrap_t *out, char *err, size_t errlen)
+                ep_bootstrap_t *out, epd_err_t *err)
 {
     struct timespec dl;
     if (local_rank < 0 || local_rank >= b->local_ranks) {
-        snprintf(err, errlen, "local rank %d out of 0..%d", local_rank, b->local_ranks - 1);
-        return EP_ERR_INVALID;
+        return epd_err_set(err, -EINVAL, "local rank %d out of 0..%d", local_rank,
+                           b->local_ranks - 1);
     }
     epd_deadline_after(&dl, wait_ms);
     pthread_mutex_lock(&b->mu);
@@ -597,17 +598,13 @@ int cl_boot_get(cl_boot_t *b, int local_rank, unsigned generation, unsigned wait
         rc = pthread_cond_timedwait(&b->cv, &b->mu, &dl);
     if (b->closed) {
         pthread_mutex_unlock(&b->mu);
-        snprintf(err, errlen, "the control plane is stopping");
-        return EP_ERR_STATE;
+        return epd_err_set(err, -ESHUTDOWN, "the control plane is stopping");
     }
     if (!b->formed || b->first_rank < 0) {
         pthread_mutex_unlock(&b->mu);
-        if (wait_ms) {
-            snprintf(err, errlen, "the cluster did not form within %u ms", wait_ms);
-            return EP_ERR_TIMEOUT;
-        }
-        snprintf(err, errlen, "the cluster is not formed");
-        return EP_ERR_STATE;
+        if (wait_ms)
+            return epd_err_set(err, -ETIMEDOUT, "the cluster did not form within %u ms", wait_ms);
+        return epd_err_set(err, -EAGAIN, "the cluster is not formed");
     }
     boot_rank_t *r = &b->ranks[local_rank];
     /* Generations count from the first one used in this epoch: a node that restarted (its

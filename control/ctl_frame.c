@@ -139,35 +139,15 @@ static const schema_t schemas[EPD_CTL_TYPE_MAX + 1] = {
 #undef S
 
 static const char *const reject_names[EPD_CTL_REJECT_COUNT] = {
-    [EPD_CTL_REJECT_NONE] = "none",
-    [EPD_CTL_REJECT_BAD_MAGIC] = "bad_magic",
-    [EPD_CTL_REJECT_BAD_VERSION] = "bad_version",
-    [EPD_CTL_REJECT_BAD_TYPE] = "bad_type",
-    [EPD_CTL_REJECT_BAD_FLAGS] = "bad_flags",
-    [EPD_CTL_REJECT_OVERSIZE] = "oversize",
-    [EPD_CTL_REJECT_TRUNCATED] = "truncated",
-    [EPD_CTL_REJECT_MALFORMED] = "malformed",
-    [EPD_CTL_REJECT_UNAUTHENTICATED] = "unauthenticated",
-    [EPD_CTL_REJECT_OUT_OF_ORDER] = "out_of_order",
-    [EPD_CTL_REJECT_AUTH_FAILED] = "auth_failed",
+#define REJECT_NAME(name, text) [EPD_CTL_REJECT_##name] = text,
+    EPD_CTL_REJECT_MAP(REJECT_NAME)
+#undef REJECT_NAME
 };
 
 static const char *const type_names[EPD_CTL_TYPE_MAX + 1] = {
-    [EPD_CTL_AUTH_HELLO] = "AUTH_HELLO",
-    [EPD_CTL_AUTH_CHALLENGE] = "AUTH_CHALLENGE",
-    [EPD_CTL_AUTH_RESPONSE] = "AUTH_RESPONSE",
-    [EPD_CTL_AUTH_OK] = "AUTH_OK",
-    [EPD_CTL_HELLO] = "HELLO",
-    [EPD_CTL_REFUSE] = "REFUSE",
-    [EPD_CTL_RANK_TABLE] = "RANK_TABLE",
-    [EPD_CTL_TABLE_ACK] = "TABLE_ACK",
-    [EPD_CTL_COMMIT] = "COMMIT",
-    [EPD_CTL_HEARTBEAT] = "HEARTBEAT",
-    [EPD_CTL_HEARTBEAT_ACK] = "HEARTBEAT_ACK",
-    [EPD_CTL_BOOT_CONTRIB] = "BOOT_CONTRIB",
-    [EPD_CTL_BOOT_RESULT] = "BOOT_RESULT",
-    [EPD_CTL_BYE] = "BYE",
-    [EPD_CTL_WAKE] = "WAKE",
+#define TYPE_NAME(name, value) [EPD_CTL_##name] = #name,
+    EPD_CTL_TYPE_MAP(TYPE_NAME)
+#undef TYPE_NAME
 };
 
 const char *epd_ctl_reject_name(epd_ctl_reject_t r)

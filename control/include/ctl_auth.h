@@ -16,6 +16,7 @@
 #include <stdint.h>
 
 #include "ctl_frame.h"
+#include "epd_err.h"
 
 #define EPD_CTL_NONCE_LEN 32
 #define EPD_CTL_MAC_LEN 32
@@ -29,9 +30,11 @@ typedef struct epd_ctl_secret {
 
 /* Reads the secret (trailing whitespace stripped). Refused unless `path` is a regular file
  * owned by the effective user with no group/other permission bits (e.g. 0600) and holds
- * EPD_CTL_SECRET_MIN..EPD_CTL_SECRET_MAX bytes. 0, or -1 with a message in err that names the
- * path and what was wrong (never the secret). */
-int epd_ctl_secret_load(const char *path, epd_ctl_secret_t *s, char *err, size_t errlen);
+ * EPD_CTL_SECRET_MIN..EPD_CTL_SECRET_MAX bytes. 0, or a negative errno (-EINVAL unset, not a
+ * regular file or a bad length; -EPERM wrong owner or mode; the call's errno when the file
+ * cannot be opened or read) with a message in err that names the path and what was wrong
+ * (never the secret). */
+int epd_ctl_secret_load(const char *path, epd_ctl_secret_t *s, epd_err_t *err);
 /* Sets the secret from memory (embedding, tests); -1 if the length is out of bounds. */
 int epd_ctl_secret_set(epd_ctl_secret_t *s, const void *key, size_t len);
 void epd_ctl_secret_wipe(epd_ctl_secret_t *s);

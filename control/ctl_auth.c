@@ -30,48 +30,51 @@ void epd_ctl_secret_wipe(epd_ctl_secret_t *s)
     s->len = 0;
 }
 
-int epd_ctl_secret_load(const char *path, epd_ctl_secret_t *s, char *err, size_t errlen)
+int epd_ctl_secret_load(const char *path, epd_ctl_secret_t *s, epd_err_t *err)
 {
     unsigned char buf[EPD_CTL_SECRET_MAX + 2];
     struct stat st;
     size_t n = 0;
-    int fd = -1;
+    int fd = -1, rc;
 
     s->len = 0;
     if (!path || !*path) {
-        snprintf(err, errlen, "cluster.secret_file is not set");
+        rc = epd_err_set(err, -EINVAL, "cluster.secret_file is not set");
         goto fail;
     }
     fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NOCTTY);
     if (fd < 0) {
-        snprintf(err, errlen, "cluster.secret_file %s: cannot open: %s", path, strerror(errno));
+        rc = epd_err_set(err, -errno, "cluster.secret_file %s: cannot open: %s", path,
+                         strerror(errno));
         goto fail;
     }
     if (fstat(fd, &st) < 0) {
-        snprintf(err, errlen, "cluster.secret_file %s: fstat: %s", path, strerror(errno));
+        rc = epd_err_set(err, -errno, "cluster.secret_file %s: fstat: %s", path, strerror(errno));
         goto fail;
     }
     if (!S_ISREG(st.st_mode)) {
-        snprintf(err, errlen, "cluster.secret_file %s: not a regular file", path);
+        rc = epd_err_set(err, -EINVAL, "cluster.secret_file %s: not a regular file", path);
         goto fail;
     }
     if (st.st_uid != geteuid()) {
-        snprintf(err, errlen, "cluster.secret_file %s: owned by uid %u, not by the daemon's uid %u",
-                 path, (unsigned)st.st_uid, (unsigned)geteuid());
+        rc = epd_err_set(err, -EPERM,
+                         "cluster.secret_file %s: owned by uid %u, not by the daemon's uid %u",
+                         path, (unsigned)st.st_uid, (unsigned)geteuid());
         goto fail;
     }
     if (st.st_mode & (S_IRWXG | S_IRWXO)) {
-        snprintf(err, errlen,
-                 "cluster.secret_file %s: mode %04o gives access to group or others; "
-                 "chmod 0600 it",
-                 path, (unsigned)(st.st_mode & 07777));
+        rc = epd_err_set(err, -EPERM,
+                         "cluster.secret_file %s: mode %04o gives access to group or others; "
+                         "chmod 0600 it",
+                         path, (unsigned)(st.st_mode & 07777));
         goto fail;
     }
     for (;;) {
         ssize_t r = read(fd, buf + n, sizeof buf - n);
         if (r < 0 && errno == EINTR) continue;
         if (r < 0) {
-            snprintf(err, errlen, "cluster.secret_file %s: read: %s", path, strerror(errno));
+            rc =
+                epd_err_set(err, -errno, "cluster.secret_file %s: read: %s", path, strerror(errno));
             goto fail;
         }
         if (r == 0) break;
@@ -79,16 +82,16 @@ int epd_ctl_secret_load(const char *path, epd_ctl_secret_t *s, char *err, size_t
         if (n == sizeof buf) break;
     }
     if (n > EPD_CTL_SECRET_MAX + 1) {
-        snprintf(err, errlen, "cluster.secret_file %s: longer than %d bytes", path,
-                 EPD_CTL_SECRET_MAX);
+        rc = epd_err_set(err, -EINVAL, "cluster.secret_file %s: longer than %d bytes", path,
+                         EPD_CTL_SECRET_MAX);
         goto fail;
     }
     while (n > 0 &&
            (buf[n - 1] == '\n' || buf[n - 1] == '\r' || buf[n - 1] == ' ' || buf[n - 1] == '\t'))
         n--;
     if (n < EPD_CTL_SECRET_MIN || n > EPD_CTL_SECRET_MAX) {
-        snprintf(err, errlen, "cluster.secret_file %s: %zu bytes, need %d..%d", path, n,
-                 EPD_CTL_SECRET_MIN, EPD_CTL_SECRET_MAX);
+        rc = epd_err_set(err, -EINVAL, "cluster.secret_file %s: %zu bytes, need %d..%d", path, n,
+                         EPD_CTL_SECRET_MIN, EPD_CTL_SECRET_MAX);
         goto fail;
     }
     memcpy(s->key, buf, n);
@@ -99,7 +102,7 @@ int epd_ctl_secret_load(const char *path, epd_ctl_secret_t *s, char *err, size_t
 fail:
     OPENSSL_cleanse(buf, sizeof buf);
     if (fd >= 0) close(fd);
-    return -1;
+    return rc;
 }
 
 void epd_ctl_auth_init(epd_ctl_auth_t *a, epd_ctl_auth_role_t role, const epd_ctl_secret_t *secret,

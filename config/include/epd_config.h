@@ -103,12 +103,18 @@ typedef struct epd_config {
     epd_log_level_t log_level; /* log.level: "error" | "warn" | "info" | "debug" */
 } epd_config_t;
 
-/* All errors of one load, each naming its JSON path or file. */
+/* All errors of one load, each naming its JSON path or file: the error contract of epd_err.h
+ * (a negative errno status plus messages), with every message kept rather than the first, so
+ * that `epctl config check` and `epd --check` show them all at once. */
 typedef struct epd_config_errors {
     char **msgs; /* "ORIGIN: json.path: what is wrong", one per error */
     int count;
     int cap;
     int dropped; /* errors beyond EPD_CFG_MAX_ERRORS: counted, not kept */
+    /* 0, or the status of the first error: -EINVAL the config is wrong (every JSON or setting
+     * error); the call's errno (-ENOENT, -EACCES ...) the file could not be opened, examined or
+     * read; -EFBIG larger than EPD_CFG_MAX_FILE_BYTES; -ENOMEM out of memory. */
+    int status;
 } epd_config_errors_t;
 
 /* Flags for epd_config_parse_ex / epd_config_load_ex. */
@@ -123,7 +129,8 @@ void epd_config_defaults(epd_config_t *cfg);
 /* Parses and validates a JSON text (need not be NUL-terminated). `origin` names the source in
  * messages (a file name). *cfg is filled from the defaults first; *errs is initialised here
  * (free it with epd_config_errors_free whatever the result).
- * Returns 0 if there are no errors; otherwise -1 with every error in *errs. */
+ * Returns 0 if there are no errors; otherwise errs->status (a negative errno) with every error
+ * in *errs. */
 int epd_config_parse(const char *json, size_t len, const char *origin, epd_config_t *cfg,
                      epd_config_errors_t *errs);
 int epd_config_parse_ex(const char *json, size_t len, const char *origin, unsigned flags,
@@ -144,13 +151,13 @@ char *epd_config_dump_json(const epd_config_t *cfg);
 struct cJSON *epd_config_to_cjson(const epd_config_t *cfg);
 
 /* SHA-256 over the settings every node of a cluster must share (those marked cluster-wide in
- * config/README.md). Returns 0, or -1 if libcrypto failed. */
+ * config/README.md). Returns 0, or -EIO if libcrypto failed. */
 int epd_config_fingerprint(const epd_config_t *cfg, uint8_t digest[EPD_CFG_FINGERPRINT_LEN]);
 /* The same as 64 lowercase hex digits and a NUL. */
 int epd_config_fingerprint_hex(const epd_config_t *cfg, char hex[2 * EPD_CFG_FINGERPRINT_LEN + 1]);
 /* Compares the cluster-wide settings of a and b. Returns 0 if equal; 1 if not, with the first
  * differing setting and both values in buf (e.g. `compute.transport: "tcp" vs "rdma"`);
- * -1 if out of memory. */
+ * -ENOMEM if out of memory. */
 int epd_config_diff(const epd_config_t *a, const epd_config_t *b, char *buf, size_t len);
 /* The same over every setting (what a reload would change). */
 int epd_config_diff_all(const epd_config_t *a, const epd_config_t *b, char *buf, size_t len);

@@ -6,6 +6,7 @@
 
 #include <stddef.h>
 
+#include "epd_err.h"
 #include "http.h"
 
 /* Tokens are printable ASCII without spaces (they travel in a header) and at least this long
@@ -24,10 +25,10 @@ typedef struct epd_http_auth_opts {
 
 /* Loads the token files (refused unless a regular file, not a symlink, owned by the
  * effective user with no group/other bits, EPD_HTTP_TOKEN_MIN..MAX printable bytes after
- * trailing whitespace is stripped). 0, or -1 with a message in err naming the setting and
- * the file (never the token). */
-int epd_http_auth_create(const epd_http_auth_opts_t *o, epd_http_auth_t **out, char *err,
-                         size_t errlen);
+ * trailing whitespace is stripped). 0, or a negative errno (-EINVAL not a regular file or not a
+ * token; -EPERM wrong owner or mode; the call's errno when the file cannot be opened or read)
+ * with a message in err naming the setting and the file (never the token). */
+int epd_http_auth_create(const epd_http_auth_opts_t *o, epd_http_auth_t **out, epd_err_t *err);
 void epd_http_auth_destroy(epd_http_auth_t *a);
 /* Sets a token from memory (tests): which = "admin" or "api". -1 if out of bounds. */
 int epd_http_auth_set_token(epd_http_auth_t *a, const char *which, const char *token);

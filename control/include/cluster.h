@@ -43,22 +43,36 @@
 
 typedef struct epd_cluster epd_cluster_t;
 
-typedef enum epd_peer_state {
-    EPD_PEER_UNKNOWN = 0, /* never reached since this node started */
-    EPD_PEER_UP = 1,
-    EPD_PEER_SUSPECT = 2,
-    EPD_PEER_DOWN = 3,
-    EPD_PEER_REFUSED = 4, /* authenticated but refused (config differs, wrong ranks ...) */
-} epd_peer_state_t;
+/* X(name, value, text): the enums and their names (epd_*_state_name) from one table.
+ * UNKNOWN: never reached since this node started; REFUSED: authenticated but refused (config
+ * differs, wrong ranks ...). */
+#define EPD_PEER_STATE_MAP(X)                                                                      \
+    X(UNKNOWN, 0, "unknown")                                                                       \
+    X(UP, 1, "up")                                                                                 \
+    X(SUSPECT, 2, "suspect")                                                                       \
+    X(DOWN, 3, "down")                                                                             \
+    X(REFUSED, 4, "refused")
 
 /* What a node announces about itself in heartbeats. */
+#define EPD_NODE_STATE_MAP(X)                                                                      \
+    X(STARTING, 0, "starting")                                                                     \
+    X(SERVING, 1, "serving")                                                                       \
+    X(DRAINING, 2, "draining")                                                                     \
+    X(STOPPING, 3, "stopping")
+
+typedef enum epd_peer_state {
+#define EPD_PEER_STATE_ENUM(name, value, text) EPD_PEER_##name = (value),
+    EPD_PEER_STATE_MAP(EPD_PEER_STATE_ENUM)
+#undef EPD_PEER_STATE_ENUM
+} epd_peer_state_t;
+
 typedef enum epd_node_state {
-    EPD_NODE_STARTING = 0,
-    EPD_NODE_SERVING = 1,
-    EPD_NODE_DRAINING = 2,
-    EPD_NODE_STOPPING = 3,
+#define EPD_NODE_STATE_ENUM(name, value, text) EPD_NODE_##name = (value),
+    EPD_NODE_STATE_MAP(EPD_NODE_STATE_ENUM)
+#undef EPD_NODE_STATE_ENUM
 } epd_node_state_t;
 
+/* "invalid" for a value outside the table */
 const char *epd_peer_state_name(epd_peer_state_t s);
 const char *epd_node_state_name(epd_node_state_t s);
 
@@ -103,11 +117,12 @@ typedef struct epd_cluster_opts {
     void *cb_ctx;
 } epd_cluster_opts_t;
 
-/* 0, or a negative status with err naming what was wrong (secret file, listen address ...). */
-int epd_cluster_create(const epd_cluster_opts_t *opts, epd_cluster_t **out, char *err,
-                       size_t errlen);
-/* Listens on cluster.listen and starts connecting to peers. */
-int epd_cluster_start(epd_cluster_t *c, char *err, size_t errlen);
+/* 0, or a negative errno with err naming what was wrong (-EINVAL options or config, the secret
+ * file's status (epd_ctl_secret_load), -ENOMEM). */
+int epd_cluster_create(const epd_cluster_opts_t *opts, epd_cluster_t **out, epd_err_t *err);
+/* Listens on cluster.listen and starts connecting to peers. 0, or a negative errno (libuv's, for
+ * the listen address; -EADDRNOTAVAIL when it does not resolve) with err naming it. */
+int epd_cluster_start(epd_cluster_t *c, epd_err_t *err);
 /* Closes every link (graceful: BYE first, so peers mark this node down at once) and handle;
  * on_stopped runs when done. Safe to call twice. */
 void epd_cluster_stop(epd_cluster_t *c, int graceful, const char *reason);
@@ -140,10 +155,10 @@ int epd_cluster_bootstrap(epd_cluster_t *c, int local_rank, ep_bootstrap_t *out)
  * until the cluster is formed, then returns the bootstrap of `generation` (the engine's count
  * of group formations). Collectives are matched across nodes by (epoch, generation, sequence),
  * so ranks that failed at different points of one generation still meet in the next. 0, or a
- * negative ep_status_t with err saying why (EP_ERR_TIMEOUT: not formed in time; EP_ERR_STATE:
- * stopping). */
+ * negative errno with err saying why (-ETIMEDOUT: not formed in time; -EAGAIN: not formed and
+ * timeout_ms 0; -ESHUTDOWN: stopping; -EINVAL: no such local rank). */
 int epd_cluster_bootstrap_wait(epd_cluster_t *c, int local_rank, unsigned generation,
-                               unsigned timeout_ms, ep_bootstrap_t *out, char *err, size_t errlen);
+                               unsigned timeout_ms, ep_bootstrap_t *out, epd_err_t *err);
 /* Names the collectives that the holder of `bs` (from the functions above) runs from now on,
  * e.g. "engine: join"; `what` must stay valid (a string literal). The coordinator fails a
  * collective whose nodes name different purposes, or give different sizes, with a message that

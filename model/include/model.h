@@ -144,9 +144,10 @@ typedef struct epd_batch_item {
  * (the cuda model copies them to the host only when asked: tests, not serving).
  *
  * On failure no sequence grows. -ENOSPC: the KV pool has too few free blocks for this batch
- * (the message says how many it needs and has; the caller frees some and retries). An EP
- * failure (-ETIMEDOUT, -EIO) leaves the group in the state libep reports (the caller aborts
- * the step on every rank). Bad input on this rank (too many tokens for the step's path or the
+ * (the message says how many it needs and has; the caller frees some and retries). A failure
+ * of the EP exchange (a timeout, a peer gone, an aborted group, data libep should not have
+ * delivered) is EPD_EEXCHANGE (epd_err.h) and leaves the group in the state libep reports (the
+ * caller aborts the step on every rank and re-forms the group); no other status means that. Bad input on this rank (too many tokens for the step's path or the
  * model's max_seqs, an id outside the vocabulary, a sequence past max_seq_len, no KV room)
  * still joins the step's exchanges with zero tokens and is returned afterwards.
  *
