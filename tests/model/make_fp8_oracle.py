@@ -6,7 +6,8 @@ made from the tiny oracle checkpoints' weights:
 
 writes
   qwen3/       Qwen3-MoE (tests/model/oracle's weights, experts 0-7 of 16): every Linear weight
-               e4m3 with <name>_scale_inv fp32 in blocks of [40, 48] (ragged at every edge), as
+               e4m3 with <name>_scale_inv fp32 in blocks of [40, 64] (ragged rows, and ragged
+               channels where there are 96; block_k a multiple of 32 for the GPU), as
                the Qwen3 -FP8 checkpoints ship them (lm_head and the routers listed in
                modules_to_not_convert), plus one more listed module that stays bf16
   qwen3_ref/   the same model with those weights dequantised by this script (no
@@ -203,7 +204,7 @@ def qwen3(out):
     moe = [l for l in range(cfg["num_hidden_layers"]) if l not in cfg.get("mlp_only_layers", [])]
     skip = {"lm_head"} | {"model.layers.%d.mlp.gate" % l for l in moe}
     skip.add("model.layers.1.mlp.down_proj")  # a Linear left unquantized: stays BF16
-    write_pair(out, "qwen3", cfg, w, 40, 48, skip)
+    write_pair(out, "qwen3", cfg, w, 40, 64, skip)
 
 
 def dsv3(out):

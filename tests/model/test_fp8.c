@@ -144,7 +144,7 @@ static void test_table(void **state)
     if (epd_hf_config_load(DIR "/qwen3/config.json", &c, &err)) fail_msg("%s", err.msg);
     assert_true(c.fp8.on);
     assert_int_equal(c.fp8.block_n, 40);
-    assert_int_equal(c.fp8.block_k, 48);
+    assert_int_equal(c.fp8.block_k, 64);
     assert_int_equal(c.fp8.n_skip, 4);
     epd_tensor_desc_t *t;
     int n;
@@ -152,10 +152,10 @@ static void test_table(void **state)
     const epd_tensor_desc_t *q = find_desc(t, n, "model.layers.0.self_attn.q_proj.weight");
     assert_true(q->fp8);
     assert_int_equal(q->scale_shape[0], 4); /* 128 / 40 rounded up */
-    assert_int_equal(q->scale_shape[1], 3); /* 128 / 48 */
+    assert_int_equal(q->scale_shape[1], 2); /* 128 / 64 */
     const epd_tensor_desc_t *e = find_desc(t, n, "model.layers.2.mlp.experts.7.down_proj.weight");
     assert_true(e->fp8 && epd_tensor_cuda_fp8(e));
-    assert_int_equal(e->scale_shape[0], 4); /* [128][96]: 128 / 40, 96 / 48 */
+    assert_int_equal(e->scale_shape[0], 4); /* [128][96]: 128 / 40, 96 / 64 */
     assert_int_equal(e->scale_shape[1], 2);
     /* cuda: 1 byte per fp8 expert weight and 4 per scale; other fp8 weights bf16 on the GPU */
     assert_int_equal(epd_tensor_bytes(e, EPD_MODEL_CUDA), 128 * 96 + 4 * 2 * 4);
@@ -228,7 +228,7 @@ static void test_pairing_errors(void **state)
     assert_int_equal(epd_tensor_load_f32(ck, q, NULL, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "qwen3/model.safetensors: tensor "
                                     "'model.layers.0.self_attn.q_proj.weight_scale_inv' has shape "
-                                    "[4, 3], the config implies [7, 3]"));
+                                    "[4, 2], the config implies [7, 2]"));
     epd_st_ckpt_close(ck);
     free(t);
 }
