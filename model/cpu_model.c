@@ -1,6 +1,7 @@
 /* The cpu implementation of the model interface (model_impl.h): Qwen3-MoE and DeepSeek-V2/V3 in
  * fp32 plain C on the host. Loading through the tensor table (fp32 conversion of the replicated
- * weights and of this rank's experts; the other ranks' experts are shape-checked), paged KV
+ * weights and of this rank's experts, FP8 checkpoints dequantised with their block scales; the
+ * other ranks' experts are shape-checked), paged KV
  * storage taken lazily (keys and values, or MLA's latent), and the forward over a flat step with
  * sampling (sample.h). */
 #include "model_internal.h"
@@ -86,7 +87,7 @@ static int load_tensor(epd_cpu_model_t *m, const epd_st_ckpt_t *ck, const epd_te
                        epd_err_t *err)
 {
     /* other ranks' experts: only checked, so every rank refuses a bad file */
-    if (!mine(m, t)) return epd_st_ckpt_load_f32(ck, t->name, t->ndim, t->shape, NULL, err);
+    if (!mine(m, t)) return epd_tensor_load_f32(ck, t, NULL, err);
     float **slot = weight_slot(m, t);
     size_t bytes = epd_tensor_bytes(t, EPD_MODEL_CPU);
     float *dst;
@@ -103,7 +104,7 @@ static int load_tensor(epd_cpu_model_t *m, const epd_st_ckpt_t *ck, const epd_te
         dst = *slot;
         m->mem.replicated_bytes += bytes;
     }
-    return epd_st_ckpt_load_f32(ck, t->name, t->ndim, t->shape, dst, err);
+    return epd_tensor_load_f32(ck, t, dst, err);
 }
 
 static int load_weights(epd_cpu_model_t *m, const epd_model_opts_t *o, const epd_st_ckpt_t *ck,

@@ -225,6 +225,145 @@ static int parse_rope(const cJSON *root, const char *origin, int allow_yarn, epd
     return 0;
 }
 
+/* quantization_config: absent or null (not quantized), or quant_method "fp8" with e4m3 weights
+ * in blocks of weight_block_size, dynamic activation scales and optional modules_to_not_convert.
+ * Any other method or key is refused, naming it. */
+static int parse_fp8(const cJSON *root, const char *origin, epd_hf_fp8_t *q, epd_err_t *err)
+{
+    const cJSON *qc = field(root, "quantization_config");
+    if (!qc || cJSON_IsNull(qc)) return 0;
+    char where[96];
+    snprintf(where, sizeof(where), "%s: quantization_config", origin);
+    if (!cJSON_IsObject(qc)) return epd_err_set(err, -EINVAL, "%s: expected an object", where);
+    const char *method, *fmt, *act;
+    int rc;
+    if ((rc = get_string(qc, where, "quant_method", NULL, &method, err))) return rc;
+    if (!method)
+        return epd_err_set(err, -EINVAL, "%s.quant_method: required field is missing", where);
+    if (strcmp(method, "fp8"))
+        return epd_err_set(
+            err, -ENOTSUP,
+            "%s.quant_method: \"%.64s\" is not supported (supported: \"fp8\", or the "
+            "bf16 checkpoint)",
+            where, method);
+    if ((rc = get_string(qc, where, "fmt", "e4m3", &fmt, err)) ||
+        (rc = get_string(qc, where, "activation_scheme", "dynamic", &act, err)))
+        return rc;
+    if (strcmp(fmt, "e4m3"))
+        return epd_err_set(err, -ENOTSUP,
+                           "%s.fmt: \"%.64s\" is not supported (supported: \"e4m3\")", where, fmt);
+    if (strcmp(act, "dynamic"))
+        return epd_err_set(err, -ENOTSUP,
+                           "%s.activation_scheme: \"%.64s\" is not supported (supported: "
+                           "\"dynamic\")",
+                           where, act);
+    const cJSON *bs = field(qc, "weight_block_size");
+    if (!bs || cJSON_IsNull(bs))
+        return epd_err_set(err, -ENOTSUP,
+                           "%s.weight_block_size: required (per-tensor fp8 scales are not "
+                           "supported)",
+                           where);
+    int blk[2] = {0, 0};
+    if (!cJSON_IsArray(bs) || cJSON_GetArraySize(bs) != 2)
+        return epd_err_set(err, -EINVAL, "%s.weight_block_size: expected [block_n, block_k]",
+                           where);
+    for (int i = 0; i < 2; i++) {
+        const cJSON *v = cJSON_GetArrayItem(bs, i);
+        if (!cJSON_IsNumber(v) || v->valuedouble != floor(v->valuedouble) || v->valuedouble < 1 ||
+            v->valuedouble > (double)(1 << 24))
+            return epd_err_set(err, -EINVAL,
+                               "%s.weight_block_size[%d]: expected a positive integer", where, i);
+        blk[i] = (int)v->valuedouble;
+    }
+    q->block_n = blk[0];
+    q->block_k = blk[1];
+    const cJSON *sk = field(qc, "modules_to_not_convert");
+    if (sk && !cJSON_IsNull(sk)) {
+        if (!cJSON_IsArray(sk))
+            return epd_err_set(err, -EINVAL,
+                               "%s.modules_to_not_convert: expected an array of module names",
+                               where);
+        size_t used = 0;
+        int i = 0;
+        for (const cJSON *v = sk->child; v; v = v->next, i++) {
+            if (!cJSON_IsString(v) || !v->valuestring[0])
+                return epd_err_set(err, -EINVAL,
+                                   "%s.modules_to_not_convert[%d]: expected a module name", where,
+                                   i);
+            const char *p = v->valuestring;
+            for (const char *c = p; *c; c++)
+                if (!(*c == '.' || *c == '_' || *c == '-' || *c == '*' ||
+                      (*c >= '0' && *c <= '9') || (*c >= 'a' && *c <= 'z') ||
+                      (*c >= 'A' && *c <= 'Z')))
+                    return epd_err_set(err, -ENOTSUP,
+                                       "%s.modules_to_not_convert[%d]: \"%.64s\": only module "
+                                       "names with \"*\" wildcards are supported",
+                                       where, i, p);
+            size_t n = strlen(p) + 1;
+            if (used + n > sizeof(q->skip))
+                return epd_err_set(err, -ENOTSUP,
+                                   "%s.modules_to_not_convert: more than %zu bytes of names", where,
+                                   sizeof(q->skip));
+            memcpy(q->skip + used, p, n);
+            used += n;
+            q->n_skip++;
+        }
+    }
+    static const char *const known[] = {"quant_method", "fmt", "activation_scheme",
+                                        "weight_block_size", "modules_to_not_convert"};
+    for (const cJSON *v = qc->child; v; v = v->next) {
+        size_t k = 0;
+        while (k < sizeof(known) / sizeof(known[0]) && strcmp(v->string, known[k]))
+            k++;
+        if (k == sizeof(known) / sizeof(known[0]))
+            return epd_err_set(err, -ENOTSUP, "%s.%.64s: not supported", where, v->string);
+    }
+    q->on = 1;
+    return 0;
+}
+
+/* Glob match of p against s, "*" matching any run of characters. */
+static int glob_match(const char *p, const char *s)
+{
+    const char *star = NULL, *resume = NULL;
+    while (*s) {
+        if (*p == '*') {
+            star = p++;
+            resume = s;
+        } else if (*p == *s) {
+            p++;
+            s++;
+        } else if (star) {
+            p = star + 1;
+            s = ++resume;
+        } else {
+            return 0;
+        }
+    }
+    while (*p == '*')
+        p++;
+    return !*p;
+}
+
+/* Whether pattern p names module m or a module above it, anchored at a dot or m's start:
+ * m = [path "."] p ["." rest]. */
+static int names_module(const char *p, const char *m)
+{
+    char sub[320];
+    if ((size_t)snprintf(sub, sizeof(sub), "%s.*", p) >= sizeof(sub)) sub[0] = 0;
+    for (const char *at = m; at; at = strchr(at, '.') ? strchr(at, '.') + 1 : NULL)
+        if (glob_match(p, at) || (sub[0] && glob_match(sub, at))) return 1;
+    return 0;
+}
+
+int epd_hf_fp8_skipped(const epd_hf_config_t *cfg, const char *module)
+{
+    const char *p = cfg->fp8.skip;
+    for (int i = 0; i < cfg->fp8.n_skip; i++, p += strlen(p) + 1)
+        if (names_module(p, module)) return 1;
+    return 0;
+}
+
 /* One of the strings in `ok` (NULL-terminated), or an error that lists them. */
 static int check_choice(const char *origin, const char *name, const char *v, const char *const *ok,
                         epd_err_t *err)
@@ -408,14 +547,7 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
         (rc = check_unsupported(root, origin, err)) ||
         (rc = parse_rope(root, origin, mla, cfg, err)))
         goto out;
-    const cJSON *qc = field(root, "quantization_config");
-    if (qc && !cJSON_IsNull(qc)) {
-        rc = epd_err_set(err, -ENOTSUP,
-                         "%s: quantization_config: quantized checkpoints are not "
-                         "supported (use the bf16 checkpoint)",
-                         origin);
-        goto out;
-    }
+    if ((rc = parse_fp8(root, origin, &cfg->fp8, err))) goto out;
     if (mla) {
         if ((rc = parse_deepseek(root, origin, cfg, err))) goto out;
     } else if ((rc = parse_qwen3(root, origin, cfg, err))) {

@@ -38,26 +38,30 @@ const char *epd_st_dtype_name(epd_st_dtype_t d)
         return "F16";
     case EPD_ST_F32:
         return "F32";
+    case EPD_ST_F8_E4M3:
+        return "F8_E4M3";
     }
     return "?";
 }
 
 size_t epd_st_dtype_size(epd_st_dtype_t d)
 {
-    return d == EPD_ST_F32 ? 4 : 2;
+    return d == EPD_ST_F32 ? 4 : d == EPD_ST_F8_E4M3 ? 1 : 2;
 }
 
 static int parse_dtype(const char *s, epd_st_dtype_t *out)
 {
-    static const char *const other[] = {
-        "BOOL", "U8",      "I8",      "I16",     "U16", "I32",     "U32",     "I64", "U64",
-        "F64",  "F8_E4M3", "F8_E5M2", "F8_E8M0", "F4",  "F6_E2M3", "F6_E3M2", "C64"};
+    static const char *const other[] = {"BOOL", "U8",      "I8",      "I16", "U16",     "I32",
+                                        "U32",  "I64",     "U64",     "F64", "F8_E5M2", "F8_E8M0",
+                                        "F4",   "F6_E2M3", "F6_E3M2", "C64"};
     if (!strcmp(s, "BF16"))
         *out = EPD_ST_BF16;
     else if (!strcmp(s, "F16"))
         *out = EPD_ST_F16;
     else if (!strcmp(s, "F32"))
         *out = EPD_ST_F32;
+    else if (!strcmp(s, "F8_E4M3"))
+        *out = EPD_ST_F8_E4M3;
     else {
         for (size_t i = 0; i < sizeof(other) / sizeof(other[0]); i++)
             if (!strcmp(s, other[i]))
@@ -103,9 +107,10 @@ static int parse_entry(epd_st_file_t *f, const cJSON *e, epd_st_tensor_t *t, epd
         return epd_err_set(err, -EINVAL, "%s: tensor '%s': missing or non-string \"dtype\"", p, n);
     int r = parse_dtype(dt->valuestring, &t->dtype);
     if (r > 0)
-        return epd_err_set(err, -ENOTSUP,
-                           "%s: tensor '%s': dtype %s is not supported (BF16, F16 and F32 are)", p,
-                           n, dt->valuestring);
+        return epd_err_set(
+            err, -ENOTSUP,
+            "%s: tensor '%s': dtype %s is not supported (BF16, F16, F32 and F8_E4M3 are)", p, n,
+            dt->valuestring);
     if (r < 0)
         return epd_err_set(err, -EINVAL, "%s: tensor '%s': unknown dtype \"%.32s\"", p, n,
                            dt->valuestring);
@@ -421,6 +426,63 @@ static float f16_to_f32(uint16_t h)
     return out;
 }
 
+float epd_e4m3_to_f32(uint8_t q)
+{
+    uint32_t e = (q >> 3) & 0xf, m = q & 7, bits;
+    if (e == 0xf && m == 7) {
+        bits = 0x7fc00000u; /* e4m3fn has no infinities: S.1111.111 is its only NaN */
+    } else if (e == 0) {
+        float v = (float)m * 0x1p-9f; /* subnormal: m/8 * 2^-6, exact */
+        memcpy(&bits, &v, 4);
+    } else {
+        bits = (e + 127 - 7) << 23 | m << 20;
+    }
+    bits |= (uint32_t)(q & 0x80) << 24;
+    float out;
+    memcpy(&out, &bits, 4);
+    return out;
+}
+
+/* Element i of a float tensor as fp32. */
+static float elem_f32(const epd_st_tensor_t *t, size_t i)
+{
+    const unsigned char *s = t->data;
+    switch (t->dtype) {
+    case EPD_ST_BF16: {
+        uint32_t bits = ((uint32_t)s[2 * i] | (uint32_t)s[2 * i + 1] << 8) << 16;
+        float v;
+        memcpy(&v, &bits, 4);
+        return v;
+    }
+    case EPD_ST_F16:
+        return f16_to_f32((uint16_t)(s[2 * i] | s[2 * i + 1] << 8));
+    case EPD_ST_F8_E4M3:
+        return epd_e4m3_to_f32(s[i]);
+    case EPD_ST_F32:
+        break;
+    }
+    float v;
+    memcpy(&v, s + 4 * i, 4);
+    return v;
+}
+
+void epd_st_dequant_fp8_rows(const epd_st_tensor_t *w, const epd_st_tensor_t *scale, int bn, int bk,
+                             int64_t r0, int64_t nr, float *dst)
+{
+    const size_t cols = (size_t)w->shape[1], sc = (size_t)scale->shape[1];
+    const uint8_t *q = w->data;
+    for (int64_t r = r0; r < r0 + nr; r++) {
+        const size_t srow = (size_t)(r / bn) * sc;
+        float *o = dst + (size_t)(r - r0) * cols;
+        for (size_t c0 = 0; c0 < cols; c0 += (size_t)bk) {
+            const float s = elem_f32(scale, srow + c0 / (size_t)bk);
+            const size_t c1 = c0 + (size_t)bk < cols ? c0 + (size_t)bk : cols;
+            for (size_t c = c0; c < c1; c++)
+                o[c] = epd_e4m3_to_f32(q[(size_t)r * cols + c]) * s;
+        }
+    }
+}
+
 void epd_st_to_f32(const epd_st_tensor_t *t, float *dst)
 {
     const unsigned char *s = t->data;
@@ -438,6 +500,10 @@ void epd_st_to_f32(const epd_st_tensor_t *t, float *dst)
     case EPD_ST_F16:
         for (size_t i = 0; i < n; i++)
             dst[i] = f16_to_f32((uint16_t)(s[2 * i] | s[2 * i + 1] << 8));
+        break;
+    case EPD_ST_F8_E4M3:
+        for (size_t i = 0; i < n; i++)
+            dst[i] = epd_e4m3_to_f32(s[i]);
         break;
     }
 }
@@ -665,6 +731,11 @@ const epd_st_tensor_t *epd_st_ckpt_find(const epd_st_ckpt_t *c, const char *name
 int epd_st_ckpt_num_files(const epd_st_ckpt_t *c)
 {
     return c->num_files;
+}
+
+const char *epd_st_ckpt_dir(const epd_st_ckpt_t *c)
+{
+    return c->dir;
 }
 
 static void fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape)

@@ -6,6 +6,7 @@
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 typedef struct table {
     epd_tensor_desc_t *t;
@@ -74,6 +75,45 @@ static void add_mla(table_t *tb, const epd_hf_config_t *c, int l, const char *p)
     add(tb, EPD_W_O, l, -1, 2, H, nh * c->v_head_dim, "%s.self_attn.o_proj.weight", p);
 }
 
+/* Linear weights are fp8 in an FP8 checkpoint, except the embedding, lm_head, the routers and
+ * the modules_to_not_convert. */
+static void mark_fp8(const epd_hf_config_t *c, epd_tensor_desc_t *t)
+{
+    switch (t->role) {
+    case EPD_W_Q:
+    case EPD_W_K:
+    case EPD_W_V:
+    case EPD_W_O:
+    case EPD_W_DENSE_GATE:
+    case EPD_W_DENSE_UP:
+    case EPD_W_DENSE_DOWN:
+    case EPD_W_EXPERT_GATE:
+    case EPD_W_EXPERT_UP:
+    case EPD_W_EXPERT_DOWN:
+    case EPD_W_Q_A:
+    case EPD_W_Q_B:
+    case EPD_W_KV_A:
+    case EPD_W_KV_B:
+    case EPD_W_SHARED_GATE:
+    case EPD_W_SHARED_UP:
+    case EPD_W_SHARED_DOWN:
+        break;
+    default:
+        return;
+    }
+    char module[sizeof(t->name)];
+    size_t n = strlen(t->name);
+    if (n > 7 && !strcmp(t->name + n - 7, ".weight")) n -= 7;
+    memcpy(module, t->name, n);
+    module[n] = 0;
+    if (epd_hf_fp8_skipped(c, module)) return;
+    t->fp8 = 1;
+    t->block[0] = c->fp8.block_n;
+    t->block[1] = c->fp8.block_k;
+    t->scale_shape[0] = (t->shape[0] + c->fp8.block_n - 1) / c->fp8.block_n;
+    t->scale_shape[1] = (t->shape[1] + c->fp8.block_k - 1) / c->fp8.block_k;
+}
+
 int epd_tensor_table(const epd_hf_config_t *c, epd_tensor_desc_t **out, int *n, epd_err_t *err)
 {
     *out = NULL;
@@ -116,6 +156,9 @@ int epd_tensor_table(const epd_hf_config_t *c, epd_tensor_desc_t **out, int *n, 
             add_mlp(&tb, EPD_W_SHARED_GATE, l, -1, H, I * c->n_shared_experts, x);
         }
     }
+    if (c->fp8.on)
+        for (int i = 0; i < tb.n; i++)
+            mark_fp8(c, &tb.t[i]);
     *out = tb.t;
     *n = tb.n;
     return 0;
@@ -131,10 +174,22 @@ int epd_tensor_is_expert(const epd_tensor_desc_t *t)
     return t->expert >= 0;
 }
 
+int epd_tensor_cuda_fp8(const epd_tensor_desc_t *t)
+{
+    return t->fp8 && epd_tensor_is_expert(t);
+}
+
+void epd_tensor_scale_name(const epd_tensor_desc_t *t, char *buf, size_t n)
+{
+    snprintf(buf, n, "%s_scale_inv", t->name);
+}
+
 size_t epd_tensor_bytes(const epd_tensor_desc_t *t, epd_model_backend_t backend)
 {
     size_t n = epd_tensor_elems(t);
     if (backend == EPD_MODEL_CPU) return n * sizeof(float);
+    if (epd_tensor_cuda_fp8(t))
+        return n + (size_t)t->scale_shape[0] * (size_t)t->scale_shape[1] * sizeof(float);
     switch (t->role) {
     case EPD_W_INPUT_NORM:
     case EPD_W_POST_NORM:
@@ -167,4 +222,82 @@ void epd_model_mem_estimate(const epd_hf_config_t *cfg, int nranks, epd_model_ba
             mem->expert_bytes += epd_tensor_bytes(&t[i], backend);
     }
     free(t);
+}
+
+static void fmt_shape(char *buf, size_t n, int ndim, const int64_t *shape)
+{
+    size_t o = (size_t)snprintf(buf, n, "[");
+    for (int i = 0; i < ndim && o < n; i++)
+        o += (size_t)snprintf(buf + o, n - o, "%s%lld", i ? ", " : "", (long long)shape[i]);
+    if (o < n) snprintf(buf + o, n - o, "]");
+}
+
+static int same_shape(const epd_st_tensor_t *s, int ndim, const int64_t *shape)
+{
+    int ok = s->ndim == ndim;
+    for (int i = 0; ok && i < ndim; i++)
+        ok = s->shape[i] == shape[i];
+    return ok;
+}
+
+static int shape_error(const epd_st_tensor_t *s, const char *name, int ndim, const int64_t *shape,
+                       epd_err_t *err)
+{
+    char want[96], got[96];
+    fmt_shape(want, sizeof(want), ndim, shape);
+    fmt_shape(got, sizeof(got), s->ndim, s->shape);
+    return epd_err_set(err, -EINVAL, "%s: tensor '%s' has shape %s, the config implies %s",
+                       epd_st_file_path(s->file), name, got, want);
+}
+
+int epd_tensor_find(const epd_st_ckpt_t *ck, const epd_tensor_desc_t *t, const epd_st_tensor_t **w,
+                    const epd_st_tensor_t **scale, epd_err_t *err)
+{
+    *w = epd_st_ckpt_find(ck, t->name);
+    *scale = NULL;
+    if (!*w)
+        return epd_err_set(err, -ENOENT, "%s: the checkpoint has no tensor '%s'",
+                           epd_st_ckpt_dir(ck), t->name);
+    const char *file = epd_st_file_path((*w)->file);
+    if (!same_shape(*w, t->ndim, t->shape)) return shape_error(*w, t->name, t->ndim, t->shape, err);
+    if (!t->fp8) {
+        if ((*w)->dtype == EPD_ST_F8_E4M3)
+            return epd_err_set(err, -EINVAL,
+                               "%s: tensor '%s' is F8_E4M3, but config.json's quantization_config "
+                               "does not quantize it",
+                               file, t->name);
+        return 0;
+    }
+    if ((*w)->dtype != EPD_ST_F8_E4M3)
+        return epd_err_set(err, -EINVAL,
+                           "%s: tensor '%s' is %s, but config.json's quantization_config (fp8) "
+                           "makes it F8_E4M3 (list it in modules_to_not_convert if it is not "
+                           "quantized)",
+                           file, t->name, epd_st_dtype_name((*w)->dtype));
+    char sn[sizeof(t->name) + 16];
+    epd_tensor_scale_name(t, sn, sizeof(sn));
+    *scale = epd_st_ckpt_find(ck, sn);
+    if (!*scale)
+        return epd_err_set(err, -ENOENT,
+                           "%s: tensor '%s' is F8_E4M3 but the checkpoint has no scale '%s'", file,
+                           t->name, sn);
+    if (!same_shape(*scale, 2, t->scale_shape))
+        return shape_error(*scale, sn, 2, t->scale_shape, err);
+    if ((*scale)->dtype == EPD_ST_F8_E4M3)
+        return epd_err_set(err, -EINVAL, "%s: scale '%s' is F8_E4M3 (BF16, F16 or F32 expected)",
+                           epd_st_file_path((*scale)->file), sn);
+    return 0;
+}
+
+int epd_tensor_load_f32(const epd_st_ckpt_t *ck, const epd_tensor_desc_t *t, float *dst,
+                        epd_err_t *err)
+{
+    const epd_st_tensor_t *w, *s;
+    int rc = epd_tensor_find(ck, t, &w, &s, err);
+    if (rc || !dst) return rc;
+    if (s)
+        epd_st_dequant_fp8_rows(w, s, t->block[0], t->block[1], 0, t->shape[0], dst);
+    else
+        epd_st_to_f32(w, dst);
+    return 0;
 }

@@ -6,6 +6,7 @@
 
 #include "hf_config.h"
 #include "model.h"
+#include "safetensors.h"
 #include "epd_err.h"
 
 #include <stddef.h>
@@ -51,6 +52,11 @@ typedef struct epd_tensor_desc {
     epd_weight_role_t role;
     int layer;  /* -1: not per layer */
     int expert; /* global expert id, -1: not an expert */
+    /* FP8 checkpoints (cfg->fp8.on): the weight is e4m3 with block scales in
+     * <name>_scale_inv (epd_tensor_scale_name) of scale_shape; block [bn, bk] */
+    int fp8;
+    int block[2];
+    int64_t scale_shape[2];
 } epd_tensor_desc_t;
 
 /* The table of cfg's checkpoint: a malloc'd array of *n descriptors (free it), in a fixed
@@ -58,12 +64,31 @@ typedef struct epd_tensor_desc {
  * the attention (Qwen3-MoE: q, k, v, o, q_norm, k_norm; DeepSeek: q or q_a, q_a_norm, q_b, then
  * kv_a, kv_a_norm, kv_b, o), and either the router (V3: its bias), every expert's gate, up, down
  * (expert order) and DeepSeek's shared experts, or the dense gate, up, down. DeepSeek's
- * multi-token-prediction layers (after the last layer) are not in it: loading skips them. */
+ * multi-token-prediction layers (after the last layer) are not in it: loading skips them.
+ * In an FP8 checkpoint every Linear weight is fp8 but the embedding, lm_head, the routers and
+ * the config's modules_to_not_convert. */
 int epd_tensor_table(const epd_hf_config_t *cfg, epd_tensor_desc_t **out, int *n, epd_err_t *err);
 size_t epd_tensor_elems(const epd_tensor_desc_t *t);
 int epd_tensor_is_expert(const epd_tensor_desc_t *t);
-/* Bytes a backend stores for it: cpu fp32 everything; cuda bf16 except the norms and the
- * routers (and their bias), which stay fp32. */
+/* Bytes a backend stores for it: cpu fp32 everything (fp8 weights dequantised on load); cuda
+ * bf16 except the norms and the routers (and their bias), which stay fp32, and the fp8 experts,
+ * which stay fp8 (1 byte per weight) with their fp32 block scales; other fp8 weights (attention,
+ * dense MLPs) are dequantised to bf16 on load. */
 size_t epd_tensor_bytes(const epd_tensor_desc_t *t, epd_model_backend_t backend);
+/* Whether the cuda model keeps the tensor in fp8 (an fp8 expert weight). */
+int epd_tensor_cuda_fp8(const epd_tensor_desc_t *t);
+/* "<name>_scale_inv" into buf[n]. */
+void epd_tensor_scale_name(const epd_tensor_desc_t *t, char *buf, size_t n);
+
+/* Finds t in the checkpoint and checks it against the table: its shape, and for an fp8 weight
+ * the dtype F8_E4M3 and its scale tensor's shape (a scale of BF16, F16 or F32); a tensor the
+ * table does not quantize must not be F8_E4M3. *w, and *scale for fp8 (else NULL), point into
+ * the checkpoint. Errors name the tensor and its file. */
+int epd_tensor_find(const epd_st_ckpt_t *ck, const epd_tensor_desc_t *t, const epd_st_tensor_t **w,
+                    const epd_st_tensor_t **scale, epd_err_t *err);
+/* epd_tensor_find, then the tensor in fp32 into dst[elems] (fp8: dequantised with its block
+ * scales); dst NULL: only the checks. */
+int epd_tensor_load_f32(const epd_st_ckpt_t *ck, const epd_tensor_desc_t *t, float *dst,
+                        epd_err_t *err);
 
 #endif /* EPD_TENSORS_H */

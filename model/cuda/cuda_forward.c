@@ -94,6 +94,31 @@ static int gemm_f32(cu_model_t *m, float *C, const float *X, const float *W, int
         "router GEMM", err);
 }
 
+int cu_experts(cu_model_t *m, const cu_layer_t *w, const void *x, const float *x_scales,
+               const int32_t *counts, const int32_t *offsets, int stride, int L, int max_rows,
+               epd_err_t *err)
+{
+    const int H = m->cfg.hidden_size, I = m->cfg.moe_intermediate_size;
+    const int bn = m->cfg.fp8.block_n, bk = m->cfg.fp8.block_k;
+    epd_stream_t st = (epd_stream_t)m->stream;
+    if (w->w8) {
+        TRY_CU(epd_cu_expert_gate_up_w8(m->act, x, x_scales, counts, offsets, stride, w->gate_up8,
+                                        w->gate_up_sc, bn, bk, L, H, I, max_rows, st),
+               "expert gate/up (fp8 weights)");
+        TRY_CU(epd_cu_expert_down_w8(m->expert_y, m->act, counts, offsets, stride, w->down8,
+                                     w->down_sc, bn, bk, L, H, I, max_rows, st),
+               "expert down (fp8 weights)");
+        return 0;
+    }
+    TRY_CU(epd_cu_expert_gate_up(m->act, x, x_scales, counts, offsets, stride, w->gate_up, L, H, I,
+                                 max_rows, st),
+           "expert gate/up");
+    TRY_CU(epd_cu_expert_down(m->expert_y, m->act, counts, offsets, stride, w->down, L, H, I,
+                              max_rows, st),
+           "expert down");
+    return 0;
+}
+
 /* A bad argument to libep stays -EINVAL; any other failure of libep (a timeout, a peer gone,
  * an abort the kernels saw) is EPD_EEXCHANGE: the group must be re-formed. */
 static int ep_fail(cu_model_t *m, const char *what, ep_status_t st, int layer, epd_err_t *err)
@@ -110,7 +135,6 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
     const epd_hf_config_t *f = &m->cfg;
     const cu_layer_t *w = &m->layers[l];
     const int H = f->hidden_size, E = f->num_experts, k = f->num_experts_per_tok;
-    const int I = f->moe_intermediate_size;
     epd_stream_t st = (epd_stream_t)m->stream;
     *delta = NULL;
     mark(m, capturing, PH_EXCHANGE);
@@ -136,12 +160,7 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
                                          m->topk_idx, T, k, E, H, st),
                "local dispatch");
         mark(m, capturing, PH_EXPERTS);
-        TRY_CU(epd_cu_expert_gate_up(m->act, m->packed, NULL, m->counts, m->offsets, 0, w->gate_up,
-                                     E, H, I, T, st),
-               "expert gate/up");
-        TRY_CU(epd_cu_expert_down(m->expert_y, m->act, m->counts, m->offsets, 0, w->down, E, H, I,
-                                  T, st),
-               "expert down");
+        TRY(cu_experts(m, w, m->packed, NULL, m->counts, m->offsets, 0, E, T, err));
         mark(m, capturing, PH_EXCHANGE);
         TRY_CU(epd_cu_moe_local_combine(m->h, m->expert_y, m->row_of, m->topk_w, T, k, H, st),
                "local combine");
@@ -167,13 +186,8 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
     if (es != EP_OK) return ep_fail(m, "ep_ll_dispatch", es, l, err);
     const int S = m->ll_tokens * m->nranks;
     mark(m, capturing, PH_EXPERTS);
-    TRY_CU(epd_cu_expert_gate_up(m->act, dout.recv_x,
-                                 m->opts.fp8_dispatch ? dout.recv_scales : NULL, dout.recv_count,
-                                 NULL, S, w->gate_up, m->local, H, I, S, st),
-           "expert gate/up");
-    TRY_CU(epd_cu_expert_down(m->expert_y, m->act, dout.recv_count, NULL, S, w->down, m->local, H,
-                              I, S, st),
-           "expert down");
+    TRY(cu_experts(m, w, dout.recv_x, m->opts.fp8_dispatch ? dout.recv_scales : NULL,
+                   dout.recv_count, NULL, S, m->local, S, err));
     mark(m, capturing, PH_EXCHANGE);
     ep_ll_combine_args_t ca = {
         .handle = handle,

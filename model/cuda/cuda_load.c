@@ -1,7 +1,8 @@
 /* The CUDA model's weights: this rank's tensors of the table (tensors.h) read from the mmapped
- * safetensors files, converted to bf16 (norms and routers fp32) into pinned staging buffers and
- * copied to the GPU asynchronously, two buffers in flight, so conversion, disk reads and copies
- * overlap; or random weights made on the GPU for benchmarks. */
+ * safetensors files, converted to bf16 (norms and routers fp32; an FP8 checkpoint's experts kept
+ * as e4m3 codes with fp32 block scales, its other fp8 weights dequantised) into pinned staging
+ * buffers and copied to the GPU asynchronously, two buffers in flight, so conversion, disk reads
+ * and copies overlap; or random weights made on the GPU for benchmarks. */
 #include "cuda_model.h"
 #include "ops.h"
 #include "safetensors.h"
@@ -50,6 +51,8 @@ static float src_f32(const epd_st_tensor_t *t, size_t i)
 {
     const unsigned char *d = t->data;
     switch (t->dtype) {
+    case EPD_ST_F8_E4M3:
+        return epd_e4m3_to_f32(d[i]);
     case EPD_ST_BF16: {
         uint16_t v;
         memcpy(&v, d + 2 * i, 2);
@@ -68,10 +71,32 @@ static float src_f32(const epd_st_tensor_t *t, size_t i)
     }
 }
 
-/* Converts elements [i0, i0 + n) of t into dst as bf16 (esize 2) or fp32 (esize 4). */
-static void convert(const epd_st_tensor_t *t, size_t i0, size_t n, void *dst, int esize)
+/* A tensor to stream: t's elements, dequantised with sc in blocks bn x bk where sc is set. */
+typedef struct src {
+    const epd_st_tensor_t *t, *sc;
+    int bn, bk;
+} src_t;
+
+/* Converts elements [i0, i0 + n) of s into dst: bf16 (esize 2), fp32 (esize 4) or the stored
+ * bytes (esize 1: e4m3 codes kept). */
+static void convert(const src_t *s, size_t i0, size_t n, void *dst, int esize)
 {
-    if (esize == 2 && t->dtype == EPD_ST_BF16) {
+    const epd_st_tensor_t *t = s->t;
+    if (esize == 1) {
+        memcpy(dst, (const char *)t->data + i0, n);
+    } else if (s->sc) { /* fp8 dequantised: W = e4m3(q) * scale[r / bn][c / bk] */
+        const size_t cols = (size_t)t->shape[1], sc = (size_t)s->sc->shape[1];
+        const uint8_t *q = t->data;
+        for (size_t i = i0; i < i0 + n; i++) {
+            const size_t r = i / cols, c = i % cols;
+            float v =
+                epd_e4m3_to_f32(q[i]) * src_f32(s->sc, r / (size_t)s->bn * sc + c / (size_t)s->bk);
+            if (esize == 2)
+                ((uint16_t *)dst)[i - i0] = epd_f32_to_bf16(v);
+            else
+                ((float *)dst)[i - i0] = v;
+        }
+    } else if (esize == 2 && t->dtype == EPD_ST_BF16) {
         memcpy(dst, (const char *)t->data + 2 * i0, 2 * n);
     } else if (esize == 4 && t->dtype == EPD_ST_F32) {
         memcpy(dst, (const char *)t->data + 4 * i0, 4 * n);
@@ -86,11 +111,11 @@ static void convert(const epd_st_tensor_t *t, size_t i0, size_t n, void *dst, in
     }
 }
 
-/* Streams tensor t (already shape-checked) to dst on the GPU. */
-static int upload(loader_t *ld, const epd_st_tensor_t *t, void *dst, int esize)
+/* Streams s (already checked) to dst on the GPU. */
+static int upload(loader_t *ld, const src_t *s, void *dst, int esize)
 {
     cu_model_t *m = ld->m;
-    size_t n = (size_t)t->numel, per = STAGE_BYTES / (size_t)esize;
+    size_t n = (size_t)s->t->numel, per = STAGE_BYTES / (size_t)esize;
     for (size_t i0 = 0; i0 < n; i0 += per) {
         size_t c = n - i0 < per ? n - i0 : per;
         int b = ld->next;
@@ -99,7 +124,7 @@ static int upload(loader_t *ld, const epd_st_tensor_t *t, void *dst, int esize)
         if (ld->used[b] &&
             (rc = cu_check(cudaEventSynchronize(ld->done[b]), "weights upload", ld->err)))
             return rc;
-        convert(t, i0, c, ld->stage[b], esize);
+        convert(s, i0, c, ld->stage[b], esize);
         if ((rc = cu_check(cudaMemcpyAsync((char *)dst + i0 * (size_t)esize, ld->stage[b],
                                            c * (size_t)esize, cudaMemcpyHostToDevice, m->stream),
                            "weights upload", ld->err)) ||
@@ -116,15 +141,17 @@ static int upload(loader_t *ld, const epd_st_tensor_t *t, void *dst, int esize)
     return 0;
 }
 
-/* Where the tensor goes on this rank (NULL: another rank's expert) and its element size. */
+/* Where the tensor goes on this rank (NULL: another rank's expert) and its element size (1: an
+ * fp8 expert's codes, whose block scales go to *scale_dst). */
 static void *destination(cu_model_t *m, const epd_model_placement_t *pl, const epd_tensor_desc_t *d,
-                         int *esize)
+                         int *esize, float **scale_dst)
 {
     const epd_hf_config_t *f = &m->cfg;
     size_t H = (size_t)f->hidden_size, hd = (size_t)f->head_dim;
     size_t I = (size_t)f->moe_intermediate_size, Id = (size_t)f->intermediate_size;
     cu_layer_t *w = d->layer >= 0 ? &m->layers[d->layer] : NULL;
     *esize = 2;
+    *scale_dst = NULL;
     switch (d->role) {
     case EPD_W_EMBED:
         return m->embed;
@@ -168,29 +195,27 @@ static void *destination(cu_model_t *m, const epd_model_placement_t *pl, const e
         int slot = pl ? pl->slot_of[d->expert] : d->expert;
         if (slot / m->local != m->rank) return NULL;
         size_t l = (size_t)(slot % m->local);
+        if (w->w8) {
+            /* codes [L][2I][H] and [L][H][I]; scales [L][2][nbr][nbk] and [L][nbr][nbk]: the
+             * table's scale shape of each projection */
+            const size_t ns = (size_t)d->scale_shape[0] * (size_t)d->scale_shape[1];
+            *esize = 1;
+            if (d->role == EPD_W_EXPERT_DOWN) {
+                *scale_dst = w->down_sc + l * ns;
+                return w->down8 + l * H * I;
+            }
+            const size_t up = d->role == EPD_W_EXPERT_UP;
+            *scale_dst = w->gate_up_sc + (l * 2 + up) * ns;
+            return w->gate_up8 + l * 2 * I * H + up * I * H;
+        }
         if (d->role == EPD_W_EXPERT_GATE) return w->gate_up + l * 2 * I * H;
         if (d->role == EPD_W_EXPERT_UP) return w->gate_up + l * 2 * I * H + I * H;
         return w->down + l * H * I;
     }
+    default: /* DeepSeek's MLA and shared experts: the cuda model refuses MLA before loading */
+        break;
     }
     return NULL;
-}
-
-static int check_shape(loader_t *ld, const epd_st_tensor_t *t, const epd_tensor_desc_t *d)
-{
-    int ok = t->ndim == d->ndim;
-    for (int i = 0; ok && i < d->ndim; i++)
-        ok = t->shape[i] == d->shape[i];
-    if (ok) return 0;
-    char got[96] = "", want[96] = "";
-    for (int i = 0; i < t->ndim && i < 4; i++)
-        snprintf(got + strlen(got), sizeof(got) - strlen(got), "%s%lld", i ? ", " : "",
-                 (long long)t->shape[i]);
-    for (int i = 0; i < d->ndim; i++)
-        snprintf(want + strlen(want), sizeof(want) - strlen(want), "%s%lld", i ? ", " : "",
-                 (long long)d->shape[i]);
-    return epd_err_set(ld->err, -EINVAL, "%s: tensor '%s' has shape [%s], config.json implies [%s]",
-                       epd_st_file_path(t->file), d->name, got, want);
 }
 
 int cu_load_weights(cu_model_t *m, const epd_model_placement_t *pl, epd_err_t *err)
@@ -203,15 +228,14 @@ int cu_load_weights(cu_model_t *m, const epd_model_placement_t *pl, epd_err_t *e
     if ((rc = epd_st_ckpt_open(m->opts.dir, &ck, err))) goto out;
     /* find and check every tensor first: a broken checkpoint fails before any copy */
     for (int i = 0; i < n; i++) {
-        const epd_st_tensor_t *t = epd_st_ckpt_find(ck, tab[i].name);
-        if (!t) {
-            rc = epd_err_set(err, -ENOENT, "%s: the checkpoint has no tensor '%s'", m->opts.dir,
-                             tab[i].name);
-            goto out;
-        }
-        if ((rc = check_shape(&ld, t, &tab[i]))) goto out;
+        const epd_st_tensor_t *t, *sc;
+        if ((rc = epd_tensor_find(ck, &tab[i], &t, &sc, err))) goto out;
         int es;
-        if (destination(m, pl, &tab[i], &es)) ld.total += (uint64_t)t->numel * (uint64_t)es;
+        float *sd;
+        if (destination(m, pl, &tab[i], &es, &sd)) {
+            ld.total += (uint64_t)t->numel * (uint64_t)es;
+            if (sd) ld.total += (uint64_t)sc->numel * 4;
+        }
     }
     for (int b = 0; b < NSTAGE; b++) {
         if ((rc = cu_check(cudaMallocHost((void **)&ld.stage[b], STAGE_BYTES), "pinned staging",
@@ -222,9 +246,17 @@ int cu_load_weights(cu_model_t *m, const epd_model_placement_t *pl, epd_err_t *e
     }
     for (int i = 0; i < n; i++) {
         int es;
-        void *dst = destination(m, pl, &tab[i], &es);
+        float *sd;
+        void *dst = destination(m, pl, &tab[i], &es, &sd);
         if (!dst) continue;
-        if ((rc = upload(&ld, epd_st_ckpt_find(ck, tab[i].name), dst, es))) goto out;
+        src_t s = {.bn = tab[i].block[0], .bk = tab[i].block[1]};
+        if ((rc = epd_tensor_find(ck, &tab[i], &s.t, &s.sc, err))) goto out;
+        if (es == 1) { /* kept fp8: the codes, then the scales as fp32 */
+            const src_t codes = {.t = s.t}, scales = {.t = s.sc};
+            if ((rc = upload(&ld, &codes, dst, 1)) || (rc = upload(&ld, &scales, sd, 4))) goto out;
+            continue;
+        }
+        if ((rc = upload(&ld, &s, dst, es))) goto out;
     }
     rc = cu_check(cudaStreamSynchronize(m->stream), "weights upload", err);
 out:
@@ -262,7 +294,17 @@ int cu_random_weights(cu_model_t *m, uint64_t seed, epd_err_t *err)
         ONE(w->k_norm, hd);
         BF(w->qkv, (size_t)m->qkv_dim * H);
         BF(w->o, H * (size_t)m->q_dim);
-        if (w->is_moe) {
+        if (w->is_moe && w->w8) {
+            /* codes of +-448 times scales of a / 448: the same uniform weights in fp8 */
+            const size_t bn = (size_t)f->fp8.block_n, bk = (size_t)f->fp8.block_k;
+            const size_t sgu = L * 2 * ((I + bn - 1) / bn) * ((H + bk - 1) / bk);
+            const size_t sdn = L * ((H + bn - 1) / bn) * ((I + bk - 1) / bk);
+            if (!e) e = epd_cu_fill_uniform_f32(w->router, E * H, seed++, -a, a, s);
+            if (!e) e = epd_cu_fill_uniform_e4m3(w->gate_up8, L * 2 * I * H, seed++, -448, 448, s);
+            if (!e) e = epd_cu_fill_uniform_e4m3(w->down8, L * H * I, seed++, -448, 448, s);
+            if (!e) e = epd_cu_fill_uniform_f32(w->gate_up_sc, sgu, seed++, a / 448, a / 448, s);
+            if (!e) e = epd_cu_fill_uniform_f32(w->down_sc, sdn, seed++, a / 448, a / 448, s);
+        } else if (w->is_moe) {
             if (!e) e = epd_cu_fill_uniform_f32(w->router, E * H, seed++, -a, a, s);
             BF(w->gate_up, L * 2 * I * H);
             BF(w->down, L * H * I);

@@ -65,7 +65,19 @@ static void carve_weights(cu_model_t *m, carver_t *c)
         w->qkv = carve(c, (size_t)m->qkv_dim * H * 2);
         w->o = carve(c, H * (size_t)m->q_dim * 2);
         w->is_moe = epd_hf_layer_is_moe(f, l);
-        if (w->is_moe) {
+        if (w->is_moe && w->w8) {
+            /* e4m3 codes and block scales, as the tensor table counts them */
+            const size_t bn = (size_t)f->fp8.block_n, bk = (size_t)f->fp8.block_k;
+            const size_t sgu = L * 2 * ((I + bn - 1) / bn) * ((H + bk - 1) / bk) * 4;
+            const size_t sdn = L * ((H + bn - 1) / bn) * ((I + bk - 1) / bk) * 4;
+            w->router = carve(c, E * H * 4);
+            w->gate_up = w->down = NULL;
+            w->gate_up8 = carve(c, L * 2 * I * H);
+            w->down8 = carve(c, L * H * I);
+            w->gate_up_sc = carve(c, sgu);
+            w->down_sc = carve(c, sdn);
+            experts += L * 3 * I * H + sgu + sdn;
+        } else if (w->is_moe) {
             w->router = carve(c, E * H * 4);
             w->gate_up = carve(c, L * 2 * I * H * 2);
             w->down = carve(c, L * H * I * 2);
@@ -79,6 +91,40 @@ static void carve_weights(cu_model_t *m, carver_t *c)
     m->weights_bytes = c->used - before;
     m->expert_bytes = experts;
     m->replicated_bytes = m->weights_bytes - experts;
+}
+
+/* Which MoE layers keep fp8 experts (an FP8 checkpoint's, per the tensor table): all of a
+ * layer's experts or none, in blocks whose channels the kernels step through (32 at a time). */
+static int fp8_layers(cu_model_t *m, epd_err_t *err)
+{
+    const epd_hf_config_t *f = &m->cfg;
+    if (!f->fp8.on) return 0;
+    epd_tensor_desc_t *t;
+    int n, rc;
+    if ((rc = epd_tensor_table(f, &t, &n, err))) return rc;
+    for (int l = 0; l < f->num_hidden_layers; l++)
+        m->layers[l].w8 = -1;
+    for (int i = 0; i < n && !rc; i++) {
+        if (!epd_tensor_is_expert(&t[i])) continue;
+        cu_layer_t *w = &m->layers[t[i].layer];
+        const int q = epd_tensor_cuda_fp8(&t[i]);
+        if (w->w8 < 0) w->w8 = q;
+        if (w->w8 != q)
+            rc = epd_err_set(err, -ENOTSUP,
+                             "cuda model: '%s' is %s while other experts of layer %d are not "
+                             "(modules_to_not_convert): a layer's experts must be all fp8 or "
+                             "none",
+                             t[i].name, q ? "fp8" : "not fp8", t[i].layer);
+    }
+    for (int l = 0; l < f->num_hidden_layers; l++)
+        if (m->layers[l].w8 < 0) m->layers[l].w8 = 0;
+    free(t);
+    if (!rc && f->fp8.block_k % 32)
+        rc = epd_err_set(err, -ENOTSUP,
+                         "cuda model: quantization_config.weight_block_size [%d, %d]: the fp8 "
+                         "expert kernels need block_k a multiple of 32",
+                         f->fp8.block_n, f->fp8.block_k);
+    return rc;
 }
 
 /* The largest (tokens x splits) product of an attention call: sizes its workspace. */
@@ -163,6 +209,7 @@ int cu_model_alloc(cu_model_t *m, epd_err_t *err)
         (rc = cu_blas_check(cublasSetStream(m->cublas, m->stream), "cublasSetStream", err)))
         return rc;
 
+    if ((rc = fp8_layers(m, err))) return rc;
     carver_t c = {0};
     carve_weights(m, &c);
     size_t wbytes = c.used;

@@ -3,9 +3,10 @@
  * random ones for benchmarks) and cuda_forward.c (the step: eager, or a replayed CUDA graph per
  * decode bucket). Not a public interface: the engine reaches it through model.h.
  *
- * Precision: weights bf16 (norm weights and routers fp32), KV cache bf16, the residual stream
- * fp32, GEMM inputs bf16 with fp32 accumulation and fp32 outputs, attention in fp32 over bf16
- * K/V, expert activations bf16 (or fp8 on the LL wire with model.fp8_dispatch). */
+ * Precision: weights bf16 (norm weights and routers fp32; an FP8 checkpoint's experts e4m3
+ * with fp32 block scales, its other fp8 weights dequantised to bf16 on load), KV cache bf16, the
+ * residual stream fp32, GEMM inputs bf16 with fp32 accumulation and fp32 outputs, attention in fp32
+ * over bf16 K/V, expert activations bf16 (or fp8 on the LL wire with model.fp8_dispatch). */
 #ifndef EPD_CUDA_MODEL_H
 #define EPD_CUDA_MODEL_H
 
@@ -29,6 +30,11 @@ typedef struct cu_layer {
     float *router;     /* [E][H] fp32 */
     uint16_t *gate_up; /* MoE: [L][2I][H] (gate rows, then up rows); dense: [2Id][H] */
     uint16_t *down;    /* MoE: [L][H][I]; dense: [H][Id] */
+    /* MoE layers of an FP8 checkpoint (w8): the experts as stored, e4m3 in the layouts above,
+     * with their block scales (cuda_ops.h, epd_cu_expert_*_w8); gate_up and down are NULL */
+    int w8;
+    uint8_t *gate_up8, *down8;
+    float *gate_up_sc, *down_sc;
     uint16_t *k_cache; /* [num_blocks][block_size][nkv][hd] */
     uint16_t *v_cache;
 } cu_layer_t;
@@ -123,6 +129,11 @@ int cu_load_weights(cu_model_t *m, const epd_model_placement_t *placement, epd_e
 /* Random weights made on the GPU (benchmarks: a real model's shape without its file). */
 int cu_random_weights(cu_model_t *m, uint64_t seed, epd_err_t *err);
 
+/* cuda_forward.c: the experts' SwiGLU on packed rows with the layer's bf16 or fp8 weights */
+int cu_experts(cu_model_t *m, const cu_layer_t *w, const void *x, const float *x_scales,
+               const int32_t *counts, const int32_t *offsets, int stride, int L, int max_rows,
+               epd_err_t *err);
+
 /* cuda_forward.c */
 int cu_forward(void *impl, const epd_step_t *s, int32_t *next, float *logits, epd_err_t *err);
 void cu_graphs_destroy(cu_model_t *m);
@@ -135,6 +146,9 @@ int epd_cu_fill_uniform_bf16(uint16_t *dst, size_t n, uint64_t seed, float lo, f
                              cudaStream_t stream);
 int epd_cu_fill_uniform_f32(float *dst, size_t n, uint64_t seed, float lo, float hi,
                             cudaStream_t stream);
+/* e4m3 codes of uniform values in [lo, hi] (saturated to +-448) */
+int epd_cu_fill_uniform_e4m3(uint8_t *dst, size_t n, uint64_t seed, float lo, float hi,
+                             cudaStream_t stream);
 #ifdef __cplusplus
 }
 #endif

@@ -108,6 +108,20 @@ int epd_cu_expert_gate_up(uint16_t *act, const void *x, const float *x_scales,
 int epd_cu_expert_down(uint16_t *y, const uint16_t *act, const int32_t *counts,
                        const int32_t *offsets, int stride, const uint16_t *w_down, int L, int H,
                        int I, int max_rows, epd_stream_t stream);
+/* The same with the weights of an FP8 checkpoint as stored: e4m3 codes (w8_gate_up [L][2I][H],
+ * gate rows then up rows; w8_down [L][H][I]) with fp32 scales per block of bn rows by bk
+ * channels, w = e4m3(q) * scale: gate_up's w_scales [L][2][ceil(I/bn)][ceil(H/bk)] (the gate
+ * projection's blocks, then the up projection's: each keeps its own row blocks), down's
+ * [L][ceil(H/bn)][ceil(I/bk)]. bk a multiple of 32. The codes become bf16 in registers (exact);
+ * the sum over each block of channels is scaled once. NaN codes are not carried. */
+int epd_cu_expert_gate_up_w8(uint16_t *act, const void *x, const float *x_scales,
+                             const int32_t *counts, const int32_t *offsets, int stride,
+                             const uint8_t *w8_gate_up, const float *w_scales, int bn, int bk,
+                             int L, int H, int I, int max_rows, epd_stream_t stream);
+int epd_cu_expert_down_w8(uint16_t *y, const uint16_t *act, const int32_t *counts,
+                          const int32_t *offsets, int stride, const uint8_t *w8_down,
+                          const float *w_scales, int bn, int bk, int L, int H, int I, int max_rows,
+                          epd_stream_t stream);
 
 /* ---- sampling (sample.cu) ----------------------------------------------------------------- */
 

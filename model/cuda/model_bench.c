@@ -3,7 +3,8 @@
  * limit of each step (bytes of weights and KV a step must read, at --hbm-tbs TB/s).
  *
  *   model-bench [--batches 1,8,64,256] [--ctx 1024] [--steps 20] [--prefill 4096] [--ranks 1|2]
- *               [--fp8] [--no-graphs] [--profile] [--layers N --hidden H --experts E --topk K
+ *               [--fp8] [--weights bf16|fp8] [--no-graphs] [--profile]
+ *               [--layers N --hidden H --experts E --topk K
  *                --moe-inter I --inter Id --heads nh --kv-heads nkv --head-dim hd --vocab V]
  *
  * Each rank is a thread of this process on the same GPU (--ranks 2: EP=2 sharing one GPU, the
@@ -11,7 +12,9 @@
  * random positions, steps of one token each (greedy), the median over --steps after warm-up
  * (the warm-up captures the step's CUDA graph). Prefill: one prompt of --prefill tokens in
  * chunks of the model's largest step. --profile adds a breakdown of an eager decode step by
- * phase (cudaEvents between phases). */
+ * phase (cudaEvents between phases). --fp8 sends the LL dispatch in fp8; --weights fp8 makes the
+ * experts random e4m3 codes with fp32 scales in 128 x 128 blocks, as an FP8 checkpoint's (the
+ * Qwen3 -FP8 and DeepSeek-V3 layout), and the HBM limit counts them at 1 byte per weight. */
 #include "cuda_model.h"
 
 #include <math.h>
@@ -57,6 +60,8 @@ static int cmp_d(const void *a, const void *b)
  * them), and the KV of every sequence. Over all ranks (the HBM of one GPU here). */
 static double step_bytes(const epd_hf_config_t *c, int B, int ctx)
 {
+    /* an expert weight: 2 bytes in bf16; 1 in fp8, plus a 4-byte scale per block */
+    const double ew = c->fp8.on ? 1.0 + 4.0 / ((double)c->fp8.block_n * c->fp8.block_k) : 2.0;
     double H = c->hidden_size, V = c->vocab_size, hd = c->head_dim;
     double qd = c->num_attention_heads * hd, kvd = c->num_key_value_heads * hd;
     double bytes = V * H * 2 + H * 4; /* lm_head, final norm */
@@ -65,7 +70,7 @@ static double step_bytes(const epd_hf_config_t *c, int B, int ctx)
     for (int l = 0; l < c->num_hidden_layers; l++) {
         bytes += (qd + 2 * kvd) * H * 2 + H * qd * 2 + 2 * H * 4 + 2 * hd * 4;
         if (epd_hf_layer_is_moe(c, l))
-            bytes += E * H * 4 + touched * 3 * I * H * 2;
+            bytes += E * H * 4 + touched * 3 * I * H * ew;
         else
             bytes += 3.0 * c->intermediate_size * H * 2;
     }
@@ -149,9 +154,10 @@ static void *rank_main(void *p)
                c->moe_intermediate_size, c->num_attention_heads, c->num_key_value_heads,
                c->head_dim, c->vocab_size, o->ranks);
         printf("rank 0 holds: replicated %.2f GB, experts %.2f GB, KV %.2f GB (%d blocks), "
-               "workspace %.2f GB; fp8 dispatch %s, graphs %s\n",
+               "workspace %.2f GB; expert weights %s, fp8 dispatch %s, graphs %s\n",
                m->replicated_bytes / 1e9, m->expert_bytes / 1e9, m->kv_bytes / 1e9, m->num_blocks,
-               m->ws_bytes / 1e9, o->fp8 ? "on" : "off", o->no_graphs ? "off" : "on");
+               m->ws_bytes / 1e9, c->fp8.on ? "fp8 (128x128 blocks)" : "bf16",
+               o->fp8 ? "on" : "off", o->no_graphs ? "off" : "on");
         printf("\n| batch | ctx | ms/step (median) | p10 | p90 | tokens/s | HBM limit ms | "
                "%% of limit |\n|---|---|---|---|---|---|---|---|\n");
     }
@@ -348,6 +354,10 @@ int main(int argc, char **argv)
             i++;
         } else if (!strcmp(k, "--hbm-tbs") && v) {
             o.hbm_tbs = atof(v);
+            i++;
+        } else if (!strcmp(k, "--weights") && v && (!strcmp(v, "fp8") || !strcmp(v, "bf16"))) {
+            c->fp8.on = !strcmp(v, "fp8");
+            c->fp8.block_n = c->fp8.block_k = 128;
             i++;
         } else if (!strcmp(k, "--fp8")) {
             o.fp8 = 1;

@@ -65,6 +65,36 @@ __device__ __forceinline__ uint4 ld_weights(const uint16_t *p, uint64_t pol)
     return v;
 }
 
+__device__ __forceinline__ uint2 ld_weights8(const uint8_t *p, uint64_t pol)
+{
+    uint2 v;
+    asm volatile("ld.global.nc.L1::no_allocate.L2::cache_hint.v2.u32 {%0,%1}, [%2], %3;\n"
+                 : "=r"(v.x), "=r"(v.y)
+                 : "l"(p), "l"(pol));
+    return v;
+}
+
+/* Two e4m3 codes (the low 16 bits of q, first code lowest) -> two bf16 (first in the low half),
+ * exact: the hardware's e4m3x2 -> f16x2 conversion (every e4m3 value is a normal f16 or zero),
+ * then f16 -> bf16 in integer ops: mantissa and exponent shift down by 3 bits, the exponent bias
+ * grows by 112 where the value is not zero. NaN codes are not carried (weights hold none). */
+__device__ __forceinline__ uint32_t e4m3x2_to_bf16x2(uint32_t q)
+{
+    const __half2_raw h2 =
+        __nv_cvt_fp8x2_to_halfraw2((__nv_fp8x2_storage_t)(q & 0xffffu), __NV_E4M3);
+    const uint32_t h = (uint32_t)h2.x | (uint32_t)h2.y << 16;
+    const uint32_t t = (h >> 3) & 0x0fff0fffu;                   /* |value| as bf16, bias 15 */
+    const uint32_t nz = ((t + 0x7fff7fffu) >> 15) & 0x00010001u; /* 1 per non-zero half */
+    return (t + nz * 0x3800u) | (h & 0x80008000u);
+}
+
+/* Eight e4m3 weights (8 bytes) -> eight bf16 in the layout of ld_weights. */
+__device__ __forceinline__ uint4 e4m3x8_to_bf16x8(uint2 q)
+{
+    return make_uint4(e4m3x2_to_bf16x2(q.x), e4m3x2_to_bf16x2(q.x >> 16), e4m3x2_to_bf16x2(q.y),
+                      e4m3x2_to_bf16x2(q.y >> 16));
+}
+
 /* ---- experts ----------------------------------------------------------------------------------
  * One block: WG warps side by side over the output columns, KS warps splitting the reduction
  * (k) dimension, for one local expert (blockIdx.y). Each warp owns 16 weight rows (the M of the
@@ -76,13 +106,20 @@ __device__ __forceinline__ uint4 ld_weights(const uint16_t *p, uint64_t pol)
  *
  * Instead of the mma's k order, thread (g = lane / 4, c = lane % 4) feeds it physical channels
  * kb + 8c .. kb + 8c + 7 of its weight rows and of its staged row, as two k16 steps: a sum over
- * k does not depend on the order, and both operands come from one 16-byte load each. */
-template <bool kGateUp, bool kFp8, int NT, int WG, int KS>
+ * k does not depend on the order, and both operands come from one 16-byte load each.
+ *
+ * kW8: the weights are e4m3 (an FP8 checkpoint's experts as stored: 8 bytes per lane and chunk,
+ * half the bytes) with fp32 scales per block of bn rows by bk channels (w_scales, layouts in
+ * cuda_ops.h); each chunk's codes become bf16 in registers (exact), the partial sums of each
+ * block of channels are scaled by the weight rows' block scales (and the staged rows' when kFp8)
+ * as the activation scales are. Partial sums run over `fl` chunks: the channels on which every
+ * scale involved is constant. */
+template <bool kGateUp, bool kFp8, bool kW8, int NT, int WG, int KS>
 __global__ void __launch_bounds__(32 * WG * KS)
     expert_mm(uint16_t *__restrict__ out, const void *__restrict__ xin,
               const float *__restrict__ x_scales, const int32_t *__restrict__ counts,
-              const int32_t *__restrict__ offsets, int stride, const uint16_t *__restrict__ w,
-              int K, int M, int max_rows)
+              const int32_t *__restrict__ offsets, int stride, const void *__restrict__ w,
+              const float *__restrict__ w_scales, int bn, int bk, int K, int M, int max_rows)
 {
     /* gate_up: K = H, M = I (outputs per row), w [L][2I][H]; down: K = I, M = H, w [L][H][I]. */
     constexpr int RT = 8 * NT;
@@ -109,13 +146,32 @@ __global__ void __launch_bounds__(32 * WG * KS)
     const uint64_t pol = l2_evict_first();
 
     const size_t wrows = kGateUp ? 2 * (size_t)M : (size_t)M;
-    const uint16_t *wl = w + (size_t)l * wrows * K;
-    const uint16_t *wa = wl + (size_t)(c0 + g) * K;
-    const uint16_t *wb = wl + (size_t)(kGateUp ? M + c0 + g : c0 + g + 8) * K;
+    const int ra = c0 + g, rb = kGateUp ? M + c0 + g : c0 + g + 8; /* this thread's weight rows */
+    const uint16_t *wa = static_cast<const uint16_t *>(w) + ((size_t)l * wrows + ra) * K;
+    const uint16_t *wb = static_cast<const uint16_t *>(w) + ((size_t)l * wrows + rb) * K;
+    const uint8_t *wa8 = static_cast<const uint8_t *>(w) + ((size_t)l * wrows + ra) * K;
+    const uint8_t *wb8 = static_cast<const uint8_t *>(w) + ((size_t)l * wrows + rb) * K;
+    /* the weight rows' block scales: gate_up [L][2][nbr][nbk] (the up half's own blocks), down
+     * [L][nbr][nbk] */
+    const int nbk = kW8 ? (K + bk - 1) / bk : 1;
+    const int nbr = kW8 ? (M + bn - 1) / bn : 1;
+    const float *swa = nullptr, *swb = nullptr;
+    if (kW8) {
+        const float *swl = w_scales + (size_t)l * (kGateUp ? 2 : 1) * nbr * nbk;
+        swa = swl + (size_t)(ra / bn) * nbk;
+        swb = swl + (size_t)(kGateUp ? nbr + (c0 + g) / bn : rb / bn) * nbk;
+    }
 
-    /* k split: whole chunks, whole fp8 blocks (4 chunks) */
+    /* chunks per partial sum: an fp8 activation block (4 chunks), a weight block (bk / 32), or
+     * the channels common to both */
+    const int fl = kW8 ? (kFp8 ? (bk / kChunk) % 4 == 0   ? 4
+                                 : (bk / kChunk) % 2 == 0 ? 2
+                                                          : 1
+                               : bk / kChunk)
+                       : 4;
+    /* k split: whole chunks, whole partial sums */
     int per = (nch + KS - 1) / KS;
-    if (kFp8) per = (per + 3) & ~3;
+    if (kFp8 || kW8) per = (per + fl - 1) / fl * fl;
     const int ch_lo = kh * per;
     const int ch_hi = min(nch, ch_lo + per);
 
@@ -163,8 +219,13 @@ __global__ void __launch_bounds__(32 * WG * KS)
                 for (int u = 0; u < kUnroll; ++u) {
                     const int k = (ch0 + u) * kChunk + 8 * c;
                     if (ch0 + u < ch_hi && k < K) {
-                        va[u] = ld_weights(wa + k, pol);
-                        vb[u] = ld_weights(wb + k, pol);
+                        if (kW8) {
+                            va[u] = e4m3x8_to_bf16x8(ld_weights8(wa8 + k, pol));
+                            vb[u] = e4m3x8_to_bf16x8(ld_weights8(wb8 + k, pol));
+                        } else {
+                            va[u] = ld_weights(wa + k, pol);
+                            vb[u] = ld_weights(wb + k, pol);
+                        }
                     } else {
                         va[u] = vb[u] = make_uint4(0, 0, 0, 0);
                     }
@@ -177,21 +238,24 @@ __global__ void __launch_bounds__(32 * WG * KS)
                     for (int n = 0; n < NT; ++n) {
                         const uint4 xv = *reinterpret_cast<const uint4 *>(
                             xs + (size_t)(n * 8 + g) * ld + ch * kChunk + 8 * c);
-                        float(&d)[4] = kFp8 ? tmp[n] : acc[n];
+                        float(&d)[4] = kFp8 || kW8 ? tmp[n] : acc[n];
                         mma_bf16(d, va[u].x, vb[u].x, va[u].y, vb[u].y, xv.x, xv.y);
                         mma_bf16(d, va[u].z, vb[u].z, va[u].w, vb[u].w, xv.z, xv.w);
                     }
-                    if (kFp8 && (((ch + 1) & 3) == 0 || ch + 1 == ch_hi)) {
+                    if ((kFp8 || kW8) && ((ch + 1) % fl == 0 || ch + 1 == ch_hi)) {
                         const int b = ch >> 2;
+                        /* d0, d1 belong to weight row ra, d2, d3 to rb */
+                        const float sa = kW8 ? swa[ch * kChunk / bk] : 1.0f;
+                        const float sb = kW8 ? swb[ch * kChunk / bk] : 1.0f;
 #pragma unroll
                         for (int n = 0; n < NT; ++n) {
                             /* accumulator columns are rows n*8 + 2c and n*8 + 2c + 1 */
-                            const float s0 = sc[(n * 8 + 2 * c) * nb + b];
-                            const float s1 = sc[(n * 8 + 2 * c + 1) * nb + b];
-                            acc[n][0] += s0 * tmp[n][0];
-                            acc[n][1] += s1 * tmp[n][1];
-                            acc[n][2] += s0 * tmp[n][2];
-                            acc[n][3] += s1 * tmp[n][3];
+                            const float s0 = kFp8 ? sc[(n * 8 + 2 * c) * nb + b] : 1.0f;
+                            const float s1 = kFp8 ? sc[(n * 8 + 2 * c + 1) * nb + b] : 1.0f;
+                            acc[n][0] += s0 * sa * tmp[n][0];
+                            acc[n][1] += s1 * sa * tmp[n][1];
+                            acc[n][2] += s0 * sb * tmp[n][2];
+                            acc[n][3] += s1 * sb * tmp[n][3];
                             tmp[n][0] = tmp[n][1] = tmp[n][2] = tmp[n][3] = 0.0f;
                         }
                     }
@@ -236,9 +300,16 @@ __global__ void __launch_bounds__(32 * WG * KS)
     }
 }
 
-template <bool kGateUp, bool kFp8, int NT, int WG, int KS>
+/* The weights of one launch: bf16 (scales NULL), or e4m3 with block scales. */
+struct WeightsArg {
+    const void *w;
+    const float *scales;
+    int bn, bk;
+};
+
+template <bool kGateUp, bool kFp8, bool kW8, int NT, int WG, int KS>
 int launch_expert(uint16_t *out, const void *x, const float *xs, const int32_t *counts,
-                  const int32_t *offsets, int stride, const uint16_t *w, int L, int K, int M,
+                  const int32_t *offsets, int stride, WeightsArg w, int L, int K, int M,
                   int max_rows, cudaStream_t st)
 {
     constexpr int kCols = kGateUp ? 8 : 16;
@@ -246,30 +317,50 @@ int launch_expert(uint16_t *out, const void *x, const float *xs, const int32_t *
     const size_t smem = (size_t)8 * NT * (nch * kChunk + kPad) * 2 +
                         (kFp8 ? (size_t)8 * NT * (K / kFp8Block) * 4 : 0) +
                         (size_t)(KS - 1) * WG * NT * 4 * 32 * 4;
-    auto kern = expert_mm<kGateUp, kFp8, NT, WG, KS>;
+    auto kern = expert_mm<kGateUp, kFp8, kW8, NT, WG, KS>;
     if (smem > 48 * 1024) {
         cudaError_t e =
             cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
         if (e != cudaSuccess) return (int)e;
     }
     dim3 grid((M + kCols * WG - 1) / (kCols * WG), L);
-    kern<<<grid, 32 * WG * KS, smem, st>>>(out, x, xs, counts, offsets, stride, w, K, M, max_rows);
+    kern<<<grid, 32 * WG * KS, smem, st>>>(out, x, xs, counts, offsets, stride, w.w, w.scales, w.bn,
+                                           w.bk, K, M, max_rows);
     return (int)cudaGetLastError();
 }
 
 /* Rows staged per pass: 16 when an expert may have more than 8 (decode batches of 16+ tokens);
  * an expert with more rows than that re-reads its weight tile per 16 rows (from L2 when the
  * tile is still there). */
-template <bool kGateUp, bool kFp8, int WG, int KS>
+template <bool kGateUp, bool kFp8, bool kW8, int WG, int KS>
 int launch_expert_nt(uint16_t *out, const void *x, const float *xs, const int32_t *counts,
-                     const int32_t *offsets, int stride, const uint16_t *w, int L, int K, int M,
+                     const int32_t *offsets, int stride, WeightsArg w, int L, int K, int M,
                      int max_rows, cudaStream_t st)
 {
     if (max_rows <= 8)
-        return launch_expert<kGateUp, kFp8, 1, WG, KS>(out, x, xs, counts, offsets, stride, w, L, K,
-                                                       M, max_rows, st);
-    return launch_expert<kGateUp, kFp8, 2, WG, KS>(out, x, xs, counts, offsets, stride, w, L, K, M,
-                                                   max_rows, st);
+        return launch_expert<kGateUp, kFp8, kW8, 1, WG, KS>(out, x, xs, counts, offsets, stride, w,
+                                                            L, K, M, max_rows, st);
+    return launch_expert<kGateUp, kFp8, kW8, 2, WG, KS>(out, x, xs, counts, offsets, stride, w, L,
+                                                        K, M, max_rows, st);
+}
+
+/* gate_up with bf16 or fp8 inputs and bf16 or fp8 weights */
+template <int WG, int KS>
+int launch_gate_up(uint16_t *act, const void *x, const float *xs, const int32_t *counts,
+                   const int32_t *offsets, int stride, WeightsArg w, int L, int H, int I,
+                   int max_rows, cudaStream_t st)
+{
+    if (xs && w.scales)
+        return launch_expert_nt<true, true, true, WG, KS>(act, x, xs, counts, offsets, stride, w, L,
+                                                          H, I, max_rows, st);
+    if (xs)
+        return launch_expert_nt<true, true, false, WG, KS>(act, x, xs, counts, offsets, stride, w,
+                                                           L, H, I, max_rows, st);
+    if (w.scales)
+        return launch_expert_nt<true, false, true, WG, KS>(act, x, nullptr, counts, offsets, stride,
+                                                           w, L, H, I, max_rows, st);
+    return launch_expert_nt<true, false, false, WG, KS>(act, x, nullptr, counts, offsets, stride, w,
+                                                        L, H, I, max_rows, st);
 }
 
 /* ---- routing, local dispatch and combine ------------------------------------------------------
@@ -436,31 +527,61 @@ extern "C" int epd_cu_moe_local_combine(float *h, const uint16_t *y, const int32
     return (int)cudaGetLastError();
 }
 
+static bool expert_shape_ok(int L, int H, int I, int max_rows, const int32_t *offsets, int stride)
+{
+    return L >= 0 && H > 0 && I > 0 && H % 16 == 0 && I % 16 == 0 && max_rows >= 0 && L <= 65535 &&
+           (offsets || stride >= max_rows);
+}
+
 extern "C" int epd_cu_expert_gate_up(uint16_t *act, const void *x, const float *x_scales,
                                      const int32_t *counts, const int32_t *offsets, int stride,
                                      const uint16_t *w_gate_up, int L, int H, int I, int max_rows,
                                      epd_stream_t stream)
 {
-    if (L < 0 || H <= 0 || I <= 0 || H % 16 || I % 16 || max_rows < 0 || L > 65535 ||
-        (x_scales && H % kFp8Block) || (!offsets && stride < max_rows))
+    if (!expert_shape_ok(L, H, I, max_rows, offsets, stride) || (x_scales && H % kFp8Block))
         return (int)cudaErrorInvalidValue;
     if (L == 0 || max_rows == 0) return 0;
-    cudaStream_t st = (cudaStream_t)stream;
-    if (x_scales)
-        return launch_expert_nt<true, true, kGuWG, kGuKS>(act, x, x_scales, counts, offsets, stride,
-                                                          w_gate_up, L, H, I, max_rows, st);
-    return launch_expert_nt<true, false, kGuWG, kGuKS>(act, x, nullptr, counts, offsets, stride,
-                                                       w_gate_up, L, H, I, max_rows, st);
+    return launch_gate_up<kGuWG, kGuKS>(act, x, x_scales, counts, offsets, stride,
+                                        WeightsArg{w_gate_up, nullptr, 1, kChunk}, L, H, I,
+                                        max_rows, (cudaStream_t)stream);
 }
 
 extern "C" int epd_cu_expert_down(uint16_t *y, const uint16_t *act, const int32_t *counts,
                                   const int32_t *offsets, int stride, const uint16_t *w_down, int L,
                                   int H, int I, int max_rows, epd_stream_t stream)
 {
-    if (L < 0 || H <= 0 || I <= 0 || H % 16 || I % 16 || max_rows < 0 || L > 65535 ||
-        (!offsets && stride < max_rows))
+    if (!expert_shape_ok(L, H, I, max_rows, offsets, stride)) return (int)cudaErrorInvalidValue;
+    if (L == 0 || max_rows == 0) return 0;
+    return launch_expert_nt<false, false, false, kDnWG, kDnKS>(
+        y, act, nullptr, counts, offsets, stride, WeightsArg{w_down, nullptr, 1, kChunk}, L, I, H,
+        max_rows, (cudaStream_t)stream);
+}
+
+extern "C" int epd_cu_expert_gate_up_w8(uint16_t *act, const void *x, const float *x_scales,
+                                        const int32_t *counts, const int32_t *offsets, int stride,
+                                        const uint8_t *w8_gate_up, const float *w_scales, int bn,
+                                        int bk, int L, int H, int I, int max_rows,
+                                        epd_stream_t stream)
+{
+    if (!expert_shape_ok(L, H, I, max_rows, offsets, stride) || (x_scales && H % kFp8Block) ||
+        !w_scales || bn < 1 || bk < kChunk || bk % kChunk)
         return (int)cudaErrorInvalidValue;
     if (L == 0 || max_rows == 0) return 0;
-    return launch_expert_nt<false, false, kDnWG, kDnKS>(
-        y, act, nullptr, counts, offsets, stride, w_down, L, I, H, max_rows, (cudaStream_t)stream);
+    return launch_gate_up<kGuWG, kGuKS>(act, x, x_scales, counts, offsets, stride,
+                                        WeightsArg{w8_gate_up, w_scales, bn, bk}, L, H, I, max_rows,
+                                        (cudaStream_t)stream);
+}
+
+extern "C" int epd_cu_expert_down_w8(uint16_t *y, const uint16_t *act, const int32_t *counts,
+                                     const int32_t *offsets, int stride, const uint8_t *w8_down,
+                                     const float *w_scales, int bn, int bk, int L, int H, int I,
+                                     int max_rows, epd_stream_t stream)
+{
+    if (!expert_shape_ok(L, H, I, max_rows, offsets, stride) || !w_scales || bn < 1 ||
+        bk < kChunk || bk % kChunk)
+        return (int)cudaErrorInvalidValue;
+    if (L == 0 || max_rows == 0) return 0;
+    return launch_expert_nt<false, false, true, kDnWG, kDnKS>(
+        y, act, nullptr, counts, offsets, stride, WeightsArg{w8_down, w_scales, bn, bk}, L, I, H,
+        max_rows, (cudaStream_t)stream);
 }

@@ -151,3 +151,80 @@ int epd_ref_expert_down(uint16_t *y, const uint16_t *act, const int32_t *counts,
     free(ar);
     return 0;
 }
+
+/* sum over blocks of bk channels of (sum of x * e4m3(q) in the block) * scale[block] */
+static float dot_w8(const float *x, const uint8_t *q, const float *scale_row, int n, int bk)
+{
+    float s = 0.0f;
+    for (int b0 = 0; b0 < n; b0 += bk) {
+        float p = 0.0f;
+        for (int i = b0; i < n && i < b0 + bk; i++)
+            p += x[i] * ep_fp8_e4m3_to_float(q[i]);
+        s += p * scale_row[b0 / bk];
+    }
+    return s;
+}
+
+static int w8_ok(const float *w_scales, int bn, int bk)
+{
+    return w_scales && bn >= 1 && bk >= 32 && bk % 32 == 0;
+}
+
+int epd_ref_expert_gate_up_w8(uint16_t *act, const void *x, const float *x_scales,
+                              const int32_t *counts, const int32_t *offsets, int stride,
+                              const uint8_t *w8_gate_up, const float *w_scales, int bn, int bk,
+                              int L, int H, int I, int max_rows)
+{
+    if (!shape_ok(L, H, I, max_rows, offsets, stride) || (x_scales && H % FP8_BLOCK) ||
+        !w8_ok(w_scales, bn, bk))
+        return -EINVAL;
+    const int nbr = (I + bn - 1) / bn, nbk = (H + bk - 1) / bk;
+    float *xr = malloc((size_t)H * sizeof *xr);
+    if (!xr) return -ENOMEM;
+    for (int l = 0; l < L; l++) {
+        const int n = rows_of(counts, l, max_rows);
+        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
+        const uint8_t *wl = w8_gate_up + (size_t)l * 2 * I * H;
+        const float *sg = w_scales + (size_t)l * 2 * nbr * nbk, *su = sg + (size_t)nbr * nbk;
+        for (int r = 0; r < n; r++) {
+            const size_t row = base + r;
+            for (int c = 0; c < H; c++)
+                xr[c] = x_scales ? ep_fp8_e4m3_to_float(((const uint8_t *)x)[row * H + c]) *
+                                       x_scales[row * (H / FP8_BLOCK) + c / FP8_BLOCK]
+                                 : epd_bf16_to_f32(((const uint16_t *)x)[row * H + c]);
+            for (int i = 0; i < I; i++) {
+                float g = dot_w8(xr, wl + (size_t)i * H, sg + (size_t)(i / bn) * nbk, H, bk);
+                float u = dot_w8(xr, wl + (size_t)(I + i) * H, su + (size_t)(i / bn) * nbk, H, bk);
+                act[row * I + i] = epd_f32_to_bf16(g / (1.0f + expf(-g)) * u);
+            }
+        }
+    }
+    free(xr);
+    return 0;
+}
+
+int epd_ref_expert_down_w8(uint16_t *y, const uint16_t *act, const int32_t *counts,
+                           const int32_t *offsets, int stride, const uint8_t *w8_down,
+                           const float *w_scales, int bn, int bk, int L, int H, int I, int max_rows)
+{
+    if (!shape_ok(L, H, I, max_rows, offsets, stride) || !w8_ok(w_scales, bn, bk)) return -EINVAL;
+    const int nbr = (H + bn - 1) / bn, nbk = (I + bk - 1) / bk;
+    float *ar = malloc((size_t)I * sizeof *ar);
+    if (!ar) return -ENOMEM;
+    for (int l = 0; l < L; l++) {
+        const int n = rows_of(counts, l, max_rows);
+        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
+        const uint8_t *wl = w8_down + (size_t)l * H * I;
+        const float *sl = w_scales + (size_t)l * nbr * nbk;
+        for (int r = 0; r < n; r++) {
+            const size_t row = base + r;
+            for (int i = 0; i < I; i++)
+                ar[i] = epd_bf16_to_f32(act[row * I + i]);
+            for (int c = 0; c < H; c++)
+                y[row * H + c] = epd_f32_to_bf16(
+                    dot_w8(ar, wl + (size_t)c * I, sl + (size_t)(c / bn) * nbk, I, bk));
+        }
+    }
+    free(ar);
+    return 0;
+}

@@ -36,4 +36,16 @@ int epd_ref_expert_down(uint16_t *y, const uint16_t *act, const int32_t *counts,
                         const int32_t *offsets, int stride, const uint16_t *w_down, int L, int H,
                         int I, int max_rows);
 
+/* The fp8-weight forms (epd_cu_expert_gate_up_w8 / _down_w8; layouts in cuda_ops.h): per
+ * output, the sum over each block of bk channels of x * e4m3(q) in fp32, times the block's
+ * scale, summed over the blocks in order. bk a multiple of 32, as the kernels need. */
+int epd_ref_expert_gate_up_w8(uint16_t *act, const void *x, const float *x_scales,
+                              const int32_t *counts, const int32_t *offsets, int stride,
+                              const uint8_t *w8_gate_up, const float *w_scales, int bn, int bk,
+                              int L, int H, int I, int max_rows);
+int epd_ref_expert_down_w8(uint16_t *y, const uint16_t *act, const int32_t *counts,
+                           const int32_t *offsets, int stride, const uint8_t *w8_down,
+                           const float *w_scales, int bn, int bk, int L, int H, int I,
+                           int max_rows);
+
 #endif /* EPD_MOE_REF_H */

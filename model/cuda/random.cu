@@ -4,8 +4,10 @@
 #include <stdint.h>
 
 #include "cuda_bf16.h"
+#include "cuda_fp8.h"
 
-namespace {
+namespace
+{
 
 __device__ __forceinline__ uint64_t mix64(uint64_t z)
 {
@@ -35,6 +37,14 @@ __global__ void fill_f32(float *dst, size_t n, uint64_t seed, float lo, float hi
         dst[i] = uniform(seed, i, lo, hi);
 }
 
+__global__ void fill_e4m3(uint8_t *dst, size_t n, uint64_t seed, float lo, float hi)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
+         i += (size_t)gridDim.x * blockDim.x)
+        dst[i] =
+            (uint8_t)__nv_cvt_float_to_fp8(uniform(seed, i, lo, hi), __NV_SATFINITE, __NV_E4M3);
+}
+
 unsigned blocks_for(size_t n)
 {
     size_t b = (n + 255) / 256;
@@ -54,5 +64,12 @@ extern "C" int epd_cu_fill_uniform_f32(float *dst, size_t n, uint64_t seed, floa
                                        cudaStream_t stream)
 {
     fill_f32<<<blocks_for(n), 256, 0, stream>>>(dst, n, seed, lo, hi);
+    return (int)cudaGetLastError();
+}
+
+extern "C" int epd_cu_fill_uniform_e4m3(uint8_t *dst, size_t n, uint64_t seed, float lo, float hi,
+                                        cudaStream_t stream)
+{
+    fill_e4m3<<<blocks_for(n), 256, 0, stream>>>(dst, n, seed, lo, hi);
     return (int)cudaGetLastError();
 }

@@ -36,6 +36,20 @@ typedef struct epd_rope_yarn {
     int truncate;                  /* round the correction range outwards (default true) */
 } epd_rope_yarn_t;
 
+/* quantization_config of quant_method "fp8" (DeepSeek-V3, the Qwen3 -FP8 checkpoints): every
+ * Linear weight but the embeddings, lm_head, the routers and the modules_to_not_convert is e4m3
+ * (fmt "e4m3": e4m3fn, no infinities) with an fp32 scale per block of block_n rows (outputs) by
+ * block_k columns (inputs), <weight>_scale_inv [ceil(out / block_n)][ceil(in / block_k)]:
+ * W[r][c] = e4m3(q[r][c]) * scale_inv[r / block_n][c / block_k]. Activations are quantized
+ * dynamically (activation_scheme "dynamic"), which leaves the weights as the only stored part. */
+#define EPD_HF_FP8_SKIP_BYTES 16384
+typedef struct epd_hf_fp8 {
+    int on;
+    int block_n, block_k;             /* weight_block_size [block_n, block_k] */
+    int n_skip;                       /* modules_to_not_convert entries */
+    char skip[EPD_HF_FP8_SKIP_BYTES]; /* the entries, each NUL-terminated, one after another */
+} epd_hf_fp8_t;
+
 typedef struct epd_hf_config {
     char model_type[32];
     epd_arch_t arch;
@@ -72,6 +86,7 @@ typedef struct epd_hf_config {
     int num_nextn_predict_layers; /* multi-token-prediction layers: skipped on load */
     epd_rope_yarn_t yarn;
     double attn_scale; /* the softmax scale: 1/sqrt(q/k head dim), times YaRN's mscale^2 */
+    epd_hf_fp8_t fp8;  /* fp8.on: an FP8 block-quantized checkpoint */
 } epd_hf_config_t;
 
 /* Parses config.json text; `origin` names it in messages. */
@@ -82,6 +97,14 @@ int epd_hf_config_load(const char *path, epd_hf_config_t *cfg, epd_err_t *err);
 
 /* Whether the model's attention is MLA (DeepSeek). */
 int epd_hf_is_mla(const epd_hf_config_t *cfg);
+
+/* Whether the Linear module `module` (a weight's name without ".weight") is listed in the fp8
+ * quantization_config's modules_to_not_convert. An entry names a module and everything under it,
+ * with or without the path above it ("lm_head", "model.layers.0.mlp.gate", "mlp.gate",
+ * "self_attn"); "*" matches any run of characters ("model.layers.*.mlp.gate"). Matches are
+ * bounded at dots, as transformers' bounded form has it: "model.layers.1" does not reach
+ * model.layers.10, nor "attn" self_attn. */
+int epd_hf_fp8_skipped(const epd_hf_config_t *cfg, const char *module);
 
 /* Whether layer l has a sparse MoE block (else a dense SwiGLU MLP): transformers' rule. */
 int epd_hf_layer_is_moe(const epd_hf_config_t *cfg, int layer);

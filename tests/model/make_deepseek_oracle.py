@@ -163,16 +163,22 @@ def make_weights(cfg, seed):
     return w
 
 
-def write_safetensors(path, tensors):
+def write_safetensors(path, tensors, dtypes=None):
     """The safetensors format: an 8-byte little-endian header length, a JSON header of
-    dtype/shape/data_offsets per tensor, then the data."""
+    dtype/shape/data_offsets per tensor, then the data. dtypes: name -> "F32", "BF16" or
+    "F8_E4M3" (a uint8 tensor of e4m3 codes) where the default (BF16; F32 for the correction
+    bias) does not apply."""
     header, blobs, off = {"__metadata__": {"format": "pt"}}, [], 0
     for name in sorted(tensors):
         t = tensors[name].contiguous()
-        if name.endswith("e_score_correction_bias"):
-            data, dtype = t.to(torch.float32).numpy().tobytes(), "F32"
+        dtype = (dtypes or {}).get(name, "F32" if name.endswith("e_score_correction_bias") else "BF16")
+        if dtype == "F8_E4M3":
+            assert t.dtype == torch.uint8, name
+            data = t.numpy().tobytes()
+        elif dtype == "F32":
+            data = t.to(torch.float32).numpy().tobytes()
         else:
-            data, dtype = t.to(torch.bfloat16).view(torch.int16).numpy().tobytes(), "BF16"
+            data = t.to(torch.bfloat16).view(torch.int16).numpy().tobytes()
         header[name] = {"dtype": dtype, "shape": list(t.shape), "data_offsets": [off, off + len(data)]}
         blobs.append(data)
         off += len(data)

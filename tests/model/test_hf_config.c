@@ -137,6 +137,33 @@ static const struct {
     {"rope_scaling", "{\"rope_type\":\"default\",\"rope_type\":\"yarn\"}", -EINVAL,
      "rope_scaling.rope_type: appears twice"},
     {"hidden_size", "}", -EINVAL, "not valid JSON (near byte"},
+    {"quantization_config", "5", -EINVAL, "config.json: quantization_config: expected an object"},
+    {"quantization_config", "{\"quant_method\":\"awq\",\"bits\":4}", -ENOTSUP,
+     "quantization_config.quant_method: \"awq\" is not supported"},
+    {"quantization_config", "{\"weight_block_size\":[128,128]}", -EINVAL,
+     "quantization_config.quant_method: required field is missing"},
+    {"quantization_config",
+     "{\"quant_method\":\"fp8\",\"fmt\":\"e5m2\",\"weight_block_size\":[1,1]}", -ENOTSUP,
+     "quantization_config.fmt: \"e5m2\" is not supported"},
+    {"quantization_config",
+     "{\"quant_method\":\"fp8\",\"activation_scheme\":\"static\",\"weight_block_size\":[1,1]}",
+     -ENOTSUP, "quantization_config.activation_scheme: \"static\" is not supported"},
+    {"quantization_config", "{\"quant_method\":\"fp8\"}", -ENOTSUP,
+     "quantization_config.weight_block_size: required (per-tensor fp8 scales are not supported)"},
+    {"quantization_config", "{\"quant_method\":\"fp8\",\"weight_block_size\":[128]}", -EINVAL,
+     "quantization_config.weight_block_size: expected [block_n, block_k]"},
+    {"quantization_config", "{\"quant_method\":\"fp8\",\"weight_block_size\":[128,0]}", -EINVAL,
+     "quantization_config.weight_block_size[1]: expected a positive integer"},
+    {"quantization_config",
+     "{\"quant_method\":\"fp8\",\"weight_block_size\":[8,8],\"modules_to_not_convert\":\"lm_"
+     "head\"}",
+     -EINVAL, "quantization_config.modules_to_not_convert: expected an array"},
+    {"quantization_config",
+     "{\"quant_method\":\"fp8\",\"weight_block_size\":[8,8],\"modules_to_not_convert\":[\"a|b\"]}",
+     -ENOTSUP, "quantization_config.modules_to_not_convert[0]: \"a|b\": only module names"},
+    {"quantization_config",
+     "{\"quant_method\":\"fp8\",\"weight_block_size\":[8,8],\"kv_cache_scheme\":{}}", -ENOTSUP,
+     "quantization_config.kv_cache_scheme: not supported"},
 };
 
 static char *build(const char *key, const char *value)
@@ -333,6 +360,58 @@ static void test_deepseek_configs(void **state)
     assert_non_null(strstr(err.msg, "only \"default\" is supported"));
 }
 
+/* DeepSeek-V3's quantization_config, and a Qwen3 -FP8 style one with modules_to_not_convert. */
+static void test_fp8_config(void **state)
+{
+    (void)state;
+    epd_hf_config_t c;
+    epd_err_t err = {0};
+    char j[2048];
+    const char *base = build("", NULL);
+    snprintf(j, sizeof(j),
+             "%.*s,\"quantization_config\":{\"activation_scheme\":\"dynamic\",\"fmt\":\"e4m3\","
+             "\"quant_method\":\"fp8\",\"weight_block_size\":[128,128]}}",
+             (int)strlen(base) - 1, base);
+    if (epd_hf_config_parse(j, strlen(j), "config.json", &c, &err)) fail_msg("%s", err.msg);
+    assert_true(c.fp8.on);
+    assert_int_equal(c.fp8.block_n, 128);
+    assert_int_equal(c.fp8.block_k, 128);
+    assert_int_equal(c.fp8.n_skip, 0);
+    assert_false(epd_hf_fp8_skipped(&c, "lm_head"));
+    snprintf(j, sizeof(j),
+             "%.*s,\"quantization_config\":{\"quant_method\":\"fp8\",\"weight_block_size\":[64,"
+             "32],\"modules_to_not_convert\":[\"lm_head\",\"model.layers.0.mlp.gate\","
+             "\"model.layers.*.self_attn.o_proj\",\"model.layers.1\",\"shared_experts\"]}}",
+             (int)strlen(base) - 1, base);
+    if (epd_hf_config_parse(j, strlen(j), "config.json", &c, &err)) fail_msg("%s", err.msg);
+    assert_int_equal(c.fp8.block_n, 64);
+    assert_int_equal(c.fp8.block_k, 32);
+    assert_int_equal(c.fp8.n_skip, 5);
+    static const struct {
+        const char *module;
+        int skipped;
+    } M[] = {
+        {"lm_head", 1},
+        {"model.layers.0.mlp.gate", 1},
+        {"model.layers.0.mlp.gate_proj", 0}, /* not a module under mlp.gate */
+        {"model.layers.2.mlp.gate", 0},
+        {"model.layers.7.self_attn.o_proj", 1}, /* the wildcard */
+        {"model.layers.7.self_attn.q_proj", 0},
+        {"model.layers.1.self_attn.q_proj", 1}, /* everything under model.layers.1 */
+        {"model.layers.1", 1},
+        {"model.layers.12.self_attn.q_proj", 0},          /* bounded at the dot */
+        {"model.layers.3.mlp.shared_experts.up_proj", 1}, /* a bare name anywhere in the path */
+        {"model.layers.3.mlp.my_shared_experts.up_proj", 0},
+    };
+    for (size_t i = 0; i < sizeof(M) / sizeof(M[0]); i++)
+        if (epd_hf_fp8_skipped(&c, M[i].module) != M[i].skipped)
+            fail_msg("%s: skipped %d, expected %d", M[i].module, !M[i].skipped, M[i].skipped);
+    /* null: not quantized */
+    snprintf(j, sizeof(j), "%.*s,\"quantization_config\":null}", (int)strlen(base) - 1, base);
+    if (epd_hf_config_parse(j, strlen(j), "config.json", &c, &err)) fail_msg("%s", err.msg);
+    assert_false(c.fp8.on);
+}
+
 static void test_missing_file(void **state)
 {
     (void)state;
@@ -348,6 +427,7 @@ int main(void)
         cmocka_unit_test(test_oracle_config), cmocka_unit_test(test_published_config),
         cmocka_unit_test(test_defaults),      cmocka_unit_test(test_bad_configs),
         cmocka_unit_test(test_missing_file),  cmocka_unit_test(test_deepseek_configs),
+        cmocka_unit_test(test_fp8_config),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -98,10 +98,10 @@ static void compare_bf16(const char *what, const uint16_t *got, const uint16_t *
 
 /* One expert problem: T tokens routed top-k over L experts, rows packed per expert (offsets
  * layout) or in [L][max_rows] slots (stride layout); gate_up then down, each vs its twin. */
-static void check_experts(int H, int I, int L, int T, int k, int fp8, int strided)
+static void check_experts_w(int H, int I, int L, int T, int k, int fp8, int strided, int bn, int bk)
 {
-    printf("experts H %d I %d L %d T %d k %d %s %s\n", H, I, L, T, k, fp8 ? "fp8" : "bf16",
-           strided ? "stride" : "offsets");
+    printf("experts H %d I %d L %d T %d k %d %s %s, weights %s [%d, %d]\n", H, I, L, T, k,
+           fp8 ? "fp8" : "bf16", strided ? "stride" : "offsets", bn ? "fp8" : "bf16", bn, bk);
     int32_t *idx = malloc((size_t)T * k * 4);
     random_topk(idx, NULL, T, k, L);
     int32_t *counts = calloc((size_t)L, 4), *offsets = calloc((size_t)L, 4);
@@ -140,12 +140,34 @@ static void check_experts(int H, int I, int L, int T, int k, int fp8, int stride
         wgu[i] = epd_f32_to_bf16(urand(agu));
     for (size_t i = 0; i < nw_dn; i++)
         wdn[i] = epd_f32_to_bf16(urand(adn));
+    /* fp8 weights: random codes (no NaN) and block scales near a / 64 */
+    const size_t ns_gu = bn ? (size_t)L * 2 * ((I + bn - 1) / bn) * ((H + bk - 1) / bk) : 0;
+    const size_t ns_dn = bn ? (size_t)L * ((H + bn - 1) / bn) * ((I + bk - 1) / bk) : 0;
+    uint8_t *qgu = malloc(nw_gu), *qdn = malloc(nw_dn);
+    float *sgu = malloc(ns_gu * 4 + 4), *sdn = malloc(ns_dn * 4 + 4);
+    for (size_t i = 0; bn && i < nw_gu; i++)
+        do
+            qgu[i] = (uint8_t)rnd();
+        while ((qgu[i] & 0x7f) == 0x7f);
+    for (size_t i = 0; bn && i < nw_dn; i++)
+        do
+            qdn[i] = (uint8_t)rnd();
+        while ((qdn[i] & 0x7f) == 0x7f);
+    for (size_t i = 0; i < ns_gu; i++)
+        sgu[i] = agu / 64.0f * (1.0f + urand(0.5f));
+    for (size_t i = 0; i < ns_dn; i++)
+        sdn[i] = adn / 64.0f * (1.0f + urand(0.5f));
 
     uint16_t *act_ref = calloc(nrows * I + 1, 2), *act_gpu = calloc(nrows * I + 1, 2);
     uint16_t *y_ref = calloc(nrows * H + 1, 2), *y_gpu = calloc(nrows * H + 1, 2);
     const int32_t *offs = strided ? NULL : offsets;
-    if (epd_ref_expert_gate_up(act_ref, x, xs, counts, offs, stride, wgu, L, H, I, max_rows) ||
-        epd_ref_expert_down(y_ref, act_ref, counts, offs, stride, wdn, L, H, I, max_rows)) {
+    if (bn ? epd_ref_expert_gate_up_w8(act_ref, x, xs, counts, offs, stride, qgu, sgu, bn, bk, L, H,
+                                       I, max_rows) ||
+                 epd_ref_expert_down_w8(y_ref, act_ref, counts, offs, stride, qdn, sdn, bn, bk, L,
+                                        H, I, max_rows)
+           : epd_ref_expert_gate_up(act_ref, x, xs, counts, offs, stride, wgu, L, H, I, max_rows) ||
+                 epd_ref_expert_down(y_ref, act_ref, counts, offs, stride, wdn, L, H, I,
+                                     max_rows)) {
         EXPECT(0, "twin refused the shape");
         return;
     }
@@ -154,18 +176,29 @@ static void check_experts(int H, int I, int L, int T, int k, int fp8, int stride
     float *d_xs = fp8 ? dev_copy(xs, nrows * (H / 128) * 4) : NULL;
     int32_t *d_counts = dev_copy(counts, (size_t)L * 4), *d_offs = dev_copy(offsets, (size_t)L * 4);
     uint16_t *d_wgu = dev_copy(wgu, nw_gu * 2), *d_wdn = dev_copy(wdn, nw_dn * 2);
+    uint8_t *d_qgu = bn ? dev_copy(qgu, nw_gu) : NULL, *d_qdn = bn ? dev_copy(qdn, nw_dn) : NULL;
+    float *d_sgu = bn ? dev_copy(sgu, ns_gu * 4) : NULL,
+          *d_sdn = bn ? dev_copy(sdn, ns_dn * 4) : NULL;
     /* rows outside every expert's range are filled with a marker that must survive */
     uint16_t *d_act, *d_y;
     CK(cudaMalloc((void **)&d_act, nrows * I * 2 + 2));
     CK(cudaMalloc((void **)&d_y, nrows * H * 2 + 2));
     CK(cudaMemset(d_act, 0x7b, nrows * I * 2 + 2));
     CK(cudaMemset(d_y, 0x7b, nrows * H * 2 + 2));
-    CK(epd_cu_expert_gate_up(d_act, d_x, d_xs, d_counts, strided ? NULL : d_offs, stride, d_wgu, L,
-                             H, I, max_rows, NULL));
+    if (bn)
+        CK(epd_cu_expert_gate_up_w8(d_act, d_x, d_xs, d_counts, strided ? NULL : d_offs, stride,
+                                    d_qgu, d_sgu, bn, bk, L, H, I, max_rows, NULL));
+    else
+        CK(epd_cu_expert_gate_up(d_act, d_x, d_xs, d_counts, strided ? NULL : d_offs, stride, d_wgu,
+                                 L, H, I, max_rows, NULL));
     /* down runs on the twin's act, so that its comparison is its own */
     uint16_t *d_act_ref = dev_copy(act_ref, nrows * I * 2);
-    CK(epd_cu_expert_down(d_y, d_act_ref, d_counts, strided ? NULL : d_offs, stride, d_wdn, L, H, I,
-                          max_rows, NULL));
+    if (bn)
+        CK(epd_cu_expert_down_w8(d_y, d_act_ref, d_counts, strided ? NULL : d_offs, stride, d_qdn,
+                                 d_sdn, bn, bk, L, H, I, max_rows, NULL));
+    else
+        CK(epd_cu_expert_down(d_y, d_act_ref, d_counts, strided ? NULL : d_offs, stride, d_wdn, L,
+                              H, I, max_rows, NULL));
     CK(cudaDeviceSynchronize());
     host_copy(act_gpu, d_act, nrows * I * 2);
     host_copy(y_gpu, d_y, nrows * H * 2);
@@ -201,6 +234,14 @@ static void check_experts(int H, int I, int L, int T, int k, int fp8, int stride
     cudaFree(d_act);
     cudaFree(d_y);
     cudaFree(d_act_ref);
+    cudaFree(d_qgu);
+    cudaFree(d_qdn);
+    cudaFree(d_sgu);
+    cudaFree(d_sdn);
+    free(qgu);
+    free(qdn);
+    free(sgu);
+    free(sdn);
     free(a1);
     free(a2);
     free(y1);
@@ -216,6 +257,11 @@ static void check_experts(int H, int I, int L, int T, int k, int fp8, int stride
     free(act_gpu);
     free(y_ref);
     free(y_gpu);
+}
+
+static void check_experts(int H, int I, int L, int T, int k, int fp8, int strided)
+{
+    check_experts_w(H, I, L, T, k, fp8, strided, 0, 0);
 }
 
 /* Dispatch: counts and offsets equal; each selection's row inside its expert's range, rows used
@@ -526,6 +572,15 @@ int main(int argc, char **argv)
     check_experts(2048, 768, 128, 64, 8, 0, 0);
     check_experts(2048, 768, 128, 64, 8, 1, 1);
     check_experts(2048, 768, 64, 128, 8, 1, 0);
+    /* fp8 weights: ragged row blocks, channel blocks of 32..128 (beside fp8 inputs' 128) */
+    check_experts_w(128, 96, 8, 5, 2, 0, 0, 40, 64);
+    check_experts_w(128, 96, 8, 40, 2, 0, 1, 48, 96);
+    check_experts_w(256, 96, 8, 40, 2, 1, 0, 40, 96);
+    check_experts_w(128, 96, 8, 40, 2, 1, 1, 128, 32);
+    check_experts_w(48, 32, 3, 7, 2, 0, 1, 16, 32);         /* H not a multiple of 32 */
+    check_experts_w(128, 96, 4, 600, 2, 0, 0, 128, 128);    /* prefill-sized */
+    check_experts_w(2048, 768, 128, 64, 8, 0, 0, 128, 128); /* Qwen3-30B-A3B-FP8 */
+    check_experts_w(2048, 768, 128, 64, 8, 1, 1, 128, 128);
     check_graph();
     if (timing) bench();
     printf(g_fail ? "FAILED\n" : "OK\n");

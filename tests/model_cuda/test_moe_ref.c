@@ -39,12 +39,18 @@ static int bf16_close(float a, float b, float floor)
 
 typedef struct {
     int H, I, L;
-    float *wg, *wu, *wd;     /* fp32 copies of the bf16 weights: [L][I][H], [L][I][H], [L][H][I] */
-    uint16_t *w_gu, *w_dn;   /* bf16: [L][2I][H], [L][H][I] */
+    float *wg, *wu, *wd;   /* fp32 copies of the bf16 weights: [L][I][H], [L][I][H], [L][H][I] */
+    uint16_t *w_gu, *w_dn; /* bf16: [L][2I][H], [L][H][I] */
+    /* fp8 weights (experts_init_w8; then wg, wu, wd are their values): e4m3 [L][2I][H],
+     * [L][H][I]; scales [L][2][I/bn][H/bk], [L][H/bn][I/bk] (rounded up) */
+    int bn, bk;
+    uint8_t *q_gu, *q_dn;
+    float *s_gu, *s_dn;
 } experts_t;
 
 static void experts_init(experts_t *e, int H, int I, int L)
 {
+    memset(e, 0, sizeof(*e));
     e->H = H;
     e->I = I;
     e->L = L;
@@ -58,8 +64,8 @@ static void experts_init(experts_t *e, int H, int I, int L)
             for (int c = 0; c < H; c++) {
                 uint16_t b = epd_f32_to_bf16(urand(2.0f / sqrtf((float)H)));
                 e->w_gu[((size_t)l * 2 * I + r) * H + c] = b;
-                float *dst = r < I ? e->wg + ((size_t)l * I + r) * H
-                                   : e->wu + ((size_t)l * I + r - I) * H;
+                float *dst =
+                    r < I ? e->wg + ((size_t)l * I + r) * H : e->wu + ((size_t)l * I + r - I) * H;
                 dst[c] = epd_bf16_to_f32(b);
             }
     for (size_t i = 0; i < (size_t)L * H * I; i++) {
@@ -68,8 +74,67 @@ static void experts_init(experts_t *e, int H, int I, int L)
     }
 }
 
+static float e4m3_value(uint8_t q);
+
+static uint8_t random_e4m3(void)
+{
+    uint8_t q;
+    do
+        q = (uint8_t)(urand(128.0f) + 128.0f);
+    while ((q & 0x7f) == 0x7f); /* no NaN */
+    return q;
+}
+
+/* Random e4m3 weights with random block scales of bn x bk; the fp32 copies are their values,
+ * decoded here (e4m3_value) and scaled, independently of the twins. */
+static void experts_init_w8(experts_t *e, int H, int I, int L, int bn, int bk)
+{
+    memset(e, 0, sizeof(*e));
+    e->H = H;
+    e->I = I;
+    e->L = L;
+    e->bn = bn;
+    e->bk = bk;
+    const int gr = (I + bn - 1) / bn, gc = (H + bk - 1) / bk; /* gate/up blocks */
+    const int dr = (H + bn - 1) / bn, dc = (I + bk - 1) / bk; /* down blocks */
+    e->q_gu = malloc((size_t)L * 2 * I * H);
+    e->q_dn = malloc((size_t)L * H * I);
+    e->s_gu = malloc((size_t)L * 2 * gr * gc * 4);
+    e->s_dn = malloc((size_t)L * dr * dc * 4);
+    e->wg = malloc((size_t)L * I * H * 4);
+    e->wu = malloc((size_t)L * I * H * 4);
+    e->wd = malloc((size_t)L * H * I * 4);
+    /* codes reach 448: scales put the weights near +-2/sqrt(K) */
+    for (size_t i = 0; i < (size_t)L * 2 * gr * gc; i++)
+        e->s_gu[i] = (urand(0.5f) + 1.0f) * 2.0f / sqrtf((float)H) / 64.0f;
+    for (size_t i = 0; i < (size_t)L * dr * dc; i++)
+        e->s_dn[i] = (urand(0.5f) + 1.0f) * 2.0f / sqrtf((float)I) / 64.0f;
+    for (int l = 0; l < L; l++)
+        for (int r = 0; r < 2 * I; r++)
+            for (int c = 0; c < H; c++) {
+                uint8_t q = random_e4m3();
+                e->q_gu[((size_t)l * 2 * I + r) * H + c] = q;
+                const int half = r >= I, rr = r - half * I;
+                const float s = e->s_gu[(((size_t)l * 2 + half) * gr + rr / bn) * gc + c / bk];
+                float *dst = half ? e->wu : e->wg;
+                dst[((size_t)l * I + rr) * H + c] = e4m3_value(q) * s;
+            }
+    for (int l = 0; l < L; l++)
+        for (int r = 0; r < H; r++)
+            for (int c = 0; c < I; c++) {
+                uint8_t q = random_e4m3();
+                e->q_dn[((size_t)l * H + r) * I + c] = q;
+                e->wd[((size_t)l * H + r) * I + c] =
+                    e4m3_value(q) * e->s_dn[((size_t)l * dr + r / bn) * dc + c / bk];
+            }
+}
+
 static void experts_fini(experts_t *e)
 {
+    free(e->q_gu);
+    free(e->q_dn);
+    free(e->s_gu);
+    free(e->s_dn);
     free(e->w_gu);
     free(e->w_dn);
     free(e->wg);
@@ -116,10 +181,13 @@ static float e4m3_value(uint8_t q)
 /* Tolerances: act and y within one bf16 ulp of the reference that rounds at the same points
  * (the fp32 sums differ only in order); y within 2^-6 of the row's largest |y| of epd_swiglu's
  * unrounded result (the bf16 intermediate and output roundings, 2^-9 each, over I terms). */
-static void check_layout(int H, int I, int L, int fp8, int strided)
+static void check_layout_w(int H, int I, int L, int fp8, int strided, int bn, int bk)
 {
     experts_t e;
-    experts_init(&e, H, I, L);
+    if (bn)
+        experts_init_w8(&e, H, I, L, bn, bk);
+    else
+        experts_init(&e, H, I, L);
     int32_t counts[6] = {3, 0, 5, 1, 0, 2}; /* experts 1 and 4 without rows */
     assert_true(L <= 6);
     int32_t offsets[6];
@@ -156,12 +224,21 @@ static void check_layout(int H, int I, int L, int fp8, int strided)
     memset(act, 0xab, nrows * I * 2);
     memset(y, 0xab, nrows * H * 2);
     const int32_t *offs = strided ? NULL : offsets;
-    assert_int_equal(epd_ref_expert_gate_up(act, fp8 ? (const void *)x8 : (const void *)x16,
-                                            fp8 ? xs : NULL, counts, offs, stride, e.w_gu, L, H,
-                                            I, max_rows),
-                     0);
-    assert_int_equal(
-        epd_ref_expert_down(y, act, counts, offs, stride, e.w_dn, L, H, I, max_rows), 0);
+    const void *xin = fp8 ? (const void *)x8 : (const void *)x16;
+    if (bn) {
+        assert_int_equal(epd_ref_expert_gate_up_w8(act, xin, fp8 ? xs : NULL, counts, offs, stride,
+                                                   e.q_gu, e.s_gu, bn, bk, L, H, I, max_rows),
+                         0);
+        assert_int_equal(epd_ref_expert_down_w8(y, act, counts, offs, stride, e.q_dn, e.s_dn, bn,
+                                                bk, L, H, I, max_rows),
+                         0);
+    } else {
+        assert_int_equal(epd_ref_expert_gate_up(act, xin, fp8 ? xs : NULL, counts, offs, stride,
+                                                e.w_gu, L, H, I, max_rows),
+                         0);
+        assert_int_equal(
+            epd_ref_expert_down(y, act, counts, offs, stride, e.w_dn, L, H, I, max_rows), 0);
+    }
 
     uint16_t *ra = malloc((size_t)I * 2), *ry = malloc((size_t)H * 2);
     float *rs = malloc((size_t)H * 4);
@@ -173,8 +250,8 @@ static void check_layout(int H, int I, int L, int fp8, int strided)
             written[row] = 1;
             expert_row(&e, l, xf + row * H, ra, ry, rs);
             for (int i = 0; i < I; i++)
-                assert_true(bf16_close(epd_bf16_to_f32(act[row * I + i]), epd_bf16_to_f32(ra[i]),
-                                       1e-6f));
+                assert_true(
+                    bf16_close(epd_bf16_to_f32(act[row * I + i]), epd_bf16_to_f32(ra[i]), 1e-6f));
             float ymax = 0;
             for (int c = 0; c < H; c++)
                 ymax = fmaxf(ymax, fabsf(rs[c]));
@@ -206,6 +283,11 @@ static void check_layout(int H, int I, int L, int fp8, int strided)
     experts_fini(&e);
 }
 
+static void check_layout(int H, int I, int L, int fp8, int strided)
+{
+    check_layout_w(H, I, L, fp8, strided, 0, 0);
+}
+
 static void test_experts_bf16_offsets(void **state)
 {
     (void)state;
@@ -228,6 +310,16 @@ static void test_experts_fp8_stride(void **state)
 {
     (void)state;
     check_layout(128, 32, 4, 1, 1);
+}
+
+/* fp8 weights in ragged blocks (rows and channels), with bf16 and fp8 inputs */
+static void test_experts_w8(void **state)
+{
+    (void)state;
+    check_layout_w(128, 96, 6, 0, 0, 40, 64); /* gate rows 96/40, down channels 96/64 */
+    check_layout_w(128, 48, 4, 0, 1, 48, 96); /* channels 128/96 */
+    check_layout_w(256, 96, 6, 1, 0, 40, 96); /* fp8 inputs: 128-channel blocks beside 96 */
+    check_layout_w(128, 32, 4, 1, 1, 128, 128);
 }
 
 static void test_experts_down_alone(void **state)
@@ -267,6 +359,13 @@ static void test_experts_refuse_shapes(void **state)
                      -EINVAL); /* fp8 needs whole 128-channel blocks */
     assert_int_equal(epd_ref_expert_down(buf, buf, counts, NULL, 1, buf, 1, 16, 16, 2),
                      -EINVAL); /* stride below max_rows */
+    const uint8_t *q = (const uint8_t *)buf;
+    assert_int_equal(
+        epd_ref_expert_gate_up_w8(buf, buf, NULL, counts, NULL, 1, q, sc, 16, 48, 1, 32, 16, 1),
+        -EINVAL); /* bk not a multiple of 32 */
+    assert_int_equal(
+        epd_ref_expert_down_w8(buf, buf, counts, NULL, 1, q, NULL, 16, 32, 1, 32, 16, 1),
+        -EINVAL); /* no scales */
 }
 
 /* Dispatch, experts, combine on one rank vs h[t] += sum_j w[t][j] * expert_{e(t,j)}(x[t]) in a
@@ -307,11 +406,9 @@ static void test_local_dispatch_combine(void **state)
     }
     assert_int_equal(total, T * k - 1);
     assert_int_equal(row_of[4], -1);
-    assert_int_equal(epd_ref_expert_gate_up(act, packed, NULL, counts, offsets, 0, e.w_gu, E, H,
-                                            I, T * k),
-                     0);
     assert_int_equal(
-        epd_ref_expert_down(y, act, counts, offsets, 0, e.w_dn, E, H, I, T * k), 0);
+        epd_ref_expert_gate_up(act, packed, NULL, counts, offsets, 0, e.w_gu, E, H, I, T * k), 0);
+    assert_int_equal(epd_ref_expert_down(y, act, counts, offsets, 0, e.w_dn, E, H, I, T * k), 0);
     assert_int_equal(epd_ref_moe_local_combine(h, y, row_of, w, T, k, H), 0);
 
     float xf[64], sum[64];
@@ -409,6 +506,7 @@ int main(void)
         cmocka_unit_test(test_experts_bf16_stride),
         cmocka_unit_test(test_experts_fp8_offsets),
         cmocka_unit_test(test_experts_fp8_stride),
+        cmocka_unit_test(test_experts_w8),
         cmocka_unit_test(test_experts_down_alone),
         cmocka_unit_test(test_experts_refuse_shapes),
         cmocka_unit_test(test_local_dispatch_combine),
