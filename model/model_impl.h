@@ -42,6 +42,11 @@ typedef struct epd_model_ops {
     void (*expert_tokens)(void *impl, uint64_t *counts);
 } epd_model_ops_t;
 
+/* moe.c: libep's routing parameters of the checkpoint's router (bias: the layer's
+ * e_score_correction_bias or NULL; device memory for ep_route on the cuda backend). Both
+ * implementations route through it. */
+ep_route_params_t epd_moe_route_params(const epd_hf_config_t *cfg, const float *bias);
+
 /* The cpu implementation (qwen3_moe.c) and the cuda one (model/cuda/cuda_model.c; absent in a
  * build without CUDA). Each loads config + weights for o->group's rank into *impl. */
 int epd_cpu_model_load(const epd_model_opts_t *o, const epd_hf_config_t *cfg,

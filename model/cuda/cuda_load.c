@@ -149,6 +149,7 @@ static void *destination(cu_model_t *m, const epd_model_placement_t *pl, const e
         *esize = 4;
         return w->router;
     case EPD_W_Q:
+    case EPD_W_Q_B: /* MLA: qkv holds q_proj or q_b_proj */
         return w->qkv;
     case EPD_W_K:
         return w->qkv + (size_t)m->q_dim * H;
@@ -156,6 +157,27 @@ static void *destination(cu_model_t *m, const epd_model_placement_t *pl, const e
         return w->qkv + ((size_t)m->q_dim + (size_t)f->num_key_value_heads * hd) * H;
     case EPD_W_O:
         return w->o;
+    case EPD_W_Q_A:
+        return w->q_a;
+    case EPD_W_KV_A:
+        return w->kv_a;
+    case EPD_W_KV_B:
+        return w->kv_b;
+    case EPD_W_Q_A_NORM:
+        *esize = 4;
+        return w->q_a_norm;
+    case EPD_W_KV_A_NORM:
+        *esize = 4;
+        return w->kv_a_norm;
+    case EPD_W_ROUTER_BIAS:
+        *esize = 4;
+        return w->router_bias;
+    case EPD_W_SHARED_GATE:
+        return w->sh_gate_up;
+    case EPD_W_SHARED_UP:
+        return w->sh_gate_up + I * (size_t)f->n_shared_experts * H;
+    case EPD_W_SHARED_DOWN:
+        return w->sh_down;
     case EPD_W_DENSE_GATE:
         return w->gate_up;
     case EPD_W_DENSE_UP:
@@ -258,12 +280,32 @@ int cu_random_weights(cu_model_t *m, uint64_t seed, epd_err_t *err)
         cu_layer_t *w = &m->layers[l];
         ONE(w->input_norm, H);
         ONE(w->post_norm, H);
-        ONE(w->q_norm, hd);
-        ONE(w->k_norm, hd);
-        BF(w->qkv, (size_t)m->qkv_dim * H);
-        BF(w->o, H * (size_t)m->q_dim);
+        if (m->mla) {
+            size_t nh = (size_t)f->num_attention_heads, ql = (size_t)m->ql;
+            if (ql) {
+                BF(w->q_a, ql * H);
+                ONE(w->q_a_norm, ql);
+            }
+            BF(w->qkv, nh * (size_t)m->qk * (ql ? ql : H));
+            BF(w->kv_a, (size_t)(m->kvl + m->rope) * H);
+            ONE(w->kv_a_norm, (size_t)m->kvl);
+            BF(w->kv_b, nh * (size_t)(m->nope + m->vd) * (size_t)m->kvl);
+            BF(w->o, H * nh * (size_t)m->vd);
+        } else {
+            ONE(w->q_norm, hd);
+            ONE(w->k_norm, hd);
+            BF(w->qkv, (size_t)m->qkv_dim * H);
+            BF(w->o, H * (size_t)m->q_dim);
+        }
         if (w->is_moe) {
+            size_t Is = I * (size_t)f->n_shared_experts;
             if (!e) e = epd_cu_fill_uniform_f32(w->router, E * H, seed++, -a, a, s);
+            if (w->router_bias && !e)
+                e = epd_cu_fill_uniform_f32(w->router_bias, E, seed++, 0.0f, 0.0f, s);
+            if (Is) {
+                BF(w->sh_gate_up, 2 * Is * H);
+                BF(w->sh_down, H * Is);
+            }
             BF(w->gate_up, L * 2 * I * H);
             BF(w->down, L * H * I);
         } else {
