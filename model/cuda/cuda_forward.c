@@ -232,9 +232,9 @@ static int mla_attention(cu_model_t *m, const cu_layer_t *w, int T, int split_le
     mark(m, capturing, PH_ATTN_GEMM);
     if (ql) {
         TRY(gemm_bf16(m, m->q_lora, m->xn_bf16, w->q_a, T, ql, H, 0.0f, err));
-        TRY_CU(epd_cu_add_rmsnorm(m->q_lora, NULL, w->q_a_norm, eps, T, ql, NULL, m->q_lora_bf16,
-                                  st),
-               "q_a norm");
+        TRY_CU(
+            epd_cu_add_rmsnorm(m->q_lora, NULL, w->q_a_norm, eps, T, ql, NULL, m->q_lora_bf16, st),
+            "q_a norm");
         TRY(gemm_bf16(m, m->q, m->q_lora_bf16, w->qkv, T, nh * qk, ql, 0.0f, err));
     } else {
         TRY(gemm_bf16(m, m->q, m->xn_bf16, w->qkv, T, nh * qk, H, 0.0f, err));

@@ -160,8 +160,8 @@ static void mla_dims(cu_model_t *m)
         if (d >= need) m->hdp = d;
     if (!m->hdp) return;
     size_t nh = (size_t)f->num_attention_heads;
-    size_t per_row = (size_t)m->kvl * 2 + (size_t)m->rope * 2 +
-                     nh * (size_t)(m->nope + m->vd) * 4 + 2 * nh * (size_t)m->hdp * 2;
+    size_t per_row = (size_t)m->kvl * 2 + (size_t)m->rope * 2 + nh * (size_t)(m->nope + m->vd) * 4 +
+                     2 * nh * (size_t)m->hdp * 2;
     size_t rows = (size_t)(m->max_tokens > 1024 ? 2 * m->max_tokens : 2048);
     if (rows * per_row > (1u << 30)) rows = (1u << 30) / per_row;
     rows = rows / EPD_CU_EXP_BLOCK * EPD_CU_EXP_BLOCK;
@@ -216,9 +216,9 @@ static void carve_workspace(cu_model_t *m, carver_t *c)
         epd_cu_attention_workspace(attn_units(m), f->num_attention_heads, f->head_dim, 1);
     if (m->mla) {
         size_t a = epd_cu_mla_workspace(attn_units(m), f->num_attention_heads, m->kvl, 1);
-        size_t b = m->hdp ? epd_cu_attention_workspace(attn_units(m), f->num_attention_heads,
-                                                       m->hdp, 1)
-                          : 0;
+        size_t b =
+            m->hdp ? epd_cu_attention_workspace(attn_units(m), f->num_attention_heads, m->hdp, 1)
+                   : 0;
         m->attn_ws_bytes = a > b ? a : b;
     }
     m->attn_ws = carve(c, m->attn_ws_bytes);
@@ -251,8 +251,8 @@ int cu_model_alloc(cu_model_t *m, epd_err_t *err)
     m->rope_scale = 1.0f;
     if ((m->mla = epd_hf_is_mla(f))) {
         mla_dims(m);
-        m->qkv_dim = m->kvl + m->rope;                 /* kv_a's output */
-        m->q_dim = f->num_attention_heads * m->qk;     /* q */
+        m->qkv_dim = m->kvl + m->rope;             /* kv_a's output */
+        m->q_dim = f->num_attention_heads * m->qk; /* q */
     }
     if (!(m->layers = calloc((size_t)f->num_hidden_layers, sizeof(*m->layers))))
         return epd_err_set(err, -ENOMEM, "out of memory");
@@ -530,10 +530,12 @@ static int cu_create(const epd_model_opts_t *o, const epd_hf_config_t *cfg, cu_m
                          "of 16 (config.json has %d, %d, %d and %d)",
                          o->fp8_dispatch ? 128 : 16, cfg->kv_lora_rank, cfg->qk_rope_head_dim,
                          cfg->hidden_size, cfg->moe_intermediate_size);
-    else if (!epd_hf_is_mla(cfg) && (cfg->hidden_size % (o->fp8_dispatch ? 128 : 16) ||
-             (cfg->head_dim != 16 && cfg->head_dim != 32 && cfg->head_dim != 64 &&
-              cfg->head_dim != 128 && cfg->head_dim != 256) ||
-             cfg->moe_intermediate_size % 16 || cfg->num_attention_heads % cfg->num_key_value_heads))
+    else if (!epd_hf_is_mla(cfg) &&
+             (cfg->hidden_size % (o->fp8_dispatch ? 128 : 16) ||
+              (cfg->head_dim != 16 && cfg->head_dim != 32 && cfg->head_dim != 64 &&
+               cfg->head_dim != 128 && cfg->head_dim != 256) ||
+              cfg->moe_intermediate_size % 16 ||
+              cfg->num_attention_heads % cfg->num_key_value_heads))
         rc = epd_err_set(err, -ENOTSUP,
                          "the cuda model needs hidden_size a multiple of %d, head_dim 16, 32, "
                          "64, 128 or 256 and moe_intermediate_size a multiple of 16 (config.json "

@@ -34,12 +34,12 @@ typedef struct cu_layer {
     uint16_t *v_cache; /* MLA: NULL */
     /* DeepSeek (MLA): qkv above is q_proj [nh (nope + rope)][H], or q_b_proj [.][ql] with q
      * LoRA; o is [H][nh vd] */
-    uint16_t *q_a;                    /* [ql][H] */
-    float *q_a_norm, *kv_a_norm;      /* fp32 [ql], [kvl] */
-    uint16_t *kv_a;                   /* [kvl + rope][H] */
-    uint16_t *kv_b;                   /* [nh][nope + vd][kvl] */
-    float *router_bias;               /* fp32 [E] (V3's e_score_correction_bias) or NULL */
-    uint16_t *sh_gate_up, *sh_down;   /* shared experts: [2 Is][H], [H][Is]; or NULL */
+    uint16_t *q_a;                  /* [ql][H] */
+    float *q_a_norm, *kv_a_norm;    /* fp32 [ql], [kvl] */
+    uint16_t *kv_a;                 /* [kvl + rope][H] */
+    uint16_t *kv_b;                 /* [nh][nope + vd][kvl] */
+    float *router_bias;             /* fp32 [E] (V3's e_score_correction_bias) or NULL */
+    uint16_t *sh_gate_up, *sh_down; /* shared experts: [2 Is][H], [H][Is]; or NULL */
 } cu_layer_t;
 
 /* The expanded (prefill) form's inputs, uploaded only on the steps that take it: sequence s's
