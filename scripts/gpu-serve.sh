@@ -20,7 +20,10 @@
 #              --max-tokens 64); output in $OUT/http-bench.txt
 #   bench      build-gpu-serve/model/cuda/model-bench ARGS... (the ARGS after --), tee'd to
 #              $OUT/bench.txt
+#   dsbench    model-bench --model deepseek-v2-lite --batches 1,8,64,256 (DeepSeek-V2-Lite's
+#              shape, MLA; then the ARGS after --), tee'd to $OUT/bench-dsv2lite.txt
 #   torch      python3 scripts/bench_torch_peer.py $TORCH_ARGS, tee'd to $OUT/torch.txt
+#              (TORCH_ARGS="--model deepseek-v2-lite": the DeepSeek-V2-Lite peer)
 #   soak       tests/engine/soak_http.py against that epd (started if serve did not run) for
 #              $SOAK_SECONDS (default 60): random arrivals, long and short prompts, cancellations,
 #              an exhausted KV pool (with soak among the stages, the epd gets model.kv_blocks
@@ -66,7 +69,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --no-build) DO_BUILD=0 ;;
     --) shift; PASS=("$@"); break ;;
-    tests | serve | httpbench | bench | torch | soak | sanitize) STAGES+=("$1") ;;
+    tests | serve | httpbench | bench | dsbench | torch | soak | sanitize) STAGES+=("$1") ;;
     -h | --help) usage ;;
     *) echo "gpu-serve: unknown stage or option '$1'" >&2; usage ;;
     esac
@@ -385,6 +388,18 @@ stage_bench() {
     timeout -k 10 "$t" "$b" "${PASS[@]}" 2>&1 | tee -a "$OUT/bench.txt"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" = 0 ]; then note bench "ok (bench.txt)"; else note bench "FAIL rc $rc (bench.txt)"; fi
+}
+
+stage_dsbench() {
+    local b=$BUILD/model/cuda/model-bench t
+    [ -x "$b" ] || { note dsbench "FAIL (no $b)"; return; }
+    t=$(stage_timeout "${BENCH_TIMEOUT:-450}")
+    [ "$t" = 0 ] && { note dsbench "SKIP (call budget spent)"; return; }
+    local args=(--model deepseek-v2-lite --batches 1,8,64,256 "${PASS[@]}")
+    echo "==== $(date -u +%FT%TZ) model-bench ${args[*]}" >>"$OUT/bench-dsv2lite.txt"
+    timeout -k 10 "$t" "$b" "${args[@]}" 2>&1 | tee -a "$OUT/bench-dsv2lite.txt"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" = 0 ]; then note dsbench "ok (bench-dsv2lite.txt)"; else note dsbench "FAIL rc $rc (bench-dsv2lite.txt)"; fi
 }
 
 stage_torch() {
