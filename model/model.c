@@ -198,11 +198,6 @@ static int load_impl(epd_model_t *m, const epd_model_opts_t *o, epd_err_t *err)
     case EPD_MODEL_CPU:
         return epd_cpu_model_load(o, &m->cfg, &m->placement, &m->impl, &m->ops, err);
     case EPD_MODEL_CUDA:
-        if (epd_hf_is_mla(&m->cfg))
-            return epd_err_set(err, -ENOTSUP,
-                               "compute.backend \"cuda\": model_type \"%s\" (MLA attention) runs "
-                               "on the cpu backend only so far",
-                               m->cfg.model_type);
 #ifdef EPD_MODEL_HAVE_CUDA
         return epd_cuda_model_load(o, &m->cfg, &m->placement, &m->impl, &m->ops, err);
 #else

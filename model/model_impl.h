@@ -13,19 +13,19 @@
 
 /* One step of one rank, flattened: T tokens of S sequences. */
 typedef struct epd_step {
-    int num_tokens;           /* T (0: the rank joins the exchanges with nothing) */
-    int step_max_tokens;      /* largest T of any rank this step */
-    int path;                 /* epd_moe_path_t for the whole group */
-    const int32_t *tokens;    /* [T] ids, checked to be < vocab */
-    const int32_t *pos;       /* [T] position of each token in its sequence */
-    const int32_t *seq_idx;   /* [T] its sequence, 0..S-1; a sequence's tokens are consecutive */
-    int num_seqs;             /* S */
-    const int32_t *seq_len;   /* [S] length after this step (the last token's pos + 1) */
+    int num_tokens;             /* T (0: the rank joins the exchanges with nothing) */
+    int step_max_tokens;        /* largest T of any rank this step */
+    int path;                   /* epd_moe_path_t for the whole group */
+    const int32_t *tokens;      /* [T] ids, checked to be < vocab */
+    const int32_t *pos;         /* [T] position of each token in its sequence */
+    const int32_t *seq_idx;     /* [T] its sequence, 0..S-1; a sequence's tokens are consecutive */
+    int num_seqs;               /* S */
+    const int32_t *seq_len;     /* [S] length after this step (the last token's pos + 1) */
     const int32_t *block_table; /* [S][max_blocks] KV block ids (rows valid up to their length) */
-    int max_blocks;           /* row stride of block_table: ceil(max_seq_len / block size) */
-    int num_logits;           /* M */
-    const int32_t *logit_rows;          /* [M] token rows whose next token is wanted */
-    const epd_sample_params_t *sample;  /* [M] */
+    int max_blocks;             /* row stride of block_table: ceil(max_seq_len / block size) */
+    int num_logits;             /* M */
+    const int32_t *logit_rows;  /* [M] token rows whose next token is wanted */
+    const epd_sample_params_t *sample; /* [M] */
 } epd_step_t;
 
 typedef struct epd_model_ops {
@@ -41,6 +41,11 @@ typedef struct epd_model_ops {
     int (*set_group)(void *impl, ep_group_t *group, epd_err_t *err);
     void (*expert_tokens)(void *impl, uint64_t *counts);
 } epd_model_ops_t;
+
+/* moe.c: libep's routing parameters of the checkpoint's router (bias: the layer's
+ * e_score_correction_bias or NULL; device memory for ep_route on the cuda backend). Both
+ * implementations route through it. */
+ep_route_params_t epd_moe_route_params(const epd_hf_config_t *cfg, const float *bias);
 
 /* The cpu implementation (qwen3_moe.c) and the cuda one (model/cuda/cuda_model.c; absent in a
  * build without CUDA). Each loads config + weights for o->group's rank into *impl. */

@@ -71,10 +71,6 @@ typedef struct epd_cpu_model {
     uint16_t *ht_y;         /* [N][H] bf16 per-rank partial sums for the combine */
 } epd_cpu_model_t;
 
-/* moe.c: libep's routing parameters of the checkpoint's router (bias: the layer's
- * e_score_correction_bias or NULL). */
-ep_route_params_t epd_moe_route_params(const epd_hf_config_t *cfg, const float *bias);
-
 /* moe.c: h[T][H] += MoE(xn[T][H]) of layer l through libep's LL path, or its HT path if ht
  * (collective, every rank on the same path; T may be 0). */
 int epd_moe_forward(epd_cpu_model_t *m, int layer, int rows, int ht, epd_err_t *err);

@@ -16,12 +16,21 @@ graphs), which recompiles per batch size (about 2 minutes each): optional (--com
 skipped when --deadline would be passed. Prefill: tokens/s of one --prefill-len prompt at
 batch 1 (one forward, eager, logits of the last row only).
 
+--model deepseek-v2-lite: transformers' DeepseekV2ForCausalLM at DeepSeek-V2-Lite's shape (27
+layers, hidden 2048, the first layer dense with intermediate 10944, then 64 routed experts top-6
+of moe_intermediate 1408 plus 2 shared, MLA with kv_lora 512, qk_nope 128, qk_rope 64, v 128, no
+q LoRA, 16 heads, vocab 102400, softmax greedy routing, YaRN factor 40 over 4096), the same way.
+Its HBM limit counts MLA's weights and the latent cache (kv_lora + qk_rope values per position
+and layer), as model-bench --model deepseek-v2-lite does; transformers' own DeepSeek-V2 caches
+full keys and values per head, so the peer reads more than that limit.
+
 Also prints each batch's HBM limit: the bytes one decode step must read (dense weights, the
 experts its tokens touch under uniform routing, lm_head, KV of the context) at --hbm-tbs.
 
   python3 scripts/bench_torch_peer.py                       # eager, batches 1 8 64 256
   python3 scripts/bench_torch_peer.py --compile --batch 1 8 --deadline 540
   python3 scripts/bench_torch_peer.py --layers 4 --batch 1 --no-prefill   # a quick check
+  python3 scripts/bench_torch_peer.py --model deepseek-v2-lite
 
 Prints a table and JSON lines (prefixed "JSON ") for docs/benchmarks.md.
 """
@@ -40,7 +49,23 @@ QWEN3_30B_A3B = dict(
     tie_word_embeddings=False, attention_bias=False, use_sliding_window=False,
     output_router_logits=False, bos_token_id=151643, eos_token_id=151645,
 )
-ROPE_THETA = 1e6
+DEEPSEEK_V2_LITE = dict(
+    vocab_size=102400, hidden_size=2048, intermediate_size=10944, moe_intermediate_size=1408,
+    num_hidden_layers=27, num_attention_heads=16, num_key_value_heads=16, n_routed_experts=64,
+    n_shared_experts=2, num_experts_per_tok=6, first_k_dense_replace=1, kv_lora_rank=512,
+    q_lora_rank=None, qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+    topk_method="greedy", n_group=1, topk_group=1, routed_scaling_factor=1.0,
+    norm_topk_prob=False, max_position_embeddings=163840, rms_norm_eps=1e-6,
+    tie_word_embeddings=False, attention_bias=False, bos_token_id=100000, eos_token_id=100001,
+)
+DEEPSEEK_YARN = {"factor": 40.0, "original_max_position_embeddings": 4096, "beta_fast": 32.0,
+                 "beta_slow": 1.0, "mscale": 0.707, "mscale_all_dim": 0.707}
+# --model: (config class, model class, keyword arguments, rope_theta, extra rope parameters)
+MODELS = {
+    "qwen3-30b-a3b": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", QWEN3_30B_A3B, 1e6, None),
+    "deepseek-v2-lite": ("DeepseekV2Config", "DeepseekV2ForCausalLM", DEEPSEEK_V2_LITE, 1e4,
+                         DEEPSEEK_YARN),
+}
 T_START = time.monotonic()
 
 
@@ -50,6 +75,25 @@ def log(msg):
 
 def jline(d):
     print("JSON " + json.dumps(d), flush=True)
+
+
+def hbm_limit_ms_mla(cfg, batch, ctx, tbs):
+    """DeepSeek (MLA): per layer the norms, q (or q LoRA), kv_a, kv_b, o and the kv_a norm; dense
+    layers' MLP, or the router, the touched experts and the shared experts; lm_head; and the
+    latent cache (kv_lora + qk_rope values per position and layer), all bf16."""
+    h, L, E, k = cfg["hidden_size"], cfg["num_hidden_layers"], cfg["n_routed_experts"], cfg["num_experts_per_tok"]
+    nh, kvl, rope = cfg["num_attention_heads"], cfg["kv_lora_rank"], cfg["qk_rope_head_dim"]
+    nope, vd, ql, mi = cfg["qk_nope_head_dim"], cfg["v_head_dim"], cfg["q_lora_rank"], cfg["moe_intermediate_size"]
+    qk = nope + rope
+    q = (ql * h + ql + nh * qk * ql) if ql else nh * qk * h
+    attn = q + (kvl + rope) * h + kvl + nh * (nope + vd) * kvl + h * nh * vd + 2 * h
+    touched = E * (1.0 - (1.0 - k / E) ** batch)
+    dense = cfg["first_k_dense_replace"]
+    moe = h * E + touched * 3 * h * mi + 3 * h * mi * cfg["n_shared_experts"]
+    weights = (L * attn + dense * 3 * h * cfg["intermediate_size"] + (L - dense) * moe
+               + cfg["vocab_size"] * h + h + batch * h)
+    kv = batch * ctx * L * (kvl + rope)
+    return 2.0 * (weights + kv) / (tbs * 1e12) * 1e3, touched
 
 
 def hbm_limit_ms(cfg, batch, ctx, tbs):
@@ -70,6 +114,7 @@ def hbm_limit_ms(cfg, batch, ctx, tbs):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    ap.add_argument("--model", choices=sorted(MODELS), default="qwen3-30b-a3b")
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64, 256])
     ap.add_argument("--prompt-len", type=int, default=1024, help="context before the timed steps")
     ap.add_argument("--n-short", type=int, default=8)
@@ -103,49 +148,55 @@ def main():
         import torch
     except ImportError as e:
         sys.exit(f"bench_torch_peer: PyTorch is not installed ({e})")
+    cfg_name, model_name, base_kw, ROPE_THETA, rope_extra = MODELS[a.model]
     try:
         import transformers
-        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
-    except ImportError as e:
-        sys.exit(f"bench_torch_peer: transformers with Qwen3MoeForCausalLM is needed ({e})")
+        ConfigClass = getattr(transformers, cfg_name)
+        ModelClass = getattr(transformers, model_name)
+    except (ImportError, AttributeError) as e:
+        sys.exit(f"bench_torch_peer: transformers with {model_name} is needed ({e})")
     if not torch.cuda.is_available():
         sys.exit("bench_torch_peer: no CUDA device")
     dev = torch.device("cuda")
     gpu = torch.cuda.get_device_name(0)
-    meta = {"bench": "torch_peer", "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": gpu,
+    meta = {"bench": "torch_peer", "model": a.model, "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": gpu,
             "torch": torch.__version__, "transformers": transformers.__version__}
     log(f"{gpu}, torch {torch.__version__}, transformers {transformers.__version__}")
 
     # ---- configuration (rope_theta moved into rope_parameters in transformers 5)
-    kw = dict(QWEN3_30B_A3B)
+    kw = dict(base_kw)
     if a.layers:
         kw["num_hidden_layers"] = a.layers
     # the same dance as tests/model/make_qwen3vocab_oracle.py (run with transformers 5.17)
-    if "rope_parameters" in inspect.signature(Qwen3MoeConfig.__init__).parameters:
-        attempts = ({"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}},
-                    {"rope_theta": ROPE_THETA})
+    rope_params = {"rope_type": "default", "rope_theta": ROPE_THETA}
+    legacy = {"rope_theta": ROPE_THETA}
+    if rope_extra:  # YaRN: transformers 5's rope_parameters, or the hub's rope_scaling
+        rope_params = dict(rope_extra, rope_type="yarn", rope_theta=ROPE_THETA)
+        legacy = {"rope_theta": ROPE_THETA, "rope_scaling": dict(rope_extra, type="yarn")}
+    if "rope_parameters" in inspect.signature(ConfigClass.__init__).parameters:
+        attempts = ({"rope_parameters": rope_params}, legacy)
     else:
-        attempts = ({"rope_theta": ROPE_THETA},
-                    {"rope_parameters": {"rope_type": "default", "rope_theta": ROPE_THETA}})
+        attempts = (legacy, {"rope_parameters": rope_params})
     cfg, err = None, None
     for extra in attempts:
         try:
-            cfg = Qwen3MoeConfig(**kw, **extra)
+            cfg = ConfigClass(**kw, **extra)
             break
         except TypeError as e:
             err = e
     if cfg is None:
-        sys.exit(f"bench_torch_peer: Qwen3MoeConfig refused the configuration: {err}")
+        sys.exit(f"bench_torch_peer: {cfg_name} refused the configuration: {err}")
     d = cfg.to_dict()
     theta = d.get("rope_theta")
     if theta is None and isinstance(d.get("rope_parameters"), dict):
         theta = d["rope_parameters"].get("rope_theta")
     if theta is None or abs(float(theta) - ROPE_THETA) > 1e-3:
         log(f"rope_theta did not stick ({theta!r}): setting rope_parameters")
-        cfg.rope_parameters = {"rope_type": "default", "rope_theta": ROPE_THETA}
-    for k in ("num_experts", "num_experts_per_tok", "moe_intermediate_size", "head_dim",
-              "num_key_value_heads", "norm_topk_prob"):
-        if d.get(k) != kw[k]:
+        cfg.rope_parameters = rope_params
+    for k in ("num_experts", "n_routed_experts", "num_experts_per_tok", "moe_intermediate_size",
+              "head_dim", "num_key_value_heads", "norm_topk_prob", "kv_lora_rank", "q_lora_rank",
+              "first_k_dense_replace", "n_shared_experts"):
+        if k in kw and d.get(k) != kw[k]:
             log(f"warning: the config's {k} reads {d.get(k)!r}, wanted {kw[k]!r}")
     if a.attn:
         cfg._attn_implementation = a.attn
@@ -157,7 +208,7 @@ def main():
     try:
         torch.set_default_dtype(torch.bfloat16)
         with dev:
-            model = Qwen3MoeForCausalLM(cfg)
+            model = ModelClass(cfg)
     except torch.cuda.OutOfMemoryError as e:
         sys.exit(f"bench_torch_peer: out of GPU memory building the model: {e}")
     finally:
@@ -318,7 +369,7 @@ def main():
             return "-"
         return f"{v:.2f}" if isinstance(v, float) else str(v)
     print()
-    print(f"PyTorch peer: Qwen3MoeForCausalLM, {cfg.num_hidden_layers} layers, bf16, experts "
+    print(f"PyTorch peer: {model_name} ({a.model}), {cfg.num_hidden_layers} layers, bf16, experts "
           f"{experts_impl}, static cache, prompt {a.prompt_len} tokens, ms per decode step = "
           f"(t{a.n_long} - t{a.n_short}) / {a.n_long - a.n_short}; {gpu}")
     print(f"HBM limit: weights the step touches + KV of the context, read once at {a.hbm_tbs} TB/s")
@@ -327,7 +378,8 @@ def main():
     print("-" * len(hdr))
     summary = []
     for i, b in enumerate(a.batch):
-        lim, touched = hbm_limit_ms(dict(QWEN3_30B_A3B, num_hidden_layers=cfg.num_hidden_layers), b,
+        lim, touched = (hbm_limit_ms_mla if a.model == "deepseek-v2-lite" else hbm_limit_ms)(
+            dict(base_kw, num_hidden_layers=cfg.num_hidden_layers), b,
                                     a.prompt_len + (a.n_long + a.n_short) // 2, a.hbm_tbs)
         pf = cell(round(prefill) if isinstance(prefill, float) else prefill) if (i == 0 and b == 1) else ""
         print(f"{b:>6} | {lim:>12.2f} | {cell(results.get((b, 'eager'))):>14} | "

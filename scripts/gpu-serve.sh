@@ -20,7 +20,10 @@
 #              --max-tokens 64); output in $OUT/http-bench.txt
 #   bench      build-gpu-serve/model/cuda/model-bench ARGS... (the ARGS after --), tee'd to
 #              $OUT/bench.txt
+#   dsbench    model-bench --model deepseek-v2-lite --batches 1,8,64,256 (DeepSeek-V2-Lite's
+#              shape, MLA; then the ARGS after --), tee'd to $OUT/bench-dsv2lite.txt
 #   torch      python3 scripts/bench_torch_peer.py $TORCH_ARGS, tee'd to $OUT/torch.txt
+#              (TORCH_ARGS="--model deepseek-v2-lite": the DeepSeek-V2-Lite peer)
 #   dsref      transformers' DeepseekV3/V2ForCausalLM on tests/model/oracle_dsv3 and oracle_dsv2
 #              against their expected.json (tests/model/make_deepseek_oracle.py --check; CPU, no
 #              build needed), tee'd to $OUT/dsref.txt
@@ -69,7 +72,7 @@ while [ $# -gt 0 ]; do
     case $1 in
     --no-build) DO_BUILD=0 ;;
     --) shift; PASS=("$@"); break ;;
-    tests | serve | httpbench | bench | torch | dsref | soak | sanitize) STAGES+=("$1") ;;
+    tests | serve | httpbench | bench | dsbench | torch | dsref | soak | sanitize) STAGES+=("$1") ;;
     -h | --help) usage ;;
     *) echo "gpu-serve: unknown stage or option '$1'" >&2; usage ;;
     esac
@@ -388,6 +391,18 @@ stage_bench() {
     timeout -k 10 "$t" "$b" "${PASS[@]}" 2>&1 | tee -a "$OUT/bench.txt"
     local rc=${PIPESTATUS[0]}
     if [ "$rc" = 0 ]; then note bench "ok (bench.txt)"; else note bench "FAIL rc $rc (bench.txt)"; fi
+}
+
+stage_dsbench() {
+    local b=$BUILD/model/cuda/model-bench t
+    [ -x "$b" ] || { note dsbench "FAIL (no $b)"; return; }
+    t=$(stage_timeout "${BENCH_TIMEOUT:-450}")
+    [ "$t" = 0 ] && { note dsbench "SKIP (call budget spent)"; return; }
+    local args=(--model deepseek-v2-lite --batches 1,8,64,256 "${PASS[@]}")
+    echo "==== $(date -u +%FT%TZ) model-bench ${args[*]}" >>"$OUT/bench-dsv2lite.txt"
+    timeout -k 10 "$t" "$b" "${args[@]}" 2>&1 | tee -a "$OUT/bench-dsv2lite.txt"
+    local rc=${PIPESTATUS[0]}
+    if [ "$rc" = 0 ]; then note dsbench "ok (bench-dsv2lite.txt)"; else note dsbench "FAIL rc $rc (bench-dsv2lite.txt)"; fi
 }
 
 stage_torch() {

@@ -15,10 +15,27 @@
  *        one rank: local packing -> experts -> h += weighted sum
  *        several: ep_ll_dispatch -> experts on the packed layout -> ep_ll_combine (added to h
  *        by the next layer's add_rmsnorm)
- *   or dense SwiGLU: gu = xn . Wgu^T, act = silu(g) u, h += act . Wd^T. */
+ *   or dense SwiGLU: gu = xn . Wgu^T, act = silu(g) u, h += act . Wd^T.
+ *
+ * DeepSeek (MLA) replaces the attention part (mla_attention below):
+ *   q = xn . Wq^T, or rmsnorm(xn . Wqa^T) . Wqb^T   cuBLAS (+ add_rmsnorm)   (fp32 out)
+ *   kv = xn . Wkva^T                                cuBLAS         (fp32 [T][kvl + rope])
+ *   q's rope part rotated; latent normed, key part rotated, both -> latent cache  mla_rope_store
+ *   absorbed (decode, and any step whose context the expanded buffers cannot hold):
+ *     q_lat[h] = q_nope[h] . Wkb[h]                 cuBLAS, batched over heads
+ *     o_lat = latent attention over the cache       mla_attention
+ *     att[h] = o_lat[h] . Wvb[h]^T                  cuBLAS, batched over heads (bf16 out)
+ *   expanded (prefill steps): the context's latents gathered, k_nope/v = lat . Wkvb^T (cuBLAS),
+ *     keys (k_nope, pe) and values padded to a head dim of epd_cu_attention, which runs causal
+ *     over them (the scale folded into q)
+ *   h += att . Wo^T
+ * and its MoE layers add the shared experts (a dense SwiGLU on every token) to the routed ones,
+ * routed by the checkpoint's router (epd_moe_route_params: softmax or V3's sigmoid + bias,
+ * group-limited, scaled). */
 #include "cuda_model.h"
 
 #include <errno.h>
+#include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -84,6 +101,20 @@ static int gemm_bf16(cu_model_t *m, float *C, const uint16_t *X, const uint16_t 
                          "GEMM", err);
 }
 
+/* Per head h < batch: C_h[T][m] = op(A_h) . B_h over column-major views (cuBLAS's convention),
+ * A and B bf16, C of type ctype, fp32 accumulation: MLA's absorption GEMMs. */
+static int gemm_batched(cu_model_t *m, cublasOperation_t opa, int M, int N, int K, const void *A,
+                        int lda, long long sa, const void *B, int ldb, long long sb, void *C,
+                        cudaDataType_t ctype, int ldc, long long sc, int batch, epd_err_t *err)
+{
+    const float one = 1.0f, zero = 0.0f;
+    return cu_blas_check(cublasGemmStridedBatchedEx(m->cublas, opa, CUBLAS_OP_N, M, N, K, &one, A,
+                                                    CUDA_R_16BF, lda, sa, B, CUDA_R_16BF, ldb, sb,
+                                                    &zero, C, ctype, ldc, sc, batch, COMPUTE,
+                                                    CUBLAS_GEMM_DEFAULT),
+                         "batched GEMM", err);
+}
+
 /* C[T][N] = X[T][K] . W[N][K]^T, all fp32 (the router) */
 static int gemm_f32(cu_model_t *m, float *C, const float *X, const float *W, int T, int N, int K,
                     epd_err_t *err)
@@ -140,13 +171,7 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
     mark(m, capturing, PH_EXCHANGE);
     if (T > 0) {
         TRY(gemm_f32(m, m->router_logits, m->xn_f32, w->router, T, E, H, err));
-        ep_route_params_t rp = {
-            .kind = EP_ROUTE_SOFTMAX_TOPK,
-            .num_experts = E,
-            .topk = k,
-            .renormalize = f->norm_topk_prob,
-            .routed_scaling_factor = 1.0f,
-        };
+        ep_route_params_t rp = epd_moe_route_params(f, w->router_bias);
         ep_status_t es =
             ep_route(m->group, &rp, m->router_logits, T, m->topk_idx, m->topk_w, m->stream);
         if (es != EP_OK) return ep_fail(m, "ep_route", es, l, err);
@@ -205,9 +230,94 @@ static int moe(cu_model_t *m, int l, int T, int capturing, const uint16_t **delt
     return 0;
 }
 
+/* How a step runs MLA's attention: absorbed (exp_rows 0) or expanded over exp_rows context
+ * rows of S sequences, the longest max_len, with its own splits. */
+typedef struct mla_plan {
+    int exp_rows, S, max_len, split_len, max_splits;
+} mla_plan_t;
+
+/* DeepSeek's attention of layer w on T rows: h += MLA(xn_bf16). */
+static int mla_attention(cu_model_t *m, const cu_layer_t *w, int T, int split_len, int max_splits,
+                         const mla_plan_t *plan, int capturing, epd_err_t *err)
+{
+    const epd_hf_config_t *f = &m->cfg;
+    const int H = f->hidden_size, nh = f->num_attention_heads, kvl = m->kvl, rope = m->rope;
+    const int nope = m->nope, vd = m->vd, qk = m->qk, ql = m->ql;
+    const float eps = 1e-6f; /* transformers' q_a/kv_a layernorms, whatever rms_norm_eps says */
+    epd_stream_t st = (epd_stream_t)m->stream;
+    mark(m, capturing, PH_ATTN_GEMM);
+    if (ql) {
+        TRY(gemm_bf16(m, m->q_lora, m->xn_bf16, w->q_a, T, ql, H, 0.0f, err));
+        TRY_CU(
+            epd_cu_add_rmsnorm(m->q_lora, NULL, w->q_a_norm, eps, T, ql, NULL, m->q_lora_bf16, st),
+            "q_a norm");
+        TRY(gemm_bf16(m, m->q, m->q_lora_bf16, w->qkv, T, nh * qk, ql, 0.0f, err));
+    } else {
+        TRY(gemm_bf16(m, m->q, m->xn_bf16, w->qkv, T, nh * qk, H, 0.0f, err));
+    }
+    TRY(gemm_bf16(m, m->qkv, m->xn_bf16, w->kv_a, T, kvl + rope, H, 0.0f, err));
+    mark(m, capturing, PH_ATTN);
+    TRY_CU(epd_cu_mla_rope_store(m->q, m->qkv, w->kv_a_norm, m->inv_freq, m->rope_scale,
+                                 f->rope_interleave, m->in.pos, m->in.slot, T, nh, nope, rope, kvl,
+                                 eps, w->k_cache, st),
+           "MLA rope and latent store");
+    const long long kvb_head = (long long)(nope + vd) * kvl;
+    if (plan->exp_rows > 0) {
+        const int hdp = m->hdp;
+        TRY_CU(epd_cu_mla_gather(m->lat_g, m->pe_g, w->k_cache, m->in.block_table, m->max_blocks,
+                                 m->exp.base, m->exp.seq_len, plan->S, plan->max_len, kvl, rope,
+                                 m->block_size, st),
+               "MLA gather");
+        mark(m, capturing, PH_ATTN_GEMM);
+        TRY(gemm_bf16(m, m->kvx, m->lat_g, w->kv_b, plan->exp_rows, nh * (nope + vd), kvl, 0.0f,
+                      err));
+        mark(m, capturing, PH_ATTN);
+        TRY_CU(epd_cu_mla_expand_kv(m->k_exp, m->v_exp, m->kvx, m->pe_g, plan->exp_rows, nh, nope,
+                                    rope, vd, hdp, st),
+               "MLA expand");
+        /* epd_cu_attention scales by 1/sqrt(hdp): fold the model's scale into q */
+        TRY_CU(epd_cu_mla_pad_q(m->q_pad, m->q, T, nh, qk, hdp,
+                                (float)f->attn_scale * sqrtf((float)hdp), st),
+               "MLA q");
+        TRY_CU(epd_cu_attention(m->att_pad, m->q_pad, m->k_exp, m->v_exp, m->exp.bt, m->exp_cols,
+                                m->in.seq_idx, m->in.pos, T, nh, nh, hdp, EPD_CU_EXP_BLOCK,
+                                plan->split_len, plan->max_splits, m->attn_ws, st),
+               "MLA expanded attention");
+        TRY_CU(epd_cu_mla_unpad(m->att, m->att_pad, T, nh, vd, hdp, st), "MLA unpad");
+    } else {
+        TRY_CU(epd_cu_f32_to_bf16(m->q_bf16, m->q, (size_t)T * nh * qk, st), "convert");
+        mark(m, capturing, PH_ATTN_GEMM);
+        /* q_lat[t][h][:] = Wkb[h]^T q_nope[t][h]: Wkb[h] = kv_b[h][:nope] ([nope][kvl]) */
+        TRY(gemm_batched(m, CUBLAS_OP_N, kvl, T, nope, w->kv_b, kvl, kvb_head, m->q_bf16, nh * qk,
+                         qk, m->q_lat, CUDA_R_32F, nh * kvl, kvl, nh, err));
+        mark(m, capturing, PH_ATTN);
+        TRY_CU(epd_cu_mla_attention(m->o_lat, m->q_lat, m->q + nope, qk, w->k_cache,
+                                    m->in.block_table, m->max_blocks, m->in.seq_idx, m->in.pos, T,
+                                    nh, kvl, rope, (float)f->attn_scale, m->block_size, split_len,
+                                    max_splits, m->attn_ws, st),
+               "MLA attention");
+        mark(m, capturing, PH_ATTN_GEMM);
+        /* att[t][h][:] = Wvb[h] o_lat[t][h]: Wvb[h] = kv_b[h][nope:] ([vd][kvl]) */
+        TRY(gemm_batched(m, CUBLAS_OP_T, vd, T, kvl, w->kv_b + (size_t)nope * kvl, kvl, kvb_head,
+                         m->o_lat, nh * kvl, kvl, m->att, CUDA_R_16BF, nh * vd, vd, nh, err));
+    }
+    mark(m, capturing, PH_ATTN_GEMM);
+    return gemm_bf16(m, m->h, m->att, w->o, T, H, nh * vd, 1.0f, err);
+}
+
+/* A dense SwiGLU MLP on xn_bf16: h += down(silu(xn Wg) * (xn Wu)); gate_up [2I][H]. */
+static int dense_mlp(cu_model_t *m, const uint16_t *gate_up, const uint16_t *down, int T, int I,
+                     epd_err_t *err)
+{
+    const int H = m->cfg.hidden_size;
+    TRY(gemm_bf16(m, m->gu, m->xn_bf16, gate_up, T, 2 * I, H, 0.0f, err));
+    TRY_CU(epd_cu_silu_mul(m->act, m->gu, T, I, (epd_stream_t)m->stream), "dense activation");
+    return gemm_bf16(m, m->h, m->act, down, T, H, I, 1.0f, err);
+}
+
 /* Every kernel of a step on T rows (padded in graphs) and M logit rows. */
-static int run_layers(cu_model_t *m, int T, int M, int split_len, int max_splits, int capturing,
-                      epd_err_t *err)
+static int run_layers(cu_model_t *m, int T, int M, int split_len, int max_splits,
+                      const mla_plan_t *plan, int capturing, epd_err_t *err)
 {
     const epd_hf_config_t *f = &m->cfg;
     const int H = f->hidden_size, nh = f->num_attention_heads, nkv = f->num_key_value_heads;
@@ -223,19 +333,23 @@ static int run_layers(cu_model_t *m, int T, int M, int split_len, int max_splits
             mark(m, capturing, PH_NORM);
             TRY_CU(epd_cu_add_rmsnorm(m->h, delta, w->input_norm, eps, T, H, NULL, m->xn_bf16, st),
                    "input norm");
-            mark(m, capturing, PH_ATTN_GEMM);
-            TRY(gemm_bf16(m, m->qkv, m->xn_bf16, w->qkv, T, m->qkv_dim, H, 0.0f, err));
-            mark(m, capturing, PH_ATTN);
-            TRY_CU(epd_cu_qk_norm_rope_store(m->qkv, w->q_norm, w->k_norm, m->inv_freq, m->in.pos,
-                                             m->in.slot, T, nh, nkv, hd, eps, m->q, w->k_cache,
-                                             w->v_cache, st),
-                   "q/k norm and rope");
-            TRY_CU(epd_cu_attention(m->att, m->q, w->k_cache, w->v_cache, m->in.block_table,
-                                    m->max_blocks, m->in.seq_idx, m->in.pos, T, nh, nkv, hd,
-                                    m->block_size, split_len, max_splits, m->attn_ws, st),
-                   "attention");
-            mark(m, capturing, PH_ATTN_GEMM);
-            TRY(gemm_bf16(m, m->h, m->att, w->o, T, H, m->q_dim, 1.0f, err));
+            if (m->mla) {
+                TRY(mla_attention(m, w, T, split_len, max_splits, plan, capturing, err));
+            } else {
+                mark(m, capturing, PH_ATTN_GEMM);
+                TRY(gemm_bf16(m, m->qkv, m->xn_bf16, w->qkv, T, m->qkv_dim, H, 0.0f, err));
+                mark(m, capturing, PH_ATTN);
+                TRY_CU(epd_cu_qk_norm_rope_store(m->qkv, w->q_norm, w->k_norm, m->inv_freq,
+                                                 m->in.pos, m->in.slot, T, nh, nkv, hd, eps, m->q,
+                                                 w->k_cache, w->v_cache, st),
+                       "q/k norm and rope");
+                TRY_CU(epd_cu_attention(m->att, m->q, w->k_cache, w->v_cache, m->in.block_table,
+                                        m->max_blocks, m->in.seq_idx, m->in.pos, T, nh, nkv, hd,
+                                        m->block_size, split_len, max_splits, m->attn_ws, st),
+                       "attention");
+                mark(m, capturing, PH_ATTN_GEMM);
+                TRY(gemm_bf16(m, m->h, m->att, w->o, T, H, m->q_dim, 1.0f, err));
+            }
             mark(m, capturing, PH_NORM);
             TRY_CU(epd_cu_add_rmsnorm(m->h, NULL, w->post_norm, eps, T, H,
                                       w->is_moe ? m->xn_f32 : NULL, m->xn_bf16, st),
@@ -244,12 +358,14 @@ static int run_layers(cu_model_t *m, int T, int M, int split_len, int max_splits
         delta = NULL;
         if (w->is_moe) {
             TRY(moe(m, l, T, capturing, &delta, err));
+            if (w->sh_gate_up && T > 0) { /* DeepSeek's shared experts, on every token */
+                mark(m, capturing, PH_EXPERTS);
+                TRY(dense_mlp(m, w->sh_gate_up, w->sh_down, T,
+                              f->moe_intermediate_size * f->n_shared_experts, err));
+            }
         } else if (T > 0) {
-            const int Id = f->intermediate_size;
             mark(m, capturing, PH_EXPERTS);
-            TRY(gemm_bf16(m, m->gu, m->xn_bf16, w->gate_up, T, 2 * Id, H, 0.0f, err));
-            TRY_CU(epd_cu_silu_mul(m->act, m->gu, T, Id, st), "dense activation");
-            TRY(gemm_bf16(m, m->h, m->act, w->down, T, H, Id, 1.0f, err));
+            TRY(dense_mlp(m, w->gate_up, w->down, T, f->intermediate_size, err));
         }
     }
     if (T == 0 || M == 0) return 0;
@@ -333,6 +449,42 @@ static int stage_inputs(cu_model_t *m, const epd_step_t *s, int Tpad, int Mpad, 
     return 0;
 }
 
+/* A prefill step of MLA (some sequence brings several tokens) takes the expanded form when its
+ * sequences' contexts, each rounded up to EPD_CU_EXP_BLOCK rows, fit the expanded buffers;
+ * then their bases and block tables go up in one more copy. Otherwise plan stays absorbed. */
+static int stage_expanded(cu_model_t *m, const epd_step_t *s, int T, int ctx, mla_plan_t *plan,
+                          epd_err_t *err)
+{
+    if (!m->hdp || s->num_seqs > m->max_seqs) return 0;
+    int rows = 0, maxlen = 0;
+    for (int q = 0; q < s->num_seqs; q++) {
+        int len = s->seq_len[q];
+        if (len > maxlen) maxlen = len;
+        rows += (len + EPD_CU_EXP_BLOCK - 1) / EPD_CU_EXP_BLOCK * EPD_CU_EXP_BLOCK;
+        if (rows > m->exp_rows) return 0;
+    }
+    cu_exp_in_t *h = &m->exp_h;
+    int at = 0;
+    for (int q = 0; q < s->num_seqs; q++) {
+        int nb = (s->seq_len[q] + EPD_CU_EXP_BLOCK - 1) / EPD_CU_EXP_BLOCK;
+        h->base[q] = at;
+        h->seq_len[q] = s->seq_len[q];
+        for (int b = 0; b < nb; b++)
+            h->bt[(size_t)q * m->exp_cols + b] = at / EPD_CU_EXP_BLOCK + b;
+        at += nb * EPD_CU_EXP_BLOCK;
+    }
+    /* base and seq_len whole, then the table rows of the step's sequences */
+    size_t bytes = (size_t)((char *)h->bt - (char *)m->exp_host) +
+                   sizeof(int32_t) * (size_t)s->num_seqs * (size_t)m->exp_cols;
+    TRY_CU(cudaMemcpyAsync(m->exp_dev, m->exp_host, bytes, cudaMemcpyHostToDevice, m->stream),
+           "expanded inputs");
+    plan->exp_rows = rows;
+    plan->S = s->num_seqs;
+    plan->max_len = maxlen;
+    pick_splits(m, T, ctx, &plan->split_len, &plan->max_splits);
+    return 0;
+}
+
 void cu_graphs_destroy(cu_model_t *m)
 {
     for (int i = 0; i < m->num_graphs; i++)
@@ -355,7 +507,8 @@ static int graph_for(cu_model_t *m, int Tpad, int ctx, cu_graph_t **out, epd_err
     pick_splits(m, Tpad, ctx, &g->split_len, &g->max_splits);
     cudaGraph_t graph;
     TRY_CU(cudaStreamBeginCapture(m->stream, cudaStreamCaptureModeThreadLocal), "graph capture");
-    int rc = run_layers(m, Tpad, Tpad, g->split_len, g->max_splits, 1, err);
+    const mla_plan_t absorbed = {0};
+    int rc = run_layers(m, Tpad, Tpad, g->split_len, g->max_splits, &absorbed, 1, err);
     cudaError_t ce = cudaStreamEndCapture(m->stream, &graph);
     if (rc) {
         if (ce == cudaSuccess) cudaGraphDestroy(graph);
@@ -406,7 +559,9 @@ int cu_forward(void *impl, const epd_step_t *s, int32_t *next, float *logits, ep
     } else {
         int split_len, max_splits;
         pick_splits(m, T > 0 ? T : 1, ctx, &split_len, &max_splits);
-        TRY(run_layers(m, T, M, split_len, max_splits, 0, err));
+        mla_plan_t plan = {0};
+        if (m->mla && T > s->num_seqs) TRY(stage_expanded(m, s, T, ctx, &plan, err));
+        TRY(run_layers(m, T, M, split_len, max_splits, &plan, 0, err));
         m->eager_steps++;
     }
     if (M > 0) {

@@ -176,6 +176,7 @@ static void *destination(cu_model_t *m, const epd_model_placement_t *pl, const e
         *esize = 4;
         return w->router;
     case EPD_W_Q:
+    case EPD_W_Q_B: /* MLA: qkv holds q_proj or q_b_proj */
         return w->qkv;
     case EPD_W_K:
         return w->qkv + (size_t)m->q_dim * H;
@@ -183,6 +184,27 @@ static void *destination(cu_model_t *m, const epd_model_placement_t *pl, const e
         return w->qkv + ((size_t)m->q_dim + (size_t)f->num_key_value_heads * hd) * H;
     case EPD_W_O:
         return w->o;
+    case EPD_W_Q_A:
+        return w->q_a;
+    case EPD_W_KV_A:
+        return w->kv_a;
+    case EPD_W_KV_B:
+        return w->kv_b;
+    case EPD_W_Q_A_NORM:
+        *esize = 4;
+        return w->q_a_norm;
+    case EPD_W_KV_A_NORM:
+        *esize = 4;
+        return w->kv_a_norm;
+    case EPD_W_ROUTER_BIAS:
+        *esize = 4;
+        return w->router_bias;
+    case EPD_W_SHARED_GATE:
+        return w->sh_gate_up;
+    case EPD_W_SHARED_UP:
+        return w->sh_gate_up + I * (size_t)f->n_shared_experts * H;
+    case EPD_W_SHARED_DOWN:
+        return w->sh_down;
     case EPD_W_DENSE_GATE:
         return w->gate_up;
     case EPD_W_DENSE_UP:
@@ -290,24 +312,47 @@ int cu_random_weights(cu_model_t *m, uint64_t seed, epd_err_t *err)
         cu_layer_t *w = &m->layers[l];
         ONE(w->input_norm, H);
         ONE(w->post_norm, H);
-        ONE(w->q_norm, hd);
-        ONE(w->k_norm, hd);
-        BF(w->qkv, (size_t)m->qkv_dim * H);
-        BF(w->o, H * (size_t)m->q_dim);
-        if (w->is_moe && w->w8) {
-            /* codes of +-448 times scales of a / 448: the same uniform weights in fp8 */
-            const size_t bn = (size_t)f->fp8.block_n, bk = (size_t)f->fp8.block_k;
-            const size_t sgu = L * 2 * ((I + bn - 1) / bn) * ((H + bk - 1) / bk);
-            const size_t sdn = L * ((H + bn - 1) / bn) * ((I + bk - 1) / bk);
+        if (m->mla) {
+            size_t nh = (size_t)f->num_attention_heads, ql = (size_t)m->ql;
+            if (ql) {
+                BF(w->q_a, ql * H);
+                ONE(w->q_a_norm, ql);
+            }
+            BF(w->qkv, nh * (size_t)m->qk * (ql ? ql : H));
+            BF(w->kv_a, (size_t)(m->kvl + m->rope) * H);
+            ONE(w->kv_a_norm, (size_t)m->kvl);
+            BF(w->kv_b, nh * (size_t)(m->nope + m->vd) * (size_t)m->kvl);
+            BF(w->o, H * nh * (size_t)m->vd);
+        } else {
+            ONE(w->q_norm, hd);
+            ONE(w->k_norm, hd);
+            BF(w->qkv, (size_t)m->qkv_dim * H);
+            BF(w->o, H * (size_t)m->q_dim);
+        }
+        if (w->is_moe) {
+            size_t Is = I * (size_t)f->n_shared_experts;
             if (!e) e = epd_cu_fill_uniform_f32(w->router, E * H, seed++, -a, a, s);
-            if (!e) e = epd_cu_fill_uniform_e4m3(w->gate_up8, L * 2 * I * H, seed++, -448, 448, s);
-            if (!e) e = epd_cu_fill_uniform_e4m3(w->down8, L * H * I, seed++, -448, 448, s);
-            if (!e) e = epd_cu_fill_uniform_f32(w->gate_up_sc, sgu, seed++, a / 448, a / 448, s);
-            if (!e) e = epd_cu_fill_uniform_f32(w->down_sc, sdn, seed++, a / 448, a / 448, s);
-        } else if (w->is_moe) {
-            if (!e) e = epd_cu_fill_uniform_f32(w->router, E * H, seed++, -a, a, s);
-            BF(w->gate_up, L * 2 * I * H);
-            BF(w->down, L * H * I);
+            if (w->router_bias && !e)
+                e = epd_cu_fill_uniform_f32(w->router_bias, E, seed++, 0.0f, 0.0f, s);
+            if (Is) {
+                BF(w->sh_gate_up, 2 * Is * H);
+                BF(w->sh_down, H * Is);
+            }
+            if (w->w8) {
+                /* codes of +-448 times scales of a / 448: the same uniform weights in fp8 */
+                const size_t bn = (size_t)f->fp8.block_n, bk = (size_t)f->fp8.block_k;
+                const size_t sgu = L * 2 * ((I + bn - 1) / bn) * ((H + bk - 1) / bk);
+                const size_t sdn = L * ((H + bn - 1) / bn) * ((I + bk - 1) / bk);
+                if (!e)
+                    e = epd_cu_fill_uniform_e4m3(w->gate_up8, L * 2 * I * H, seed++, -448, 448, s);
+                if (!e) e = epd_cu_fill_uniform_e4m3(w->down8, L * H * I, seed++, -448, 448, s);
+                if (!e)
+                    e = epd_cu_fill_uniform_f32(w->gate_up_sc, sgu, seed++, a / 448, a / 448, s);
+                if (!e) e = epd_cu_fill_uniform_f32(w->down_sc, sdn, seed++, a / 448, a / 448, s);
+            } else {
+                BF(w->gate_up, L * 2 * I * H);
+                BF(w->down, L * H * I);
+            }
         } else {
             BF(w->gate_up, 2 * Id * H);
             BF(w->down, H * Id);

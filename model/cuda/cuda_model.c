@@ -44,6 +44,22 @@ static int any_dense(const epd_hf_config_t *c)
     return 0;
 }
 
+/* DeepSeek's attention weights of one layer (tensors.c's add_mla). */
+static void carve_mla(cu_model_t *m, carver_t *c, cu_layer_t *w)
+{
+    size_t H = (size_t)m->cfg.hidden_size, nh = (size_t)m->cfg.num_attention_heads;
+    size_t ql = (size_t)m->ql, kvl = (size_t)m->kvl;
+    if (ql) {
+        w->q_a = carve(c, ql * H * 2);
+        w->q_a_norm = carve(c, ql * 4);
+    }
+    w->qkv = carve(c, nh * (size_t)m->qk * (ql ? ql : H) * 2);
+    w->kv_a = carve(c, (kvl + (size_t)m->rope) * H * 2);
+    w->kv_a_norm = carve(c, kvl * 4);
+    w->kv_b = carve(c, nh * (size_t)(m->nope + m->vd) * kvl * 2);
+    w->o = carve(c, H * nh * (size_t)m->vd * 2);
+}
+
 /* Weights: the same order as the tensor table's accounting (tensors.c, cuda bytes). */
 static void carve_weights(cu_model_t *m, carver_t *c)
 {
@@ -60,10 +76,14 @@ static void carve_weights(cu_model_t *m, carver_t *c)
         cu_layer_t *w = &m->layers[l];
         w->input_norm = carve(c, H * 4);
         w->post_norm = carve(c, H * 4);
-        w->q_norm = carve(c, hd * 4);
-        w->k_norm = carve(c, hd * 4);
-        w->qkv = carve(c, (size_t)m->qkv_dim * H * 2);
-        w->o = carve(c, H * (size_t)m->q_dim * 2);
+        if (m->mla) {
+            carve_mla(m, c, w);
+        } else {
+            w->q_norm = carve(c, hd * 4);
+            w->k_norm = carve(c, hd * 4);
+            w->qkv = carve(c, (size_t)m->qkv_dim * H * 2);
+            w->o = carve(c, H * (size_t)m->q_dim * 2);
+        }
         w->is_moe = epd_hf_layer_is_moe(f, l);
         if (w->is_moe && w->w8) {
             /* e4m3 codes and block scales, as the tensor table counts them */
@@ -79,9 +99,13 @@ static void carve_weights(cu_model_t *m, carver_t *c)
             experts += L * 3 * I * H + sgu + sdn;
         } else if (w->is_moe) {
             w->router = carve(c, E * H * 4);
+            w->router_bias = f->router_bias ? carve(c, E * 4) : NULL;
             w->gate_up = carve(c, L * 2 * I * H * 2);
             w->down = carve(c, L * H * I * 2);
             experts += L * 3 * I * H * 2;
+            size_t Is = I * (size_t)f->n_shared_experts;
+            w->sh_gate_up = Is ? carve(c, 2 * Is * H * 2) : NULL;
+            w->sh_down = Is ? carve(c, H * Is * 2) : NULL;
         } else {
             w->router = NULL;
             w->gate_up = carve(c, 2 * Id * H * 2);
@@ -136,6 +160,62 @@ static int attn_units(const cu_model_t *m)
     return u;
 }
 
+/* MLA's buffers: the absorbed form's for max_tokens rows, the expanded form's for exp_rows
+ * context rows. */
+static void carve_mla_workspace(cu_model_t *m, carver_t *c)
+{
+    size_t T = (size_t)m->max_tokens, nh = (size_t)m->cfg.num_attention_heads;
+    size_t R = (size_t)m->exp_rows, kvl = (size_t)m->kvl, hdp = (size_t)m->hdp;
+    m->q_lora = m->ql ? carve(c, T * (size_t)m->ql * 4) : NULL;
+    m->q_lora_bf16 = m->ql ? carve(c, T * (size_t)m->ql * 2) : NULL;
+    m->q_bf16 = carve(c, T * nh * (size_t)m->qk * 2);
+    m->q_lat = carve(c, T * nh * kvl * 4);
+    m->o_lat = carve(c, T * nh * kvl * 2);
+    if (!R) return;
+    m->lat_g = carve(c, R * kvl * 2);
+    m->pe_g = carve(c, R * (size_t)m->rope * 2);
+    m->kvx = carve(c, R * nh * (size_t)(m->nope + m->vd) * 4);
+    m->k_exp = carve(c, R * nh * hdp * 2);
+    m->v_exp = carve(c, R * nh * hdp * 2);
+    m->q_pad = carve(c, T * nh * hdp * 4);
+    m->att_pad = carve(c, T * nh * hdp * 2);
+}
+
+static void carve_exp_inputs(cu_model_t *m, carver_t *c, cu_exp_in_t *in)
+{
+    size_t S = (size_t)m->max_seqs;
+    in->base = carve(c, S * 4);
+    in->seq_len = carve(c, S * 4);
+    in->bt = carve(c, S * (size_t)m->exp_cols * 4);
+}
+
+/* MLA's dimensions, and the expanded form's size: a head dim epd_cu_attention takes that holds
+ * nope + rope and vd, room for twice the largest step's rows (at least 2048), within 1 GiB. */
+static void mla_dims(cu_model_t *m)
+{
+    const epd_hf_config_t *f = &m->cfg;
+    m->ql = f->q_lora_rank;
+    m->kvl = f->kv_lora_rank;
+    m->nope = f->qk_nope_head_dim;
+    m->rope = f->qk_rope_head_dim;
+    m->vd = f->v_head_dim;
+    m->qk = m->nope + m->rope;
+    int need = m->qk > m->vd ? m->qk : m->vd;
+    m->hdp = 0;
+    for (int d = 16; d <= 256 && !m->hdp; d *= 2)
+        if (d >= need) m->hdp = d;
+    if (!m->hdp) return;
+    size_t nh = (size_t)f->num_attention_heads;
+    size_t per_row = (size_t)m->kvl * 2 + (size_t)m->rope * 2 + nh * (size_t)(m->nope + m->vd) * 4 +
+                     2 * nh * (size_t)m->hdp * 2;
+    size_t rows = (size_t)(m->max_tokens > 1024 ? 2 * m->max_tokens : 2048);
+    if (rows * per_row > (1u << 30)) rows = (1u << 30) / per_row;
+    rows = rows / EPD_CU_EXP_BLOCK * EPD_CU_EXP_BLOCK;
+    m->exp_rows = (int)rows;
+    m->exp_cols = (int)(rows / EPD_CU_EXP_BLOCK);
+    if (!rows) m->hdp = 0;
+}
+
 static void carve_workspace(cu_model_t *m, carver_t *c)
 {
     const epd_hf_config_t *f = &m->cfg;
@@ -150,8 +230,15 @@ static void carve_workspace(cu_model_t *m, carver_t *c)
     m->xn_bf16 = carve(c, T * H * 2);
     m->qkv = carve(c, T * (size_t)m->qkv_dim * 4);
     m->q = carve(c, T * (size_t)m->q_dim * 4);
-    m->att = carve(c, T * (size_t)m->q_dim * 2);
+    size_t att_dim = (size_t)m->q_dim;
+    if (m->mla && (size_t)f->num_attention_heads * m->vd > att_dim)
+        att_dim = (size_t)f->num_attention_heads * m->vd;
+    m->att = carve(c, T * att_dim * 2);
+    /* dense MLPs and shared experts: one fused gate/up GEMM output */
+    size_t Is = (size_t)f->moe_intermediate_size * (size_t)f->n_shared_experts;
+    if (Is > Id) Id = Is;
     m->gu = Id ? carve(c, T * 2 * Id * 4) : NULL;
+    if (m->mla) carve_mla_workspace(m, c);
     m->router_logits = carve(c, T * E * 4);
     m->topk_idx = carve(c, T * k * 4);
     m->topk_w = carve(c, T * k * 4);
@@ -173,6 +260,13 @@ static void carve_workspace(cu_model_t *m, carver_t *c)
     m->inv_freq = carve(c, (size_t)f->head_dim / 2 * 4);
     m->attn_ws_bytes =
         epd_cu_attention_workspace(attn_units(m), f->num_attention_heads, f->head_dim, 1);
+    if (m->mla) {
+        size_t a = epd_cu_mla_workspace(attn_units(m), f->num_attention_heads, m->kvl, 1);
+        size_t b =
+            m->hdp ? epd_cu_attention_workspace(attn_units(m), f->num_attention_heads, m->hdp, 1)
+                   : 0;
+        m->attn_ws_bytes = a > b ? a : b;
+    }
     m->attn_ws = carve(c, m->attn_ws_bytes);
     m->sample_ws = carve(c, epd_cu_sample_workspace((int)M, (int)V));
     m->cublas_ws = carve(c, CUBLAS_WS_BYTES);
@@ -200,6 +294,12 @@ int cu_model_alloc(cu_model_t *m, epd_err_t *err)
     int rc;
     m->qkv_dim = (f->num_attention_heads + 2 * f->num_key_value_heads) * f->head_dim;
     m->q_dim = f->num_attention_heads * f->head_dim;
+    m->rope_scale = 1.0f;
+    if ((m->mla = epd_hf_is_mla(f))) {
+        mla_dims(m);
+        m->qkv_dim = m->kvl + m->rope;             /* kv_a's output */
+        m->q_dim = f->num_attention_heads * m->qk; /* q */
+    }
     if (!(m->layers = calloc((size_t)f->num_hidden_layers, sizeof(*m->layers))))
         return epd_err_set(err, -ENOMEM, "out of memory");
     if ((rc = cu_check(cudaSetDevice(m->device), "cudaSetDevice", err)) ||
@@ -260,7 +360,14 @@ int cu_model_alloc(cu_model_t *m, epd_err_t *err)
     int half = f->head_dim / 2;
     float *inv = malloc(sizeof(float) * (size_t)half);
     if (!inv) return epd_err_set(err, -ENOMEM, "out of memory");
-    epd_rope_inv_freq(inv, f->head_dim, f->rope_theta);
+    if (f->yarn.on) {
+        epd_rope_yarn_inv_freq(inv, f->head_dim, f->rope_theta, f->yarn.factor,
+                               f->yarn.original_max_position_embeddings, f->yarn.beta_fast,
+                               f->yarn.beta_slow, f->yarn.truncate);
+        m->rope_scale = (float)f->yarn.attention_factor;
+    } else {
+        epd_rope_inv_freq(inv, f->head_dim, f->rope_theta);
+    }
     rc =
         cu_check(cudaMemcpy(m->inv_freq, inv, sizeof(float) * (size_t)half, cudaMemcpyHostToDevice),
                  "inv_freq upload", err);
@@ -279,6 +386,8 @@ void cu_model_free(cu_model_t *m)
     cudaFree(m->in_dev);
     cudaFree(m->slot_of_dev);
     cudaFreeHost(m->in_host);
+    cudaFree(m->exp_dev);
+    cudaFreeHost(m->exp_host);
     cudaFreeHost(m->next_host);
     cudaFreeHost(m->expert_tokens_host);
     if (m->cublas) cublasDestroy(m->cublas);
@@ -301,9 +410,15 @@ static int ops_kv_init(void *impl, int block_size, int *num_blocks, epd_err_t *e
     int rc;
     m->block_size = block_size;
     m->max_blocks = (m->max_seq_len + block_size - 1) / block_size;
+    /* K and V per layer, or MLA's one latent cache */
     size_t per_layer =
         (size_t)block_size * (size_t)f->num_key_value_heads * (size_t)f->head_dim * 2;
-    m->kv_block_bytes = per_layer * 2 * (size_t)f->num_hidden_layers;
+    int caches = 2;
+    if (m->mla) {
+        per_layer = (size_t)block_size * (size_t)(m->kvl + m->rope) * 2;
+        caches = 1;
+    }
+    m->kv_block_bytes = per_layer * (size_t)caches * (size_t)f->num_hidden_layers;
     if ((rc = cu_check(cudaSetDevice(m->device), "cudaSetDevice", err))) return rc;
     if (m->in_dev) return epd_err_set(err, -EALREADY, "cuda model: the KV pool is already set up");
     /* the step inputs: one device block and its pinned mirror, carved alike */
@@ -319,6 +434,21 @@ static int ops_kv_init(void *impl, int block_size, int *num_blocks, epd_err_t *e
     carve_inputs(m, &ci, &m->in_h);
     memset(m->in_host, 0, m->in_bytes);
     m->ws_bytes += m->in_bytes;
+    if (m->mla && m->hdp) { /* the expanded form's inputs, carved alike */
+        carver_t ce = {0};
+        carve_exp_inputs(m, &ce, &m->exp);
+        m->exp_bytes = ce.used;
+        if ((rc = cu_check(cudaMalloc(&m->exp_dev, m->exp_bytes), "expanded inputs", err)) ||
+            (rc = cu_check(cudaMallocHost(&m->exp_host, m->exp_bytes), "pinned expanded inputs",
+                           err)))
+            return rc;
+        ce = (carver_t){.base = m->exp_dev};
+        carve_exp_inputs(m, &ce, &m->exp);
+        ce = (carver_t){.base = m->exp_host};
+        carve_exp_inputs(m, &ce, &m->exp_h);
+        memset(m->exp_host, 0, m->exp_bytes);
+        m->ws_bytes += m->exp_bytes;
+    }
 
     int n = *num_blocks;
     if (n <= 0) {
@@ -346,8 +476,9 @@ static int ops_kv_init(void *impl, int block_size, int *num_blocks, epd_err_t *e
     char *p = m->kv_block;
     size_t layer_bytes = (size_t)n * per_layer;
     for (int l = 0; l < f->num_hidden_layers; l++) {
-        m->layers[l].k_cache = (uint16_t *)(p + (size_t)(2 * l) * layer_bytes);
-        m->layers[l].v_cache = (uint16_t *)(p + (size_t)(2 * l + 1) * layer_bytes);
+        m->layers[l].k_cache = (uint16_t *)(p + (size_t)(caches * l) * layer_bytes);
+        m->layers[l].v_cache =
+            caches == 2 ? (uint16_t *)(p + (size_t)(2 * l + 1) * layer_bytes) : NULL;
     }
     m->num_blocks = n;
     m->kv_bytes = bytes;
@@ -435,10 +566,23 @@ static int cu_create(const epd_model_opts_t *o, const epd_hf_config_t *cfg, cu_m
                          "model.max_batch_tokens when it has several ranks: set "
                          "model.max_prefill_tokens to at most model.max_batch_tokens (%d)",
                          m->ll_tokens);
-    else if (cfg->hidden_size % (o->fp8_dispatch ? 128 : 16) ||
-             (cfg->head_dim != 16 && cfg->head_dim != 32 && cfg->head_dim != 64 &&
-              cfg->head_dim != 128 && cfg->head_dim != 256) ||
-             cfg->moe_intermediate_size % 16 || cfg->num_attention_heads % cfg->num_key_value_heads)
+    else if (epd_hf_is_mla(cfg) &&
+             (cfg->kv_lora_rank % 2 || cfg->kv_lora_rank > 512 ||
+              cfg->kv_lora_rank + cfg->qk_rope_head_dim > 640 || cfg->qk_rope_head_dim > 256 ||
+              cfg->hidden_size % (o->fp8_dispatch ? 128 : 16) || cfg->moe_intermediate_size % 16))
+        rc = epd_err_set(err, -ENOTSUP,
+                         "the cuda model's MLA needs kv_lora_rank even and at most 512, "
+                         "kv_lora_rank + qk_rope_head_dim at most 640, qk_rope_head_dim at most "
+                         "256, hidden_size a multiple of %d and moe_intermediate_size a multiple "
+                         "of 16 (config.json has %d, %d, %d and %d)",
+                         o->fp8_dispatch ? 128 : 16, cfg->kv_lora_rank, cfg->qk_rope_head_dim,
+                         cfg->hidden_size, cfg->moe_intermediate_size);
+    else if (!epd_hf_is_mla(cfg) &&
+             (cfg->hidden_size % (o->fp8_dispatch ? 128 : 16) ||
+              (cfg->head_dim != 16 && cfg->head_dim != 32 && cfg->head_dim != 64 &&
+               cfg->head_dim != 128 && cfg->head_dim != 256) ||
+              cfg->moe_intermediate_size % 16 ||
+              cfg->num_attention_heads % cfg->num_key_value_heads))
         rc = epd_err_set(err, -ENOTSUP,
                          "the cuda model needs hidden_size a multiple of %d, head_dim 16, 32, "
                          "64, 128 or 256 and moe_intermediate_size a multiple of 16 (config.json "

@@ -35,9 +35,27 @@ typedef struct cu_layer {
     int w8;
     uint8_t *gate_up8, *down8;
     float *gate_up_sc, *down_sc;
-    uint16_t *k_cache; /* [num_blocks][block_size][nkv][hd] */
-    uint16_t *v_cache;
+    uint16_t *k_cache; /* [num_blocks][block_size][nkv][hd]; MLA: the latent cache
+                          [num_blocks][block_size][kvl + rope] */
+    uint16_t *v_cache; /* MLA: NULL */
+    /* DeepSeek (MLA): qkv above is q_proj [nh (nope + rope)][H], or q_b_proj [.][ql] with q
+     * LoRA; o is [H][nh vd] */
+    uint16_t *q_a;                  /* [ql][H] */
+    float *q_a_norm, *kv_a_norm;    /* fp32 [ql], [kvl] */
+    uint16_t *kv_a;                 /* [kvl + rope][H] */
+    uint16_t *kv_b;                 /* [nh][nope + vd][kvl] */
+    float *router_bias;             /* fp32 [E] (V3's e_score_correction_bias) or NULL */
+    uint16_t *sh_gate_up, *sh_down; /* shared experts: [2 Is][H], [H][Is]; or NULL */
 } cu_layer_t;
+
+/* The expanded (prefill) form's inputs, uploaded only on the steps that take it: sequence s's
+ * context rows start at base[s] (a multiple of EPD_CU_EXP_BLOCK) of the expanded keys/values,
+ * viewed as blocks of EPD_CU_EXP_BLOCK rows with block table bt [max_seqs][exp_cols]. */
+#define EPD_CU_EXP_BLOCK 16
+typedef struct cu_exp_in {
+    int32_t *base, *seq_len; /* [max_seqs] */
+    int32_t *bt;             /* [max_seqs][exp_cols] */
+} cu_exp_in_t;
 
 /* What one step's kernels read, uploaded from pinned host memory in one copy. Arrays are
  * sized for the model's bounds (max_tokens rows, max_seqs sequences). */
@@ -103,6 +121,26 @@ typedef struct cu_model {
     unsigned long long *expert_tokens_host;
 
     /* graphs */
+    /* MLA (DeepSeek): dims and buffers of the absorbed form (decode, and any step whose
+     * context does not fit the expanded buffers) and of the expanded form (prefill) */
+    int mla, ql, kvl, nope, rope, vd, qk;
+    float rope_scale;        /* YaRN's attention factor on cos and sin (1: none) */
+    int hdp;                 /* expanded head dim (a size epd_cu_attention takes; 0: no expanded) */
+    int exp_rows, exp_cols;  /* rows of the expanded keys/values; exp_rows / EPD_CU_EXP_BLOCK */
+    float *q_lora;           /* [Tmax][ql] fp32 */
+    uint16_t *q_lora_bf16;   /* [Tmax][ql] */
+    uint16_t *q_bf16;        /* [Tmax][nh][qk] */
+    float *q_lat;            /* [Tmax][nh][kvl] */
+    uint16_t *o_lat;         /* [Tmax][nh][kvl] */
+    uint16_t *lat_g, *pe_g;  /* [exp_rows][kvl], [exp_rows][rope] */
+    float *kvx;              /* [exp_rows][nh][nope + vd] */
+    uint16_t *k_exp, *v_exp; /* [exp_rows][nh][hdp] */
+    float *q_pad;            /* [Tmax][nh][hdp] */
+    uint16_t *att_pad;       /* [Tmax][nh][hdp] */
+    cu_exp_in_t exp, exp_h;  /* device, and its pinned mirror */
+    void *exp_dev, *exp_host;
+    size_t exp_bytes;
+
     cu_graph_t graphs[EPD_CU_MAX_GRAPHS];
     int num_graphs;
     uint64_t eager_steps, graph_steps;

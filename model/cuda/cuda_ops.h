@@ -68,6 +68,58 @@ int epd_cu_attention(uint16_t *out, const float *q, const uint16_t *k_cache,
                      int block_size, int split_len, int max_splits, void *workspace,
                      epd_stream_t stream);
 
+/* ---- MLA (mla.cu): DeepSeek's multi-head latent attention ------------------------------------
+ * kvl = kv_lora_rank, rope = qk_rope_head_dim, nope = qk_nope_head_dim, vd = v_head_dim. The
+ * layer's latent cache is bf16 [num_blocks][block_size][kvl + rope]: per position the normed
+ * latent, then the rotated key part that all heads share. */
+
+/* After the q and kv_a GEMMs. q: fp32 [T][nh][nope + rope]: the rope part of every head is
+ * rotated in place at pos[t]. kv: fp32 [T][kvl + rope]: the latent is RMS-normalised over kvl
+ * (kv_norm fp32 [kvl], eps), the key part rotated, and both stored as bf16 at row slot[t] of
+ * cache (slot < 0: not stored, q is still rotated). Rotation: inv_freq [rope/2]; cos and sin
+ * multiplied by rope_scale (YaRN's attention factor); pairs (2i, 2i + 1) when interleave, else
+ * (i, i + rope/2). Twin: epd_mla_rope_store_ref. */
+int epd_cu_mla_rope_store(float *q, const float *kv, const float *kv_norm, const float *inv_freq,
+                          float rope_scale, int interleave, const int32_t *pos, const int32_t *slot,
+                          int T, int nh, int nope, int rope, int kvl, float eps, uint16_t *cache,
+                          epd_stream_t stream);
+
+/* The absorbed form's attention proper (multi-query over the latent cache): token t of
+ * sequence seq_idx[t] attends positions 0..pos[t] (blocks block_table[seq_idx[t]], int32
+ * [S][max_blocks]) with score_j = (q_lat[t][h] . lat_j + q_pe[t][h] . pe_j) * scale and
+ * o_lat[t][h] = sum_j softmax(score)_j lat_j. q_lat: fp32 [T][nh][kvl] (q_nope absorbed through
+ * kv_b's key part); q_pe: head h of token t at q_pe + (t * nh + h) * pe_stride, rope fp32 values;
+ * o_lat: bf16 [T][nh][kvl]. Splits along the context as epd_cu_attention (split_len,
+ * max_splits; positions past split_len * max_splits are not attended; padding rows, seq_idx < 0,
+ * get zeros). kvl <= 512, kvl + rope <= 640, both even. Twin: epd_mla_latent_ref. */
+size_t epd_cu_mla_workspace(int T, int nh, int kvl, int max_splits);
+int epd_cu_mla_attention(uint16_t *o_lat, const float *q_lat, const float *q_pe, int pe_stride,
+                         const uint16_t *cache, const int32_t *block_table, int max_blocks,
+                         const int32_t *seq_idx, const int32_t *pos, int T, int nh, int kvl,
+                         int rope, float scale, int block_size, int split_len, int max_splits,
+                         void *workspace, epd_stream_t stream);
+
+/* The expanded form (prefill), step 1: the context of every sequence s < S of the step
+ * gathered contiguously: position p < seq_len[s] goes to row base[s] + p of lat bf16
+ * [rows][kvl] and pe bf16 [rows][rope]. base, seq_len: device int32 [S]; max_len bounds
+ * seq_len. */
+int epd_cu_mla_gather(uint16_t *lat, uint16_t *pe, const uint16_t *cache,
+                      const int32_t *block_table, int max_blocks, const int32_t *base,
+                      const int32_t *seq_len, int S, int max_len, int kvl, int rope, int block_size,
+                      epd_stream_t stream);
+/* Step 2, after kvx = lat . kv_b^T (fp32 [rows][nh][nope + vd]): per row and head, keys
+ * k bf16 [rows][nh][hdp] = (kvx[r][h][0..nope), pe[r], zeros) and values v bf16 [rows][nh][hdp]
+ * = (kvx[r][h][nope..nope + vd), zeros): the paged layout of epd_cu_attention with nkv = nh and
+ * head dim hdp >= max(nope + rope, vd). */
+int epd_cu_mla_expand_kv(uint16_t *k, uint16_t *v, const float *kvx, const uint16_t *pe, int rows,
+                         int nh, int nope, int rope, int vd, int hdp, epd_stream_t stream);
+/* q_out fp32 [T][nh][hdp] = (q[t][h] * q_scale, zeros) for q fp32 [T][nh][qk]. */
+int epd_cu_mla_pad_q(float *q_out, const float *q, int T, int nh, int qk, int hdp, float q_scale,
+                     epd_stream_t stream);
+/* out bf16 [T][nh][vd] = the first vd values of each head of src bf16 [T][nh][hdp]. */
+int epd_cu_mla_unpad(uint16_t *out, const uint16_t *src, int T, int nh, int vd, int hdp,
+                     epd_stream_t stream);
+
 /* ---- MoE (moe.cu) ----------------------------------------------------------------------------
  * Packed per-expert layout (libep's LL output, or the local one below): the rows of local
  * expert l are rows row_base(l) .. row_base(l) + counts[l] - 1 of a packed array, where

@@ -2,9 +2,9 @@
  * weights made on the GPU (Qwen3-30B-A3B by default: no 61 GB file needed), beside the HBM
  * limit of each step (bytes of weights and KV a step must read, at --hbm-tbs TB/s).
  *
- *   model-bench [--batches 1,8,64,256] [--ctx 1024] [--steps 20] [--prefill 4096] [--ranks 1|2]
- *               [--fp8] [--weights bf16|fp8] [--no-graphs] [--profile]
- *               [--layers N --hidden H --experts E --topk K
+ *   model-bench [--model qwen3-30b-a3b|deepseek-v2-lite] [--batches 1,8,64,256] [--ctx 1024]
+ *               [--steps 20] [--prefill 4096] [--ranks 1|2] [--fp8] [--weights bf16|fp8]
+ *               [--no-graphs] [--profile] [--layers N --hidden H --experts E --topk K
  *                --moe-inter I --inter Id --heads nh --kv-heads nkv --head-dim hd --vocab V]
  *
  * Each rank is a thread of this process on the same GPU (--ranks 2: EP=2 sharing one GPU, the
@@ -14,7 +14,14 @@
  * chunks of the model's largest step. --profile adds a breakdown of an eager decode step by
  * phase (cudaEvents between phases). --fp8 sends the LL dispatch in fp8; --weights fp8 makes the
  * experts random e4m3 codes with fp32 scales in 128 x 128 blocks, as an FP8 checkpoint's (the
- * Qwen3 -FP8 and DeepSeek-V3 layout), and the HBM limit counts them at 1 byte per weight. */
+ * Qwen3 -FP8 and DeepSeek-V3 layout), and the HBM limit counts them at 1 byte per weight.
+ *
+ * --model picks the shape from the checkpoint's own config.json (below, parsed by hf_config.c as
+ * a checkpoint's would be); the shape options after it override single fields (the Qwen3 set:
+ * DeepSeek's MLA dimensions come from the preset only). deepseek-v2-lite: 27 layers, hidden 2048,
+ * the first layer dense (intermediate 10944), then 64 routed experts top-6 (moe_intermediate 1408)
+ * plus 2 shared, MLA with kv_lora 512, qk_nope 128, qk_rope 64, v 128, no q LoRA, 16 heads,
+ * vocab 102400, softmax greedy routing, YaRN. */
 #include "cuda_model.h"
 
 #include <math.h>
@@ -26,11 +33,39 @@
 
 #define MAX_BATCHES 16
 
+/* config.json of each preset (the hub's files, keys the shape and the math depend on) */
+static const struct preset {
+    const char *name, *json;
+} presets[] = {
+    {"qwen3-30b-a3b",
+     "{\"model_type\": \"qwen3_moe\", \"hidden_size\": 2048, \"intermediate_size\": 6144, "
+     "\"moe_intermediate_size\": 768, \"num_hidden_layers\": 48, \"num_attention_heads\": 32, "
+     "\"num_key_value_heads\": 4, \"head_dim\": 128, \"vocab_size\": 151936, "
+     "\"rms_norm_eps\": 1e-6, \"rope_theta\": 1000000, \"num_experts\": 128, "
+     "\"num_experts_per_tok\": 8, \"norm_topk_prob\": true, \"decoder_sparse_step\": 1, "
+     "\"mlp_only_layers\": [], \"tie_word_embeddings\": false, "
+     "\"max_position_embeddings\": 40960}"},
+    {"deepseek-v2-lite",
+     "{\"model_type\": \"deepseek_v2\", \"hidden_size\": 2048, \"intermediate_size\": 10944, "
+     "\"moe_intermediate_size\": 1408, \"num_hidden_layers\": 27, \"num_attention_heads\": 16, "
+     "\"num_key_value_heads\": 16, \"n_routed_experts\": 64, \"n_shared_experts\": 2, "
+     "\"num_experts_per_tok\": 6, \"first_k_dense_replace\": 1, \"moe_layer_freq\": 1, "
+     "\"kv_lora_rank\": 512, \"q_lora_rank\": null, \"qk_nope_head_dim\": 128, "
+     "\"qk_rope_head_dim\": 64, \"v_head_dim\": 128, \"vocab_size\": 102400, "
+     "\"rms_norm_eps\": 1e-6, \"rope_theta\": 10000, \"max_position_embeddings\": 163840, "
+     "\"norm_topk_prob\": false, \"topk_method\": \"greedy\", \"n_group\": 1, "
+     "\"topk_group\": 1, \"routed_scaling_factor\": 1.0, \"scoring_func\": \"softmax\", "
+     "\"tie_word_embeddings\": false, \"rope_scaling\": {\"type\": \"yarn\", \"factor\": 40, "
+     "\"original_max_position_embeddings\": 4096, \"beta_fast\": 32, \"beta_slow\": 1, "
+     "\"mscale\": 0.707, \"mscale_all_dim\": 0.707}}"},
+};
+
 typedef struct bench_opts {
     epd_hf_config_t cfg;
     int batches[MAX_BATCHES], nbatches;
     int ctx, steps, prefill, ranks, fp8, no_graphs, profile, max_batch, max_prefill;
     double hbm_tbs;
+    const char *model;
 } bench_opts_t;
 
 typedef struct rank_arg {
@@ -62,19 +97,30 @@ static double step_bytes(const epd_hf_config_t *c, int B, int ctx)
 {
     /* an expert weight: 2 bytes in bf16; 1 in fp8, plus a 4-byte scale per block */
     const double ew = c->fp8.on ? 1.0 + 4.0 / ((double)c->fp8.block_n * c->fp8.block_k) : 2.0;
-    double H = c->hidden_size, V = c->vocab_size, hd = c->head_dim;
-    double qd = c->num_attention_heads * hd, kvd = c->num_key_value_heads * hd;
+    double H = c->hidden_size, V = c->vocab_size, hd = c->head_dim, nh = c->num_attention_heads;
+    double qd = nh * hd, kvd = c->num_key_value_heads * hd;
     double bytes = V * H * 2 + H * 4; /* lm_head, final norm */
     double E = c->num_experts, k = c->num_experts_per_tok, I = c->moe_intermediate_size;
     double touched = E * (1.0 - pow(1.0 - k / E, B));
+    double Is = I * c->n_shared_experts;
+    /* MLA: q (or q LoRA), kv_a, kv_b, o and their norms; its cache: the latent and the shared
+     * key part per position */
+    double kvl = c->kv_lora_rank, rope = c->qk_rope_head_dim, qk = c->qk_nope_head_dim + rope;
+    double ql = c->q_lora_rank, vd = c->v_head_dim;
+    double mla_w = (ql ? ql * H + nh * qk * ql + ql * 2 : nh * qk * H) * 2 + (kvl + rope) * H * 2 +
+                   nh * (c->qk_nope_head_dim + vd) * kvl * 2 + H * nh * vd * 2 + kvl * 4;
+    int mla = epd_hf_is_mla(c);
     for (int l = 0; l < c->num_hidden_layers; l++) {
-        bytes += (qd + 2 * kvd) * H * 2 + H * qd * 2 + 2 * H * 4 + 2 * hd * 4;
+        bytes += 2 * H * 4;
+        bytes += mla ? mla_w : (qd + 2 * kvd) * H * 2 + H * qd * 2 + 2 * hd * 4;
         if (epd_hf_layer_is_moe(c, l))
-            bytes += E * H * 4 + touched * 3 * I * H * ew;
+            bytes += E * H * 4 + touched * 3 * I * H * ew + 3 * Is * H * 2 +
+                     (c->router_bias ? E * 4 : 0);
         else
             bytes += 3.0 * c->intermediate_size * H * 2;
     }
-    bytes += (double)B * ctx * c->num_hidden_layers * 2 * kvd * 2;
+    double kv_pos = mla ? (kvl + rope) * 2 : 2 * kvd * 2; /* bytes per position and layer */
+    bytes += (double)B * ctx * c->num_hidden_layers * kv_pos;
     return bytes;
 }
 
@@ -148,11 +194,18 @@ static void *rank_main(void *p)
     epd_cu_fill_uniform_bf16(m->kv_block, m->kv_bytes / 2, 99, -1.0f, 1.0f, m->stream);
     cudaStreamSynchronize(m->stream);
     if (a->rank == 0) {
-        printf("model: %d layers, hidden %d, %d experts top-%d (moe_inter %d), %d/%d heads of "
+        printf("model %s: %d layers, hidden %d, %d experts top-%d (moe_inter %d), %d/%d heads of "
                "%d, vocab %d; %d rank(s) on one GPU\n",
-               c->num_hidden_layers, c->hidden_size, c->num_experts, c->num_experts_per_tok,
-               c->moe_intermediate_size, c->num_attention_heads, c->num_key_value_heads,
-               c->head_dim, c->vocab_size, o->ranks);
+               o->model, c->num_hidden_layers, c->hidden_size, c->num_experts,
+               c->num_experts_per_tok, c->moe_intermediate_size, c->num_attention_heads,
+               c->num_key_value_heads, c->head_dim, c->vocab_size, o->ranks);
+        if (epd_hf_is_mla(c))
+            printf("MLA: kv_lora %d, qk_nope %d, qk_rope %d, v %d, q_lora %d; %d shared experts, "
+                   "first %d layer(s) dense (intermediate %d); latent cache %d bytes per position "
+                   "and layer\n",
+                   c->kv_lora_rank, c->qk_nope_head_dim, c->qk_rope_head_dim, c->v_head_dim,
+                   c->q_lora_rank, c->n_shared_experts, c->first_k_dense_replace,
+                   c->intermediate_size, (c->kv_lora_rank + c->qk_rope_head_dim) * 2);
         printf("rank 0 holds: replicated %.2f GB, experts %.2f GB, KV %.2f GB (%d blocks), "
                "workspace %.2f GB; expert weights %s, fp8 dispatch %s, graphs %s\n",
                m->replicated_bytes / 1e9, m->expert_bytes / 1e9, m->kv_bytes / 1e9, m->num_blocks,
@@ -317,12 +370,23 @@ int main(int argc, char **argv)
         .hbm_tbs = 4.8,
     };
     epd_hf_config_t *c = &o.cfg;
-    strcpy(c->model_type, "qwen3_moe");
-    c->hidden_size = 2048, c->intermediate_size = 6144, c->moe_intermediate_size = 768;
-    c->num_hidden_layers = 48, c->num_attention_heads = 32, c->num_key_value_heads = 4;
-    c->head_dim = 128, c->vocab_size = 151936, c->rms_norm_eps = 1e-6, c->rope_theta = 1e6;
-    c->num_experts = 128, c->num_experts_per_tok = 8, c->norm_topk_prob = 1;
-    c->decoder_sparse_step = 1, c->max_position_embeddings = 40960;
+    o.model = presets[0].name;
+    /* --model first: the other shape options override its fields */
+    for (int i = 1; i + 1 < argc; i++)
+        if (!strcmp(argv[i], "--model")) o.model = argv[i + 1];
+    const struct preset *pr = NULL;
+    for (size_t i = 0; i < sizeof(presets) / sizeof(presets[0]); i++)
+        if (!strcmp(presets[i].name, o.model)) pr = &presets[i];
+    if (!pr) {
+        fprintf(stderr, "model-bench: --model %s: not one of qwen3-30b-a3b, deepseek-v2-lite\n",
+                o.model);
+        return 2;
+    }
+    epd_err_t perr = {0};
+    if (epd_hf_config_parse(pr->json, strlen(pr->json), pr->name, c, &perr)) {
+        fprintf(stderr, "model-bench: preset %s: %s\n", pr->name, perr.msg);
+        return 2;
+    }
     o.nbatches = parse_list("1,8,64,256", o.batches, MAX_BATCHES);
     for (int i = 1; i < argc; i++) {
         const char *k = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -349,7 +413,9 @@ int main(int argc, char **argv)
         INT_OPT("--head-dim", c->head_dim)
         INT_OPT("--vocab", c->vocab_size)
 #undef INT_OPT
-        if (!strcmp(k, "--batches") && v) {
+        if (!strcmp(k, "--model") && v) {
+            i++;
+        } else if (!strcmp(k, "--batches") && v) {
             o.nbatches = parse_list(v, o.batches, MAX_BATCHES);
             i++;
         } else if (!strcmp(k, "--hbm-tbs") && v) {

@@ -621,9 +621,17 @@ static void test_queue_limit_429(void **state)
     harness_destroy(h);
 }
 
+/* At least *arg requests wait in the engine's queue. */
+static int p_queued(harness_t *h, void *arg)
+{
+    return metric(h, "epd_engine_queue_depth") >= *(int *)arg;
+}
+
 /* Submits every oracle case at once (greedy, its expected length) and fills got[c] with the
- * token ids each completion returned, as JSON text. */
-static int submit_all_cases(harness_t *h, char got[][4096], int max_cases)
+ * token ids each completion returned, as JSON text. together: rank 0's first step (case 0's) is
+ * held until every case is queued, so that they all run side by side however the machine
+ * schedules the clients. */
+static int submit_all_cases(harness_t *h, char got[][4096], int max_cases, int together)
 {
     cJSON *exp = load_expected();
     const cJSON *cases = cJSON_GetObjectItem(exp, "cases");
@@ -635,7 +643,13 @@ static int submit_all_cases(harness_t *h, char got[][4096], int max_cases)
         snprintf(body, sizeof(body), "{\"prompt\":%s,\"max_tokens\":%d,\"temperature\":0}",
                  ids_json(cJSON_GetObjectItem(c, "prompt"), 1 << 20),
                  cJSON_GetArraySize(cJSON_GetObjectItem(c, "tokens")));
+        if (together && n == 0) arm_hold(h, 0);
         post(h, &cl[n], body);
+        if (together && n == 0) run_until(h, p_held, NULL, "rank 0 to hold case 0's step");
+    }
+    if (together) {
+        run_until(h, p_queued, &(int){n - 1}, "every other case to be queued");
+        release_hold(h);
     }
     for (int i = 0; i < n; i++) {
         run_until(h, p_response, &cl[i], "a completion");
@@ -662,13 +676,13 @@ static void test_kv_preemption(void **state)
     (void)state;
     char big[8][4096], tiny[8][4096];
     harness_t *h = harness_create_kv(1, 10000, 16, 4, 0, 0);
-    int n = submit_all_cases(h, big, 8);
+    int n = submit_all_cases(h, big, 8, 0);
     assert_int_equal(metric(h, "epd_engine_preemptions_total"), 0);
     harness_destroy(h);
 
     h = harness_create_kv(1, 10000, 16, 4, 12, 0);
     assert_int_equal(metric(h, "epd_kv_blocks_total{rank=\"0\"}"), 12);
-    assert_int_equal(submit_all_cases(h, tiny, 8), n);
+    assert_int_equal(submit_all_cases(h, tiny, 8, 1), n);
     for (int i = 0; i < n; i++)
         if (strcmp(big[i], tiny[i]))
             fail_msg("case %d: %s with a pool of 12 blocks, %s with the default pool", i, tiny[i],
