@@ -27,6 +27,7 @@
  * l: sum of 2^(s2 - m)). Only splits below a token's length are written; the merge reads only
  * those. */
 #include "cuda_ops.h"
+#include "split_merge.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -38,22 +39,12 @@ namespace
 
 /* ---- shared helpers ------------------------------------------------------------------------ */
 
-__device__ __forceinline__ uint16_t f2bf(float f)
-{
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
-
-__device__ __forceinline__ float bf2f(uint16_t b)
-{
-    return __uint_as_float((uint32_t)b << 16);
-}
-
 /* (a, b) -> packed bf16x2 high parts and low parts: a = bf16(a) + bf16(a - bf16(a)) to ~16
  * significant bits (the subtraction is exact). */
 __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t &hi, uint32_t &lo)
 {
-    const uint16_t ha = f2bf(a), hb = f2bf(b);
-    const uint16_t la = f2bf(a - bf2f(ha)), lb = f2bf(b - bf2f(hb));
+    const uint16_t ha = epd_f2bf(a), hb = epd_f2bf(b);
+    const uint16_t la = epd_f2bf(a - epd_bf2f(ha)), lb = epd_f2bf(b - epd_bf2f(hb));
     hi = (uint32_t)ha | (uint32_t)hb << 16;
     lo = (uint32_t)la | (uint32_t)lb << 16;
 }
@@ -137,7 +128,7 @@ __global__ void __launch_bounds__(kNormThreads)
             if (sl < 0) continue;
             uint16_t *dst = v_cache + ((size_t)sl * nkv + (h - nh - nkv)) * hd;
             for (int i = lane; i < hd; i += 32)
-                dst[i] = f2bf(src[i]);
+                dst[i] = epd_f2bf(src[i]);
             continue;
         }
         const bool is_q = h < nh;
@@ -166,8 +157,8 @@ __global__ void __launch_bounds__(kNormThreads)
                 dst[i + half] = yb;
             } else {
                 uint16_t *dst = k_cache + ((size_t)sl * nkv + (h - nh)) * hd;
-                dst[i] = f2bf(ya);
-                dst[i + half] = f2bf(yb);
+                dst[i] = epd_f2bf(ya);
+                dst[i + half] = epd_f2bf(yb);
             }
         }
         __syncwarp(); /* x is the next head's */
@@ -423,25 +414,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     const float2 *ml = ws_ml + (size_t)wid * max_splits;
     const float *acc = ws_acc + (size_t)wid * max_splits * hd;
     uint16_t *dst = out + (size_t)wid * hd; /* out [T][nh * hd]: row t, head wid % nh */
-    float M = -INFINITY;
-    for (int s = lane; s < ns; s += 32)
-        M = fmaxf(M, ml[s].x);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float Ls = 0.f;
-    for (int s = lane; s < ns; s += 32)
-        Ls += ml[s].y * exp2f(ml[s].x - M);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        Ls += __shfl_xor_sync(0xffffffffu, Ls, o);
-    const float inv = ns > 0 ? 1.f / Ls : 0.f;
-    for (int d = lane; d < hd; d += 32) {
-        float a = 0.f;
-        for (int s = 0; s < ns; ++s)
-            a += acc[(size_t)s * hd + d] * exp2f(ml[s].x - M);
-        dst[d] = f2bf(a * inv);
-    }
+    epd_merge_splits(ml, acc, ns, hd, dst, lane);
 }
 
 bool hd_supported(int hd)

@@ -15,6 +15,7 @@
  * acc fp32 [T][nh][max_splits][kvl] (unnormalised sum of 2^(s2 - m) lat), then ml float2
  * [T][nh][max_splits] (m, l) of the splits a token reaches; the merge reads only those. */
 #include "cuda_ops.h"
+#include "split_merge.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -23,16 +24,6 @@
 
 namespace
 {
-
-__device__ __forceinline__ uint16_t f2bf(float f)
-{
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
-
-__device__ __forceinline__ float bf2f(uint16_t b)
-{
-    return __uint_as_float((uint32_t)b << 16);
-}
 
 constexpr float kLog2e = 1.4426950408889634f;
 
@@ -90,12 +81,12 @@ __global__ void __launch_bounds__(kStoreThreads)
     const float inv = (float)(1.0 / sqrt(ss / kvl + (double)eps));
     uint16_t *dst = cache + (size_t)sl * row;
     for (int i = threadIdx.x; i < kvl; i += blockDim.x)
-        dst[i] = f2bf(__fmul_rn(kv_norm[i], __fmul_rn(x[i], inv)));
+        dst[i] = epd_f2bf(__fmul_rn(kv_norm[i], __fmul_rn(x[i], inv)));
     for (int j = threadIdx.x; j < half; j += blockDim.x) {
         const int ia = interleave ? 2 * j : j, ib = interleave ? 2 * j + 1 : j + half;
         const float a = x[kvl + ia], b = x[kvl + ib], c = s_cos[j], s = s_sin[j];
-        dst[kvl + ia] = f2bf(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
-        dst[kvl + ib] = f2bf(__fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
+        dst[kvl + ia] = epd_f2bf(__fsub_rn(__fmul_rn(a, c), __fmul_rn(b, s)));
+        dst[kvl + ib] = epd_f2bf(__fadd_rn(__fmul_rn(b, c), __fmul_rn(a, s)));
     }
 }
 
@@ -161,7 +152,8 @@ __global__ void __launch_bounds__(kMlaThreads)
             for (int w = lane; w < W; w += 32) {
                 const uint32_t kw = s_kv[p][w];
                 const float2 qv = qh[w];
-                s += qv.x * bf2f((uint16_t)(kw & 0xffffu)) + qv.y * bf2f((uint16_t)(kw >> 16));
+                s += qv.x * epd_bf2f((uint16_t)(kw & 0xffffu)) +
+                     qv.y * epd_bf2f((uint16_t)(kw >> 16));
             }
 #pragma unroll
             for (int o = 16; o > 0; o >>= 1)
@@ -196,7 +188,7 @@ __global__ void __launch_bounds__(kMlaThreads)
                 float a = acc[h][i] * s_alpha[h];
                 for (int p = 0; p < n; ++p) {
                     const uint32_t kw = s_kv[p][d >> 1];
-                    a += s_p[h][p] * bf2f((uint16_t)((d & 1) ? kw >> 16 : kw & 0xffffu));
+                    a += s_p[h][p] * epd_bf2f((uint16_t)((d & 1) ? kw >> 16 : kw & 0xffffu));
                 }
                 acc[h][i] = a;
             }
@@ -229,25 +221,7 @@ __global__ void __launch_bounds__(kMergeWarps * 32)
     const float2 *ml = ws_ml + (size_t)wid * max_splits;
     const float *acc = ws_acc + (size_t)wid * max_splits * kvl;
     uint16_t *dst = out + (size_t)wid * kvl;
-    float M = -INFINITY;
-    for (int s = lane; s < ns; s += 32)
-        M = fmaxf(M, ml[s].x);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        M = fmaxf(M, __shfl_xor_sync(0xffffffffu, M, o));
-    float Ls = 0.f;
-    for (int s = lane; s < ns; s += 32)
-        Ls += ml[s].y * exp2f(ml[s].x - M);
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1)
-        Ls += __shfl_xor_sync(0xffffffffu, Ls, o);
-    const float inv = ns > 0 ? 1.f / Ls : 0.f;
-    for (int d = lane; d < kvl; d += 32) {
-        float a = 0.f;
-        for (int s = 0; s < ns; ++s)
-            a += acc[(size_t)s * kvl + d] * exp2f(ml[s].x - M);
-        dst[d] = f2bf(a * inv);
-    }
+    epd_merge_splits(ml, acc, ns, kvl, dst, lane);
 }
 
 /* ---- expanded form -----------------------------------------------------------------------------
@@ -283,10 +257,10 @@ __global__ void mla_expand_kv_kernel(uint16_t *k, uint16_t *v, const float *kvx,
         const float *x = kvx + rh * (nope + vd);
         uint16_t kk = 0, vv = 0;
         if (d < nope)
-            kk = f2bf(x[d]);
+            kk = epd_f2bf(x[d]);
         else if (d < nope + rope)
             kk = pe[r * rope + (d - nope)];
-        if (d < vd) vv = f2bf(x[nope + d]);
+        if (d < vd) vv = epd_f2bf(x[nope + d]);
         k[i] = kk;
         v[i] = vv;
     }

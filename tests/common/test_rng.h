@@ -4,6 +4,7 @@
 #define EPD_TEST_RNG_H
 
 #include <math.h>
+#include <stddef.h>
 #include <stdint.h>
 
 static inline uint64_t test_splitmix64(uint64_t *s)
@@ -25,6 +26,19 @@ static inline float test_rng_normal(uint64_t *s)
 {
     double a = test_rng_unit(s) + 1e-300, b = test_rng_unit(s);
     return (float)(sqrt(-2 * log(a)) * cos(6.283185307179586 * b));
+}
+
+/* Uniform in [-a, a) as a float. */
+static inline float test_rng_sym(uint64_t *s, float a)
+{
+    return (float)(a * (2.0 * test_rng_unit(s) - 1.0));
+}
+
+/* x[0..n) uniform in [-a, a). */
+static inline void test_rng_fill(uint64_t *s, float *x, size_t n, float a)
+{
+    for (size_t i = 0; i < n; i++)
+        x[i] = test_rng_sym(s, a);
 }
 
 #endif /* EPD_TEST_RNG_H */

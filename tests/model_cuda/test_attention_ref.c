@@ -14,6 +14,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "test_rng.h"
+
 #include <setjmp.h>
 #include <cmocka.h>
 
@@ -21,22 +23,17 @@ static uint64_t rng_state = 0x9e3779b97f4a7c15ull;
 
 static uint32_t rnd(void)
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 32);
+    return (uint32_t)(test_splitmix64(&rng_state) >> 32);
 }
 
-/* uniform in [-a, a) */
 static float urand(float a)
 {
-    return a * (2.0f * (float)(rnd() >> 8) / 16777216.0f - 1.0f);
+    return test_rng_sym(&rng_state, a);
 }
 
 static void fill(float *x, size_t n, float a)
 {
-    for (size_t i = 0; i < n; i++)
-        x[i] = urand(a);
+    test_rng_fill(&rng_state, x, n, a);
 }
 
 static void shuffle(int32_t *p, int n)

@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include "test_rng.h"
+
 #include <setjmp.h>
 #include <cmocka.h>
 
@@ -22,21 +24,17 @@ static uint64_t rng_state = 0x6a09e667f3bcc909ull;
 
 static uint32_t rnd(void)
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 32);
+    return (uint32_t)(test_splitmix64(&rng_state) >> 32);
 }
 
 static float urand(float a)
 {
-    return a * (2.0f * (float)(rnd() >> 8) / 16777216.0f - 1.0f);
+    return test_rng_sym(&rng_state, a);
 }
 
 static void fill(float *x, size_t n, float a)
 {
-    for (size_t i = 0; i < n; i++)
-        x[i] = urand(a);
+    test_rng_fill(&rng_state, x, n, a);
 }
 
 /* |got - want| within one bf16 rounding of want (and a little for the fp32 path before it) */
