@@ -1,4 +1,4 @@
-/* Causal grouped-query attention of one query token over a sequence's KV cache. */
+/* Causal grouped-query attention of one query token over a sequence's paged KV cache. */
 #include "ops.h"
 
 #include <math.h>
@@ -11,37 +11,6 @@ float epd_softmax_exp(float *scores, int len, float mx)
         sum += scores[j];
     }
     return (float)(1.0 / sum);
-}
-
-void epd_attention_token(float *out, const float *q, const float *k, const float *v, int len,
-                         int heads, int kv_heads, int hd, float *scores)
-{
-    int group = heads / kv_heads;
-    float scale = 1.0f / sqrtf((float)hd);
-    for (int h = 0; h < heads; h++) {
-        const float *qh = q + (size_t)h * hd;
-        int kvh = h / group;
-        float mx = -INFINITY;
-        for (int j = 0; j < len; j++) {
-            const float *kj = k + ((size_t)j * kv_heads + kvh) * hd;
-            float s = 0;
-            for (int d = 0; d < hd; d++)
-                s += qh[d] * kj[d];
-            s *= scale;
-            scores[j] = s;
-            if (s > mx) mx = s;
-        }
-        float inv = epd_softmax_exp(scores, len, mx);
-        float *oh = out + (size_t)h * hd;
-        for (int d = 0; d < hd; d++)
-            oh[d] = 0;
-        for (int j = 0; j < len; j++) {
-            const float *vj = v + ((size_t)j * kv_heads + kvh) * hd;
-            float p = scores[j] * inv;
-            for (int d = 0; d < hd; d++)
-                oh[d] += p * vj[d];
-        }
-    }
 }
 
 void epd_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool,

@@ -50,15 +50,11 @@ void epd_rope_rotate(float *x, const int32_t *pos, int rows, int heads, size_t r
  * sum (summed in double, in order), the factor that makes them the softmax. */
 float epd_softmax_exp(float *scores, int len, float mx);
 
-/* attention.c: causal GQA of one token over one sequence's cache.
- * q: [heads][hd]; k, v: [len][kv_heads][hd] (positions 0..len-1 are attended);
- * out: [heads][hd]; scores: scratch [len]. Query head h reads kv head h / (heads / kv_heads). */
-void epd_attention_token(float *out, const float *q, const float *k, const float *v, int len,
-                         int heads, int kv_heads, int hd, float *scores);
-
-/* attention.c: the same over a paged cache: k_pool, v_pool: [num_blocks][block_size][kv_heads][hd]
- * (one layer); position j of the sequence lives in block blocks[j / block_size] at row
- * j % block_size. The reference twin of the GPU's paged attention (model/cuda/attention.cu). */
+/* attention.c: causal GQA of one token over one sequence's paged cache. q: [heads][hd]; k_pool,
+ * v_pool: [num_blocks][block_size][kv_heads][hd] (one layer); position j of the sequence lives in
+ * block blocks[j / block_size] at row j % block_size (positions 0..len-1 are attended); out:
+ * [heads][hd]; scores: scratch [len]. Query head h reads kv head h / (heads / kv_heads). The
+ * reference of the GPU's paged attention (model/cuda/attention.cu and its twin). */
 void epd_attention_paged(float *out, const float *q, const float *k_pool, const float *v_pool,
                          const int32_t *blocks, int block_size, int len, int heads, int kv_heads,
                          int hd, float *scores);

@@ -1,6 +1,7 @@
 /* The attention twins (model/cuda/attention_ref.c) against independent references:
  * epd_attention_ref over a paged cache with a shuffled block table (decoy blocks full of NaN)
- * against epd_attention_token on the same K/V laid out contiguously, for several head dims, GQA
+ * against model/attention.c's epd_attention_paged on the same K/V laid out contiguously (one
+ * block of the whole length), for several head dims, GQA
  * ratios, lengths around the block size and block sizes 1 and 16, with padding tokens and the
  * max_len cut; epd_qk_norm_rope_store_ref against epd_rmsnorm + epd_rope_apply applied head by
  * head and against the formula evaluated in fp64, the bf16 store against a rounding written
@@ -60,8 +61,16 @@ static uint16_t to_bf16_rne(float f)
 
 /* Two sequences of lengths len0 and len1 in one pool of shuffled blocks (plus NaN decoys);
  * tokens: the last position of each, a prefill-like run over sequence 0, a padding token and a
- * token cut by max_len. Each token's output must equal epd_attention_token over its sequence's
+ * token cut by max_len. Each token's output must equal contiguous_attention over its sequence's
  * contiguous K/V (within 1e-6 relative: the same arithmetic, in the same order). */
+/* The cpu model's attention over K/V laid out contiguously: one block holding all len positions. */
+static void contiguous_attention(float *out, const float *q, const float *k, const float *v,
+                                 int len, int nh, int nkv, int hd, float *scores)
+{
+    const int32_t block0 = 0;
+    epd_attention_paged(out, q, k, v, &block0, len, len, nh, nkv, hd, scores);
+}
+
 static void check_paged(int hd, int nh, int nkv, int bs, int len0, int len1)
 {
     const int lens[2] = {len0, len1};
@@ -132,8 +141,8 @@ static void check_paged(int hd, int nh, int nkv, int bs, int len0, int len1)
                 assert_true(out[(size_t)t * n + i] == 0.0f);
             continue;
         }
-        epd_attention_token(want, q + (size_t)t * n, kc[seq[t]], vc[seq[t]], pos[t] + 1, nh, nkv,
-                            hd, scores);
+        contiguous_attention(want, q + (size_t)t * n, kc[seq[t]], vc[seq[t]], pos[t] + 1, nh, nkv,
+                             hd, scores);
         for (int i = 0; i < n; i++) {
             float a = out[(size_t)t * n + i], b = want[i];
             if (!(fabsf(a - b) <= 1e-6f * fabsf(b) + 1e-30f))
@@ -152,7 +161,7 @@ static void check_paged(int hd, int nh, int nkv, int bs, int len0, int len1)
         float *qt = q + (size_t)T * n, *ot = out + (size_t)T * n;
         epd_attention_ref(ot, qt, kp, vp, table, max_blocks, &s0, &p0, 1, nh, nkv, hd, bs, len0 - 1,
                           scores);
-        epd_attention_token(want, qt, kc[0], vc[0], len0 - 1, nh, nkv, hd, scores);
+        contiguous_attention(want, qt, kc[0], vc[0], len0 - 1, nh, nkv, hd, scores);
         for (int i = 0; i < n; i++)
             assert_true(fabsf(ot[i] - want[i]) <= 1e-6f * fabsf(want[i]) + 1e-30f);
     }
