@@ -20,8 +20,12 @@ static const char *const transport_names[] = {"tcp", "nvlink", "rdma"};
 static const int transport_values[] = {EPD_TRANSPORT_TCP, EPD_TRANSPORT_NVLINK, EPD_TRANSPORT_RDMA};
 static const char *const placement_names[] = {"contiguous", "explicit"};
 static const int placement_values[] = {EPD_PLACEMENT_CONTIGUOUS, EPD_PLACEMENT_EXPLICIT};
-static const char *const level_names[] = {"error", "warn", "info", "debug"};
-static const int level_values[] = {EPD_LOG_ERROR, EPD_LOG_WARN, EPD_LOG_INFO, EPD_LOG_DEBUG};
+#define LEVEL_CFG_NAME(name, prio, cfg, line) cfg,
+#define LEVEL_VALUE(name, prio, cfg, line) EPD_LOG_##name,
+static const char *const level_names[] = {EPD_LOG_LEVEL_MAP(LEVEL_CFG_NAME)};
+static const int level_values[] = {EPD_LOG_LEVEL_MAP(LEVEL_VALUE)};
+#undef LEVEL_CFG_NAME
+#undef LEVEL_VALUE
 
 #define ENUM_OF(n, v) .names = (n), .values = (v), .num_names = COUNT(n)
 

@@ -24,30 +24,22 @@ static pthread_mutex_t g_write_lock = PTHREAD_MUTEX_INITIALIZER;
 static const char *level_name(epd_log_level_t l)
 {
     switch (l) {
-    case EPD_LOG_ERROR:
-        return "ERROR";
-    case EPD_LOG_WARN:
-        return "WARN";
-    case EPD_LOG_INFO:
-        return "INFO";
-    case EPD_LOG_DEBUG:
-        return "DEBUG";
+#define LEVEL_LINE_NAME(name, prio, cfg, line)                                                     \
+    case EPD_LOG_##name:                                                                           \
+        return line;
+        EPD_LOG_LEVEL_MAP(LEVEL_LINE_NAME)
+#undef LEVEL_LINE_NAME
     }
     return "?";
 }
 
 int epd_log_level_parse(const char *name)
 {
-    static const struct {
-        const char *name;
-        epd_log_level_t level;
-    } names[] = {{"error", EPD_LOG_ERROR},
-                 {"warn", EPD_LOG_WARN},
-                 {"info", EPD_LOG_INFO},
-                 {"debug", EPD_LOG_DEBUG}};
     if (!name) return -1;
-    for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++)
-        if (strcmp(name, names[i].name) == 0) return names[i].level;
+#define LEVEL_PARSE(lname, prio, cfg, line)                                                        \
+    if (strcmp(name, cfg) == 0) return EPD_LOG_##lname;
+    EPD_LOG_LEVEL_MAP(LEVEL_PARSE)
+#undef LEVEL_PARSE
     return -1;
 }
 

@@ -32,10 +32,14 @@
 #define EP_TCP_HELLO_ACCEPT 2
 #define EP_TCP_FRAME_BYTES 24
 
+/* Frame types: X(NAME, value). BYE is the orderly close: the connection's end that follows is
+ * no failure. */
+#define EP_TCP_FRAME_MAP(X) X(PUT, 1) X(SIGNAL, 2) X(BYE, 3)
+
 enum ep_tcp_frame_type {
-    EP_TCP_FRAME_PUT = 1,
-    EP_TCP_FRAME_SIGNAL = 2,
-    EP_TCP_FRAME_BYE = 3, /* orderly close: the connection's end that follows is no failure */
+#define EP_TCP_FRAME_ENUM(name, value) EP_TCP_FRAME_##name = value,
+    EP_TCP_FRAME_MAP(EP_TCP_FRAME_ENUM)
+#undef EP_TCP_FRAME_ENUM
 };
 
 /* Why the calling thread's last ep_wire_tcp_create failed (bad tcp_host/tcp_port, the port in

@@ -321,12 +321,11 @@ ep_status_t tcp_flush(ep_wire_t *w)
 static const char *frame_name(uint32_t type)
 {
     switch (type) {
-    case EP_TCP_FRAME_PUT:
-        return "PUT";
-    case EP_TCP_FRAME_SIGNAL:
-        return "SIGNAL";
-    case EP_TCP_FRAME_BYE:
-        return "BYE";
+#define FRAME_NAME(name, value)                                                                    \
+    case EP_TCP_FRAME_##name:                                                                      \
+        return #name;
+        EP_TCP_FRAME_MAP(FRAME_NAME)
+#undef FRAME_NAME
     default:
         return "unknown";
     }

@@ -23,11 +23,18 @@
 /* SHA-256 of the settings that must agree across a cluster. */
 #define EPD_CFG_FINGERPRINT_LEN 32
 
+/* The log levels: X(NAME, syslog priority, config name, log-line name). The values are syslog
+ * priorities, so journald's <N> prefix is the level itself. */
+#define EPD_LOG_LEVEL_MAP(X)                                                                       \
+    X(ERROR, 3, "error", "ERROR")                                                                  \
+    X(WARN, 4, "warn", "WARN")                                                                     \
+    X(INFO, 6, "info", "INFO")                                                                     \
+    X(DEBUG, 7, "debug", "DEBUG")
+
 typedef enum epd_log_level {
-    EPD_LOG_ERROR = 3, /* syslog priorities, so journald's <N> prefix is the level itself */
-    EPD_LOG_WARN = 4,
-    EPD_LOG_INFO = 6,
-    EPD_LOG_DEBUG = 7,
+#define EPD_LOG_LEVEL_ENUM(name, prio, cfg, line) EPD_LOG_##name = prio,
+    EPD_LOG_LEVEL_MAP(EPD_LOG_LEVEL_ENUM)
+#undef EPD_LOG_LEVEL_ENUM
 } epd_log_level_t;
 
 typedef enum epd_backend { EPD_BACKEND_CPU = 0, EPD_BACKEND_CUDA = 1 } epd_backend_t;
