@@ -291,6 +291,7 @@ cJSON *epd_json_string_n(const char *s, size_t n)
 
 const char *epd_json_type_name(const cJSON *v)
 {
+    if (!v) return "missing";
     if (cJSON_IsNull(v)) return "null";
     if (cJSON_IsBool(v)) return "a boolean";
     if (cJSON_IsNumber(v)) return "a number";

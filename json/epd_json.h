@@ -29,7 +29,7 @@ size_t epd_json_strlen(const cJSON *s);
 cJSON *epd_json_string_n(const char *s, size_t n);
 
 /* What an item is, for error messages: "null", "a boolean", "a number", "a string", "an array"
- * or "an object" (API bodies: "'n' must be a number, not a string"). */
+ * or "an object" ("missing" for NULL) (API bodies: "'n' must be a number, not a string"). */
 const char *epd_json_type_name(const cJSON *v);
 
 #endif /* EPD_JSON_H */

@@ -1,6 +1,7 @@
 /* tokenizer_config.json, chat_template.jinja and generation_config.json: eos/bos/pad tokens,
  * eos_token_id (int or list) and the chat template, resolved against the loaded vocabulary. */
 #include "tok_internal.h"
+#include "epd_json.h"
 
 #include <cjson/cJSON.h>
 #include <stdio.h>
@@ -24,11 +25,11 @@ static int token_field(const epd_tok_t *tok, const cJSON *root, const char *key,
         const cJSON *c = cJSON_GetObjectItemCaseSensitive(v, "content");
         if (!cJSON_IsString(c))
             return epd_err_set(err, -EINVAL, "%s: %s.content: expected a string, got %s", path, key,
-                               tok_json_type(c));
+                               epd_json_type_name(c));
         content = c->valuestring;
     } else {
         return epd_err_set(err, -EINVAL, "%s: %s: expected a string or an object, got %s", path,
-                           key, tok_json_type(v));
+                           key, epd_json_type_name(v));
     }
     *id = epd_tok_token_id(tok, content);
     if (text) *text = content;
@@ -47,7 +48,7 @@ static int add_token_flag(const cJSON *root, const char *key, int32_t id, const 
     if (!v || cJSON_IsNull(v)) return 0;
     if (!cJSON_IsBool(v))
         return epd_err_set(err, -EINVAL, "%s: %s: expected a boolean, got %s", path, key,
-                           tok_json_type(v));
+                           epd_json_type_name(v));
     *out = cJSON_IsTrue(v);
     if (*out && id < 0)
         return epd_err_set(err, -EINVAL, "%s: %s: true, but %.3s_token names no token", path, key,
@@ -60,7 +61,7 @@ static int check_gen_id(const epd_tok_t *tok, const cJSON *v, const char *path, 
 {
     if (!cJSON_IsNumber(v))
         return epd_err_set(err, -EINVAL, "%s: %s: expected an integer, got %s", path, jpath,
-                           tok_json_type(v));
+                           epd_json_type_name(v));
     double d = v->valuedouble;
     if (d < 0 || d >= (double)tok->n_ids || d != (double)(int32_t)d ||
         !(tok->id_flags[(int32_t)d] & TOK_ID_PRESENT))
@@ -169,7 +170,7 @@ static int load_tokenizer_config(epd_tok_t *tok, const char *path, bool have_eos
         }
     } else if (tmpl && !cJSON_IsNull(tmpl)) {
         st = epd_err_set(err, -EINVAL, "%s: chat_template: expected a string or a list, got %s",
-                         path, tok_json_type(tmpl));
+                         path, epd_json_type_name(tmpl));
         goto out;
     }
     if (text) {

@@ -174,8 +174,6 @@ int tok_load_configs(epd_tok_t *tok, const char *tokenizer_config_path,
 int tok_read_file(const char *path, char **out, size_t *len, epd_err_t *err);
 /* Reads and parses a JSON file whose top level must be an object; a syntax error names the byte
  * offset and line. */
-/* How an error message names a JSON value's type ("missing", "null", "a number", ...). */
-const char *tok_json_type(const cJSON *v);
 int tok_parse_json_file(const char *path, cJSON **root, epd_err_t *err);
 
 /* Model-level BPE of one pre-token (tok_bpe.c): appends the ids of word[0..n). */

@@ -47,17 +47,6 @@ static int jerr(jctx_t *c, int st, const char *jpath, const char *fmt, ...)
     return epd_err_set(c->err, st, "%s: %s: %s", c->file, jpath, msg);
 }
 
-const char *tok_json_type(const cJSON *v)
-{
-    if (!v) return "missing";
-    if (cJSON_IsNull(v)) return "null";
-    if (cJSON_IsBool(v)) return "a boolean";
-    if (cJSON_IsNumber(v)) return "a number";
-    if (cJSON_IsString(v)) return "a string";
-    if (cJSON_IsArray(v)) return "an array";
-    return "an object";
-}
-
 int tok_read_file(const char *path, char **out, size_t *len, epd_err_t *err)
 {
     FILE *f = fopen(path, "rb");
@@ -135,7 +124,7 @@ static int get_bool(jctx_t *c, const cJSON *obj, const char *key, const char *pa
         return 0;
     }
     if (!cJSON_IsBool(v))
-        return jerr(c, -EINVAL, p, "expected a boolean, got %s", tok_json_type(v));
+        return jerr(c, -EINVAL, p, "expected a boolean, got %s", epd_json_type_name(v));
     *out = cJSON_IsTrue(v);
     return 0;
 }
@@ -147,7 +136,7 @@ static int get_str(jctx_t *c, const cJSON *obj, const char *key, const char *pat
     char p[256];
     snprintf(p, sizeof(p), "%s%s%s", path, *path ? "." : "", key);
     if (!cJSON_IsString(v))
-        return jerr(c, -EINVAL, p, "expected a string, got %s", tok_json_type(v));
+        return jerr(c, -EINVAL, p, "expected a string, got %s", epd_json_type_name(v));
     *out = v->valuestring;
     return 0;
 }
@@ -160,7 +149,7 @@ static int require_empty_str(jctx_t *c, const cJSON *obj, const char *key, const
     char p[256], q[96];
     snprintf(p, sizeof(p), "%s.%s", path, key);
     if (!cJSON_IsString(v))
-        return jerr(c, -EINVAL, p, "expected a string, got %s", tok_json_type(v));
+        return jerr(c, -EINVAL, p, "expected a string, got %s", epd_json_type_name(v));
     quote(q, sizeof(q), v->valuestring);
     return jerr(c, -ENOTSUP, p, "unsupported %s (supported: \"\" or null)", q);
 }
@@ -183,11 +172,11 @@ static int check_type(jctx_t *c, const cJSON *obj, const char *path, const char 
 {
     char p[256], q[96];
     if (!cJSON_IsObject(obj))
-        return jerr(c, -EINVAL, path, "expected an object, got %s", tok_json_type(obj));
+        return jerr(c, -EINVAL, path, "expected an object, got %s", epd_json_type_name(obj));
     snprintf(p, sizeof(p), "%s.type", path);
     const cJSON *t = cJSON_GetObjectItemCaseSensitive(obj, "type");
     if (!cJSON_IsString(t))
-        return jerr(c, -EINVAL, p, "expected a string, got %s", tok_json_type(t));
+        return jerr(c, -EINVAL, p, "expected a string, got %s", epd_json_type_name(t));
     for (size_t i = 0; supported[i]; i++) {
         if (strcmp(t->valuestring, supported[i]) == 0) {
             *type_out = supported[i];
@@ -239,7 +228,7 @@ static int nomem(jctx_t *c, const char *what)
 static int check_id(jctx_t *c, const cJSON *v, const char *path, int32_t *id)
 {
     if (!cJSON_IsNumber(v))
-        return jerr(c, -EINVAL, path, "expected an integer id, got %s", tok_json_type(v));
+        return jerr(c, -EINVAL, path, "expected an integer id, got %s", epd_json_type_name(v));
     double d = v->valuedouble;
     if (d < 0 || d >= TOK_MAX_ID || d != (double)(int32_t)d)
         return jerr(c, -EINVAL, path, "id %g is not an integer in [0, %d)", d, TOK_MAX_ID);
@@ -257,7 +246,7 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model, const cJSON
     const cJSON *dropout = cJSON_GetObjectItemCaseSensitive(model, "dropout");
     if (dropout && !cJSON_IsNull(dropout))
         return jerr(c, -ENOTSUP, "model.dropout", "unsupported %s (supported: null)",
-                    tok_json_type(dropout));
+                    epd_json_type_name(dropout));
     if ((st = require_empty_str(c, model, "continuing_subword_prefix", "model")) ||
         (st = require_empty_str(c, model, "end_of_word_suffix", "model")) ||
         (st = require_false(c, model, "byte_fallback", "model")) ||
@@ -267,12 +256,12 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model, const cJSON
 
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     if (!cJSON_IsObject(vocab))
-        return jerr(c, -EINVAL, "model.vocab", "expected an object, got %s", tok_json_type(vocab));
+        return jerr(c, -EINVAL, "model.vocab", "expected an object, got %s", epd_json_type_name(vocab));
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (!cJSON_IsArray(merges))
-        return jerr(c, -EINVAL, "model.merges", "expected an array, got %s", tok_json_type(merges));
+        return jerr(c, -EINVAL, "model.merges", "expected an array, got %s", epd_json_type_name(merges));
     if (added && !cJSON_IsNull(added) && !cJSON_IsArray(added))
-        return jerr(c, -EINVAL, "added_tokens", "expected an array, got %s", tok_json_type(added));
+        return jerr(c, -EINVAL, "added_tokens", "expected an array, got %s", epd_json_type_name(added));
 
     /* The id space covers the vocabulary and the added tokens. */
     int32_t max_id = -1;
@@ -295,7 +284,7 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model, const cJSON
         snprintf(p, sizeof(p), "added_tokens[%zu].id", ai);
         if (!cJSON_IsObject(v)) {
             snprintf(p, sizeof(p), "added_tokens[%zu]", ai);
-            return jerr(c, -EINVAL, p, "expected an object, got %s", tok_json_type(v));
+            return jerr(c, -EINVAL, p, "expected an object, got %s", epd_json_type_name(v));
         }
         if ((st = check_id(c, cJSON_GetObjectItemCaseSensitive(v, "id"), p, &id))) return st;
         if (id > max_id) max_id = id;
@@ -376,7 +365,7 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model, const cJSON
             parts[1] = cJSON_GetArrayItem(v, 1)->valuestring;
         } else {
             st =
-                jerr(c, -EINVAL, p, "expected \"a b\" or [\"a\", \"b\"], got %s", tok_json_type(v));
+                jerr(c, -EINVAL, p, "expected \"a b\" or [\"a\", \"b\"], got %s", epd_json_type_name(v));
             break;
         }
         int32_t ids[2];
@@ -485,7 +474,7 @@ static int load_normalizer(jctx_t *c, epd_tok_t *tok, const cJSON *norm, const c
     char p[256];
     snprintf(p, sizeof(p), "%s.normalizers", path);
     if (!cJSON_IsArray(list))
-        return jerr(c, -EINVAL, p, "expected an array, got %s", tok_json_type(list));
+        return jerr(c, -EINVAL, p, "expected an array, got %s", epd_json_type_name(list));
     size_t i = 0;
     const cJSON *v;
     cJSON_ArrayForEach(v, list)
@@ -513,12 +502,12 @@ static int load_split(jctx_t *c, epd_tok_t *tok, const cJSON *split, const char 
     const cJSON *pat = cJSON_GetObjectItemCaseSensitive(split, "pattern");
     snprintf(p2, sizeof(p2), "%s.pattern", p);
     if (!cJSON_IsObject(pat))
-        return jerr(c, -EINVAL, p2, "expected an object, got %s", tok_json_type(pat));
+        return jerr(c, -EINVAL, p2, "expected an object, got %s", epd_json_type_name(pat));
     const cJSON *rx = cJSON_GetObjectItemCaseSensitive(pat, "Regex");
     if (!rx) return jerr(c, -ENOTSUP, p2, "unsupported pattern kind (supported: {\"Regex\": ...})");
     snprintf(p2, sizeof(p2), "%s.pattern.Regex", p);
     if (!cJSON_IsString(rx))
-        return jerr(c, -EINVAL, p2, "expected a string, got %s", tok_json_type(rx));
+        return jerr(c, -EINVAL, p2, "expected a string, got %s", epd_json_type_name(rx));
     int errcode;
     PCRE2_SIZE erroff;
     pcre2_code *re = pcre2_compile((PCRE2_SPTR)rx->valuestring, PCRE2_ZERO_TERMINATED,
@@ -556,7 +545,7 @@ static int load_pretokenizer(jctx_t *c, epd_tok_t *tok, const cJSON *pre)
         list = cJSON_GetObjectItemCaseSensitive(pre, "pretokenizers");
         if (!cJSON_IsArray(list))
             return jerr(c, -EINVAL, "pre_tokenizer.pretokenizers", "expected an array, got %s",
-                        tok_json_type(list));
+                        epd_json_type_name(list));
         n = (size_t)cJSON_GetArraySize(list);
         if (n < 1 || n > TOK_MAX_SPLITS + 1)
             return jerr(c, -ENOTSUP, "pre_tokenizer.pretokenizers",
@@ -620,7 +609,7 @@ int tok_load_tokenizer_json(epd_tok_t *tok, const char *path, epd_err_t *err)
     for (size_t i = 0; i < 2; i++) {
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, nulls[i]);
         if (v && !cJSON_IsNull(v)) {
-            st = jerr(&c, -ENOTSUP, nulls[i], "unsupported %s (supported: null)", tok_json_type(v));
+            st = jerr(&c, -ENOTSUP, nulls[i], "unsupported %s (supported: null)", epd_json_type_name(v));
             goto fail;
         }
     }
