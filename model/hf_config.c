@@ -202,7 +202,7 @@ static int parse_rope(const cJSON *root, const char *origin, int allow_yarn, epd
                          0.0, 1e6, &y->factor, err)) ||
         (rc = get_double(rs, where, "beta_fast", 32.0, 0.0, 1e6, &y->beta_fast, err)) ||
         (rc = get_double(rs, where, "beta_slow", 1.0, 0.0, 1e6, &y->beta_slow, err)) ||
-        (rc = get_double(rs, where, "attention_factor", -1.0, -2.0, 1e6, &y->attention_factor,
+        (rc = get_double(rs, where, "attention_factor", -1.0, 0.0, 1e6, &y->attention_factor,
                          err)) ||
         (rc = get_bool(rs, where, "truncate", 1, &y->truncate, err)))
         return rc;
@@ -217,7 +217,7 @@ static int parse_rope(const cJSON *root, const char *origin, int allow_yarn, epd
             return epd_err_set(err, -EINVAL, "%s.%s: expected a number in 0..1e6", where, ms[i]);
         *msv[i] = v->valuedouble;
     }
-    if (y->attention_factor < 0)
+    if (!field(rs, "attention_factor") || cJSON_IsNull(field(rs, "attention_factor")))
         y->attention_factor =
             y->mscale != 0 && y->mscale_all_dim != 0
                 ? yarn_mscale(y->factor, y->mscale) / yarn_mscale(y->factor, y->mscale_all_dim)

@@ -345,6 +345,11 @@ static void test_deepseek_configs(void **state)
         {"\"rope_scaling\":{\"type\":\"linear\",\"factor\":2}", "rope_type", -ENOTSUP},
         {"\"kv_lora_rank\":0", "kv_lora_rank", -EINVAL},
         {"\"mlp_bias\":true", "mlp_bias", -ENOTSUP},
+        {"\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4,\"original_max_position_embeddings\":"
+         "64,\"attention_factor\":0}",
+         "attention_factor", -EINVAL},
+        {"\"rope_scaling\":{\"type\":\"yarn\",\"factor\":4}", "original_max_position_embeddings",
+         -EINVAL},
     };
     for (size_t i = 0; i < sizeof(bad) / sizeof(bad[0]); i++) {
         const char *j = build_from(v2lite, bad[i].extra);
