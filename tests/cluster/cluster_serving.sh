@@ -1,7 +1,8 @@
 #!/bin/bash
 # Serving across two epd nodes (one process each, 2 ranks per node, cpu backend, tcp wire): the
 # engines' EP group is bootstrapped through the control plane. Greedy completions asked of
-# either node equal transformers' tokens (tests/model/oracle/expected.json). Node 1 is killed
+# either node equal the reference's tokens (ORACLE_DIR/expected.json: tests/model/oracle, or the
+# DeepSeek oracles). Node 1 is killed
 # (-9) while node 0 runs a long completion: that request fails with 503 (no hang), node 0 stops
 # serving at once (not ready, new requests fail instead of hanging). Node 1 is then restarted:
 # both nodes become ready again at a higher cluster epoch, their engines re-form one EP group
