@@ -170,7 +170,6 @@ __global__ void __launch_bounds__(kNormThreads)
 constexpr int kWarps = 4; /* warps per split block */
 constexpr int kHeads = 8; /* query heads per split block (hi rows 0-7, lo rows 8-15) */
 constexpr int kTile = 16; /* positions per warp step: two n8 tiles of scores, one k16 of P.V */
-constexpr int kMergeWarps = 4;
 constexpr float kLog2e = 1.4426950408889634f;
 
 /* Cache row of position p of a sequence: block_table entry p / block_size, offset p % bs. */
@@ -395,28 +394,6 @@ __global__ void __launch_bounds__(kWarps * 32)
     }
 }
 
-/* ---- attention: merge kernel ----------------------------------------------------------------- */
-
-/* One warp per (token, head): M = max over the token's splits of m_s; L = sum of
- * l_s 2^(m_s - M) (lane-strided partial sums, then a butterfly); out[d] = bf16(sum over splits
- * ascending of acc_s[d] 2^(m_s - M), times 1 / L). Tokens of length 0 (seq_idx < 0 or pos < 0)
- * get zeros. */
-__global__ void __launch_bounds__(kMergeWarps * 32)
-    attn_merge_kernel(uint16_t *out, const float *ws_acc, const float2 *ws_ml,
-                      const int32_t *seq_idx, const int32_t *pos, int T, int nh, int hd,
-                      int split_len, int max_splits, int max_len)
-{
-    const int wid = blockIdx.x * kMergeWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (wid >= T * nh) return;
-    const int t = wid / nh;
-    const int len = seq_idx[t] < 0 ? 0 : min(pos[t] + 1, max_len);
-    const int ns = len <= 0 ? 0 : (len + split_len - 1) / split_len;
-    const float2 *ml = ws_ml + (size_t)wid * max_splits;
-    const float *acc = ws_acc + (size_t)wid * max_splits * hd;
-    uint16_t *dst = out + (size_t)wid * hd; /* out [T][nh * hd]: row t, head wid % nh */
-    epd_merge_splits(ml, acc, ns, hd, dst, lane);
-}
-
 bool hd_supported(int hd)
 {
     return hd == 16 || hd == 32 || hd == 64 || hd == 128 || hd == 256;
@@ -500,9 +477,6 @@ extern "C" int epd_cu_attention(uint16_t *out, const float *q, const uint16_t *k
 #undef EPD_ATTN_LAUNCH
     int err = (int)cudaGetLastError();
     if (err) return err;
-    const long long warps = (long long)T * nh;
-    attn_merge_kernel<<<(unsigned)((warps + kMergeWarps - 1) / kMergeWarps), kMergeWarps * 32, 0,
-                        st>>>(out, ws_acc, ws_ml, seq_idx, pos, T, nh, hd, split_len, max_splits,
-                              max_len);
-    return (int)cudaGetLastError();
+    return epd_launch_merge_splits(out, ws_acc, ws_ml, seq_idx, pos, T, nh, hd, split_len,
+                                   max_splits, max_len, st);
 }

@@ -100,7 +100,6 @@ constexpr int kMlaTile = 16;
 constexpr int kMlaMaxKvl = 512;
 constexpr int kMlaMaxRow = 640; /* kvl + rope */
 constexpr int kMlaDims = kMlaMaxKvl / kMlaThreads;
-constexpr int kMergeWarps = 4;
 
 __global__ void __launch_bounds__(kMlaThreads)
     mla_split_kernel(const float *q_lat, const float *q_pe, int pe_stride, const uint16_t *cache,
@@ -205,23 +204,6 @@ __global__ void __launch_bounds__(kMlaThreads)
         }
     }
     if (tid < nrows) ws_ml[(row0 + tid) * nsplit + split] = make_float2(m, l);
-}
-
-/* One warp per (token, head): the splits merged as attention.cu's merge does. */
-__global__ void __launch_bounds__(kMergeWarps * 32)
-    mla_merge_kernel(uint16_t *out, const float *ws_acc, const float2 *ws_ml,
-                     const int32_t *seq_idx, const int32_t *pos, int T, int nh, int kvl,
-                     int split_len, int max_splits, int max_len)
-{
-    const int wid = blockIdx.x * kMergeWarps + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-    if (wid >= T * nh) return;
-    const int t = wid / nh;
-    const int len = seq_idx[t] < 0 ? 0 : min(pos[t] + 1, max_len);
-    const int ns = len <= 0 ? 0 : (len + split_len - 1) / split_len;
-    const float2 *ml = ws_ml + (size_t)wid * max_splits;
-    const float *acc = ws_acc + (size_t)wid * max_splits * kvl;
-    uint16_t *dst = out + (size_t)wid * kvl;
-    epd_merge_splits(ml, acc, ns, kvl, dst, lane);
 }
 
 /* ---- expanded form -----------------------------------------------------------------------------
@@ -338,11 +320,8 @@ extern "C" int epd_cu_mla_attention(uint16_t *o_lat, const float *q_lat, const f
         block_size, split_len, max_len, scale * kLog2e, ws_acc, ws_ml);
     int err = (int)cudaGetLastError();
     if (err) return err;
-    const long long warps = (long long)T * nh;
-    mla_merge_kernel<<<(unsigned)((warps + kMergeWarps - 1) / kMergeWarps), kMergeWarps * 32, 0,
-                       st>>>(o_lat, ws_acc, ws_ml, seq_idx, pos, T, nh, kvl, split_len, max_splits,
-                             max_len);
-    return (int)cudaGetLastError();
+    return epd_launch_merge_splits(o_lat, ws_acc, ws_ml, seq_idx, pos, T, nh, kvl, split_len,
+                                   max_splits, max_len, st);
 }
 
 extern "C" int epd_cu_mla_gather(uint16_t *lat, uint16_t *pe, const uint16_t *cache,
