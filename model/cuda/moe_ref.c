@@ -100,58 +100,6 @@ static int shape_ok(int L, int H, int I, int max_rows, const int32_t *offsets, i
            (offsets || stride >= max_rows);
 }
 
-int epd_ref_expert_gate_up(uint16_t *act, const void *x, const float *x_scales,
-                           const int32_t *counts, const int32_t *offsets, int stride,
-                           const uint16_t *w_gate_up, int L, int H, int I, int max_rows)
-{
-    if (!shape_ok(L, H, I, max_rows, offsets, stride) || (x_scales && H % FP8_BLOCK))
-        return -EINVAL;
-    float *xr = malloc((size_t)H * sizeof *xr);
-    if (!xr) return -ENOMEM;
-    for (int l = 0; l < L; l++) {
-        const int n = rows_of(counts, l, max_rows);
-        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
-        const uint16_t *wl = w_gate_up + (size_t)l * 2 * I * H;
-        for (int r = 0; r < n; r++) {
-            const size_t row = base + r;
-            for (int c = 0; c < H; c++)
-                xr[c] = x_scales ? ep_fp8_e4m3_to_float(((const uint8_t *)x)[row * H + c]) *
-                                       x_scales[row * (H / FP8_BLOCK) + c / FP8_BLOCK]
-                                 : epd_bf16_to_f32(((const uint16_t *)x)[row * H + c]);
-            for (int i = 0; i < I; i++) {
-                float g = dot_bf16(xr, wl + (size_t)i * H, H);
-                float u = dot_bf16(xr, wl + (size_t)(I + i) * H, H);
-                act[row * I + i] = epd_f32_to_bf16(g / (1.0f + expf(-g)) * u);
-            }
-        }
-    }
-    free(xr);
-    return 0;
-}
-
-int epd_ref_expert_down(uint16_t *y, const uint16_t *act, const int32_t *counts,
-                        const int32_t *offsets, int stride, const uint16_t *w_down, int L, int H,
-                        int I, int max_rows)
-{
-    if (!shape_ok(L, H, I, max_rows, offsets, stride)) return -EINVAL;
-    float *ar = malloc((size_t)I * sizeof *ar);
-    if (!ar) return -ENOMEM;
-    for (int l = 0; l < L; l++) {
-        const int n = rows_of(counts, l, max_rows);
-        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
-        const uint16_t *wl = w_down + (size_t)l * H * I;
-        for (int r = 0; r < n; r++) {
-            const size_t row = base + r;
-            for (int i = 0; i < I; i++)
-                ar[i] = epd_bf16_to_f32(act[row * I + i]);
-            for (int c = 0; c < H; c++)
-                y[row * H + c] = epd_f32_to_bf16(dot_bf16(ar, wl + (size_t)c * I, I));
-        }
-    }
-    free(ar);
-    return 0;
-}
-
 /* sum over blocks of bk channels of (sum of x * e4m3(q) in the block) * scale[block] */
 static float dot_w8(const float *x, const uint8_t *q, const float *scale_row, int n, int bk)
 {
@@ -165,9 +113,102 @@ static float dot_w8(const float *x, const uint8_t *q, const float *scale_row, in
     return s;
 }
 
+/* The experts' weights of one projection: bf16, or e4m3 codes with [rows/bn][cols/bk] block
+ * scales per expert (q != NULL). */
+typedef struct expert_w {
+    const uint16_t *bf;
+    const uint8_t *q;
+    const float *sc;
+    int bn, bk;
+} expert_w_t;
+
 static int w8_ok(const float *w_scales, int bn, int bk)
 {
     return w_scales && bn >= 1 && bk >= 32 && bk % 32 == 0;
+}
+
+/* x . row r of matrix `mat` of a stack of rows x n matrices (the experts' projections, one
+ * after the other), with each matrix's own block scales */
+static float expert_dot(const expert_w_t *w, const float *x, int mat, int rows, int r, int n)
+{
+    const size_t at = ((size_t)mat * rows + (size_t)r) * (size_t)n;
+    if (!w->q) return dot_bf16(x, w->bf + at, n);
+    const size_t nbr = (size_t)(rows + w->bn - 1) / w->bn, nbk = (size_t)(n + w->bk - 1) / w->bk;
+    return dot_w8(x, w->q + at, w->sc + ((size_t)mat * nbr + (size_t)(r / w->bn)) * nbk, n, w->bk);
+}
+
+/* The expert input row: fp8 with per-128 scales (x_scales) or bf16, as floats. */
+static void input_row(float *xr, const void *x, const float *x_scales, size_t row, int H)
+{
+    for (int c = 0; c < H; c++)
+        xr[c] = x_scales ? ep_fp8_e4m3_to_float(((const uint8_t *)x)[row * H + c]) *
+                               x_scales[row * (H / FP8_BLOCK) + c / FP8_BLOCK]
+                         : epd_bf16_to_f32(((const uint16_t *)x)[row * H + c]);
+}
+
+/* gate_up: per expert [2I][H], the gate matrix then the up matrix, each [I][H] with its own
+ * [I/bn][H/bk] scales in an fp8 checkpoint. */
+static int gate_up(uint16_t *act, const void *x, const float *x_scales, const int32_t *counts,
+                   const int32_t *offsets, int stride, const expert_w_t *w, int L, int H, int I,
+                   int max_rows)
+{
+    float *xr = malloc((size_t)H * sizeof *xr);
+    if (!xr) return -ENOMEM;
+    for (int l = 0; l < L; l++) {
+        const int n = rows_of(counts, l, max_rows);
+        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
+        for (int r = 0; r < n; r++) {
+            const size_t row = base + r;
+            input_row(xr, x, x_scales, row, H);
+            for (int i = 0; i < I; i++) {
+                float g = expert_dot(w, xr, 2 * l, I, i, H);
+                float u = expert_dot(w, xr, 2 * l + 1, I, i, H);
+                act[row * I + i] = epd_f32_to_bf16(g / (1.0f + expf(-g)) * u);
+            }
+        }
+    }
+    free(xr);
+    return 0;
+}
+
+/* down: per expert [H][I] */
+static int down(uint16_t *y, const uint16_t *act, const int32_t *counts, const int32_t *offsets,
+                int stride, const expert_w_t *w, int L, int H, int I, int max_rows)
+{
+    float *ar = malloc((size_t)I * sizeof *ar);
+    if (!ar) return -ENOMEM;
+    for (int l = 0; l < L; l++) {
+        const int n = rows_of(counts, l, max_rows);
+        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
+        for (int r = 0; r < n; r++) {
+            const size_t row = base + r;
+            for (int i = 0; i < I; i++)
+                ar[i] = epd_bf16_to_f32(act[row * I + i]);
+            for (int c = 0; c < H; c++)
+                y[row * H + c] = epd_f32_to_bf16(expert_dot(w, ar, l, H, c, I));
+        }
+    }
+    free(ar);
+    return 0;
+}
+
+int epd_ref_expert_gate_up(uint16_t *act, const void *x, const float *x_scales,
+                           const int32_t *counts, const int32_t *offsets, int stride,
+                           const uint16_t *w_gate_up, int L, int H, int I, int max_rows)
+{
+    if (!shape_ok(L, H, I, max_rows, offsets, stride) || (x_scales && H % FP8_BLOCK))
+        return -EINVAL;
+    const expert_w_t w = {.bf = w_gate_up};
+    return gate_up(act, x, x_scales, counts, offsets, stride, &w, L, H, I, max_rows);
+}
+
+int epd_ref_expert_down(uint16_t *y, const uint16_t *act, const int32_t *counts,
+                        const int32_t *offsets, int stride, const uint16_t *w_down, int L, int H,
+                        int I, int max_rows)
+{
+    if (!shape_ok(L, H, I, max_rows, offsets, stride)) return -EINVAL;
+    const expert_w_t w = {.bf = w_down};
+    return down(y, act, counts, offsets, stride, &w, L, H, I, max_rows);
 }
 
 int epd_ref_expert_gate_up_w8(uint16_t *act, const void *x, const float *x_scales,
@@ -178,29 +219,8 @@ int epd_ref_expert_gate_up_w8(uint16_t *act, const void *x, const float *x_scale
     if (!shape_ok(L, H, I, max_rows, offsets, stride) || (x_scales && H % FP8_BLOCK) ||
         !w8_ok(w_scales, bn, bk))
         return -EINVAL;
-    const int nbr = (I + bn - 1) / bn, nbk = (H + bk - 1) / bk;
-    float *xr = malloc((size_t)H * sizeof *xr);
-    if (!xr) return -ENOMEM;
-    for (int l = 0; l < L; l++) {
-        const int n = rows_of(counts, l, max_rows);
-        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
-        const uint8_t *wl = w8_gate_up + (size_t)l * 2 * I * H;
-        const float *sg = w_scales + (size_t)l * 2 * nbr * nbk, *su = sg + (size_t)nbr * nbk;
-        for (int r = 0; r < n; r++) {
-            const size_t row = base + r;
-            for (int c = 0; c < H; c++)
-                xr[c] = x_scales ? ep_fp8_e4m3_to_float(((const uint8_t *)x)[row * H + c]) *
-                                       x_scales[row * (H / FP8_BLOCK) + c / FP8_BLOCK]
-                                 : epd_bf16_to_f32(((const uint16_t *)x)[row * H + c]);
-            for (int i = 0; i < I; i++) {
-                float g = dot_w8(xr, wl + (size_t)i * H, sg + (size_t)(i / bn) * nbk, H, bk);
-                float u = dot_w8(xr, wl + (size_t)(I + i) * H, su + (size_t)(i / bn) * nbk, H, bk);
-                act[row * I + i] = epd_f32_to_bf16(g / (1.0f + expf(-g)) * u);
-            }
-        }
-    }
-    free(xr);
-    return 0;
+    const expert_w_t w = {.q = w8_gate_up, .sc = w_scales, .bn = bn, .bk = bk};
+    return gate_up(act, x, x_scales, counts, offsets, stride, &w, L, H, I, max_rows);
 }
 
 int epd_ref_expert_down_w8(uint16_t *y, const uint16_t *act, const int32_t *counts,
@@ -208,23 +228,6 @@ int epd_ref_expert_down_w8(uint16_t *y, const uint16_t *act, const int32_t *coun
                            const float *w_scales, int bn, int bk, int L, int H, int I, int max_rows)
 {
     if (!shape_ok(L, H, I, max_rows, offsets, stride) || !w8_ok(w_scales, bn, bk)) return -EINVAL;
-    const int nbr = (H + bn - 1) / bn, nbk = (I + bk - 1) / bk;
-    float *ar = malloc((size_t)I * sizeof *ar);
-    if (!ar) return -ENOMEM;
-    for (int l = 0; l < L; l++) {
-        const int n = rows_of(counts, l, max_rows);
-        const size_t base = offsets ? (size_t)offsets[l] : (size_t)l * stride;
-        const uint8_t *wl = w8_down + (size_t)l * H * I;
-        const float *sl = w_scales + (size_t)l * nbr * nbk;
-        for (int r = 0; r < n; r++) {
-            const size_t row = base + r;
-            for (int i = 0; i < I; i++)
-                ar[i] = epd_bf16_to_f32(act[row * I + i]);
-            for (int c = 0; c < H; c++)
-                y[row * H + c] = epd_f32_to_bf16(
-                    dot_w8(ar, wl + (size_t)c * I, sl + (size_t)(c / bn) * nbk, I, bk));
-        }
-    }
-    free(ar);
-    return 0;
+    const expert_w_t w = {.q = w8_down, .sc = w_scales, .bn = bn, .bk = bk};
+    return down(y, act, counts, offsets, stride, &w, L, H, I, max_rows);
 }
