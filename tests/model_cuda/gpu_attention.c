@@ -7,6 +7,7 @@
  * plus 2e-3 max|v|; the worst error is printed); one call captured in a CUDA graph and replayed
  * with other positions; and the K/V bandwidth of a decode-shaped call (printed, not checked).
  * Exit 77 (skipped) without a CUDA device. */
+#include "test_rng.h"
 #include "cuda_harness.h"
 #include "attention_ref.h"
 #include "cuda_ops.h"
@@ -26,15 +27,12 @@ static uint64_t rng_state = 0x2545f4914f6cdd1dull;
 
 static uint32_t rnd(void)
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 32);
+    return (uint32_t)(test_splitmix64(&rng_state) >> 32);
 }
 
 static float urand(float a)
 {
-    return a * (2.0f * (float)(rnd() >> 8) / 16777216.0f - 1.0f);
+    return test_rng_sym(&rng_state, a);
 }
 
 static void shuffle(int32_t *p, int n)

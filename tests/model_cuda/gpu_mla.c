@@ -7,6 +7,8 @@
  * max|lat|); and the expanded form (gather, the decompression done here in fp32, expand, pad,
  * epd_cu_attention, unpad) vs epd_mla_expanded_ref (within 2e-2 of the output's scale: keys and
  * values per head are rounded to bf16). Exit 77 (skipped) without a CUDA device. */
+#include "test_rng.h"
+#include "cuda_harness.h"
 #include "cuda_ops.h"
 #include "mla_ref.h"
 #include "ops.h"
@@ -18,37 +20,19 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define CK(call)                                                                                   \
-    do {                                                                                           \
-        cudaError_t e_ = (cudaError_t)(call);                                                      \
-        if (e_ != cudaSuccess) {                                                                   \
-            fprintf(stderr, "line %d: %s: %s\n", __LINE__, #call, cudaGetErrorString(e_));         \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "line %d: ", __LINE__);                                                \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fprintf(stderr, "\n");                                                                 \
-            goto fail;                                                                             \
-        }                                                                                          \
-    } while (0)
+#define CK(call) H_CUDA_CHECK(-1, goto fail, call)
+#define EXPECT(cond, ...) TEST_CHECK(-1, -1, goto fail, cond, __VA_ARGS__)
 
 static uint64_t rng_state = 0xbb67ae8584caa73bull;
 
 static uint32_t rnd(void)
 {
-    rng_state ^= rng_state << 13;
-    rng_state ^= rng_state >> 7;
-    rng_state ^= rng_state << 17;
-    return (uint32_t)(rng_state >> 32);
+    return (uint32_t)(test_splitmix64(&rng_state) >> 32);
 }
 
 static float urand(float a)
 {
-    return a * (2.0f * (float)(rnd() >> 8) / 16777216.0f - 1.0f);
+    return test_rng_sym(&rng_state, a);
 }
 
 static void *dev_copy(const void *src, size_t bytes)
@@ -309,11 +293,7 @@ fail:
 
 int main(void)
 {
-    int ndev = 0;
-    if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev < 1) {
-        printf("SKIP: no CUDA device present\n");
-        return 77;
-    }
+    if (h_skip_without_gpu()) return H_SKIP;
     int fails = 0;
     fails += check_rope_store(0, 1.0f, 4, 32, 16, 48) != 0;
     fails += check_rope_store(1, 1.3465736f, 16, 128, 64, 512) != 0;
