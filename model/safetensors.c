@@ -443,8 +443,7 @@ float epd_e4m3_to_f32(uint8_t q)
     return out;
 }
 
-/* Element i of a float tensor as fp32. */
-static float elem_f32(const epd_st_tensor_t *t, size_t i)
+float epd_st_elem_f32(const epd_st_tensor_t *t, size_t i)
 {
     const unsigned char *s = t->data;
     switch (t->dtype) {
@@ -475,7 +474,7 @@ void epd_st_dequant_fp8_rows(const epd_st_tensor_t *w, const epd_st_tensor_t *sc
         const size_t srow = (size_t)(r / bn) * sc;
         float *o = dst + (size_t)(r - r0) * cols;
         for (size_t c0 = 0; c0 < cols; c0 += (size_t)bk) {
-            const float s = elem_f32(scale, srow + c0 / (size_t)bk);
+            const float s = epd_st_elem_f32(scale, srow + c0 / (size_t)bk);
             const size_t c1 = c0 + (size_t)bk < cols ? c0 + (size_t)bk : cols;
             for (size_t c = c0; c < c1; c++)
                 o[c] = epd_e4m3_to_f32(q[(size_t)r * cols + c]) * s;

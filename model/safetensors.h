@@ -65,6 +65,8 @@ const char *epd_st_ckpt_dir(const epd_st_ckpt_t *c);
 void epd_st_to_f32(const epd_st_tensor_t *t, float *dst);
 /* The value of an e4m3fn code (NaN for 0x7f and 0xff). */
 float epd_e4m3_to_f32(uint8_t q);
+/* Element i of a tensor of any of the dtypes above, as fp32 (little-endian data). */
+float epd_st_elem_f32(const epd_st_tensor_t *t, size_t i);
 /* Block dequantisation of rows [r0, r0 + nr) of w (F8_E4M3 [rows][cols]) with scale (any float
  * dtype, [ceil(rows / bn)][ceil(cols / bk)]) into dst[nr][cols]:
  * dst = e4m3(w[r][c]) * fp32(scale[r / bn][c / bk]), one fp32 product. Shapes checked by the

@@ -25,52 +25,6 @@ typedef struct loader {
     uint64_t total, landed, reported;
 } loader_t;
 
-static float f16_to_f32(uint16_t h)
-{
-    uint32_t s = (uint32_t)(h >> 15) << 31, e = (h >> 10) & 0x1f, f = h & 0x3ff, u;
-    if (e == 0x1f) {
-        u = s | 0x7f800000u | (f << 13); /* inf, NaN */
-    } else if (e) {
-        u = s | ((e + 112) << 23) | (f << 13);
-    } else if (f) { /* subnormal: normalise */
-        int sh = 0;
-        while (!(f & 0x400)) {
-            f <<= 1;
-            sh++;
-        }
-        u = s | ((uint32_t)(113 - sh) << 23) | ((f & 0x3ff) << 13);
-    } else {
-        u = s;
-    }
-    float out;
-    memcpy(&out, &u, 4);
-    return out;
-}
-
-static float src_f32(const epd_st_tensor_t *t, size_t i)
-{
-    const unsigned char *d = t->data;
-    switch (t->dtype) {
-    case EPD_ST_F8_E4M3:
-        return epd_e4m3_to_f32(d[i]);
-    case EPD_ST_BF16: {
-        uint16_t v;
-        memcpy(&v, d + 2 * i, 2);
-        return epd_bf16_to_f32(v);
-    }
-    case EPD_ST_F16: {
-        uint16_t v;
-        memcpy(&v, d + 2 * i, 2);
-        return f16_to_f32(v);
-    }
-    default: {
-        float v;
-        memcpy(&v, d + 4 * i, 4);
-        return v;
-    }
-    }
-}
-
 /* A tensor to stream: t's elements, dequantised with sc in blocks bn x bk where sc is set. */
 typedef struct src {
     const epd_st_tensor_t *t, *sc;
@@ -89,8 +43,8 @@ static void convert(const src_t *s, size_t i0, size_t n, void *dst, int esize)
         const uint8_t *q = t->data;
         for (size_t i = i0; i < i0 + n; i++) {
             const size_t r = i / cols, c = i % cols;
-            float v =
-                epd_e4m3_to_f32(q[i]) * src_f32(s->sc, r / (size_t)s->bn * sc + c / (size_t)s->bk);
+            float v = epd_e4m3_to_f32(q[i]) *
+                      epd_st_elem_f32(s->sc, r / (size_t)s->bn * sc + c / (size_t)s->bk);
             if (esize == 2)
                 ((uint16_t *)dst)[i - i0] = epd_f32_to_bf16(v);
             else
@@ -103,11 +57,11 @@ static void convert(const src_t *s, size_t i0, size_t n, void *dst, int esize)
     } else if (esize == 2) {
         uint16_t *o = dst;
         for (size_t i = 0; i < n; i++)
-            o[i] = epd_f32_to_bf16(src_f32(t, i0 + i));
+            o[i] = epd_f32_to_bf16(epd_st_elem_f32(t, i0 + i));
     } else {
         float *o = dst;
         for (size_t i = 0; i < n; i++)
-            o[i] = src_f32(t, i0 + i);
+            o[i] = epd_st_elem_f32(t, i0 + i);
     }
 }
 
