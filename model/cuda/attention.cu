@@ -27,7 +27,7 @@
  * l: sum of 2^(s2 - m)). Only splits below a token's length are written; the merge reads only
  * those. */
 #include "cuda_ops.h"
-#include "split_merge.cuh"
+#include "kernel_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -47,19 +47,6 @@ __device__ __forceinline__ void split_bf16x2(float a, float b, uint32_t &hi, uin
     const uint16_t la = epd_f2bf(a - epd_bf2f(ha)), lb = epd_f2bf(b - epd_bf2f(hb));
     hi = (uint32_t)ha | (uint32_t)hb << 16;
     lo = (uint32_t)la | (uint32_t)lb << 16;
-}
-
-/* d += A (16x16 bf16, row) * B (16x8 bf16, col), fp32 accumulate. Fragments (g = lane / 4,
- * c = lane % 4): a0 (row g, k 2c..2c+1), a1 (row g+8, k 2c..), a2 (row g, k 2c+8..), a3 (row g+8,
- * k 2c+8..); b0 (k 2c..2c+1, col g), b1 (k 2c+8.., col g); d0,d1 (row g, col 2c, 2c+1), d2,d3
- * (row g+8, col 2c, 2c+1). The lower k of a pair sits in the lower 16 bits. */
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1)
-{
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 /* W consecutive 32-bit words (2W bf16) in one vector load through the read-only path. */
@@ -301,7 +288,7 @@ __global__ void __launch_bounds__(kWarps * 32)
 #pragma unroll
             for (int nt = 0; nt < 2; ++nt) {
                 const uint32_t *w = kw[nt][ks / L::KSPL] + (ks % L::KSPL) * 2;
-                mma_bf16(sacc[nt], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], w[0], w[1]);
+                epd_mma_bf16(sacc[nt], qa[ks][0], qa[ks][1], qa[ks][2], qa[ks][3], w[0], w[1]);
             }
         float s[4], mx = -INFINITY;
 #pragma unroll
@@ -342,7 +329,7 @@ __global__ void __launch_bounds__(kWarps * 32)
             const unsigned sel = (i & 1) ? 0x7632u : 0x5410u; /* high or low bf16 of both */
             const uint32_t b0 = __byte_perm(vw[0][ch][wi], vw[1][ch][wi], sel);
             const uint32_t b1 = __byte_perm(vw[2][ch][wi], vw[3][ch][wi], sel);
-            mma_bf16(o[nt], pa[0], pa[1], pa[2], pa[3], b0, b1);
+            epd_mma_bf16(o[nt], pa[0], pa[1], pa[2], pa[3], b0, b1);
         }
     }
     /* the quad's shares of l: (c0 + c1) + (c2 + c3) */

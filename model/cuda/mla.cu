@@ -15,7 +15,7 @@
  * acc fp32 [T][nh][max_splits][kvl] (unnormalised sum of 2^(s2 - m) lat), then ml float2
  * [T][nh][max_splits] (m, l) of the splits a token reaches; the merge reads only those. */
 #include "cuda_ops.h"
-#include "split_merge.cuh"
+#include "kernel_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>

@@ -3,6 +3,7 @@
  * weight-streaming tensor-core GEMVs (each expert's weights read once per tile of 8 * NT rows).
  * Twins: moe_ref.c. */
 #include "cuda_ops.h"
+#include "kernel_common.cuh"
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -19,32 +20,11 @@ constexpr int kPad = 32;       /* bf16 of padding per staged row (64 B): conflic
 constexpr int kFp8Block = 128; /* channels per fp8 scale (EP_FP8_BLOCK) */
 constexpr int kMaxExperts = 1024;
 
-__device__ __forceinline__ float bf16_to_f(uint16_t b)
-{
-    return __uint_as_float((uint32_t)b << 16);
-}
-
-__device__ __forceinline__ uint16_t f_to_bf16(float f)
-{
-    return __bfloat16_as_ushort(__float2bfloat16_rn(f));
-}
-
 /* e4m3 bits -> bf16 bits, exact (every e4m3 value, subnormals and NaN included, is a bf16). */
 __device__ __forceinline__ uint32_t e4m3_to_bf16(uint32_t q)
 {
     __half_raw hr = __nv_cvt_fp8_to_halfraw((__nv_fp8_storage_t)q, __NV_E4M3);
     return __float_as_uint(__half2float(__half(hr))) >> 16;
-}
-
-/* d += A . B, m16n8k16, bf16 inputs, fp32 accumulators. A (16 x 16, row-major) in a0..a3, B
- * (16 x 8) in b0, b1, per the PTX fragment layouts. */
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
-                                         uint32_t a3, uint32_t b0, uint32_t b1)
-{
-    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 /* Weights are read once: keep them out of L1 and first in line for eviction from L2 (policy
@@ -239,8 +219,8 @@ __global__ void __launch_bounds__(32 * WG * KS)
                         const uint4 xv = *reinterpret_cast<const uint4 *>(
                             xs + (size_t)(n * 8 + g) * ld + ch * kChunk + 8 * c);
                         float(&d)[4] = kFp8 || kW8 ? tmp[n] : acc[n];
-                        mma_bf16(d, va[u].x, vb[u].x, va[u].y, vb[u].y, xv.x, xv.y);
-                        mma_bf16(d, va[u].z, vb[u].z, va[u].w, vb[u].w, xv.z, xv.w);
+                        epd_mma_bf16(d, va[u].x, vb[u].x, va[u].y, vb[u].y, xv.x, xv.y);
+                        epd_mma_bf16(d, va[u].z, vb[u].z, va[u].w, vb[u].w, xv.z, xv.w);
                     }
                     if ((kFp8 || kW8) && ((ch + 1) % fl == 0 || ch + 1 == ch_hi)) {
                         const int b = ch >> 2;
@@ -291,10 +271,10 @@ __global__ void __launch_bounds__(32 * WG * KS)
                 uint16_t *o = out + (base + p0 + r) * (size_t)M + c0 + g;
                 if (kGateUp) {
                     const float gt = acc[n][h], up = acc[n][2 + h];
-                    o[0] = f_to_bf16(gt / (1.0f + expf(-gt)) * up);
+                    o[0] = epd_f2bf(gt / (1.0f + expf(-gt)) * up);
                 } else {
-                    o[0] = f_to_bf16(acc[n][h]);
-                    o[8] = f_to_bf16(acc[n][2 + h]);
+                    o[0] = epd_f2bf(acc[n][h]);
+                    o[8] = epd_f2bf(acc[n][2 + h]);
                 }
             }
     }
@@ -458,8 +438,8 @@ __global__ void local_combine_kernel(float *h, const uint16_t *y, const int32_t 
             const uint32_t p[4] = {q.x, q.y, q.z, q.w};
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
-                acc[2 * e] = __fadd_rn(acc[2 * e], __fmul_rn(wj, bf16_to_f(p[e] & 0xffff)));
-                acc[2 * e + 1] = __fadd_rn(acc[2 * e + 1], __fmul_rn(wj, bf16_to_f(p[e] >> 16)));
+                acc[2 * e] = __fadd_rn(acc[2 * e], __fmul_rn(wj, epd_bf2f(p[e] & 0xffff)));
+                acc[2 * e + 1] = __fadd_rn(acc[2 * e + 1], __fmul_rn(wj, epd_bf2f(p[e] >> 16)));
             }
         }
         float4 *hp = reinterpret_cast<float4 *>(h + (size_t)t * H + (size_t)v * 8);

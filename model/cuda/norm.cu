@@ -2,6 +2,7 @@
  * and "conversions"): embedding lookup, fused residual + RMSNorm, SwiGLU activation, row gather
  * and fp32 -> bf16. Reference twins: norm_ref.c (and epd_f32_to_bf16 of model/ops.h). */
 #include "cuda_ops.h"
+#include "kernel_common.cuh"
 
 #include <cuda_runtime.h>
 #include <math.h>
@@ -13,22 +14,6 @@ namespace
 constexpr int kRowThreads = 256; /* one block per row: embed, add_rmsnorm, gather_rows */
 constexpr int kEltThreads = 256; /* grid-stride elementwise kernels */
 constexpr int kMaxEltBlocks = 132 * 16;
-
-/* bf16 bits -> float (exact). */
-__device__ __forceinline__ float bf16_to_f(uint16_t b)
-{
-    return __uint_as_float((uint32_t)b << 16);
-}
-
-/* float -> bf16 bits, bit for bit ep_float_to_bf16 (kernels/numeric_ref.h) and CUDA's
- * __float2bfloat16_rn: round to nearest even, every NaN the canonical 0x7fff. */
-__device__ __forceinline__ uint16_t f_to_bf16(float f)
-{
-    uint32_t u = __float_as_uint(f);
-    if ((u & 0x7fffffffu) > 0x7f800000u) return 0x7fff;
-    u += 0x7fffu + ((u >> 16) & 1u);
-    return (uint16_t)(u >> 16);
-}
 
 bool host_aligned(const void *p, unsigned a)
 {
@@ -63,7 +48,7 @@ __global__ void __launch_bounds__(kRowThreads)
         }
     } else {
         for (int i = threadIdx.x; i < H; i += blockDim.x)
-            dst[i] = bf16_to_f(src[i]);
+            dst[i] = epd_bf2f(src[i]);
     }
 }
 
@@ -121,7 +106,7 @@ __global__ void __launch_bounds__(kRowThreads)
         for (int i = threadIdx.x; i < H; i += blockDim.x) {
             float x = hr[i];
             if (delta) {
-                x = __fadd_rn(x, bf16_to_f(delta[off + i]));
+                x = __fadd_rn(x, epd_bf2f(delta[off + i]));
                 hr[i] = x;
             }
             ss += x * x;
@@ -141,14 +126,14 @@ __global__ void __launch_bounds__(kRowThreads)
             if (out_f32) reinterpret_cast<float4 *>(out_f32 + off)[v] = y;
             if (out_bf16)
                 reinterpret_cast<uint2 *>(out_bf16 + off)[v] =
-                    make_uint2((uint32_t)f_to_bf16(y.x) | (uint32_t)f_to_bf16(y.y) << 16,
-                               (uint32_t)f_to_bf16(y.z) | (uint32_t)f_to_bf16(y.w) << 16);
+                    make_uint2((uint32_t)epd_f2bf(y.x) | (uint32_t)epd_f2bf(y.y) << 16,
+                               (uint32_t)epd_f2bf(y.z) | (uint32_t)epd_f2bf(y.w) << 16);
         }
     } else {
         for (int i = threadIdx.x; i < H; i += blockDim.x) {
             const float y = __fmul_rn(w[i], __fmul_rn(hr[i], inv));
             if (out_f32) out_f32[off + i] = y;
-            if (out_bf16) out_bf16[off + i] = f_to_bf16(y);
+            if (out_bf16) out_bf16[off + i] = epd_f2bf(y);
         }
     }
 }
@@ -176,12 +161,12 @@ __global__ void __launch_bounds__(kEltThreads)
             const float4 gv = *reinterpret_cast<const float4 *>(g);
             const float4 uv = *reinterpret_cast<const float4 *>(u);
             *reinterpret_cast<uint2 *>(a) =
-                make_uint2((uint32_t)f_to_bf16(silu_mul1(gv.x, uv.x)) |
-                               (uint32_t)f_to_bf16(silu_mul1(gv.y, uv.y)) << 16,
-                           (uint32_t)f_to_bf16(silu_mul1(gv.z, uv.z)) |
-                               (uint32_t)f_to_bf16(silu_mul1(gv.w, uv.w)) << 16);
+                make_uint2((uint32_t)epd_f2bf(silu_mul1(gv.x, uv.x)) |
+                               (uint32_t)epd_f2bf(silu_mul1(gv.y, uv.y)) << 16,
+                           (uint32_t)epd_f2bf(silu_mul1(gv.z, uv.z)) |
+                               (uint32_t)epd_f2bf(silu_mul1(gv.w, uv.w)) << 16);
         } else {
-            *a = f_to_bf16(silu_mul1(*g, *u));
+            *a = epd_f2bf(silu_mul1(*g, *u));
         }
     }
 }
@@ -215,14 +200,14 @@ __global__ void __launch_bounds__(kEltThreads)
         for (size_t j = first; j < n4; j += stride) {
             const float4 x = reinterpret_cast<const float4 *>(src)[j];
             reinterpret_cast<uint2 *>(dst)[j] =
-                make_uint2((uint32_t)f_to_bf16(x.x) | (uint32_t)f_to_bf16(x.y) << 16,
-                           (uint32_t)f_to_bf16(x.z) | (uint32_t)f_to_bf16(x.w) << 16);
+                make_uint2((uint32_t)epd_f2bf(x.x) | (uint32_t)epd_f2bf(x.y) << 16,
+                           (uint32_t)epd_f2bf(x.z) | (uint32_t)epd_f2bf(x.w) << 16);
         }
         for (size_t j = n4 * 4 + first; j < n; j += stride)
-            dst[j] = f_to_bf16(src[j]);
+            dst[j] = epd_f2bf(src[j]);
     } else {
         for (size_t j = first; j < n; j += stride)
-            dst[j] = f_to_bf16(src[j]);
+            dst[j] = epd_f2bf(src[j]);
     }
 }
 

@@ -1,13 +1,16 @@
-/* What the attention kernels share (attention.cu, mla.cu): bf16 conversions and the merge of a
- * context split into pieces. Header-only, internal to model/cuda. */
-#ifndef EPD_MODEL_CUDA_SPLIT_MERGE_CUH
-#define EPD_MODEL_CUDA_SPLIT_MERGE_CUH
+/* What the model's kernels share: bf16 conversions, the m16n8k16 bf16 tensor-core step, and the
+ * merge of an attention context split into pieces (attention.cu, mla.cu). Header-only, internal
+ * to model/cuda. */
+#ifndef EPD_MODEL_CUDA_KERNEL_COMMON_CUH
+#define EPD_MODEL_CUDA_KERNEL_COMMON_CUH
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 #include <math.h>
 #include <stdint.h>
 
+/* float -> bf16 bits: round to nearest even, every NaN the canonical 0x7fff (as
+ * ep_float_to_bf16 in kernels/numeric_ref.h). */
 __device__ __forceinline__ uint16_t epd_f2bf(float f)
 {
     return __bfloat16_as_ushort(__float2bfloat16_rn(f));
@@ -16,6 +19,19 @@ __device__ __forceinline__ uint16_t epd_f2bf(float f)
 __device__ __forceinline__ float epd_bf2f(uint16_t b)
 {
     return __uint_as_float((uint32_t)b << 16);
+}
+
+/* d += A (16x16 bf16, row) * B (16x8 bf16, col), fp32 accumulate. Fragments (g = lane / 4,
+ * c = lane % 4): a0 (row g, k 2c..2c+1), a1 (row g+8, k 2c..), a2 (row g, k 2c+8..), a3 (row g+8,
+ * k 2c+8..); b0 (k 2c..2c+1, col g), b1 (k 2c+8.., col g); d0,d1 (row g, col 2c, 2c+1), d2,d3
+ * (row g+8, col 2c, 2c+1). The lower k of a pair sits in the lower 16 bits. */
+__device__ __forceinline__ void epd_mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2,
+                                             uint32_t a3, uint32_t b0, uint32_t b1)
+{
+    asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
 /* One warp merges ns pieces of a row's attention over the context: piece s has its running max
@@ -77,4 +93,4 @@ static inline int epd_launch_merge_splits(uint16_t *out, const float *ws_acc, co
     return (int)cudaGetLastError();
 }
 
-#endif /* EPD_MODEL_CUDA_SPLIT_MERGE_CUH */
+#endif /* EPD_MODEL_CUDA_KERNEL_COMMON_CUH */
