@@ -28,10 +28,12 @@ void epd_err_clear(epd_err_t *err)
 const char *epd_status_str(int status)
 {
     switch (status) {
-#define EPD_STATUS_CASE(name, num, text)                                                         \
-    case EPD_E##name: return text;
+#define EPD_STATUS_CASE(name, num, text)                                                           \
+    case EPD_E##name:                                                                              \
+        return text;
         EPD_STATUS_MAP(EPD_STATUS_CASE)
 #undef EPD_STATUS_CASE
-    default: return strerror(-status);
+    default:
+        return strerror(-status);
     }
 }

@@ -256,12 +256,15 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model, const cJSON
 
     const cJSON *vocab = cJSON_GetObjectItemCaseSensitive(model, "vocab");
     if (!cJSON_IsObject(vocab))
-        return jerr(c, -EINVAL, "model.vocab", "expected an object, got %s", epd_json_type_name(vocab));
+        return jerr(c, -EINVAL, "model.vocab", "expected an object, got %s",
+                    epd_json_type_name(vocab));
     const cJSON *merges = cJSON_GetObjectItemCaseSensitive(model, "merges");
     if (!cJSON_IsArray(merges))
-        return jerr(c, -EINVAL, "model.merges", "expected an array, got %s", epd_json_type_name(merges));
+        return jerr(c, -EINVAL, "model.merges", "expected an array, got %s",
+                    epd_json_type_name(merges));
     if (added && !cJSON_IsNull(added) && !cJSON_IsArray(added))
-        return jerr(c, -EINVAL, "added_tokens", "expected an array, got %s", epd_json_type_name(added));
+        return jerr(c, -EINVAL, "added_tokens", "expected an array, got %s",
+                    epd_json_type_name(added));
 
     /* The id space covers the vocabulary and the added tokens. */
     int32_t max_id = -1;
@@ -364,8 +367,8 @@ static int load_model(jctx_t *c, epd_tok_t *tok, const cJSON *model, const cJSON
             parts[0] = cJSON_GetArrayItem(v, 0)->valuestring;
             parts[1] = cJSON_GetArrayItem(v, 1)->valuestring;
         } else {
-            st =
-                jerr(c, -EINVAL, p, "expected \"a b\" or [\"a\", \"b\"], got %s", epd_json_type_name(v));
+            st = jerr(c, -EINVAL, p, "expected \"a b\" or [\"a\", \"b\"], got %s",
+                      epd_json_type_name(v));
             break;
         }
         int32_t ids[2];
@@ -609,7 +612,8 @@ int tok_load_tokenizer_json(epd_tok_t *tok, const char *path, epd_err_t *err)
     for (size_t i = 0; i < 2; i++) {
         const cJSON *v = cJSON_GetObjectItemCaseSensitive(root, nulls[i]);
         if (v && !cJSON_IsNull(v)) {
-            st = jerr(&c, -ENOTSUP, nulls[i], "unsupported %s (supported: null)", epd_json_type_name(v));
+            st = jerr(&c, -ENOTSUP, nulls[i], "unsupported %s (supported: null)",
+                      epd_json_type_name(v));
             goto fail;
         }
     }

@@ -8,7 +8,7 @@
 #define EPD_ERR_MSG_MAX 768
 
 /* Statuses beyond errno's range (negated, as errno values are). */
-#define EPD_STATUS_MAP(X)                                                                        \
+#define EPD_STATUS_MAP(X)                                                                          \
     X(EXCHANGE, 10001, "the expert-parallel exchange failed (a peer, a timeout: see the message)")
 
 enum {

@@ -41,9 +41,9 @@ typedef struct epd_model_opts {
      * tokens (0: ll_max_tokens + 1, i.e. only when LL cannot carry it). Same on every rank. */
     int ht_min_tokens;
     epd_model_backend_t backend;
-    int device;         /* cuda: device ordinal of this rank's GPU */
-    int max_seqs;       /* sequences a step may carry at once on this rank (0: 64) */
-    int kv_block_size;  /* tokens per KV block (0: EPD_KV_BLOCK_DEFAULT) */
+    int device;        /* cuda: device ordinal of this rank's GPU */
+    int max_seqs;      /* sequences a step may carry at once on this rank (0: 64) */
+    int kv_block_size; /* tokens per KV block (0: EPD_KV_BLOCK_DEFAULT) */
     /* KV pool size. cpu: kv_blocks (0: enough for max_seqs sequences of max_seq_len; host
      * memory is taken block by block as sequences grow). cuda: kv_blocks if > 0, else what is
      * left of this rank's share of the GPU, kv_memory_fraction (0: 0.9) of its total memory
@@ -131,10 +131,10 @@ size_t epd_seq_bytes(const epd_seq_t *s);
 /* ---- the step ---------------------------------------------------------------------------- */
 
 typedef struct epd_batch_item {
-    epd_seq_t *seq;        /* tokens are appended at positions seq len .. */
-    const int32_t *tokens; /* [num_tokens] */
-    int num_tokens;        /* >= 1 */
-    int want_logits;       /* sample the token after this item's last one */
+    epd_seq_t *seq;             /* tokens are appended at positions seq len .. */
+    const int32_t *tokens;      /* [num_tokens] */
+    int num_tokens;             /* >= 1 */
+    int want_logits;            /* sample the token after this item's last one */
     epd_sample_params_t sample; /* want_logits: how (sample.h) */
 } epd_batch_item_t;
 
@@ -147,9 +147,10 @@ typedef struct epd_batch_item {
  * (the message says how many it needs and has; the caller frees some and retries). A failure
  * of the EP exchange (a timeout, a peer gone, an aborted group, data libep should not have
  * delivered) is EPD_EEXCHANGE (epd_err.h) and leaves the group in the state libep reports (the
- * caller aborts the step on every rank and re-forms the group); no other status means that. Bad input on this rank (too many tokens for the step's path or the
- * model's max_seqs, an id outside the vocabulary, a sequence past max_seq_len, no KV room)
- * still joins the step's exchanges with zero tokens and is returned afterwards.
+ * caller aborts the step on every rank and re-forms the group); no other status means that. Bad
+ * input on this rank (too many tokens for the step's path or the model's max_seqs, an id outside
+ * the vocabulary, a sequence past max_seq_len, no KV room) still joins the step's exchanges with
+ * zero tokens and is returned afterwards.
  *
  * step_max_tokens is the largest token count any rank of the group passes in this step, the
  * same number on every rank: it picks the path (epd_model_step_path) identically everywhere.

@@ -39,8 +39,8 @@ typedef struct oracle_opts {
     int prefill; /* ht_max_tokens when above chunk (else HT is off): tokens per rank and step */
     int ht_min;  /* the model's ht_min_tokens (0: chunk + 1) */
     int stagger; /* case c joins its rank's work at step c * stagger (0: all at once) */
-    int kv_block_size; /* the model's (0: its default) */
-    int kv_blocks;     /* the pool's size (0: the default, room for every sequence) */
+    int kv_block_size;           /* the model's (0: its default) */
+    int kv_blocks;               /* the pool's size (0: the default, room for every sequence) */
     epd_model_backend_t backend; /* EPD_MODEL_CPU or EPD_MODEL_CUDA (the group follows it) */
     int device;                  /* cuda: the GPU of every rank (they share it) */
     int no_graphs;               /* cuda: eager decode steps */

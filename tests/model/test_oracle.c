@@ -46,9 +46,10 @@
 #include <cmocka.h>
 
 #define LOGIT_TOL 0.03f
-#define CHUNK 8    /* LL tokens per rank and step: prompts of 11 and 19 take 2 and 3 chunks */
-#define PREFILL 96 /* HT tokens per rank and step: all four prompts fit one step (37 tokens of
-                    * the Qwen3-MoE oracle, 88 of the DeepSeek ones) */
+#define CHUNK 8 /* LL tokens per rank and step: prompts of 11 and 19 take 2 and 3 chunks */
+#define PREFILL                                                                                    \
+    96 /* HT tokens per rank and step: all four prompts fit one step (37 tokens of                 \
+        * the Qwen3-MoE oracle, 88 of the DeepSeek ones) */
 
 static oracle_t g_oracle;
 static const char *g_dir = EPD_ORACLE_DIR; /* argv[1] when given: another oracle checkpoint */
@@ -73,8 +74,7 @@ static void run_ranks(int R, const oracle_opts_t *opts, const epd_model_placemen
     for (int r = 0; r < R; r++)
         for (int c = 0; c < o->num_cases; c++)
             res[r].logits[c] = out->logits[c];
-    assert_int_equal(
-        oracle_run_threads(g_dir, o, R, placement, opts, res, rc, err), 0);
+    assert_int_equal(oracle_run_threads(g_dir, o, R, placement, opts, res, rc, err), 0);
     for (int r = 0; r < R; r++)
         if (rc[r]) fail_msg("R=%d rank %d: %s", R, r, err[r].msg);
     for (int c = 0; c < o->num_cases; c++)
