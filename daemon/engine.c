@@ -102,34 +102,13 @@ static void on_async(uv_async_t *h)
 
 /* ---- loop-side API ------------------------------------------------------------------------ */
 
-/* The EOS ids of the checkpoint's config.json (epd_hf_config_t does not carry them). The model
- * loaded the same file moments before and reported its errors: a file that cannot be read now
- * just leaves the tokenizer's EOS ids. */
+/* The EOS ids of the checkpoint's config.json (read with the rest of it), but for ids outside
+ * the vocabulary, which could never be generated. */
 static void read_eos(epd_engine_t *e)
 {
-    enum { CONFIG_MAX = 16 << 20 };
-    char path[4200];
-    snprintf(path, sizeof(path), "%s/config.json", e->model_path);
-    FILE *f = fopen(path, "rb");
-    if (!f) return;
-    char *text = malloc(CONFIG_MAX);
-    size_t len = text ? fread(text, 1, CONFIG_MAX, f) : 0;
-    fclose(f);
-    cJSON *root = text && len < CONFIG_MAX ? cJSON_ParseWithLength(text, len) : NULL;
-    free(text);
-    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(root, "eos_token_id");
-    if (cJSON_IsNumber(eos)) {
-        e->info.eos[e->info.num_eos++] = (int32_t)eos->valuedouble;
-    } else if (cJSON_IsArray(eos)) {
-        for (const cJSON *v = eos->child; v && e->info.num_eos < EPD_ENGINE_MAX_EOS; v = v->next)
-            if (cJSON_IsNumber(v)) e->info.eos[e->info.num_eos++] = (int32_t)v->valuedouble;
-    }
-    int k = 0; /* ids outside the vocabulary could never be generated */
-    for (int i = 0; i < e->info.num_eos; i++)
-        if (e->info.eos[i] >= 0 && e->info.eos[i] < e->hf.vocab_size)
-            e->info.eos[k++] = e->info.eos[i];
-    e->info.num_eos = k;
-    cJSON_Delete(root);
+    for (int i = 0; i < e->hf.num_eos && e->info.num_eos < EPD_ENGINE_MAX_EOS; i++)
+        if (e->hf.eos_token_ids[i] >= 0 && e->hf.eos_token_ids[i] < e->hf.vocab_size)
+            e->info.eos[e->info.num_eos++] = e->hf.eos_token_ids[i];
 }
 
 static void on_rate_timer(uv_timer_t *t)

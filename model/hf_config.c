@@ -548,6 +548,13 @@ int epd_hf_config_parse(const char *json, size_t len, const char *origin, epd_hf
         (rc = parse_rope(root, origin, mla, cfg, err)))
         goto out;
     if ((rc = parse_fp8(root, origin, &cfg->fp8, err))) goto out;
+    const cJSON *eos = field(root, "eos_token_id");
+    if (cJSON_IsNumber(eos)) {
+        cfg->eos_token_ids[cfg->num_eos++] = (int)eos->valuedouble;
+    } else if (cJSON_IsArray(eos)) {
+        for (const cJSON *v = eos->child; v && cfg->num_eos < EPD_HF_MAX_EOS; v = v->next)
+            if (cJSON_IsNumber(v)) cfg->eos_token_ids[cfg->num_eos++] = (int)v->valuedouble;
+    }
     if (mla) {
         if ((rc = parse_deepseek(root, origin, cfg, err))) goto out;
     } else if ((rc = parse_qwen3(root, origin, cfg, err))) {

@@ -10,6 +10,7 @@
 #include <stddef.h>
 
 #define EPD_HF_MAX_LAYERS 1024
+#define EPD_HF_MAX_EOS 8
 
 typedef enum epd_arch {
     EPD_ARCH_QWEN3_MOE = 0, /* GQA with q/k norms, softmax top-k routing */
@@ -69,6 +70,10 @@ typedef struct epd_hf_config {
     int decoder_sparse_step;
     int tie_word_embeddings;
     int max_position_embeddings;
+    /* eos_token_id (a number or a list; entries that are not numbers are passed over): what the
+     * server stops at besides the tokenizer's own EOS */
+    int num_eos;
+    int eos_token_ids[EPD_HF_MAX_EOS];
     unsigned char mlp_only[EPD_HF_MAX_LAYERS]; /* mlp_only_layers as flags per layer */
 
     /* routing */

@@ -316,6 +316,8 @@ static void test_deepseek_configs(void **state)
         "\"attention_bias\":false,\"attention_dropout\":0.0}";
     if (epd_hf_config_parse(v2lite, strlen(v2lite), "v2-lite", &c, &err)) fail_msg("%s", err.msg);
     assert_int_equal(c.router, EPD_ROUTER_SOFTMAX);
+    assert_int_equal(c.num_eos, 1);
+    assert_int_equal(c.eos_token_ids[0], 100001);
     assert_int_equal(c.num_experts, 64);
     assert_int_equal(c.num_experts_per_tok, 6);
     assert_int_equal(c.intermediate_size, 10944);
